@@ -1,0 +1,350 @@
+//! Model loading: hyper-parameters from GGUF metadata, validated against each other and against
+//! every tensor; weights placed for ggml — zero-copy in the file's mmap, or repacked by ggml into
+//! an interleaved layout where its CPU kernels have a faster path for that type.
+//!
+//! A [`Model`] is immutable once loaded and shared by every session on it.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::ggml::{self, Buffer, BufferType, Context, TensorId, Type};
+use crate::gguf::{self, Gguf, GgufError, TensorInfo};
+
+/// Why a model could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{0}")]
+    Gguf(#[from] GgufError),
+    #[error("not a Phi-4 model: {0}")]
+    NotPhi4(String),
+    #[error("{0}")]
+    Alloc(#[from] ggml::AllocError),
+    #[error("loading cancelled")]
+    Cancelled,
+}
+
+/// Hyper-parameters (the names of llama.cpp's `hparams`; values for Phi-4 14B in comments).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub n_vocab: usize,     // 100352
+    pub n_embd: usize,      // 5120
+    pub n_layer: usize,     // 40
+    pub n_head: usize,      // 40
+    pub n_head_kv: usize,   // 10
+    pub head_dim: usize,    // 128 = n_embd / n_head
+    pub n_ff: usize,        // 17920
+    pub n_ctx_train: usize, // 16384
+    pub n_rot: usize,       // 128 (full rotary)
+    pub rope_theta: f32,    // 250000
+    pub n_ctx_orig: usize,  // 16384 (rope.scaling.original_context_length)
+    pub rms_eps: f32,       // 1e-5
+}
+
+impl Config {
+    /// Width of K (and of V) for one token: all KV heads.
+    pub fn n_embd_kv(&self) -> usize {
+        self.head_dim * self.n_head_kv
+    }
+
+    /// Read and cross-check the hyper-parameters of a `phi3` GGUF file.
+    pub fn from_gguf(g: &Gguf) -> Result<Config, LoadError> {
+        let arch = g.str("general.architecture")?;
+        if arch != "phi3" {
+            return Err(LoadError::NotPhi4(format!(
+                "general.architecture is {arch:?}; phi4 runs the Phi-4 family (\"phi3\")"
+            )));
+        }
+        let u = |k: &str| g.u32(&format!("phi3.{k}")).map(|v| v as usize);
+        let n_embd = u("embedding_length")?;
+        let n_layer = u("block_count")?;
+        let n_head = u("attention.head_count")?;
+        let n_head_kv = g.opt_u32("phi3.attention.head_count_kv")?.map_or(n_head, |v| v as usize);
+        let n_ff = u("feed_forward_length")?;
+        let n_ctx_train = u("context_length")?;
+        let rms_eps = g.f32("phi3.attention.layer_norm_rms_epsilon")?;
+        let rope_theta = g.opt_f32("phi3.rope.freq_base")?.unwrap_or(10000.0);
+        let n_ctx_orig = g.opt_u32("phi3.rope.scaling.original_context_length")?.map_or(n_ctx_train, |v| v as usize);
+
+        let bad = |msg: String| Err(LoadError::NotPhi4(msg));
+        // Bounds keep every later product far from overflow and reject nonsense early.
+        for (name, v, max) in [
+            ("phi3.embedding_length", n_embd, 1 << 16),
+            ("phi3.block_count", n_layer, 1024),
+            ("phi3.attention.head_count", n_head, 1024),
+            ("phi3.attention.head_count_kv", n_head_kv, 1024),
+            ("phi3.feed_forward_length", n_ff, 1 << 18),
+            ("phi3.context_length", n_ctx_train, 1 << 24),
+        ] {
+            if v == 0 || v > max {
+                return bad(format!("{name} = {v} is outside 1..={max}"));
+            }
+        }
+        if n_embd % n_head != 0 {
+            return bad(format!("embedding_length {n_embd} is not a multiple of head_count {n_head}"));
+        }
+        if n_head % n_head_kv != 0 {
+            return bad(format!("head_count {n_head} is not a multiple of head_count_kv {n_head_kv}"));
+        }
+        let head_dim = n_embd / n_head;
+        let n_rot = g.opt_u32("phi3.rope.dimension_count")?.map_or(head_dim, |v| v as usize);
+        if n_rot != head_dim || n_rot % 2 != 0 {
+            return bad(format!(
+                "rope.dimension_count {n_rot} must equal the head size {head_dim} (full rotary) and be even"
+            ));
+        }
+        if !(rms_eps.is_finite() && rms_eps > 0.0 && rms_eps < 1.0) {
+            return bad(format!("attention.layer_norm_rms_epsilon {rms_eps} is not in (0, 1)"));
+        }
+        if !(rope_theta.is_finite() && rope_theta > 0.0) {
+            return bad(format!("rope.freq_base {rope_theta} is not a positive number"));
+        }
+        if n_ctx_orig == 0 {
+            return bad("rope.scaling.original_context_length is 0".into());
+        }
+        // The vocabulary size comes from the embedding tensor (checked against the tokenizer's
+        // token list by the tokenizer).
+        let n_vocab = match g.tensor("token_embd.weight") {
+            Some(t) if t.n_dims == 2 => t.dims[1] as usize,
+            Some(t) => return bad(format!("token_embd.weight has shape {:?}, expected [{n_embd}, n_vocab]", t.shape())),
+            None => return bad("tensor token_embd.weight is missing".into()),
+        };
+        if n_vocab == 0 || n_vocab > 1 << 22 {
+            return bad(format!("vocabulary of {n_vocab} tokens is outside 1..={}", 1 << 22));
+        }
+        Ok(Config {
+            n_vocab,
+            n_embd,
+            n_layer,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_ff,
+            n_ctx_train,
+            n_rot,
+            rope_theta,
+            n_ctx_orig,
+            rms_eps,
+        })
+    }
+}
+
+/// One transformer block's weights (ggml ne order: [row length, rows]).
+pub struct Layer {
+    pub attn_norm: TensorId,   // [n_embd] f32
+    pub attn_qkv: TensorId,    // [n_embd, n_embd + 2*n_embd_kv]: rows Q, then K, then V
+    pub attn_output: TensorId, // [n_embd, n_embd]
+    pub ffn_norm: TensorId,    // [n_embd] f32
+    pub ffn_up: TensorId,      // [n_embd, 2*n_ff]: rows gate, then up
+    pub ffn_down: TensorId,    // [n_ff, n_embd]
+}
+
+/// All weights, as tensors of one ggml context whose data lives in `buffers`.
+pub struct Weights {
+    pub ctx: Context,
+    pub tok_embd: TensorId,    // [n_embd, n_vocab]
+    pub output_norm: TensorId, // [n_embd] f32
+    pub output: TensorId,      // [n_embd, n_vocab] (token_embd when the file ties them)
+    pub layers: Vec<Layer>,
+    // Data of the tensors above: the file mapping, and any repacked copies. Dropped after ctx.
+    _buffers: Vec<Buffer>,
+}
+
+/// How a model is loaded.
+pub struct LoadParams<'a> {
+    /// Let ggml repack weight types it has faster kernels for (Q4_0, Q4_K, ... depending on the
+    /// CPU). Costs load time and anonymous memory for those tensors, which then leave the page
+    /// cache mapping; `false` keeps every weight zero-copy in the mmap.
+    pub repack: bool,
+    /// Read every page of the weights now (rather than on the first token).
+    pub prefetch: bool,
+    /// Called with the fraction loaded (0..=1); returning false cancels loading.
+    pub progress: Option<&'a mut dyn FnMut(f32) -> bool>,
+}
+
+impl Default for LoadParams<'_> {
+    fn default() -> Self {
+        LoadParams { repack: true, prefetch: true, progress: None }
+    }
+}
+
+/// A loaded Phi-4 model: configuration, metadata (for the tokenizer) and weights.
+pub struct Model {
+    pub config: Config,
+    pub gguf: Gguf,
+    pub weights: Weights,
+    /// Size of the model file in bytes.
+    pub file_size: u64,
+    /// `(tensor name, ggml layout)` of every weight ggml repacked.
+    pub repacked: Vec<(String, String)>,
+}
+
+/// Tensors a Phi-4 file holds, with the shape each must have.
+fn expected_tensors(c: &Config) -> Vec<(String, Vec<u64>)> {
+    let (e, kv, ff, v) = (c.n_embd as u64, c.n_embd_kv() as u64, c.n_ff as u64, c.n_vocab as u64);
+    let mut t = vec![
+        ("token_embd.weight".to_string(), vec![e, v]),
+        ("output_norm.weight".to_string(), vec![e]),
+        ("output.weight".to_string(), vec![e, v]),
+    ];
+    for i in 0..c.n_layer {
+        t.push((format!("blk.{i}.attn_norm.weight"), vec![e]));
+        t.push((format!("blk.{i}.attn_qkv.weight"), vec![e, e + 2 * kv]));
+        t.push((format!("blk.{i}.attn_output.weight"), vec![e, e]));
+        t.push((format!("blk.{i}.ffn_norm.weight"), vec![e]));
+        t.push((format!("blk.{i}.ffn_up.weight"), vec![e, 2 * ff]));
+        t.push((format!("blk.{i}.ffn_down.weight"), vec![ff, e]));
+    }
+    t
+}
+
+/// Check that the file holds exactly Phi-4's tensors, each with its shape and a usable type.
+fn check_tensors(g: &Gguf, c: &Config) -> Result<(), LoadError> {
+    let expected = expected_tensors(c);
+    for t in &g.tensors {
+        let Some((_, shape)) = expected.iter().find(|(n, _)| *n == t.name) else {
+            let hint = if t.name.contains("rope_factors") { " (LongRoPE files are not Phi-4)" } else { "" };
+            return Err(LoadError::NotPhi4(format!("unexpected tensor {:?}{hint}", t.name)));
+        };
+        if t.shape() != shape.as_slice() {
+            return Err(LoadError::NotPhi4(format!(
+                "tensor {:?} has shape {:?}, expected {:?}",
+                t.name,
+                t.shape(),
+                shape
+            )));
+        }
+        if t.file_offset % 32 != 0 {
+            return Err(LoadError::NotPhi4(format!(
+                "tensor {:?} data is not 32-byte aligned (ggml's CPU kernels need it)",
+                t.name
+            )));
+        }
+        let is_norm = t.n_dims == 1;
+        if is_norm && t.ggml_type != Type::F32 {
+            return Err(LoadError::NotPhi4(format!("tensor {:?} is {:?}; norms must be f32", t.name, t.ggml_type)));
+        }
+        if !t.ggml_type.cpu_supported() {
+            return Err(LoadError::NotPhi4(format!(
+                "tensor {:?} has type {:?}, which ggml's CPU backend cannot multiply",
+                t.name, t.ggml_type
+            )));
+        }
+    }
+    for (name, _) in &expected {
+        if g.tensor(name).is_none() && name != "output.weight" {
+            return Err(LoadError::NotPhi4(format!("tensor {name:?} is missing")));
+        }
+    }
+    Ok(())
+}
+
+impl Model {
+    pub fn load(path: &Path, mut params: LoadParams<'_>) -> Result<Model, LoadError> {
+        let io = |source| LoadError::Io { path: path.display().to_string(), source };
+        let file = std::fs::File::open(path).map_err(io)?;
+        let map = Arc::new(ggml::map_file(&file).map_err(io)?);
+        let gguf = gguf::parse(&map[..])?;
+        let config = Config::from_gguf(&gguf)?;
+        check_tensors(&gguf, &config)?;
+
+        let mut ctx = Context::new(gguf.tensors.len(), 0);
+        let mut ids = std::collections::HashMap::new();
+        for t in &gguf.tensors {
+            let ne: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
+            ids.insert(t.name.clone(), ctx.new_tensor(t.ggml_type, &ne, &t.name));
+        }
+
+        // Which weights go to a repacking buffer type: matrices used only by mul_mat.
+        let extra = if params.repack { BufferType::cpu_extra() } else { Vec::new() };
+        let mut repack: Vec<(&TensorInfo, BufferType)> = Vec::new();
+        for t in gguf.tensors.iter().filter(|t| t.n_dims == 2 && t.name != "token_embd.weight") {
+            if let Some(b) = extra.iter().find(|b| b.accelerates_mul_mat(t.ggml_type, t.dims[0] as i64, t.dims[1] as i64)) {
+                repack.push((t, *b));
+            }
+        }
+
+        let mut buffers = Vec::new();
+        let mapped = Buffer::from_host_memory(map.clone());
+        let total: u64 = gguf.tensors.iter().map(|t| t.size).sum::<u64>().max(1);
+        let mut done = 0u64;
+        let mut report = |n: u64| -> Result<(), LoadError> {
+            done += n;
+            let go_on = params.progress.as_mut().is_none_or(|f| f(done as f32 / total as f32));
+            if go_on {
+                Ok(())
+            } else {
+                Err(LoadError::Cancelled)
+            }
+        };
+        report(0)?;
+        for t in &gguf.tensors {
+            if repack.iter().any(|(r, _)| r.name == t.name) {
+                continue;
+            }
+            mapped.place(ctx.get(ids[&t.name]), t.file_offset as usize);
+            if params.prefetch {
+                prefetch(&map[t.file_offset as usize..(t.file_offset + t.size) as usize]);
+            }
+            report(t.size)?;
+        }
+        buffers.push(mapped);
+
+        let mut repacked = Vec::new();
+        for buft in extra.iter() {
+            let mine: Vec<&TensorInfo> = repack.iter().filter(|(_, b)| b == buft).map(|(t, _)| *t).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let align = Buffer::alignment_of(*buft);
+            let mut offsets = Vec::new();
+            let mut size = 0usize;
+            for t in &mine {
+                offsets.push(size);
+                size += Buffer::alloc_size_in(*buft, ctx.get(ids[&t.name])).div_ceil(align) * align;
+            }
+            let buf = Buffer::alloc(*buft, size, &format!("{} weights", buft.name()))?;
+            for (t, off) in mine.iter().zip(offsets) {
+                let tensor = ctx.get(ids[&t.name]);
+                buf.place(tensor, off);
+                let (start, len) = (t.file_offset as usize, t.size as usize);
+                ggml::tensor_set(tensor, &map[start..start + len]);
+                ggml::drop_pages(&map, start, len);
+                repacked.push((t.name.clone(), buft.name()));
+                report(t.size)?;
+            }
+            buffers.push(buf);
+        }
+
+        let id = |n: &str| ids[n];
+        let layers = (0..config.n_layer)
+            .map(|i| Layer {
+                attn_norm: id(&format!("blk.{i}.attn_norm.weight")),
+                attn_qkv: id(&format!("blk.{i}.attn_qkv.weight")),
+                attn_output: id(&format!("blk.{i}.attn_output.weight")),
+                ffn_norm: id(&format!("blk.{i}.ffn_norm.weight")),
+                ffn_up: id(&format!("blk.{i}.ffn_up.weight")),
+                ffn_down: id(&format!("blk.{i}.ffn_down.weight")),
+            })
+            .collect();
+        let weights = Weights {
+            tok_embd: id("token_embd.weight"),
+            output_norm: id("output_norm.weight"),
+            output: ids.get("output.weight").copied().unwrap_or_else(|| id("token_embd.weight")),
+            layers,
+            ctx,
+            _buffers: buffers,
+        };
+        Ok(Model { config, gguf, weights, file_size: map.len() as u64, repacked })
+    }
+}
+
+/// Fault in every page of `bytes` (sequential reads, so the kernel reads ahead).
+fn prefetch(bytes: &[u8]) {
+    let mut acc = 0u8;
+    for i in (0..bytes.len()).step_by(4096) {
+        acc ^= bytes[i];
+    }
+    std::hint::black_box(acc);
+}
