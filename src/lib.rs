@@ -6,3 +6,5 @@ pub mod ggml;
 pub mod gguf;
 pub mod kv_cache;
 pub mod model;
+pub mod sample;
+pub mod synth;

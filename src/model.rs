@@ -178,6 +178,9 @@ pub struct Model {
     pub file_size: u64,
     /// `(tensor name, ggml layout)` of every weight ggml repacked.
     pub repacked: Vec<(String, String)>,
+    /// Token ids that end a generation: `<|endoftext|>` and `<|im_end|>`, found by their text
+    /// whatever the file's eos key says.
+    pub end_of_generation: Vec<u32>,
 }
 
 /// Tensors a Phi-4 file holds, with the shape each must have.
@@ -336,7 +339,16 @@ impl Model {
             ctx,
             _buffers: buffers,
         };
-        Ok(Model { config, gguf, weights, file_size: map.len() as u64, repacked })
+        let end_of_generation = match gguf.array("tokenizer.ggml.tokens", gguf::ValueType::String) {
+            Ok(tokens) => tokens
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| matches!(t, gguf::Value::String(s) if s == b"<|endoftext|>" || s == b"<|im_end|>"))
+                .map(|(i, _)| i as u32)
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        Ok(Model { config, gguf, weights, file_size: map.len() as u64, repacked, end_of_generation })
     }
 }
 

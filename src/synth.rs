@@ -1,0 +1,395 @@
+//! Synthetic Phi-4-shaped models: GGUF files with random weights, any size, any weight type, for
+//! tests and benchmarks (no real Phi-4 weights are needed to check the engine against llama.cpp).
+//!
+//! Quantized tensors are built from a pool of blocks quantized by ggml from Gaussian values,
+//! picked at random per block, so a full-scale 9 GB file is written at disk speed while every row
+//! stays distinct.
+
+use std::io::{self, BufWriter, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use crate::ggml::{self, Type};
+use crate::gguf::{self, Value, ValueType};
+
+/// Weight types of a synthetic model: one type for every matrix, or llama.cpp's Q4_K_M mix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ftype {
+    Uniform(Type),
+    /// Q5_K attn_qkv, Q6_K output and the `use_more_bits` ffn_down layers, Q4_K the rest.
+    Q4KM,
+}
+
+impl std::str::FromStr for Ftype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Ftype, String> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "f32" => Ftype::Uniform(Type::F32),
+            "f16" => Ftype::Uniform(Type::F16),
+            "q8_0" => Ftype::Uniform(Type::Q8_0),
+            "q4_0" => Ftype::Uniform(Type::Q4_0),
+            "q4_k" => Ftype::Uniform(Type::Q4_K),
+            "q5_k" => Ftype::Uniform(Type::Q5_K),
+            "q6_k" => Ftype::Uniform(Type::Q6_K),
+            "q4_k_m" => Ftype::Q4KM,
+            _ => return Err(format!("unknown type {s:?} (f32, f16, q8_0, q4_0, q4_k, q5_k, q6_k, q4_k_m)")),
+        })
+    }
+}
+
+/// Where the vocabulary comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Vocab {
+    /// Generated: 256 byte tokens, letter-pair merges, filler control tokens, then
+    /// `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<|im_sep|>` as the last four ids.
+    Tiny(usize),
+    /// Copied (every `tokenizer.*` key) from a GGUF file, e.g. a vocab-only Phi-4 file.
+    From(PathBuf),
+}
+
+/// The shape of a synthetic model. [`Spec::phi4`] is the real 14B shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_ff: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub n_ctx: usize,
+    pub rope_theta: f32,
+    pub ftype: Ftype,
+    pub vocab: Vocab,
+    pub seed: u64,
+}
+
+impl Spec {
+    /// Phi-4 14B: 40 layers of 5120, FFN 17920, 40 heads over 10 KV heads, vocabulary 100352.
+    pub fn phi4(ftype: Ftype, vocab: Vocab) -> Spec {
+        Spec { n_layer: 40, n_embd: 5120, n_ff: 17920, n_head: 40, n_head_kv: 10, n_ctx: 16384, rope_theta: 250000.0, ftype, vocab, seed: 1 }
+    }
+
+    /// Phi-4's proportions at a small scale: head_dim 128, 4 query heads per KV head.
+    pub fn small(n_layer: usize, ftype: Ftype, seed: u64) -> Spec {
+        Spec { n_layer, n_embd: 512, n_ff: 1536, n_head: 4, n_head_kv: 1, n_ctx: 4096, rope_theta: 250000.0, ftype, vocab: Vocab::Tiny(1024), seed }
+    }
+}
+
+/// A small deterministic PRNG (splitmix64): fast, and the same on every platform.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    /// Approximately standard normal (sum of four uniforms, rescaled).
+    fn normal(&mut self) -> f32 {
+        let s: f32 = (0..4).map(|_| self.uniform()).sum();
+        (s - 2.0) * (3.0f32).sqrt()
+    }
+}
+
+struct TensorPlan {
+    name: String,
+    ne: Vec<u64>,
+    ty: Type,
+    /// Standard deviation of the values (norm weights: around 1 instead).
+    std: f32,
+    is_norm: bool,
+}
+
+fn use_more_bits(i: usize, n: usize) -> bool {
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
+}
+
+fn plan(s: &Spec, n_vocab: usize) -> Vec<TensorPlan> {
+    let (e, ff, v) = (s.n_embd as u64, s.n_ff as u64, n_vocab as u64);
+    let kv = (s.n_embd / s.n_head * s.n_head_kv) as u64;
+    let ty = |role: &str, layer: usize| match s.ftype {
+        Ftype::Uniform(t) => t,
+        Ftype::Q4KM => match role {
+            "attn_qkv" => Type::Q5_K,
+            "output" => Type::Q6_K,
+            "ffn_down" if use_more_bits(layer, s.n_layer) => Type::Q6_K,
+            _ => Type::Q4_K,
+        },
+    };
+    let mat = |name: String, ne: Vec<u64>, t: Type| TensorPlan { std: 1.0 / (ne[0] as f32).sqrt(), name, ne, ty: t, is_norm: false };
+    let norm = |name: String| TensorPlan { name, ne: vec![e], ty: Type::F32, std: 0.1, is_norm: true };
+    let mut p = vec![
+        TensorPlan { name: "token_embd.weight".into(), ne: vec![e, v], ty: ty("token_embd", 0), std: 1.0, is_norm: false },
+    ];
+    for i in 0..s.n_layer {
+        p.push(norm(format!("blk.{i}.attn_norm.weight")));
+        p.push(mat(format!("blk.{i}.attn_qkv.weight"), vec![e, e + 2 * kv], ty("attn_qkv", i)));
+        p.push(mat(format!("blk.{i}.attn_output.weight"), vec![e, e], ty("attn_output", i)));
+        p.push(norm(format!("blk.{i}.ffn_norm.weight")));
+        p.push(mat(format!("blk.{i}.ffn_up.weight"), vec![e, 2 * ff], ty("ffn_up", i)));
+        p.push(mat(format!("blk.{i}.ffn_down.weight"), vec![ff, e], ty("ffn_down", i)));
+    }
+    p.push(norm("output_norm.weight".into()));
+    p.push(mat("output.weight".into(), vec![e, v], ty("output", 0)));
+    p
+}
+
+/// The GPT-2 byte-to-unicode table used by byte-level BPE vocabularies.
+pub fn byte_to_unicode() -> [char; 256] {
+    let mut table = ['\0'; 256];
+    let mut n = 0u32;
+    for b in 0..256u32 {
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        table[b as usize] = if printable {
+            char::from_u32(b).unwrap()
+        } else {
+            n += 1;
+            char::from_u32(255 + n).unwrap()
+        };
+    }
+    table
+}
+
+fn tiny_vocab(n_vocab: usize) -> io::Result<Vec<(String, Value)>> {
+    const SPECIAL: [&str; 4] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|im_sep|>"];
+    if n_vocab < 256 + SPECIAL.len() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("a tiny vocabulary needs at least 260 tokens, not {n_vocab}")));
+    }
+    let b2u = byte_to_unicode();
+    let mut tokens: Vec<String> = b2u.iter().map(|c| c.to_string()).collect();
+    let mut types = vec![1i32; 256];
+    let mut merges = Vec::new();
+    let letters: Vec<char> = ('a'..='z').collect();
+    'outer: for &a in &letters {
+        for &b in &letters {
+            if tokens.len() == n_vocab - SPECIAL.len() {
+                break 'outer;
+            }
+            merges.push(format!("{a} {b}"));
+            tokens.push(format!("{a}{b}"));
+            types.push(1);
+        }
+    }
+    while tokens.len() < n_vocab - SPECIAL.len() {
+        tokens.push(format!("<|dummy_{}|>", tokens.len()));
+        types.push(3);
+    }
+    for s in SPECIAL {
+        tokens.push(s.into());
+        types.push(3);
+    }
+    let eos = (n_vocab - 4) as u32;
+    let strings = |v: Vec<String>| Value::Array(ValueType::String, v.into_iter().map(|s| Value::String(s.into_bytes())).collect());
+    Ok(vec![
+        ("tokenizer.ggml.model".into(), Value::String(b"gpt2".to_vec())),
+        ("tokenizer.ggml.pre".into(), Value::String(b"dbrx".to_vec())),
+        ("tokenizer.ggml.tokens".into(), strings(tokens)),
+        ("tokenizer.ggml.token_type".into(), Value::Array(ValueType::I32, types.into_iter().map(Value::I32).collect())),
+        ("tokenizer.ggml.merges".into(), strings(merges)),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(eos)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(eos)),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
+    ])
+}
+
+fn vocab_from(path: &Path) -> io::Result<Vec<(String, Value)>> {
+    let bytes = std::fs::read(path)?;
+    let g = gguf::parse(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))?;
+    Ok(g.metadata.into_iter().filter(|(k, _)| k.starts_with("tokenizer.")).collect())
+}
+
+/// Write a synthetic model to `path`. Returns the file size.
+pub fn write(spec: &Spec, path: &Path) -> io::Result<u64> {
+    let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
+    if spec.n_head == 0 || spec.n_head_kv == 0 || spec.n_embd % spec.n_head != 0 || spec.n_head % spec.n_head_kv != 0 {
+        return Err(invalid(format!("heads {}/{} do not divide width {}", spec.n_head, spec.n_head_kv, spec.n_embd)));
+    }
+    let mut meta = match &spec.vocab {
+        Vocab::Tiny(n) => tiny_vocab(*n)?,
+        Vocab::From(p) => vocab_from(p)?,
+    };
+    let n_vocab = match meta.iter().find(|(k, _)| k == "tokenizer.ggml.tokens") {
+        Some((_, Value::Array(_, t))) => t.len(),
+        _ => return Err(invalid("the vocabulary has no tokenizer.ggml.tokens".into())),
+    };
+    let tensors = plan(spec, n_vocab);
+    for t in &tensors {
+        if t.ne[0] % t.ty.block_size() != 0 {
+            return Err(invalid(format!("{}: row length {} is not a multiple of {:?}'s block of {}", t.name, t.ne[0], t.ty, t.ty.block_size())));
+        }
+    }
+    let file_type: u32 = match spec.ftype {
+        Ftype::Q4KM => 15,
+        Ftype::Uniform(t) => match t {
+            Type::F32 => 0,
+            Type::F16 => 1,
+            Type::Q4_0 => 2,
+            Type::Q8_0 => 7,
+            Type::Q4_K => 14, // Q4_K_S: all Q4_K
+            Type::Q5_K => 16,
+            _ => 18, // Q6_K
+        },
+    };
+    let u32v = |v: usize| Value::U32(v as u32);
+    let mut kv: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(b"phi3".to_vec())),
+        ("general.name".into(), Value::String(b"phi4-synthetic".to_vec())),
+        ("general.file_type".into(), Value::U32(file_type)),
+        ("general.quantization_version".into(), Value::U32(2)),
+        ("phi3.context_length".into(), u32v(spec.n_ctx)),
+        ("phi3.rope.scaling.original_context_length".into(), u32v(spec.n_ctx)),
+        ("phi3.embedding_length".into(), u32v(spec.n_embd)),
+        ("phi3.feed_forward_length".into(), u32v(spec.n_ff)),
+        ("phi3.block_count".into(), u32v(spec.n_layer)),
+        ("phi3.attention.head_count".into(), u32v(spec.n_head)),
+        ("phi3.attention.head_count_kv".into(), u32v(spec.n_head_kv)),
+        ("phi3.attention.layer_norm_rms_epsilon".into(), Value::F32(1e-5)),
+        ("phi3.rope.dimension_count".into(), u32v(spec.n_embd / spec.n_head)),
+        ("phi3.rope.freq_base".into(), Value::F32(spec.rope_theta)),
+        ("phi3.attention.sliding_window".into(), Value::U32(0)),
+    ];
+    kv.append(&mut meta);
+
+    let mut w = GgufWriter::create(path)?;
+    w.header(&kv, tensors.iter().map(|t| (t.name.as_str(), t.ne.as_slice(), t.ty)))?;
+    let mut rng = Rng(spec.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0x5EED);
+    for t in &tensors {
+        let data = tensor_data(t, &mut rng);
+        w.tensor_data(&data)?;
+    }
+    w.finish()
+}
+
+/// Random values for one tensor, encoded in its type.
+fn tensor_data(t: &TensorPlan, rng: &mut Rng) -> Vec<u8> {
+    let n_per_row = t.ne[0] as usize;
+    let n: usize = t.ne.iter().product::<u64>() as usize;
+    if t.is_norm {
+        let v: Vec<f32> = (0..n).map(|_| 1.0 + t.std * rng.normal()).collect();
+        return ggml::quantize(Type::F32, &v, n_per_row);
+    }
+    if t.ty == Type::F32 || t.ty == Type::F16 {
+        let v: Vec<f32> = (0..n).map(|_| t.std * rng.normal()).collect();
+        return if t.ty == Type::F32 {
+            ggml::quantize(Type::F32, &v, n_per_row)
+        } else {
+            v.iter().flat_map(|&x| ggml::f32_to_f16(x).to_le_bytes()).collect()
+        };
+    }
+    // Quantized: a pool of blocks from Gaussian values, then each block of the tensor drawn from it.
+    const POOL_BLOCKS: usize = 8192;
+    let blck = t.ty.block_size() as usize;
+    let n_blocks = n / blck;
+    let pool_blocks = n_blocks.min(POOL_BLOCKS);
+    let v: Vec<f32> = (0..pool_blocks * blck).map(|_| t.std * rng.normal()).collect();
+    let pool = ggml::quantize(t.ty, &v, blck);
+    if pool_blocks == n_blocks {
+        return pool;
+    }
+    let bs = t.ty.type_size() as usize;
+    let mut out = vec![0u8; n_blocks * bs];
+    for chunk in out.chunks_exact_mut(bs) {
+        let j = (rng.next_u64() % pool_blocks as u64) as usize;
+        chunk.copy_from_slice(&pool[j * bs..(j + 1) * bs]);
+    }
+    out
+}
+
+/// A streaming GGUF (v3) writer: header first, then each tensor's data in declaration order.
+pub struct GgufWriter {
+    out: BufWriter<std::fs::File>,
+    sizes: Vec<u64>,
+    next: usize,
+}
+
+const ALIGN: u64 = 32;
+
+fn pad_to(out: &mut impl Write, pos: u64) -> io::Result<u64> {
+    let padded = pos.div_ceil(ALIGN) * ALIGN;
+    out.write_all(&vec![0u8; (padded - pos) as usize])?;
+    Ok(padded)
+}
+
+impl GgufWriter {
+    pub fn create(path: &Path) -> io::Result<GgufWriter> {
+        let out = BufWriter::with_capacity(1 << 22, std::fs::File::create(path)?);
+        Ok(GgufWriter { out, sizes: Vec::new(), next: 0 })
+    }
+
+    /// Write the header: metadata, then tensor infos (name, shape in ggml order, type).
+    pub fn header<'a>(&mut self, kv: &[(String, Value)], tensors: impl Iterator<Item = (&'a str, &'a [u64], Type)>) -> io::Result<()> {
+        let tensors: Vec<_> = tensors.collect();
+        let o = &mut self.out;
+        o.write_all(b"GGUF")?;
+        o.write_all(&3u32.to_le_bytes())?;
+        o.write_all(&(tensors.len() as u64).to_le_bytes())?;
+        o.write_all(&(kv.len() as u64).to_le_bytes())?;
+        for (k, v) in kv {
+            write_str(o, k.as_bytes())?;
+            o.write_all(&(v.value_type() as u32).to_le_bytes())?;
+            write_value(o, v)?;
+        }
+        let mut offset = 0u64;
+        for (name, ne, ty) in &tensors {
+            write_str(o, name.as_bytes())?;
+            o.write_all(&(ne.len() as u32).to_le_bytes())?;
+            for d in *ne {
+                o.write_all(&d.to_le_bytes())?;
+            }
+            o.write_all(&ty.raw().to_le_bytes())?;
+            o.write_all(&offset.to_le_bytes())?;
+            let size = ty.row_size(ne[0]) * ne[1..].iter().product::<u64>();
+            self.sizes.push(size);
+            offset += size.div_ceil(ALIGN) * ALIGN;
+        }
+        let pos = o.stream_position()?;
+        pad_to(o, pos)?;
+        Ok(())
+    }
+
+    /// The next tensor's data (exactly its size).
+    pub fn tensor_data(&mut self, data: &[u8]) -> io::Result<()> {
+        assert_eq!(data.len() as u64, self.sizes[self.next], "tensor data size");
+        self.next += 1;
+        self.out.write_all(data)?;
+        pad_to(&mut self.out, data.len() as u64)?;
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> io::Result<u64> {
+        assert_eq!(self.next, self.sizes.len(), "every tensor's data must be written");
+        self.out.flush()?;
+        self.out.stream_position()
+    }
+}
+
+fn write_str(o: &mut impl Write, s: &[u8]) -> io::Result<()> {
+    o.write_all(&(s.len() as u64).to_le_bytes())?;
+    o.write_all(s)
+}
+
+fn write_value(o: &mut impl Write, v: &Value) -> io::Result<()> {
+    match v {
+        Value::U8(x) => o.write_all(&[*x]),
+        Value::I8(x) => o.write_all(&x.to_le_bytes()),
+        Value::U16(x) => o.write_all(&x.to_le_bytes()),
+        Value::I16(x) => o.write_all(&x.to_le_bytes()),
+        Value::U32(x) => o.write_all(&x.to_le_bytes()),
+        Value::I32(x) => o.write_all(&x.to_le_bytes()),
+        Value::F32(x) => o.write_all(&x.to_le_bytes()),
+        Value::Bool(x) => o.write_all(&[*x as u8]),
+        Value::String(s) => write_str(o, s),
+        Value::U64(x) => o.write_all(&x.to_le_bytes()),
+        Value::I64(x) => o.write_all(&x.to_le_bytes()),
+        Value::F64(x) => o.write_all(&x.to_le_bytes()),
+        Value::Array(t, items) => {
+            o.write_all(&(*t as u32).to_le_bytes())?;
+            o.write_all(&(items.len() as u64).to_le_bytes())?;
+            items.iter().try_for_each(|i| write_value(o, i))
+        }
+    }
+}

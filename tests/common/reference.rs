@@ -1,0 +1,114 @@
+//! llama.cpp as the reference engine (tests and benchmarks only: the library never calls
+//! `llama_*`).
+
+#![allow(dead_code)]
+
+use std::ffi::CString;
+use std::path::Path;
+
+use llama_cpp_sys_2 as sys;
+
+pub struct Reference {
+    model: *mut sys::llama_model,
+    ctx: *mut sys::llama_context,
+    pub n_vocab: usize,
+    n_batch: usize,
+    pub n_past: usize,
+}
+
+unsafe extern "C" fn quiet(_l: sys::ggml_log_level, _t: *const std::ffi::c_char, _u: *mut std::ffi::c_void) {}
+
+impl Reference {
+    /// Load `path` with llama.cpp: mmap, CPU, F16 KV cache, flash attention, micro-batches of
+    /// `n_batch`, `n_threads` threads.
+    pub fn load(path: &Path, n_ctx: usize, n_batch: usize, n_threads: usize) -> Reference {
+        Self::load_opts(path, n_ctx, n_batch, n_threads, true)
+    }
+
+    pub fn load_opts(path: &Path, n_ctx: usize, n_batch: usize, n_threads: usize, repack: bool) -> Reference {
+        let c = CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: test-only FFI with valid arguments; pointers checked for null.
+        unsafe {
+            sys::llama_log_set(Some(quiet), std::ptr::null_mut());
+            sys::llama_backend_init();
+            let mut mp = sys::llama_model_default_params();
+            mp.use_extra_bufts = repack;
+            let model = sys::llama_model_load_from_file(c.as_ptr(), mp);
+            assert!(!model.is_null(), "llama.cpp failed to load {}", path.display());
+            let mut cp = sys::llama_context_default_params();
+            cp.n_ctx = n_ctx as u32;
+            cp.n_batch = n_batch as u32;
+            cp.n_ubatch = n_batch as u32;
+            cp.n_threads = n_threads as i32;
+            cp.n_threads_batch = n_threads as i32;
+            cp.flash_attn_type = sys::LLAMA_FLASH_ATTN_TYPE_ENABLED;
+            cp.no_perf = true;
+            let ctx = sys::llama_init_from_model(model, cp);
+            assert!(!ctx.is_null(), "llama.cpp failed to make a context");
+            let vocab = sys::llama_model_get_vocab(model);
+            let n_vocab = sys::llama_vocab_n_tokens(vocab) as usize;
+            Reference { model, ctx, n_vocab, n_batch, n_past: 0 }
+        }
+    }
+
+    /// Evaluate tokens after what is already in the cache; returns the last token's logits.
+    pub fn eval(&mut self, tokens: &[u32]) -> Vec<f32> {
+        let mut toks: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        for chunk in toks.chunks_mut(self.n_batch) {
+            // SAFETY: the batch points into `chunk`, alive for the call.
+            let rc = unsafe { sys::llama_decode(self.ctx, sys::llama_batch_get_one(chunk.as_mut_ptr(), chunk.len() as i32)) };
+            assert_eq!(rc, 0, "llama_decode failed");
+        }
+        self.n_past += tokens.len();
+        // SAFETY: the last decode produced logits for its last token (n_vocab floats).
+        unsafe { std::slice::from_raw_parts(sys::llama_get_logits_ith(self.ctx, -1), self.n_vocab).to_vec() }
+    }
+
+    /// Forget the cache.
+    pub fn clear(&mut self) {
+        // SAFETY: valid context.
+        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ctx), true) };
+        self.n_past = 0;
+    }
+
+    /// Token ids of `text` (no special tokens parsed unless `special`, no BOS).
+    pub fn tokenize(&self, text: &str, special: bool) -> Vec<u32> {
+        // SAFETY: buffers sized from llama_tokenize's own answer.
+        unsafe {
+            let vocab = sys::llama_model_get_vocab(self.model);
+            let mut out = vec![0i32; text.len() + 8];
+            let mut n = sys::llama_tokenize(vocab, text.as_ptr().cast(), text.len() as i32, out.as_mut_ptr(), out.len() as i32, false, special);
+            if n < 0 {
+                out.resize((-n) as usize, 0);
+                n = sys::llama_tokenize(vocab, text.as_ptr().cast(), text.len() as i32, out.as_mut_ptr(), out.len() as i32, false, special);
+            }
+            assert!(n >= 0);
+            out.truncate(n as usize);
+            out.into_iter().map(|t| t as u32).collect()
+        }
+    }
+}
+
+impl Drop for Reference {
+    fn drop(&mut self) {
+        // SAFETY: created in load, freed once.
+        unsafe {
+            sys::llama_free(self.ctx);
+            sys::llama_model_free(self.model);
+        }
+    }
+}
+
+/// The two largest logits' gap: a step whose gap is below the tie tolerance may pick either.
+pub fn top2_gap(logits: &[f32]) -> f32 {
+    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &l in logits {
+        if l > a {
+            b = a;
+            a = l;
+        } else if l > b {
+            b = l;
+        }
+    }
+    a - b
+}
