@@ -339,15 +339,13 @@ impl Model {
             ctx,
             _buffers: buffers,
         };
-        let end_of_generation = match gguf.array("tokenizer.ggml.tokens", gguf::ValueType::String) {
-            Ok(tokens) => tokens
-                .iter()
-                .enumerate()
-                .filter(|(_, t)| matches!(t, gguf::Value::String(s) if s == b"<|endoftext|>" || s == b"<|im_end|>"))
-                .map(|(i, _)| i as u32)
-                .collect(),
-            Err(_) => Vec::new(),
-        };
+        let end_of_generation = gguf
+            .array("tokenizer.ggml.tokens", gguf::ValueType::String)?
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| matches!(t, gguf::Value::String(s) if s == b"<|endoftext|>" || s == b"<|im_end|>"))
+            .map(|(i, _)| i as u32)
+            .collect();
         Ok(Model { config, gguf, weights, file_size: map.len() as u64, repacked, end_of_generation })
     }
 }
