@@ -548,15 +548,37 @@ impl Buffer {
     pub fn alloc(buft: BufferType, size: usize, what: &str) -> Result<Buffer, AllocError> {
         // SAFETY: buft is a valid buffer type; a null return is handled.
         let buf = unsafe { sys::ggml_backend_buft_alloc_buffer(buft.0, size.max(1)) };
-        NonNull::new(buf).map(|buf| Buffer { buf, _borrowed: None }).ok_or(AllocError { what: what.into(), bytes: size })
+        let b = NonNull::new(buf).map(|buf| Buffer { buf, _borrowed: None }).ok_or(AllocError { what: what.into(), bytes: size })?;
+        b.advise_huge_pages();
+        Ok(b)
     }
+
+    /// Ask for transparent huge pages over a large buffer before it is first touched: one fault
+    /// per 2 MiB instead of per 4 KiB (loading is several times faster on VMs), fewer TLB misses.
+    fn advise_huge_pages(&self) {
+        const HUGE: usize = 2 << 20;
+        // Every buffer phi4 makes is CPU memory (the repacking types included, though they do
+        // not call themselves "host").
+        if self.size() < 16 * HUGE {
+            return;
+        }
+        let start = self.base().div_ceil(HUGE) * HUGE;
+        let end = (self.base() + self.size()) / HUGE * HUGE;
+        if end > start {
+            // SAFETY: advisory only, on memory this buffer owns; failure (no THP) is harmless.
+            unsafe { libc::madvise(start as *mut c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+
 
     /// Give every tensor of `ctx` memory in one new buffer of `buft`.
     pub fn alloc_context(ctx: &Context, buft: BufferType, what: &str) -> Result<Buffer, AllocError> {
         // SAFETY: valid context and buffer type; null (allocation failure) is handled.
         let buf = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(ctx.ctx.as_ptr(), buft.0) };
         let bytes = ctx.tensors.iter().map(|t| Tensor { ptr: *t, _ctx: PhantomData }.nbytes()).sum();
-        NonNull::new(buf).map(|buf| Buffer { buf, _borrowed: None }).ok_or(AllocError { what: what.into(), bytes })
+        let b = NonNull::new(buf).map(|buf| Buffer { buf, _borrowed: None }).ok_or(AllocError { what: what.into(), bytes })?;
+        b.advise_huge_pages();
+        Ok(b)
     }
 
     pub fn size(&self) -> usize {
@@ -784,6 +806,23 @@ pub fn map_file(file: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
     // while it is mapped would fault on access; that is documented as the caller's contract
     // (like every mmap-based loader, llama.cpp's included).
     unsafe { memmap2::MmapOptions::new().map(file) }
+}
+
+/// Fault in a range of a file mapping now (one kernel call, no per-page faults where the kernel
+/// supports MADV_POPULATE_READ; otherwise by reading one byte per page).
+pub fn prefault(map: &memmap2::Mmap, offset: usize, len: usize) {
+    let page = 4096;
+    let start = offset / page * page;
+    let end = (offset + len).min(map.len());
+    // SAFETY: advisory call on a range inside our read-only mapping.
+    let ok = end > start && unsafe { libc::madvise(map.as_ptr().add(start) as *mut c_void, end - start, libc::MADV_POPULATE_READ) } == 0;
+    if !ok {
+        let mut acc = 0u8;
+        for i in (offset..end).step_by(page) {
+            acc ^= map[i];
+        }
+        std::hint::black_box(acc);
+    }
 }
 
 /// Tell the kernel a range of a read-only file mapping will not be read again soon (its

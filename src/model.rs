@@ -288,7 +288,7 @@ impl Model {
             }
             mapped.place(ctx.get(ids[&t.name]), t.file_offset as usize);
             if params.prefetch {
-                prefetch(&map[t.file_offset as usize..(t.file_offset + t.size) as usize]);
+                ggml::prefault(&map, t.file_offset as usize, t.size as usize);
             }
             report(t.size)?;
         }
@@ -312,6 +312,7 @@ impl Model {
                 let tensor = ctx.get(ids[&t.name]);
                 buf.place(tensor, off);
                 let (start, len) = (t.file_offset as usize, t.size as usize);
+                ggml::prefault(&map, start, len);
                 ggml::tensor_set(tensor, &map[start..start + len]);
                 ggml::drop_pages(&map, start, len);
                 repacked.push((t.name.clone(), buft.name()));
@@ -348,13 +349,4 @@ impl Model {
             .collect();
         Ok(Model { config, gguf, weights, file_size: map.len() as u64, repacked, end_of_generation })
     }
-}
-
-/// Fault in every page of `bytes` (sequential reads, so the kernel reads ahead).
-fn prefetch(bytes: &[u8]) {
-    let mut acc = 0u8;
-    for i in (0..bytes.len()).step_by(4096) {
-        acc ^= bytes[i];
-    }
-    std::hint::black_box(acc);
 }

@@ -1,0 +1,144 @@
+//! Engine benchmark: prefill tok/s, decode tok/s and peak RSS for phi4 and for llama.cpp on the
+//! same GGUF file, in one run, side by side.
+//!
+//!     cargo bench --bench engine -- --model FILE [--threads 2] [--prompt 64] [--gen 16]
+//!
+//! Each engine runs in its own child process (this binary again), one after the other, so that
+//! each peak RSS is that engine's alone. The engines alternate for `--rounds` rounds (default 2)
+//! and each figure is the engine's best round, so neither gains from running second (a warm page
+//! cache, memory just freed by the other).
+
+#[path = "../tests/common/reference.rs"]
+mod reference;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+struct Args {
+    model: PathBuf,
+    threads: usize,
+    prompt: usize,
+    gen: usize,
+    batch: usize,
+    rounds: usize,
+    engine: Option<String>,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args { model: PathBuf::new(), threads: 2, prompt: 64, gen: 16, batch: 512, rounds: 2, engine: None };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut v = || it.next().unwrap_or_else(|| panic!("{k} needs a value"));
+        match k.as_str() {
+            "--model" => a.model = v().into(),
+            "--threads" => a.threads = v().parse().unwrap(),
+            "--prompt" => a.prompt = v().parse().unwrap(),
+            "--gen" => a.gen = v().parse().unwrap(),
+            "--batch" => a.batch = v().parse().unwrap(),
+            "--engine" => a.engine = Some(v()),
+            "--rounds" => a.rounds = v().parse::<usize>().unwrap().max(1),
+            _ => {} // cargo bench's own flags (--bench)
+        }
+    }
+    if a.model.as_os_str().is_empty() {
+        eprintln!("usage: cargo bench --bench engine -- --model FILE [--threads N] [--prompt N] [--gen N] [--batch N]");
+        std::process::exit(2);
+    }
+    a
+}
+
+fn peak_rss_mib() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn prompt_tokens(n: usize, n_vocab: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7919 + 13) % n_vocab.min(100_000)) as u32).collect()
+}
+
+/// Runs one engine; prints "load_s prefill_tok_s decode_tok_s peak_rss_mib".
+fn child(a: &Args, engine: &str) {
+    let t0 = Instant::now();
+    let (prefill, decode);
+    match engine {
+        "phi4" => {
+            let model = phi4::model::Model::load(&a.model, Default::default()).unwrap();
+            let load = t0.elapsed().as_secs_f64();
+            let mut st = phi4::forward::RunState::new(&model, a.prompt + a.gen + 1, a.batch, a.threads).unwrap();
+            let abort = AtomicBool::new(false);
+            let prompt = prompt_tokens(a.prompt, model.config.n_vocab);
+            let t = Instant::now();
+            st.eval(&model, &prompt, 0, &abort).unwrap();
+            prefill = a.prompt as f64 / t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let mut tok = phi4::sample::argmax(&st.logits);
+            for i in 0..a.gen {
+                st.eval(&model, &[tok], a.prompt + i, &abort).unwrap();
+                tok = phi4::sample::argmax(&st.logits);
+            }
+            decode = a.gen as f64 / t.elapsed().as_secs_f64();
+            println!("{load} {prefill} {decode} {}", peak_rss_mib());
+        }
+        _ => {
+            let mut rf = reference::Reference::load(&a.model, a.prompt + a.gen + 1, a.batch, a.threads);
+            let load = t0.elapsed().as_secs_f64();
+            let prompt = prompt_tokens(a.prompt, rf.n_vocab);
+            let t = Instant::now();
+            let logits = rf.eval(&prompt);
+            prefill = a.prompt as f64 / t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let mut tok = phi4::sample::argmax(&logits);
+            for _ in 0..a.gen {
+                tok = phi4::sample::argmax(&rf.eval(&[tok]));
+            }
+            decode = a.gen as f64 / t.elapsed().as_secs_f64();
+            println!("{load} {prefill} {decode} {}", peak_rss_mib());
+        }
+    }
+}
+
+fn main() {
+    let a = parse_args();
+    if let Some(e) = &a.engine {
+        return child(&a, e);
+    }
+    let me = std::env::current_exe().unwrap();
+    let run = |engine: &str| -> Vec<f64> {
+        let out = Command::new(&me)
+            .args(["--model", a.model.to_str().unwrap(), "--engine", engine])
+            .args(["--threads", &a.threads.to_string(), "--prompt", &a.prompt.to_string()])
+            .args(["--gen", &a.gen.to_string(), "--batch", &a.batch.to_string()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{engine} run failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).split_whitespace().map(|v| v.parse().unwrap()).collect()
+    };
+    let size = std::fs::metadata(&a.model).map(|m| m.len()).unwrap_or(0);
+    println!("model {} ({:.2} GB), {} threads, prompt {} tokens (batch {}), {} decoded tokens", a.model.display(), size as f64 / 1e9, a.threads, a.prompt, a.batch, a.gen);
+    println!("CPU features: {}", phi4::ggml::cpu_features().join(" "));
+    let best = |a: Vec<f64>, b: Vec<f64>| -> Vec<f64> {
+        // load: lower is better; prefill, decode: higher; peak RSS: the same every round.
+        vec![a[0].min(b[0]), a[1].max(b[1]), a[2].max(b[2]), a[3].min(b[3])]
+    };
+    let (mut p, mut l) = (run("phi4"), run("llama.cpp"));
+    for r in 1..a.rounds {
+        if r % 2 == 1 {
+            l = best(l, run("llama.cpp"));
+            p = best(p, run("phi4"));
+        } else {
+            p = best(p, run("phi4"));
+            l = best(l, run("llama.cpp"));
+        }
+    }
+    println!("{:<16} {:>12} {:>12} {:>8}", "", "phi4", "llama.cpp", "ratio");
+    let names = ["load (s)", "prefill tok/s", "decode tok/s", "peak RSS MiB"];
+    for i in 0..4 {
+        println!("{:<16} {:>12.3} {:>12.3} {:>8.3}", names[i], p[i], l[i], p[i] / l[i]);
+    }
+}

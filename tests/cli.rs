@@ -1,0 +1,101 @@
+//! The `phi4` binary as a user runs it.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::reference::{top2_gap, Reference};
+use phi4::synth::Spec;
+
+fn phi4(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_phi4")).args(args).output().unwrap()
+}
+
+/// Runs `phi4 run --raw ... --json` and returns the NDJSON events.
+fn run_json(model: &Path, prompt: &[u32], n: usize) -> Vec<serde_json::Value> {
+    let ids: Vec<String> = prompt.iter().map(|t| t.to_string()).collect();
+    let out = phi4(&[
+        "run", "--model", model.to_str().unwrap(), "--raw", "--prompt-ids", &ids.join(","),
+        "-n", &n.to_string(), "--temperature", "0", "--threads", "2", "--batch", "16", "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn raw_json_greedy_equals_llama_cpp() {
+    let dir = common::tmpdir();
+    for (ft, seed) in [("q4_k_m", 11), ("q8_0", 12)] {
+        let path = common::synth_model(dir.path(), &format!("{ft}.gguf"), &Spec::small(2, common::ftype(ft), seed));
+        let prompt: Vec<u32> = (0..37).map(|i| (i * 53 + 7) % 1000).collect();
+        let events = run_json(&path, &prompt, 64);
+        let (done, tokens) = events.split_last().unwrap();
+        assert_eq!(done["done"], true);
+        for key in ["load_duration", "prompt_eval_duration", "eval_duration"] {
+            assert!(done[key].as_u64().unwrap() > 0, "{key}");
+        }
+        assert_eq!(done["prompt_eval_count"], prompt.len());
+        let got: Vec<u32> = tokens.iter().map(|e| e["token"].as_u64().unwrap() as u32).collect();
+        assert_eq!(done["eval_count"], got.len());
+
+        // llama.cpp's greedy continuation, step by step.
+        let mut rf = Reference::load(&path, 256, 16, 2);
+        let mut logits = rf.eval(&prompt);
+        for (i, &tok) in got.iter().enumerate() {
+            let want = phi4::sample::argmax(&logits);
+            if tok != want {
+                assert!(top2_gap(&logits) < 1e-3, "{ft}: step {i}: phi4 {tok}, llama.cpp {want}");
+                break; // a tie: the continuations may differ from here on
+            }
+            logits = rf.eval(&[tok]);
+        }
+        if done["done_reason"] == "length" {
+            assert_eq!(got.len(), 64);
+        } else {
+            assert_eq!(done["done_reason"], "stop");
+        }
+    }
+}
+
+/// Any bad file: one line on stderr, a failure exit code, no signal.
+fn assert_clean_failure(out: &Output, want: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code().is_some_and(|c| c != 0), "status {:?}", out.status);
+    assert_eq!(err.lines().count(), 1, "stderr: {err}");
+    assert!(err.starts_with("phi4: ") && err.contains(want), "stderr {err:?} lacks {want:?}");
+}
+
+#[test]
+fn malformed_files_fail_cleanly() {
+    let dir = common::tmpdir();
+    let good = common::synth_model(dir.path(), "good.gguf", &Spec::small(1, common::ftype("q4_0"), 1));
+    let bytes = std::fs::read(&good).unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("empty.gguf", vec![], "file truncated"),
+        ("text.gguf", b"hello, not a model".to_vec(), "not a GGUF file"),
+        ("header.gguf", bytes[..200].to_vec(), "truncated"),
+        ("cut.gguf", bytes[..bytes.len() - 100].to_vec(), "past the end of the file"),
+    ];
+    for (name, data, want) in cases {
+        let p = dir.path().join(name);
+        std::fs::write(&p, data).unwrap();
+        let out = phi4(&["run", "--model", p.to_str().unwrap(), "--raw", "--prompt-ids", "1,2", "-n", "2"]);
+        assert_clean_failure(&out, want);
+    }
+    let out = phi4(&["run", "--model", "/nonexistent/m.gguf", "--raw", "--prompt-ids", "1"]);
+    assert_clean_failure(&out, "No such file");
+    let out = phi4(&["run", "--model", dir.path().to_str().unwrap(), "--raw", "--prompt-ids", "1"]);
+    assert_clean_failure(&out, "");
+}
+
+#[test]
+fn bad_arguments_fail_cleanly() {
+    let dir = common::tmpdir();
+    let m = common::synth_model(dir.path(), "m.gguf", &Spec::small(1, common::ftype("f16"), 1));
+    let m = m.to_str().unwrap();
+    assert_clean_failure(&phi4(&["run", "--model", m, "--raw", "--prompt-ids", "1,5000"]), "token id 5000 is outside the vocabulary");
+    assert_clean_failure(&phi4(&["run", "--model", m, "--raw"]), "--raw needs --prompt-ids");
+    assert_clean_failure(&phi4(&["run", "--model", m, "--raw", "--prompt-ids", "1", "--threads", "0"]), "at least 1");
+    assert_clean_failure(&phi4(&["run", "--model", m, "--raw", "--prompt-ids", "1", "--temperature", "-1"]), "temperature");
+}
