@@ -8,3 +8,5 @@ pub mod kv_cache;
 pub mod model;
 pub mod sample;
 pub mod synth;
+pub mod chat;
+pub mod tokenizer;

@@ -178,7 +178,7 @@ fn run(a: RunArgs) -> Res {
     let mut st = RunState::new(&model, n_ctx, a.batch, a.threads)?;
     let abort = AtomicBool::new(false);
     let eog = model.end_of_generation.clone();
-    let mut sampler = phi4::sample::Sampler::new(a.temperature, a.seed);
+    let mut sampler = phi4::sample::Sampler::new(phi4::sample::SamplingParams { temperature: a.temperature, seed: a.seed, ..phi4::sample::SamplingParams::greedy() });
 
     let t1 = Instant::now();
     st.eval(&model, &a.prompt_ids, 0, &abort)?;
@@ -191,7 +191,7 @@ fn run(a: RunArgs) -> Res {
     let mut eval_count = 0;
     let mut reason = "length";
     for i in 0..a.n_predict {
-        let tok = sampler.sample(&st.logits);
+        let tok = sampler.sample(&st.logits, &[]);
         if eog.contains(&tok) {
             reason = "stop";
             break;

@@ -1,35 +1,136 @@
-//! Sampling: picking the next token from the logits.
+//! Sampling: choosing the next token from the logits.
+//!
+//! The chain, in llama.cpp's order: penalties over the recent tokens (repeat, frequency,
+//! presence) → top-k → top-p → min-p → temperature → a draw from a seeded generator. At
+//! temperature 0 the choice is greedy (after the penalties).
 
-/// Picks tokens: greedy at temperature 0, otherwise from softmax(logits / temperature).
+/// Sampling parameters. `Default` gives Ollama's defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// Softmax temperature; 0 means greedy.
+    pub temperature: f32,
+    /// Keep the k most likely tokens; 0 keeps all.
+    pub top_k: usize,
+    /// Keep the smallest set whose probability reaches p; 1 keeps all.
+    pub top_p: f32,
+    /// Drop tokens less likely than min_p times the most likely one; 0 keeps all.
+    pub min_p: f32,
+    /// Divide positive (multiply negative) logits of recently seen tokens; 1 is off.
+    pub repeat_penalty: f32,
+    /// How many recent tokens the penalties look at; 0 is off.
+    pub repeat_last_n: usize,
+    /// Subtracted once per occurrence in the window.
+    pub frequency_penalty: f32,
+    /// Subtracted once if the token occurs in the window.
+    pub presence_penalty: f32,
+    /// Seed of the draw: the same seed and inputs give the same tokens.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.9,
+            min_p: 0.0,
+            repeat_penalty: 1.1,
+            repeat_last_n: 64,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding with no penalties.
+    pub fn greedy() -> SamplingParams {
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repeat_penalty: 1.0, ..Default::default() }
+    }
+
+    /// Every value in its range, or the name of the first that is not.
+    pub fn validate(&self) -> Result<(), String> {
+        let finite = |v: f32| v.is_finite();
+        if !(finite(self.temperature) && self.temperature >= 0.0) {
+            return Err(format!("temperature {} must be >= 0", self.temperature));
+        }
+        if !(finite(self.top_p) && self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p {} must be in (0, 1]", self.top_p));
+        }
+        if !(finite(self.min_p) && (0.0..=1.0).contains(&self.min_p)) {
+            return Err(format!("min_p {} must be in [0, 1]", self.min_p));
+        }
+        if !(finite(self.repeat_penalty) && self.repeat_penalty > 0.0) {
+            return Err(format!("repeat_penalty {} must be > 0", self.repeat_penalty));
+        }
+        if !finite(self.frequency_penalty) || !finite(self.presence_penalty) {
+            return Err("frequency_penalty and presence_penalty must be finite".into());
+        }
+        Ok(())
+    }
+}
+
+/// A sampler: the parameters and the state of the seeded generator.
 pub struct Sampler {
-    temperature: f32,
+    p: SamplingParams,
     rng: u64,
-    probs: Vec<f32>,
+    cand: Vec<(u32, f32)>,
 }
 
 impl Sampler {
-    pub fn new(temperature: f32, seed: u64) -> Sampler {
-        Sampler { temperature, rng: seed ^ 0x9E37_79B9_7F4A_7C15, probs: Vec::new() }
+    pub fn new(p: SamplingParams) -> Sampler {
+        let rng = p.seed ^ 0x9E37_79B9_7F4A_7C15;
+        Sampler { p, rng, cand: Vec::new() }
     }
 
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.temperature <= 0.0 {
-            return argmax(logits);
+    pub fn params(&self) -> &SamplingParams {
+        &self.p
+    }
+
+    /// Choose the next token given the logits and the tokens so far (for the penalties).
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let p = &self.p;
+        self.cand.clear();
+        self.cand.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
+        let window = &history[history.len().saturating_sub(p.repeat_last_n)..];
+        apply_penalties(&mut self.cand, window, p.repeat_penalty, p.frequency_penalty, p.presence_penalty);
+        if p.temperature <= 0.0 {
+            return argmax_cand(&self.cand);
         }
-        let max = logits[argmax(logits) as usize];
-        self.probs.clear();
-        self.probs.extend(logits.iter().map(|&l| ((l - max) / self.temperature).exp()));
-        let total: f32 = self.probs.iter().sum();
-        let mut r = self.uniform() * total;
-        for (i, &p) in self.probs.iter().enumerate() {
-            r -= p;
-            if r <= 0.0 {
-                return i as u32;
+        // Most likely first (ties: lower id first, for determinism).
+        self.cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if p.top_k > 0 {
+            self.cand.truncate(p.top_k);
+        }
+        let probs = softmax(&self.cand, 1.0);
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            let keep = probs.iter().position(|&q| {
+                acc += q;
+                acc >= p.top_p
+            });
+            self.cand.truncate(keep.map_or(probs.len(), |k| k + 1));
+        }
+        if p.min_p > 0.0 {
+            let probs = softmax(&self.cand, 1.0);
+            let cut = probs[0] * p.min_p;
+            let keep = probs.iter().take_while(|&&q| q >= cut).count().max(1);
+            self.cand.truncate(keep);
+        }
+        let probs = softmax(&self.cand, p.temperature);
+        let r = self.uniform();
+        let mut acc = 0.0;
+        for (c, q) in self.cand.iter().zip(&probs) {
+            acc += q;
+            if r < acc {
+                return c.0;
             }
         }
-        argmax(logits)
+        self.cand.last().map_or(0, |c| c.0)
     }
 
+    /// Uniform in [0, 1) from splitmix64.
     fn uniform(&mut self) -> f32 {
         self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.rng;
@@ -37,6 +138,45 @@ impl Sampler {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
     }
+}
+
+fn apply_penalties(cand: &mut [(u32, f32)], window: &[u32], repeat: f32, freq: f32, presence: f32) {
+    if window.is_empty() || (repeat == 1.0 && freq == 0.0 && presence == 0.0) {
+        return;
+    }
+    let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+    for &t in window {
+        *counts.entry(t).or_default() += 1;
+    }
+    for (&t, &n) in &counts {
+        if let Some(c) = cand.get_mut(t as usize) {
+            if c.1 > 0.0 {
+                c.1 /= repeat;
+            } else {
+                c.1 *= repeat;
+            }
+            c.1 -= n as f32 * freq + presence;
+        }
+    }
+}
+
+/// softmax(logit / t) over candidates, in their order.
+fn softmax(cand: &[(u32, f32)], t: f32) -> Vec<f32> {
+    let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+    let mut e: Vec<f32> = cand.iter().map(|c| ((c.1 - max) / t).exp()).collect();
+    let sum: f32 = e.iter().sum();
+    e.iter_mut().for_each(|v| *v /= sum);
+    e
+}
+
+fn argmax_cand(cand: &[(u32, f32)]) -> u32 {
+    let mut best = 0;
+    for (i, c) in cand.iter().enumerate() {
+        if c.1 > cand[best].1 {
+            best = i;
+        }
+    }
+    cand[best].0
 }
 
 /// Index of the largest logit (the first one on ties).

@@ -4,7 +4,7 @@
 mod common;
 
 use phi4::gguf::{parse, GgufError};
-use phi4::model::{LoadError, LoadParams, Model};
+use phi4::model::{LoadParams, Model};
 
 /// Builds GGUF bytes by hand, so that any field can be wrong.
 #[derive(Default)]

@@ -1,0 +1,106 @@
+//! Phi-4's chat format, produced natively (the Jinja template inside a GGUF is never evaluated):
+//!
+//! ```text
+//! <|im_start|>{role}<|im_sep|>{content}<|im_end|>   for each message
+//! <|im_start|>assistant<|im_sep|>                   to ask for a reply
+//! ```
+//! No newlines, no BOS. Role markers go in as token ids; role names and message content are
+//! tokenized as plain text, so text that looks like a marker cannot forge a turn.
+
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        Some(match s {
+            "system" => Role::System,
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Message {
+        Message { role, content: content.into() }
+    }
+}
+
+const IM_START: &str = "<|im_start|>";
+const IM_SEP: &str = "<|im_sep|>";
+const IM_END: &str = "<|im_end|>";
+
+/// The conversation as text, exactly as Phi-4's template renders it.
+pub fn render(messages: &[Message], add_generation_prompt: bool) -> String {
+    let mut s = String::new();
+    for m in messages {
+        s.push_str(IM_START);
+        s.push_str(m.role.as_str());
+        s.push_str(IM_SEP);
+        s.push_str(&m.content);
+        s.push_str(IM_END);
+    }
+    if add_generation_prompt {
+        s.push_str(IM_START);
+        s.push_str("assistant");
+        s.push_str(IM_SEP);
+    }
+    s
+}
+
+/// The marker ids of a vocabulary.
+#[derive(Debug, Clone, Copy)]
+pub struct Markers {
+    pub im_start: u32,
+    pub im_sep: u32,
+    pub im_end: u32,
+}
+
+impl Markers {
+    pub fn of(tok: &Tokenizer) -> Result<Markers, String> {
+        let id = |t: &str| tok.token_id(t).ok_or_else(|| format!("the vocabulary has no {t} token, so it cannot chat"));
+        Ok(Markers { im_start: id(IM_START)?, im_sep: id(IM_SEP)?, im_end: id(IM_END)? })
+    }
+}
+
+/// The conversation as token ids.
+pub fn tokens(tok: &Tokenizer, m: Markers, messages: &[Message], add_generation_prompt: bool) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut turn = |role: Role, content: Option<&str>| {
+        out.push(m.im_start);
+        out.extend(tok.encode(role.as_str(), false));
+        out.push(m.im_sep);
+        if let Some(c) = content {
+            out.extend(tok.encode(c, false));
+            out.push(m.im_end);
+        }
+    };
+    for msg in messages {
+        turn(msg.role, Some(&msg.content));
+    }
+    if add_generation_prompt {
+        turn(Role::Assistant, None);
+    }
+    out
+}

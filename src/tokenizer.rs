@@ -1,0 +1,285 @@
+//! Tokenizer: byte-level BPE from the GGUF's own tokens, merges and token types, with the
+//! `dbrx` (cl100k_base) pre-tokenizer; and the streaming detokenizer.
+//!
+//! Special tokens (control tokens such as `<|im_start|>`) are recognised in text only when the
+//! caller asks; otherwise their text is ordinary text and tokenizes as such.
+
+use std::collections::HashMap;
+
+use fancy_regex::Regex;
+
+use crate::gguf::{Gguf, GgufError, Value, ValueType};
+use crate::synth::byte_to_unicode;
+
+/// Why a vocabulary cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum VocabError {
+    #[error("{0}")]
+    Gguf(#[from] GgufError),
+    #[error("tokenizer: {0}")]
+    Bad(String),
+}
+
+/// tiktoken's cl100k_base pattern, which llama.cpp calls `dbrx` (and `llama3`): contractions,
+/// letter runs with one leading non-letter, 1–3 digits, punctuation runs, newlines, and
+/// whitespace that leaves its last space to the next word (the look-ahead `(?!\S)`).
+const CL100K_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// `tokenizer.ggml.pre` values whose pre-tokenizer is exactly [`CL100K_PATTERN`].
+const CL100K_PRE: &[&str] = &["dbrx", "llama3", "llama-v3", "llama-bpe", "smaug-bpe"];
+
+/// Token types, numbered as llama.cpp writes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenType {
+    Normal,
+    Unknown,
+    Control,
+    UserDefined,
+    Unused,
+    Byte,
+}
+
+impl TokenType {
+    fn from_i32(v: i32) -> Option<TokenType> {
+        Some(match v {
+            0 | 1 => TokenType::Normal, // 0: undefined, treated as normal (llama.cpp does)
+            2 => TokenType::Unknown,
+            3 => TokenType::Control,
+            4 => TokenType::UserDefined,
+            5 => TokenType::Unused,
+            6 => TokenType::Byte,
+            _ => return None,
+        })
+    }
+}
+
+pub struct Tokenizer {
+    /// Raw bytes each token stands for (control tokens: their text, never printed by default).
+    pieces: Vec<Vec<u8>>,
+    types: Vec<TokenType>,
+    /// Token text (in the GPT-2 byte-to-unicode alphabet) → id.
+    by_text: HashMap<String, u32>,
+    /// (left, right) → (merge rank, merged token).
+    merges: HashMap<(u32, u32), (u32, u32)>,
+    /// The token of each single byte.
+    byte_token: [u32; 256],
+    /// Control and user-defined tokens, longest text first (for matching in text).
+    specials: Vec<(Vec<u8>, u32, TokenType)>,
+    pre: Regex,
+    /// `<|endoftext|>` and `<|im_end|>` when the vocabulary has them.
+    pub end_of_generation: Vec<u32>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tokenizer({} tokens, {} merges)", self.pieces.len(), self.merges.len())
+    }
+}
+
+impl Tokenizer {
+    /// Build from a GGUF's `tokenizer.*` keys. `n_vocab` is the model's (token_embd rows).
+    pub fn from_gguf(g: &Gguf, n_vocab: usize) -> Result<Tokenizer, VocabError> {
+        let bad = |m: String| VocabError::Bad(m);
+        let model = g.str("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(bad(format!("tokenizer.ggml.model {model:?} is not supported (phi4 reads byte-level BPE, \"gpt2\")")));
+        }
+        let pre = g.opt_str("tokenizer.ggml.pre")?.unwrap_or("default");
+        if !CL100K_PRE.contains(&pre) {
+            return Err(bad(format!("tokenizer.ggml.pre {pre:?} is not supported (phi4 implements Phi-4's \"dbrx\")")));
+        }
+        let tokens = g.array("tokenizer.ggml.tokens", ValueType::String)?;
+        if tokens.len() != n_vocab {
+            return Err(bad(format!("{} tokens for a model with {n_vocab} embedding rows", tokens.len())));
+        }
+        let types: Vec<TokenType> = match g.get("tokenizer.ggml.token_type") {
+            None => vec![TokenType::Normal; tokens.len()],
+            Some(_) => {
+                let raw = g.array("tokenizer.ggml.token_type", ValueType::I32)?;
+                if raw.len() != tokens.len() {
+                    return Err(bad(format!("{} token types for {} tokens", raw.len(), tokens.len())));
+                }
+                raw.iter()
+                    .map(|v| match v {
+                        Value::I32(t) => TokenType::from_i32(*t).ok_or_else(|| bad(format!("unknown token type {t}"))),
+                        _ => unreachable!("array() checked the element type"),
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+        };
+
+        let b2u = byte_to_unicode();
+        let mut u2b: HashMap<char, u8> = HashMap::new();
+        for (b, c) in b2u.iter().enumerate() {
+            u2b.insert(*c, b as u8);
+        }
+        let mut by_text = HashMap::with_capacity(tokens.len());
+        let mut pieces = Vec::with_capacity(tokens.len());
+        let mut specials = Vec::new();
+        for (id, (t, ty)) in tokens.iter().zip(&types).enumerate() {
+            let Value::String(text) = t else { unreachable!("array() checked the element type") };
+            let text = String::from_utf8(text.clone()).map_err(|_| bad(format!("token {id} is not valid UTF-8")))?;
+            let piece = match ty {
+                TokenType::Control | TokenType::UserDefined | TokenType::Unknown | TokenType::Unused => text.clone().into_bytes(),
+                // Normal and byte tokens are spelled in the byte-to-unicode alphabet.
+                _ => text
+                    .chars()
+                    .map(|c| u2b.get(&c).copied())
+                    .collect::<Option<Vec<u8>>>()
+                    .ok_or_else(|| bad(format!("token {id} {text:?} is not in the byte-level alphabet")))?,
+            };
+            if matches!(ty, TokenType::Control | TokenType::UserDefined) && !text.is_empty() {
+                specials.push((text.clone().into_bytes(), id as u32, *ty));
+            }
+            // The first id wins for duplicate texts (as llama.cpp's map insertion does).
+            by_text.entry(text).or_insert(id as u32);
+            pieces.push(piece);
+        }
+        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+
+        let mut byte_token = [0u32; 256];
+        for (b, c) in b2u.iter().enumerate() {
+            byte_token[b] = *by_text.get(&c.to_string()).ok_or_else(|| bad(format!("no token for byte {b:#04x}")))?;
+        }
+
+        let mut merges = HashMap::new();
+        for (rank, m) in g.array("tokenizer.ggml.merges", ValueType::String)?.iter().enumerate() {
+            let Value::String(m) = m else { unreachable!("array() checked the element type") };
+            let m = std::str::from_utf8(m).map_err(|_| bad(format!("merge {rank} is not valid UTF-8")))?;
+            let split = m.char_indices().skip(1).find(|(_, c)| *c == ' ').map(|(i, _)| i);
+            let Some(split) = split else { return Err(bad(format!("merge {rank} {m:?} has no space"))) };
+            let (l, r) = (&m[..split], &m[split + 1..]);
+            let id = |s: &str| by_text.get(s).copied();
+            match (id(l), id(r), by_text.get(&format!("{l}{r}")).copied()) {
+                (Some(a), Some(b), Some(ab)) => {
+                    merges.entry((a, b)).or_insert((rank as u32, ab));
+                }
+                _ => return Err(bad(format!("merge {rank} {m:?} names a token the vocabulary lacks"))),
+            }
+        }
+
+        let end_of_generation = ["<|endoftext|>", "<|im_end|>"].iter().filter_map(|t| by_text.get(*t).copied()).collect();
+        let pre = Regex::new(CL100K_PATTERN).expect("the pattern is valid");
+        Ok(Tokenizer { pieces, types, by_text, merges, byte_token, specials, pre, end_of_generation })
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        self.pieces.len()
+    }
+
+    /// The id of a token spelled `text` (e.g. `"<|im_start|>"`).
+    pub fn token_id(&self, text: &str) -> Option<u32> {
+        self.by_text.get(text).copied()
+    }
+
+    pub fn token_type(&self, id: u32) -> Option<TokenType> {
+        self.types.get(id as usize).copied()
+    }
+
+    /// Token ids of `text`. With `special`, control tokens written in the text (`<|im_end|>`)
+    /// become their ids; without, they are plain text. User-defined tokens are always matched.
+    pub fn encode(&self, text: &str, special: bool) -> Vec<u32> {
+        let mut out = Vec::new();
+        let bytes = text.as_bytes();
+        let mut start = 0;
+        let mut i = 0;
+        while i < bytes.len() {
+            let hit = self
+                .specials
+                .iter()
+                .filter(|(_, _, ty)| special || *ty == TokenType::UserDefined)
+                .find(|(s, _, _)| bytes[i..].starts_with(s));
+            match hit {
+                Some((s, id, _)) => {
+                    self.encode_plain(&text[start..i], &mut out);
+                    out.push(*id);
+                    i += s.len();
+                    start = i;
+                }
+                None => i += 1,
+            }
+        }
+        self.encode_plain(&text[start..], &mut out);
+        out
+    }
+
+    fn encode_plain(&self, text: &str, out: &mut Vec<u32>) {
+        for m in self.pre.find_iter(text) {
+            // The pattern cannot fail on valid UTF-8 within the backtrack limit for these
+            // short alternatives; a failure would skip a span, so fall back to bytes.
+            match m {
+                Ok(m) => self.bpe(m.as_str().as_bytes(), out),
+                Err(_) => {
+                    self.bpe(text.as_bytes(), out);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Byte-level BPE of one pre-token: start from byte tokens, repeatedly merge the adjacent
+    /// pair with the lowest merge rank.
+    fn bpe(&self, word: &[u8], out: &mut Vec<u32>) {
+        let mut parts: Vec<u32> = word.iter().map(|&b| self.byte_token[b as usize]).collect();
+        loop {
+            let best = parts
+                .windows(2)
+                .enumerate()
+                .filter_map(|(i, w)| self.merges.get(&(w[0], w[1])).map(|&(rank, id)| (rank, i, id)))
+                .min();
+            let Some((_, i, id)) = best else { break };
+            parts[i] = id;
+            parts.remove(i + 1);
+        }
+        out.extend(parts);
+    }
+
+    /// The bytes a token stands for; control tokens give nothing unless `special`.
+    pub fn piece(&self, id: u32, special: bool) -> &[u8] {
+        match (self.types.get(id as usize), special) {
+            (None, _) => &[],
+            (Some(TokenType::Control | TokenType::Unknown | TokenType::Unused), false) => &[],
+            _ => &self.pieces[id as usize],
+        }
+    }
+
+    /// Text of a whole token sequence (invalid UTF-8 replaced).
+    pub fn decode(&self, ids: &[u32], special: bool) -> String {
+        let bytes: Vec<u8> = ids.iter().flat_map(|&i| self.piece(i, special).iter().copied()).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+/// Turns a token stream into text pieces that are always whole UTF-8 characters: bytes of a
+/// character split across tokens are held back until it is complete.
+#[derive(Default)]
+pub struct StreamDecoder {
+    pending: Vec<u8>,
+}
+
+impl StreamDecoder {
+    /// Add a token's bytes; returns the text that is now complete (possibly empty).
+    pub fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let valid = match std::str::from_utf8(&self.pending) {
+            Ok(_) => self.pending.len(),
+            Err(e) => match e.error_len() {
+                // An incomplete character at the end: keep it for the next token.
+                None => e.valid_up_to(),
+                // Bytes that can never become valid: emit them replaced, keep going.
+                Some(_) => self.pending.len(),
+            },
+        };
+        let rest = self.pending.split_off(valid);
+        let out = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending = rest;
+        out
+    }
+
+    /// Whatever is still held back (an unfinished character), replaced.
+    pub fn finish(&mut self) -> String {
+        let out = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        out
+    }
+}
