@@ -10,3 +10,4 @@ pub mod sample;
 pub mod synth;
 pub mod chat;
 pub mod tokenizer;
+pub mod session;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::ggml::{self, Buffer, BufferType, Context, TensorId, Type};
 use crate::gguf::{self, Gguf, GgufError, TensorInfo};
+use crate::tokenizer::{Tokenizer, VocabError};
 
 /// Why a model could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +22,8 @@ pub enum LoadError {
     NotPhi4(String),
     #[error("{0}")]
     Alloc(#[from] ggml::AllocError),
+    #[error("{0}")]
+    Vocab(#[from] VocabError),
     #[error("loading cancelled")]
     Cancelled,
 }
@@ -178,9 +181,10 @@ pub struct Model {
     pub file_size: u64,
     /// `(tensor name, ggml layout)` of every weight ggml repacked.
     pub repacked: Vec<(String, String)>,
-    /// Token ids that end a generation: `<|endoftext|>` and `<|im_end|>`, found by their text
-    /// whatever the file's eos key says.
-    pub end_of_generation: Vec<u32>,
+    /// The tokenizer built from the file's vocabulary.
+    pub tokenizer: Tokenizer,
+    /// Time `load` took, in nanoseconds.
+    pub load_duration: u64,
 }
 
 /// Tensors a Phi-4 file holds, with the shape each must have.
@@ -245,12 +249,14 @@ fn check_tensors(g: &Gguf, c: &Config) -> Result<(), LoadError> {
 
 impl Model {
     pub fn load(path: &Path, mut params: LoadParams<'_>) -> Result<Model, LoadError> {
+        let started = std::time::Instant::now();
         let io = |source| LoadError::Io { path: path.display().to_string(), source };
         let file = std::fs::File::open(path).map_err(io)?;
         let map = Arc::new(ggml::map_file(&file).map_err(io)?);
         let gguf = gguf::parse(&map[..])?;
         let config = Config::from_gguf(&gguf)?;
         check_tensors(&gguf, &config)?;
+        let tokenizer = Tokenizer::from_gguf(&gguf, config.n_vocab)?;
 
         let mut ctx = Context::new(gguf.tensors.len(), 0);
         let mut ids = std::collections::HashMap::new();
@@ -340,13 +346,7 @@ impl Model {
             ctx,
             _buffers: buffers,
         };
-        let end_of_generation = gguf
-            .array("tokenizer.ggml.tokens", gguf::ValueType::String)?
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| matches!(t, gguf::Value::String(s) if s == b"<|endoftext|>" || s == b"<|im_end|>"))
-            .map(|(i, _)| i as u32)
-            .collect();
-        Ok(Model { config, gguf, weights, file_size: map.len() as u64, repacked, end_of_generation })
+        let load_duration = started.elapsed().as_nanos() as u64;
+        Ok(Model { config, gguf, weights, file_size: map.len() as u64, repacked, tokenizer, load_duration })
     }
 }

@@ -51,6 +51,22 @@ impl Reference {
         }
     }
 
+    /// Only the vocabulary of `path` (for tokenizer comparisons).
+    pub fn vocab_only(path: &Path) -> Reference {
+        let c = CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: test-only FFI with valid arguments; the model pointer is checked for null.
+        unsafe {
+            sys::llama_log_set(Some(quiet), std::ptr::null_mut());
+            sys::llama_backend_init();
+            let mut mp = sys::llama_model_default_params();
+            mp.vocab_only = true;
+            let model = sys::llama_model_load_from_file(c.as_ptr(), mp);
+            assert!(!model.is_null(), "llama.cpp failed to load {}", path.display());
+            let n_vocab = sys::llama_vocab_n_tokens(sys::llama_model_get_vocab(model)) as usize;
+            Reference { model, ctx: std::ptr::null_mut(), n_vocab, n_batch: 1, n_past: 0 }
+        }
+    }
+
     /// Evaluate tokens after what is already in the cache; returns the last token's logits.
     pub fn eval(&mut self, tokens: &[u32]) -> Vec<f32> {
         let mut toks: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
@@ -93,7 +109,9 @@ impl Drop for Reference {
     fn drop(&mut self) {
         // SAFETY: created in load, freed once.
         unsafe {
-            sys::llama_free(self.ctx);
+            if !self.ctx.is_null() {
+                sys::llama_free(self.ctx);
+            }
             sys::llama_model_free(self.model);
         }
     }

@@ -1,0 +1,355 @@
+//! Sessions: a KV cache, the tokens it holds, and generation — chat turns or raw prompts — with
+//! streaming, stop strings, cancellation and Ollama's timings.
+//!
+//! A new request reuses the longest prefix of tokens already in the cache and evaluates only the
+//! rest; a history that diverges (an edited earlier turn) rewinds to the common prefix. A prompt
+//! that does not fit is never cut silently: it is an error before any work, unless the session's
+//! overflow policy allows dropping the oldest turns (the system message is kept), which the
+//! outcome reports.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::chat::{self, Markers, Message, Role};
+use crate::forward::{EvalError, RunState};
+use crate::model::Model;
+use crate::sample::{Sampler, SamplingParams};
+use crate::tokenizer::StreamDecoder;
+
+/// What to do when a conversation no longer fits the context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Fail with [`SessionError::ContextOverflow`] before doing any work.
+    Error,
+    /// Drop the oldest messages after the system message until the prompt fits.
+    DropOldest,
+}
+
+/// How a session is made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionParams {
+    /// Positions in the KV cache; at most the model's context length (16384 for Phi-4).
+    pub n_ctx: usize,
+    /// Prompt tokens per micro-batch (also the cancellation granularity of prefill).
+    pub n_batch: usize,
+    pub n_threads: usize,
+    pub overflow: Overflow,
+}
+
+impl Default for SessionParams {
+    fn default() -> Self {
+        SessionParams {
+            n_ctx: 4096,
+            n_batch: 512,
+            n_threads: std::thread::available_parallelism().map_or(4, |n| n.get()),
+            overflow: Overflow::Error,
+        }
+    }
+}
+
+/// How one reply is generated.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GenerateParams {
+    pub sampling: SamplingParams,
+    /// Tokens to generate at most; 0 means until the context is full.
+    pub max_tokens: usize,
+    /// Generation ends before any of these strings; the string itself is not emitted.
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DoneReason {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// The caller cancelled (callback or cancel flag).
+    Cancelled,
+    /// The context filled up.
+    ContextFull,
+}
+
+impl DoneReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DoneReason::Stop => "stop",
+            DoneReason::Length => "length",
+            DoneReason::Cancelled => "cancelled",
+            DoneReason::ContextFull => "context_full",
+        }
+    }
+}
+
+/// Ollama's timings and counts for one generation (durations in nanoseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Timings {
+    pub load_duration: u64,
+    /// Tokens evaluated for the prompt (the part not already in the cache).
+    pub prompt_eval_count: usize,
+    pub prompt_eval_duration: u64,
+    /// Tokens generated.
+    pub eval_count: usize,
+    pub eval_duration: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub reason: DoneReason,
+    pub timings: Timings,
+    /// Messages dropped from the front of the conversation to make it fit.
+    pub dropped_messages: usize,
+    /// The whole reply text (what the callback received).
+    pub text: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("the prompt needs {needed} positions but the context holds {n_ctx}")]
+    ContextOverflow { needed: usize, n_ctx: usize },
+    #[error("{0}")]
+    BadParams(String),
+    #[error("{0}")]
+    Eval(#[from] EvalError),
+}
+
+/// The streaming callback: `(Some(token id) | None for a final flush, complete text) -> go on?`
+pub type OnToken<'a> = dyn FnMut(Option<u32>, &str) -> bool + 'a;
+
+pub struct Session {
+    model: Arc<Model>,
+    st: RunState,
+    overflow: Overflow,
+    /// Tokens whose K and V are in the cache, in order.
+    history: Vec<u32>,
+    /// Replies generated here, text → their exact ids, so the next turn finds them in the cache.
+    replies: HashMap<String, Vec<u32>>,
+    /// The last generated token when it was not evaluated (generation ended right after it).
+    last_token: Option<u32>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Session {
+    pub fn new(model: Arc<Model>, p: &SessionParams) -> Result<Session, SessionError> {
+        let max = model.config.n_ctx_train.min(16384);
+        if p.n_ctx == 0 || p.n_ctx > max {
+            return Err(SessionError::BadParams(format!("n_ctx {} must be in 1..={max}", p.n_ctx)));
+        }
+        if p.n_batch == 0 || p.n_threads == 0 || p.n_threads > 512 {
+            return Err(SessionError::BadParams("n_batch must be >= 1 and n_threads in 1..=512".into()));
+        }
+        let st = RunState::new(&model, p.n_ctx, p.n_batch, p.n_threads).map_err(EvalError::from)?;
+        Ok(Session { model, st, overflow: p.overflow, history: Vec::new(), replies: HashMap::new(), last_token: None, cancel: Arc::new(AtomicBool::new(false)) })
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.st.n_ctx()
+    }
+
+    /// Tokens currently in the cache.
+    pub fn history(&self) -> &[u32] {
+        &self.history
+    }
+
+    /// A flag that, once set (from any thread), cancels the running generation within one
+    /// micro-batch. It is cleared when the next generation starts.
+    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.cancel.clone()
+    }
+
+    /// Forget everything in the cache.
+    pub fn reset(&mut self) {
+        self.history.clear();
+        self.replies.clear();
+    }
+
+    /// Keep only the first `n` tokens of the cache.
+    pub fn rewind(&mut self, n: usize) {
+        self.history.truncate(n);
+    }
+
+    /// Reply to a conversation (the last message is usually the user's). `on_token` is called
+    /// for each generated token with its id and the text that became complete with it (possibly
+    /// empty: a split character or a possible stop string is held back), and once more with
+    /// `None` if held-back text is flushed at the end; returning false cancels.
+    pub fn chat(&mut self, messages: &[Message], gp: &GenerateParams, on_token: &mut OnToken<'_>) -> Result<Outcome, SessionError> {
+        let markers = Markers::of(&self.model.tokenizer).map_err(SessionError::BadParams)?;
+        let mut msgs = messages.to_vec();
+        let mut dropped = 0;
+        loop {
+            let replies = &self.replies;
+            let known = |m: &Message| if m.role == Role::Assistant { replies.get(&m.content).cloned() } else { None };
+            let tokens = chat::tokens_with(&self.model.tokenizer, markers, &msgs, true, &known);
+            let needed = tokens.len() + 1;
+            if needed <= self.n_ctx() {
+                let start = tokens.len();
+                let mut out = self.generate(&tokens, gp, on_token)?;
+                out.dropped_messages = dropped;
+                self.remember_reply(start, &out);
+                return Ok(out);
+            }
+            let first = usize::from(msgs.first().is_some_and(|m| m.role == Role::System));
+            if self.overflow == Overflow::Error || msgs.len() <= first + 1 {
+                return Err(SessionError::ContextOverflow { needed, n_ctx: self.n_ctx() });
+            }
+            msgs.remove(first);
+            dropped += 1;
+        }
+    }
+
+    /// Record the ids of a finished reply (when its text is exactly what they decode to; not after
+    /// a stop string, which cuts the text short).
+    fn remember_reply(&mut self, start: usize, out: &Outcome) {
+        let mut ids = self.history.get(start..).unwrap_or_default().to_vec();
+        ids.extend(self.last_token);
+        if matches!(out.reason, DoneReason::Stop | DoneReason::Length | DoneReason::ContextFull)
+            && self.model.tokenizer.decode(&ids, false) == out.text
+            && !out.text.is_empty()
+        {
+            self.replies.insert(out.text.clone(), ids);
+        }
+    }
+
+    /// Continue from `prompt` (token ids, no template), generating a reply; `on_token` as for
+    /// [`Session::chat`].
+    pub fn generate(&mut self, prompt: &[u32], gp: &GenerateParams, on_token: &mut OnToken<'_>) -> Result<Outcome, SessionError> {
+        gp.sampling.validate().map_err(SessionError::BadParams)?;
+        if prompt.is_empty() {
+            return Err(SessionError::BadParams("empty prompt".into()));
+        }
+        let n_vocab = self.model.config.n_vocab;
+        if let Some(&id) = prompt.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(EvalError::BadToken { id, n_vocab }.into());
+        }
+        let n_ctx = self.n_ctx();
+        if prompt.len() + 1 > n_ctx {
+            return Err(SessionError::ContextOverflow { needed: prompt.len() + 1, n_ctx });
+        }
+        self.cancel.store(false, Ordering::Relaxed);
+        self.last_token = None;
+        let mut timings = Timings { load_duration: self.model.load_duration, ..Default::default() };
+        let mut text = String::new();
+        let done = |reason, timings, text| Ok(Outcome { reason, timings, dropped_messages: 0, text });
+
+        // Reuse the cached prefix; the last prompt token is always evaluated (its logits are needed).
+        let mut keep = self.history.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        keep = keep.min(prompt.len() - 1);
+        self.history.truncate(keep);
+        let t = Instant::now();
+        let new = &prompt[keep..];
+        match self.st.eval(&self.model, new, keep, &self.cancel) {
+            Ok(()) => {}
+            Err(EvalError::Cancelled) => return done(DoneReason::Cancelled, timings, text),
+            Err(e) => return Err(e.into()),
+        }
+        self.history.extend_from_slice(new);
+        timings.prompt_eval_count = new.len();
+        timings.prompt_eval_duration = t.elapsed().as_nanos() as u64;
+
+        let tok = &self.model.tokenizer;
+        let mut sampler = Sampler::new(gp.sampling.clone());
+        let mut utf8 = StreamDecoder::default();
+        let mut stops = StopMatcher::new(&gp.stop);
+        let t = Instant::now();
+        let reason = loop {
+            if self.cancel.load(Ordering::Relaxed) {
+                break DoneReason::Cancelled;
+            }
+            let id = sampler.sample(&self.st.logits, &self.history);
+            if tok.end_of_generation.contains(&id) {
+                break DoneReason::Stop;
+            }
+            timings.eval_count += 1;
+            self.last_token = Some(id);
+            let piece = utf8.push(tok.piece(id, false));
+            let (emit, stopped) = stops.push(&piece);
+            text.push_str(&emit);
+            if !on_token(Some(id), &emit) {
+                break DoneReason::Cancelled;
+            }
+            if stopped {
+                break DoneReason::Stop;
+            }
+            if gp.max_tokens > 0 && timings.eval_count >= gp.max_tokens {
+                break DoneReason::Length;
+            }
+            if self.history.len() >= n_ctx {
+                break DoneReason::ContextFull;
+            }
+            match self.st.eval(&self.model, &[id], self.history.len(), &self.cancel) {
+                Ok(()) => {
+                    self.history.push(id);
+                    self.last_token = None;
+                }
+                Err(EvalError::Cancelled) => break DoneReason::Cancelled,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        // Text held back (an unfinished character, a partial stop string) is emitted unless the
+        // generation ended on a stop string or was cancelled.
+        if matches!(reason, DoneReason::Length | DoneReason::ContextFull)
+            || (reason == DoneReason::Stop && !stops.stopped)
+        {
+            let tail = stops.finish(&utf8.finish());
+            if !tail.is_empty() {
+                text.push_str(&tail);
+                on_token(None, &tail);
+            }
+        }
+        timings.eval_duration = t.elapsed().as_nanos() as u64;
+        done(reason, timings, text)
+    }
+}
+
+/// Finds stop strings in streamed text, across piece boundaries: text that could still be the
+/// start of a stop string is held back until it is known not to be.
+pub struct StopMatcher {
+    stops: Vec<String>,
+    held: String,
+    pub stopped: bool,
+}
+
+impl StopMatcher {
+    pub fn new(stops: &[String]) -> StopMatcher {
+        StopMatcher { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), held: String::new(), stopped: false }
+    }
+
+    /// Add text; returns what can be emitted now and whether a stop string was found (the text
+    /// before it is emitted, the stop string and anything after it are not).
+    pub fn push(&mut self, text: &str) -> (String, bool) {
+        self.held.push_str(text);
+        if let Some(pos) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+            self.stopped = true;
+            let out = self.held[..pos].to_string();
+            self.held.clear();
+            return (out, true);
+        }
+        // Hold back the longest tail of the text that is a proper prefix of a stop string.
+        let keep = self
+            .stops
+            .iter()
+            .flat_map(|s| s.char_indices().skip(1).map(move |(i, _)| &s[..i]))
+            .filter(|p| self.held.ends_with(p))
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        let out = self.held[..self.held.len() - keep].to_string();
+        self.held.drain(..self.held.len() - keep);
+        (out, false)
+    }
+
+    /// Whatever is held back, plus `tail`, once no more text is coming.
+    pub fn finish(&mut self, tail: &str) -> String {
+        let (mut out, stopped) = self.push(tail);
+        if !stopped {
+            out.push_str(&self.held);
+            self.held.clear();
+        }
+        out
+    }
+}
