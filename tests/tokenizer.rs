@@ -76,6 +76,59 @@ fn equals_llama_cpp_on_the_phi4_vocabulary() {
     }
 }
 
+/// Random text from a mix of alphabets, digits, punctuation and whitespace (seeded).
+fn random_texts(n: usize, seed: u64) -> Vec<String> {
+    let pools: [&[char]; 8] = [
+        &['a', 'b', 'e', 'o', 'T', 'Q', 'z', 'é', 'ß', 'ø'],
+        &[' ', ' ', ' ', '\n', '\t', '\r', '\u{a0}', '\u{3000}'],
+        &['0', '1', '5', '9', '٣', '²'],
+        &['.', ',', '!', '?', '\'', '"', '(', ')', '<', '|', '>', '_', '-', '#', '{', '}'],
+        &['ж', 'д', 'Ω', 'λ', 'ש', 'ع', 'क', 'ा', 'ก', 'ั'],
+        &['中', '文', '日', 'の', 'カ', '한', '글'],
+        &['😀', '👍', '🏽', '\u{200d}', '❤', '\u{fe0f}', '🇫', '🇷'],
+        &['\u{301}', '\u{308}', '\u{0}', '\u{7}', '\u{1b}', '\u{feff}'],
+    ];
+    let mut r = seed;
+    let mut next = move || {
+        r ^= r << 13;
+        r ^= r >> 7;
+        r ^= r << 17;
+        r
+    };
+    (0..n)
+        .map(|_| {
+            let len = next() % 60;
+            (0..len)
+                .map(|_| {
+                    let pool = pools[(next() % 8) as usize];
+                    pool[(next() as usize) % pool.len()]
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn equals_tiktoken_cl100k_base() {
+    let tok = phi4_vocab();
+    let tt = tiktoken_rs::cl100k_base().unwrap();
+    let mut texts = corpus();
+    texts.extend(random_texts(3000, 0x9E37_79B9));
+    for s in texts {
+        let want: Vec<u32> = tt.encode_ordinary(&s).into_iter().map(|t| t as u32).collect();
+        assert_eq!(tok.encode(&s, false), want, "{s:?}");
+    }
+}
+
+#[test]
+fn equals_llama_cpp_on_random_text() {
+    let tok = phi4_vocab();
+    let rf = Reference::vocab_only(&common::fixture("phi4-vocab.gguf"));
+    for s in random_texts(3000, 12345) {
+        assert_eq!(tok.encode(&s, false), rf.tokenize(&s, false), "{s:?}");
+    }
+}
+
 #[test]
 fn known_ids() {
     let tok = phi4_vocab();

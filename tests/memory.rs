@@ -1,0 +1,71 @@
+//! Decoding does not grow memory token by token.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
+
+use phi4::forward::RunState;
+use phi4::model::{LoadParams, Model};
+use phi4::synth::Spec;
+
+/// Counts live Rust heap bytes.
+struct Counting;
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: forwards to the system allocator, only counting.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+        // SAFETY: same layout contract as the caller's.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
+        // SAFETY: p was allocated by System with l.
+        unsafe { System.dealloc(p, l) }
+    }
+}
+
+#[global_allocator]
+static A: Counting = Counting;
+
+fn rss_bytes() -> i64 {
+    let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+    s.split_whitespace().nth(1).unwrap().parse::<i64>().unwrap() * 4096
+}
+
+#[test]
+fn decoding_does_not_grow_memory() {
+    let dir = common::tmpdir();
+    let spec = Spec::small(2, common::ftype("q4_0"), 9);
+    let path = common::synth_model(dir.path(), "m.gguf", &spec);
+    let model = Model::load(&path, LoadParams::default()).unwrap();
+    let n_ctx = 1024;
+    let mut st = RunState::new(&model, n_ctx, 64, 2).unwrap();
+    let abort = AtomicBool::new(false);
+    let buffer = st.compute_buffer_size();
+
+    let prompt: Vec<u32> = (0..100).collect();
+    st.eval(&model, &prompt, 0, &abort).unwrap();
+    let mut pos = prompt.len();
+    let mut step = |st: &mut RunState, pos: &mut usize| {
+        let t = phi4::sample::argmax(&st.logits);
+        st.eval(&model, &[t], *pos, &abort).unwrap();
+        *pos += 1;
+    };
+    for _ in 0..20 {
+        step(&mut st, &mut pos);
+    }
+    let (heap0, rss0, pos0) = (LIVE.load(Ordering::Relaxed), rss_bytes(), pos);
+    for _ in 0..800 {
+        step(&mut st, &mut pos);
+    }
+    let (heap1, rss1) = (LIVE.load(Ordering::Relaxed), rss_bytes());
+    assert_eq!(heap1, heap0, "Rust heap grew while decoding");
+    assert_eq!(st.compute_buffer_size(), buffer, "the compute buffer was re-planned larger");
+    // The only memory allowed to become resident: the KV cache rows just written
+    // (2 layers x K and V x 128 f16 per token), plus a few pages of slack.
+    let kv_written = (pos - pos0) as i64 * 2 * 2 * 128 * 2;
+    assert!(rss1 - rss0 <= kv_written + 64 * 4096, "RSS grew {} bytes for {} bytes of cache", rss1 - rss0, kv_written);
+}
