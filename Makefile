@@ -1,0 +1,36 @@
+# Build and install libphi4 (shared and static), its header and pkg-config file.
+#   make            build the release library and CLI
+#   make install    install under PREFIX (default /usr/local); DESTDIR for staging
+PREFIX  ?= /usr/local
+LIBDIR  ?= $(PREFIX)/lib
+INCDIR  ?= $(PREFIX)/include
+BINDIR  ?= $(PREFIX)/bin
+CARGO   ?= cargo
+TARGET_DIR ?= target/release
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+MAJOR   := $(firstword $(subst ., ,$(VERSION)))
+
+.PHONY: all dist install
+all:
+	$(CARGO) build --release
+
+# dist/: the artefacts as shipped. The static archive as cargo leaves it also carries the
+# objects of llama.cpp's libllama (cargo bundles every static native library of a dependency);
+# phi4 never calls them, so they are removed here.
+dist: all
+	rm -rf dist && mkdir -p dist
+	cp $(TARGET_DIR)/libphi4.so dist/libphi4.so.$(VERSION)
+	cp $(TARGET_DIR)/libphi4.a dist/libphi4.a
+	cp $(TARGET_DIR)/phi4 dist/phi4
+	ar t $(TARGET_DIR)/build/llama-cpp-sys-2-*/out/lib/libllama.a | sort -u > dist/.llama-members
+	xargs -a dist/.llama-members ar d dist/libphi4.a
+	rm dist/.llama-members
+	ranlib dist/libphi4.a
+
+install: dist
+	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR)/pkgconfig
+	install -m 755 dist/libphi4.so.$(VERSION) $(DESTDIR)$(LIBDIR)/
+	ln -sf libphi4.so.$(VERSION) $(DESTDIR)$(LIBDIR)/libphi4.so.$(MAJOR)
+	ln -sf libphi4.so.$(MAJOR) $(DESTDIR)$(LIBDIR)/libphi4.so
+	install -m 644 dist/libphi4.a $(DESTDIR)$(LIBDIR)/
+	install -m 755 dist/phi4 $(DESTDIR)$(BINDIR)/

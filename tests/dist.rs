@@ -1,0 +1,44 @@
+//! The shipped artefacts (`make dist`): no llama.cpp code in the library binaries, a versioned
+//! SONAME.
+
+use std::path::Path;
+use std::process::Command;
+
+fn tool(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn shipped_libraries_hold_no_llama_symbols() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let st = Command::new("make").arg("-s").arg("dist").current_dir(root).status().unwrap();
+    assert!(st.success(), "make dist failed");
+    let version = env!("CARGO_PKG_VERSION");
+    let so = root.join(format!("dist/libphi4.so.{version}"));
+    let a = root.join("dist/libphi4.a");
+
+    let defined = |syms: &str| -> Vec<String> {
+        syms.lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() == 3 && f[1] != "U" && f[1] != "w").then(|| f[2].to_string())
+            })
+            .collect()
+    };
+    for (what, syms, has_ggml) in [
+        ("libphi4.so (dynamic)", tool("nm", &["-D", "--defined-only", so.to_str().unwrap()]), false),
+        ("libphi4.so", tool("nm", &[so.to_str().unwrap()]), true),
+        ("libphi4.a", tool("nm", &["--defined-only", a.to_str().unwrap()]), true),
+    ] {
+        let d = defined(&syms);
+        let llama: Vec<&String> = d.iter().filter(|s| s.starts_with("llama_")).collect();
+        assert!(llama.is_empty(), "{what} defines {} llama_* symbols, e.g. {:?}", llama.len(), &llama[..llama.len().min(3)]);
+        // The check above means something only if the symbols were really read.
+        assert_eq!(d.iter().any(|s| s == "ggml_flash_attn_ext"), has_ggml, "{what}: ggml symbols");
+    }
+    let dynamic = tool("readelf", &["-d", so.to_str().unwrap()]);
+    let major = version.split('.').next().unwrap();
+    assert!(dynamic.contains(&format!("Library soname: [libphi4.so.{major}]")), "{dynamic}");
+}
