@@ -258,22 +258,35 @@ pub struct StreamDecoder {
 }
 
 impl StreamDecoder {
-    /// Add a token's bytes; returns the text that is now complete (possibly empty).
+    /// Add a token's bytes; returns the text that is now complete (possibly empty). Bytes that
+    /// can never become a character come out as U+FFFD; an unfinished character at the end is
+    /// held back for the next token.
     pub fn push(&mut self, bytes: &[u8]) -> String {
         self.pending.extend_from_slice(bytes);
-        let valid = match std::str::from_utf8(&self.pending) {
-            Ok(_) => self.pending.len(),
-            Err(e) => match e.error_len() {
-                // An incomplete character at the end: keep it for the next token.
-                None => e.valid_up_to(),
-                // Bytes that can never become valid: emit them replaced, keep going.
-                Some(_) => self.pending.len(),
-            },
-        };
-        let rest = self.pending.split_off(valid);
-        let out = String::from_utf8_lossy(&self.pending).into_owned();
-        self.pending = rest;
-        out
+        let mut out = String::new();
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(s) => {
+                    out.push_str(s);
+                    self.pending.clear();
+                    return out;
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    out.push_str(std::str::from_utf8(&self.pending[..valid]).expect("valid up to here"));
+                    match e.error_len() {
+                        None => {
+                            self.pending.drain(..valid);
+                            return out;
+                        }
+                        Some(n) => {
+                            out.push('\u{FFFD}');
+                            self.pending.drain(..valid + n);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Whatever is still held back (an unfinished character), replaced.

@@ -180,6 +180,16 @@ fn streaming_holds_back_split_characters() {
 }
 
 #[test]
+fn stream_decoder_replaces_impossible_bytes_and_keeps_an_unfinished_tail() {
+    let mut d = StreamDecoder::default();
+    // A stray continuation byte, then "é", then the first two of the three bytes of "日".
+    assert_eq!(d.push(&[0x80, 0xC3, 0xA9, 0xE6, 0x97]), "\u{FFFD}é");
+    assert_eq!(d.push(&[0xA5, b'!']), "日!");
+    assert_eq!(d.push(&[0xF0, 0x9F]), "");
+    assert_eq!(d.finish(), "\u{FFFD}");
+}
+
+#[test]
 fn unsupported_tokenizers_are_load_errors() {
     let bytes = std::fs::read(common::fixture("phi4-vocab.gguf")).unwrap();
     let g = phi4::gguf::parse(&bytes).unwrap();

@@ -26,15 +26,9 @@ impl Reference {
     }
 
     pub fn load_opts(path: &Path, n_ctx: usize, n_batch: usize, n_threads: usize, repack: bool) -> Reference {
-        let c = CString::new(path.to_str().unwrap()).unwrap();
+        let model = load_model(path, |mp| mp.use_extra_bufts = repack);
         // SAFETY: test-only FFI with valid arguments; pointers checked for null.
         unsafe {
-            sys::llama_log_set(Some(quiet), std::ptr::null_mut());
-            sys::llama_backend_init();
-            let mut mp = sys::llama_model_default_params();
-            mp.use_extra_bufts = repack;
-            let model = sys::llama_model_load_from_file(c.as_ptr(), mp);
-            assert!(!model.is_null(), "llama.cpp failed to load {}", path.display());
             let mut cp = sys::llama_context_default_params();
             cp.n_ctx = n_ctx as u32;
             cp.n_batch = n_batch as u32;
@@ -53,15 +47,9 @@ impl Reference {
 
     /// Only the vocabulary of `path` (for tokenizer comparisons).
     pub fn vocab_only(path: &Path) -> Reference {
-        let c = CString::new(path.to_str().unwrap()).unwrap();
-        // SAFETY: test-only FFI with valid arguments; the model pointer is checked for null.
+        let model = load_model(path, |mp| mp.vocab_only = true);
+        // SAFETY: valid model pointer.
         unsafe {
-            sys::llama_log_set(Some(quiet), std::ptr::null_mut());
-            sys::llama_backend_init();
-            let mut mp = sys::llama_model_default_params();
-            mp.vocab_only = true;
-            let model = sys::llama_model_load_from_file(c.as_ptr(), mp);
-            assert!(!model.is_null(), "llama.cpp failed to load {}", path.display());
             let n_vocab = sys::llama_vocab_n_tokens(sys::llama_model_get_vocab(model)) as usize;
             Reference { model, ctx: std::ptr::null_mut(), n_vocab, n_batch: 1, n_past: 0 }
         }
@@ -102,6 +90,21 @@ impl Reference {
             out.truncate(n as usize);
             out.into_iter().map(|t| t as u32).collect()
         }
+    }
+}
+
+/// Load a model with llama.cpp's default parameters as adjusted by `adjust`.
+fn load_model(path: &Path, adjust: impl FnOnce(&mut sys::llama_model_params)) -> *mut sys::llama_model {
+    let c = CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: test-only FFI with valid arguments; the result is checked for null.
+    unsafe {
+        sys::llama_log_set(Some(quiet), std::ptr::null_mut());
+        sys::llama_backend_init();
+        let mut mp = sys::llama_model_default_params();
+        adjust(&mut mp);
+        let model = sys::llama_model_load_from_file(c.as_ptr(), mp);
+        assert!(!model.is_null(), "llama.cpp failed to load {}", path.display());
+        model
     }
 }
 
