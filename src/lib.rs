@@ -11,3 +11,5 @@ pub mod synth;
 pub mod chat;
 pub mod tokenizer;
 pub mod session;
+#[allow(non_camel_case_types)]
+pub mod ffi;

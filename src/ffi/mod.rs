@@ -1,0 +1,159 @@
+//! The C ABI (`include/phi4.h`). One module per C type (`model`, `session`); the plumbing —
+//! status codes, the panic boundary, pointer and string checks, versioned params structs — is
+//! here. This module and `ggml.rs` are the only places with `unsafe`.
+//!
+//! Rules every exported function follows:
+//! - it never unwinds: the body runs under [`guard`], a panic becomes `PHI4_ERR_INTERNAL`;
+//! - every pointer is checked for NULL, every string for UTF-8, before use;
+//! - outputs are written only on success;
+//! - `*_free` accepts NULL.
+
+pub mod model;
+pub mod session;
+
+use std::cell::RefCell;
+use std::ffi::{c_char, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// Result of every fallible phi4 function.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum phi4_status {
+    /// Success.
+    PHI4_OK = 0,
+    /// A required pointer was NULL.
+    PHI4_ERR_NULL = 1,
+    /// A parameter is out of range, or a string is not valid UTF-8.
+    PHI4_ERR_INVALID_ARGUMENT = 2,
+    /// The model file could not be opened or read.
+    PHI4_ERR_IO = 3,
+    /// The file is not a valid Phi-4 GGUF model.
+    PHI4_ERR_BAD_MODEL = 4,
+    /// Memory could not be allocated.
+    PHI4_ERR_OUT_OF_MEMORY = 5,
+    /// The prompt does not fit the session's context.
+    PHI4_ERR_CONTEXT_OVERFLOW = 6,
+    /// Another call is running on this session.
+    PHI4_ERR_BUSY = 7,
+    /// Cancelled by the progress callback (loading).
+    PHI4_ERR_CANCELLED = 8,
+    /// An output buffer is too small; the size needed was written.
+    PHI4_ERR_BUFFER_TOO_SMALL = 9,
+    /// A bug in phi4 (caught; the process is intact).
+    PHI4_ERR_INTERNAL = 10,
+}
+
+pub use phi4_status::*;
+
+/// An error: a status and a message.
+pub(crate) struct Error(pub phi4_status, pub String);
+
+impl Error {
+    pub fn new(status: phi4_status, msg: impl Into<String>) -> Error {
+        Error(status, msg.into())
+    }
+}
+
+/// Run `f`, turning a panic into `PHI4_ERR_INTERNAL` (with its message recorded by `record`).
+pub(crate) fn guard(record: impl FnOnce(&Error), f: impl FnOnce() -> Result<(), Error>) -> phi4_status {
+    let e = match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => return PHI4_OK,
+        Ok(Err(e)) => e,
+        Err(p) => {
+            let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+            Error::new(PHI4_ERR_INTERNAL, format!("internal error: {}", msg.unwrap_or_default()))
+        }
+    };
+    record(&e);
+    e.0
+}
+
+/// A non-NULL pointer, or `PHI4_ERR_NULL` naming the argument.
+pub(crate) fn non_null<T>(p: *const T, what: &str) -> Result<*const T, Error> {
+    if p.is_null() {
+        Err(Error::new(PHI4_ERR_NULL, format!("{what} is NULL")))
+    } else {
+        Ok(p)
+    }
+}
+
+/// A NUL-terminated UTF-8 string argument.
+///
+/// # Safety
+/// `p` is NULL or points to a NUL-terminated string valid for the call.
+pub(crate) unsafe fn c_str<'a>(p: *const c_char, what: &str) -> Result<&'a str, Error> {
+    non_null(p, what)?;
+    // SAFETY: non-null and NUL-terminated per the caller's contract.
+    unsafe { CStr::from_ptr(p) }.to_str().map_err(|_| Error::new(PHI4_ERR_INVALID_ARGUMENT, format!("{what} is not valid UTF-8")))
+}
+
+/// A byte buffer argument (`len` bytes; NULL allowed when `len` is 0).
+///
+/// # Safety
+/// `p` points to `len` readable bytes (or `len` is 0).
+pub(crate) unsafe fn bytes<'a>(p: *const u8, len: usize, what: &str) -> Result<&'a [u8], Error> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    non_null(p, what)?;
+    // SAFETY: p is non-null and points to len bytes per the caller's contract.
+    Ok(unsafe { std::slice::from_raw_parts(p, len) })
+}
+
+/// Read a versioned params struct: start from `defaults` and take the first
+/// `min(caller's struct_size, ours)` bytes from the caller, so a caller compiled against an older
+/// (shorter) struct keeps the defaults of fields added since.
+///
+/// # Safety
+/// `p` is NULL (use the defaults) or points to a struct whose first field is a `size_t`
+/// `struct_size` holding the number of readable bytes.
+pub(crate) unsafe fn read_params<T: Copy>(p: *const T, defaults: T, what: &str) -> Result<T, Error> {
+    if p.is_null() {
+        return Ok(defaults);
+    }
+    // SAFETY: the struct starts with a size_t per the contract.
+    let size = unsafe { *(p as *const usize) };
+    let ours = std::mem::size_of::<T>();
+    if size < std::mem::size_of::<usize>() || size > 1 << 16 {
+        return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, format!("{what}.struct_size {size} is invalid (use the *_default_params function)")));
+    }
+    let mut out = defaults;
+    // SAFETY: the caller's struct has `size` readable bytes; we copy at most `ours` into a T.
+    unsafe { std::ptr::copy_nonoverlapping(p as *const u8, &mut out as *mut T as *mut u8, size.min(ours)) };
+    // Our struct_size field now holds the caller's; that is fine, it is not read again.
+    Ok(out)
+}
+
+thread_local! {
+    /// Message of the last failed load on this thread (there is no handle to hold it).
+    static LOAD_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+pub(crate) fn to_cstring(s: &str) -> CString {
+    CString::new(s.replace('\0', "\u{FFFD}")).expect("NULs replaced")
+}
+
+pub(crate) fn set_load_error(msg: &str) {
+    LOAD_ERROR.with(|e| *e.borrow_mut() = to_cstring(msg));
+}
+
+/// The message of the last `phi4_model_load` that failed on the calling thread ("" if none).
+/// Valid until the next `phi4_model_load` on this thread.
+#[no_mangle]
+pub extern "C" fn phi4_last_load_error() -> *const c_char {
+    LOAD_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// The library version, e.g. "0.1.0". Static; never NULL.
+#[no_mangle]
+pub extern "C" fn phi4_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// CPU features ggml uses on this machine, space-separated (e.g. "AVX AVX2 F16C FMA", or
+/// "NEON ARM_FMA DOTPROD"). Static; never NULL.
+#[no_mangle]
+pub extern "C" fn phi4_cpu_features() -> *const c_char {
+    static FEATURES: std::sync::OnceLock<CString> = std::sync::OnceLock::new();
+    FEATURES.get_or_init(|| to_cstring(&crate::ggml::cpu_features().join(" "))).as_ptr()
+}

@@ -1,0 +1,220 @@
+//! `phi4_model`: a loaded model, immutable and shared by any number of sessions on any threads.
+
+use std::ffi::{c_char, c_void};
+use std::sync::Arc;
+
+use super::*;
+use crate::model::{LoadError, LoadParams, Model};
+
+/// Severity of a log message.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum phi4_log_level {
+    PHI4_LOG_INFO = 0,
+    PHI4_LOG_WARN = 1,
+}
+
+/// Progress of loading, 0..1. Return false to cancel the load.
+pub type phi4_progress_fn = Option<unsafe extern "C" fn(user_data: *mut c_void, progress: f32) -> bool>;
+
+/// A log line of one model (NUL-terminated, valid during the call).
+pub type phi4_log_fn = Option<unsafe extern "C" fn(user_data: *mut c_void, level: phi4_log_level, message: *const c_char)>;
+
+/// How to load a model. Get one from `phi4_model_default_params`, then change fields.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct phi4_model_params {
+    /// sizeof(phi4_model_params) as the caller knows it; set by phi4_model_default_params.
+    pub struct_size: usize,
+    /// Let ggml repack weight types it has faster CPU kernels for (more load time, faster
+    /// decoding). Default true.
+    pub repack: bool,
+    /// Read all weights at load time instead of on first use. Default true.
+    pub prefetch: bool,
+    /// Called during loading with the fraction done; may be NULL. Called on the loading thread.
+    pub progress: phi4_progress_fn,
+    /// Passed to `progress`.
+    pub progress_user_data: *mut c_void,
+    /// Log messages of this model; may be NULL. Called from whichever thread uses the model
+    /// (loading, and any session on it), so it must be thread-safe if sessions run in parallel.
+    pub log: phi4_log_fn,
+    /// Passed to `log`.
+    pub log_user_data: *mut c_void,
+}
+
+/// A loaded model (opaque).
+pub struct phi4_model {
+    pub(crate) inner: Arc<Model>,
+}
+
+/// Fill `*out` with the defaults (and its struct_size).
+///
+/// Thread-safe. `out` is written only on success.
+#[no_mangle]
+pub unsafe extern "C" fn phi4_model_default_params(out: *mut phi4_model_params) -> phi4_status {
+    guard(|_| (), || {
+        non_null(out, "out")?;
+        // SAFETY: non-null; the caller provides a phi4_model_params to write.
+        unsafe { out.write(default_model_params()) };
+        Ok(())
+    })
+}
+
+fn default_model_params() -> phi4_model_params {
+    phi4_model_params {
+        struct_size: std::mem::size_of::<phi4_model_params>(),
+        repack: true,
+        prefetch: true,
+        progress: None,
+        progress_user_data: std::ptr::null_mut(),
+        log: None,
+        log_user_data: std::ptr::null_mut(),
+    }
+}
+
+fn load_status(e: &LoadError) -> phi4_status {
+    match e {
+        LoadError::Io { .. } => PHI4_ERR_IO,
+        LoadError::Alloc(_) => PHI4_ERR_OUT_OF_MEMORY,
+        LoadError::Cancelled => PHI4_ERR_CANCELLED,
+        _ => PHI4_ERR_BAD_MODEL,
+    }
+}
+
+/// Load the GGUF model at `path` (UTF-8). `params` may be NULL for the defaults. On success
+/// `*out` owns the model (free it with `phi4_model_free`); on failure `*out` is untouched and
+/// `phi4_last_load_error()` describes the problem.
+///
+/// Thread-safe: models may be loaded on several threads at once.
+#[no_mangle]
+pub unsafe extern "C" fn phi4_model_load(path: *const c_char, params: *const phi4_model_params, out: *mut *mut phi4_model) -> phi4_status {
+    set_load_error("");
+    guard(|e| set_load_error(&e.1), || {
+        non_null(out, "out")?;
+        // SAFETY: NULL or a NUL-terminated string, per the header's contract.
+        let path = unsafe { c_str(path, "path") }?;
+        // SAFETY: NULL or a params struct from phi4_model_default_params.
+        let p = unsafe { read_params(params, default_model_params(), "params") }?;
+        let mut progress = |f: f32| match p.progress {
+            // SAFETY: the caller's callback with the caller's user data.
+            Some(cb) => unsafe { cb(p.progress_user_data, f) },
+            None => true,
+        };
+        let lp = LoadParams { repack: p.repack, prefetch: p.prefetch, progress: Some(&mut progress) };
+        let model = Model::load(std::path::Path::new(path), lp).map_err(|e| Error::new(load_status(&e), e.to_string()))?;
+        if let Some(log) = p.log {
+            let msg = to_cstring(&format!(
+                "loaded {path}: {} layers x {}, vocabulary {}, {} weights repacked for {}",
+                model.config.n_layer,
+                model.config.n_embd,
+                model.config.n_vocab,
+                model.repacked.len(),
+                crate::ggml::cpu_features().join(" ")
+            ));
+            // SAFETY: the caller's callback, a NUL-terminated message valid during the call.
+            unsafe { log(p.log_user_data, phi4_log_level::PHI4_LOG_INFO, msg.as_ptr()) };
+        }
+        let m = Box::new(phi4_model { inner: Arc::new(model) });
+        // SAFETY: out is non-null (checked).
+        unsafe { out.write(Box::into_raw(m)) };
+        Ok(())
+    })
+}
+
+/// Release a model. NULL is allowed. Sessions opened on it keep it alive until they are freed,
+/// so the order of frees does not matter; the handle itself must not be used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn phi4_model_free(model: *mut phi4_model) {
+    if !model.is_null() {
+        // SAFETY: the pointer came from phi4_model_load and is freed once (caller's contract).
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(model) })));
+    }
+}
+
+pub(crate) unsafe fn model_ref<'a>(m: *const phi4_model) -> Result<&'a phi4_model, Error> {
+    non_null(m, "model")?;
+    // SAFETY: a live handle from phi4_model_load (caller's contract).
+    Ok(unsafe { &*m })
+}
+
+/// Token ids of `text` (`len` bytes of UTF-8, no NUL needed). With `special`, control tokens
+/// written in the text (`<|im_start|>`) become their ids. Writes up to `capacity` ids to
+/// `tokens` and the count to `*n_tokens`; if `capacity` is too small, returns
+/// PHI4_ERR_BUFFER_TOO_SMALL with the needed count in `*n_tokens` and nothing in `tokens`.
+///
+/// Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn phi4_tokenize(model: *const phi4_model, text: *const c_char, len: usize, special: bool, tokens: *mut u32, capacity: usize, n_tokens: *mut usize) -> phi4_status {
+    guard(|_| (), || {
+        // SAFETY: handle and buffers as documented.
+        let m = unsafe { model_ref(model) }?;
+        non_null(n_tokens, "n_tokens")?;
+        let text = unsafe { bytes(text.cast(), len, "text") }?;
+        let text = std::str::from_utf8(text).map_err(|_| Error::new(PHI4_ERR_INVALID_ARGUMENT, "text is not valid UTF-8"))?;
+        let ids = m.inner.tokenizer.encode(text, special);
+        // SAFETY: n_tokens is non-null.
+        unsafe { n_tokens.write(ids.len()) };
+        if ids.len() > capacity {
+            return Err(Error::new(PHI4_ERR_BUFFER_TOO_SMALL, "token buffer too small"));
+        }
+        if !ids.is_empty() {
+            non_null(tokens, "tokens")?;
+            // SAFETY: tokens has room for capacity >= ids.len() ids.
+            unsafe { std::ptr::copy_nonoverlapping(ids.as_ptr(), tokens, ids.len()) };
+        }
+        Ok(())
+    })
+}
+
+/// The text of `n` token ids (control tokens only with `special`), written to `text` (at most
+/// `capacity` bytes, NUL-terminated) with its length (without the NUL) in `*len`. If `capacity`
+/// is too small, returns PHI4_ERR_BUFFER_TOO_SMALL with the needed length in `*len`. Bytes that
+/// do not form UTF-8 are replaced by U+FFFD.
+///
+/// Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn phi4_detokenize(model: *const phi4_model, tokens: *const u32, n: usize, special: bool, text: *mut c_char, capacity: usize, len: *mut usize) -> phi4_status {
+    guard(|_| (), || {
+        // SAFETY: handle and buffers as documented.
+        let m = unsafe { model_ref(model) }?;
+        non_null(len, "len")?;
+        let ids: &[u32] = if n == 0 {
+            &[]
+        } else {
+            non_null(tokens, "tokens")?;
+            // SAFETY: tokens points to n ids.
+            unsafe { std::slice::from_raw_parts(tokens, n) }
+        };
+        let n_vocab = m.inner.config.n_vocab;
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, format!("token id {bad} is outside the vocabulary")));
+        }
+        let s = m.inner.tokenizer.decode(ids, special);
+        // SAFETY: len is non-null.
+        unsafe { len.write(s.len()) };
+        if s.len() + 1 > capacity {
+            return Err(Error::new(PHI4_ERR_BUFFER_TOO_SMALL, "text buffer too small"));
+        }
+        non_null(text, "text")?;
+        // SAFETY: text has room for capacity >= s.len() + 1 bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(s.as_ptr(), text.cast(), s.len());
+            text.add(s.len()).write(0);
+        }
+        Ok(())
+    })
+}
+
+/// The model's training context length (16384 for Phi-4), or 0 if `model` is NULL.
+#[no_mangle]
+pub unsafe extern "C" fn phi4_model_n_ctx_train(model: *const phi4_model) -> u32 {
+    // SAFETY: NULL or a live handle.
+    unsafe { model_ref(model) }.map_or(0, |m| m.inner.config.n_ctx_train as u32)
+}
+
+/// How many weight matrices ggml repacked into faster layouts (0 if `model` is NULL).
+#[no_mangle]
+pub unsafe extern "C" fn phi4_model_n_repacked(model: *const phi4_model) -> u32 {
+    // SAFETY: NULL or a live handle.
+    unsafe { model_ref(model) }.map_or(0, |m| m.inner.repacked.len() as u32)
+}

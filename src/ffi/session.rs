@@ -1,0 +1,466 @@
+//! `phi4_session`: a conversation on a model — its KV cache, history and last result. Used by
+//! one thread at a time; a second concurrent call gets PHI4_ERR_BUSY. `phi4_session_cancel`
+//! may be called from any thread at any time.
+
+use std::ffi::{c_char, c_void, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::model::{model_ref, phi4_model};
+use super::*;
+use crate::chat::{Message, Role};
+use crate::forward::EvalError;
+use crate::sample::SamplingParams;
+use crate::session::{DoneReason, GenerateParams, Outcome, Overflow, Session, SessionError, SessionParams};
+
+/// What to do when a conversation outgrows the context.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum phi4_overflow {
+    /// Fail with PHI4_ERR_CONTEXT_OVERFLOW before any work (default).
+    PHI4_OVERFLOW_ERROR = 0,
+    /// Drop the oldest messages after the system message until the prompt fits.
+    PHI4_OVERFLOW_DROP_OLDEST = 1,
+}
+
+/// How to open a session. Get one from `phi4_session_default_params`, then change fields.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct phi4_session_params {
+    /// sizeof(phi4_session_params) as the caller knows it; set by phi4_session_default_params.
+    pub struct_size: usize,
+    /// Context size in tokens: 1 ..= min(model's, 16384). Default 4096.
+    pub n_ctx: u32,
+    /// Prompt tokens per micro-batch (also how often prefill checks for cancellation). Default 512.
+    pub n_batch: u32,
+    /// Threads for the forward pass, 1..=512. Default: the number of CPUs.
+    pub n_threads: u32,
+    /// Default PHI4_OVERFLOW_ERROR.
+    pub overflow: phi4_overflow,
+}
+
+/// How to generate. Get one from `phi4_generate_default_params` (Ollama's defaults).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct phi4_generate_params {
+    /// sizeof(phi4_generate_params) as the caller knows it; set by phi4_generate_default_params.
+    pub struct_size: usize,
+    /// Softmax temperature; 0 is greedy. Default 0.8.
+    pub temperature: f32,
+    /// Keep the k most likely tokens; 0 keeps all. Default 40.
+    pub top_k: u32,
+    /// Nucleus sampling threshold in (0, 1]. Default 0.9.
+    pub top_p: f32,
+    /// Drop tokens below min_p times the most likely one's probability, [0, 1]. Default 0.
+    pub min_p: f32,
+    /// Penalty on recently seen tokens (> 0; 1 is off). Default 1.1.
+    pub repeat_penalty: f32,
+    /// How many recent tokens the penalties look at. Default 64.
+    pub repeat_last_n: u32,
+    /// Subtracted per occurrence in the window. Default 0.
+    pub frequency_penalty: f32,
+    /// Subtracted once if present in the window. Default 0.
+    pub presence_penalty: f32,
+    /// Seed of the random draw. Default 0.
+    pub seed: u64,
+    /// Tokens to generate at most; 0 means until the context is full. Default 0.
+    pub max_tokens: u32,
+    /// `n_stop` NUL-terminated UTF-8 strings; generation ends before any of them (not emitted).
+    /// Read during the call only. May be NULL when n_stop is 0.
+    pub stop: *const *const c_char,
+    pub n_stop: usize,
+}
+
+/// One chat message: role is "system", "user" or "assistant"; both strings NUL-terminated UTF-8,
+/// read during the call only.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct phi4_message {
+    pub role: *const c_char,
+    pub content: *const c_char,
+}
+
+/// Receives each piece of generated text: `len` bytes of complete UTF-8 (also NUL-terminated),
+/// valid during the call only. Return true to go on, false to cancel the generation.
+pub type phi4_stream_fn = Option<unsafe extern "C" fn(user_data: *mut c_void, piece: *const c_char, len: usize) -> bool>;
+
+/// Why the last generation ended.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum phi4_done_reason {
+    /// No generation has finished on this session yet.
+    PHI4_DONE_NONE = 0,
+    /// An end-of-generation token or a stop string.
+    PHI4_DONE_STOP = 1,
+    /// max_tokens reached.
+    PHI4_DONE_LENGTH = 2,
+    /// Cancelled by the callback or phi4_session_cancel.
+    PHI4_DONE_CANCELLED = 3,
+    /// The context filled up.
+    PHI4_DONE_CONTEXT_FULL = 4,
+}
+
+/// The last generation's outcome (Ollama's timings; durations in nanoseconds).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct phi4_result {
+    /// sizeof(phi4_result) as the caller knows it: set it before calling phi4_session_last_result.
+    pub struct_size: usize,
+    pub done_reason: phi4_done_reason,
+    pub load_duration: u64,
+    /// Prompt tokens evaluated (the part not already in the cache).
+    pub prompt_eval_count: u64,
+    pub prompt_eval_duration: u64,
+    /// Tokens generated.
+    pub eval_count: u64,
+    pub eval_duration: u64,
+    /// Messages dropped from the front to fit the context (PHI4_OVERFLOW_DROP_OLDEST).
+    pub dropped_messages: u32,
+}
+
+/// A session (opaque).
+pub struct phi4_session {
+    inner: Mutex<Session>,
+    cancel: Arc<AtomicBool>,
+    last_error: Mutex<CString>,
+    last_result: Mutex<phi4_result>,
+}
+
+fn default_session_params() -> phi4_session_params {
+    let d = SessionParams::default();
+    phi4_session_params {
+        struct_size: std::mem::size_of::<phi4_session_params>(),
+        n_ctx: d.n_ctx as u32,
+        n_batch: d.n_batch as u32,
+        n_threads: d.n_threads as u32,
+        overflow: phi4_overflow::PHI4_OVERFLOW_ERROR,
+    }
+}
+
+fn default_generate_params() -> phi4_generate_params {
+    let d = SamplingParams::default();
+    phi4_generate_params {
+        struct_size: std::mem::size_of::<phi4_generate_params>(),
+        temperature: d.temperature,
+        top_k: d.top_k as u32,
+        top_p: d.top_p,
+        min_p: d.min_p,
+        repeat_penalty: d.repeat_penalty,
+        repeat_last_n: d.repeat_last_n as u32,
+        frequency_penalty: d.frequency_penalty,
+        presence_penalty: d.presence_penalty,
+        seed: d.seed,
+        max_tokens: 0,
+        stop: std::ptr::null(),
+        n_stop: 0,
+    }
+}
+
+fn empty_result() -> phi4_result {
+    phi4_result {
+        struct_size: std::mem::size_of::<phi4_result>(),
+        done_reason: phi4_done_reason::PHI4_DONE_NONE,
+        load_duration: 0,
+        prompt_eval_count: 0,
+        prompt_eval_duration: 0,
+        eval_count: 0,
+        eval_duration: 0,
+        dropped_messages: 0,
+    }
+}
+
+/// Fill `*out` with the defaults (and its struct_size). Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn phi4_session_default_params(out: *mut phi4_session_params) -> phi4_status {
+    guard(|_| (), || {
+        non_null(out, "out")?;
+        // SAFETY: non-null; the caller provides a struct to write.
+        unsafe { out.write(default_session_params()) };
+        Ok(())
+    })
+}
+
+/// Fill `*out` with the defaults (and its struct_size). Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn phi4_generate_default_params(out: *mut phi4_generate_params) -> phi4_status {
+    guard(|_| (), || {
+        non_null(out, "out")?;
+        // SAFETY: non-null; the caller provides a struct to write.
+        unsafe { out.write(default_generate_params()) };
+        Ok(())
+    })
+}
+
+fn session_status(e: &SessionError) -> phi4_status {
+    match e {
+        SessionError::ContextOverflow { .. } => PHI4_ERR_CONTEXT_OVERFLOW,
+        SessionError::BadParams(_) => PHI4_ERR_INVALID_ARGUMENT,
+        SessionError::Eval(EvalError::BadToken { .. }) => PHI4_ERR_INVALID_ARGUMENT,
+        SessionError::Eval(EvalError::ContextFull { .. }) => PHI4_ERR_CONTEXT_OVERFLOW,
+        SessionError::Eval(EvalError::Alloc(_)) => PHI4_ERR_OUT_OF_MEMORY,
+        SessionError::Eval(EvalError::Cancelled) => PHI4_OK,
+    }
+}
+
+fn serr(e: SessionError) -> Error {
+    Error::new(session_status(&e), e.to_string())
+}
+
+/// Open a session on `model`. `params` may be NULL for the defaults. On success `*out` owns the
+/// session (free with `phi4_session_free`); the session keeps the model alive. On failure the
+/// message is in `phi4_last_load_error()`.
+///
+/// Thread-safe: sessions may be opened on one model from many threads at once.
+#[no_mangle]
+pub unsafe extern "C" fn phi4_session_new(model: *const phi4_model, params: *const phi4_session_params, out: *mut *mut phi4_session) -> phi4_status {
+    guard(|e| set_load_error(&e.1), || {
+        non_null(out, "out")?;
+        // SAFETY: a live model handle (caller's contract).
+        let m = unsafe { model_ref(model) }?;
+        // SAFETY: NULL or a struct from phi4_session_default_params.
+        let p = unsafe { read_params(params, default_session_params(), "params") }?;
+        let overflow = match p.overflow as u32 {
+            0 => Overflow::Error,
+            1 => Overflow::DropOldest,
+            v => return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, format!("overflow {v} is not a phi4_overflow"))),
+        };
+        let sp = SessionParams { n_ctx: p.n_ctx as usize, n_batch: p.n_batch as usize, n_threads: p.n_threads as usize, overflow };
+        let s = Session::new(m.inner.clone(), &sp).map_err(serr)?;
+        let h = Box::new(phi4_session {
+            cancel: s.cancel_flag(),
+            inner: Mutex::new(s),
+            last_error: Mutex::new(CString::default()),
+            last_result: Mutex::new(empty_result()),
+        });
+        // SAFETY: out is non-null.
+        unsafe { out.write(Box::into_raw(h)) };
+        Ok(())
+    })
+}
+
+/// Free a session (NULL allowed). Must not race with another call on the same session.
+#[no_mangle]
+pub unsafe extern "C" fn phi4_session_free(session: *mut phi4_session) {
+    if !session.is_null() {
+        // SAFETY: from phi4_session_new, freed once (caller's contract).
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(session) })));
+    }
+}
+
+unsafe fn session_ref<'a>(s: *const phi4_session) -> Result<&'a phi4_session, Error> {
+    non_null(s, "session")?;
+    // SAFETY: a live handle from phi4_session_new (caller's contract).
+    Ok(unsafe { &*s })
+}
+
+/// Run `f` on the session under its lock (PHI4_ERR_BUSY if another call holds it), recording the
+/// error message on the handle.
+unsafe fn with_session(s: *const phi4_session, f: impl FnOnce(&phi4_session, &mut Session) -> Result<(), Error>) -> phi4_status {
+    // SAFETY: NULL or a live handle.
+    let h = match unsafe { session_ref(s) } {
+        Ok(h) => h,
+        Err(e) => return e.0,
+    };
+    let record = |e: &Error| *h.last_error.lock() = to_cstring(&e.1);
+    guard(record, || {
+        let mut inner = h.inner.try_lock().ok_or_else(|| Error::new(PHI4_ERR_BUSY, "another call is running on this session"))?;
+        f(h, &mut inner)
+    })
+}
+
+unsafe fn generate_params(p: *const phi4_generate_params) -> Result<GenerateParams, Error> {
+    // SAFETY: NULL or a struct from phi4_generate_default_params.
+    let p = unsafe { read_params(p, default_generate_params(), "params") }?;
+    let mut stop = Vec::with_capacity(p.n_stop.min(64));
+    if p.n_stop > 0 {
+        non_null(p.stop, "params.stop")?;
+        for i in 0..p.n_stop {
+            // SAFETY: stop points to n_stop string pointers (caller's contract).
+            let s = unsafe { c_str(*p.stop.add(i), "a stop string") }?;
+            stop.push(s.to_string());
+        }
+    }
+    let sampling = SamplingParams {
+        temperature: p.temperature,
+        top_k: p.top_k as usize,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        repeat_penalty: p.repeat_penalty,
+        repeat_last_n: p.repeat_last_n as usize,
+        frequency_penalty: p.frequency_penalty,
+        presence_penalty: p.presence_penalty,
+        seed: p.seed,
+    };
+    sampling.validate().map_err(|m| Error::new(PHI4_ERR_INVALID_ARGUMENT, m))?;
+    Ok(GenerateParams { sampling, max_tokens: p.max_tokens as usize, stop })
+}
+
+fn store_result(h: &phi4_session, o: &Outcome) {
+    let reason = match o.reason {
+        DoneReason::Stop => phi4_done_reason::PHI4_DONE_STOP,
+        DoneReason::Length => phi4_done_reason::PHI4_DONE_LENGTH,
+        DoneReason::Cancelled => phi4_done_reason::PHI4_DONE_CANCELLED,
+        DoneReason::ContextFull => phi4_done_reason::PHI4_DONE_CONTEXT_FULL,
+    };
+    let t = &o.timings;
+    *h.last_result.lock() = phi4_result {
+        done_reason: reason,
+        load_duration: t.load_duration,
+        prompt_eval_count: t.prompt_eval_count as u64,
+        prompt_eval_duration: t.prompt_eval_duration,
+        eval_count: t.eval_count as u64,
+        eval_duration: t.eval_duration,
+        dropped_messages: o.dropped_messages as u32,
+        ..empty_result()
+    };
+}
+
+/// Adapts the C callback to the session's: pieces with text only, NUL-terminated copies.
+fn stream(cb: phi4_stream_fn, user_data: *mut c_void) -> impl FnMut(Option<u32>, &str) -> bool {
+    let mut buf = Vec::new();
+    move |_, piece: &str| {
+        let Some(cb) = cb else { return true };
+        if piece.is_empty() {
+            return true;
+        }
+        buf.clear();
+        buf.extend_from_slice(piece.as_bytes());
+        buf.push(0);
+        // SAFETY: the caller's callback; the piece is valid UTF-8, NUL-terminated, alive for the call.
+        unsafe { cb(user_data, buf.as_ptr().cast(), piece.len()) }
+    }
+}
+
+/// Reply to a conversation of `n_messages` messages, streaming the reply's text to `on_piece`
+/// (may be NULL). Tokens already in the session's cache for the same conversation prefix are
+/// reused. `params` may be NULL for the defaults. Returns PHI4_OK when the generation ran (for
+/// whatever reason it ended: see phi4_session_last_result), or an error (nothing generated).
+///
+/// One thread at a time per session (PHI4_ERR_BUSY otherwise).
+#[no_mangle]
+pub unsafe extern "C" fn phi4_session_chat(session: *mut phi4_session, messages: *const phi4_message, n_messages: usize, params: *const phi4_generate_params, on_piece: phi4_stream_fn, user_data: *mut c_void) -> phi4_status {
+    // SAFETY: pointers as documented in the header.
+    unsafe {
+        with_session(session, |h, s| {
+            if n_messages == 0 {
+                return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, "no messages"));
+            }
+            non_null(messages, "messages")?;
+            let mut msgs = Vec::with_capacity(n_messages.min(4096));
+            for i in 0..n_messages {
+                let m = *messages.add(i);
+                let role = c_str(m.role, "role")?;
+                let role = Role::parse(role).ok_or_else(|| Error::new(PHI4_ERR_INVALID_ARGUMENT, format!("role {role:?} is not system, user or assistant")))?;
+                msgs.push(Message::new(role, c_str(m.content, "content")?));
+            }
+            let gp = generate_params(params)?;
+            let mut cb = stream(on_piece, user_data);
+            let out = s.chat(&msgs, &gp, &mut cb).map_err(serr)?;
+            store_result(h, &out);
+            Ok(())
+        })
+    }
+}
+
+/// Continue from `n_tokens` raw token ids (no chat template), streaming text as for
+/// phi4_session_chat.
+///
+/// One thread at a time per session (PHI4_ERR_BUSY otherwise).
+#[no_mangle]
+pub unsafe extern "C" fn phi4_session_generate(session: *mut phi4_session, tokens: *const u32, n_tokens: usize, params: *const phi4_generate_params, on_piece: phi4_stream_fn, user_data: *mut c_void) -> phi4_status {
+    // SAFETY: pointers as documented in the header.
+    unsafe {
+        with_session(session, |h, s| {
+            if n_tokens == 0 {
+                return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, "no tokens"));
+            }
+            non_null(tokens, "tokens")?;
+            let prompt = std::slice::from_raw_parts(tokens, n_tokens).to_vec();
+            let gp = generate_params(params)?;
+            let mut cb = stream(on_piece, user_data);
+            let out = s.generate(&prompt, &gp, &mut cb).map_err(serr)?;
+            store_result(h, &out);
+            Ok(())
+        })
+    }
+}
+
+/// Ask the running generation on `session` to stop; it ends within one micro-batch with
+/// PHI4_DONE_CANCELLED. Any thread, any time; no effect if nothing runs (the flag is cleared
+/// when the next generation starts).
+#[no_mangle]
+pub unsafe extern "C" fn phi4_session_cancel(session: *const phi4_session) -> phi4_status {
+    // SAFETY: NULL or a live handle.
+    match unsafe { session_ref(session) } {
+        Ok(h) => {
+            h.cancel.store(true, Ordering::Relaxed);
+            PHI4_OK
+        }
+        Err(e) => e.0,
+    }
+}
+
+/// Forget the conversation held in the session's cache.
+#[no_mangle]
+pub unsafe extern "C" fn phi4_session_reset(session: *mut phi4_session) -> phi4_status {
+    // SAFETY: NULL or a live handle.
+    unsafe { with_session(session, |_, s| Ok(s.reset())) }
+}
+
+/// Keep only the first `n_tokens` tokens of the session's cache (no effect if it holds fewer).
+#[no_mangle]
+pub unsafe extern "C" fn phi4_session_rewind(session: *mut phi4_session, n_tokens: usize) -> phi4_status {
+    // SAFETY: NULL or a live handle.
+    unsafe { with_session(session, |_, s| Ok(s.rewind(n_tokens))) }
+}
+
+/// Number of tokens in the session's cache, written to `*n`.
+#[no_mangle]
+pub unsafe extern "C" fn phi4_session_n_cached(session: *mut phi4_session, n: *mut usize) -> phi4_status {
+    // SAFETY: NULL or a live handle; n checked.
+    unsafe {
+        with_session(session, |_, s| {
+            non_null(n, "n")?;
+            n.write(s.history().len());
+            Ok(())
+        })
+    }
+}
+
+/// The outcome of the last generation. Set `out->struct_size = sizeof(phi4_result)` first; at
+/// most that many bytes are written. Thread-safe (does not wait for a running generation; it
+/// reports the last finished one).
+#[no_mangle]
+pub unsafe extern "C" fn phi4_session_last_result(session: *const phi4_session, out: *mut phi4_result) -> phi4_status {
+    // SAFETY: NULL or a live handle; out checked and sized by the caller.
+    let h = match unsafe { session_ref(session) } {
+        Ok(h) => h,
+        Err(e) => return e.0,
+    };
+    guard(|_| (), || {
+        non_null(out, "out")?;
+        // SAFETY: out is non-null and its first field is its size.
+        let size = unsafe { *(out as *const usize) };
+        if size < std::mem::size_of::<usize>() {
+            return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, "out->struct_size is not set"));
+        }
+        let mut r = *h.last_result.lock();
+        r.struct_size = size.min(std::mem::size_of::<phi4_result>());
+        // SAFETY: the caller's struct has `size` writable bytes; we write at most ours.
+        unsafe { std::ptr::copy_nonoverlapping(&r as *const phi4_result as *const u8, out as *mut u8, r.struct_size) };
+        Ok(())
+    })
+}
+
+/// The message of the last error on this session ("" if none). Valid until the next call on
+/// the session that fails. Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn phi4_session_last_error(session: *const phi4_session) -> *const c_char {
+    // SAFETY: NULL or a live handle. The CString lives in the handle until replaced.
+    match unsafe { session_ref(session) } {
+        Ok(h) => h.last_error.lock().as_ptr(),
+        Err(_) => c"session is NULL".as_ptr(),
+    }
+}
