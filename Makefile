@@ -20,12 +20,15 @@ all:
 dist: all
 	rm -rf dist && mkdir -p dist
 	cp $(TARGET_DIR)/libphi4.so dist/libphi4.so.$(VERSION)
+	ln -sf libphi4.so.$(VERSION) dist/libphi4.so.$(MAJOR)
+	ln -sf libphi4.so.$(MAJOR) dist/libphi4.so
 	cp $(TARGET_DIR)/libphi4.a dist/libphi4.a
 	cp $(TARGET_DIR)/phi4 dist/phi4
 	ar t $(TARGET_DIR)/build/llama-cpp-sys-2-*/out/lib/libllama.a | sort -u > dist/.llama-members
 	xargs -a dist/.llama-members ar d dist/libphi4.a
 	rm dist/.llama-members
 	ranlib dist/libphi4.a
+	cp include/phi4.h dist/
 
 install: dist
 	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR)/pkgconfig

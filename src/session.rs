@@ -31,6 +31,7 @@ pub enum Overflow {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SessionParams {
     /// Positions in the KV cache; at most the model's context length (16384 for Phi-4).
+    /// 0 means the default: 4096, or the model's context if that is smaller.
     pub n_ctx: usize,
     /// Prompt tokens per micro-batch (also the cancellation granularity of prefill).
     pub n_batch: usize,
@@ -41,7 +42,7 @@ pub struct SessionParams {
 impl Default for SessionParams {
     fn default() -> Self {
         SessionParams {
-            n_ctx: 4096,
+            n_ctx: 0,
             n_batch: 512,
             n_threads: std::thread::available_parallelism().map_or(4, |n| n.get()),
             overflow: Overflow::Error,
@@ -133,13 +134,14 @@ pub struct Session {
 impl Session {
     pub fn new(model: Arc<Model>, p: &SessionParams) -> Result<Session, SessionError> {
         let max = model.config.n_ctx_train.min(16384);
-        if p.n_ctx == 0 || p.n_ctx > max {
-            return Err(SessionError::BadParams(format!("n_ctx {} must be in 1..={max}", p.n_ctx)));
+        let n_ctx = if p.n_ctx == 0 { max.min(4096) } else { p.n_ctx };
+        if n_ctx > max {
+            return Err(SessionError::BadParams(format!("n_ctx {n_ctx} must be in 1..={max} (0 for the default)")));
         }
         if p.n_batch == 0 || p.n_threads == 0 || p.n_threads > 512 {
             return Err(SessionError::BadParams("n_batch must be >= 1 and n_threads in 1..=512".into()));
         }
-        let st = RunState::new(&model, p.n_ctx, p.n_batch, p.n_threads).map_err(EvalError::from)?;
+        let st = RunState::new(&model, n_ctx, p.n_batch, p.n_threads).map_err(EvalError::from)?;
         Ok(Session { model, st, overflow: p.overflow, history: Vec::new(), replies: HashMap::new(), last_token: None, cancel: Arc::new(AtomicBool::new(false)) })
     }
 

@@ -31,7 +31,8 @@ pub enum phi4_overflow {
 pub struct phi4_session_params {
     /// sizeof(phi4_session_params) as the caller knows it; set by phi4_session_default_params.
     pub struct_size: usize,
-    /// Context size in tokens: 1 ..= min(model's, 16384). Default 4096.
+    /// Context size in tokens: 1 ..= min(model's, 16384); 0 (the default) means 4096, or the
+    /// model's context if that is smaller.
     pub n_ctx: u32,
     /// Prompt tokens per micro-batch (also how often prefill checks for cancellation). Default 512.
     pub n_batch: u32,

@@ -1,0 +1,284 @@
+/* C tests of the phi4 ABI: load errors, streaming, cancellation, busy sessions, many sessions
+ * on many threads. Usage: api_test DEMO_MODEL MALFORMED_FILE. Prints "N passed, M failed". */
+#include "phi4.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static int passed, failed;
+#define CHECK(cond, ...)                                                              \
+    do {                                                                              \
+        if (cond) {                                                                   \
+            passed++;                                                                 \
+        } else {                                                                      \
+            failed++;                                                                 \
+            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);           \
+            fprintf(stderr, __VA_ARGS__);                                             \
+            fprintf(stderr, "\n");                                                    \
+        }                                                                             \
+    } while (0)
+
+typedef struct {
+    char text[8192];
+    size_t len;
+    int pieces;
+    int stop_after; /* cancel after this many pieces (0: never) */
+} collector;
+
+static bool collect(void *user, const char *piece, size_t len) {
+    collector *c = user;
+    CHECK(strlen(piece) == len, "piece is NUL-terminated at len");
+    if (c->len + len < sizeof c->text) {
+        memcpy(c->text + c->len, piece, len);
+        c->len += len;
+        c->text[c->len] = 0;
+    }
+    c->pieces++;
+    return c->stop_after == 0 || c->pieces < c->stop_after;
+}
+
+static const char *demo;
+
+static void test_load_errors(const char *malformed) {
+    phi4_model *m = (phi4_model *)0x1;
+    CHECK(phi4_model_load("/nonexistent/model.gguf", NULL, &m) == PHI4_ERR_IO, "missing file");
+    CHECK(m == (phi4_model *)0x1, "output untouched on failure");
+    CHECK(strstr(phi4_last_load_error(), "No such file") != NULL, "message: %s", phi4_last_load_error());
+    CHECK(phi4_model_load(malformed, NULL, &m) == PHI4_ERR_BAD_MODEL, "malformed file");
+    CHECK(strlen(phi4_last_load_error()) > 0, "a message for the malformed file");
+    CHECK(phi4_model_load(NULL, NULL, &m) == PHI4_ERR_NULL, "NULL path");
+    CHECK(phi4_model_load(demo, NULL, NULL) == PHI4_ERR_NULL, "NULL out");
+    phi4_model_params p;
+    phi4_model_default_params(&p);
+    p.struct_size = 3;
+    CHECK(phi4_model_load(demo, &p, &m) == PHI4_ERR_INVALID_ARGUMENT, "bad struct_size");
+    CHECK(phi4_session_new(NULL, NULL, NULL) == PHI4_ERR_NULL, "NULL model");
+    CHECK(phi4_session_chat(NULL, NULL, 0, NULL, NULL, NULL) == PHI4_ERR_NULL, "NULL session");
+    CHECK(phi4_session_cancel(NULL) == PHI4_ERR_NULL, "NULL session cancel");
+    phi4_model_free(NULL);
+    phi4_session_free(NULL);
+}
+
+static bool cancel_load(void *user, float progress) {
+    (void)user;
+    return progress < 0.5f;
+}
+
+static void test_load_cancel(void) {
+    phi4_model_params p;
+    phi4_model_default_params(&p);
+    p.progress = cancel_load;
+    phi4_model *m = NULL;
+    CHECK(phi4_model_load(demo, &p, &m) == PHI4_ERR_CANCELLED, "progress callback cancels");
+    CHECK(m == NULL, "no model");
+}
+
+static phi4_generate_params greedy(unsigned max_tokens) {
+    phi4_generate_params g;
+    phi4_generate_default_params(&g);
+    g.temperature = 0;
+    g.repeat_penalty = 1;
+    g.max_tokens = max_tokens;
+    return g;
+}
+
+static void test_streaming(phi4_model *m) {
+    phi4_session *s = NULL;
+    CHECK(phi4_session_new(m, NULL, &s) == PHI4_OK, "session");
+    phi4_message msgs[] = {{"system", "You answer questions about Python."}, {"user", "How do I open a file?"}};
+    phi4_generate_params g = greedy(300);
+    collector c = {0};
+    CHECK(phi4_session_chat(s, msgs, 2, &g, collect, &c) == PHI4_OK, "chat: %s", phi4_session_last_error(s));
+    phi4_result r;
+    memset(&r, 0, sizeof r);
+    r.struct_size = sizeof r;
+    CHECK(phi4_session_last_result(s, &r) == PHI4_OK, "result");
+    CHECK(r.done_reason == PHI4_DONE_STOP, "ends at <|im_end|>: %d", (int)r.done_reason);
+    CHECK(c.pieces > 3 && c.len > 10, "streamed %d pieces: %s", c.pieces, c.text);
+    CHECK(r.eval_count >= (uint64_t)c.pieces && r.prompt_eval_count > 10, "counts %llu %llu", (unsigned long long)r.eval_count, (unsigned long long)r.prompt_eval_count);
+    CHECK(strstr(c.text, "<|") == NULL, "no control tokens printed");
+
+    /* Second turn: only the new tokens are evaluated. */
+    phi4_message more[] = {msgs[0], msgs[1], {"assistant", c.text}, {"user", "And close it?"}};
+    collector c2 = {0};
+    size_t cached = 0;
+    phi4_session_n_cached(s, &cached);
+    CHECK(phi4_session_chat(s, more, 4, &g, collect, &c2) == PHI4_OK, "second turn");
+    phi4_session_last_result(s, &r);
+    CHECK(r.prompt_eval_count < 20, "second turn evaluated %llu tokens after %zu cached", (unsigned long long)r.prompt_eval_count, cached);
+
+    /* Errors leave the session usable. */
+    phi4_message bad[] = {{"wizard", "hi"}};
+    CHECK(phi4_session_chat(s, bad, 1, &g, collect, &c2) == PHI4_ERR_INVALID_ARGUMENT, "bad role");
+    CHECK(strstr(phi4_session_last_error(s), "wizard") != NULL, "message names the role");
+    phi4_message invalid[] = {{"user", "\xff\xfe"}};
+    CHECK(phi4_session_chat(s, invalid, 1, &g, collect, &c2) == PHI4_ERR_INVALID_ARGUMENT, "invalid UTF-8");
+    g.top_p = 2;
+    CHECK(phi4_session_chat(s, msgs, 2, &g, collect, &c2) == PHI4_ERR_INVALID_ARGUMENT, "top_p out of range");
+    phi4_session_free(s);
+}
+
+static void test_cancel_by_callback(phi4_model *m) {
+    phi4_session *s = NULL;
+    phi4_session_new(m, NULL, &s);
+    phi4_message msgs[] = {{"user", "Describe the standard library."}};
+    phi4_generate_params g = greedy(200);
+    collector c = {0};
+    c.stop_after = 3;
+    CHECK(phi4_session_chat(s, msgs, 1, &g, collect, &c) == PHI4_OK, "chat");
+    phi4_result r;
+    memset(&r, 0, sizeof r);
+    r.struct_size = sizeof r;
+    phi4_session_last_result(s, &r);
+    CHECK(r.done_reason == PHI4_DONE_CANCELLED && c.pieces == 3, "cancelled after 3 pieces: %d, %d", (int)r.done_reason, c.pieces);
+    phi4_session_free(s);
+}
+
+typedef struct {
+    phi4_session *s;
+    phi4_status status;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int started, released, finished;
+} gen_job;
+
+/* Blocks in the first piece until the main thread has made its checks. */
+static bool hold_first_piece(void *user, const char *piece, size_t len) {
+    gen_job *j = user;
+    (void)piece;
+    (void)len;
+    pthread_mutex_lock(&j->mu);
+    j->started = 1;
+    pthread_cond_broadcast(&j->cv);
+    while (!j->released) pthread_cond_wait(&j->cv, &j->mu);
+    pthread_mutex_unlock(&j->mu);
+    return true;
+}
+
+static void *long_generation(void *arg) {
+    gen_job *j = arg;
+    phi4_message msgs[] = {{"user", "How do I open a file?"}};
+    phi4_generate_params g = greedy(0);
+    j->status = phi4_session_chat(j->s, msgs, 1, &g, hold_first_piece, j);
+    pthread_mutex_lock(&j->mu);
+    j->finished = 1;
+    pthread_cond_broadcast(&j->cv);
+    pthread_mutex_unlock(&j->mu);
+    return NULL;
+}
+
+static void test_cancel_from_another_thread_and_busy(phi4_model *m) {
+    phi4_session *s = NULL;
+    CHECK(phi4_session_new(m, NULL, &s) == PHI4_OK, "session");
+    gen_job j = {s, PHI4_ERR_INTERNAL, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0};
+    pthread_t t;
+    pthread_create(&t, NULL, long_generation, &j);
+    pthread_mutex_lock(&j.mu);
+    while (!j.started && !j.finished) pthread_cond_wait(&j.cv, &j.mu);
+    pthread_mutex_unlock(&j.mu);
+    CHECK(j.started, "the generation streamed a piece (status %d)", (int)j.status);
+    uint32_t tok = 1;
+    CHECK(phi4_session_generate(s, &tok, 1, NULL, NULL, NULL) == PHI4_ERR_BUSY, "second call is busy");
+    CHECK(strstr(phi4_session_last_error(s), "another call") != NULL, "busy message");
+    CHECK(phi4_session_cancel(s) == PHI4_OK, "cancel from another thread");
+    pthread_mutex_lock(&j.mu);
+    j.released = 1;
+    pthread_cond_broadcast(&j.cv);
+    pthread_mutex_unlock(&j.mu);
+    pthread_join(t, NULL);
+    phi4_result r;
+    memset(&r, 0, sizeof r);
+    r.struct_size = sizeof r;
+    phi4_session_last_result(s, &r);
+    CHECK(j.status == PHI4_OK && r.done_reason == PHI4_DONE_CANCELLED, "cancelled: %d %d", (int)j.status, (int)r.done_reason);
+    CHECK(r.eval_count <= 2, "stopped right after the held piece: %llu tokens", (unsigned long long)r.eval_count);
+    phi4_session_free(s);
+}
+
+typedef struct {
+    phi4_model *m;
+    char text[4096];
+    phi4_status status;
+} chat_job;
+
+static bool append(void *user, const char *piece, size_t len) {
+    chat_job *j = user;
+    size_t n = strlen(j->text);
+    if (n + len < sizeof j->text) memcpy(j->text + n, piece, len + 1);
+    return true;
+}
+
+static void *chat_thread(void *arg) {
+    chat_job *j = arg;
+    phi4_session_params sp;
+    phi4_session_default_params(&sp);
+    sp.n_ctx = 512;
+    sp.n_threads = 1;
+    phi4_session *s = NULL;
+    j->status = phi4_session_new(j->m, &sp, &s);
+    if (j->status != PHI4_OK) return NULL;
+    phi4_message msgs[] = {{"user", "What is a module?"}};
+    phi4_generate_params g = greedy(40);
+    j->status = phi4_session_chat(s, msgs, 1, &g, append, j);
+    phi4_session_free(s);
+    return NULL;
+}
+
+static void test_many_sessions_many_threads(phi4_model *m) {
+    enum { N = 4 };
+    chat_job jobs[N];
+    pthread_t t[N];
+    for (int i = 0; i < N; i++) {
+        memset(&jobs[i], 0, sizeof jobs[i]);
+        jobs[i].m = m;
+        pthread_create(&t[i], NULL, chat_thread, &jobs[i]);
+    }
+    for (int i = 0; i < N; i++) pthread_join(t[i], NULL);
+    for (int i = 0; i < N; i++) {
+        CHECK(jobs[i].status == PHI4_OK, "thread %d: %d", i, (int)jobs[i].status);
+        CHECK(strlen(jobs[i].text) > 0 && strcmp(jobs[i].text, jobs[0].text) == 0, "thread %d: same greedy reply", i);
+    }
+}
+
+static void test_tokenize(phi4_model *m) {
+    uint32_t ids[64];
+    size_t n = 0;
+    const char *text = "<|im_start|>user";
+    CHECK(phi4_tokenize(m, text, strlen(text), true, ids, 64, &n) == PHI4_OK && n >= 2, "tokenize");
+    size_t plain = 0;
+    phi4_tokenize(m, text, strlen(text), false, ids, 64, &plain);
+    CHECK(plain > n, "special tokens only when asked: %zu vs %zu", plain, n);
+    CHECK(phi4_tokenize(m, text, strlen(text), false, ids, 1, &n) == PHI4_ERR_BUFFER_TOO_SMALL && n == plain, "too small reports the size");
+    char out[128];
+    size_t len = 0;
+    phi4_tokenize(m, text, strlen(text), false, ids, 64, &n);
+    CHECK(phi4_detokenize(m, ids, n, false, out, sizeof out, &len) == PHI4_OK && strcmp(out, text) == 0, "round trip: %s", out);
+    CHECK(phi4_tokenize(m, "\xc3", 1, false, ids, 64, &n) == PHI4_ERR_INVALID_ARGUMENT, "invalid UTF-8");
+    uint32_t bad = 999999;
+    CHECK(phi4_detokenize(m, &bad, 1, false, out, sizeof out, &len) == PHI4_ERR_INVALID_ARGUMENT, "bad id");
+}
+
+int main(int argc, char **argv) {
+    if (argc != 3) {
+        fprintf(stderr, "usage: %s DEMO_MODEL MALFORMED_FILE\n", argv[0]);
+        return 2;
+    }
+    demo = argv[1];
+    CHECK(strlen(phi4_version()) > 0, "version");
+    test_load_errors(argv[2]);
+    test_load_cancel();
+    phi4_model *m = NULL;
+    CHECK(phi4_model_load(demo, NULL, &m) == PHI4_OK, "load: %s", phi4_last_load_error());
+    if (!m) return 1;
+    test_streaming(m);
+    test_cancel_by_callback(m);
+    test_cancel_from_another_thread_and_busy(m);
+    test_many_sessions_many_threads(m);
+    test_tokenize(m);
+    phi4_model_free(m);
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed != 0;
+}

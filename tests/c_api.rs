@@ -1,0 +1,66 @@
+//! The C ABI from C: tests/c/api_test.c built against the shipped library (`make dist`), run
+//! directly and under valgrind.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Build dist/ and the C test program; returns the program's path.
+fn build(dir: &Path) -> PathBuf {
+    let st = Command::new("make").args(["-s", "dist"]).current_dir(root()).status().unwrap();
+    assert!(st.success(), "make dist");
+    let exe = dir.join("api_test");
+    let dist = root().join("dist");
+    let out = Command::new("cc")
+        .args(["-std=c99", "-D_DEFAULT_SOURCE", "-Wall", "-Wextra", "-Werror", "-O1", "-g"])
+        .arg(format!("-I{}", root().join("include").display()))
+        .arg(root().join("tests/c/api_test.c"))
+        .arg(format!("-L{}", dist.display()))
+        .arg(format!("-Wl,-rpath,{}", dist.display()))
+        .args(["-lphi4", "-lpthread", "-o"])
+        .arg(&exe)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cc: {}", String::from_utf8_lossy(&out.stderr));
+    exe
+}
+
+fn malformed(dir: &Path) -> PathBuf {
+    let p = dir.join("bad.gguf");
+    let good = std::fs::read(common::fixture("phi4-tiny-docs.gguf")).unwrap();
+    std::fs::write(&p, &good[..good.len() / 3]).unwrap();
+    p
+}
+
+#[test]
+fn c_api_tests_pass_and_are_clean_under_valgrind() {
+    let dir = common::tmpdir();
+    let exe = build(dir.path());
+    let bad = malformed(dir.path());
+    let demo = common::fixture("phi4-tiny-docs.gguf");
+
+    let out = Command::new(&exe).arg(&demo).arg(&bad).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.trim_end().ends_with(" passed, 0 failed"), "{stdout}");
+
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        panic!("valgrind is not installed (the README's set-up installs it)");
+    }
+    let out = Command::new("valgrind")
+        .args(["--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite", "--show-leak-kinds=definite"])
+        .arg(&exe)
+        .arg(&demo)
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "valgrind: {}", &err[err.len().saturating_sub(4000)..]);
+    assert!(err.contains("ERROR SUMMARY: 0 errors"), "{err}");
+    assert!(err.contains("definitely lost: 0 bytes") || err.contains("no leaks are possible"), "{err}");
+}
