@@ -24,14 +24,18 @@ dist: all
 	ln -sf libphi4.so.$(MAJOR) dist/libphi4.so
 	cp $(TARGET_DIR)/libphi4.a dist/libphi4.a
 	cp $(TARGET_DIR)/phi4 dist/phi4
-	ar t $(TARGET_DIR)/build/llama-cpp-sys-2-*/out/lib/libllama.a | sort -u > dist/.llama-members
-	xargs -a dist/.llama-members ar d dist/libphi4.a
+	ar t $(TARGET_DIR)/build/llama-cpp-sys-2-*/out/lib/libllama.a 2>/dev/null | sort -u > dist/.llama-members
+	# (binutils' LLVM plugin complains about the Rust bitcode sections it cannot read: noise.
+	# A strip that failed is caught by tests/dist.rs.)
+	{ xargs -a dist/.llama-members ar d dist/libphi4.a && ranlib dist/libphi4.a; } 2>&1 | grep -v '^bfd plugin' >&2 || true
 	rm dist/.llama-members
-	ranlib dist/libphi4.a
 	cp include/phi4.h dist/
 
 install: dist
-	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR)/pkgconfig
+	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCDIR)
+	install -m 644 include/phi4.h $(DESTDIR)$(INCDIR)/
+	sed -e 's|@PREFIX@|$(PREFIX)|; s|@LIBDIR@|$(LIBDIR)|; s|@INCDIR@|$(INCDIR)|; s|@VERSION@|$(VERSION)|' \
+	    phi4.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/phi4.pc
 	install -m 755 dist/libphi4.so.$(VERSION) $(DESTDIR)$(LIBDIR)/
 	ln -sf libphi4.so.$(VERSION) $(DESTDIR)$(LIBDIR)/libphi4.so.$(MAJOR)
 	ln -sf libphi4.so.$(MAJOR) $(DESTDIR)$(LIBDIR)/libphi4.so
