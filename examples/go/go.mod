@@ -1,0 +1,3 @@
+module example.com/phi4go
+
+go 1.19

@@ -1,0 +1,1 @@
+#include <phi4.h>

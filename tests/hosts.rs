@@ -1,0 +1,94 @@
+//! The host-language bindings against the shipped library (`make dist`): the C++ wrapper and its
+//! program, the Go package's own tests, and the Swift package's module map (imported with
+//! clang -fmodules, as no Swift compiler is available).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::Once;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn dist() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let st = Command::new("make").args(["-s", "dist"]).current_dir(root()).status().unwrap();
+        assert!(st.success(), "make dist");
+    });
+}
+
+fn ok(out: Output, what: &str) -> String {
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{what}: {text}");
+    text
+}
+
+fn link_args() -> Vec<String> {
+    let d = root().join("dist");
+    vec![format!("-I{}", root().join("include").display()), format!("-L{}", d.display()), format!("-Wl,-rpath,{}", d.display()), "-lphi4".into()]
+}
+
+#[test]
+fn cpp_wrapper_program() {
+    dist();
+    let dir = common::tmpdir();
+    let exe = dir.path().join("chat");
+    let src = root().join("examples/cpp/chat.cpp");
+    ok(
+        Command::new("c++").args(["-std=c++17", "-Wall", "-Wextra", "-Wpedantic", "-Werror"]).arg(&src).args(link_args()).arg("-o").arg(&exe).output().unwrap(),
+        "c++",
+    );
+    let out = Command::new(&exe).arg(common::fixture("phi4-tiny-docs.gguf")).arg("How do I open a file?").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let text = ok(out, "chat");
+    assert!(stdout.split_whitespace().count() >= 3, "a streamed reply: {stdout:?}");
+    assert!(text.contains("done reason 1") && text.contains("expected error (3)"), "{text}");
+}
+
+#[test]
+fn go_package_tests() {
+    dist();
+    let cache = common::tmpdir();
+    let d = root().join("dist");
+    let out = Command::new("go")
+        .args(["test", "-count=1", "./..."])
+        .current_dir(root().join("examples/go"))
+        .env("CGO_CFLAGS", format!("-I{}", root().join("include").display()))
+        .env("CGO_LDFLAGS", format!("-L{} -Wl,-rpath,{}", d.display(), d.display()))
+        .env("GOCACHE", cache.path().join("cache"))
+        .env("GOPATH", cache.path().join("path"))
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOPROXY", "off")
+        .env("PHI4_DEMO_MODEL", common::fixture("phi4-tiny-docs.gguf"))
+        .output()
+        .expect("go (Debian's golang-go) is needed: the README's set-up installs it");
+    let text = ok(out, "go test");
+    assert!(text.contains("ok  \texample.com/phi4go/phi4"), "{text}");
+}
+
+#[test]
+fn swift_module_map_imports_with_clang_modules() {
+    dist();
+    let dir = common::tmpdir();
+    let exe = dir.path().join("module_import");
+    let map = root().join("examples/swift/Sources/CPhi4/module.modulemap");
+    ok(
+        Command::new("clang")
+            .arg("-fmodules")
+            .arg(format!("-fmodules-cache-path={}", dir.path().join("mc").display()))
+            .arg(format!("-fmodule-map-file={}", map.display()))
+            .args(["-Wall", "-Werror"])
+            .arg(root().join("tests/c/module_import.c"))
+            .args(link_args())
+            .arg("-o")
+            .arg(&exe)
+            .output()
+            .unwrap(),
+        "clang -fmodules",
+    );
+    let text = ok(Command::new(&exe).arg(common::fixture("phi4-tiny-docs.gguf")).output().unwrap(), "module_import");
+    assert!(text.contains("via module CPhi4: load ok"), "{text}");
+}
