@@ -120,7 +120,8 @@ typedef struct phi4_model_params {
 typedef struct phi4_session_params {
   // sizeof(phi4_session_params) as the caller knows it; set by phi4_session_default_params.
   size_t struct_size;
-  // Context size in tokens: 1 ..= min(model's, 16384). Default 4096.
+  // Context size in tokens: 1 ..= min(model's, 16384); 0 (the default) means 4096, or the
+  // model's context if that is smaller.
   uint32_t n_ctx;
   // Prompt tokens per micro-batch (also how often prefill checks for cancellation). Default 512.
   uint32_t n_batch;
@@ -207,8 +208,9 @@ typedef struct phi4_result {
 extern "C" {
 #endif // __cplusplus
 
-// The message of the last `phi4_model_load` that failed on the calling thread ("" if none).
-// Valid until the next `phi4_model_load` on this thread.
+// The message of the last `phi4_model_load` or `phi4_session_new` that failed on the calling
+// thread ("" if none). The pointer stays valid for the thread's life; the text is replaced by
+// the next such call on this thread.
 const char *phi4_last_load_error(void);
 
 // The library version, e.g. "0.1.0". Static; never NULL.
@@ -332,8 +334,9 @@ enum phi4_status phi4_session_n_cached(struct phi4_session *session, size_t *n);
 enum phi4_status phi4_session_last_result(const struct phi4_session *session,
                                           struct phi4_result *out);
 
-// The message of the last error on this session ("" if none). Valid until the next call on
-// the session that fails. Thread-safe.
+// The message of the last error on this session ("" if none). The pointer stays valid until the
+// session is freed; the text is replaced when a later call on the session fails, so read it
+// before making another call.
 const char *phi4_session_last_error(const struct phi4_session *session);
 
 #ifdef __cplusplus

@@ -124,9 +124,37 @@ pub(crate) unsafe fn read_params<T: Copy>(p: *const T, defaults: T, what: &str) 
     Ok(out)
 }
 
+/// A NUL-terminated message in a buffer that never moves, so a pointer handed to C stays valid
+/// for the owner's whole life (only its content changes).
+pub(crate) struct MessageBuf(Box<[u8; MESSAGE_MAX]>);
+
+const MESSAGE_MAX: usize = 1024;
+
+impl MessageBuf {
+    pub fn new() -> MessageBuf {
+        MessageBuf(Box::new([0; MESSAGE_MAX]))
+    }
+
+    /// Store `msg` (NULs replaced, cut at a character boundary to fit).
+    pub fn set(&mut self, msg: &str) {
+        let mut end = msg.len().min(MESSAGE_MAX - 1);
+        while !msg.is_char_boundary(end) {
+            end -= 1;
+        }
+        let bytes = &msg.as_bytes()[..end];
+        self.0[..end].copy_from_slice(bytes);
+        self.0[..end].iter_mut().filter(|b| **b == 0).for_each(|b| *b = b'?');
+        self.0[end] = 0;
+    }
+
+    pub fn as_ptr(&self) -> *const c_char {
+        self.0.as_ptr().cast()
+    }
+}
+
 thread_local! {
     /// Message of the last failed load on this thread (there is no handle to hold it).
-    static LOAD_ERROR: RefCell<CString> = RefCell::new(CString::default());
+    static LOAD_ERROR: RefCell<MessageBuf> = RefCell::new(MessageBuf::new());
 }
 
 pub(crate) fn to_cstring(s: &str) -> CString {
@@ -134,11 +162,12 @@ pub(crate) fn to_cstring(s: &str) -> CString {
 }
 
 pub(crate) fn set_load_error(msg: &str) {
-    LOAD_ERROR.with(|e| *e.borrow_mut() = to_cstring(msg));
+    LOAD_ERROR.with(|e| e.borrow_mut().set(msg));
 }
 
-/// The message of the last `phi4_model_load` that failed on the calling thread ("" if none).
-/// Valid until the next `phi4_model_load` on this thread.
+/// The message of the last `phi4_model_load` or `phi4_session_new` that failed on the calling
+/// thread ("" if none). The pointer stays valid for the thread's life; the text is replaced by
+/// the next such call on this thread.
 #[no_mangle]
 pub extern "C" fn phi4_last_load_error() -> *const c_char {
     LOAD_ERROR.with(|e| e.borrow().as_ptr())

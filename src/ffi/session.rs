@@ -2,7 +2,7 @@
 //! one thread at a time; a second concurrent call gets PHI4_ERR_BUSY. `phi4_session_cancel`
 //! may be called from any thread at any time.
 
-use std::ffi::{c_char, c_void, CString};
+use std::ffi::{c_char, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -125,7 +125,7 @@ pub struct phi4_result {
 pub struct phi4_session {
     inner: Mutex<Session>,
     cancel: Arc<AtomicBool>,
-    last_error: Mutex<CString>,
+    last_error: Mutex<MessageBuf>,
     last_result: Mutex<phi4_result>,
 }
 
@@ -232,7 +232,7 @@ pub unsafe extern "C" fn phi4_session_new(model: *const phi4_model, params: *con
         let h = Box::new(phi4_session {
             cancel: s.cancel_flag(),
             inner: Mutex::new(s),
-            last_error: Mutex::new(CString::default()),
+            last_error: Mutex::new(MessageBuf::new()),
             last_result: Mutex::new(empty_result()),
         });
         // SAFETY: out is non-null.
@@ -264,7 +264,7 @@ unsafe fn with_session(s: *const phi4_session, f: impl FnOnce(&phi4_session, &mu
         Ok(h) => h,
         Err(e) => return e.0,
     };
-    let record = |e: &Error| *h.last_error.lock() = to_cstring(&e.1);
+    let record = |e: &Error| h.last_error.lock().set(&e.1);
     guard(record, || {
         let mut inner = h.inner.try_lock().ok_or_else(|| Error::new(PHI4_ERR_BUSY, "another call is running on this session"))?;
         f(h, &mut inner)
@@ -455,8 +455,9 @@ pub unsafe extern "C" fn phi4_session_last_result(session: *const phi4_session, 
     })
 }
 
-/// The message of the last error on this session ("" if none). Valid until the next call on
-/// the session that fails. Thread-safe.
+/// The message of the last error on this session ("" if none). The pointer stays valid until the
+/// session is freed; the text is replaced when a later call on the session fails, so read it
+/// before making another call.
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_last_error(session: *const phi4_session) -> *const c_char {
     // SAFETY: NULL or a live handle. The CString lives in the handle until replaced.
