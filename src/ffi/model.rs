@@ -35,8 +35,9 @@ pub struct phi4_model_params {
     pub progress: phi4_progress_fn,
     /// Passed to `progress`.
     pub progress_user_data: *mut c_void,
-    /// Log messages of this model; may be NULL. Called from whichever thread uses the model
-    /// (loading, and any session on it), so it must be thread-safe if sessions run in parallel.
+    /// Log messages of this model (the load summary; sessions' warnings such as dropped turns);
+    /// may be NULL. Called from whichever thread uses the model, so it must be thread-safe if
+    /// sessions run in parallel; it and its user data must outlive the model and its sessions.
     pub log: phi4_log_fn,
     /// Passed to `log`.
     pub log_user_data: *mut c_void,
@@ -45,6 +46,30 @@ pub struct phi4_model_params {
 /// A loaded model (opaque).
 pub struct phi4_model {
     pub(crate) inner: Arc<Model>,
+    pub(crate) log: Log,
+}
+
+/// A model's log callback and its user data.
+#[derive(Clone, Copy)]
+pub(crate) struct Log {
+    f: phi4_log_fn,
+    user_data: *mut c_void,
+}
+
+// SAFETY: the header requires the log callback (and its user data) to be usable from any thread
+// that uses the model.
+unsafe impl Send for Log {}
+// SAFETY: as above.
+unsafe impl Sync for Log {}
+
+impl Log {
+    pub(crate) fn write(&self, level: phi4_log_level, msg: &str) {
+        if let Some(f) = self.f {
+            let msg = to_cstring(msg);
+            // SAFETY: the caller's callback with its user data; the message lives for the call.
+            unsafe { f(self.user_data, level, msg.as_ptr()) };
+        }
+    }
 }
 
 /// Fill `*out` with the defaults (and its struct_size).
@@ -102,19 +127,19 @@ pub unsafe extern "C" fn phi4_model_load(path: *const c_char, params: *const phi
         };
         let lp = LoadParams { repack: p.repack, prefetch: p.prefetch, progress: Some(&mut progress) };
         let model = Model::load(std::path::Path::new(path), lp).map_err(|e| Error::new(load_status(&e), e.to_string()))?;
-        if let Some(log) = p.log {
-            let msg = to_cstring(&format!(
+        let log = Log { f: p.log, user_data: p.log_user_data };
+        log.write(
+            phi4_log_level::PHI4_LOG_INFO,
+            &format!(
                 "loaded {path}: {} layers x {}, vocabulary {}, {} weights repacked for {}",
                 model.config.n_layer,
                 model.config.n_embd,
                 model.config.n_vocab,
                 model.repacked.len(),
                 crate::ggml::cpu_features().join(" ")
-            ));
-            // SAFETY: the caller's callback, a NUL-terminated message valid during the call.
-            unsafe { log(p.log_user_data, phi4_log_level::PHI4_LOG_INFO, msg.as_ptr()) };
-        }
-        let m = Box::new(phi4_model { inner: Arc::new(model) });
+            ),
+        );
+        let m = Box::new(phi4_model { inner: Arc::new(model), log });
         // SAFETY: out is non-null (checked).
         unsafe { out.write(Box::into_raw(m)) };
         Ok(())

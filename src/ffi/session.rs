@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::model::{model_ref, phi4_model};
+use super::model::{model_ref, phi4_log_level, phi4_model, Log};
 use super::*;
 use crate::chat::{Message, Role};
 use crate::forward::EvalError;
@@ -124,6 +124,7 @@ pub struct phi4_result {
 /// A session (opaque).
 pub struct phi4_session {
     inner: Mutex<Session>,
+    log: Log,
     cancel: Arc<AtomicBool>,
     last_error: Mutex<MessageBuf>,
     last_result: Mutex<phi4_result>,
@@ -231,6 +232,7 @@ pub unsafe extern "C" fn phi4_session_new(model: *const phi4_model, params: *con
         let s = Session::new(m.inner.clone(), &sp).map_err(serr)?;
         let h = Box::new(phi4_session {
             cancel: s.cancel_flag(),
+            log: m.log,
             inner: Mutex::new(s),
             last_error: Mutex::new(MessageBuf::new()),
             last_result: Mutex::new(empty_result()),
@@ -299,6 +301,12 @@ unsafe fn generate_params(p: *const phi4_generate_params) -> Result<GeneratePara
 }
 
 fn store_result(h: &phi4_session, o: &Outcome) {
+    if o.dropped_messages > 0 {
+        h.log.write(phi4_log_level::PHI4_LOG_WARN, &format!("dropped the {} oldest message(s) to fit the context", o.dropped_messages));
+    }
+    if o.reason == DoneReason::ContextFull {
+        h.log.write(phi4_log_level::PHI4_LOG_WARN, "the reply filled the context and was cut short");
+    }
     let reason = match o.reason {
         DoneReason::Stop => phi4_done_reason::PHI4_DONE_STOP,
         DoneReason::Length => phi4_done_reason::PHI4_DONE_LENGTH,

@@ -67,6 +67,46 @@ static bool cancel_load(void *user, float progress) {
     return progress < 0.5f;
 }
 
+typedef struct {
+    int info, warn;
+    char last[512];
+} log_sink;
+
+static void on_log(void *user, phi4_log_level level, const char *msg) {
+    log_sink *l = user;
+    if (level == PHI4_LOG_INFO) l->info++;
+    if (level == PHI4_LOG_WARN) l->warn++;
+    snprintf(l->last, sizeof l->last, "%s", msg);
+}
+
+/* The log callback belongs to one model: the load summary, then its sessions' warnings. */
+static void test_log_per_model(void) {
+    log_sink sink = {0, 0, ""};
+    phi4_model_params p;
+    phi4_model_default_params(&p);
+    p.log = on_log;
+    p.log_user_data = &sink;
+    phi4_model *m = NULL;
+    CHECK(phi4_model_load(demo, &p, &m) == PHI4_OK, "load with a log");
+    CHECK(sink.info == 1 && strstr(sink.last, "loaded") != NULL, "load summary: %s", sink.last);
+    phi4_session_params sp;
+    phi4_session_default_params(&sp);
+    sp.n_ctx = 40;
+    sp.overflow = PHI4_OVERFLOW_DROP_OLDEST;
+    phi4_session *s = NULL;
+    CHECK(phi4_session_new(m, &sp, &s) == PHI4_OK, "small session");
+    phi4_message msgs[] = {{"user", "Tell me about lists, tuples, dictionaries, sets, strings, bytes, integers and floats in great detail, please."},
+                           {"assistant", "Lists are mutable sequences; tuples are immutable sequences."},
+                           {"user", "And sets?"}};
+    phi4_generate_params g;
+    phi4_generate_default_params(&g);
+    g.max_tokens = 4;
+    CHECK(phi4_session_chat(s, msgs, 3, &g, NULL, NULL) == PHI4_OK, "chat: %s", phi4_session_last_error(s));
+    CHECK(sink.warn >= 1 && strstr(sink.last, "dropped") != NULL, "warned: %d %s", sink.warn, sink.last);
+    phi4_session_free(s);
+    phi4_model_free(m);
+}
+
 static void test_load_cancel(void) {
     phi4_model_params p;
     phi4_model_default_params(&p);
@@ -270,6 +310,7 @@ int main(int argc, char **argv) {
     CHECK(strlen(phi4_version()) > 0, "version");
     test_load_errors(argv[2]);
     test_load_cancel();
+    test_log_per_model();
     phi4_model *m = NULL;
     CHECK(phi4_model_load(demo, NULL, &m) == PHI4_OK, "load: %s", phi4_last_load_error());
     if (!m) return 1;
