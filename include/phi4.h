@@ -109,8 +109,9 @@ typedef struct phi4_model_params {
   phi4_progress_fn progress;
   // Passed to `progress`.
   void *progress_user_data;
-  // Log messages of this model; may be NULL. Called from whichever thread uses the model
-  // (loading, and any session on it), so it must be thread-safe if sessions run in parallel.
+  // Log messages of this model (the load summary; sessions' warnings such as dropped turns);
+  // may be NULL. Called from whichever thread uses the model, so it must be thread-safe if
+  // sessions run in parallel; it and its user data must outlive the model and its sessions.
   phi4_log_fn log;
   // Passed to `log`.
   void *log_user_data;

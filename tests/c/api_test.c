@@ -161,6 +161,29 @@ static void test_streaming(phi4_model *m) {
     phi4_session_free(s);
 }
 
+/* A caller built against an older header passes a shorter struct: the fields it does not know
+ * keep their defaults, whatever bytes follow its struct in memory. */
+static void test_older_struct_sizes(phi4_model *m) {
+    phi4_session *s = NULL;
+    phi4_session_new(m, NULL, &s);
+    phi4_message msgs[] = {{"user", "What is a tuple?"}};
+    phi4_generate_params g;
+    phi4_generate_default_params(&g);
+    g.temperature = 0;
+    g.max_tokens = 5;
+    g.top_p = 7.0f; /* out of range: rejected when the library reads it */
+    CHECK(phi4_session_chat(s, msgs, 1, &g, NULL, NULL) == PHI4_ERR_INVALID_ARGUMENT, "top_p 7 is read and rejected");
+    g.struct_size = offsetof(phi4_generate_params, top_p); /* knows temperature and top_k only */
+    CHECK(phi4_session_chat(s, msgs, 1, &g, NULL, NULL) == PHI4_OK, "older struct: %s", phi4_session_last_error(s));
+    phi4_result r;
+    memset(&r, 0, sizeof r);
+    r.struct_size = offsetof(phi4_result, prompt_eval_count); /* an older, shorter result */
+    r.eval_count = 12345;
+    CHECK(phi4_session_last_result(s, &r) == PHI4_OK && r.eval_count == 12345, "only struct_size bytes are written");
+    CHECK(r.done_reason != PHI4_DONE_NONE, "but those are");
+    phi4_session_free(s);
+}
+
 static void test_cancel_by_callback(phi4_model *m) {
     phi4_session *s = NULL;
     phi4_session_new(m, NULL, &s);
@@ -315,6 +338,7 @@ int main(int argc, char **argv) {
     CHECK(phi4_model_load(demo, NULL, &m) == PHI4_OK, "load: %s", phi4_last_load_error());
     if (!m) return 1;
     test_streaming(m);
+    test_older_struct_sizes(m);
     test_cancel_by_callback(m);
     test_cancel_from_another_thread_and_busy(m);
     test_many_sessions_many_threads(m);
