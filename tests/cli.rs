@@ -99,3 +99,28 @@ fn bad_arguments_fail_cleanly() {
     assert_clean_failure(&phi4(&["run", "--model", m, "--raw", "--prompt-ids", "1", "--threads", "0"]), "at least 1");
     assert_clean_failure(&phi4(&["run", "--model", m, "--raw", "--prompt-ids", "1", "--temperature=-1"]), "temperature");
 }
+
+#[test]
+fn info_reports_features_and_repacking() {
+    let out = phi4(&["info"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success());
+    let features = phi4::ggml::cpu_features().join(" ");
+    assert!(text.contains(&format!("cpu features: {features}")), "{text}");
+
+    let dir = common::tmpdir();
+    let m = common::synth_model(dir.path(), "m.gguf", &Spec::small(2, common::ftype("q4_k_m"), 3));
+    let model = phi4::model::Model::load(&m, Default::default()).unwrap();
+    let out = phi4(&["info", "--model", m.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("shape: 2 layers x 512, heads 4/1 of 128, FFN 1536"), "{text}");
+    assert!(text.contains("weights q5_K: 2 tensors") && text.contains("weights q6_K:"), "{text}");
+    // Whatever this CPU repacks, the report says exactly that.
+    if model.repacked.is_empty() {
+        assert!(text.contains("repacked: none"), "{text}");
+    } else {
+        assert!(text.contains(&format!("repacked: {} ", model.repacked.len())) || text.contains("tensors into CPU_REPACK"), "{text}");
+    }
+    let out = phi4(&["info", "--model", m.to_str().unwrap(), "--no-repack"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("repacked: none"));
+}

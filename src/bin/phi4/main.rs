@@ -31,6 +31,18 @@ enum Cmd {
     Tokenize(TokenizeArgs),
     /// Write a synthetic Phi-4-shaped model with random weights.
     Synth(SynthArgs),
+    /// Show the CPU features ggml uses here and, with --model, what loading that model does:
+    /// its shape, weight types, and which weights were repacked into faster layouts.
+    Info(InfoArgs),
+}
+
+#[derive(clap::Args)]
+struct InfoArgs {
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Keep every weight in the file mapping (show what loading without repacking does).
+    #[arg(long)]
+    no_repack: bool,
 }
 
 #[derive(clap::Args)]
@@ -162,6 +174,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => run(a),
         Cmd::Tokenize(a) => tokenize(a),
         Cmd::Synth(a) => synth_cmd(a),
+        Cmd::Info(a) => info(a),
     });
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
@@ -221,6 +234,39 @@ fn load(path: &std::path::Path, repack: bool) -> Result<Arc<Model>, Box<dyn std:
         eprint!("\r\x1b[2K");
     }
     Ok(Arc::new(model?))
+}
+
+fn info(a: InfoArgs) -> Res {
+    println!("phi4 {}", env!("CARGO_PKG_VERSION"));
+    println!("cpu features: {}", phi4::ggml::cpu_features().join(" "));
+    let Some(path) = a.model else { return Ok(()) };
+    let m = load(&path, !a.no_repack)?;
+    let c = &m.config;
+    println!("model: {} ({:.2} GB)", path.display(), m.file_size as f64 / 1e9);
+    println!("shape: {} layers x {}, heads {}/{} of {}, FFN {}, vocabulary {}, context {}", c.n_layer, c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.n_ff, c.n_vocab, c.n_ctx_train);
+    let kv = phi4::kv_cache::KvCache::bytes_for(c, 1);
+    println!("kv cache: {kv} bytes per token ({:.2} GiB at {})", (kv * c.n_ctx_train.min(16384) as u64) as f64 / (1u64 << 30) as f64, c.n_ctx_train.min(16384));
+    let mut types: std::collections::BTreeMap<String, (usize, u64)> = Default::default();
+    for t in &m.gguf.tensors {
+        let e = types.entry(t.ggml_type.name().to_string()).or_default();
+        e.0 += 1;
+        e.1 += t.size;
+    }
+    for (ty, (n, bytes)) in &types {
+        println!("weights {ty}: {n} tensors, {:.1} MB", *bytes as f64 / 1e6);
+    }
+    let mut layouts: std::collections::BTreeMap<(String, String), usize> = Default::default();
+    for (name, layout) in &m.repacked {
+        let ty = m.gguf.tensor(name).map_or("?".to_string(), |t| t.ggml_type.name().to_string());
+        *layouts.entry((layout.clone(), ty)).or_default() += 1;
+    }
+    if layouts.is_empty() {
+        println!("repacked: none (all weights used in place from the file mapping)");
+    }
+    for ((layout, ty), n) in layouts {
+        println!("repacked: {n} {ty} tensors into {layout}");
+    }
+    Ok(())
 }
 
 fn tokenize(a: TokenizeArgs) -> Res {
