@@ -6,30 +6,34 @@ LIBDIR  ?= $(PREFIX)/lib
 INCDIR  ?= $(PREFIX)/include
 BINDIR  ?= $(PREFIX)/bin
 CARGO   ?= cargo
+CARGO_BUILD ?= $(CARGO) build --release
 TARGET_DIR ?= target/release
+DIST    ?= dist
+AR      ?= ar
+RANLIB  ?= ranlib
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 MAJOR   := $(firstword $(subst ., ,$(VERSION)))
 
 .PHONY: all dist install
 all:
-	$(CARGO) build --release
+	$(CARGO_BUILD)
 
 # dist/: the artefacts as shipped. The static archive as cargo leaves it also carries the
 # objects of llama.cpp's libllama (cargo bundles every static native library of a dependency);
 # phi4 never calls them, so they are removed here.
 dist: all
-	rm -rf dist && mkdir -p dist
-	cp $(TARGET_DIR)/libphi4.so dist/libphi4.so.$(VERSION)
-	ln -sf libphi4.so.$(VERSION) dist/libphi4.so.$(MAJOR)
-	ln -sf libphi4.so.$(MAJOR) dist/libphi4.so
-	cp $(TARGET_DIR)/libphi4.a dist/libphi4.a
-	cp $(TARGET_DIR)/phi4 dist/phi4
-	ar t $(TARGET_DIR)/build/llama-cpp-sys-2-*/out/lib/libllama.a 2>/dev/null | sort -u > dist/.llama-members
+	rm -rf $(DIST) && mkdir -p $(DIST)
+	cp $(TARGET_DIR)/libphi4.so $(DIST)/libphi4.so.$(VERSION)
+	ln -sf libphi4.so.$(VERSION) $(DIST)/libphi4.so.$(MAJOR)
+	ln -sf libphi4.so.$(MAJOR) $(DIST)/libphi4.so
+	cp $(TARGET_DIR)/libphi4.a $(DIST)/libphi4.a
+	cp $(TARGET_DIR)/phi4 $(DIST)/phi4
+	$(AR) t $(TARGET_DIR)/build/llama-cpp-sys-2-*/out/lib/libllama.a 2>/dev/null | sort -u > $(DIST)/.llama-members
 	# (binutils' LLVM plugin complains about the Rust bitcode sections it cannot read: noise.
 	# A strip that failed is caught by tests/dist.rs.)
-	{ xargs -a dist/.llama-members ar d dist/libphi4.a && ranlib dist/libphi4.a; } 2>&1 | grep -v '^bfd plugin' >&2 || true
-	rm dist/.llama-members
-	cp include/phi4.h dist/
+	{ xargs -a $(DIST)/.llama-members $(AR) d $(DIST)/libphi4.a && $(RANLIB) $(DIST)/libphi4.a; } 2>&1 | grep -v '^bfd plugin' >&2 || true
+	rm $(DIST)/.llama-members
+	cp include/phi4.h $(DIST)/
 
 install: dist
 	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(INCDIR)
