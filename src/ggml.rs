@@ -76,10 +76,6 @@ impl Type {
         self.traits().type_size as u64
     }
 
-    pub fn is_quantized(self) -> bool {
-        self.traits().is_quantized
-    }
-
     /// Bytes of one row of `n` elements (`n` a multiple of the block size).
     pub fn row_size(self, n: u64) -> u64 {
         n / self.block_size() * self.type_size()
@@ -757,16 +753,6 @@ pub fn quantize(ty: Type, src: &[f32], n_per_row: usize) -> Vec<u8> {
         sys::ggml_quantize_init(ty.0);
         sys::ggml_quantize_chunk(ty.0, src.as_ptr(), out.as_mut_ptr().cast(), 0, nrows as i64, n_per_row as i64, std::ptr::null());
     }
-    out
-}
-
-/// Decode `n` elements of `ty` to f32 (reference path; for checks and tools).
-pub fn dequantize(ty: Type, src: &[u8], n: usize) -> Vec<f32> {
-    assert!(n as u64 % ty.block_size() == 0 && src.len() as u64 == ty.row_size(n as u64));
-    let mut out = vec![0f32; n];
-    let f = ty.traits().to_float.expect("type has no to_float");
-    // SAFETY: src holds exactly the bytes of n elements; out holds n floats.
-    unsafe { f(src.as_ptr().cast(), out.as_mut_ptr(), n as i64) };
     out
 }
 

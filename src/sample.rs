@@ -71,16 +71,34 @@ impl SamplingParams {
     }
 }
 
+/// A small deterministic PRNG (splitmix64): fast, and the same on every platform.
+pub(crate) struct Rng(pub(crate) u64);
+
+impl Rng {
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub(crate) fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
 /// A sampler: the parameters and the state of the seeded generator.
 pub struct Sampler {
     p: SamplingParams,
-    rng: u64,
+    rng: Rng,
     cand: Vec<(u32, f32)>,
 }
 
 impl Sampler {
     pub fn new(p: SamplingParams) -> Sampler {
-        let rng = p.seed ^ 0x9E37_79B9_7F4A_7C15;
+        let rng = Rng(p.seed ^ 0x9E37_79B9_7F4A_7C15);
         Sampler { p, rng, cand: Vec::new() }
     }
 
@@ -119,7 +137,7 @@ impl Sampler {
             self.cand.truncate(keep);
         }
         let probs = softmax(&self.cand, p.temperature);
-        let r = self.uniform();
+        let r = self.rng.uniform();
         let mut acc = 0.0;
         for (c, q) in self.cand.iter().zip(&probs) {
             acc += q;
@@ -128,15 +146,6 @@ impl Sampler {
             }
         }
         self.cand.last().map_or(0, |c| c.0)
-    }
-
-    /// Uniform in [0, 1) from splitmix64.
-    fn uniform(&mut self) -> f32 {
-        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
     }
 }
 

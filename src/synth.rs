@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::ggml::{self, Type};
 use crate::gguf::{self, Value, ValueType};
+use crate::sample::Rng;
 
 /// Weight types of a synthetic model: one type for every matrix, or llama.cpp's Q4_K_M mix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,26 +74,10 @@ impl Spec {
     }
 }
 
-/// A small deterministic PRNG (splitmix64): fast, and the same on every platform.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    fn uniform(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    /// Approximately standard normal (sum of four uniforms, rescaled).
-    fn normal(&mut self) -> f32 {
-        let s: f32 = (0..4).map(|_| self.uniform()).sum();
-        (s - 2.0) * (3.0f32).sqrt()
-    }
+/// Approximately standard normal (sum of four uniforms, rescaled).
+fn normal(rng: &mut Rng) -> f32 {
+    let s: f32 = (0..4).map(|_| rng.uniform()).sum();
+    (s - 2.0) * (3.0f32).sqrt()
 }
 
 struct TensorPlan {
@@ -197,8 +182,8 @@ fn tiny_vocab(n_vocab: usize) -> io::Result<Vec<(String, Value)>> {
 }
 
 fn vocab_from(path: &Path) -> io::Result<Vec<(String, Value)>> {
-    let bytes = std::fs::read(path)?;
-    let g = gguf::parse(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))?;
+    let map = ggml::map_file(&std::fs::File::open(path)?)?;
+    let g = gguf::parse(&map).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))?;
     Ok(g.metadata.into_iter().filter(|(k, _)| k.starts_with("tokenizer.")).collect())
 }
 
@@ -269,11 +254,11 @@ fn tensor_data(t: &TensorPlan, rng: &mut Rng) -> Vec<u8> {
     let n_per_row = t.ne[0] as usize;
     let n: usize = t.ne.iter().product::<u64>() as usize;
     if t.is_norm {
-        let v: Vec<f32> = (0..n).map(|_| 1.0 + t.std * rng.normal()).collect();
+        let v: Vec<f32> = (0..n).map(|_| 1.0 + t.std * normal(rng)).collect();
         return ggml::quantize(Type::F32, &v, n_per_row);
     }
     if t.ty == Type::F32 || t.ty == Type::F16 {
-        let v: Vec<f32> = (0..n).map(|_| t.std * rng.normal()).collect();
+        let v: Vec<f32> = (0..n).map(|_| t.std * normal(rng)).collect();
         return if t.ty == Type::F32 {
             ggml::quantize(Type::F32, &v, n_per_row)
         } else {
@@ -285,7 +270,7 @@ fn tensor_data(t: &TensorPlan, rng: &mut Rng) -> Vec<u8> {
     let blck = t.ty.block_size() as usize;
     let n_blocks = n / blck;
     let pool_blocks = n_blocks.min(POOL_BLOCKS);
-    let v: Vec<f32> = (0..pool_blocks * blck).map(|_| t.std * rng.normal()).collect();
+    let v: Vec<f32> = (0..pool_blocks * blck).map(|_| t.std * normal(rng)).collect();
     let pool = ggml::quantize(t.ty, &v, blck);
     if pool_blocks == n_blocks {
         return pool;

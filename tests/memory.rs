@@ -49,7 +49,7 @@ fn decoding_does_not_grow_memory() {
     let prompt: Vec<u32> = (0..100).collect();
     st.eval(&model, &prompt, 0, &abort).unwrap();
     let mut pos = prompt.len();
-    let mut step = |st: &mut RunState, pos: &mut usize| {
+    let step = |st: &mut RunState, pos: &mut usize| {
         let t = phi4::sample::argmax(&st.logits);
         st.eval(&model, &[t], *pos, &abort).unwrap();
         *pos += 1;

@@ -158,7 +158,7 @@ struct SynthArgs {
 }
 
 fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(4, |n| n.get())
+    SessionParams::default().n_threads
 }
 
 fn main() -> ExitCode {
@@ -270,8 +270,10 @@ fn info(a: InfoArgs) -> Res {
 }
 
 fn tokenize(a: TokenizeArgs) -> Res {
-    let model_bytes = std::fs::read(&a.model).map_err(|e| format!("{}: {e}", a.model.display()))?;
-    let g = phi4::gguf::parse(&model_bytes)?;
+    // Only the header is read (through the mapping), not the weights.
+    let io = |e: std::io::Error| format!("{}: {e}", a.model.display());
+    let map = phi4::ggml::map_file(&std::fs::File::open(&a.model).map_err(io)?).map_err(io)?;
+    let g = phi4::gguf::parse(&map)?;
     let n_vocab = match g.get("tokenizer.ggml.tokens") {
         Some(phi4::gguf::Value::Array(_, t)) => t.len(),
         _ => return Err("the file has no tokenizer.ggml.tokens".into()),
