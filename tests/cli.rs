@@ -3,13 +3,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::reference::{top2_gap, Reference};
 use phi4::synth::Spec;
 
 fn phi4(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_phi4")).args(args).output().unwrap()
+    common::target_command(env!("CARGO_BIN_EXE_phi4")).args(args).output().unwrap()
 }
 
 /// Runs `phi4 run --raw ... --json` and returns the NDJSON events.

@@ -1,23 +1,22 @@
 //! The shipped artefacts (`make dist`): no llama.cpp code in the library binaries, a versioned
 //! SONAME.
 
-use std::path::Path;
+mod common;
+
 use std::process::Command;
 
 fn tool(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let out = Command::new(common::tool(cmd)).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
     assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
 fn shipped_libraries_hold_no_llama_symbols() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let st = Command::new("make").arg("-s").arg("dist").current_dir(root).status().unwrap();
-    assert!(st.success(), "make dist failed");
+    let dist = common::dist();
     let version = env!("CARGO_PKG_VERSION");
-    let so = root.join(format!("dist/libphi4.so.{version}"));
-    let a = root.join("dist/libphi4.a");
+    let so = dist.join(format!("libphi4.so.{version}"));
+    let a = dist.join("libphi4.a");
 
     let defined = |syms: &str| -> Vec<String> {
         syms.lines()

@@ -6,18 +6,9 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::Once;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn dist() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let st = Command::new("make").args(["-s", "dist"]).current_dir(root()).status().unwrap();
-        assert!(st.success(), "make dist");
-    });
 }
 
 fn ok(out: Output, what: &str) -> String {
@@ -27,21 +18,20 @@ fn ok(out: Output, what: &str) -> String {
 }
 
 fn link_args() -> Vec<String> {
-    let d = root().join("dist");
+    let d = common::dist();
     vec![format!("-I{}", root().join("include").display()), format!("-L{}", d.display()), format!("-Wl,-rpath,{}", d.display()), "-lphi4".into()]
 }
 
 #[test]
 fn cpp_wrapper_program() {
-    dist();
     let dir = common::tmpdir();
     let exe = dir.path().join("chat");
     let src = root().join("examples/cpp/chat.cpp");
     ok(
-        Command::new("c++").args(["-std=c++17", "-Wall", "-Wextra", "-Wpedantic", "-Werror"]).arg(&src).args(link_args()).arg("-o").arg(&exe).output().unwrap(),
+        Command::new(common::tool("c++")).args(["-std=c++17", "-Wall", "-Wextra", "-Wpedantic", "-Werror"]).arg(&src).args(link_args()).arg("-o").arg(&exe).output().unwrap(),
         "c++",
     );
-    let out = Command::new(&exe).arg(common::fixture("phi4-tiny-docs.gguf")).arg("How do I open a file?").output().unwrap();
+    let out = common::target_command(&exe).arg(common::fixture("phi4-tiny-docs.gguf")).arg("How do I open a file?").output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let text = ok(out, "chat");
     assert!(stdout.split_whitespace().count() >= 3, "a streamed reply: {stdout:?}");
@@ -50,11 +40,21 @@ fn cpp_wrapper_program() {
 
 #[test]
 fn go_package_tests() {
-    dist();
     let cache = common::tmpdir();
-    let d = root().join("dist");
-    let out = Command::new("go")
-        .args(["test", "-count=1", "./..."])
+    let d = common::dist();
+    let mut go = Command::new("go");
+    go.args(["test", "-count=1"]);
+    if let (Some(prefix), Some(runner)) = (common::cross(), common::runner()) {
+        // cgo cross-build; `go test -exec` runs the test binary under the emulator.
+        let arch = match prefix.split('-').next() {
+            Some("aarch64") => "arm64",
+            other => panic!("no Go architecture for {other:?}"),
+        };
+        go.env("GOARCH", arch).env("CGO_ENABLED", "1").env("CC", common::tool("cc"));
+        go.arg(format!("-exec={}", runner.join(" ")));
+    }
+    let out = go
+        .arg("./...")
         .current_dir(root().join("examples/go"))
         .env("CGO_CFLAGS", format!("-I{}", root().join("include").display()))
         .env("CGO_LDFLAGS", format!("-L{} -Wl,-rpath,{}", d.display(), d.display()))
@@ -71,12 +71,15 @@ fn go_package_tests() {
 
 #[test]
 fn swift_module_map_imports_with_clang_modules() {
-    dist();
     let dir = common::tmpdir();
     let exe = dir.path().join("module_import");
     let map = root().join("examples/swift/Sources/CPhi4/module.modulemap");
+    let mut clang = Command::new("clang");
+    if let Some(prefix) = common::cross() {
+        clang.arg(format!("--target={prefix}"));
+    }
     ok(
-        Command::new("clang")
+        clang
             .arg("-fmodules")
             .arg(format!("-fmodules-cache-path={}", dir.path().join("mc").display()))
             .arg(format!("-fmodule-map-file={}", map.display()))
@@ -89,6 +92,6 @@ fn swift_module_map_imports_with_clang_modules() {
             .unwrap(),
         "clang -fmodules",
     );
-    let text = ok(Command::new(&exe).arg(common::fixture("phi4-tiny-docs.gguf")).output().unwrap(), "module_import");
+    let text = ok(common::target_command(&exe).arg(common::fixture("phi4-tiny-docs.gguf")).output().unwrap(), "module_import");
     assert!(text.contains("via module CPhi4: load ok"), "{text}");
 }

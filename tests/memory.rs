@@ -64,6 +64,11 @@ fn decoding_does_not_grow_memory() {
     let (heap1, rss1) = (LIVE.load(Ordering::Relaxed), rss_bytes());
     assert_eq!(heap1, heap0, "Rust heap grew while decoding");
     assert_eq!(st.compute_buffer_size(), buffer, "the compute buffer was re-planned larger");
+    if common::runner().is_some() {
+        // Under qemu-user /proc/self/statm is the emulator's, whose translated code grows.
+        eprintln!("under an emulator: RSS is checked in the native test run");
+        return;
+    }
     // The only memory allowed to become resident: the KV cache rows just written
     // (2 layers x K and V x 128 f16 per token), plus a few pages of slack.
     let kv_written = (pos - pos0) as i64 * 2 * 2 * 128 * 2;

@@ -25,3 +25,54 @@ pub fn fixture(name: &str) -> PathBuf {
 pub fn ftype(s: &str) -> Ftype {
     s.parse().unwrap()
 }
+
+// Cross-testing. ports/qemu-test runs this suite built for another architecture under an
+// emulator; the programs the tests build must then come from that target's toolchain and start
+// under the same emulator. Natively none of these variables is set.
+//   PHI4_TEST_RUNNER  the command that runs a target program ("qemu-aarch64 -L … -cpu cortex-a72")
+//   PHI4_TEST_CROSS   the target's GNU toolchain prefix ("aarch64-linux-gnu")
+//   DIST              where `make dist` puts the shipped files (the Makefile reads it too)
+
+/// The emulator command, when the tests run under one.
+pub fn runner() -> Option<Vec<String>> {
+    let r = std::env::var("PHI4_TEST_RUNNER").ok()?;
+    Some(r.split_whitespace().map(String::from).collect())
+}
+
+/// A command that starts a program built for the target (under the emulator when there is one).
+pub fn target_command(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+    match runner() {
+        Some(r) => {
+            let mut c = std::process::Command::new(&r[0]);
+            c.args(&r[1..]).arg(program);
+            c
+        }
+        None => std::process::Command::new(program),
+    }
+}
+
+/// The target's GNU toolchain prefix, if it is not the host.
+pub fn cross() -> Option<String> {
+    std::env::var("PHI4_TEST_CROSS").ok().filter(|s| !s.is_empty())
+}
+
+/// A target tool: `cc`, `c++`, `nm`, `readelf` (Debian's cross tools are `<prefix>-gcc`, …).
+pub fn tool(name: &str) -> String {
+    match (cross(), name) {
+        (None, _) => name.to_string(),
+        (Some(p), "cc") => format!("{p}-gcc"),
+        (Some(p), "c++") => format!("{p}-g++"),
+        (Some(p), _) => format!("{p}-{name}"),
+    }
+}
+
+/// `make dist` once per test binary; returns the directory with the shipped files.
+pub fn dist() -> PathBuf {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    ONCE.call_once(|| {
+        let st = std::process::Command::new("make").args(["-s", "dist"]).current_dir(root).status().unwrap();
+        assert!(st.success(), "make dist");
+    });
+    root.join(std::env::var("DIST").unwrap_or_else(|_| "dist".into()))
+}
