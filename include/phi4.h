@@ -273,6 +273,18 @@ uint32_t phi4_model_n_ctx_train(const struct phi4_model *model);
 // How many weight matrices ggml repacked into faster layouts (0 if `model` is NULL).
 uint32_t phi4_model_n_repacked(const struct phi4_model *model);
 
+// Which weight types were repacked into which ggml layouts, as one line of text: e.g.
+// "101 q4_K tensors into CPU_REPACK", several joined by "; ", or "none" (every weight is used in
+// place from the file mapping). With `phi4_cpu_features()` this shows which kernels run.
+// Written to `text` (at most `capacity` bytes, NUL-terminated) with its length in `*len`; if
+// `capacity` is too small, returns PHI4_ERR_BUFFER_TOO_SMALL with the needed length in `*len`.
+//
+// Thread-safe.
+enum phi4_status phi4_model_repacked(const struct phi4_model *model,
+                                     char *text,
+                                     size_t capacity,
+                                     size_t *len);
+
 // Fill `*out` with the defaults (and its struct_size). Thread-safe.
 enum phi4_status phi4_session_default_params(struct phi4_session_params *out);
 

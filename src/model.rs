@@ -349,4 +349,18 @@ impl Model {
         let load_duration = started.elapsed().as_nanos() as u64;
         Ok(Model { config, gguf, weights, file_size: map.len() as u64, repacked, tokenizer, load_duration })
     }
+
+    /// Which weight types ggml repacked into which layouts, one line: "101 q4_K tensors into
+    /// CPU_REPACK", several joined by "; ", or "none".
+    pub fn repacked_summary(&self) -> String {
+        let mut counts: std::collections::BTreeMap<(&str, &str), usize> = Default::default();
+        for (name, layout) in &self.repacked {
+            let ty = self.gguf.tensor(name).map_or("?", |t| t.ggml_type.name());
+            *counts.entry((layout.as_str(), ty)).or_default() += 1;
+        }
+        if counts.is_empty() {
+            return "none".into();
+        }
+        counts.iter().map(|((layout, ty), n)| format!("{n} {ty} tensors into {layout}")).collect::<Vec<_>>().join("; ")
+    }
 }

@@ -3,6 +3,8 @@
 
 mod common;
 
+use phi4::synth::Spec;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -41,11 +43,19 @@ fn c_api_tests_pass_and_are_clean_under_valgrind() {
     let exe = build(dir.path());
     let bad = malformed(dir.path());
     let demo = common::fixture("phi4-tiny-docs.gguf");
+    let quantized = common::synth_model(dir.path(), "q.gguf", &Spec::small(1, common::ftype("q4_k_m"), 3));
 
-    let out = common::target_command(&exe).arg(&demo).arg(&bad).output().unwrap();
+    let out = common::target_command(&exe).arg(&demo).arg(&bad).arg(&quantized).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.trim_end().ends_with(" passed, 0 failed"), "{stdout}");
+    // The kernels in use: ggml repacks Q4_K for its AVX2 and its ARM dotprod kernels, and has
+    // no repacked Q4_K layout for plain NEON (Raspberry Pi 4).
+    let line = |key: &str| stdout.lines().find_map(|l| l.strip_prefix(key)).unwrap_or_else(|| panic!("no {key} in {stdout}")).to_string();
+    let (features, repacked) = (line("cpu features: "), line("repacked: "));
+    eprintln!("cpu features: {features}; repacked: {repacked}");
+    let fast_q4_k = features.split(' ').any(|f| f == "AVX2" || f == "DOTPROD");
+    assert_eq!(repacked.contains("q4_K tensors into CPU_REPACK"), fast_q4_k, "{features}: {repacked}");
 
     if common::runner().is_some() {
         eprintln!("under an emulator: valgrind runs in the native test run");
@@ -59,6 +69,7 @@ fn c_api_tests_pass_and_are_clean_under_valgrind() {
         .arg(&exe)
         .arg(&demo)
         .arg(&bad)
+        .arg(&quantized)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -87,6 +87,27 @@ pub(crate) unsafe fn c_str<'a>(p: *const c_char, what: &str) -> Result<&'a str, 
     unsafe { CStr::from_ptr(p) }.to_str().map_err(|_| Error::new(PHI4_ERR_INVALID_ARGUMENT, format!("{what} is not valid UTF-8")))
 }
 
+/// Copy `s` into the caller's `text` buffer (`capacity` bytes, NUL-terminated), its length in
+/// `*len`; PHI4_ERR_BUFFER_TOO_SMALL (with the needed length in `*len`) when it does not fit.
+///
+/// # Safety
+/// `len` is NULL or writable; `text` is NULL or points to `capacity` writable bytes.
+pub(crate) unsafe fn write_text(s: &str, text: *mut c_char, capacity: usize, len: *mut usize) -> Result<(), Error> {
+    non_null(len, "len")?;
+    // SAFETY: len is non-null and writable per the caller's contract.
+    unsafe { len.write(s.len()) };
+    if s.len() + 1 > capacity {
+        return Err(Error::new(PHI4_ERR_BUFFER_TOO_SMALL, "text buffer too small"));
+    }
+    non_null(text, "text")?;
+    // SAFETY: text has room for capacity >= s.len() + 1 bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(s.as_ptr(), text.cast(), s.len());
+        text.add(s.len()).write(0);
+    }
+    Ok(())
+}
+
 /// A byte buffer argument (`len` bytes; NULL allowed when `len` is 0).
 ///
 /// # Safety

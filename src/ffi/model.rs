@@ -131,12 +131,12 @@ pub unsafe extern "C" fn phi4_model_load(path: *const c_char, params: *const phi
         log.write(
             phi4_log_level::PHI4_LOG_INFO,
             &format!(
-                "loaded {path}: {} layers x {}, vocabulary {}, {} weights repacked for {}",
+                "loaded {path}: {} layers x {}, vocabulary {}; cpu features {}; repacked: {}",
                 model.config.n_layer,
                 model.config.n_embd,
                 model.config.n_vocab,
-                model.repacked.len(),
-                crate::ggml::cpu_features().join(" ")
+                crate::ggml::cpu_features().join(" "),
+                model.repacked_summary()
             ),
         );
         let m = Box::new(phi4_model { inner: Arc::new(model), log });
@@ -215,18 +215,8 @@ pub unsafe extern "C" fn phi4_detokenize(model: *const phi4_model, tokens: *cons
             return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, format!("token id {bad} is outside the vocabulary")));
         }
         let s = m.inner.tokenizer.decode(ids, special);
-        // SAFETY: len is non-null.
-        unsafe { len.write(s.len()) };
-        if s.len() + 1 > capacity {
-            return Err(Error::new(PHI4_ERR_BUFFER_TOO_SMALL, "text buffer too small"));
-        }
-        non_null(text, "text")?;
-        // SAFETY: text has room for capacity >= s.len() + 1 bytes.
-        unsafe {
-            std::ptr::copy_nonoverlapping(s.as_ptr(), text.cast(), s.len());
-            text.add(s.len()).write(0);
-        }
-        Ok(())
+        // SAFETY: text and len as documented.
+        unsafe { write_text(&s, text, capacity, len) }
     })
 }
 
@@ -242,4 +232,21 @@ pub unsafe extern "C" fn phi4_model_n_ctx_train(model: *const phi4_model) -> u32
 pub unsafe extern "C" fn phi4_model_n_repacked(model: *const phi4_model) -> u32 {
     // SAFETY: NULL or a live handle.
     unsafe { model_ref(model) }.map_or(0, |m| m.inner.repacked.len() as u32)
+}
+
+/// Which weight types were repacked into which ggml layouts, as one line of text: e.g.
+/// "101 q4_K tensors into CPU_REPACK", several joined by "; ", or "none" (every weight is used in
+/// place from the file mapping). With `phi4_cpu_features()` this shows which kernels run.
+/// Written to `text` (at most `capacity` bytes, NUL-terminated) with its length in `*len`; if
+/// `capacity` is too small, returns PHI4_ERR_BUFFER_TOO_SMALL with the needed length in `*len`.
+///
+/// Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn phi4_model_repacked(model: *const phi4_model, text: *mut c_char, capacity: usize, len: *mut usize) -> phi4_status {
+    guard(|_| (), || {
+        // SAFETY: NULL or a live handle.
+        let m = unsafe { model_ref(model) }?;
+        // SAFETY: text and len as documented.
+        unsafe { write_text(&m.inner.repacked_summary(), text, capacity, len) }
+    })
 }

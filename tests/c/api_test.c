@@ -1,5 +1,7 @@
 /* C tests of the phi4 ABI: load errors, streaming, cancellation, busy sessions, many sessions
- * on many threads. Usage: api_test DEMO_MODEL MALFORMED_FILE. Prints "N passed, M failed". */
+ * on many threads, what the library reports about the kernels it uses.
+ * Usage: api_test DEMO_MODEL MALFORMED_FILE QUANTIZED_MODEL. Prints "cpu features: ...",
+ * "repacked: ..." and finally "N passed, M failed". */
 #include "phi4.h"
 
 #include <pthread.h>
@@ -324,9 +326,41 @@ static void test_tokenize(phi4_model *m) {
     CHECK(phi4_detokenize(m, &bad, 1, false, out, sizeof out, &len) == PHI4_ERR_INVALID_ARGUMENT, "bad id");
 }
 
+/* CPU features and repacked layouts: consistent with each other and with the load options. */
+static void test_what_runs(const char *quantized) {
+    const char *features = phi4_cpu_features();
+    CHECK(features != NULL && strlen(features) > 0, "cpu features");
+    printf("cpu features: %s\n", features);
+    phi4_model_params p;
+    phi4_model_default_params(&p);
+    for (int repack = 1; repack >= 0; repack--) {
+        p.repack = repack;
+        phi4_model *m = NULL;
+        CHECK(phi4_model_load(quantized, &p, &m) == PHI4_OK, "load: %s", phi4_last_load_error());
+        if (!m) return;
+        size_t len = 0;
+        char text[256];
+        CHECK(phi4_model_repacked(m, NULL, 0, &len) == PHI4_ERR_BUFFER_TOO_SMALL && len > 0, "size first: %zu", len);
+        size_t need = len;
+        CHECK(phi4_model_repacked(m, text, need, &len) == PHI4_ERR_BUFFER_TOO_SMALL, "no room for the NUL");
+        CHECK(phi4_model_repacked(m, text, sizeof text, &len) == PHI4_OK && len == need && strlen(text) == len, "text");
+        unsigned n = phi4_model_n_repacked(m);
+        if (repack) {
+            printf("repacked: %s\n", text);
+            CHECK((n == 0) == (strcmp(text, "none") == 0), "%u repacked, \"%s\"", n, text);
+            CHECK(n == 0 || strstr(text, " tensors into ") != NULL, "%s", text);
+        } else {
+            CHECK(n == 0 && strcmp(text, "none") == 0, "repack off: %u, %s", n, text);
+        }
+        phi4_model_free(m);
+    }
+    size_t len = 0;
+    CHECK(phi4_model_repacked(NULL, NULL, 0, &len) == PHI4_ERR_NULL, "NULL model");
+}
+
 int main(int argc, char **argv) {
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s DEMO_MODEL MALFORMED_FILE\n", argv[0]);
+    if (argc != 4) {
+        fprintf(stderr, "usage: %s DEMO_MODEL MALFORMED_FILE QUANTIZED_MODEL\n", argv[0]);
         return 2;
     }
     demo = argv[1];
@@ -334,6 +368,7 @@ int main(int argc, char **argv) {
     test_load_errors(argv[2]);
     test_load_cancel();
     test_log_per_model();
+    test_what_runs(argv[3]);
     phi4_model *m = NULL;
     CHECK(phi4_model_load(demo, NULL, &m) == PHI4_OK, "load: %s", phi4_last_load_error());
     if (!m) return 1;

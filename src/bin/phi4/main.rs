@@ -255,16 +255,9 @@ fn info(a: InfoArgs) -> Res {
     for (ty, (n, bytes)) in &types {
         println!("weights {ty}: {n} tensors, {:.1} MB", *bytes as f64 / 1e6);
     }
-    let mut layouts: std::collections::BTreeMap<(String, String), usize> = Default::default();
-    for (name, layout) in &m.repacked {
-        let ty = m.gguf.tensor(name).map_or("?".to_string(), |t| t.ggml_type.name().to_string());
-        *layouts.entry((layout.clone(), ty)).or_default() += 1;
-    }
-    if layouts.is_empty() {
-        println!("repacked: none (all weights used in place from the file mapping)");
-    }
-    for ((layout, ty), n) in layouts {
-        println!("repacked: {n} {ty} tensors into {layout}");
+    match m.repacked_summary().as_str() {
+        "none" => println!("repacked: none (all weights used in place from the file mapping)"),
+        r => println!("repacked: {r}"),
     }
     Ok(())
 }
