@@ -654,6 +654,12 @@ impl Drop for Allocator {
     }
 }
 
+impl Default for Allocator {
+    fn default() -> Allocator {
+        Allocator::new()
+    }
+}
+
 impl Allocator {
     pub fn new() -> Allocator {
         // SAFETY: the CPU buffer type is static.

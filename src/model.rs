@@ -280,7 +280,7 @@ impl Model {
         let mut done = 0u64;
         let mut report = |n: u64| -> Result<(), LoadError> {
             done += n;
-            let go_on = params.progress.as_mut().is_none_or(|f| f(done as f32 / total as f32));
+            let go_on = params.progress.as_mut().map_or(true, |f| f(done as f32 / total as f32));
             if go_on {
                 Ok(())
             } else {

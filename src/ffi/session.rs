@@ -415,14 +415,20 @@ pub unsafe extern "C" fn phi4_session_cancel(session: *const phi4_session) -> ph
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_reset(session: *mut phi4_session) -> phi4_status {
     // SAFETY: NULL or a live handle.
-    unsafe { with_session(session, |_, s| Ok(s.reset())) }
+    unsafe { with_session(session, |_, s| {
+        s.reset();
+        Ok(())
+    }) }
 }
 
 /// Keep only the first `n_tokens` tokens of the session's cache (no effect if it holds fewer).
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_rewind(session: *mut phi4_session, n_tokens: usize) -> phi4_status {
     // SAFETY: NULL or a live handle.
-    unsafe { with_session(session, |_, s| Ok(s.rewind(n_tokens))) }
+    unsafe { with_session(session, |_, s| {
+        s.rewind(n_tokens);
+        Ok(())
+    }) }
 }
 
 /// Number of tokens in the session's cache, written to `*n`.
