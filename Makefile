@@ -28,7 +28,8 @@ dist: all
 	ln -sf libphi4.so.$(MAJOR) $(DIST)/libphi4.so
 	cp $(TARGET_DIR)/libphi4.a $(DIST)/libphi4.a
 	cp $(TARGET_DIR)/phi4 $(DIST)/phi4
-	$(AR) t $(TARGET_DIR)/build/llama-cpp-sys-2-*/out/lib/libllama.a 2>/dev/null | sort -u > $(DIST)/.llama-members
+	# (Every libllama.a cargo has built here: another profile leaves another build directory.)
+	for a in $(TARGET_DIR)/build/llama-cpp-sys-2-*/out/lib/libllama.a; do $(AR) t $$a; done 2>/dev/null | sort -u > $(DIST)/.llama-members
 	# (binutils' LLVM plugin complains about the Rust bitcode sections it cannot read: noise.
 	# A strip that failed is caught by tests/dist.rs.)
 	{ xargs -a $(DIST)/.llama-members $(AR) d $(DIST)/libphi4.a && $(RANLIB) $(DIST)/libphi4.a; } 2>&1 | grep -v '^bfd plugin' >&2 || true
