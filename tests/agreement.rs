@@ -68,13 +68,15 @@ fn other_greedy(model: &Path, prompt: &[u32], n: usize) -> (Vec<u32>, bool) {
     (tokens, stopped)
 }
 
-fn agree(name: &str, model: &Path, prompt: &[u32], n: usize) {
+/// Compare up to `n` greedy steps after the prompt that `prompt` makes for the model.
+fn agree(name: &str, model: &Path, prompt: impl FnOnce(&Model) -> Vec<u32>, n: usize) {
     // One at a time: ggml's worker threads spin while they wait, so parallel runs of
     // THREADS-thread decoders on a small machine slow each other down many times over.
     static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
-    let (theirs, stopped) = other_greedy(model, prompt, n);
     let m = Model::load(model, LoadParams::default()).unwrap();
+    let prompt = &prompt(&m);
+    let (theirs, stopped) = other_greedy(model, prompt, n);
     let mut st = RunState::new(&m, N_CTX, N_BATCH, THREADS).unwrap();
     let abort = AtomicBool::new(false);
     st.eval(&m, prompt, 0, &abort).unwrap();
@@ -111,34 +113,31 @@ fn synth(dir: &Path, ftype: &str, seed: u64) -> std::path::PathBuf {
     p
 }
 
-fn prompt(seed: u32) -> Vec<u32> {
-    (0..24).map(|i| (i * 37 + seed * 101 + 11) % 1000).collect()
+/// A synthetic model written by the other build, and a fixed prompt of 24 ids.
+fn synthetic(ftype: &str, model_seed: u64, prompt_seed: u32) {
+    let dir = common::tmpdir();
+    let prompt: Vec<u32> = (0..24).map(|i| (i * 37 + prompt_seed * 101 + 11) % 1000).collect();
+    agree(ftype, &synth(dir.path(), ftype, model_seed), |_| prompt, 48);
 }
 
 #[test]
 fn q4_k_m() {
-    let dir = common::tmpdir();
-    agree("q4_k_m", &synth(dir.path(), "q4_k_m", 21), &prompt(1), 48);
+    synthetic("q4_k_m", 21, 1)
 }
 
 #[test]
 fn q8_0() {
-    let dir = common::tmpdir();
-    agree("q8_0", &synth(dir.path(), "q8_0", 22), &prompt(2), 48);
+    synthetic("q8_0", 22, 2)
 }
 
 #[test]
 fn f16() {
-    let dir = common::tmpdir();
-    agree("f16", &synth(dir.path(), "f16", 23), &prompt(3), 48);
+    synthetic("f16", 23, 3)
 }
 
 /// The demo model: trained weights, so a peaked distribution instead of random logits.
 #[test]
 fn demo_model() {
-    let m = Model::load(&common::fixture("phi4-tiny-docs.gguf"), LoadParams::default()).unwrap();
     let text = "Python's open() function returns a file object. To read a file";
-    let ids = m.tokenizer.encode(text, false);
-    drop(m);
-    agree("demo", &common::fixture("phi4-tiny-docs.gguf"), &ids, 48);
+    agree("demo", &common::fixture("phi4-tiny-docs.gguf"), |m| m.tokenizer.encode(text, false), 48);
 }
