@@ -8,18 +8,14 @@ use phi4::synth::Spec;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// Build dist/ and the C test program; returns the program's path.
 fn build(dir: &Path) -> PathBuf {
     let dist = common::dist();
     let exe = dir.join("api_test");
     let out = Command::new(common::tool("cc"))
         .args(["-std=c99", "-D_DEFAULT_SOURCE", "-Wall", "-Wextra", "-Werror", "-O1", "-g"])
-        .arg(format!("-I{}", root().join("include").display()))
-        .arg(root().join("tests/c/api_test.c"))
+        .arg(format!("-I{}", common::root().join("include").display()))
+        .arg(common::root().join("tests/c/api_test.c"))
         .arg(format!("-L{}", dist.display()))
         .arg(format!("-Wl,-rpath,{}", dist.display()))
         .args(["-lphi4", "-lpthread", "-o"])

@@ -17,7 +17,7 @@ fn run_json(model: &Path, prompt: &[u32], n: usize) -> Vec<serde_json::Value> {
     let ids: Vec<String> = prompt.iter().map(|t| t.to_string()).collect();
     let out = phi4(&[
         "run", "--model", model.to_str().unwrap(), "--raw", "--prompt-ids", &ids.join(","),
-        "-n", &n.to_string(), "--temperature", "0", "--threads", "2", "--batch", "16", "--json",
+        "-n", &n.to_string(), "--temperature", "0", "--repeat-penalty", "1", "--threads", "2", "--batch", "16", "--json",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()

@@ -1,24 +1,21 @@
 //! include/phi4.h is what cbindgen generates from the source, and it compiles cleanly as C99 and
 //! as C++ with every warning an error.
 
-use std::path::Path;
+mod common;
+
 use std::process::Command;
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn generate() -> String {
-    let config = cbindgen::Config::from_file(root().join("cbindgen.toml")).unwrap();
+    let config = cbindgen::Config::from_file(common::root().join("cbindgen.toml")).unwrap();
     let mut out = Vec::new();
-    cbindgen::Builder::new().with_crate(root()).with_config(config).generate().expect("cbindgen").write(&mut out);
+    cbindgen::Builder::new().with_crate(common::root()).with_config(config).generate().expect("cbindgen").write(&mut out);
     String::from_utf8(out).unwrap()
 }
 
 #[test]
 fn committed_header_is_fresh() {
     let fresh = generate();
-    let path = root().join("include/phi4.h");
+    let path = common::root().join("include/phi4.h");
     if std::env::var_os("PHI4_BLESS").is_some() {
         std::fs::write(&path, &fresh).unwrap();
     }
@@ -31,7 +28,7 @@ fn header_compiles_as_c99_and_cpp() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("use.c");
     std::fs::write(&src, "#include \"phi4.h\"\nint main(void) { phi4_model_params p; return phi4_model_default_params(&p) == PHI4_OK ? 0 : 1; }\n").unwrap();
-    let inc = format!("-I{}", root().join("include").display());
+    let inc = format!("-I{}", common::root().join("include").display());
     for (cc, std) in [("cc", "-std=c99"), ("c++", "-std=c++11")] {
         let lang: &[&str] = if cc == "c++" { &["-x", "c++"] } else { &[] };
         let out = Command::new(cc)

@@ -4,12 +4,7 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::{Command, Output};
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn ok(out: Output, what: &str) -> String {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -19,14 +14,14 @@ fn ok(out: Output, what: &str) -> String {
 
 fn link_args() -> Vec<String> {
     let d = common::dist();
-    vec![format!("-I{}", root().join("include").display()), format!("-L{}", d.display()), format!("-Wl,-rpath,{}", d.display()), "-lphi4".into()]
+    vec![format!("-I{}", common::root().join("include").display()), format!("-L{}", d.display()), format!("-Wl,-rpath,{}", d.display()), "-lphi4".into()]
 }
 
 #[test]
 fn cpp_wrapper_program() {
     let dir = common::tmpdir();
     let exe = dir.path().join("chat");
-    let src = root().join("examples/cpp/chat.cpp");
+    let src = common::root().join("examples/cpp/chat.cpp");
     ok(
         Command::new(common::tool("c++")).args(["-std=c++17", "-Wall", "-Wextra", "-Wpedantic", "-Werror"]).arg(&src).args(link_args()).arg("-o").arg(&exe).output().unwrap(),
         "c++",
@@ -55,8 +50,8 @@ fn go_package_tests() {
     }
     let out = go
         .arg("./...")
-        .current_dir(root().join("examples/go"))
-        .env("CGO_CFLAGS", format!("-I{}", root().join("include").display()))
+        .current_dir(common::root().join("examples/go"))
+        .env("CGO_CFLAGS", format!("-I{}", common::root().join("include").display()))
         .env("CGO_LDFLAGS", format!("-L{} -Wl,-rpath,{}", d.display(), d.display()))
         .env("GOCACHE", cache.path().join("cache"))
         .env("GOPATH", cache.path().join("path"))
@@ -73,7 +68,7 @@ fn go_package_tests() {
 fn swift_module_map_imports_with_clang_modules() {
     let dir = common::tmpdir();
     let exe = dir.path().join("module_import");
-    let map = root().join("examples/swift/Sources/CPhi4/module.modulemap");
+    let map = common::root().join("examples/swift/Sources/CPhi4/module.modulemap");
     let mut clang = Command::new("clang");
     if let Some(prefix) = common::cross() {
         clang.arg(format!("--target={prefix}"));
@@ -84,7 +79,7 @@ fn swift_module_map_imports_with_clang_modules() {
             .arg(format!("-fmodules-cache-path={}", dir.path().join("mc").display()))
             .arg(format!("-fmodule-map-file={}", map.display()))
             .args(["-Wall", "-Werror"])
-            .arg(root().join("tests/c/module_import.c"))
+            .arg(common::root().join("tests/c/module_import.c"))
             .args(link_args())
             .arg("-o")
             .arg(&exe)

@@ -18,8 +18,13 @@ pub fn synth_model(dir: &Path, name: &str, spec: &Spec) -> PathBuf {
     p
 }
 
+/// The repository's root.
+pub fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    root().join("tests/fixtures").join(name)
 }
 
 pub fn ftype(s: &str) -> Ftype {
@@ -69,10 +74,9 @@ pub fn tool(name: &str) -> String {
 /// `make dist` once per test binary; returns the directory with the shipped files.
 pub fn dist() -> PathBuf {
     static ONCE: std::sync::Once = std::sync::Once::new();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     ONCE.call_once(|| {
-        let st = std::process::Command::new("make").args(["-s", "dist"]).current_dir(root).status().unwrap();
+        let st = std::process::Command::new("make").args(["-s", "dist"]).current_dir(root()).status().unwrap();
         assert!(st.success(), "make dist");
     });
-    root.join(std::env::var("DIST").unwrap_or_else(|_| "dist".into()))
+    root().join(std::env::var("DIST").unwrap_or_else(|_| "dist".into()))
 }
