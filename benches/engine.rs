@@ -13,7 +13,6 @@ mod reference;
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 struct Args {
@@ -68,19 +67,17 @@ fn child(a: &Args, engine: &str) {
     let (prefill, decode);
     match engine {
         "phi4" => {
-            let model = phi4::model::Model::load(&a.model, Default::default()).unwrap();
+            let model = std::sync::Arc::new(phi4::Model::load(&a.model, Default::default()).unwrap());
             let load = t0.elapsed().as_secs_f64();
-            let mut st = phi4::forward::RunState::new(&model, a.prompt + a.gen + 1, a.batch, a.threads).unwrap();
-            let abort = AtomicBool::new(false);
+            let sp = phi4::SessionParams { n_ctx: a.prompt + a.gen + 1, n_batch: a.batch, n_threads: a.threads, ..Default::default() };
+            let mut st = phi4::Session::new(model.clone(), &sp).unwrap();
             let prompt = prompt_tokens(a.prompt, model.config.n_vocab);
             let t = Instant::now();
-            st.eval(&model, &prompt, 0, &abort).unwrap();
+            let mut tok = phi4::sample::argmax(st.evaluate(&prompt).unwrap());
             prefill = a.prompt as f64 / t.elapsed().as_secs_f64();
             let t = Instant::now();
-            let mut tok = phi4::sample::argmax(&st.logits);
-            for i in 0..a.gen {
-                st.eval(&model, &[tok], a.prompt + i, &abort).unwrap();
-                tok = phi4::sample::argmax(&st.logits);
+            for _ in 0..a.gen {
+                tok = phi4::sample::argmax(st.evaluate(&[tok]).unwrap());
             }
             decode = a.gen as f64 / t.elapsed().as_secs_f64();
             println!("{load} {prefill} {decode} {}", peak_rss_mib());
@@ -121,7 +118,7 @@ fn main() {
     };
     let size = std::fs::metadata(&a.model).map(|m| m.len()).unwrap_or(0);
     println!("model {} ({:.2} GB), {} threads, prompt {} tokens (batch {}), {} decoded tokens", a.model.display(), size as f64 / 1e9, a.threads, a.prompt, a.batch, a.gen);
-    println!("CPU features: {}", phi4::ggml::cpu_features().join(" "));
+    println!("CPU features: {}", phi4::cpu_features().join(" "));
     let best = |a: Vec<f64>, b: Vec<f64>| -> Vec<f64> {
         // load: lower is better; prefill, decode: higher; peak RSS: the same every round.
         vec![a[0].min(b[0]), a[1].max(b[1]), a[2].max(b[2]), a[3].min(b[3])]

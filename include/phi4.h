@@ -11,6 +11,8 @@
  *   program built against this header keeps working with later versions of the library.
  *
  * Threads
+ * - A function taking a const handle may be called on it from several threads at once; one
+ *   taking a non-const handle needs the handle to itself for the call.
  * - A phi4_model is immutable: load, tokenize, detokenize and open sessions on it from any
  *   number of threads at once.
  * - A phi4_session is used by one thread at a time; a second concurrent call on it returns
@@ -26,6 +28,18 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+
+// The library's major version: a new one breaks the ABI.
+#define PHI4_VERSION_MAJOR 0
+
+// The library's minor version: a new one adds to the ABI and keeps it.
+#define PHI4_VERSION_MINOR 1
+
+// The library's patch version.
+#define PHI4_VERSION_PATCH 0
+
+// `phi4_generate_params.seed`: a fresh random seed for every generation (the default).
+#define PHI4_SEED_RANDOM 18446744073709551615ull
 
 // Result of every fallible phi4 function.
 typedef enum phi4_status {
@@ -59,14 +73,6 @@ typedef enum phi4_log_level {
   PHI4_LOG_WARN = 1,
 } phi4_log_level;
 
-// What to do when a conversation outgrows the context.
-typedef enum phi4_overflow {
-  // Fail with PHI4_ERR_CONTEXT_OVERFLOW before any work (default).
-  PHI4_OVERFLOW_ERROR = 0,
-  // Drop the oldest messages after the system message until the prompt fits.
-  PHI4_OVERFLOW_DROP_OLDEST = 1,
-} phi4_overflow;
-
 // Why the last generation ended.
 typedef enum phi4_done_reason {
   // No generation has finished on this session yet.
@@ -81,8 +87,14 @@ typedef enum phi4_done_reason {
   PHI4_DONE_CONTEXT_FULL = 4,
 } phi4_done_reason;
 
-// A ggml tensor type that this build of ggml knows.
-typedef struct Type Type;
+// What to do when a conversation outgrows the context (the values of
+// `phi4_session_params.overflow`).
+typedef enum phi4_overflow {
+  // Fail with PHI4_ERR_CONTEXT_OVERFLOW before any work (default).
+  PHI4_OVERFLOW_ERROR = 0,
+  // Drop the oldest messages after the system message until the prompt fits.
+  PHI4_OVERFLOW_DROP_OLDEST = 1,
+} phi4_overflow;
 
 // A loaded model (opaque).
 typedef struct phi4_model phi4_model;
@@ -128,8 +140,8 @@ typedef struct phi4_session_params {
   uint32_t n_batch;
   // Threads for the forward pass, 1..=512. Default: the number of CPUs.
   uint32_t n_threads;
-  // Default PHI4_OVERFLOW_ERROR.
-  enum phi4_overflow overflow;
+  // A phi4_overflow value. Default PHI4_OVERFLOW_ERROR.
+  uint32_t overflow;
 } phi4_session_params;
 
 // How to generate. Get one from `phi4_generate_default_params` (Ollama's defaults).
@@ -152,7 +164,8 @@ typedef struct phi4_generate_params {
   float frequency_penalty;
   // Subtracted once if present in the window. Default 0.
   float presence_penalty;
-  // Seed of the random draw. Default 0.
+  // Seed of the random draw: the same seed and inputs give the same reply. Default
+  // PHI4_SEED_RANDOM: a fresh seed per generation.
   uint64_t seed;
   // Tokens to generate at most; 0 means until the context is full. Default 0.
   uint32_t max_tokens;
@@ -189,22 +202,6 @@ typedef struct phi4_result {
   uint32_t dropped_messages;
 } phi4_result;
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -214,7 +211,8 @@ extern "C" {
 // the next such call on this thread.
 const char *phi4_last_load_error(void);
 
-// The library version, e.g. "0.1.0". Static; never NULL.
+// The version of the library linked at run time, e.g. "0.1.0" (PHI4_VERSION_* are the
+// header's). Static; never NULL.
 const char *phi4_version(void);
 
 // CPU features ggml uses on this machine, space-separated (e.g. "AVX AVX2 F16C FMA", or

@@ -12,11 +12,6 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// Bytes the cache needs for `n_ctx` positions.
-    pub fn bytes_for(c: &Config, n_ctx: usize) -> u64 {
-        2 * c.n_layer as u64 * n_ctx as u64 * c.n_embd_kv() as u64 * 2
-    }
-
     pub fn new(c: &Config, n_ctx: usize) -> Result<KvCache, ggml::AllocError> {
         let mut ctx = Context::new(2 * c.n_layer, 0);
         let shape = [c.n_embd_kv() as i64, n_ctx as i64];

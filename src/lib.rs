@@ -1,15 +1,41 @@
 //! phi4: Phi-4 inference on ggml's CPU kernels, with a small stable C ABI.
+//!
+//! Load a [`Model`] from a GGUF file, open a [`Session`] on it, and chat:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use phi4::{chat::{Message, Role}, GenerateParams, Model, Session, SessionParams};
+//!
+//! let model = Arc::new(Model::load("phi4.gguf".as_ref(), Default::default())?);
+//! let mut session = Session::new(model, &SessionParams::default())?;
+//! let messages = [Message::new(Role::User, "Hello!")];
+//! let outcome = session.chat(&messages, &GenerateParams::default(), &mut |_, piece| {
+//!     print!("{piece}");
+//!     true
+//! })?;
+//! println!("\n({} tokens, {})", outcome.timings.eval_count, outcome.reason.as_str());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! See ARCHITECTURE.md for the map of the code.
 
-pub mod forward;
-pub mod ggml;
+pub mod chat;
 pub mod gguf;
-pub mod kv_cache;
 pub mod model;
 pub mod sample;
-pub mod synth;
-pub mod chat;
-pub mod tokenizer;
 pub mod session;
-#[allow(non_camel_case_types)]
-pub mod ffi;
+pub mod tokenizer;
+
+mod ffi;
+mod forward;
+mod ggml;
+mod kv_cache;
+
+pub use model::{Config, LoadError, LoadParams, Model};
+pub use sample::SamplingParams;
+pub use session::{DoneReason, GenerateParams, Outcome, Overflow, Session, SessionError, SessionParams};
+
+/// CPU features ggml uses on this machine, by name (e.g. `["SSE3", "AVX", "AVX2", "F16C", "FMA"]`).
+pub fn cpu_features() -> Vec<&'static str> {
+    ggml::cpu_features()
+}

@@ -4,12 +4,15 @@
 //!
 //! A [`Model`] is immutable once loaded and shared by every session on it.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::ggml::{self, Buffer, BufferType, Context, TensorId, Type};
 use crate::gguf::{self, Gguf, GgufError, TensorInfo};
 use crate::tokenizer::{Tokenizer, VocabError};
+
+pub use crate::ggml::AllocError;
 
 /// Why a model could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +52,11 @@ impl Config {
     /// Width of K (and of V) for one token: all KV heads.
     pub fn n_embd_kv(&self) -> usize {
         self.head_dim * self.n_head_kv
+    }
+
+    /// Bytes of KV cache one position costs: K and V (f16) of every layer.
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        2 * self.n_layer as u64 * self.n_embd_kv() as u64 * 2
     }
 
     /// Read and cross-check the hyper-parameters of a `phi3` GGUF file.
@@ -134,7 +142,7 @@ impl Config {
 }
 
 /// One transformer block's weights (ggml ne order: [row length, rows]).
-pub struct Layer {
+pub(crate) struct Layer {
     pub attn_norm: TensorId,   // [n_embd] f32
     pub attn_qkv: TensorId,    // [n_embd, n_embd + 2*n_embd_kv]: rows Q, then K, then V
     pub attn_output: TensorId, // [n_embd, n_embd]
@@ -144,7 +152,7 @@ pub struct Layer {
 }
 
 /// All weights, as tensors of one ggml context whose data lives in `buffers`.
-pub struct Weights {
+pub(crate) struct Weights {
     pub ctx: Context,
     pub tok_embd: TensorId,    // [n_embd, n_vocab]
     pub output_norm: TensorId, // [n_embd] f32
@@ -175,8 +183,9 @@ impl Default for LoadParams<'_> {
 /// A loaded Phi-4 model: configuration, metadata (for the tokenizer) and weights.
 pub struct Model {
     pub config: Config,
+    /// The file's header: metadata and tensor infos.
     pub gguf: Gguf,
-    pub weights: Weights,
+    pub(crate) weights: Weights,
     /// Size of the model file in bytes.
     pub file_size: u64,
     /// `(tensor name, ggml layout)` of every weight ggml repacked.
@@ -187,67 +196,200 @@ pub struct Model {
     pub load_duration: u64,
 }
 
-/// Tensors a Phi-4 file holds, with the shape each must have.
-fn expected_tensors(c: &Config) -> Vec<(String, Vec<u64>)> {
-    let (e, kv, ff, v) = (c.n_embd as u64, c.n_embd_kv() as u64, c.n_ff as u64, c.n_vocab as u64);
-    let mut t = vec![
-        ("token_embd.weight".to_string(), vec![e, v]),
-        ("output_norm.weight".to_string(), vec![e]),
-        ("output.weight".to_string(), vec![e, v]),
-    ];
-    for i in 0..c.n_layer {
-        t.push((format!("blk.{i}.attn_norm.weight"), vec![e]));
-        t.push((format!("blk.{i}.attn_qkv.weight"), vec![e, e + 2 * kv]));
-        t.push((format!("blk.{i}.attn_output.weight"), vec![e, e]));
-        t.push((format!("blk.{i}.ffn_norm.weight"), vec![e]));
-        t.push((format!("blk.{i}.ffn_up.weight"), vec![e, 2 * ff]));
-        t.push((format!("blk.{i}.ffn_down.weight"), vec![ff, e]));
+/// What a weight is for: the name of its tensor without the `blk.{i}.` prefix and `.weight`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    TokenEmbd,
+    AttnNorm,
+    AttnQkv,
+    AttnOutput,
+    FfnNorm,
+    FfnUp,
+    FfnDown,
+    OutputNorm,
+    Output,
+}
+
+impl Role {
+    /// The weights of every block, in file order.
+    pub const LAYER: [Role; 6] = [Role::AttnNorm, Role::AttnQkv, Role::AttnOutput, Role::FfnNorm, Role::FfnUp, Role::FfnDown];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::TokenEmbd => "token_embd",
+            Role::AttnNorm => "attn_norm",
+            Role::AttnQkv => "attn_qkv",
+            Role::AttnOutput => "attn_output",
+            Role::FfnNorm => "ffn_norm",
+            Role::FfnUp => "ffn_up",
+            Role::FfnDown => "ffn_down",
+            Role::OutputNorm => "output_norm",
+            Role::Output => "output",
+        }
     }
-    t
+
+    /// Shape in ggml order ([row length, rows]) for a model of configuration `c`.
+    pub fn shape(self, c: &Config) -> Vec<u64> {
+        let (e, kv, ff, v) = (c.n_embd as u64, c.n_embd_kv() as u64, c.n_ff as u64, c.n_vocab as u64);
+        match self {
+            Role::TokenEmbd | Role::Output => vec![e, v],
+            Role::AttnNorm | Role::FfnNorm | Role::OutputNorm => vec![e],
+            Role::AttnQkv => vec![e, e + 2 * kv], // rows Q, then K, then V
+            Role::AttnOutput => vec![e, e],
+            Role::FfnUp => vec![e, 2 * ff], // rows gate, then up
+            Role::FfnDown => vec![ff, e],
+        }
+    }
+
+    /// Norms are vectors (kept f32); the rest are matrices.
+    pub fn is_norm(self) -> bool {
+        matches!(self, Role::AttnNorm | Role::FfnNorm | Role::OutputNorm)
+    }
+}
+
+/// One tensor of a Phi-4 file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub role: Role,
+    /// The block it belongs to (None for the embedding, the final norm and the output).
+    pub layer: Option<usize>,
+    pub shape: Vec<u64>,
+}
+
+impl Config {
+    /// Every tensor a Phi-4 file of this configuration holds, in file order. `output.weight` may
+    /// be absent from a file (then the embedding is used as the output matrix).
+    pub fn tensors(&self) -> Vec<TensorSpec> {
+        let spec = |role: Role, layer: Option<usize>| {
+            let name = match layer {
+                Some(i) => format!("blk.{i}.{}.weight", role.name()),
+                None => format!("{}.weight", role.name()),
+            };
+            TensorSpec { name, role, layer, shape: role.shape(self) }
+        };
+        let mut t = vec![spec(Role::TokenEmbd, None)];
+        for i in 0..self.n_layer {
+            t.extend(Role::LAYER.iter().map(|&r| spec(r, Some(i))));
+        }
+        t.push(spec(Role::OutputNorm, None));
+        t.push(spec(Role::Output, None));
+        t
+    }
 }
 
 /// Check that the file holds exactly Phi-4's tensors, each with its shape and a usable type.
 fn check_tensors(g: &Gguf, c: &Config) -> Result<(), LoadError> {
-    let expected = expected_tensors(c);
+    let expected = c.tensors();
     for t in &g.tensors {
-        let Some((_, shape)) = expected.iter().find(|(n, _)| *n == t.name) else {
+        let Some(spec) = expected.iter().find(|s| s.name == t.name) else {
             let hint = if t.name.contains("rope_factors") { " (LongRoPE files are not Phi-4)" } else { "" };
             return Err(LoadError::NotPhi4(format!("unexpected tensor {:?}{hint}", t.name)));
         };
-        if t.shape() != shape.as_slice() {
-            return Err(LoadError::NotPhi4(format!(
-                "tensor {:?} has shape {:?}, expected {:?}",
-                t.name,
-                t.shape(),
-                shape
-            )));
+        if t.shape() != spec.shape.as_slice() {
+            return Err(LoadError::NotPhi4(format!("tensor {:?} has shape {:?}, expected {:?}", t.name, t.shape(), spec.shape)));
         }
         if t.file_offset % 32 != 0 {
-            return Err(LoadError::NotPhi4(format!(
-                "tensor {:?} data is not 32-byte aligned (ggml's CPU kernels need it)",
-                t.name
-            )));
+            return Err(LoadError::NotPhi4(format!("tensor {:?} data is not 32-byte aligned (ggml's CPU kernels need it)", t.name)));
         }
-        let is_norm = t.n_dims == 1;
-        if is_norm && t.ggml_type != Type::F32 {
+        if spec.role.is_norm() && t.ggml_type != Type::F32 {
             return Err(LoadError::NotPhi4(format!("tensor {:?} is {:?}; norms must be f32", t.name, t.ggml_type)));
         }
         if !t.ggml_type.cpu_supported() {
-            return Err(LoadError::NotPhi4(format!(
-                "tensor {:?} has type {:?}, which ggml's CPU backend cannot multiply",
-                t.name, t.ggml_type
-            )));
+            return Err(LoadError::NotPhi4(format!("tensor {:?} has type {:?}, which ggml's CPU backend cannot multiply", t.name, t.ggml_type)));
         }
     }
-    for (name, _) in &expected {
-        if g.tensor(name).is_none() && name != "output.weight" {
-            return Err(LoadError::NotPhi4(format!("tensor {name:?} is missing")));
+    for spec in &expected {
+        if g.tensor(&spec.name).is_none() && spec.role != Role::Output {
+            return Err(LoadError::NotPhi4(format!("tensor {:?} is missing", spec.name)));
         }
     }
     Ok(())
 }
 
+/// Which weights go to a repacking buffer type: matrices used only by `mul_mat` (not the
+/// embedding, which is read by `get_rows`) whose type and shape that buffer type accelerates.
+fn plan_repack<'g>(g: &'g Gguf, extra: &[BufferType]) -> HashMap<&'g str, BufferType> {
+    g.tensors
+        .iter()
+        .filter(|t| t.n_dims == 2 && t.name != "token_embd.weight")
+        .filter_map(|t| {
+            let b = extra.iter().find(|b| b.accelerates_mul_mat(t.ggml_type, t.dims[0] as i64, t.dims[1] as i64))?;
+            Some((t.name.as_str(), *b))
+        })
+        .collect()
+}
+
+/// One buffer of `buft` holding `tensors`, converted by ggml from the mapping into its layout;
+/// the mapping's pages of those tensors are dropped afterwards, so they are resident once.
+fn repack_into(buft: BufferType, tensors: &[&TensorInfo], ctx: &Context, ids: &HashMap<String, TensorId>, map: &memmap2::Mmap, progress: &mut Progress<'_, '_>) -> Result<Buffer, LoadError> {
+    let align = Buffer::alignment_of(buft);
+    let mut offsets = Vec::with_capacity(tensors.len());
+    let mut size = 0usize;
+    for t in tensors {
+        offsets.push(size);
+        size += Buffer::alloc_size_in(buft, ctx.get(ids[&t.name])).div_ceil(align) * align;
+    }
+    let buf = Buffer::alloc(buft, size, &format!("{} weights", buft.name()))?;
+    for (t, off) in tensors.iter().zip(offsets) {
+        let tensor = ctx.get(ids[&t.name]);
+        buf.place(tensor, off);
+        let (start, len) = (t.file_offset as usize, t.size as usize);
+        ggml::prefault(map, start, len);
+        ggml::tensor_set(tensor, &map[start..start + len]);
+        ggml::drop_pages(map, start, len);
+        progress.advance(t.size)?;
+    }
+    Ok(buf)
+}
+
+impl Weights {
+    /// Name the placed tensors for the forward pass (`output` falls back to the embedding when
+    /// the file ties them).
+    fn assemble(c: &Config, ctx: Context, ids: &HashMap<String, TensorId>, buffers: Vec<Buffer>) -> Weights {
+        let id = |role: Role, layer: Option<usize>| match layer {
+            Some(i) => ids[&format!("blk.{i}.{}.weight", role.name())],
+            None => ids[&format!("{}.weight", role.name())],
+        };
+        let layers = (0..c.n_layer)
+            .map(|i| Layer {
+                attn_norm: id(Role::AttnNorm, Some(i)),
+                attn_qkv: id(Role::AttnQkv, Some(i)),
+                attn_output: id(Role::AttnOutput, Some(i)),
+                ffn_norm: id(Role::FfnNorm, Some(i)),
+                ffn_up: id(Role::FfnUp, Some(i)),
+                ffn_down: id(Role::FfnDown, Some(i)),
+            })
+            .collect();
+        let tok_embd = id(Role::TokenEmbd, None);
+        let output = ids.get("output.weight").copied().unwrap_or(tok_embd);
+        Weights { tok_embd, output_norm: id(Role::OutputNorm, None), output, layers, ctx, _buffers: buffers }
+    }
+}
+
+/// Reports load progress and turns a `false` from the callback into [`LoadError::Cancelled`].
+struct Progress<'p, 'a> {
+    callback: &'p mut Option<&'a mut dyn FnMut(f32) -> bool>,
+    done: u64,
+    total: u64,
+}
+
+impl Progress<'_, '_> {
+    fn advance(&mut self, bytes: u64) -> Result<(), LoadError> {
+        self.done += bytes;
+        let fraction = self.done as f32 / self.total.max(1) as f32;
+        let go_on = self.callback.as_mut().map_or(true, |f| f(fraction));
+        if go_on {
+            Ok(())
+        } else {
+            Err(LoadError::Cancelled)
+        }
+    }
+}
+
 impl Model {
+    /// Load = map the file → parse and check it → declare the weights → place each one: in the
+    /// mapping, or repacked into a buffer of a faster layout → name them for the forward pass.
     pub fn load(path: &Path, mut params: LoadParams<'_>) -> Result<Model, LoadError> {
         let started = std::time::Instant::now();
         let io = |source| LoadError::Io { path: path.display().to_string(), source };
@@ -259,93 +401,39 @@ impl Model {
         let tokenizer = Tokenizer::from_gguf(&gguf, config.n_vocab)?;
 
         let mut ctx = Context::new(gguf.tensors.len(), 0);
-        let mut ids = std::collections::HashMap::new();
-        for t in &gguf.tensors {
-            let ne: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
-            ids.insert(t.name.clone(), ctx.new_tensor(t.ggml_type, &ne, &t.name));
-        }
-
-        // Which weights go to a repacking buffer type: matrices used only by mul_mat.
+        let ids: HashMap<String, TensorId> = gguf
+            .tensors
+            .iter()
+            .map(|t| {
+                let ne: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
+                (t.name.clone(), ctx.new_tensor(t.ggml_type, &ne, &t.name))
+            })
+            .collect();
         let extra = if params.repack { BufferType::cpu_extra() } else { Vec::new() };
-        let mut repack: Vec<(&TensorInfo, BufferType)> = Vec::new();
-        for t in gguf.tensors.iter().filter(|t| t.n_dims == 2 && t.name != "token_embd.weight") {
-            if let Some(b) = extra.iter().find(|b| b.accelerates_mul_mat(t.ggml_type, t.dims[0] as i64, t.dims[1] as i64)) {
-                repack.push((t, *b));
-            }
-        }
+        let repack = plan_repack(&gguf, &extra);
+        let total = gguf.tensors.iter().map(|t| t.size).sum();
+        let mut progress = Progress { callback: &mut params.progress, done: 0, total };
+        progress.advance(0)?;
 
-        let mut buffers = Vec::new();
         let mapped = Buffer::from_host_memory(map.clone());
-        let total: u64 = gguf.tensors.iter().map(|t| t.size).sum::<u64>().max(1);
-        let mut done = 0u64;
-        let mut report = |n: u64| -> Result<(), LoadError> {
-            done += n;
-            let go_on = params.progress.as_mut().map_or(true, |f| f(done as f32 / total as f32));
-            if go_on {
-                Ok(())
-            } else {
-                Err(LoadError::Cancelled)
-            }
-        };
-        report(0)?;
-        for t in &gguf.tensors {
-            if repack.iter().any(|(r, _)| r.name == t.name) {
-                continue;
-            }
+        for t in gguf.tensors.iter().filter(|t| !repack.contains_key(t.name.as_str())) {
             mapped.place(ctx.get(ids[&t.name]), t.file_offset as usize);
             if params.prefetch {
                 ggml::prefault(&map, t.file_offset as usize, t.size as usize);
             }
-            report(t.size)?;
+            progress.advance(t.size)?;
         }
-        buffers.push(mapped);
-
+        let mut buffers = vec![mapped];
         let mut repacked = Vec::new();
-        for buft in extra.iter() {
-            let mine: Vec<&TensorInfo> = repack.iter().filter(|(_, b)| b == buft).map(|(t, _)| *t).collect();
-            if mine.is_empty() {
-                continue;
+        for buft in &extra {
+            let mine: Vec<&TensorInfo> = gguf.tensors.iter().filter(|t| repack.get(t.name.as_str()) == Some(buft)).collect();
+            if !mine.is_empty() {
+                buffers.push(repack_into(*buft, &mine, &ctx, &ids, &map, &mut progress)?);
+                repacked.extend(mine.iter().map(|t| (t.name.clone(), buft.name())));
             }
-            let align = Buffer::alignment_of(*buft);
-            let mut offsets = Vec::new();
-            let mut size = 0usize;
-            for t in &mine {
-                offsets.push(size);
-                size += Buffer::alloc_size_in(*buft, ctx.get(ids[&t.name])).div_ceil(align) * align;
-            }
-            let buf = Buffer::alloc(*buft, size, &format!("{} weights", buft.name()))?;
-            for (t, off) in mine.iter().zip(offsets) {
-                let tensor = ctx.get(ids[&t.name]);
-                buf.place(tensor, off);
-                let (start, len) = (t.file_offset as usize, t.size as usize);
-                ggml::prefault(&map, start, len);
-                ggml::tensor_set(tensor, &map[start..start + len]);
-                ggml::drop_pages(&map, start, len);
-                repacked.push((t.name.clone(), buft.name()));
-                report(t.size)?;
-            }
-            buffers.push(buf);
         }
 
-        let id = |n: &str| ids[n];
-        let layers = (0..config.n_layer)
-            .map(|i| Layer {
-                attn_norm: id(&format!("blk.{i}.attn_norm.weight")),
-                attn_qkv: id(&format!("blk.{i}.attn_qkv.weight")),
-                attn_output: id(&format!("blk.{i}.attn_output.weight")),
-                ffn_norm: id(&format!("blk.{i}.ffn_norm.weight")),
-                ffn_up: id(&format!("blk.{i}.ffn_up.weight")),
-                ffn_down: id(&format!("blk.{i}.ffn_down.weight")),
-            })
-            .collect();
-        let weights = Weights {
-            tok_embd: id("token_embd.weight"),
-            output_norm: id("output_norm.weight"),
-            output: ids.get("output.weight").copied().unwrap_or_else(|| id("token_embd.weight")),
-            layers,
-            ctx,
-            _buffers: buffers,
-        };
+        let weights = Weights::assemble(&config, ctx, &ids, buffers);
         let load_duration = started.elapsed().as_nanos() as u64;
         Ok(Model { config, gguf, weights, file_size: map.len() as u64, repacked, tokenizer, load_duration })
     }

@@ -4,43 +4,113 @@
 //! presence) → top-k → top-p → min-p → temperature → a draw from a seeded generator. At
 //! temperature 0 the choice is greedy (after the penalties).
 
-/// Sampling parameters. `Default` gives Ollama's defaults.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SamplingParams {
-    /// Softmax temperature; 0 means greedy.
-    pub temperature: f32,
-    /// Keep the k most likely tokens; 0 keeps all.
-    pub top_k: usize,
-    /// Keep the smallest set whose probability reaches p; 1 keeps all.
-    pub top_p: f32,
-    /// Drop tokens less likely than min_p times the most likely one; 0 keeps all.
-    pub min_p: f32,
-    /// Divide positive (multiply negative) logits of recently seen tokens; 1 is off.
-    pub repeat_penalty: f32,
-    /// How many recent tokens the penalties look at; 0 is off.
-    pub repeat_last_n: usize,
-    /// Subtracted once per occurrence in the window.
-    pub frequency_penalty: f32,
-    /// Subtracted once if the token occurs in the window.
-    pub presence_penalty: f32,
-    /// Seed of the draw: the same seed and inputs give the same tokens.
-    pub seed: u64,
+/// Declares [`SamplingParams`] from one table: each option's name (Ollama's), type, default and
+/// help, so that the struct, its defaults and the by-name access of the CLI, the REPL and the
+/// server cannot drift apart.
+macro_rules! sampling_params {
+    ($( $(#[doc = $doc:literal])+ $name:ident: $ty:ty = $default:expr, )*) => {
+        /// Sampling parameters. `Default` gives Ollama's defaults.
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct SamplingParams {
+            $( $(#[doc = $doc])+ pub $name: $ty, )*
+        }
+
+        impl Default for SamplingParams {
+            fn default() -> Self {
+                SamplingParams { $( $name: $default, )* }
+            }
+        }
+
+        impl SamplingParams {
+            /// Every option: (name, help).
+            pub const OPTIONS: &'static [(&'static str, &'static str)] = &[ $( (stringify!($name), concat!($($doc),+)), )* ];
+
+            /// Set an option by name from its text form (checked by [`SamplingParams::validate`]
+            /// only when asked).
+            pub fn set(&mut self, name: &str, value: &str) -> Result<(), String> {
+                match name {
+                    $( stringify!($name) => self.$name = OptionValue::parse(name, value)?, )*
+                    _ => return Err(format!("unknown option {name:?}")),
+                }
+                Ok(())
+            }
+
+            /// An option's value in text form, by name.
+            pub fn get(&self, name: &str) -> Option<String> {
+                match name {
+                    $( stringify!($name) => Some(self.$name.show()), )*
+                    _ => None,
+                }
+            }
+        }
+    };
 }
 
-impl Default for SamplingParams {
-    fn default() -> Self {
-        SamplingParams {
-            temperature: 0.8,
-            top_k: 40,
-            top_p: 0.9,
-            min_p: 0.0,
-            repeat_penalty: 1.1,
-            repeat_last_n: 64,
-            frequency_penalty: 0.0,
-            presence_penalty: 0.0,
-            seed: 0,
+sampling_params! {
+    /// Softmax temperature; 0 is greedy.
+    temperature: f32 = 0.8,
+    /// Keep the k most likely tokens; 0 keeps all.
+    top_k: usize = 40,
+    /// Keep the smallest set of tokens whose probability reaches p; 1 keeps all.
+    top_p: f32 = 0.9,
+    /// Drop tokens less likely than min_p times the most likely one; 0 keeps all.
+    min_p: f32 = 0.0,
+    /// Divide positive (multiply negative) logits of recently seen tokens; 1 is off.
+    repeat_penalty: f32 = 1.1,
+    /// How many recent tokens the penalties look at; 0 is off.
+    repeat_last_n: usize = 64,
+    /// Subtracted from a token's logit once per occurrence in the window.
+    frequency_penalty: f32 = 0.0,
+    /// Subtracted from a token's logit once if it occurs in the window.
+    presence_penalty: f32 = 0.0,
+    /// Seed of the random draw: the same seed and inputs give the same tokens; none ("random") draws a fresh seed per generation.
+    seed: Option<u64> = None,
+}
+
+/// The text form of an option's value.
+trait OptionValue: Sized {
+    fn parse(name: &str, v: &str) -> Result<Self, String>;
+    fn show(&self) -> String;
+}
+
+impl OptionValue for f32 {
+    fn parse(name: &str, v: &str) -> Result<f32, String> {
+        v.trim().parse().map_err(|_| format!("{name} takes a number, not {v:?}"))
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl OptionValue for usize {
+    fn parse(name: &str, v: &str) -> Result<usize, String> {
+        v.trim().parse().map_err(|_| format!("{name} takes a whole number >= 0, not {v:?}"))
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl OptionValue for Option<u64> {
+    fn parse(name: &str, v: &str) -> Result<Option<u64>, String> {
+        match v.trim() {
+            "random" => Ok(None),
+            v => v.parse().map(Some).map_err(|_| format!("{name} takes a whole number >= 0 or \"random\", not {v:?}")),
         }
     }
+    fn show(&self) -> String {
+        self.map_or("random".into(), |s| s.to_string())
+    }
+}
+
+/// A seed for a generation that was given none: different every call.
+pub(crate) fn fresh_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish()
 }
 
 impl SamplingParams {
@@ -72,10 +142,14 @@ impl SamplingParams {
 }
 
 /// A small deterministic PRNG (splitmix64): fast, and the same on every platform.
-pub(crate) struct Rng(pub(crate) u64);
+pub struct Rng(u64);
 
 impl Rng {
-    pub(crate) fn next_u64(&mut self) -> u64 {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -84,7 +158,7 @@ impl Rng {
     }
 
     /// Uniform in [0, 1).
-    pub(crate) fn uniform(&mut self) -> f32 {
+    pub fn uniform(&mut self) -> f32 {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
 }
@@ -98,7 +172,7 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(p: SamplingParams) -> Sampler {
-        let rng = Rng(p.seed ^ 0x9E37_79B9_7F4A_7C15);
+        let rng = Rng::new(p.seed.unwrap_or_else(fresh_seed));
         Sampler { p, rng, cand: Vec::new() }
     }
 

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::chat::{self, Markers, Message, Role};
-use crate::forward::{EvalError, RunState};
+pub use crate::forward::EvalError;
+use crate::forward::RunState;
 use crate::model::Model;
 use crate::sample::{Sampler, SamplingParams};
 use crate::tokenizer::StreamDecoder;
@@ -27,11 +28,18 @@ pub enum Overflow {
     DropOldest,
 }
 
+/// The largest context a session may have (Phi-4's 16K), whatever a file claims.
+pub const MAX_CONTEXT: usize = 16384;
+/// The context of a session that asks for none (`n_ctx: 0`), if the model's is not smaller.
+pub const DEFAULT_CONTEXT: usize = 4096;
+/// The most threads a session may ask for.
+pub const MAX_THREADS: usize = 512;
+
 /// How a session is made.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SessionParams {
-    /// Positions in the KV cache; at most the model's context length (16384 for Phi-4).
-    /// 0 means the default: 4096, or the model's context if that is smaller.
+    /// Positions in the KV cache: 1 ..= min(the model's context, [`MAX_CONTEXT`]).
+    /// 0 means [`DEFAULT_CONTEXT`], or the model's context if that is smaller.
     pub n_ctx: usize,
     /// Prompt tokens per micro-batch (also the cancellation granularity of prefill).
     pub n_batch: usize,
@@ -50,6 +58,29 @@ impl Default for SessionParams {
     }
 }
 
+impl SessionParams {
+    /// Every value in range (the context is checked against the model by `context_for`).
+    pub fn check(&self) -> Result<(), String> {
+        if self.n_batch == 0 {
+            return Err("n_batch must be at least 1".into());
+        }
+        if self.n_threads == 0 || self.n_threads > MAX_THREADS {
+            return Err(format!("n_threads {} must be at least 1 and at most {MAX_THREADS}", self.n_threads));
+        }
+        Ok(())
+    }
+
+    /// The context these parameters give on `model`, or why they give none.
+    pub fn context_for(&self, model: &Model) -> Result<usize, String> {
+        let max = model.config.n_ctx_train.min(MAX_CONTEXT);
+        match self.n_ctx {
+            0 => Ok(max.min(DEFAULT_CONTEXT)),
+            n if n <= max => Ok(n),
+            n => Err(format!("n_ctx {n} must be in 1..={max} (0 for the default)")),
+        }
+    }
+}
+
 /// How one reply is generated.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct GenerateParams {
@@ -58,6 +89,43 @@ pub struct GenerateParams {
     pub max_tokens: usize,
     /// Generation ends before any of these strings; the string itself is not emitted.
     pub stop: Vec<String>,
+}
+
+impl GenerateParams {
+    /// Options of the reply itself (Ollama's names); the sampling ones are
+    /// [`SamplingParams::OPTIONS`].
+    pub const OPTIONS: &'static [(&'static str, &'static str)] = &[
+        ("num_predict", "Tokens to generate at most; 0 means until the context is full."),
+        ("stop", "Stop before this string (setting it again adds another)."),
+    ];
+
+    /// Every option by name, with its help: the reply's, then the sampler's.
+    pub fn options() -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+        Self::OPTIONS.iter().chain(SamplingParams::OPTIONS)
+    }
+
+    /// Set an option by name from its text form; the result is validated, and on error nothing
+    /// changes.
+    pub fn set(&mut self, name: &str, value: &str) -> Result<(), String> {
+        let mut next = self.clone();
+        match name {
+            "num_predict" => next.max_tokens = value.trim().parse().map_err(|_| format!("num_predict takes a whole number >= 0, not {value:?}"))?,
+            "stop" => next.stop.push(value.to_string()),
+            _ => next.sampling.set(name, value)?,
+        }
+        next.sampling.validate()?;
+        *self = next;
+        Ok(())
+    }
+
+    /// An option's value in text form, by name.
+    pub fn get(&self, name: &str) -> Option<String> {
+        match name {
+            "num_predict" => Some(self.max_tokens.to_string()),
+            "stop" => Some(format!("{:?}", self.stop)),
+            _ => self.sampling.get(name),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,16 +201,18 @@ pub struct Session {
 
 impl Session {
     pub fn new(model: Arc<Model>, p: &SessionParams) -> Result<Session, SessionError> {
-        let max = model.config.n_ctx_train.min(16384);
-        let n_ctx = if p.n_ctx == 0 { max.min(4096) } else { p.n_ctx };
-        if n_ctx > max {
-            return Err(SessionError::BadParams(format!("n_ctx {n_ctx} must be in 1..={max} (0 for the default)")));
-        }
-        if p.n_batch == 0 || p.n_threads == 0 || p.n_threads > 512 {
-            return Err(SessionError::BadParams("n_batch must be >= 1 and n_threads in 1..=512".into()));
-        }
+        p.check().map_err(SessionError::BadParams)?;
+        let n_ctx = p.context_for(&model).map_err(SessionError::BadParams)?;
         let st = RunState::new(&model, n_ctx, p.n_batch, p.n_threads).map_err(EvalError::from)?;
-        Ok(Session { model, st, overflow: p.overflow, history: Vec::new(), replies: HashMap::new(), last_token: None, cancel: Arc::new(AtomicBool::new(false)) })
+        Ok(Session {
+            model,
+            st,
+            overflow: p.overflow,
+            history: Vec::with_capacity(n_ctx),
+            replies: HashMap::new(),
+            last_token: None,
+            cancel: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -164,6 +234,11 @@ impl Session {
         self.cancel.clone()
     }
 
+    /// Memory this session holds: its KV cache and its compute buffer, in bytes.
+    pub fn memory(&self) -> (u64, usize) {
+        (self.model.config.kv_bytes_per_token() * self.n_ctx() as u64, self.st.compute_buffer_size())
+    }
+
     /// Forget everything in the cache.
     pub fn reset(&mut self) {
         self.history.clear();
@@ -173,6 +248,18 @@ impl Session {
     /// Keep only the first `n` tokens of the cache.
     pub fn rewind(&mut self, n: usize) {
         self.history.truncate(n);
+    }
+
+    /// Evaluate `tokens` after those in the cache, without sampling, and return the logits of
+    /// the last one (one per vocabulary entry): for scoring text, or comparing engines.
+    pub fn evaluate(&mut self, tokens: &[u32]) -> Result<&[f32], SessionError> {
+        if tokens.is_empty() {
+            return Err(SessionError::BadParams("no tokens".into()));
+        }
+        self.last_token = None;
+        self.st.eval(&self.model, tokens, self.history.len(), &self.cancel)?;
+        self.history.extend_from_slice(tokens);
+        Ok(&self.st.logits)
     }
 
     /// Reply to a conversation (the last message is usually the user's). `on_token` is called
@@ -218,8 +305,24 @@ impl Session {
     }
 
     /// Continue from `prompt` (token ids, no template), generating a reply; `on_token` as for
-    /// [`Session::chat`].
+    /// [`Session::chat`]. Generate = check → prefill (only what the cache lacks) → decode → flush.
     pub fn generate(&mut self, prompt: &[u32], gp: &GenerateParams, on_token: &mut OnToken<'_>) -> Result<Outcome, SessionError> {
+        self.check_prompt(prompt, gp)?;
+        self.cancel.store(false, Ordering::Relaxed);
+        self.last_token = None;
+        let mut timings = Timings { load_duration: self.model.load_duration, ..Default::default() };
+        let mut text = Text::new(&gp.stop);
+        if !self.prefill(prompt, &mut timings)? {
+            return Ok(text.outcome(DoneReason::Cancelled, timings));
+        }
+        let t = Instant::now();
+        let reason = self.decode(gp, &mut timings, &mut text, on_token)?;
+        text.flush(reason, on_token);
+        timings.eval_duration = t.elapsed().as_nanos() as u64;
+        Ok(text.outcome(reason, timings))
+    }
+
+    fn check_prompt(&self, prompt: &[u32], gp: &GenerateParams) -> Result<(), SessionError> {
         gp.sampling.validate().map_err(SessionError::BadParams)?;
         if prompt.is_empty() {
             return Err(SessionError::BadParams("empty prompt".into()));
@@ -228,83 +331,103 @@ impl Session {
         if let Some(&id) = prompt.iter().find(|&&t| t as usize >= n_vocab) {
             return Err(EvalError::BadToken { id, n_vocab }.into());
         }
-        let n_ctx = self.n_ctx();
-        if prompt.len() + 1 > n_ctx {
-            return Err(SessionError::ContextOverflow { needed: prompt.len() + 1, n_ctx });
+        if prompt.len() + 1 > self.n_ctx() {
+            return Err(SessionError::ContextOverflow { needed: prompt.len() + 1, n_ctx: self.n_ctx() });
         }
-        self.cancel.store(false, Ordering::Relaxed);
-        self.last_token = None;
-        let mut timings = Timings { load_duration: self.model.load_duration, ..Default::default() };
-        let mut text = String::new();
-        let done = |reason, timings, text| Ok(Outcome { reason, timings, dropped_messages: 0, text });
+        Ok(())
+    }
 
-        // Reuse the cached prefix; the last prompt token is always evaluated (its logits are needed).
-        let mut keep = self.history.iter().zip(prompt).take_while(|(a, b)| a == b).count();
-        keep = keep.min(prompt.len() - 1);
+    /// Evaluate what the cache lacks of `prompt` (its last token always: its logits are needed).
+    /// Returns false when cancelled.
+    fn prefill(&mut self, prompt: &[u32], timings: &mut Timings) -> Result<bool, SessionError> {
+        let keep = self.history.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
         self.history.truncate(keep);
         let t = Instant::now();
         let new = &prompt[keep..];
         match self.st.eval(&self.model, new, keep, &self.cancel) {
             Ok(()) => {}
-            Err(EvalError::Cancelled) => return done(DoneReason::Cancelled, timings, text),
+            Err(EvalError::Cancelled) => return Ok(false),
             Err(e) => return Err(e.into()),
         }
         self.history.extend_from_slice(new);
         timings.prompt_eval_count = new.len();
         timings.prompt_eval_duration = t.elapsed().as_nanos() as u64;
+        Ok(true)
+    }
 
+    /// Sample, emit and evaluate one token at a time until a reason to stop.
+    fn decode(&mut self, gp: &GenerateParams, timings: &mut Timings, text: &mut Text, on_token: &mut OnToken<'_>) -> Result<DoneReason, SessionError> {
         let tok = &self.model.tokenizer;
         let mut sampler = Sampler::new(gp.sampling.clone());
-        let mut utf8 = StreamDecoder::default();
-        let mut stops = StopMatcher::new(&gp.stop);
-        let t = Instant::now();
-        let reason = loop {
+        loop {
             if self.cancel.load(Ordering::Relaxed) {
-                break DoneReason::Cancelled;
+                return Ok(DoneReason::Cancelled);
             }
             let id = sampler.sample(&self.st.logits, &self.history);
             if tok.end_of_generation.contains(&id) {
-                break DoneReason::Stop;
+                return Ok(DoneReason::Stop);
             }
             timings.eval_count += 1;
             self.last_token = Some(id);
-            let piece = utf8.push(tok.piece(id, false));
-            let (emit, stopped) = stops.push(&piece);
-            text.push_str(&emit);
+            let (emit, stopped) = text.push(tok.piece(id, false));
             if !on_token(Some(id), &emit) {
-                break DoneReason::Cancelled;
+                return Ok(DoneReason::Cancelled);
             }
             if stopped {
-                break DoneReason::Stop;
+                return Ok(DoneReason::Stop);
             }
             if gp.max_tokens > 0 && timings.eval_count >= gp.max_tokens {
-                break DoneReason::Length;
+                return Ok(DoneReason::Length);
             }
-            if self.history.len() >= n_ctx {
-                break DoneReason::ContextFull;
+            if self.history.len() >= self.n_ctx() {
+                return Ok(DoneReason::ContextFull);
             }
             match self.st.eval(&self.model, &[id], self.history.len(), &self.cancel) {
                 Ok(()) => {
                     self.history.push(id);
                     self.last_token = None;
                 }
-                Err(EvalError::Cancelled) => break DoneReason::Cancelled,
+                Err(EvalError::Cancelled) => return Ok(DoneReason::Cancelled),
                 Err(e) => return Err(e.into()),
             }
-        };
-        // Text held back (an unfinished character, a partial stop string) is emitted unless the
-        // generation ended on a stop string or was cancelled.
-        if matches!(reason, DoneReason::Length | DoneReason::ContextFull)
-            || (reason == DoneReason::Stop && !stops.stopped)
-        {
-            let tail = stops.finish(&utf8.finish());
+        }
+    }
+}
+
+/// The reply's text as it streams: token bytes → whole UTF-8 characters → stop-string check.
+struct Text {
+    utf8: StreamDecoder,
+    stops: StopMatcher,
+    text: String,
+}
+
+impl Text {
+    fn new(stop: &[String]) -> Text {
+        Text { utf8: StreamDecoder::default(), stops: StopMatcher::new(stop), text: String::new() }
+    }
+
+    /// A token's bytes in; the text that can be emitted now out, and whether a stop string ended it.
+    fn push(&mut self, bytes: &[u8]) -> (String, bool) {
+        let piece = self.utf8.push(bytes);
+        let (emit, stopped) = self.stops.push(&piece);
+        self.text.push_str(&emit);
+        (emit, stopped)
+    }
+
+    /// Text held back (an unfinished character, a partial stop string) is emitted unless the
+    /// generation ended on a stop string or was cancelled.
+    fn flush(&mut self, reason: DoneReason, on_token: &mut OnToken<'_>) {
+        if matches!(reason, DoneReason::Length | DoneReason::ContextFull) || (reason == DoneReason::Stop && !self.stops.stopped) {
+            let tail = self.stops.finish(&self.utf8.finish());
             if !tail.is_empty() {
-                text.push_str(&tail);
+                self.text.push_str(&tail);
                 on_token(None, &tail);
             }
         }
-        timings.eval_duration = t.elapsed().as_nanos() as u64;
-        done(reason, timings, text)
+    }
+
+    fn outcome(self, reason: DoneReason, timings: Timings) -> Outcome {
+        Outcome { reason, timings, dropped_messages: 0, text: self.text }
     }
 }
 

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use fancy_regex::Regex;
 
 use crate::gguf::{Gguf, GgufError, Value, ValueType};
-use crate::synth::byte_to_unicode;
 
 /// Why a vocabulary cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +162,13 @@ impl Tokenizer {
         Ok(Tokenizer { pieces, types, by_text, merges, byte_token, specials, pre, end_of_generation })
     }
 
+    /// The tokenizer of the GGUF file at `path`, reading only its header (not the weights).
+    pub fn load(path: &std::path::Path) -> Result<Tokenizer, crate::model::LoadError> {
+        let g = crate::gguf::parse_file(path)?;
+        let n_vocab = g.array("tokenizer.ggml.tokens", ValueType::String).map_err(VocabError::from)?.len();
+        Ok(Tokenizer::from_gguf(&g, n_vocab)?)
+    }
+
     pub fn n_vocab(&self) -> usize {
         self.pieces.len()
     }
@@ -248,6 +254,22 @@ impl Tokenizer {
         let bytes: Vec<u8> = ids.iter().flat_map(|&i| self.piece(i, special).iter().copied()).collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
+}
+
+/// The GPT-2 byte-to-unicode table used by byte-level BPE vocabularies.
+pub fn byte_to_unicode() -> [char; 256] {
+    let mut table = ['\0'; 256];
+    let mut n = 0u32;
+    for b in 0..256u32 {
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        table[b as usize] = if printable {
+            char::from_u32(b).unwrap()
+        } else {
+            n += 1;
+            char::from_u32(255 + n).unwrap()
+        };
+    }
+    table
 }
 
 /// Turns a token stream into text pieces that are always whole UTF-8 characters: bytes of a

@@ -11,10 +11,11 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::AtomicBool;
 
-use phi4::forward::RunState;
+use std::sync::Arc;
+
 use phi4::model::{LoadParams, Model};
+use phi4::session::{Session, SessionParams};
 use phi4::sample::argmax;
 
 /// How far apart two logits may be for either token to count. Logits differ across architectures
@@ -41,7 +42,7 @@ const THREADS: usize = 2;
 fn other_cli() -> Command {
     match std::env::var_os("PHI4_OTHER_CLI") {
         Some(p) => Command::new(p),
-        None => common::target_command(env!("CARGO_BIN_EXE_phi4")),
+        None => common::target_command(common::cli()),
     }
 }
 
@@ -74,17 +75,16 @@ fn agree(name: &str, model: &Path, prompt: impl FnOnce(&Model) -> Vec<u32>, n: u
     // THREADS-thread decoders on a small machine slow each other down many times over.
     static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
-    let m = Model::load(model, LoadParams::default()).unwrap();
+    let m = Arc::new(Model::load(model, LoadParams::default()).unwrap());
     let prompt = &prompt(&m);
     let (theirs, stopped) = other_greedy(model, prompt, n);
-    let mut st = RunState::new(&m, N_CTX, N_BATCH, THREADS).unwrap();
-    let abort = AtomicBool::new(false);
-    st.eval(&m, prompt, 0, &abort).unwrap();
+    let mut st = Session::new(m.clone(), &SessionParams { n_ctx: N_CTX, n_batch: N_BATCH, n_threads: THREADS, ..Default::default() }).unwrap();
+    let mut logits = st.evaluate(prompt).unwrap().to_vec();
     let tol = tolerance(name);
     let (mut same, mut ties, mut worst) = (0, 0, 0f32);
     for (step, &t) in theirs.iter().enumerate() {
-        let ours = argmax(&st.logits);
-        let gap = st.logits[ours as usize] - st.logits[t as usize];
+        let ours = argmax(&logits);
+        let gap = logits[ours as usize] - logits[t as usize];
         if ours == t {
             same += 1;
         } else {
@@ -92,17 +92,17 @@ fn agree(name: &str, model: &Path, prompt: impl FnOnce(&Model) -> Vec<u32>, n: u
             worst = worst.max(gap);
             assert!(gap <= tol, "{name}: step {step}: other build chose {t}, this one {ours}, {gap} apart (tolerance {tol})");
         }
-        st.eval(&m, &[t], prompt.len() + step, &abort).unwrap();
+        logits = st.evaluate(&[t]).unwrap().to_vec();
     }
     if stopped {
         // The other build chose an end token next: so must this one, ties aside.
-        let ours = argmax(&st.logits);
-        let best_end = m.tokenizer.end_of_generation.iter().map(|&e| st.logits[e as usize]).fold(f32::MIN, f32::max);
-        let gap = st.logits[ours as usize] - best_end;
+        let ours = argmax(&logits);
+        let best_end = m.tokenizer.end_of_generation.iter().map(|&e| logits[e as usize]).fold(f32::MIN, f32::max);
+        let gap = logits[ours as usize] - best_end;
         assert!(gap <= tol, "{name}: other build ended, this one continues with {ours}, {gap} above the end tokens");
     }
     let n = theirs.len();
-    eprintln!("{name}: {same}/{n} same greedy token, {ties} near ties (widest {worst:.4}, tolerance {tol}); cpu: {}", phi4::ggml::cpu_features().join(" "));
+    eprintln!("{name}: {same}/{n} same greedy token, {ties} near ties (widest {worst:.4}, tolerance {tol}); cpu: {}", phi4::cpu_features().join(" "));
 }
 
 fn synth(dir: &Path, ftype: &str, seed: u64) -> std::path::PathBuf {

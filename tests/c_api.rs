@@ -3,7 +3,7 @@
 
 mod common;
 
-use phi4::synth::Spec;
+use phi4_synth::Spec;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -6,10 +6,10 @@ use std::path::Path;
 use std::process::Output;
 
 use common::reference::{top2_gap, Reference};
-use phi4::synth::Spec;
+use phi4_synth::Spec;
 
 fn phi4(args: &[&str]) -> Output {
-    common::target_command(env!("CARGO_BIN_EXE_phi4")).args(args).output().unwrap()
+    common::target_command(common::cli()).args(args).output().unwrap()
 }
 
 /// Runs `phi4 run --raw ... --json` and returns the NDJSON events.
@@ -105,7 +105,7 @@ fn info_reports_features_and_repacking() {
     let out = phi4(&["info"]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success());
-    let features = phi4::ggml::cpu_features().join(" ");
+    let features = phi4::cpu_features().join(" ");
     assert!(text.contains(&format!("cpu features: {features}")), "{text}");
 
     let dir = common::tmpdir();
@@ -123,4 +123,32 @@ fn info_reports_features_and_repacking() {
     }
     let out = phi4(&["info", "--model", m.to_str().unwrap(), "--no-repack"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("repacked: none"));
+}
+
+#[test]
+fn out_of_range_values_are_errors_not_clamped() {
+    let demo = common::fixture("phi4-tiny-docs.gguf");
+    let m = demo.to_str().unwrap();
+    assert_clean_failure(&phi4(&["run", "--model", m, "--ctx-size", "100000", "hi"]), "n_ctx 100000 must be in 1..=");
+    assert_clean_failure(&phi4(&["run", "--model", m, "--top-k", "-3", "hi"]), "--top-k: top_k takes a whole number");
+    assert_clean_failure(&phi4(&["run", "--model", m, "--top-p", "2", "hi"]), "top_p 2 must be in (0, 1]");
+    assert_clean_failure(&phi4(&["run", "--model", m, "--threads", "100000", "hi"]), "n_threads 100000 must be at least 1 and at most");
+}
+
+#[test]
+fn a_given_seed_reproduces_and_no_seed_draws_a_fresh_one() {
+    let demo = common::fixture("phi4-tiny-docs.gguf");
+    let reply = |seed: Option<&str>| {
+        let mut args = vec!["run", "--model", demo.to_str().unwrap(), "--temperature", "1.5", "-n", "24", "--threads", "2"];
+        if let Some(s) = seed {
+            args.extend(["--seed", s]);
+        }
+        args.push("Tell me about lists.");
+        let out = phi4(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(reply(Some("5")), reply(Some("5")));
+    let free: Vec<String> = (0..3).map(|_| reply(None)).collect();
+    assert!(free[0] != free[1] || free[1] != free[2], "three unseeded replies were identical: {free:?}");
 }

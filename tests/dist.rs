@@ -29,7 +29,8 @@ fn shipped_libraries_hold_no_llama_symbols() {
     // (symbol that must be there, so that "no llama_*" is known to come from a real read)
     for (what, syms, must_have) in [
         ("libphi4.so (dynamic)", tool("nm", &["-D", "--defined-only", so.to_str().unwrap()]), "phi4_model_load"),
-        ("libphi4.so", tool("nm", &[so.to_str().unwrap()]), "ggml_flash_attn_ext"),
+        // (the shipped library is stripped: its symbol table is in its debug file)
+        ("libphi4.so", tool("nm", &[&format!("{}.debug", so.display())]), "ggml_flash_attn_ext"),
         ("libphi4.a", tool("nm", &["--defined-only", a.to_str().unwrap()]), "ggml_flash_attn_ext"),
     ] {
         let d = defined(&syms);
@@ -37,9 +38,19 @@ fn shipped_libraries_hold_no_llama_symbols() {
         assert!(llama.is_empty(), "{what} defines {} llama_* symbols, e.g. {:?}", llama.len(), &llama[..llama.len().min(3)]);
         assert!(d.iter().any(|s| s == must_have), "{what} lacks {must_have}");
     }
-    // The shared library exports the C API and nothing of ggml's.
+    // The shared library exports the C API and nothing else.
     let exported = defined(&tool("nm", &["-D", "--defined-only", so.to_str().unwrap()]));
     assert!(exported.iter().all(|s| !s.starts_with("ggml_") && !s.starts_with("gguf_")), "ggml symbols exported");
+    let foreign: Vec<&String> = exported.iter().filter(|s| !s.starts_with("phi4_")).collect();
+    assert!(foreign.is_empty(), "libphi4.so exports more than phi4_*: {foreign:?}");
+    // Stripped, with the debug info beside it and linked.
+    for f in [so.clone(), dist.join("phi4")] {
+        let sections = tool("readelf", &["-S", "-W", f.to_str().unwrap()]);
+        assert!(!sections.contains(".debug_info") && !sections.contains(".symtab"), "{} is not stripped", f.display());
+        assert!(sections.contains(".gnu_debuglink"), "{} has no debug link", f.display());
+        let debug = tool("readelf", &["-S", "-W", &format!("{}.debug", f.display())]);
+        assert!(debug.contains(".debug_info"), "{}.debug holds no debug info", f.display());
+    }
     let dynamic = tool("readelf", &["-d", so.to_str().unwrap()]);
     let major = version.split('.').next().unwrap();
     assert!(dynamic.contains(&format!("Library soname: [libphi4.so.{major}]")), "{dynamic}");

@@ -246,7 +246,7 @@ fn deeply_nested_arrays() {
 
 fn small_model_bytes() -> Vec<u8> {
     let dir = common::tmpdir();
-    let spec = phi4::synth::Spec::small(1, common::ftype("q4_0"), 7);
+    let spec = phi4_synth::Spec::small(1, common::ftype("q4_0"), 7);
     let p = common::synth_model(dir.path(), "m.gguf", &spec);
     std::fs::read(p).unwrap()
 }
@@ -309,7 +309,7 @@ fn load_err(bytes: &[u8]) -> String {
 fn array_element_type_the_key_does_not_take() {
     // A real model with its token list retyped as an array of i32.
     let dir = common::tmpdir();
-    let spec = phi4::synth::Spec::small(1, common::ftype("f16"), 1);
+    let spec = phi4_synth::Spec::small(1, common::ftype("f16"), 1);
     let path = common::synth_model(dir.path(), "m.gguf", &spec);
     let g = parse(&std::fs::read(&path).unwrap()).unwrap();
     let mut kv = g.metadata.clone();
@@ -327,7 +327,7 @@ fn array_element_type_the_key_does_not_take() {
 fn rewrite(bytes: &[u8], g: &phi4::gguf::Gguf, kv: &[(String, phi4::gguf::Value)]) -> Vec<u8> {
     let dir = common::tmpdir();
     let p = dir.path().join("re.gguf");
-    let mut w = phi4::synth::GgufWriter::create(&p).unwrap();
+    let mut w = phi4::gguf::Writer::create(&p).unwrap();
     let shapes: Vec<Vec<u64>> = g.tensors.iter().map(|t| t.shape().to_vec()).collect();
     w.header(kv, g.tensors.iter().zip(&shapes).map(|(t, s)| (t.name.as_str(), s.as_slice(), t.ggml_type))).unwrap();
     for t in &g.tensors {
@@ -341,7 +341,7 @@ fn rewrite(bytes: &[u8], g: &phi4::gguf::Gguf, kv: &[(String, phi4::gguf::Value)
 #[test]
 fn keys_that_do_not_match_phi4() {
     let dir = common::tmpdir();
-    let spec = phi4::synth::Spec::small(2, common::ftype("f16"), 1);
+    let spec = phi4_synth::Spec::small(2, common::ftype("f16"), 1);
     let path = common::synth_model(dir.path(), "m.gguf", &spec);
     let bytes = std::fs::read(&path).unwrap();
     let g = parse(&bytes).unwrap();
@@ -379,14 +379,14 @@ fn keys_that_do_not_match_phi4() {
 #[test]
 fn tensors_that_do_not_match_phi4() {
     let dir = common::tmpdir();
-    let spec = phi4::synth::Spec::small(1, common::ftype("f16"), 1);
+    let spec = phi4_synth::Spec::small(1, common::ftype("f16"), 1);
     let path = common::synth_model(dir.path(), "m.gguf", &spec);
     let bytes = std::fs::read(&path).unwrap();
     let g = parse(&bytes).unwrap();
     // Rename a tensor: one unexpected, one missing.
     let dir2 = common::tmpdir();
     let p = dir2.path().join("r.gguf");
-    let mut w = phi4::synth::GgufWriter::create(&p).unwrap();
+    let mut w = phi4::gguf::Writer::create(&p).unwrap();
     let shapes: Vec<Vec<u64>> = g.tensors.iter().map(|t| t.shape().to_vec()).collect();
     let names: Vec<String> = g.tensors.iter().map(|t| t.name.replace("ffn_down", "ffn_gate")).collect();
     w.header(&g.metadata, names.iter().zip(&shapes).zip(&g.tensors).map(|((n, s), t)| (n.as_str(), s.as_slice(), t.ggml_type))).unwrap();

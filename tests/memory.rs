@@ -3,11 +3,12 @@
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::Arc;
 
-use phi4::forward::RunState;
 use phi4::model::{LoadParams, Model};
-use phi4::synth::Spec;
+use phi4::session::{Session, SessionParams};
+use phi4_synth::Spec;
 
 /// Counts live Rust heap bytes.
 struct Counting;
@@ -40,18 +41,15 @@ fn decoding_does_not_grow_memory() {
     let dir = common::tmpdir();
     let spec = Spec::small(2, common::ftype("q4_0"), 9);
     let path = common::synth_model(dir.path(), "m.gguf", &spec);
-    let model = Model::load(&path, LoadParams::default()).unwrap();
-    let n_ctx = 1024;
-    let mut st = RunState::new(&model, n_ctx, 64, 2).unwrap();
-    let abort = AtomicBool::new(false);
-    let buffer = st.compute_buffer_size();
+    let model = Arc::new(Model::load(&path, LoadParams::default()).unwrap());
+    let mut st = Session::new(model, &SessionParams { n_ctx: 1024, n_batch: 64, n_threads: 2, ..Default::default() }).unwrap();
+    let buffer = st.memory().1;
 
     let prompt: Vec<u32> = (0..100).collect();
-    st.eval(&model, &prompt, 0, &abort).unwrap();
+    let mut next = phi4::sample::argmax(st.evaluate(&prompt).unwrap());
     let mut pos = prompt.len();
-    let step = |st: &mut RunState, pos: &mut usize| {
-        let t = phi4::sample::argmax(&st.logits);
-        st.eval(&model, &[t], *pos, &abort).unwrap();
+    let mut step = |st: &mut Session, pos: &mut usize| {
+        next = phi4::sample::argmax(st.evaluate(&[next]).unwrap());
         *pos += 1;
     };
     for _ in 0..20 {
@@ -65,7 +63,7 @@ fn decoding_does_not_grow_memory() {
     }
     let (heap1, rss1) = (LIVE.load(Ordering::Relaxed), rss_bytes());
     assert_eq!(heap1, heap0, "Rust heap grew while decoding");
-    assert_eq!(st.compute_buffer_size(), buffer, "the compute buffer was re-planned larger");
+    assert_eq!(st.memory().1, buffer, "the compute buffer was re-planned larger");
     if common::runner().is_some() {
         // Under qemu-user /proc/self/statm is the emulator's, whose translated code grows.
         eprintln!("under an emulator: RSS is checked in the native test run");

@@ -2,13 +2,13 @@
 
 mod common;
 
-use std::sync::atomic::AtomicBool;
-
 use common::reference::{top2_gap, Reference};
-use phi4::forward::RunState;
+use std::sync::Arc;
+
 use phi4::model::{LoadParams, Model};
+use phi4::session::{Session, SessionParams};
 use phi4::sample::argmax;
-use phi4::synth::Spec;
+use phi4_synth::Spec;
 
 /// Both engines run the same ggml kernels on the same micro-batches, so the logits are expected to
 /// be bit-identical (and are, on x86_64 AVX2). The tolerances only allow for a different float
@@ -28,23 +28,21 @@ fn parity(ft: &str, seed: u64) {
     let spec = Spec::small(3, common::ftype(ft), seed);
     let path = common::synth_model(dir.path(), "m.gguf", &spec);
     let (n_ctx, n_batch, threads) = (256, 16, 2);
-    let model = Model::load(&path, LoadParams::default()).unwrap();
-    let mut st = RunState::new(&model, n_ctx, n_batch, threads).unwrap();
+    let model = Arc::new(Model::load(&path, LoadParams::default()).unwrap());
+    let mut s = Session::new(model, &SessionParams { n_ctx, n_batch, n_threads: threads, ..Default::default() }).unwrap();
     let mut rf = Reference::load(&path, n_ctx, n_batch, threads);
-    let abort = AtomicBool::new(false);
 
     let prompt: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 1000).collect();
-    st.eval(&model, &prompt, 0, &abort).unwrap();
+    let mut got = s.evaluate(&prompt).unwrap().to_vec();
     let mut want = rf.eval(&prompt);
     let mut max_diff = 0f32;
-    for (step, n_past) in (prompt.len()..).take(32).enumerate() {
-        let got = &st.logits;
+    for step in 0..32 {
         let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         max_diff = max_diff.max(d);
-        let (g, w) = (argmax(got), argmax(&want));
+        let (g, w) = (argmax(&got), argmax(&want));
         assert!(g == w || top2_gap(&want) < 1e-3, "{ft}: step {step}: phi4 {g}, llama.cpp {w}");
         // Teacher-forced: both continue with llama.cpp's token.
-        st.eval(&model, &[w], n_past, &abort).unwrap();
+        got = s.evaluate(&[w]).unwrap().to_vec();
         want = rf.eval(&[w]);
     }
     eprintln!("{ft}: max |logit diff| {max_diff:e}");

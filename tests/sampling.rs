@@ -13,7 +13,7 @@ fn logits() -> Vec<f32> {
 fn draws(p: SamplingParams, logits: &[f32], history: &[u32], n: usize) -> Vec<usize> {
     let mut counts = vec![0; logits.len()];
     for seed in 0..n as u64 {
-        let mut s = Sampler::new(SamplingParams { seed, ..p.clone() });
+        let mut s = Sampler::new(SamplingParams { seed: Some(seed), ..p.clone() });
         counts[s.sample(logits, history) as usize] += 1;
     }
     counts
@@ -97,8 +97,30 @@ fn same_seed_same_tokens() {
         let mut s = Sampler::new(SamplingParams { seed, ..SamplingParams::default() });
         (0..64).map(|_| s.sample(&l, &[])).collect::<Vec<_>>()
     };
-    assert_eq!(run(7), run(7));
-    assert_ne!(run(7), run(8));
+    assert_eq!(run(Some(7)), run(Some(7)));
+    assert_ne!(run(Some(7)), run(Some(8)));
+    // No seed: a fresh one per sampler, as Ollama draws one per request.
+    assert_ne!(run(None), run(None));
+}
+
+#[test]
+fn options_by_name_follow_the_struct() {
+    let mut p = SamplingParams::default();
+    for (name, _) in SamplingParams::OPTIONS {
+        let v = p.get(name).unwrap();
+        p.set(name, &v).unwrap();
+    }
+    assert_eq!(p, SamplingParams::default(), "the text form of every default reads back as itself");
+    p.set("top_k", "7").unwrap();
+    p.set("seed", "42").unwrap();
+    assert_eq!((p.top_k, p.seed), (7, Some(42)));
+    assert!(p.set("top_k", "-1").unwrap_err().contains("top_k"));
+    assert!(p.set("bogus", "1").unwrap_err().contains("bogus"));
+    let mut g = phi4::GenerateParams::default();
+    assert!(g.set("temperature", "-1").is_err() && g == phi4::GenerateParams::default(), "a bad value changes nothing");
+    g.set("num_predict", "5").unwrap();
+    g.set("stop", "END").unwrap();
+    assert_eq!((g.max_tokens, g.stop.clone()), (5, vec!["END".to_string()]));
 }
 
 #[test]

@@ -135,7 +135,7 @@ fn max_tokens_context_full_and_cancel() {
 
     let prompt_len = chat::tokens(&m.tokenizer, Markers::of(&m.tokenizer).unwrap(), &msgs, true).len();
     let mut s = session(&m, prompt_len + 4, Overflow::Error);
-    let (out, _) = collect(&mut s, &msgs, &GenerateParams { sampling: SamplingParams { temperature: 1.0, seed: 3, ..SamplingParams::greedy() }, ..greedy(0) });
+    let (out, _) = collect(&mut s, &msgs, &GenerateParams { sampling: SamplingParams { temperature: 1.0, seed: Some(3), ..SamplingParams::greedy() }, ..greedy(0) });
     assert!(matches!(out.reason, DoneReason::ContextFull | DoneReason::Stop), "{:?}", out.reason);
     assert!(s.history().len() <= prompt_len + 4);
 
@@ -172,7 +172,7 @@ fn stop_strings_end_generation_unprinted() {
 fn seeded_sampling_repeats() {
     let m = demo();
     let msgs = [Message::new(Role::User, "What is a dictionary?")];
-    let gp = GenerateParams { sampling: SamplingParams { seed: 42, ..Default::default() }, max_tokens: 40, stop: vec![] };
+    let gp = GenerateParams { sampling: SamplingParams { seed: Some(42), ..Default::default() }, max_tokens: 40, stop: vec![] };
     let (a, _) = collect(&mut session(&m, 512, Overflow::Error), &msgs, &gp);
     let (b, _) = collect(&mut session(&m, 512, Overflow::Error), &msgs, &gp);
     assert_eq!(a.text, b.text);

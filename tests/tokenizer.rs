@@ -212,7 +212,7 @@ fn unsupported_tokenizers_are_load_errors() {
 fn rebuild(g: &phi4::gguf::Gguf) -> phi4::gguf::Gguf {
     let dir = common::tmpdir();
     let p = dir.path().join("v.gguf");
-    let mut w = phi4::synth::GgufWriter::create(&p).unwrap();
+    let mut w = phi4::gguf::Writer::create(&p).unwrap();
     w.header(&g.metadata, std::iter::empty()).unwrap();
     w.finish().unwrap();
     phi4::gguf::parse(&std::fs::read(p).unwrap()).unwrap()

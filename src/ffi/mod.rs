@@ -10,7 +10,7 @@
 //!
 //! Each exported function's doc states its pointer contract in C terms (it becomes the header),
 //! hence no Rust-style `# Safety` sections.
-#![allow(clippy::missing_safety_doc)]
+#![allow(clippy::missing_safety_doc, non_camel_case_types)]
 
 pub mod model;
 pub mod session;
@@ -58,7 +58,47 @@ impl Error {
     }
 }
 
-/// Run `f`, turning a panic into `PHI4_ERR_INTERNAL` (with its message recorded by `record`).
+/// What an exported function returns when its body panics (a bug in phi4, caught).
+pub(crate) trait OnPanic {
+    fn on_panic() -> Self;
+}
+
+impl OnPanic for phi4_status {
+    fn on_panic() -> Self {
+        PHI4_ERR_INTERNAL
+    }
+}
+
+impl OnPanic for () {
+    fn on_panic() -> Self {}
+}
+
+impl OnPanic for u32 {
+    fn on_panic() -> Self {
+        0
+    }
+}
+
+impl OnPanic for *const c_char {
+    fn on_panic() -> Self {
+        c"internal error".as_ptr()
+    }
+}
+
+/// The body of every exported function: a panic inside never unwinds into C; the function
+/// returns its type's [`OnPanic`] value instead.
+macro_rules! ffi_boundary {
+    ($($body:tt)*) => {
+        match ::std::panic::catch_unwind(::std::panic::AssertUnwindSafe(|| { $($body)* })) {
+            Ok(v) => v,
+            Err(_) => $crate::ffi::OnPanic::on_panic(),
+        }
+    };
+}
+pub(crate) use ffi_boundary;
+
+/// Run `f` under the boundary, turning its error (or a panic, with its message) into a status;
+/// `record` keeps the message where the caller can read it.
 pub(crate) fn guard(record: impl FnOnce(&Error), f: impl FnOnce() -> Result<(), Error>) -> phi4_status {
     let e = match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => return PHI4_OK,
@@ -68,8 +108,41 @@ pub(crate) fn guard(record: impl FnOnce(&Error), f: impl FnOnce() -> Result<(), 
             Error::new(PHI4_ERR_INTERNAL, format!("internal error: {}", msg.unwrap_or_default()))
         }
     };
-    record(&e);
+    // Recording must not unwind either (it takes locks, writes buffers).
+    let _ = catch_unwind(AssertUnwindSafe(|| record(&e)));
     e.0
+}
+
+/// An opaque C handle: a `Box<Self>` handed to C as a pointer, borrowed back by [`borrow`]
+/// and released by [`free`].
+pub(crate) trait Handle: Sized {
+    /// The argument name in error messages.
+    const NAME: &'static str;
+
+    fn into_raw(self) -> *mut Self {
+        Box::into_raw(Box::new(self))
+    }
+}
+
+/// Borrow a handle argument (`PHI4_ERR_NULL` naming it when NULL).
+///
+/// # Safety
+/// `p` is NULL or a live pointer from [`Handle::into_raw`], not freed during `'a`.
+pub(crate) unsafe fn borrow<'a, T: Handle>(p: *const T) -> Result<&'a T, Error> {
+    non_null(p, T::NAME)?;
+    // SAFETY: non-null and live per the contract.
+    Ok(unsafe { &*p })
+}
+
+/// Release a handle (NULL is a no-op).
+///
+/// # Safety
+/// `p` is NULL or a live pointer from [`Handle::into_raw`], freed only once.
+pub(crate) unsafe fn free<T: Handle>(p: *mut T) {
+    if !p.is_null() {
+        // SAFETY: from into_raw, freed once per the contract.
+        drop(unsafe { Box::from_raw(p) });
+    }
 }
 
 /// A non-NULL pointer, or `PHI4_ERR_NULL` naming the argument.
@@ -112,17 +185,33 @@ pub(crate) unsafe fn write_text(s: &str, text: *mut c_char, capacity: usize, len
     Ok(())
 }
 
-/// A byte buffer argument (`len` bytes; NULL allowed when `len` is 0).
+/// An array argument of `len` items (NULL allowed when `len` is 0).
 ///
 /// # Safety
-/// `p` points to `len` readable bytes (or `len` is 0).
-pub(crate) unsafe fn bytes<'a>(p: *const u8, len: usize, what: &str) -> Result<&'a [u8], Error> {
+/// `p` points to `len` readable items (or `len` is 0).
+pub(crate) unsafe fn array<'a, T>(p: *const T, len: usize, what: &str) -> Result<&'a [T], Error> {
     if len == 0 {
         return Ok(&[]);
     }
     non_null(p, what)?;
-    // SAFETY: p is non-null and points to len bytes per the caller's contract.
+    if len.checked_mul(std::mem::size_of::<T>()).map_or(true, |b| b > isize::MAX as usize) {
+        return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, format!("{what}: {len} items is impossibly many")));
+    }
+    // SAFETY: p is non-null and points to len items per the caller's contract.
     Ok(unsafe { std::slice::from_raw_parts(p, len) })
+}
+
+/// `*out = value` (the body of every `phi4_*_default_params`).
+///
+/// # Safety
+/// `out` is NULL or points to a writable `T`.
+pub(crate) unsafe fn write_out<T>(out: *mut T, value: T) -> phi4_status {
+    guard(|_| (), || {
+        non_null(out, "out")?;
+        // SAFETY: non-null and writable per the contract.
+        unsafe { out.write(value) };
+        Ok(())
+    })
 }
 
 /// Read a versioned params struct: start from `defaults` and take the first
@@ -190,15 +279,28 @@ pub(crate) fn set_load_error(msg: &str) {
     LOAD_ERROR.with(|e| e.borrow_mut().set(msg));
 }
 
+// The version as the header's macros (C reads them at compile time; phi4_version() is the
+// library's at run time). A unit test keeps them equal to the package version.
+/// The library's major version: a new one breaks the ABI.
+#[allow(dead_code)]
+pub const PHI4_VERSION_MAJOR: u32 = 0;
+/// The library's minor version: a new one adds to the ABI and keeps it.
+#[allow(dead_code)]
+pub const PHI4_VERSION_MINOR: u32 = 1;
+/// The library's patch version.
+#[allow(dead_code)]
+pub const PHI4_VERSION_PATCH: u32 = 0;
+
 /// The message of the last `phi4_model_load` or `phi4_session_new` that failed on the calling
 /// thread ("" if none). The pointer stays valid for the thread's life; the text is replaced by
 /// the next such call on this thread.
 #[no_mangle]
 pub extern "C" fn phi4_last_load_error() -> *const c_char {
-    LOAD_ERROR.with(|e| e.borrow().as_ptr())
+    ffi_boundary! { LOAD_ERROR.with(|e| e.borrow().as_ptr()) }
 }
 
-/// The library version, e.g. "0.1.0". Static; never NULL.
+/// The version of the library linked at run time, e.g. "0.1.0" (PHI4_VERSION_* are the
+/// header's). Static; never NULL.
 #[no_mangle]
 pub extern "C" fn phi4_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
@@ -209,5 +311,14 @@ pub extern "C" fn phi4_version() -> *const c_char {
 #[no_mangle]
 pub extern "C" fn phi4_cpu_features() -> *const c_char {
     static FEATURES: std::sync::OnceLock<CString> = std::sync::OnceLock::new();
-    FEATURES.get_or_init(|| to_cstring(&crate::ggml::cpu_features().join(" "))).as_ptr()
+    ffi_boundary! { FEATURES.get_or_init(|| to_cstring(&crate::ggml::cpu_features().join(" "))).as_ptr() }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn version_macros_match_the_package() {
+        let v = [super::PHI4_VERSION_MAJOR, super::PHI4_VERSION_MINOR, super::PHI4_VERSION_PATCH].map(|n| n.to_string()).join(".");
+        assert_eq!(v, env!("CARGO_PKG_VERSION"));
+    }
 }

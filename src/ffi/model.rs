@@ -49,6 +49,10 @@ pub struct phi4_model {
     pub(crate) log: Log,
 }
 
+impl Handle for phi4_model {
+    const NAME: &'static str = "model";
+}
+
 /// A model's log callback and its user data.
 #[derive(Clone, Copy)]
 pub(crate) struct Log {
@@ -77,12 +81,8 @@ impl Log {
 /// Thread-safe. `out` is written only on success.
 #[no_mangle]
 pub unsafe extern "C" fn phi4_model_default_params(out: *mut phi4_model_params) -> phi4_status {
-    guard(|_| (), || {
-        non_null(out, "out")?;
-        // SAFETY: non-null; the caller provides a phi4_model_params to write.
-        unsafe { out.write(default_model_params()) };
-        Ok(())
-    })
+    // SAFETY: out is NULL or writable (caller's contract).
+    unsafe { write_out(out, default_model_params()) }
 }
 
 fn default_model_params() -> phi4_model_params {
@@ -139,9 +139,9 @@ pub unsafe extern "C" fn phi4_model_load(path: *const c_char, params: *const phi
                 model.repacked_summary()
             ),
         );
-        let m = Box::new(phi4_model { inner: Arc::new(model), log });
+        let m = phi4_model { inner: Arc::new(model), log }.into_raw();
         // SAFETY: out is non-null (checked).
-        unsafe { out.write(Box::into_raw(m)) };
+        unsafe { out.write(m) };
         Ok(())
     })
 }
@@ -150,16 +150,8 @@ pub unsafe extern "C" fn phi4_model_load(path: *const c_char, params: *const phi
 /// so the order of frees does not matter; the handle itself must not be used afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn phi4_model_free(model: *mut phi4_model) {
-    if !model.is_null() {
-        // SAFETY: the pointer came from phi4_model_load and is freed once (caller's contract).
-        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(model) })));
-    }
-}
-
-pub(crate) unsafe fn model_ref<'a>(m: *const phi4_model) -> Result<&'a phi4_model, Error> {
-    non_null(m, "model")?;
-    // SAFETY: a live handle from phi4_model_load (caller's contract).
-    Ok(unsafe { &*m })
+    // SAFETY: NULL or from phi4_model_load, freed once (caller's contract).
+    ffi_boundary! { unsafe { free(model) } }
 }
 
 /// Token ids of `text` (`len` bytes of UTF-8, no NUL needed). With `special`, control tokens
@@ -171,10 +163,11 @@ pub(crate) unsafe fn model_ref<'a>(m: *const phi4_model) -> Result<&'a phi4_mode
 #[no_mangle]
 pub unsafe extern "C" fn phi4_tokenize(model: *const phi4_model, text: *const c_char, len: usize, special: bool, tokens: *mut u32, capacity: usize, n_tokens: *mut usize) -> phi4_status {
     guard(|_| (), || {
-        // SAFETY: handle and buffers as documented.
-        let m = unsafe { model_ref(model) }?;
+        // SAFETY: NULL or a live handle.
+        let m = unsafe { borrow(model) }?;
         non_null(n_tokens, "n_tokens")?;
-        let text = unsafe { bytes(text.cast(), len, "text") }?;
+        // SAFETY: text points to len readable bytes (caller's contract).
+        let text: &[u8] = unsafe { array(text.cast(), len, "text") }?;
         let text = std::str::from_utf8(text).map_err(|_| Error::new(PHI4_ERR_INVALID_ARGUMENT, "text is not valid UTF-8"))?;
         let ids = m.inner.tokenizer.encode(text, special);
         // SAFETY: n_tokens is non-null.
@@ -201,15 +194,10 @@ pub unsafe extern "C" fn phi4_tokenize(model: *const phi4_model, text: *const c_
 pub unsafe extern "C" fn phi4_detokenize(model: *const phi4_model, tokens: *const u32, n: usize, special: bool, text: *mut c_char, capacity: usize, len: *mut usize) -> phi4_status {
     guard(|_| (), || {
         // SAFETY: handle and buffers as documented.
-        let m = unsafe { model_ref(model) }?;
+        let m = unsafe { borrow(model) }?;
         non_null(len, "len")?;
-        let ids: &[u32] = if n == 0 {
-            &[]
-        } else {
-            non_null(tokens, "tokens")?;
-            // SAFETY: tokens points to n ids.
-            unsafe { std::slice::from_raw_parts(tokens, n) }
-        };
+        // SAFETY: tokens points to n ids (caller's contract).
+        let ids = unsafe { array(tokens, n, "tokens") }?;
         let n_vocab = m.inner.config.n_vocab;
         if let Some(bad) = ids.iter().find(|&&t| t as usize >= n_vocab) {
             return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, format!("token id {bad} is outside the vocabulary")));
@@ -224,14 +212,14 @@ pub unsafe extern "C" fn phi4_detokenize(model: *const phi4_model, tokens: *cons
 #[no_mangle]
 pub unsafe extern "C" fn phi4_model_n_ctx_train(model: *const phi4_model) -> u32 {
     // SAFETY: NULL or a live handle.
-    unsafe { model_ref(model) }.map_or(0, |m| m.inner.config.n_ctx_train as u32)
+    ffi_boundary! { unsafe { borrow(model) }.map_or(0, |m| m.inner.config.n_ctx_train as u32) }
 }
 
 /// How many weight matrices ggml repacked into faster layouts (0 if `model` is NULL).
 #[no_mangle]
 pub unsafe extern "C" fn phi4_model_n_repacked(model: *const phi4_model) -> u32 {
     // SAFETY: NULL or a live handle.
-    unsafe { model_ref(model) }.map_or(0, |m| m.inner.repacked.len() as u32)
+    ffi_boundary! { unsafe { borrow(model) }.map_or(0, |m| m.inner.repacked.len() as u32) }
 }
 
 /// Which weight types were repacked into which ggml layouts, as one line of text: e.g.
@@ -245,7 +233,7 @@ pub unsafe extern "C" fn phi4_model_n_repacked(model: *const phi4_model) -> u32 
 pub unsafe extern "C" fn phi4_model_repacked(model: *const phi4_model, text: *mut c_char, capacity: usize, len: *mut usize) -> phi4_status {
     guard(|_| (), || {
         // SAFETY: NULL or a live handle.
-        let m = unsafe { model_ref(model) }?;
+        let m = unsafe { borrow(model) }?;
         // SAFETY: text and len as documented.
         unsafe { write_text(&m.inner.repacked_summary(), text, capacity, len) }
     })

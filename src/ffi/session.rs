@@ -8,14 +8,15 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::model::{model_ref, phi4_log_level, phi4_model, Log};
+use super::model::{phi4_log_level, phi4_model, Log};
 use super::*;
 use crate::chat::{Message, Role};
 use crate::forward::EvalError;
 use crate::sample::SamplingParams;
 use crate::session::{DoneReason, GenerateParams, Outcome, Overflow, Session, SessionError, SessionParams};
 
-/// What to do when a conversation outgrows the context.
+/// What to do when a conversation outgrows the context (the values of
+/// `phi4_session_params.overflow`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum phi4_overflow {
@@ -38,9 +39,12 @@ pub struct phi4_session_params {
     pub n_batch: u32,
     /// Threads for the forward pass, 1..=512. Default: the number of CPUs.
     pub n_threads: u32,
-    /// Default PHI4_OVERFLOW_ERROR.
-    pub overflow: phi4_overflow,
+    /// A phi4_overflow value. Default PHI4_OVERFLOW_ERROR.
+    pub overflow: u32,
 }
+
+/// `phi4_generate_params.seed`: a fresh random seed for every generation (the default).
+pub const PHI4_SEED_RANDOM: u64 = 0xFFFF_FFFF_FFFF_FFFF;
 
 /// How to generate. Get one from `phi4_generate_default_params` (Ollama's defaults).
 #[repr(C)]
@@ -64,7 +68,8 @@ pub struct phi4_generate_params {
     pub frequency_penalty: f32,
     /// Subtracted once if present in the window. Default 0.
     pub presence_penalty: f32,
-    /// Seed of the random draw. Default 0.
+    /// Seed of the random draw: the same seed and inputs give the same reply. Default
+    /// PHI4_SEED_RANDOM: a fresh seed per generation.
     pub seed: u64,
     /// Tokens to generate at most; 0 means until the context is full. Default 0.
     pub max_tokens: u32,
@@ -130,6 +135,10 @@ pub struct phi4_session {
     last_result: Mutex<phi4_result>,
 }
 
+impl Handle for phi4_session {
+    const NAME: &'static str = "session";
+}
+
 fn default_session_params() -> phi4_session_params {
     let d = SessionParams::default();
     phi4_session_params {
@@ -137,7 +146,7 @@ fn default_session_params() -> phi4_session_params {
         n_ctx: d.n_ctx as u32,
         n_batch: d.n_batch as u32,
         n_threads: d.n_threads as u32,
-        overflow: phi4_overflow::PHI4_OVERFLOW_ERROR,
+        overflow: phi4_overflow::PHI4_OVERFLOW_ERROR as u32,
     }
 }
 
@@ -153,7 +162,7 @@ fn default_generate_params() -> phi4_generate_params {
         repeat_last_n: d.repeat_last_n as u32,
         frequency_penalty: d.frequency_penalty,
         presence_penalty: d.presence_penalty,
-        seed: d.seed,
+        seed: d.seed.unwrap_or(PHI4_SEED_RANDOM),
         max_tokens: 0,
         stop: std::ptr::null(),
         n_stop: 0,
@@ -176,23 +185,15 @@ fn empty_result() -> phi4_result {
 /// Fill `*out` with the defaults (and its struct_size). Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_default_params(out: *mut phi4_session_params) -> phi4_status {
-    guard(|_| (), || {
-        non_null(out, "out")?;
-        // SAFETY: non-null; the caller provides a struct to write.
-        unsafe { out.write(default_session_params()) };
-        Ok(())
-    })
+    // SAFETY: out is NULL or writable (caller's contract).
+    unsafe { write_out(out, default_session_params()) }
 }
 
 /// Fill `*out` with the defaults (and its struct_size). Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn phi4_generate_default_params(out: *mut phi4_generate_params) -> phi4_status {
-    guard(|_| (), || {
-        non_null(out, "out")?;
-        // SAFETY: non-null; the caller provides a struct to write.
-        unsafe { out.write(default_generate_params()) };
-        Ok(())
-    })
+    // SAFETY: out is NULL or writable (caller's contract).
+    unsafe { write_out(out, default_generate_params()) }
 }
 
 fn session_status(e: &SessionError) -> phi4_status {
@@ -220,25 +221,25 @@ pub unsafe extern "C" fn phi4_session_new(model: *const phi4_model, params: *con
     guard(|e| set_load_error(&e.1), || {
         non_null(out, "out")?;
         // SAFETY: a live model handle (caller's contract).
-        let m = unsafe { model_ref(model) }?;
+        let m = unsafe { borrow(model) }?;
         // SAFETY: NULL or a struct from phi4_session_default_params.
         let p = unsafe { read_params(params, default_session_params(), "params") }?;
-        let overflow = match p.overflow as u32 {
-            0 => Overflow::Error,
-            1 => Overflow::DropOldest,
+        let overflow = match p.overflow {
+            v if v == phi4_overflow::PHI4_OVERFLOW_ERROR as u32 => Overflow::Error,
+            v if v == phi4_overflow::PHI4_OVERFLOW_DROP_OLDEST as u32 => Overflow::DropOldest,
             v => return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, format!("overflow {v} is not a phi4_overflow"))),
         };
         let sp = SessionParams { n_ctx: p.n_ctx as usize, n_batch: p.n_batch as usize, n_threads: p.n_threads as usize, overflow };
         let s = Session::new(m.inner.clone(), &sp).map_err(serr)?;
-        let h = Box::new(phi4_session {
+        let h = phi4_session {
             cancel: s.cancel_flag(),
             log: m.log,
             inner: Mutex::new(s),
             last_error: Mutex::new(MessageBuf::new()),
             last_result: Mutex::new(empty_result()),
-        });
+        };
         // SAFETY: out is non-null.
-        unsafe { out.write(Box::into_raw(h)) };
+        unsafe { out.write(h.into_raw()) };
         Ok(())
     })
 }
@@ -246,23 +247,14 @@ pub unsafe extern "C" fn phi4_session_new(model: *const phi4_model, params: *con
 /// Free a session (NULL allowed). Must not race with another call on the same session.
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_free(session: *mut phi4_session) {
-    if !session.is_null() {
-        // SAFETY: from phi4_session_new, freed once (caller's contract).
-        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(session) })));
-    }
-}
-
-unsafe fn session_ref<'a>(s: *const phi4_session) -> Result<&'a phi4_session, Error> {
-    non_null(s, "session")?;
-    // SAFETY: a live handle from phi4_session_new (caller's contract).
-    Ok(unsafe { &*s })
+    // SAFETY: NULL or from phi4_session_new, freed once (caller's contract).
+    ffi_boundary! { unsafe { free(session) } }
 }
 
 /// Run `f` on the session under its lock (PHI4_ERR_BUSY if another call holds it), recording the
 /// error message on the handle.
-unsafe fn with_session(s: *const phi4_session, f: impl FnOnce(&phi4_session, &mut Session) -> Result<(), Error>) -> phi4_status {
-    // SAFETY: NULL or a live handle.
-    let h = match unsafe { session_ref(s) } {
+fn with_session(h: Result<&phi4_session, Error>, f: impl FnOnce(&phi4_session, &mut Session) -> Result<(), Error>) -> phi4_status {
+    let h = match h {
         Ok(h) => h,
         Err(e) => return e.0,
     };
@@ -273,18 +265,18 @@ unsafe fn with_session(s: *const phi4_session, f: impl FnOnce(&phi4_session, &mu
     })
 }
 
+/// # Safety
+/// `p` is NULL or a params struct whose `stop` points to `n_stop` strings.
 unsafe fn generate_params(p: *const phi4_generate_params) -> Result<GenerateParams, Error> {
     // SAFETY: NULL or a struct from phi4_generate_default_params.
     let p = unsafe { read_params(p, default_generate_params(), "params") }?;
-    let mut stop = Vec::with_capacity(p.n_stop.min(64));
-    if p.n_stop > 0 {
-        non_null(p.stop, "params.stop")?;
-        for i in 0..p.n_stop {
-            // SAFETY: stop points to n_stop string pointers (caller's contract).
-            let s = unsafe { c_str(*p.stop.add(i), "a stop string") }?;
-            stop.push(s.to_string());
-        }
-    }
+    // SAFETY: stop points to n_stop string pointers (caller's contract).
+    let stop_ptrs = unsafe { array(p.stop, p.n_stop, "params.stop") }?;
+    let stop = stop_ptrs
+        .iter()
+        // SAFETY: each is a NUL-terminated string (caller's contract).
+        .map(|&s| unsafe { c_str(s, "a stop string") }.map(str::to_string))
+        .collect::<Result<Vec<_>, _>>()?;
     let sampling = SamplingParams {
         temperature: p.temperature,
         top_k: p.top_k as usize,
@@ -294,7 +286,7 @@ unsafe fn generate_params(p: *const phi4_generate_params) -> Result<GeneratePara
         repeat_last_n: p.repeat_last_n as usize,
         frequency_penalty: p.frequency_penalty,
         presence_penalty: p.presence_penalty,
-        seed: p.seed,
+        seed: (p.seed != PHI4_SEED_RANDOM).then_some(p.seed),
     };
     sampling.validate().map_err(|m| Error::new(PHI4_ERR_INVALID_ARGUMENT, m))?;
     Ok(GenerateParams { sampling, max_tokens: p.max_tokens as usize, stop })
@@ -350,27 +342,33 @@ fn stream(cb: phi4_stream_fn, user_data: *mut c_void) -> impl FnMut(Option<u32>,
 /// One thread at a time per session (PHI4_ERR_BUSY otherwise).
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_chat(session: *mut phi4_session, messages: *const phi4_message, n_messages: usize, params: *const phi4_generate_params, on_piece: phi4_stream_fn, user_data: *mut c_void) -> phi4_status {
-    // SAFETY: pointers as documented in the header.
-    unsafe {
-        with_session(session, |h, s| {
-            if n_messages == 0 {
-                return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, "no messages"));
-            }
-            non_null(messages, "messages")?;
-            let mut msgs = Vec::with_capacity(n_messages.min(4096));
-            for i in 0..n_messages {
-                let m = *messages.add(i);
-                let role = c_str(m.role, "role")?;
-                let role = Role::parse(role).ok_or_else(|| Error::new(PHI4_ERR_INVALID_ARGUMENT, format!("role {role:?} is not system, user or assistant")))?;
-                msgs.push(Message::new(role, c_str(m.content, "content")?));
-            }
-            let gp = generate_params(params)?;
-            let mut cb = stream(on_piece, user_data);
-            let out = s.chat(&msgs, &gp, &mut cb).map_err(serr)?;
-            store_result(h, &out);
-            Ok(())
-        })
+    // SAFETY: NULL or a live handle.
+    let h = unsafe { borrow(session) };
+    with_session(h, |h, s| {
+        // SAFETY: messages points to n_messages messages; params as documented.
+        let (msgs, gp) = unsafe { (read_messages(messages, n_messages)?, generate_params(params)?) };
+        let out = s.chat(&msgs, &gp, &mut stream(on_piece, user_data)).map_err(serr)?;
+        store_result(h, &out);
+        Ok(())
+    })
+}
+
+/// # Safety
+/// `messages` points to `n` messages whose strings are NUL-terminated.
+unsafe fn read_messages(messages: *const phi4_message, n: usize) -> Result<Vec<Message>, Error> {
+    if n == 0 {
+        return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, "no messages"));
     }
+    // SAFETY: n messages (caller's contract).
+    let raw = unsafe { array(messages, n, "messages") }?;
+    raw.iter()
+        .map(|m| {
+            // SAFETY: NUL-terminated strings (caller's contract).
+            let (role, content) = unsafe { (c_str(m.role, "role")?, c_str(m.content, "content")?) };
+            let role = Role::parse(role).ok_or_else(|| Error::new(PHI4_ERR_INVALID_ARGUMENT, format!("role {role:?} is not system, user or assistant")))?;
+            Ok(Message::new(role, content))
+        })
+        .collect()
 }
 
 /// Continue from `n_tokens` raw token ids (no chat template), streaming text as for
@@ -379,21 +377,18 @@ pub unsafe extern "C" fn phi4_session_chat(session: *mut phi4_session, messages:
 /// One thread at a time per session (PHI4_ERR_BUSY otherwise).
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_generate(session: *mut phi4_session, tokens: *const u32, n_tokens: usize, params: *const phi4_generate_params, on_piece: phi4_stream_fn, user_data: *mut c_void) -> phi4_status {
-    // SAFETY: pointers as documented in the header.
-    unsafe {
-        with_session(session, |h, s| {
-            if n_tokens == 0 {
-                return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, "no tokens"));
-            }
-            non_null(tokens, "tokens")?;
-            let prompt = std::slice::from_raw_parts(tokens, n_tokens).to_vec();
-            let gp = generate_params(params)?;
-            let mut cb = stream(on_piece, user_data);
-            let out = s.generate(&prompt, &gp, &mut cb).map_err(serr)?;
-            store_result(h, &out);
-            Ok(())
-        })
-    }
+    // SAFETY: NULL or a live handle.
+    let h = unsafe { borrow(session) };
+    with_session(h, |h, s| {
+        if n_tokens == 0 {
+            return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, "no tokens"));
+        }
+        // SAFETY: tokens points to n_tokens ids; params as documented.
+        let (prompt, gp) = unsafe { (array(tokens, n_tokens, "tokens")?, generate_params(params)?) };
+        let out = s.generate(prompt, &gp, &mut stream(on_piece, user_data)).map_err(serr)?;
+        store_result(h, &out);
+        Ok(())
+    })
 }
 
 /// Ask the running generation on `session` to stop; it ends within one micro-batch with
@@ -402,12 +397,15 @@ pub unsafe extern "C" fn phi4_session_generate(session: *mut phi4_session, token
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_cancel(session: *const phi4_session) -> phi4_status {
     // SAFETY: NULL or a live handle.
-    match unsafe { session_ref(session) } {
-        Ok(h) => {
-            h.cancel.store(true, Ordering::Relaxed);
-            PHI4_OK
+    let h = unsafe { borrow(session) };
+    ffi_boundary! {
+        match h {
+            Ok(h) => {
+                h.cancel.store(true, Ordering::Relaxed);
+                PHI4_OK
+            }
+            Err(e) => e.0,
         }
-        Err(e) => e.0,
     }
 }
 
@@ -415,33 +413,35 @@ pub unsafe extern "C" fn phi4_session_cancel(session: *const phi4_session) -> ph
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_reset(session: *mut phi4_session) -> phi4_status {
     // SAFETY: NULL or a live handle.
-    unsafe { with_session(session, |_, s| {
+    let h = unsafe { borrow(session) };
+    with_session(h, |_, s| {
         s.reset();
         Ok(())
-    }) }
+    })
 }
 
 /// Keep only the first `n_tokens` tokens of the session's cache (no effect if it holds fewer).
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_rewind(session: *mut phi4_session, n_tokens: usize) -> phi4_status {
     // SAFETY: NULL or a live handle.
-    unsafe { with_session(session, |_, s| {
+    let h = unsafe { borrow(session) };
+    with_session(h, |_, s| {
         s.rewind(n_tokens);
         Ok(())
-    }) }
+    })
 }
 
 /// Number of tokens in the session's cache, written to `*n`.
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_n_cached(session: *mut phi4_session, n: *mut usize) -> phi4_status {
-    // SAFETY: NULL or a live handle; n checked.
-    unsafe {
-        with_session(session, |_, s| {
-            non_null(n, "n")?;
-            n.write(s.history().len());
-            Ok(())
-        })
-    }
+    // SAFETY: NULL or a live handle.
+    let h = unsafe { borrow(session) };
+    with_session(h, |_, s| {
+        non_null(n, "n")?;
+        // SAFETY: n is non-null and writable (caller's contract).
+        unsafe { n.write(s.history().len()) };
+        Ok(())
+    })
 }
 
 /// The outcome of the last generation. Set `out->struct_size = sizeof(phi4_result)` first; at
@@ -450,7 +450,7 @@ pub unsafe extern "C" fn phi4_session_n_cached(session: *mut phi4_session, n: *m
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_last_result(session: *const phi4_session, out: *mut phi4_result) -> phi4_status {
     // SAFETY: NULL or a live handle; out checked and sized by the caller.
-    let h = match unsafe { session_ref(session) } {
+    let h = match unsafe { borrow(session) } {
         Ok(h) => h,
         Err(e) => return e.0,
     };
@@ -474,9 +474,12 @@ pub unsafe extern "C" fn phi4_session_last_result(session: *const phi4_session, 
 /// before making another call.
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_last_error(session: *const phi4_session) -> *const c_char {
-    // SAFETY: NULL or a live handle. The CString lives in the handle until replaced.
-    match unsafe { session_ref(session) } {
-        Ok(h) => h.last_error.lock().as_ptr(),
-        Err(_) => c"session is NULL".as_ptr(),
+    // SAFETY: NULL or a live handle. The buffer lives in the handle until it is freed.
+    let h = unsafe { borrow(session) };
+    ffi_boundary! {
+        match h {
+            Ok(h) => h.last_error.lock().as_ptr(),
+            Err(_) => c"session is NULL".as_ptr(),
+        }
     }
 }

@@ -186,6 +186,41 @@ static void test_older_struct_sizes(phi4_model *m) {
     phi4_session_free(s);
 }
 
+/* Enum-valued fields travel as uint32_t and are checked; seeds: PHI4_SEED_RANDOM (the default)
+ * draws a fresh seed per generation, a given seed reproduces. */
+static void test_enums_and_seeds(phi4_model *m) {
+    phi4_session_params sp;
+    phi4_session_default_params(&sp);
+    phi4_session *s = NULL;
+    uint32_t bad[] = {2, 7, 0x80000000u, 0xFFFFFFFFu};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        sp.overflow = bad[i];
+        CHECK(phi4_session_new(m, &sp, &s) == PHI4_ERR_INVALID_ARGUMENT && s == NULL, "overflow %u", bad[i]);
+        CHECK(strstr(phi4_last_load_error(), "overflow") != NULL, "message names the field: %s", phi4_last_load_error());
+    }
+    sp.overflow = PHI4_OVERFLOW_DROP_OLDEST;
+    CHECK(phi4_session_new(m, &sp, &s) == PHI4_OK, "valid overflow");
+
+    phi4_generate_params g;
+    phi4_generate_default_params(&g);
+    CHECK(g.seed == PHI4_SEED_RANDOM, "the default seed is random");
+    CHECK(PHI4_VERSION_MAJOR == 0 && strncmp(phi4_version(), "0.", 2) == 0, "version macros match the library");
+    g.temperature = 1.5f;
+    g.max_tokens = 24;
+    phi4_message msgs[] = {{"user", "Tell me about lists."}};
+    collector a = {0}, b = {0}, c = {0}, d = {0};
+    phi4_session_chat(s, msgs, 1, &g, collect, &a);
+    phi4_session_chat(s, msgs, 1, &g, collect, &b);
+    phi4_session_chat(s, msgs, 1, &g, collect, &c);
+    CHECK(strcmp(a.text, b.text) != 0 || strcmp(b.text, c.text) != 0, "three unseeded replies differ: %s", a.text);
+    g.seed = 12345;
+    memset(&a, 0, sizeof a);
+    phi4_session_chat(s, msgs, 1, &g, collect, &a);
+    phi4_session_chat(s, msgs, 1, &g, collect, &d);
+    CHECK(strcmp(a.text, d.text) == 0 && a.len > 0, "a given seed reproduces: %s | %s", a.text, d.text);
+    phi4_session_free(s);
+}
+
 static void test_cancel_by_callback(phi4_model *m) {
     phi4_session *s = NULL;
     phi4_session_new(m, NULL, &s);
@@ -374,6 +409,7 @@ int main(int argc, char **argv) {
     if (!m) return 1;
     test_streaming(m);
     test_older_struct_sizes(m);
+    test_enums_and_seeds(m);
     test_cancel_by_callback(m);
     test_cancel_from_another_thread_and_busy(m);
     test_many_sessions_many_threads(m);

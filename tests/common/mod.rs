@@ -4,7 +4,7 @@ pub mod reference;
 
 use std::path::{Path, PathBuf};
 
-use phi4::synth::{self, Ftype, Spec};
+use phi4_synth::{Ftype, Spec};
 
 /// A directory for test files, removed at the end of the test.
 pub fn tmpdir() -> tempfile::TempDir {
@@ -14,7 +14,7 @@ pub fn tmpdir() -> tempfile::TempDir {
 /// Write a synthetic model and return its path.
 pub fn synth_model(dir: &Path, name: &str, spec: &Spec) -> PathBuf {
     let p = dir.join(name);
-    synth::write(spec, &p).unwrap();
+    phi4_synth::write(spec, &p).unwrap();
     p
 }
 
@@ -69,6 +69,11 @@ pub fn tool(name: &str) -> String {
         (Some(p), "c++") => format!("{p}-g++"),
         (Some(p), _) => format!("{p}-{name}"),
     }
+}
+
+/// The `phi4` CLI as shipped (`make dist` builds it with the libraries).
+pub fn cli() -> PathBuf {
+    dist().join("phi4")
 }
 
 /// `make dist` once per test binary; returns the directory with the shipped files.

@@ -5,12 +5,13 @@
 //! picked at random per block, so a full-scale 9 GB file is written at disk speed while every row
 //! stays distinct.
 
-use std::io::{self, BufWriter, Seek, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::ggml::{self, Type};
-use crate::gguf::{self, Value, ValueType};
-use crate::sample::Rng;
+use phi4::gguf::{self, quantize, TensorType as Type, Value, ValueType};
+use phi4::model::{Config, Role};
+use phi4::sample::Rng;
+use phi4::tokenizer::byte_to_unicode;
 
 /// Weight types of a synthetic model: one type for every matrix, or llama.cpp's Q4_K_M mix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,50 +94,47 @@ fn use_more_bits(i: usize, n: usize) -> bool {
     i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
 }
 
+/// Phi-4's tensor table for this shape, each tensor with the type the spec gives it.
 fn plan(s: &Spec, n_vocab: usize) -> Vec<TensorPlan> {
-    let (e, ff, v) = (s.n_embd as u64, s.n_ff as u64, n_vocab as u64);
-    let kv = (s.n_embd / s.n_head * s.n_head_kv) as u64;
-    let ty = |role: &str, layer: usize| match s.ftype {
+    let config = Config {
+        n_vocab,
+        n_embd: s.n_embd,
+        n_layer: s.n_layer,
+        n_head: s.n_head,
+        n_head_kv: s.n_head_kv,
+        head_dim: s.n_embd / s.n_head,
+        n_ff: s.n_ff,
+        n_ctx_train: s.n_ctx,
+        n_rot: s.n_embd / s.n_head,
+        rope_theta: s.rope_theta,
+        n_ctx_orig: s.n_ctx,
+        rms_eps: 1e-5,
+    };
+    let ty = |role: Role, layer: usize| match s.ftype {
+        _ if role.is_norm() => Type::F32,
         Ftype::Uniform(t) => t,
         Ftype::Q4KM => match role {
-            "attn_qkv" => Type::Q5_K,
-            "output" => Type::Q6_K,
-            "ffn_down" if use_more_bits(layer, s.n_layer) => Type::Q6_K,
+            Role::AttnQkv => Type::Q5_K,
+            Role::Output => Type::Q6_K,
+            Role::FfnDown if use_more_bits(layer, s.n_layer) => Type::Q6_K,
             _ => Type::Q4_K,
         },
     };
-    let mat = |name: String, ne: Vec<u64>, t: Type| TensorPlan { std: 1.0 / (ne[0] as f32).sqrt(), name, ne, ty: t, is_norm: false };
-    let norm = |name: String| TensorPlan { name, ne: vec![e], ty: Type::F32, std: 0.1, is_norm: true };
-    let mut p = vec![
-        TensorPlan { name: "token_embd.weight".into(), ne: vec![e, v], ty: ty("token_embd", 0), std: 1.0, is_norm: false },
-    ];
-    for i in 0..s.n_layer {
-        p.push(norm(format!("blk.{i}.attn_norm.weight")));
-        p.push(mat(format!("blk.{i}.attn_qkv.weight"), vec![e, e + 2 * kv], ty("attn_qkv", i)));
-        p.push(mat(format!("blk.{i}.attn_output.weight"), vec![e, e], ty("attn_output", i)));
-        p.push(norm(format!("blk.{i}.ffn_norm.weight")));
-        p.push(mat(format!("blk.{i}.ffn_up.weight"), vec![e, 2 * ff], ty("ffn_up", i)));
-        p.push(mat(format!("blk.{i}.ffn_down.weight"), vec![ff, e], ty("ffn_down", i)));
-    }
-    p.push(norm("output_norm.weight".into()));
-    p.push(mat("output.weight".into(), vec![e, v], ty("output", 0)));
-    p
-}
-
-/// The GPT-2 byte-to-unicode table used by byte-level BPE vocabularies.
-pub fn byte_to_unicode() -> [char; 256] {
-    let mut table = ['\0'; 256];
-    let mut n = 0u32;
-    for b in 0..256u32 {
-        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-        table[b as usize] = if printable {
-            char::from_u32(b).unwrap()
-        } else {
-            n += 1;
-            char::from_u32(255 + n).unwrap()
-        };
-    }
-    table
+    config
+        .tensors()
+        .into_iter()
+        .map(|t| TensorPlan {
+            std: match t.role {
+                Role::TokenEmbd => 1.0,
+                r if r.is_norm() => 0.1,
+                _ => 1.0 / (t.shape[0] as f32).sqrt(),
+            },
+            is_norm: t.role.is_norm(),
+            ty: ty(t.role, t.layer.unwrap_or(0)),
+            name: t.name,
+            ne: t.shape,
+        })
+        .collect()
 }
 
 fn tiny_vocab(n_vocab: usize) -> io::Result<Vec<(String, Value)>> {
@@ -182,8 +180,7 @@ fn tiny_vocab(n_vocab: usize) -> io::Result<Vec<(String, Value)>> {
 }
 
 fn vocab_from(path: &Path) -> io::Result<Vec<(String, Value)>> {
-    let map = ggml::map_file(&std::fs::File::open(path)?)?;
-    let g = gguf::parse(&map).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))?;
+    let g = gguf::parse_file(path).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))?;
     Ok(g.metadata.into_iter().filter(|(k, _)| k.starts_with("tokenizer.")).collect())
 }
 
@@ -239,31 +236,28 @@ pub fn write(spec: &Spec, path: &Path) -> io::Result<u64> {
     ];
     kv.append(&mut meta);
 
-    let mut w = GgufWriter::create(path)?;
+    let mut w = gguf::Writer::create(path)?;
     w.header(&kv, tensors.iter().map(|t| (t.name.as_str(), t.ne.as_slice(), t.ty)))?;
-    let mut rng = Rng(spec.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0x5EED);
+    // (Rng::new mixes in a constant of its own: undone here, so files stay as they were.)
+    let mut rng = Rng::new(spec.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0x5EED ^ 0x9E37_79B9_7F4A_7C15);
     for t in &tensors {
-        let data = tensor_data(t, &mut rng);
+        let data = tensor_data(t, &mut rng).map_err(invalid)?;
         w.tensor_data(&data)?;
     }
     w.finish()
 }
 
 /// Random values for one tensor, encoded in its type.
-fn tensor_data(t: &TensorPlan, rng: &mut Rng) -> Vec<u8> {
+fn tensor_data(t: &TensorPlan, rng: &mut Rng) -> Result<Vec<u8>, String> {
     let n_per_row = t.ne[0] as usize;
     let n: usize = t.ne.iter().product::<u64>() as usize;
     if t.is_norm {
         let v: Vec<f32> = (0..n).map(|_| 1.0 + t.std * normal(rng)).collect();
-        return ggml::quantize(Type::F32, &v, n_per_row);
+        return quantize(Type::F32, &v, n_per_row);
     }
     if t.ty == Type::F32 || t.ty == Type::F16 {
         let v: Vec<f32> = (0..n).map(|_| t.std * normal(rng)).collect();
-        return if t.ty == Type::F32 {
-            ggml::quantize(Type::F32, &v, n_per_row)
-        } else {
-            v.iter().flat_map(|&x| ggml::f32_to_f16(x).to_le_bytes()).collect()
-        };
+        return quantize(t.ty, &v, n_per_row);
     }
     // Quantized: a pool of blocks from Gaussian values, then each block of the tensor drawn from it.
     const POOL_BLOCKS: usize = 8192;
@@ -271,9 +265,9 @@ fn tensor_data(t: &TensorPlan, rng: &mut Rng) -> Vec<u8> {
     let n_blocks = n / blck;
     let pool_blocks = n_blocks.min(POOL_BLOCKS);
     let v: Vec<f32> = (0..pool_blocks * blck).map(|_| t.std * normal(rng)).collect();
-    let pool = ggml::quantize(t.ty, &v, blck);
+    let pool = quantize(t.ty, &v, blck)?;
     if pool_blocks == n_blocks {
-        return pool;
+        return Ok(pool);
     }
     let bs = t.ty.type_size() as usize;
     let mut out = vec![0u8; n_blocks * bs];
@@ -281,100 +275,5 @@ fn tensor_data(t: &TensorPlan, rng: &mut Rng) -> Vec<u8> {
         let j = (rng.next_u64() % pool_blocks as u64) as usize;
         chunk.copy_from_slice(&pool[j * bs..(j + 1) * bs]);
     }
-    out
-}
-
-/// A streaming GGUF (v3) writer: header first, then each tensor's data in declaration order.
-pub struct GgufWriter {
-    out: BufWriter<std::fs::File>,
-    sizes: Vec<u64>,
-    next: usize,
-}
-
-const ALIGN: u64 = 32;
-
-fn pad_to(out: &mut impl Write, pos: u64) -> io::Result<u64> {
-    let padded = pos.div_ceil(ALIGN) * ALIGN;
-    out.write_all(&vec![0u8; (padded - pos) as usize])?;
-    Ok(padded)
-}
-
-impl GgufWriter {
-    pub fn create(path: &Path) -> io::Result<GgufWriter> {
-        let out = BufWriter::with_capacity(1 << 22, std::fs::File::create(path)?);
-        Ok(GgufWriter { out, sizes: Vec::new(), next: 0 })
-    }
-
-    /// Write the header: metadata, then tensor infos (name, shape in ggml order, type).
-    pub fn header<'a>(&mut self, kv: &[(String, Value)], tensors: impl Iterator<Item = (&'a str, &'a [u64], Type)>) -> io::Result<()> {
-        let tensors: Vec<_> = tensors.collect();
-        let o = &mut self.out;
-        o.write_all(b"GGUF")?;
-        o.write_all(&3u32.to_le_bytes())?;
-        o.write_all(&(tensors.len() as u64).to_le_bytes())?;
-        o.write_all(&(kv.len() as u64).to_le_bytes())?;
-        for (k, v) in kv {
-            write_str(o, k.as_bytes())?;
-            o.write_all(&(v.value_type() as u32).to_le_bytes())?;
-            write_value(o, v)?;
-        }
-        let mut offset = 0u64;
-        for (name, ne, ty) in &tensors {
-            write_str(o, name.as_bytes())?;
-            o.write_all(&(ne.len() as u32).to_le_bytes())?;
-            for d in *ne {
-                o.write_all(&d.to_le_bytes())?;
-            }
-            o.write_all(&ty.raw().to_le_bytes())?;
-            o.write_all(&offset.to_le_bytes())?;
-            let size = ty.row_size(ne[0]) * ne[1..].iter().product::<u64>();
-            self.sizes.push(size);
-            offset += size.div_ceil(ALIGN) * ALIGN;
-        }
-        let pos = o.stream_position()?;
-        pad_to(o, pos)?;
-        Ok(())
-    }
-
-    /// The next tensor's data (exactly its size).
-    pub fn tensor_data(&mut self, data: &[u8]) -> io::Result<()> {
-        assert_eq!(data.len() as u64, self.sizes[self.next], "tensor data size");
-        self.next += 1;
-        self.out.write_all(data)?;
-        pad_to(&mut self.out, data.len() as u64)?;
-        Ok(())
-    }
-
-    pub fn finish(mut self) -> io::Result<u64> {
-        assert_eq!(self.next, self.sizes.len(), "every tensor's data must be written");
-        self.out.flush()?;
-        self.out.stream_position()
-    }
-}
-
-fn write_str(o: &mut impl Write, s: &[u8]) -> io::Result<()> {
-    o.write_all(&(s.len() as u64).to_le_bytes())?;
-    o.write_all(s)
-}
-
-fn write_value(o: &mut impl Write, v: &Value) -> io::Result<()> {
-    match v {
-        Value::U8(x) => o.write_all(&[*x]),
-        Value::I8(x) => o.write_all(&x.to_le_bytes()),
-        Value::U16(x) => o.write_all(&x.to_le_bytes()),
-        Value::I16(x) => o.write_all(&x.to_le_bytes()),
-        Value::U32(x) => o.write_all(&x.to_le_bytes()),
-        Value::I32(x) => o.write_all(&x.to_le_bytes()),
-        Value::F32(x) => o.write_all(&x.to_le_bytes()),
-        Value::Bool(x) => o.write_all(&[*x as u8]),
-        Value::String(s) => write_str(o, s),
-        Value::U64(x) => o.write_all(&x.to_le_bytes()),
-        Value::I64(x) => o.write_all(&x.to_le_bytes()),
-        Value::F64(x) => o.write_all(&x.to_le_bytes()),
-        Value::Array(t, items) => {
-            o.write_all(&(*t as u32).to_le_bytes())?;
-            o.write_all(&(items.len() as u64).to_le_bytes())?;
-            items.iter().try_for_each(|i| write_value(o, i))
-        }
-    }
+    Ok(out)
 }

@@ -4,21 +4,35 @@ use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use phi4::chat::{Message, Role};
-use phi4::session::{GenerateParams, Session};
+use std::path::Path;
 
-use crate::{print_timings, reply, Res, RunArgs};
+use phi4::chat::{Message, Role};
+use phi4::{GenerateParams, Session};
+
+use crate::commands::run::reply;
+use crate::describe::describe;
+use crate::output::{print_timings, Sink};
+use crate::Res;
 
 const HELP: &str = "Available commands:
-  /set parameter NAME VALUE   temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
-                              frequency_penalty, presence_penalty, seed, num_predict, stop
+  /set parameter NAME VALUE   set a generation option (/show parameters lists them)
   /set system TEXT            set the system message
+  /set verbose | quiet        show timings after each reply, or not
   /show info|parameters|system
   /clear                      forget the conversation
   /bye                        exit
 Use \"\"\" to begin and end a multi-line message. Ctrl-C stops a reply; Ctrl-D exits.";
 
-pub fn run(session: &mut Session, mut messages: Vec<Message>, mut gp: GenerateParams, a: &RunArgs) -> Res {
+/// What the REPL's commands change.
+struct State<'a> {
+    session: &'a mut Session,
+    model_path: &'a Path,
+    messages: Vec<Message>,
+    gp: GenerateParams,
+    verbose: bool,
+}
+
+pub fn run(session: &mut Session, model_path: &Path, messages: Vec<Message>, gp: GenerateParams, mut sink: Box<dyn Sink>, verbose: bool) -> Res {
     // Ctrl-C cancels the reply being generated, never the program.
     let generating = Arc::new(AtomicBool::new(false));
     {
@@ -33,6 +47,7 @@ pub fn run(session: &mut Session, mut messages: Vec<Message>, mut gp: GeneratePa
         })
         .map_err(|e| format!("cannot handle Ctrl-C: {e}"))?;
     }
+    let mut st = State { session, model_path, messages, gp, verbose };
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     loop {
@@ -52,6 +67,7 @@ pub fn run(session: &mut Session, mut messages: Vec<Message>, mut gp: GeneratePa
             } else {
                 loop {
                     eprint!("... ");
+                    std::io::stderr().flush().ok();
                     let Some(l) = lines.next() else { break };
                     let l = l.map_err(|e| format!("stdin: {e}"))?;
                     if let Some(last) = l.strip_suffix("\"\"\"") {
@@ -67,29 +83,29 @@ pub fn run(session: &mut Session, mut messages: Vec<Message>, mut gp: GeneratePa
         } else if input.trim().is_empty() {
             continue;
         } else if input.starts_with('/') {
-            match command(input.trim(), session, &mut messages, &mut gp) {
+            match command(input.trim(), &mut st) {
                 Flow::Continue => continue,
                 Flow::Exit => return Ok(()),
             }
         }
-        messages.push(Message::new(Role::User, input));
+        st.messages.push(Message::new(Role::User, input));
         generating.store(true, Ordering::Relaxed);
-        let result = reply(session, &messages, &gp, a.json);
+        let result = reply(st.session, &st.messages, &st.gp, sink.as_mut());
         generating.store(false, Ordering::Relaxed);
         match result {
             Ok(out) => {
-                messages.push(Message::new(Role::Assistant, out.text.clone()));
+                st.messages.push(Message::new(Role::Assistant, out.text.clone()));
                 if out.dropped_messages > 0 {
                     eprintln!("(dropped the {} oldest message(s) to fit the context)", out.dropped_messages);
-                    let first = usize::from(messages.first().is_some_and(|m| m.role == Role::System));
-                    messages.drain(first..first + out.dropped_messages);
+                    let first = usize::from(st.messages.first().is_some_and(|m| m.role == Role::System));
+                    st.messages.drain(first..first + out.dropped_messages);
                 }
-                if a.verbose {
+                if st.verbose {
                     print_timings(&out);
                 }
             }
             Err(e) => {
-                messages.pop();
+                st.messages.pop();
                 eprintln!("error: {e}");
             }
         }
@@ -101,74 +117,50 @@ enum Flow {
     Exit,
 }
 
-fn command(line: &str, session: &mut Session, messages: &mut Vec<Message>, gp: &mut GenerateParams) -> Flow {
+fn command(line: &str, st: &mut State<'_>) -> Flow {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
         ["/bye"] | ["/exit"] => return Flow::Exit,
         ["/?"] | ["/help"] => eprintln!("{HELP}"),
         ["/clear"] => {
-            messages.retain(|m| m.role == Role::System);
-            session.reset();
+            st.messages.retain(|m| m.role == Role::System);
+            st.session.reset();
             eprintln!("Cleared session context");
         }
         ["/set", "system", ..] => {
             let text = line.splitn(3, ' ').nth(2).unwrap_or("").trim().to_string();
-            messages.retain(|m| m.role != Role::System);
-            messages.insert(0, Message::new(Role::System, text));
+            st.messages.retain(|m| m.role != Role::System);
+            st.messages.insert(0, Message::new(Role::System, text));
             eprintln!("Set system message.");
         }
-        ["/set", "parameter", name, value @ ..] if !value.is_empty() => match set_param(gp, name, &value.join(" ")) {
+        ["/set", "verbose"] => {
+            st.verbose = true;
+            eprintln!("Set 'verbose' mode.");
+        }
+        ["/set", "quiet"] => {
+            st.verbose = false;
+            eprintln!("Set 'quiet' mode.");
+        }
+        ["/set", "parameter", name, value @ ..] if !value.is_empty() => match st.gp.set(name, &value.join(" ")) {
             Ok(()) => eprintln!("Set parameter '{name}' to '{}'", value.join(" ")),
             Err(e) => eprintln!("error: {e}"),
         },
         ["/show", "info"] => {
-            let m = session.model();
-            let c = &m.config;
-            eprintln!("  architecture        phi3 (Phi-4 family)");
-            eprintln!("  layers              {}", c.n_layer);
-            eprintln!("  embedding length    {}", c.n_embd);
-            eprintln!("  heads / kv heads    {} / {}", c.n_head, c.n_head_kv);
-            eprintln!("  vocabulary          {}", c.n_vocab);
-            eprintln!("  context length      {} (session: {})", c.n_ctx_train, session.n_ctx());
-            eprintln!("  file size           {:.2} GB", m.file_size as f64 / 1e9);
-            eprintln!("  repacked weights    {}", m.repacked.len());
+            for (label, value) in describe(st.session.model(), st.model_path) {
+                eprintln!("  {label:<18} {value}");
+            }
+            eprintln!("  {:<18} {} positions", "session context", st.session.n_ctx());
         }
         ["/show", "parameters"] => {
-            let s = &gp.sampling;
-            eprintln!("  temperature {}\n  top_k {}\n  top_p {}\n  min_p {}", s.temperature, s.top_k, s.top_p, s.min_p);
-            eprintln!("  repeat_penalty {}\n  repeat_last_n {}", s.repeat_penalty, s.repeat_last_n);
-            eprintln!("  frequency_penalty {}\n  presence_penalty {}\n  seed {}", s.frequency_penalty, s.presence_penalty, s.seed);
-            eprintln!("  num_predict {}\n  stop {:?}", gp.max_tokens, gp.stop);
+            for (name, help) in GenerateParams::options() {
+                eprintln!("  {name:<18} {:<10} {}", st.gp.get(name).unwrap_or_default(), help.trim());
+            }
         }
-        ["/show", "system"] => match messages.iter().find(|m| m.role == Role::System) {
+        ["/show", "system"] => match st.messages.iter().find(|m| m.role == Role::System) {
             Some(m) => eprintln!("{}", m.content),
             None => eprintln!("No system message was specified."),
         },
         _ => eprintln!("Unknown command '{line}'. Type /? for help"),
     }
     Flow::Continue
-}
-
-fn set_param(gp: &mut GenerateParams, name: &str, v: &str) -> Result<(), String> {
-    let mut next = gp.clone();
-    let s = &mut next.sampling;
-    let f = || v.parse::<f32>().map_err(|_| format!("{name} takes a number, not {v:?}"));
-    let u = || v.parse::<usize>().map_err(|_| format!("{name} takes a whole number, not {v:?}"));
-    match name {
-        "temperature" => s.temperature = f()?,
-        "top_k" => s.top_k = u()?,
-        "top_p" => s.top_p = f()?,
-        "min_p" => s.min_p = f()?,
-        "repeat_penalty" => s.repeat_penalty = f()?,
-        "repeat_last_n" => s.repeat_last_n = u()?,
-        "frequency_penalty" => s.frequency_penalty = f()?,
-        "presence_penalty" => s.presence_penalty = f()?,
-        "seed" => s.seed = v.parse().map_err(|_| format!("seed takes a whole number, not {v:?}"))?,
-        "num_predict" => next.max_tokens = u()?,
-        "stop" => next.stop.push(v.to_string()),
-        _ => return Err(format!("unknown parameter {name:?}")),
-    }
-    next.sampling.validate()?;
-    *gp = next;
-    Ok(())
 }

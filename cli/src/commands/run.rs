@@ -1,0 +1,71 @@
+//! `phi4 run`: one-shot chat, raw token ids, or the REPL.
+
+use std::io::{IsTerminal, Read};
+
+use phi4::chat::{Message, Role};
+use phi4::{GenerateParams, Outcome, Overflow, SamplingParams, Session, SessionParams};
+
+use crate::output::{self, Sink};
+use crate::{repl, Res, RunArgs};
+
+pub fn run(a: RunArgs) -> Res {
+    let mut gp = a.options.params()?;
+    if a.raw {
+        if a.prompt_ids.is_empty() {
+            return Err("--raw needs --prompt-ids".into());
+        }
+        // Raw mode is for comparing engines: plain greedy/temperature sampling, no penalties.
+        gp.sampling = SamplingParams { temperature: gp.sampling.temperature, seed: gp.sampling.seed, ..SamplingParams::greedy() };
+    }
+    let d = SessionParams::default();
+    let sp = SessionParams {
+        n_ctx: a.ctx_size.unwrap_or(d.n_ctx),
+        n_batch: a.batch.unwrap_or(d.n_batch),
+        n_threads: a.threads.unwrap_or(d.n_threads),
+        overflow: if a.drop_oldest { Overflow::DropOldest } else { Overflow::Error },
+    };
+    sp.check()?;
+    let model = super::load(&a.model, !a.no_repack)?;
+    let mut session = Session::new(model, &sp)?;
+    let mut sink = output::sink(a.json);
+
+    if a.raw {
+        let mut on_token = |id: Option<u32>, _: &str| id.map_or(true, |id| sink.token(id).is_ok());
+        let outcome = session.generate(&a.prompt_ids, &gp, &mut on_token)?;
+        sink.done(&outcome)?;
+        return Ok(());
+    }
+    let mut messages = Vec::new();
+    if let Some(s) = &a.system {
+        messages.push(Message::new(Role::System, s.clone()));
+    }
+    let stdin = std::io::stdin();
+    let prompt = match &a.prompt {
+        Some(p) => Some(p.clone()),
+        None if !stdin.is_terminal() => {
+            let mut s = String::new();
+            stdin.lock().read_to_string(&mut s).map_err(|e| format!("stdin: {e}"))?;
+            Some(s)
+        }
+        None => None,
+    };
+    match prompt {
+        Some(p) => {
+            messages.push(Message::new(Role::User, p));
+            let out = reply(&mut session, &messages, &gp, sink.as_mut())?;
+            if a.verbose && !a.json {
+                output::print_timings(&out);
+            }
+            Ok(())
+        }
+        None => repl::run(&mut session, &a.model, messages, gp, sink, a.verbose),
+    }
+}
+
+/// Generate one reply, streaming it to `sink`.
+pub fn reply(session: &mut Session, messages: &[Message], gp: &GenerateParams, sink: &mut dyn Sink) -> Res<Outcome> {
+    let mut on_piece = |_: Option<u32>, piece: &str| piece.is_empty() || sink.piece(piece).is_ok();
+    let outcome = session.chat(messages, gp, &mut on_piece)?;
+    sink.done(&outcome)?;
+    Ok(outcome)
+}

@@ -1,0 +1,119 @@
+//! The `phi4` command line: arguments and dispatch. Each command is a module of `commands/`;
+//! what they print goes through `output.rs`; the interactive loop of `phi4 run` is `repl.rs`.
+
+mod commands;
+mod describe;
+mod options;
+mod output;
+mod repl;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "phi4", version, about = "Run Phi-4 GGUF models on the CPU")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Chat with a model: one-shot with a PROMPT (or piped stdin), otherwise an interactive REPL.
+    Run(RunArgs),
+    /// Read text on stdin and print its token ids on one line.
+    Tokenize(TokenizeArgs),
+    /// Write a synthetic Phi-4-shaped model with random weights.
+    Synth(commands::synth::SynthArgs),
+    /// Show the CPU features ggml uses here and, with --model, what loading that model does:
+    /// its shape, weight types, and which weights were repacked into faster layouts.
+    Info(InfoArgs),
+}
+
+#[derive(clap::Args)]
+pub struct InfoArgs {
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Keep every weight in the file mapping (show what loading without repacking does).
+    #[arg(long)]
+    no_repack: bool,
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// GGUF model file.
+    #[arg(long)]
+    model: PathBuf,
+    /// The message to answer (one-shot). Without it, stdin is read when it is not a terminal.
+    prompt: Option<String>,
+    /// System message.
+    #[arg(long)]
+    system: Option<String>,
+    /// Raw mode: no chat template; the prompt is given as token ids (--prompt-ids).
+    #[arg(long)]
+    raw: bool,
+    /// Prompt token ids, comma-separated (with --raw).
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Vec<u32>,
+    /// Generation options (Ollama's names): --temperature, --top-k, ..., -n/--num-predict, --stop.
+    #[command(flatten)]
+    options: options::GenerateArgs,
+    /// Threads for the forward pass [default: the number of CPUs].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Context size (positions in the KV cache), at most the model's [default: 4096].
+    #[arg(long)]
+    ctx_size: Option<usize>,
+    /// Prompt micro-batch size [default: 512].
+    #[arg(long)]
+    batch: Option<usize>,
+    /// When the conversation outgrows the context, drop the oldest turns instead of failing.
+    #[arg(long)]
+    drop_oldest: bool,
+    /// Keep every weight in the file mapping (no repacking into faster layouts).
+    #[arg(long)]
+    no_repack: bool,
+    /// Print NDJSON events instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Print timings after each reply.
+    #[arg(long)]
+    verbose: bool,
+}
+
+#[derive(clap::Args)]
+pub struct TokenizeArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Recognise special tokens (`<|im_start|>`, ...) written in the text.
+    #[arg(long)]
+    special: bool,
+}
+
+pub type Res<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+fn main() -> ExitCode {
+    // Errors are reported as one line; a bug (panic) too, never a backtrace or a signal.
+    std::panic::set_hook(Box::new(|info| {
+        let p = info.payload();
+        let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
+        eprintln!("phi4: internal error: {msg}");
+    }));
+    let cli = Cli::parse();
+    let result = std::panic::catch_unwind(|| match cli.cmd {
+        Cmd::Run(a) => commands::run::run(a),
+        Cmd::Tokenize(a) => commands::tokenize(a),
+        Cmd::Synth(a) => commands::synth::synth(a),
+        Cmd::Info(a) => commands::info(a),
+    });
+    match result {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("phi4: {e}");
+            ExitCode::FAILURE
+        }
+        Err(_) => ExitCode::from(70),
+    }
+}
