@@ -86,27 +86,23 @@ impl Markers {
 
 /// The conversation as token ids.
 pub fn tokens(tok: &Tokenizer, m: Markers, messages: &[Message], add_generation_prompt: bool) -> Vec<u32> {
-    tokens_with(tok, m, messages, add_generation_prompt, &|_| None)
+    let mut out: Vec<u32> = messages.iter().flat_map(|msg| turn(tok, m, msg.role, Some(tok.encode(&msg.content, false)))).collect();
+    if add_generation_prompt {
+        out.extend(turn(tok, m, Role::Assistant, None));
+    }
+    out
 }
 
-/// As [`tokens`], with `known` giving the exact ids of a message's content when they are known
-/// (a reply the model generated: re-tokenizing its text need not give the same ids).
-pub fn tokens_with(tok: &Tokenizer, m: Markers, messages: &[Message], add_generation_prompt: bool, known: &dyn Fn(&Message) -> Option<Vec<u32>>) -> Vec<u32> {
-    let mut out = Vec::new();
-    let mut turn = |role: Role, content: Option<Vec<u32>>| {
-        out.push(m.im_start);
-        out.extend(tok.encode(role.as_str(), false));
-        out.push(m.im_sep);
-        if let Some(c) = content {
-            out.extend(c);
-            out.push(m.im_end);
-        }
-    };
-    for msg in messages {
-        turn(msg.role, Some(known(msg).unwrap_or_else(|| tok.encode(&msg.content, false))));
-    }
-    if add_generation_prompt {
-        turn(Role::Assistant, None);
+/// One message's tokens: `<|im_start|>role<|im_sep|>content<|im_end|>`; without content, the
+/// start of a reply (`<|im_start|>assistant<|im_sep|>`). A conversation's tokens are its
+/// messages' tokens one after another, so each message can be tokenized once.
+pub fn turn(tok: &Tokenizer, m: Markers, role: Role, content: Option<Vec<u32>>) -> Vec<u32> {
+    let mut out = vec![m.im_start];
+    out.extend(tok.encode(role.as_str(), false));
+    out.push(m.im_sep);
+    if let Some(c) = content {
+        out.extend(c);
+        out.push(m.im_end);
     }
     out
 }

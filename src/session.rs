@@ -266,34 +266,65 @@ impl Session {
     /// for each generated token with its id and the text that became complete with it (possibly
     /// empty: a split character or a possible stop string is held back), and once more with
     /// `None` if held-back text is flushed at the end; returning false cancels.
+    ///
+    /// Chat = tokenize each message once (cancellable) → fit the context (drop the oldest turns
+    /// if the policy allows) → generate.
     pub fn chat(&mut self, messages: &[Message], gp: &GenerateParams, on_token: &mut OnToken<'_>) -> Result<Outcome, SessionError> {
+        self.cancel.store(false, Ordering::Relaxed);
         let markers = Markers::of(&self.model.tokenizer).map_err(SessionError::BadParams)?;
-        let mut msgs = messages.to_vec();
+        let Some(turns) = self.tokenize_turns(messages, markers) else {
+            return Ok(Text::new(&[]).outcome(DoneReason::Cancelled, self.timings()));
+        };
+        let reply_start = chat::turn(&self.model.tokenizer, markers, Role::Assistant, None);
+        let (tokens, dropped) = self.fit(messages, &turns, &reply_start)?;
+        let start = tokens.len();
+        let mut out = self.run(&tokens, gp, on_token)?;
+        out.dropped_messages = dropped;
+        self.remember_reply(messages, start, &out);
+        Ok(out)
+    }
+
+    /// Each message's tokens (a reply generated here: its exact ids, since re-tokenizing its
+    /// text need not give them back). None when cancelled.
+    fn tokenize_turns(&self, messages: &[Message], markers: Markers) -> Option<Vec<Vec<u32>>> {
+        let tok = &self.model.tokenizer;
+        messages
+            .iter()
+            .map(|m| {
+                let known = if m.role == Role::Assistant { self.replies.get(&m.content).cloned() } else { None };
+                let content = match known {
+                    Some(ids) => ids,
+                    None => tok.encode_cancellable(&m.content, false, &self.cancel)?,
+                };
+                Some(chat::turn(tok, markers, m.role, Some(content)))
+            })
+            .collect()
+    }
+
+    /// The prompt: every turn, or (drop-oldest) without the oldest turns after the system
+    /// message until it fits with room for one token. Returns it and the number dropped.
+    fn fit(&self, messages: &[Message], turns: &[Vec<u32>], reply_start: &[u32]) -> Result<(Vec<u32>, usize), SessionError> {
+        let first = usize::from(messages.first().is_some_and(|m| m.role == Role::System));
+        let mut needed = turns.iter().map(Vec::len).sum::<usize>() + reply_start.len() + 1;
         let mut dropped = 0;
-        loop {
-            let replies = &self.replies;
-            let known = |m: &Message| if m.role == Role::Assistant { replies.get(&m.content).cloned() } else { None };
-            let tokens = chat::tokens_with(&self.model.tokenizer, markers, &msgs, true, &known);
-            let needed = tokens.len() + 1;
-            if needed <= self.n_ctx() {
-                let start = tokens.len();
-                let mut out = self.generate(&tokens, gp, on_token)?;
-                out.dropped_messages = dropped;
-                self.remember_reply(start, &out);
-                return Ok(out);
-            }
-            let first = usize::from(msgs.first().is_some_and(|m| m.role == Role::System));
-            if self.overflow == Overflow::Error || msgs.len() <= first + 1 {
+        while needed > self.n_ctx() {
+            if self.overflow == Overflow::Error || turns.len() <= first + dropped + 1 {
                 return Err(SessionError::ContextOverflow { needed, n_ctx: self.n_ctx() });
             }
-            msgs.remove(first);
+            needed -= turns[first + dropped].len();
             dropped += 1;
         }
+        let kept = turns[..first].iter().chain(&turns[first + dropped..]);
+        let tokens = kept.flatten().chain(reply_start).copied().collect();
+        Ok((tokens, dropped))
     }
 
     /// Record the ids of a finished reply (when its text is exactly what they decode to; not after
-    /// a stop string, which cuts the text short).
-    fn remember_reply(&mut self, start: usize, out: &Outcome) {
+    /// a stop string, which cuts the text short). Only replies of this conversation are kept, so
+    /// the record never outgrows the conversation.
+    fn remember_reply(&mut self, messages: &[Message], start: usize, out: &Outcome) {
+        let in_conversation: std::collections::HashSet<&str> = messages.iter().filter(|m| m.role == Role::Assistant).map(|m| m.content.as_str()).collect();
+        self.replies.retain(|text, _| in_conversation.contains(text.as_str()));
         let mut ids = self.history.get(start..).unwrap_or_default().to_vec();
         ids.extend(self.last_token);
         if matches!(out.reason, DoneReason::Stop | DoneReason::Length | DoneReason::ContextFull)
@@ -304,13 +335,22 @@ impl Session {
         }
     }
 
+    fn timings(&self) -> Timings {
+        Timings { load_duration: self.model.load_duration, ..Default::default() }
+    }
+
     /// Continue from `prompt` (token ids, no template), generating a reply; `on_token` as for
     /// [`Session::chat`]. Generate = check → prefill (only what the cache lacks) → decode → flush.
     pub fn generate(&mut self, prompt: &[u32], gp: &GenerateParams, on_token: &mut OnToken<'_>) -> Result<Outcome, SessionError> {
-        self.check_prompt(prompt, gp)?;
         self.cancel.store(false, Ordering::Relaxed);
+        self.run(prompt, gp, on_token)
+    }
+
+    /// `generate` without clearing the cancel flag (a cancel during `chat`'s preparation holds).
+    fn run(&mut self, prompt: &[u32], gp: &GenerateParams, on_token: &mut OnToken<'_>) -> Result<Outcome, SessionError> {
+        self.check_prompt(prompt, gp)?;
         self.last_token = None;
-        let mut timings = Timings { load_duration: self.model.load_duration, ..Default::default() };
+        let mut timings = self.timings();
         let mut text = Text::new(&gp.stop);
         if !self.prefill(prompt, &mut timings)? {
             return Ok(text.outcome(DoneReason::Cancelled, timings));

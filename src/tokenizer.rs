@@ -4,11 +4,14 @@
 //! Special tokens (control tokens such as `<|im_start|>`) are recognised in text only when the
 //! caller asks; otherwise their text is ordinary text and tokenizes as such.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use fancy_regex::Regex;
 
-use crate::gguf::{Gguf, GgufError, Value, ValueType};
+use crate::gguf::{Gguf, GgufError};
 
 /// Why a vocabulary cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -59,11 +62,13 @@ pub struct Tokenizer {
     /// Token text (in the GPT-2 byte-to-unicode alphabet) → id.
     by_text: HashMap<String, u32>,
     /// (left, right) → (merge rank, merged token).
-    merges: HashMap<(u32, u32), (u32, u32)>,
+    merges: HashMap<(u32, u32), (u32, u32), BuildHasherDefault<PairHasher>>,
     /// The token of each single byte.
     byte_token: [u32; 256],
     /// Control and user-defined tokens, longest text first (for matching in text).
     specials: Vec<(Vec<u8>, u32, TokenType)>,
+    /// Which bytes start some special token (most text is passed over with one look-up a byte).
+    special_start: [bool; 256],
     pre: Regex,
     /// `<|endoftext|>` and `<|im_end|>` when the vocabulary has them.
     pub end_of_generation: Vec<u32>,
@@ -87,23 +92,18 @@ impl Tokenizer {
         if !CL100K_PRE.contains(&pre) {
             return Err(bad(format!("tokenizer.ggml.pre {pre:?} is not supported (phi4 implements Phi-4's \"dbrx\")")));
         }
-        let tokens = g.array("tokenizer.ggml.tokens", ValueType::String)?;
+        let tokens = g.strings("tokenizer.ggml.tokens")?;
         if tokens.len() != n_vocab {
             return Err(bad(format!("{} tokens for a model with {n_vocab} embedding rows", tokens.len())));
         }
         let types: Vec<TokenType> = match g.get("tokenizer.ggml.token_type") {
             None => vec![TokenType::Normal; tokens.len()],
             Some(_) => {
-                let raw = g.array("tokenizer.ggml.token_type", ValueType::I32)?;
+                let raw = g.i32s("tokenizer.ggml.token_type")?;
                 if raw.len() != tokens.len() {
                     return Err(bad(format!("{} token types for {} tokens", raw.len(), tokens.len())));
                 }
-                raw.iter()
-                    .map(|v| match v {
-                        Value::I32(t) => TokenType::from_i32(*t).ok_or_else(|| bad(format!("unknown token type {t}"))),
-                        _ => unreachable!("array() checked the element type"),
-                    })
-                    .collect::<Result<_, _>>()?
+                raw.iter().map(|&t| TokenType::from_i32(t).ok_or_else(|| bad(format!("unknown token type {t}")))).collect::<Result<_, _>>()?
             }
         };
 
@@ -116,8 +116,7 @@ impl Tokenizer {
         let mut pieces = Vec::with_capacity(tokens.len());
         let mut specials = Vec::new();
         for (id, (t, ty)) in tokens.iter().zip(&types).enumerate() {
-            let Value::String(text) = t else { unreachable!("array() checked the element type") };
-            let text = String::from_utf8(text.clone()).map_err(|_| bad(format!("token {id} is not valid UTF-8")))?;
+            let text = String::from_utf8(t.to_vec()).map_err(|_| bad(format!("token {id} is not valid UTF-8")))?;
             let piece = match ty {
                 TokenType::Control | TokenType::UserDefined | TokenType::Unknown | TokenType::Unused => text.clone().into_bytes(),
                 // Normal and byte tokens are spelled in the byte-to-unicode alphabet.
@@ -141,9 +140,8 @@ impl Tokenizer {
             byte_token[b] = *by_text.get(&c.to_string()).ok_or_else(|| bad(format!("no token for byte {b:#04x}")))?;
         }
 
-        let mut merges = HashMap::new();
-        for (rank, m) in g.array("tokenizer.ggml.merges", ValueType::String)?.iter().enumerate() {
-            let Value::String(m) = m else { unreachable!("array() checked the element type") };
+        let mut merges = HashMap::default();
+        for (rank, m) in g.strings("tokenizer.ggml.merges")?.iter().enumerate() {
             let m = std::str::from_utf8(m).map_err(|_| bad(format!("merge {rank} is not valid UTF-8")))?;
             let split = m.char_indices().skip(1).find(|(_, c)| *c == ' ').map(|(i, _)| i);
             let Some(split) = split else { return Err(bad(format!("merge {rank} {m:?} has no space"))) };
@@ -159,13 +157,15 @@ impl Tokenizer {
 
         let end_of_generation = ["<|endoftext|>", "<|im_end|>"].iter().filter_map(|t| by_text.get(*t).copied()).collect();
         let pre = Regex::new(CL100K_PATTERN).expect("the pattern is valid");
-        Ok(Tokenizer { pieces, types, by_text, merges, byte_token, specials, pre, end_of_generation })
+        let mut special_start = [false; 256];
+        specials.iter().for_each(|(text, _, _)| special_start[text[0] as usize] = true);
+        Ok(Tokenizer { pieces, types, by_text, merges, byte_token, specials, special_start, pre, end_of_generation })
     }
 
     /// The tokenizer of the GGUF file at `path`, reading only its header (not the weights).
     pub fn load(path: &std::path::Path) -> Result<Tokenizer, crate::model::LoadError> {
         let g = crate::gguf::parse_file(path)?;
-        let n_vocab = g.array("tokenizer.ggml.tokens", ValueType::String).map_err(VocabError::from)?.len();
+        let n_vocab = g.strings("tokenizer.ggml.tokens").map_err(VocabError::from)?.len();
         Ok(Tokenizer::from_gguf(&g, n_vocab)?)
     }
 
@@ -185,11 +185,21 @@ impl Tokenizer {
     /// Token ids of `text`. With `special`, control tokens written in the text (`<|im_end|>`)
     /// become their ids; without, they are plain text. User-defined tokens are always matched.
     pub fn encode(&self, text: &str, special: bool) -> Vec<u32> {
+        self.encode_cancellable(text, special, &AtomicBool::new(false)).expect("never cancelled")
+    }
+
+    /// As [`Tokenizer::encode`], giving up (`None`) soon after `cancel` is set: it is checked
+    /// between pieces of the text, so a cancel reaches even megabytes of input.
+    pub fn encode_cancellable(&self, text: &str, special: bool, cancel: &AtomicBool) -> Option<Vec<u32>> {
         let mut out = Vec::new();
         let bytes = text.as_bytes();
         let mut start = 0;
         let mut i = 0;
         while i < bytes.len() {
+            if !self.special_start[bytes[i] as usize] {
+                i += 1;
+                continue;
+            }
             let hit = self
                 .specials
                 .iter()
@@ -197,7 +207,7 @@ impl Tokenizer {
                 .find(|(s, _, _)| bytes[i..].starts_with(s));
             match hit {
                 Some((s, id, _)) => {
-                    self.encode_plain(&text[start..i], &mut out);
+                    self.encode_plain(&text[start..i], &mut out, cancel)?;
                     out.push(*id);
                     i += s.len();
                     start = i;
@@ -205,39 +215,78 @@ impl Tokenizer {
                 None => i += 1,
             }
         }
-        self.encode_plain(&text[start..], &mut out);
-        out
+        self.encode_plain(&text[start..], &mut out, cancel)?;
+        Some(out)
     }
 
-    fn encode_plain(&self, text: &str, out: &mut Vec<u32>) {
+    fn encode_plain(&self, text: &str, out: &mut Vec<u32>, cancel: &AtomicBool) -> Option<()> {
         for m in self.pre.find_iter(text) {
+            if cancel.load(Ordering::Relaxed) {
+                return None;
+            }
             // The pattern cannot fail on valid UTF-8 within the backtrack limit for these
             // short alternatives; a failure would skip a span, so fall back to bytes.
             match m {
                 Ok(m) => self.bpe(m.as_str().as_bytes(), out),
                 Err(_) => {
                     self.bpe(text.as_bytes(), out);
-                    return;
+                    return Some(());
                 }
             }
         }
+        Some(())
     }
 
-    /// Byte-level BPE of one pre-token: start from byte tokens, repeatedly merge the adjacent
-    /// pair with the lowest merge rank.
+    /// Byte-level BPE of one pre-token: start from byte tokens and repeatedly merge the adjacent
+    /// pair with the lowest merge rank (the leftmost of equals). The parts are a linked list and
+    /// the candidate pairs a heap, so a word of n bytes takes O(n log n), however long.
     fn bpe(&self, word: &[u8], out: &mut Vec<u32>) {
-        let mut parts: Vec<u32> = word.iter().map(|&b| self.byte_token[b as usize]).collect();
-        loop {
-            let best = parts
-                .windows(2)
-                .enumerate()
-                .filter_map(|(i, w)| self.merges.get(&(w[0], w[1])).map(|&(rank, id)| (rank, i, id)))
-                .min();
-            let Some((_, i, id)) = best else { break };
-            parts[i] = id;
-            parts.remove(i + 1);
+        const NONE: usize = usize::MAX;
+        // Positions are packed into 32 bits; no real pre-token comes near that.
+        if word.len() > u32::MAX as usize {
+            let (a, b) = word.split_at(u32::MAX as usize / 2);
+            self.bpe(a, out);
+            return self.bpe(b, out);
         }
-        out.extend(parts);
+        let mut tok: Vec<u32> = word.iter().map(|&b| self.byte_token[b as usize]).collect();
+        if tok.len() < 2 {
+            out.extend(tok);
+            return;
+        }
+        let n = tok.len();
+        let mut next: Vec<usize> = (1..=n).map(|j| if j == n { NONE } else { j }).collect();
+        let mut prev: Vec<usize> = (0..n).map(|j| if j == 0 { NONE } else { j - 1 }).collect();
+        // Candidates as rank << 32 | left position, smallest first. A popped candidate is stale
+        // when the pair now at its position has another rank (ranks are unique per pair).
+        let rank_at = |tok: &[u32], next: &[usize], i: usize| -> Option<(u32, u32)> {
+            let j = next[i];
+            (j != NONE).then(|| self.merges.get(&(tok[i], tok[j])).copied()).flatten()
+        };
+        let mut heap: BinaryHeap<Reverse<u64>> = (0..n - 1).filter_map(|i| rank_at(&tok, &next, i).map(|(r, _)| Reverse((r as u64) << 32 | i as u64))).collect();
+        while let Some(Reverse(c)) = heap.pop() {
+            let (rank, i) = ((c >> 32) as u32, (c & 0xFFFF_FFFF) as usize);
+            let Some((r, merged)) = rank_at(&tok, &next, i) else { continue };
+            if r != rank || tok[i] == u32::MAX {
+                continue;
+            }
+            let j = next[i];
+            tok[i] = merged;
+            tok[j] = u32::MAX; // gone
+            next[i] = next[j];
+            if next[j] != NONE {
+                prev[next[j]] = i;
+            }
+            for k in [prev[i], i] {
+                if let Some((r, _)) = (k != NONE).then(|| rank_at(&tok, &next, k)).flatten() {
+                    heap.push(Reverse((r as u64) << 32 | k as u64));
+                }
+            }
+        }
+        let mut i = 0;
+        while i != NONE {
+            out.push(tok[i]);
+            i = next[i];
+        }
     }
 
     /// The bytes a token stands for; control tokens give nothing unless `special`.
@@ -270,6 +319,30 @@ pub fn byte_to_unicode() -> [char; 256] {
         };
     }
     table
+}
+
+/// Hashes a pair of token ids (the merge table's key) with one multiply: SipHash's protection
+/// against chosen keys is not needed for a table built once from the vocabulary, and BPE looks
+/// a pair up for every merge.
+#[derive(Default)]
+pub(crate) struct PairHasher(u64);
+
+impl Hasher for PairHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        bytes.iter().for_each(|&b| self.write_u8(b));
+    }
+    fn write_u8(&mut self, b: u8) {
+        self.write_u64(b as u64);
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(v as u64);
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(29) ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
 /// Turns a token stream into text pieces that are always whole UTF-8 characters: bytes of a

@@ -315,7 +315,7 @@ fn array_element_type_the_key_does_not_take() {
     let mut kv = g.metadata.clone();
     for (k, v) in kv.iter_mut() {
         if k == "tokenizer.ggml.tokens" {
-            *v = phi4::gguf::Value::Array(phi4::gguf::ValueType::I32, vec![phi4::gguf::Value::I32(0); 1024]);
+            *v = phi4::gguf::Value::Array(phi4::gguf::Array::I32(vec![0; 1024]));
         }
     }
     let bytes = rewrite(&std::fs::read(&path).unwrap(), &g, &kv);

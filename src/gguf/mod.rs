@@ -146,8 +146,7 @@ pub enum Value {
     F32(f32),
     Bool(bool),
     String(Vec<u8>),
-    /// Element type and elements (all of that type).
-    Array(ValueType, Vec<Value>),
+    Array(Array),
     U64(u64),
     I64(i64),
     F64(f64),
@@ -185,6 +184,110 @@ impl Value {
             Value::I64(v) => v.into(),
             _ => return None,
         })
+    }
+}
+
+/// An array of metadata values, stored by element type: no more memory than its bytes in the file
+/// (a string costs its bytes and one offset). Arrays of arrays are not supported (nor by
+/// llama.cpp).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Array {
+    U8(Vec<u8>),
+    I8(Vec<i8>),
+    U16(Vec<u16>),
+    I16(Vec<i16>),
+    U32(Vec<u32>),
+    I32(Vec<i32>),
+    F32(Vec<f32>),
+    Bool(Vec<bool>),
+    String(Strings),
+    U64(Vec<u64>),
+    I64(Vec<i64>),
+    F64(Vec<f64>),
+}
+
+impl Array {
+    pub fn elem_type(&self) -> ValueType {
+        match self {
+            Array::U8(_) => ValueType::U8,
+            Array::I8(_) => ValueType::I8,
+            Array::U16(_) => ValueType::U16,
+            Array::I16(_) => ValueType::I16,
+            Array::U32(_) => ValueType::U32,
+            Array::I32(_) => ValueType::I32,
+            Array::F32(_) => ValueType::F32,
+            Array::Bool(_) => ValueType::Bool,
+            Array::String(_) => ValueType::String,
+            Array::U64(_) => ValueType::U64,
+            Array::I64(_) => ValueType::I64,
+            Array::F64(_) => ValueType::F64,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Array::U8(v) => v.len(),
+            Array::I8(v) => v.len(),
+            Array::U16(v) => v.len(),
+            Array::I16(v) => v.len(),
+            Array::U32(v) => v.len(),
+            Array::I32(v) => v.len(),
+            Array::F32(v) => v.len(),
+            Array::Bool(v) => v.len(),
+            Array::String(v) => v.len(),
+            Array::U64(v) => v.len(),
+            Array::I64(v) => v.len(),
+            Array::F64(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Byte strings packed into one buffer.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Strings {
+    bytes: Vec<u8>,
+    /// End of each string in `bytes`.
+    ends: Vec<usize>,
+}
+
+impl Strings {
+    pub fn with_capacity(n: usize) -> Strings {
+        Strings { bytes: Vec::new(), ends: Vec::with_capacity(n) }
+    }
+
+    pub fn push(&mut self, s: &[u8]) {
+        self.bytes.extend_from_slice(s);
+        self.ends.push(self.bytes.len());
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn get(&self, i: usize) -> Option<&[u8]> {
+        let end = *self.ends.get(i)?;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        Some(&self.bytes[start..end])
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &[u8]> + '_ {
+        (0..self.len()).map(|i| self.get(i).expect("index in range"))
+    }
+}
+
+impl<S: AsRef<[u8]>> FromIterator<S> for Strings {
+    fn from_iter<I: IntoIterator<Item = S>>(iter: I) -> Strings {
+        let mut out = Strings::default();
+        iter.into_iter().for_each(|s| out.push(s.as_ref()));
+        out
     }
 }
 
@@ -285,16 +388,32 @@ impl Gguf {
         self.opt_str(key)?.ok_or_else(|| Self::missing(key))
     }
 
-    /// The elements of an array whose element type must be `elem`.
-    pub fn array(&self, key: &str, elem: ValueType) -> Result<&[Value], GgufError> {
+    /// An array whose element type must be `elem`.
+    pub fn array(&self, key: &str, elem: ValueType) -> Result<&Array, GgufError> {
         match self.get(key) {
             None => Err(Self::missing(key)),
-            Some(Value::Array(t, items)) if *t == elem => Ok(items),
-            Some(Value::Array(t, _)) => Err(GgufError::BadValue {
+            Some(Value::Array(a)) if a.elem_type() == elem => Ok(a),
+            Some(Value::Array(a)) => Err(GgufError::BadValue {
                 key: key.into(),
-                msg: format!("must be an array of {}, found an array of {}", elem.name(), t.name()),
+                msg: format!("must be an array of {}, found an array of {}", elem.name(), a.elem_type().name()),
             }),
             Some(v) => Err(Self::wrong(key, &format!("an array of {}", elem.name()), v)),
+        }
+    }
+
+    /// An array of strings.
+    pub fn strings(&self, key: &str) -> Result<&Strings, GgufError> {
+        match self.array(key, ValueType::String)? {
+            Array::String(s) => Ok(s),
+            _ => unreachable!("array() checked the element type"),
+        }
+    }
+
+    /// An array of i32.
+    pub fn i32s(&self, key: &str) -> Result<&[i32], GgufError> {
+        match self.array(key, ValueType::I32)? {
+            Array::I32(v) => Ok(v),
+            _ => unreachable!("array() checked the element type"),
         }
     }
 }

@@ -4,11 +4,13 @@
 
 use std::collections::HashMap;
 
-use super::{Gguf, GgufError, TensorInfo, Value, ValueType, DEFAULT_ALIGNMENT, MAGIC};
+use super::{Array, Gguf, GgufError, Strings, TensorInfo, Value, ValueType, DEFAULT_ALIGNMENT, MAGIC};
 use crate::ggml;
 
-/// Deepest array nesting accepted (GGUF allows arrays of arrays; nobody needs more than this).
-const MAX_NESTING: u32 = 8;
+/// Most metadata entries and tensors a file may declare (Phi-4 files have about 40 and 243):
+/// with these, everything parsed costs a small multiple of the file's bytes.
+const MAX_KV: u64 = 1 << 16;
+const MAX_TENSORS: u64 = 1 << 16;
 /// ggml tensor names hold at most 63 bytes plus the terminating NUL.
 const MAX_TENSOR_NAME: usize = 63;
 /// Fewest bytes of one metadata entry: key (8 + 1) + type (4) + a one-byte value.
@@ -96,6 +98,11 @@ fn header(r: &mut Reader<'_>) -> Result<(u32, u64, u64), GgufError> {
     let n_kv = r.count(MIN_KV_BYTES, &|| "metadata key/value".into())?;
     // Checked after the KV count is read, against what is left then.
     let n_tensors = r.bound(n_tensors, MIN_TENSOR_INFO_BYTES, &|| "tensor".into())?;
+    for (what, count, max) in [("metadata key/value", n_kv, MAX_KV), ("tensor", n_tensors, MAX_TENSORS)] {
+        if count > max {
+            return Err(GgufError::CountTooLarge { what: what.into(), count, left: r.left(), max });
+        }
+    }
     Ok((version, n_tensors, n_kv))
 }
 
@@ -103,7 +110,7 @@ type Metadata = (Vec<(String, Value)>, HashMap<String, usize>);
 
 /// `n_kv` key/value pairs: unique, non-empty UTF-8 keys.
 fn metadata(r: &mut Reader<'_>, n_kv: u64) -> Result<Metadata, GgufError> {
-    let mut metadata = Vec::with_capacity(n_kv.min(1024) as usize);
+    let mut metadata = Vec::with_capacity(n_kv as usize);
     let mut index = HashMap::new();
     for i in 0..n_kv {
         let key = r.string(&|| format!("metadata key #{i}"))?;
@@ -114,7 +121,7 @@ fn metadata(r: &mut Reader<'_>, n_kv: u64) -> Result<Metadata, GgufError> {
             return Err(GgufError::BadValue { key, msg: "empty key".into() });
         }
         let ty = r.u32(&|| format!("type of metadata key {key:?}"))?;
-        let value = read_value(r, &key, ty, 0)?;
+        let value = read_value(r, &key, ty)?;
         if index.insert(key.clone(), metadata.len()).is_some() {
             return Err(GgufError::DuplicateKey(key));
         }
@@ -136,7 +143,7 @@ fn alignment(v: Option<&Value>) -> Result<u64, GgufError> {
 /// `n_tensors` tensor infos: unique names, known types, shapes whose sizes fit in i64. Offsets
 /// are still relative to the data section.
 fn tensor_infos(r: &mut Reader<'_>, n_tensors: u64) -> Result<Vec<TensorInfo>, GgufError> {
-    let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors.min(4096) as usize);
+    let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors as usize);
     let mut names = HashMap::new();
     for i in 0..n_tensors {
         let t = tensor_info(r, i)?;
@@ -227,7 +234,7 @@ pub(super) fn align_up(v: u64, a: u64) -> Option<u64> {
     v.checked_add(a - 1).map(|x| x / a * a)
 }
 
-fn read_value(r: &mut Reader<'_>, key: &str, ty: u32, depth: u32) -> Result<Value, GgufError> {
+fn read_value(r: &mut Reader<'_>, key: &str, ty: u32) -> Result<Value, GgufError> {
     let bad = |msg: String| GgufError::BadValue { key: key.to_owned(), msg };
     let ty = ValueType::from_u32(ty).ok_or_else(|| bad(format!("unknown value type {}", ty as i32)))?;
     let what = || format!("value of {key:?}");
@@ -242,24 +249,56 @@ fn read_value(r: &mut Reader<'_>, key: &str, ty: u32, depth: u32) -> Result<Valu
         ValueType::U64 => Value::U64(r.u64(&what)?),
         ValueType::I64 => Value::I64(r.u64(&what)? as i64),
         ValueType::F64 => Value::F64(f64::from_le_bytes(r.array(&what)?)),
-        ValueType::Bool => match r.array::<1>(&what)?[0] {
-            0 => Value::Bool(false),
-            1 => Value::Bool(true),
-            b => return Err(bad(format!("bool byte {b} is neither 0 nor 1"))),
-        },
+        ValueType::Bool => Value::Bool(bool_byte(r.array::<1>(&what)?[0]).map_err(bad)?),
         ValueType::String => Value::String(r.string(&what)?.to_vec()),
-        ValueType::Array => {
-            if depth >= MAX_NESTING {
-                return Err(bad(format!("arrays nested deeper than {MAX_NESTING}")));
-            }
-            let elem_raw = r.u32(&|| format!("element type of {key:?}"))?;
-            let elem = ValueType::from_u32(elem_raw).ok_or_else(|| bad(format!("unknown array element type {}", elem_raw as i32)))?;
-            let n = r.count(elem.min_size(), &|| format!("array {key:?} element"))?;
-            let mut items = Vec::with_capacity(n as usize);
+        ValueType::Array => Value::Array(read_array(r, key)?),
+    })
+}
+
+fn bool_byte(b: u8) -> Result<bool, String> {
+    match b {
+        0 => Ok(false),
+        1 => Ok(true),
+        b => Err(format!("bool byte {b} is neither 0 nor 1")),
+    }
+}
+
+/// An array: element type, count (bounded by the bytes left), elements stored by type.
+fn read_array(r: &mut Reader<'_>, key: &str) -> Result<Array, GgufError> {
+    let bad = |msg: String| GgufError::BadValue { key: key.to_owned(), msg };
+    let elem_raw = r.u32(&|| format!("element type of {key:?}"))?;
+    let elem = ValueType::from_u32(elem_raw).ok_or_else(|| bad(format!("unknown array element type {}", elem_raw as i32)))?;
+    if elem == ValueType::Array {
+        return Err(bad("arrays of arrays (nested arrays) are not supported".into()));
+    }
+    let n = r.count(elem.min_size(), &|| format!("array {key:?} element"))? as usize;
+    // The count is proven: n elements of at least min_size bytes each are in the file.
+    let what = || format!("array {key:?}");
+    macro_rules! fixed {
+        ($variant:ident, $t:ty) => {{
+            let bytes = r.take((n * std::mem::size_of::<$t>()) as u64, &what)?;
+            Array::$variant(bytes.chunks_exact(std::mem::size_of::<$t>()).map(|c| <$t>::from_le_bytes(c.try_into().expect("chunk size"))).collect())
+        }};
+    }
+    Ok(match elem {
+        ValueType::U8 => Array::U8(r.take(n as u64, &what)?.to_vec()),
+        ValueType::I8 => Array::I8(r.take(n as u64, &what)?.iter().map(|&b| b as i8).collect()),
+        ValueType::U16 => fixed!(U16, u16),
+        ValueType::I16 => fixed!(I16, i16),
+        ValueType::U32 => fixed!(U32, u32),
+        ValueType::I32 => fixed!(I32, i32),
+        ValueType::F32 => fixed!(F32, f32),
+        ValueType::U64 => fixed!(U64, u64),
+        ValueType::I64 => fixed!(I64, i64),
+        ValueType::F64 => fixed!(F64, f64),
+        ValueType::Bool => Array::Bool(r.take(n as u64, &what)?.iter().map(|&b| bool_byte(b)).collect::<Result<_, _>>().map_err(bad)?),
+        ValueType::String => {
+            let mut s = Strings::with_capacity(n);
             for _ in 0..n {
-                items.push(read_value(r, key, elem as u32, depth + 1)?);
+                s.push(r.string(&what)?);
             }
-            Value::Array(elem, items)
+            Array::String(s)
         }
+        ValueType::Array => unreachable!("rejected above"),
     })
 }

@@ -4,7 +4,7 @@
 use std::io::{self, BufWriter, Seek, Write};
 use std::path::Path;
 
-use super::{TensorType, Value, DEFAULT_ALIGNMENT, MAGIC};
+use super::{Array, TensorType, Value, DEFAULT_ALIGNMENT, MAGIC};
 
 /// A streaming GGUF writer (alignment 32).
 pub struct Writer {
@@ -101,10 +101,32 @@ fn write_value(o: &mut impl Write, v: &Value) -> io::Result<()> {
         Value::U64(x) => o.write_all(&x.to_le_bytes()),
         Value::I64(x) => o.write_all(&x.to_le_bytes()),
         Value::F64(x) => o.write_all(&x.to_le_bytes()),
-        Value::Array(t, items) => {
-            o.write_all(&(*t as u32).to_le_bytes())?;
-            o.write_all(&(items.len() as u64).to_le_bytes())?;
-            items.iter().try_for_each(|i| write_value(o, i))
+        Value::Array(a) => {
+            o.write_all(&(a.elem_type() as u32).to_le_bytes())?;
+            o.write_all(&(a.len() as u64).to_le_bytes())?;
+            write_array(o, a)
         }
+    }
+}
+
+fn write_array(o: &mut impl Write, a: &Array) -> io::Result<()> {
+    macro_rules! each {
+        ($v:expr) => {
+            $v.iter().try_for_each(|x| o.write_all(&x.to_le_bytes()))
+        };
+    }
+    match a {
+        Array::U8(v) => o.write_all(v),
+        Array::I8(v) => each!(v),
+        Array::U16(v) => each!(v),
+        Array::I16(v) => each!(v),
+        Array::U32(v) => each!(v),
+        Array::I32(v) => each!(v),
+        Array::F32(v) => each!(v),
+        Array::Bool(v) => v.iter().try_for_each(|&b| o.write_all(&[b as u8])),
+        Array::String(v) => v.iter().try_for_each(|s| write_str(o, s)),
+        Array::U64(v) => each!(v),
+        Array::I64(v) => each!(v),
+        Array::F64(v) => each!(v),
     }
 }

@@ -8,7 +8,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use phi4::gguf::{self, quantize, TensorType as Type, Value, ValueType};
+use phi4::gguf::{self, quantize, Array, TensorType as Type, Value};
 use phi4::model::{Config, Role};
 use phi4::sample::Rng;
 use phi4::tokenizer::byte_to_unicode;
@@ -166,12 +166,12 @@ fn tiny_vocab(n_vocab: usize) -> io::Result<Vec<(String, Value)>> {
         types.push(3);
     }
     let eos = (n_vocab - 4) as u32;
-    let strings = |v: Vec<String>| Value::Array(ValueType::String, v.into_iter().map(|s| Value::String(s.into_bytes())).collect());
+    let strings = |v: Vec<String>| Value::Array(Array::String(v.iter().collect()));
     Ok(vec![
         ("tokenizer.ggml.model".into(), Value::String(b"gpt2".to_vec())),
         ("tokenizer.ggml.pre".into(), Value::String(b"dbrx".to_vec())),
         ("tokenizer.ggml.tokens".into(), strings(tokens)),
-        ("tokenizer.ggml.token_type".into(), Value::Array(ValueType::I32, types.into_iter().map(Value::I32).collect())),
+        ("tokenizer.ggml.token_type".into(), Value::Array(Array::I32(types))),
         ("tokenizer.ggml.merges".into(), strings(merges)),
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(eos)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(eos)),
@@ -195,7 +195,7 @@ pub fn write(spec: &Spec, path: &Path) -> io::Result<u64> {
         Vocab::From(p) => vocab_from(p)?,
     };
     let n_vocab = match meta.iter().find(|(k, _)| k == "tokenizer.ggml.tokens") {
-        Some((_, Value::Array(_, t))) => t.len(),
+        Some((_, Value::Array(Array::String(t)))) => t.len(),
         _ => return Err(invalid("the vocabulary has no tokenizer.ggml.tokens".into())),
     };
     let tensors = plan(spec, n_vocab);
