@@ -19,6 +19,13 @@
  *   PHI4_ERR_BUSY. phi4_session_cancel, phi4_session_last_result and phi4_session_last_error
  *   may be called from any thread at any time.
  * - Callbacks run on the thread that made the call that invokes them.
+ *
+ * Re-entrancy (calls made from inside a callback)
+ * - Any function may be called. On the session whose call invoked the callback: cancel,
+ *   last_result and last_error work; phi4_session_free is deferred until that call returns;
+ *   every other call returns PHI4_ERR_BUSY. Freeing the model is always allowed (sessions keep
+ *   it alive).
+ * - Functions may also be called from thread-exit (TLS destructor) and atexit handlers.
  * - No function aborts the process or unwinds into the caller.
  */
 
@@ -138,7 +145,8 @@ typedef struct phi4_session_params {
   uint32_t n_ctx;
   // Prompt tokens per micro-batch (also how often prefill checks for cancellation). Default 512.
   uint32_t n_batch;
-  // Threads for the forward pass, 1..=512. Default: the number of CPUs.
+  // Threads for the forward pass, 1..=512; more than the CPUs are clamped to their number (a
+  // warning is logged). Default: the number of CPUs.
   uint32_t n_threads;
   // A phi4_overflow value. Default PHI4_OVERFLOW_ERROR.
   uint32_t overflow;
@@ -298,7 +306,9 @@ enum phi4_status phi4_session_new(const struct phi4_model *model,
                                   const struct phi4_session_params *params,
                                   struct phi4_session **out);
 
-// Free a session (NULL allowed). Must not race with another call on the same session.
+// Free a session (NULL allowed). Must not race with a call on the same session from another
+// thread. From inside a call on the session (its streaming callback, or the model's log
+// callback during it) the free is deferred: the session is freed as that call returns.
 void phi4_session_free(struct phi4_session *session);
 
 // Reply to a conversation of `n_messages` messages, streaming the reply's text to `on_piece`
@@ -345,9 +355,10 @@ enum phi4_status phi4_session_n_cached(struct phi4_session *session, size_t *n);
 enum phi4_status phi4_session_last_result(const struct phi4_session *session,
                                           struct phi4_result *out);
 
-// The message of the last error on this session ("" if none). The pointer stays valid until the
-// session is freed; the text is replaced when a later call on the session fails, so read it
-// before making another call.
+// The message of the last failed call on this session ("" if none). A PHI4_ERR_BUSY's message
+// is seen only by the thread that got it (until its next call on the session): the running
+// call's message stays for everyone else. The text is a copy in a buffer of the calling thread:
+// valid for the thread's life, replaced by its next phi4_session_last_error call. Thread-safe.
 const char *phi4_session_last_error(const struct phi4_session *session);
 
 #ifdef __cplusplus

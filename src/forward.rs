@@ -18,7 +18,7 @@
 
 use std::sync::atomic::AtomicBool;
 
-use crate::ggml::{self, Allocator, Context, CpuBackend, Tensor, Type};
+use crate::ggml::{self, Allocator, Compute, ComputeError, Context, Tensor, Type};
 use crate::kv_cache::KvCache;
 use crate::model::Model;
 
@@ -39,9 +39,10 @@ pub enum EvalError {
 const TENSORS_PER_LAYER: usize = 40;
 const TENSORS_OUTSIDE_LAYERS: usize = 32;
 
-/// Per-session compute state: backend threads, compute buffer, graph context, KV cache.
+/// Per-session compute state: thread pool, compute buffer, graph context, KV cache, and the
+/// inputs of a micro-batch (sized once, like everything here).
 pub struct RunState {
-    backend: CpuBackend,
+    compute: Compute,
     alloc: Allocator,
     graph_ctx: Context,
     graph_size: usize,
@@ -49,6 +50,10 @@ pub struct RunState {
     pub n_batch: usize,
     /// Logits of the last evaluated position.
     pub logits: Vec<f32>,
+    ids: Vec<i32>,
+    pos: Vec<i32>,
+    /// One row of the causal mask (f16, up to n_ctx positions).
+    mask_row: Vec<u16>,
 }
 
 impl RunState {
@@ -61,24 +66,32 @@ impl RunState {
         // Every node or leaf is a tensor of the graph context, a weight, or a cache tensor.
         let graph_size = capacity + model.gguf.tensors.len() + 2 * c.n_layer;
         let mut st = RunState {
-            backend: CpuBackend::new(n_threads)?,
+            compute: Compute::new(n_threads)?,
             alloc: Allocator::new(),
             graph_ctx: Context::new(capacity, graph_size),
             graph_size,
             kv: KvCache::new(c, n_ctx)?,
             n_batch,
             logits: Vec::with_capacity(c.n_vocab),
+            ids: Vec::with_capacity(n_batch),
+            pos: Vec::with_capacity(n_batch),
+            mask_row: Vec::with_capacity(n_ctx),
         };
         // Size the compute buffer for the worst case once.
         let (worst_past, worst_n) = (n_ctx - n_batch, n_batch);
         let st_ref = &mut st;
         let built = build(&mut st_ref.graph_ctx, st_ref.graph_size, model, &st_ref.kv, worst_past, worst_n);
         st_ref.alloc.reserve(built.graph)?;
+        st_ref.compute.reserve(built.graph)?;
         Ok(st)
     }
 
     pub fn n_ctx(&self) -> usize {
         self.kv.n_ctx
+    }
+
+    pub fn n_threads(&self) -> usize {
+        self.compute.n_threads()
     }
 
     /// Bytes of the compute buffer.
@@ -110,20 +123,27 @@ impl RunState {
         let built = build(&mut self.graph_ctx, self.graph_size, model, &self.kv, n_past, n);
         self.alloc.alloc(built.graph)?;
 
-        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-        ggml::tensor_write(built.tokens, 0, &ids);
-        let pos: Vec<i32> = (n_past..n_past + n).map(|p| p as i32).collect();
-        ggml::tensor_write(built.pos, 0, &pos);
-        // Causal mask: token i (at position n_past+i) sees cache positions 0..=n_past+i.
+        self.ids.clear();
+        self.ids.extend(tokens.iter().map(|&t| t as i32));
+        ggml::tensor_write(built.tokens, 0, &self.ids);
+        self.pos.clear();
+        self.pos.extend((n_past..n_past + n).map(|p| p as i32));
+        ggml::tensor_write(built.pos, 0, &self.pos);
+        // Causal mask, row by row: token i (at position n_past+i) sees cache positions 0..=n_past+i.
         let n_kv = n_past + n;
         let (zero, neg_inf) = (ggml::f32_to_f16(0.0), ggml::f32_to_f16(f32::NEG_INFINITY));
-        let mut mask = vec![neg_inf; n_kv * n];
         for i in 0..n {
-            mask[i * n_kv..i * n_kv + n_past + i + 1].fill(zero);
+            self.mask_row.clear();
+            self.mask_row.resize(n_past + i + 1, zero);
+            self.mask_row.resize(n_kv, neg_inf);
+            ggml::tensor_write(built.mask, i * n_kv * 2, &self.mask_row);
         }
-        ggml::tensor_write(built.mask, 0, &mask);
 
-        self.backend.compute(built.graph, abort).map_err(|_| EvalError::Cancelled)?;
+        match self.compute.compute(built.graph, abort) {
+            Ok(()) => {}
+            Err(ComputeError::Aborted) => return Err(EvalError::Cancelled),
+            Err(ComputeError::Alloc(e)) => return Err(e.into()),
+        }
         ggml::tensor_read_f32(built.logits, &mut self.logits);
         Ok(())
     }

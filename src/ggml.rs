@@ -520,13 +520,23 @@ impl Drop for Buffer {
     }
 }
 
-/// Out of memory (or address space) for a buffer of this many bytes.
-#[derive(Debug, thiserror::Error)]
-#[error("could not allocate {bytes} bytes for {what}")]
+/// Out of memory (or address space, or threads) for `what`, of `bytes` bytes when known.
+#[derive(Debug)]
 pub struct AllocError {
     pub what: String,
     pub bytes: usize,
 }
+
+impl std::fmt::Display for AllocError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.bytes {
+            0 => write!(f, "could not allocate {}", self.what),
+            n => write!(f, "could not allocate {n} bytes for {}", self.what),
+        }
+    }
+}
+
+impl std::error::Error for AllocError {}
 
 impl Buffer {
     /// A CPU buffer over memory owned elsewhere (the model file's mmap), kept alive by `owner`.
@@ -671,10 +681,13 @@ impl Allocator {
     pub fn reserve(&mut self, g: GraphRef<'_>) -> Result<(), AllocError> {
         // SAFETY: valid allocator and graph; a false return means the buffer could not be had.
         if unsafe { sys::ggml_gallocr_reserve(self.0.as_ptr(), g.graph.as_ptr()) } {
-            Ok(())
-        } else {
-            Err(AllocError { what: "the compute buffer".into(), bytes: 0 })
+            return Ok(());
         }
+        // The size it needed, for the message (planned again without allocating).
+        let mut bytes = 0usize;
+        // SAFETY: one buffer type, so one size is written; NULL ids mean "all in buffer 0".
+        unsafe { sys::ggml_gallocr_reserve_n_size(self.0.as_ptr(), g.graph.as_ptr(), std::ptr::null(), std::ptr::null(), &mut bytes) };
+        Err(AllocError { what: "the compute buffer".into(), bytes })
     }
 
     pub fn alloc(&mut self, g: GraphRef<'_>) -> Result<(), AllocError> {
@@ -692,53 +705,135 @@ impl Allocator {
     }
 }
 
-/// The CPU backend: runs graphs on `n_threads` threads.
-pub struct CpuBackend(NonNull<sys::ggml_backend>);
-// SAFETY: used by one session at a time (&mut self).
-unsafe impl Send for CpuBackend {}
+/// Runs graphs on a pool of threads made once (per session), with a work buffer sized once:
+/// nothing is created or allocated per evaluation, so nothing can fail there. (ggml's CPU backend
+/// would create threads per graph, asserting that `pthread_create` succeeds, and grow its work
+/// buffer with a C++ `new` that aborts when memory runs out.)
+pub struct Compute {
+    pool: NonNull<sys::ggml_threadpool>,
+    n_threads: usize,
+    /// The work buffer of the largest graph planned so far (64-byte aligned inside).
+    work: Vec<u8>,
+}
+// SAFETY: used by one session at a time (&mut self); the pool's threads are ggml's own.
+unsafe impl Send for Compute {}
 
-impl Drop for CpuBackend {
+impl Drop for Compute {
     fn drop(&mut self) {
-        // SAFETY: created by ggml_backend_cpu_init, freed once.
-        unsafe { sys::ggml_backend_free(self.0.as_ptr()) }
+        // SAFETY: created by ggml_threadpool_new, freed once; no compute is running (&mut self).
+        unsafe { sys::ggml_threadpool_free(self.pool.as_ptr()) }
     }
 }
-
-/// The computation was stopped by the abort flag.
-#[derive(Debug)]
-pub struct Aborted;
 
 unsafe extern "C" fn abort_trampoline(data: *mut c_void) -> bool {
     // SAFETY: data is the &AtomicBool set in `compute`, valid for the whole compute call.
     unsafe { (*(data as *const AtomicBool)).load(Ordering::Relaxed) }
 }
 
-impl CpuBackend {
-    pub fn new(n_threads: usize) -> Result<CpuBackend, AllocError> {
+/// Whether `n` more threads can exist at once now: each is started and held until all are, so
+/// a thread or address-space limit shows here as an error instead of in ggml's assert.
+fn probe_threads(n: usize) -> Result<(), AllocError> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_STACK, &mut lim) } == 0;
+    // ggml's threads get the default pthread stack, which glibc takes from RLIMIT_STACK.
+    let stack = if ok && lim.rlim_cur != libc::RLIM_INFINITY { (lim.rlim_cur as usize).clamp(1 << 16, 64 << 20) } else { 8 << 20 };
+    let go = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let mut started = Vec::with_capacity(n);
+    let mut error = None;
+    for _ in 0..n {
+        let go = go.clone();
+        let hold = move || {
+            let (m, c) = &*go;
+            let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+            while !*g {
+                g = c.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        match std::thread::Builder::new().stack_size(stack).spawn(hold) {
+            Ok(h) => started.push(h),
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    let (m, c) = &*go;
+    *m.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    c.notify_all();
+    started.into_iter().for_each(|h| drop(h.join()));
+    match error {
+        None => Ok(()),
+        Some(e) => Err(AllocError { what: format!("{n} worker threads ({e})"), bytes: 0 }),
+    }
+}
+
+impl Compute {
+    pub fn new(n_threads: usize) -> Result<Compute, AllocError> {
         silence_ggml_log();
-        // SAFETY: a null return (allocation failure) is handled.
-        let b = unsafe { sys::ggml_backend_cpu_init() };
-        let b = NonNull::new(b).ok_or(AllocError { what: "the CPU backend".into(), bytes: 0 })?;
-        // SAFETY: valid CPU backend; n_threads >= 1.
-        unsafe { sys::ggml_backend_cpu_set_n_threads(b.as_ptr(), n_threads.max(1) as i32) };
-        Ok(CpuBackend(b))
+        let n_threads = n_threads.max(1);
+        probe_threads(n_threads - 1)?;
+        // SAFETY: plain parameter struct for n_threads >= 1.
+        let mut params = unsafe { sys::ggml_threadpool_params_default(n_threads as i32) };
+        // SAFETY: valid params; the probe showed the threads can be made (ggml asserts otherwise).
+        let pool = unsafe { sys::ggml_threadpool_new(&mut params) };
+        let pool = NonNull::new(pool).ok_or(AllocError { what: "the thread pool".into(), bytes: 0 })?;
+        Ok(Compute { pool, n_threads, work: Vec::new() })
+    }
+
+    pub fn n_threads(&self) -> usize {
+        self.n_threads
+    }
+
+    /// Plan `g` and make sure the work buffer holds it.
+    fn plan(&mut self, g: GraphRef<'_>) -> Result<sys::ggml_cplan, AllocError> {
+        // SAFETY: valid graph and pool; planning only reads the graph.
+        let mut plan = unsafe { sys::ggml_graph_plan(g.graph.as_ptr(), self.n_threads as i32, self.pool.as_ptr()) };
+        let need = plan.work_size + 64;
+        if plan.work_size > 0 && self.work.len() < need {
+            self.work.clear();
+            self.work.try_reserve_exact(need).map_err(|_| AllocError { what: "the compute work buffer".into(), bytes: need })?;
+            self.work.resize(need, 0);
+        }
+        if plan.work_size > 0 {
+            let offset = self.work.as_ptr().align_offset(64);
+            // SAFETY: offset < 64 and the buffer has work_size + 64 bytes.
+            plan.work_data = unsafe { self.work.as_mut_ptr().add(offset) };
+        }
+        Ok(plan)
+    }
+
+    /// Size the work buffer for the largest graph this will run.
+    pub fn reserve(&mut self, g: GraphRef<'_>) -> Result<(), AllocError> {
+        self.plan(g).map(|_| ())
     }
 
     /// Run the graph (already allocated). `abort` is polled by ggml's threads between ops.
-    pub fn compute(&mut self, g: GraphRef<'_>, abort: &AtomicBool) -> Result<(), Aborted> {
-        // SAFETY: the trampoline only reads `abort`, which outlives this call; the callback is
-        // cleared before returning, so ggml never sees a dangling pointer.
-        let st = unsafe {
-            sys::ggml_backend_cpu_set_abort_callback(self.0.as_ptr(), Some(abort_trampoline), abort as *const _ as *mut c_void);
-            let st = sys::ggml_backend_graph_compute(self.0.as_ptr(), g.graph.as_ptr());
-            sys::ggml_backend_cpu_set_abort_callback(self.0.as_ptr(), None, std::ptr::null_mut());
-            st
-        };
+    pub fn compute(&mut self, g: GraphRef<'_>, abort: &AtomicBool) -> Result<(), ComputeError> {
+        let mut plan = self.plan(g)?;
+        plan.abort_callback = Some(abort_trampoline);
+        plan.abort_callback_data = abort as *const AtomicBool as *mut c_void;
+        // SAFETY: graph allocated; plan from ggml_graph_plan with a work buffer of its size;
+        // the abort flag outlives the call.
+        let st = unsafe { sys::ggml_graph_compute(g.graph.as_ptr(), &mut plan) };
         match st {
             sys::GGML_STATUS_SUCCESS => Ok(()),
-            sys::GGML_STATUS_ABORTED => Err(Aborted),
-            other => panic!("ggml_backend_graph_compute failed with status {other}"),
+            sys::GGML_STATUS_ABORTED => Err(ComputeError::Aborted),
+            other => panic!("ggml_graph_compute failed with status {other}"),
         }
+    }
+}
+
+/// Why a graph did not run to the end.
+#[derive(Debug)]
+pub enum ComputeError {
+    Aborted,
+    Alloc(AllocError),
+}
+
+impl From<AllocError> for ComputeError {
+    fn from(e: AllocError) -> Self {
+        ComputeError::Alloc(e)
     }
 }
 
@@ -795,9 +890,21 @@ pub fn f32_to_f16(v: f32) -> u16 {
     unsafe { sys::ggml_fp32_to_fp16(v) }
 }
 
+/// Open and map the regular file at `path` read-only. Anything else (a FIFO, a device, a
+/// directory) is refused before it is read: opening does not block (O_NONBLOCK), and the type
+/// is checked on the open file.
+pub fn map_path(path: &std::path::Path) -> std::io::Result<memmap2::Mmap> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    map_file(&file)
+}
+
 /// Map a file read-only. The mapping is only ever read, and only in ranges that the GGUF reader
 /// proved to lie inside the file.
-pub fn map_file(file: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
+fn map_file(file: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
     // SAFETY: the map is read-only and private to phi4. Another process truncating the file
     // while it is mapped would fault on access; that is documented as the caller's contract
     // (like every mmap-based loader, llama.cpp's included).

@@ -29,6 +29,7 @@ pub mod tokenizer;
 mod ffi;
 mod forward;
 mod ggml;
+mod hash;
 mod kv_cache;
 
 pub use model::{Config, LoadError, LoadParams, Model};

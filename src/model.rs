@@ -4,12 +4,12 @@
 //!
 //! A [`Model`] is immutable once loaded and shared by every session on it.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::ggml::{self, Buffer, BufferType, Context, TensorId, Type};
 use crate::gguf::{self, Gguf, GgufError, TensorInfo};
+use crate::hash::Map;
 use crate::tokenizer::{Tokenizer, VocabError};
 
 pub use crate::ggml::AllocError;
@@ -309,7 +309,7 @@ fn check_tensors(g: &Gguf, c: &Config) -> Result<(), LoadError> {
 
 /// Which weights go to a repacking buffer type: matrices used only by `mul_mat` (not the
 /// embedding, which is read by `get_rows`) whose type and shape that buffer type accelerates.
-fn plan_repack<'g>(g: &'g Gguf, extra: &[BufferType]) -> HashMap<&'g str, BufferType> {
+fn plan_repack<'g>(g: &'g Gguf, extra: &[BufferType]) -> Map<&'g str, BufferType> {
     g.tensors
         .iter()
         .filter(|t| t.n_dims == 2 && t.name != "token_embd.weight")
@@ -322,7 +322,7 @@ fn plan_repack<'g>(g: &'g Gguf, extra: &[BufferType]) -> HashMap<&'g str, Buffer
 
 /// One buffer of `buft` holding `tensors`, converted by ggml from the mapping into its layout;
 /// the mapping's pages of those tensors are dropped afterwards, so they are resident once.
-fn repack_into(buft: BufferType, tensors: &[&TensorInfo], ctx: &Context, ids: &HashMap<String, TensorId>, map: &memmap2::Mmap, progress: &mut Progress<'_, '_>) -> Result<Buffer, LoadError> {
+fn repack_into(buft: BufferType, tensors: &[&TensorInfo], ctx: &Context, ids: &Map<String, TensorId>, map: &memmap2::Mmap, progress: &mut Progress<'_, '_>) -> Result<Buffer, LoadError> {
     let align = Buffer::alignment_of(buft);
     let mut offsets = Vec::with_capacity(tensors.len());
     let mut size = 0usize;
@@ -346,7 +346,7 @@ fn repack_into(buft: BufferType, tensors: &[&TensorInfo], ctx: &Context, ids: &H
 impl Weights {
     /// Name the placed tensors for the forward pass (`output` falls back to the embedding when
     /// the file ties them).
-    fn assemble(c: &Config, ctx: Context, ids: &HashMap<String, TensorId>, buffers: Vec<Buffer>) -> Weights {
+    fn assemble(c: &Config, ctx: Context, ids: &Map<String, TensorId>, buffers: Vec<Buffer>) -> Weights {
         let id = |role: Role, layer: Option<usize>| match layer {
             Some(i) => ids[&format!("blk.{i}.{}.weight", role.name())],
             None => ids[&format!("{}.weight", role.name())],
@@ -393,15 +393,14 @@ impl Model {
     pub fn load(path: &Path, mut params: LoadParams<'_>) -> Result<Model, LoadError> {
         let started = std::time::Instant::now();
         let io = |source| LoadError::Io { path: path.display().to_string(), source };
-        let file = std::fs::File::open(path).map_err(io)?;
-        let map = Arc::new(ggml::map_file(&file).map_err(io)?);
+        let map = Arc::new(ggml::map_path(path).map_err(io)?);
         let gguf = gguf::parse(&map[..])?;
         let config = Config::from_gguf(&gguf)?;
         check_tensors(&gguf, &config)?;
         let tokenizer = Tokenizer::from_gguf(&gguf, config.n_vocab)?;
 
         let mut ctx = Context::new(gguf.tensors.len(), 0);
-        let ids: HashMap<String, TensorId> = gguf
+        let ids: Map<String, TensorId> = gguf
             .tensors
             .iter()
             .map(|t| {

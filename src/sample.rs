@@ -103,14 +103,14 @@ impl OptionValue for Option<u64> {
     }
 }
 
-/// A seed for a generation that was given none: different every call.
+/// A seed for a generation that was given none: different every call (the clock, the process
+/// and a counter, mixed; no thread-local state, so it works while a thread exits).
 pub(crate) fn fresh_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
-    h.finish()
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut r = Rng::new(nanos ^ (std::process::id() as u64) << 40 ^ n.wrapping_mul(0xA076_1D64_78BD_642F));
+    r.next_u64()
 }
 
 impl SamplingParams {
@@ -168,12 +168,13 @@ pub struct Sampler {
     p: SamplingParams,
     rng: Rng,
     cand: Vec<(u32, f32)>,
+    window: Vec<u32>,
 }
 
 impl Sampler {
     pub fn new(p: SamplingParams) -> Sampler {
         let rng = Rng::new(p.seed.unwrap_or_else(fresh_seed));
-        Sampler { p, rng, cand: Vec::new() }
+        Sampler { p, rng, cand: Vec::new(), window: Vec::new() }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -186,7 +187,7 @@ impl Sampler {
         self.cand.clear();
         self.cand.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
         let window = &history[history.len().saturating_sub(p.repeat_last_n)..];
-        apply_penalties(&mut self.cand, window, p.repeat_penalty, p.frequency_penalty, p.presence_penalty);
+        apply_penalties(&mut self.cand, window, &mut self.window, p.repeat_penalty, p.frequency_penalty, p.presence_penalty);
         if p.temperature <= 0.0 {
             return argmax_cand(&self.cand);
         }
@@ -223,15 +224,17 @@ impl Sampler {
     }
 }
 
-fn apply_penalties(cand: &mut [(u32, f32)], window: &[u32], repeat: f32, freq: f32, presence: f32) {
+/// Penalize each distinct token of `window` once (its count for the frequency penalty); `sorted`
+/// is scratch space.
+fn apply_penalties(cand: &mut [(u32, f32)], window: &[u32], sorted: &mut Vec<u32>, repeat: f32, freq: f32, presence: f32) {
     if window.is_empty() || (repeat == 1.0 && freq == 0.0 && presence == 0.0) {
         return;
     }
-    let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
-    for &t in window {
-        *counts.entry(t).or_default() += 1;
-    }
-    for (&t, &n) in &counts {
+    sorted.clear();
+    sorted.extend_from_slice(window);
+    sorted.sort_unstable();
+    for run in sorted.chunk_by(|a, b| a == b) {
+        let (t, n) = (run[0], run.len());
         if let Some(c) = cand.get_mut(t as usize) {
             if c.1 > 0.0 {
                 c.1 /= repeat;

@@ -7,7 +7,6 @@
 //! overflow policy allows dropping the oldest turns (the system message is kept), which the
 //! outcome reports.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,6 +14,7 @@ use std::time::Instant;
 use crate::chat::{self, Markers, Message, Role};
 pub use crate::forward::EvalError;
 use crate::forward::RunState;
+use crate::hash::{Map, Set};
 use crate::model::Model;
 use crate::sample::{Sampler, SamplingParams};
 use crate::tokenizer::StreamDecoder;
@@ -32,8 +32,14 @@ pub enum Overflow {
 pub const MAX_CONTEXT: usize = 16384;
 /// The context of a session that asks for none (`n_ctx: 0`), if the model's is not smaller.
 pub const DEFAULT_CONTEXT: usize = 4096;
-/// The most threads a session may ask for.
+/// The most threads a session may ask for. More than [`cpu_count`] are accepted and clamped to
+/// it ([`Session::n_threads`] says how many run): threads beyond the CPUs only wait for each other.
 pub const MAX_THREADS: usize = 512;
+
+/// CPUs this process may run on (its affinity mask and CPU quota considered).
+pub fn cpu_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
 
 /// How a session is made.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,7 +58,7 @@ impl Default for SessionParams {
         SessionParams {
             n_ctx: 0,
             n_batch: 512,
-            n_threads: std::thread::available_parallelism().map_or(4, |n| n.get()),
+            n_threads: cpu_count(),
             overflow: Overflow::Error,
         }
     }
@@ -193,7 +199,7 @@ pub struct Session {
     /// Tokens whose K and V are in the cache, in order.
     history: Vec<u32>,
     /// Replies generated here, text → their exact ids, so the next turn finds them in the cache.
-    replies: HashMap<String, Vec<u32>>,
+    replies: Map<String, Vec<u32>>,
     /// The last generated token when it was not evaluated (generation ended right after it).
     last_token: Option<u32>,
     cancel: Arc<AtomicBool>,
@@ -203,13 +209,13 @@ impl Session {
     pub fn new(model: Arc<Model>, p: &SessionParams) -> Result<Session, SessionError> {
         p.check().map_err(SessionError::BadParams)?;
         let n_ctx = p.context_for(&model).map_err(SessionError::BadParams)?;
-        let st = RunState::new(&model, n_ctx, p.n_batch, p.n_threads).map_err(EvalError::from)?;
+        let st = RunState::new(&model, n_ctx, p.n_batch, p.n_threads.min(cpu_count())).map_err(EvalError::from)?;
         Ok(Session {
             model,
             st,
             overflow: p.overflow,
             history: Vec::with_capacity(n_ctx),
-            replies: HashMap::new(),
+            replies: Map::default(),
             last_token: None,
             cancel: Arc::new(AtomicBool::new(false)),
         })
@@ -221,6 +227,11 @@ impl Session {
 
     pub fn n_ctx(&self) -> usize {
         self.st.n_ctx()
+    }
+
+    /// Threads the forward pass runs on (the requested number, at most [`cpu_count`]).
+    pub fn n_threads(&self) -> usize {
+        self.st.n_threads()
     }
 
     /// Tokens currently in the cache.
@@ -323,7 +334,7 @@ impl Session {
     /// a stop string, which cuts the text short). Only replies of this conversation are kept, so
     /// the record never outgrows the conversation.
     fn remember_reply(&mut self, messages: &[Message], start: usize, out: &Outcome) {
-        let in_conversation: std::collections::HashSet<&str> = messages.iter().filter(|m| m.role == Role::Assistant).map(|m| m.content.as_str()).collect();
+        let in_conversation: Set<&str> = messages.iter().filter(|m| m.role == Role::Assistant).map(|m| m.content.as_str()).collect();
         self.replies.retain(|text, _| in_conversation.contains(text.as_str()));
         let mut ids = self.history.get(start..).unwrap_or_default().to_vec();
         ids.extend(self.last_token);

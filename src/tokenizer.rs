@@ -5,13 +5,13 @@
 //! caller asks; otherwise their text is ordinary text and tokenizes as such.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use fancy_regex::Regex;
 
 use crate::gguf::{Gguf, GgufError};
+use crate::hash::Map;
 
 /// Why a vocabulary cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -60,9 +60,9 @@ pub struct Tokenizer {
     pieces: Vec<Vec<u8>>,
     types: Vec<TokenType>,
     /// Token text (in the GPT-2 byte-to-unicode alphabet) → id.
-    by_text: HashMap<String, u32>,
+    by_text: Map<String, u32>,
     /// (left, right) → (merge rank, merged token).
-    merges: HashMap<(u32, u32), (u32, u32), BuildHasherDefault<PairHasher>>,
+    merges: Map<(u32, u32), (u32, u32)>,
     /// The token of each single byte.
     byte_token: [u32; 256],
     /// Control and user-defined tokens, longest text first (for matching in text).
@@ -108,11 +108,11 @@ impl Tokenizer {
         };
 
         let b2u = byte_to_unicode();
-        let mut u2b: HashMap<char, u8> = HashMap::new();
+        let mut u2b: Map<char, u8> = Map::default();
         for (b, c) in b2u.iter().enumerate() {
             u2b.insert(*c, b as u8);
         }
-        let mut by_text = HashMap::with_capacity(tokens.len());
+        let mut by_text = Map::with_capacity_and_hasher(tokens.len(), Default::default());
         let mut pieces = Vec::with_capacity(tokens.len());
         let mut specials = Vec::new();
         for (id, (t, ty)) in tokens.iter().zip(&types).enumerate() {
@@ -140,7 +140,7 @@ impl Tokenizer {
             byte_token[b] = *by_text.get(&c.to_string()).ok_or_else(|| bad(format!("no token for byte {b:#04x}")))?;
         }
 
-        let mut merges = HashMap::default();
+        let mut merges = Map::default();
         for (rank, m) in g.strings("tokenizer.ggml.merges")?.iter().enumerate() {
             let m = std::str::from_utf8(m).map_err(|_| bad(format!("merge {rank} is not valid UTF-8")))?;
             let split = m.char_indices().skip(1).find(|(_, c)| *c == ' ').map(|(i, _)| i);
@@ -319,30 +319,6 @@ pub fn byte_to_unicode() -> [char; 256] {
         };
     }
     table
-}
-
-/// Hashes a pair of token ids (the merge table's key) with one multiply: SipHash's protection
-/// against chosen keys is not needed for a table built once from the vocabulary, and BPE looks
-/// a pair up for every merge.
-#[derive(Default)]
-pub(crate) struct PairHasher(u64);
-
-impl Hasher for PairHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        bytes.iter().for_each(|&b| self.write_u8(b));
-    }
-    fn write_u8(&mut self, b: u8) {
-        self.write_u64(b as u64);
-    }
-    fn write_u32(&mut self, v: u32) {
-        self.write_u64(v as u64);
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = (self.0.rotate_left(29) ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
 }
 
 /// Turns a token stream into text pieces that are always whole UTF-8 characters: bytes of a

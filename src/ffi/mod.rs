@@ -238,37 +238,49 @@ pub(crate) unsafe fn read_params<T: Copy>(p: *const T, defaults: T, what: &str) 
     Ok(out)
 }
 
-/// A NUL-terminated message in a buffer that never moves, so a pointer handed to C stays valid
-/// for the owner's whole life (only its content changes).
-pub(crate) struct MessageBuf(Box<[u8; MESSAGE_MAX]>);
-
 const MESSAGE_MAX: usize = 1024;
+type MessageBuf = [u8; MESSAGE_MAX];
 
-impl MessageBuf {
-    pub fn new() -> MessageBuf {
-        MessageBuf(Box::new([0; MESSAGE_MAX]))
+/// Store `msg` in `buf` NUL-terminated (NULs replaced, cut at a character boundary to fit).
+fn store_message(buf: &mut MessageBuf, msg: &str) {
+    let mut end = msg.len().min(MESSAGE_MAX - 1);
+    while !msg.is_char_boundary(end) {
+        end -= 1;
     }
-
-    /// Store `msg` (NULs replaced, cut at a character boundary to fit).
-    pub fn set(&mut self, msg: &str) {
-        let mut end = msg.len().min(MESSAGE_MAX - 1);
-        while !msg.is_char_boundary(end) {
-            end -= 1;
-        }
-        let bytes = &msg.as_bytes()[..end];
-        self.0[..end].copy_from_slice(bytes);
-        self.0[..end].iter_mut().filter(|b| **b == 0).for_each(|b| *b = b'?');
-        self.0[end] = 0;
-    }
-
-    pub fn as_ptr(&self) -> *const c_char {
-        self.0.as_ptr().cast()
-    }
+    buf[..end].copy_from_slice(&msg.as_bytes()[..end]);
+    buf[..end].iter_mut().filter(|b| **b == 0).for_each(|b| *b = b'?');
+    buf[end] = 0;
 }
 
 thread_local! {
-    /// Message of the last failed load on this thread (there is no handle to hold it).
-    static LOAD_ERROR: RefCell<MessageBuf> = RefCell::new(MessageBuf::new());
+    // Messages handed to C, one buffer per thread each: a pointer stays valid for the thread's
+    // life and no other thread writes to it. Plain arrays, constant-initialized: no destructor,
+    // so they still work while the thread exits (a call from a TLS destructor or atexit handler).
+    /// The last failed load or session_new on this thread (there is no handle to hold it).
+    static LOAD_ERROR: RefCell<MessageBuf> = const { RefCell::new([0; MESSAGE_MAX]) };
+    /// The copy of a session's last error that phi4_session_last_error returned on this thread.
+    static SESSION_ERROR: RefCell<MessageBuf> = const { RefCell::new([0; MESSAGE_MAX]) };
+    /// The session (address) whose last call on this thread returned PHI4_ERR_BUSY, or 0.
+    static BUSY_ON: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Note which session this thread's last call was on and whether it was busy.
+pub(crate) fn note_busy(session: usize, busy: bool) {
+    BUSY_ON.with(|b| b.set(if busy { session } else { 0 }));
+}
+
+/// Whether this thread's last call on `session` returned PHI4_ERR_BUSY.
+pub(crate) fn was_busy(session: usize) -> bool {
+    BUSY_ON.with(|b| b.get() == session)
+}
+
+/// Copy `msg` into this thread's buffer for session errors; returns the pointer for C.
+pub(crate) fn session_error_ptr(msg: &str) -> *const c_char {
+    SESSION_ERROR.with(|b| {
+        let mut b = b.borrow_mut();
+        store_message(&mut b, msg);
+        b.as_ptr().cast()
+    })
 }
 
 pub(crate) fn to_cstring(s: &str) -> CString {
@@ -276,7 +288,7 @@ pub(crate) fn to_cstring(s: &str) -> CString {
 }
 
 pub(crate) fn set_load_error(msg: &str) {
-    LOAD_ERROR.with(|e| e.borrow_mut().set(msg));
+    LOAD_ERROR.with(|e| store_message(&mut e.borrow_mut(), msg));
 }
 
 // The version as the header's macros (C reads them at compile time; phi4_version() is the
@@ -296,7 +308,7 @@ pub const PHI4_VERSION_PATCH: u32 = 0;
 /// the next such call on this thread.
 #[no_mangle]
 pub extern "C" fn phi4_last_load_error() -> *const c_char {
-    ffi_boundary! { LOAD_ERROR.with(|e| e.borrow().as_ptr()) }
+    ffi_boundary! { LOAD_ERROR.with(|e| e.borrow().as_ptr().cast()) }
 }
 
 /// The version of the library linked at run time, e.g. "0.1.0" (PHI4_VERSION_* are the

@@ -37,7 +37,8 @@ pub struct phi4_session_params {
     pub n_ctx: u32,
     /// Prompt tokens per micro-batch (also how often prefill checks for cancellation). Default 512.
     pub n_batch: u32,
-    /// Threads for the forward pass, 1..=512. Default: the number of CPUs.
+    /// Threads for the forward pass, 1..=512; more than the CPUs are clamped to their number (a
+    /// warning is logged). Default: the number of CPUs.
     pub n_threads: u32,
     /// A phi4_overflow value. Default PHI4_OVERFLOW_ERROR.
     pub overflow: u32,
@@ -126,13 +127,19 @@ pub struct phi4_result {
     pub dropped_messages: u32,
 }
 
+const BUSY_MESSAGE: &str = "another call is running on this session";
+
 /// A session (opaque).
 pub struct phi4_session {
     inner: Mutex<Session>,
     log: Log,
     cancel: Arc<AtomicBool>,
-    last_error: Mutex<MessageBuf>,
+    /// The message of the last failed call (copied out per thread by phi4_session_last_error).
+    last_error: Mutex<String>,
     last_result: Mutex<phi4_result>,
+    /// Set by phi4_session_free called from inside a call on this session (from its streaming
+    /// or log callback): the call frees the session as it returns.
+    free_requested: AtomicBool,
 }
 
 impl Handle for phi4_session {
@@ -231,11 +238,15 @@ pub unsafe extern "C" fn phi4_session_new(model: *const phi4_model, params: *con
         };
         let sp = SessionParams { n_ctx: p.n_ctx as usize, n_batch: p.n_batch as usize, n_threads: p.n_threads as usize, overflow };
         let s = Session::new(m.inner.clone(), &sp).map_err(serr)?;
+        if s.n_threads() < sp.n_threads {
+            m.log.write(phi4_log_level::PHI4_LOG_WARN, &format!("n_threads {} is more than the {} CPUs this process may use: using {}", sp.n_threads, s.n_threads(), s.n_threads()));
+        }
         let h = phi4_session {
             cancel: s.cancel_flag(),
             log: m.log,
             inner: Mutex::new(s),
-            last_error: Mutex::new(MessageBuf::new()),
+            last_error: Mutex::new(String::new()),
+            free_requested: AtomicBool::new(false),
             last_result: Mutex::new(empty_result()),
         };
         // SAFETY: out is non-null.
@@ -244,25 +255,50 @@ pub unsafe extern "C" fn phi4_session_new(model: *const phi4_model, params: *con
     })
 }
 
-/// Free a session (NULL allowed). Must not race with another call on the same session.
+/// Free a session (NULL allowed). Must not race with a call on the same session from another
+/// thread. From inside a call on the session (its streaming callback, or the model's log
+/// callback during it) the free is deferred: the session is freed as that call returns.
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_free(session: *mut phi4_session) {
-    // SAFETY: NULL or from phi4_session_new, freed once (caller's contract).
-    ffi_boundary! { unsafe { free(session) } }
+    // SAFETY: NULL or a live handle from phi4_session_new (caller's contract).
+    let Ok(h) = (unsafe { borrow(session) }) else { return };
+    ffi_boundary! {
+        if h.inner.is_locked() {
+            // Called from a callback of a call running on this session: that call frees it.
+            h.free_requested.store(true, Ordering::Release);
+        } else {
+            // SAFETY: no call runs on it; freed once (caller's contract).
+            unsafe { free(session) }
+        }
+    }
 }
 
 /// Run `f` on the session under its lock (PHI4_ERR_BUSY if another call holds it), recording the
-/// error message on the handle.
-fn with_session(h: Result<&phi4_session, Error>, f: impl FnOnce(&phi4_session, &mut Session) -> Result<(), Error>) -> phi4_status {
-    let h = match h {
+/// error message on the handle (not a BUSY's: that belongs to the intruding caller, and would
+/// replace the message of the call that holds the session). If `f`'s callbacks asked to free the
+/// session, it is freed here, after `f`.
+///
+/// # Safety
+/// `session` is NULL or a live handle from phi4_session_new.
+unsafe fn with_session(session: *const phi4_session, f: impl FnOnce(&phi4_session, &mut Session) -> Result<(), Error>) -> phi4_status {
+    // SAFETY: NULL or a live handle (caller's contract).
+    let h = match unsafe { borrow(session) } {
         Ok(h) => h,
         Err(e) => return e.0,
     };
-    let record = |e: &Error| h.last_error.lock().set(&e.1);
-    guard(record, || {
-        let mut inner = h.inner.try_lock().ok_or_else(|| Error::new(PHI4_ERR_BUSY, "another call is running on this session"))?;
-        f(h, &mut inner)
-    })
+    let Some(mut inner) = h.inner.try_lock() else {
+        note_busy(session as usize, true);
+        return PHI4_ERR_BUSY;
+    };
+    note_busy(session as usize, false);
+    let status = guard(|e| *h.last_error.lock() = e.1.clone(), || f(h, &mut inner));
+    drop(inner);
+    if h.free_requested.load(Ordering::Acquire) {
+        // SAFETY: phi4_session_free deferred the free to here, the end of the call it was made
+        // in; nothing else runs on the session, and `h` is not used again.
+        unsafe { free(session as *mut phi4_session) };
+    }
+    status
 }
 
 /// # Safety
@@ -342,15 +378,15 @@ fn stream(cb: phi4_stream_fn, user_data: *mut c_void) -> impl FnMut(Option<u32>,
 /// One thread at a time per session (PHI4_ERR_BUSY otherwise).
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_chat(session: *mut phi4_session, messages: *const phi4_message, n_messages: usize, params: *const phi4_generate_params, on_piece: phi4_stream_fn, user_data: *mut c_void) -> phi4_status {
-    // SAFETY: NULL or a live handle.
-    let h = unsafe { borrow(session) };
-    with_session(h, |h, s| {
+    let call = |h: &phi4_session, s: &mut Session| {
         // SAFETY: messages points to n_messages messages; params as documented.
         let (msgs, gp) = unsafe { (read_messages(messages, n_messages)?, generate_params(params)?) };
         let out = s.chat(&msgs, &gp, &mut stream(on_piece, user_data)).map_err(serr)?;
         store_result(h, &out);
         Ok(())
-    })
+    };
+    // SAFETY: NULL or a live handle (caller's contract).
+    unsafe { with_session(session, call) }
 }
 
 /// # Safety
@@ -377,9 +413,7 @@ unsafe fn read_messages(messages: *const phi4_message, n: usize) -> Result<Vec<M
 /// One thread at a time per session (PHI4_ERR_BUSY otherwise).
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_generate(session: *mut phi4_session, tokens: *const u32, n_tokens: usize, params: *const phi4_generate_params, on_piece: phi4_stream_fn, user_data: *mut c_void) -> phi4_status {
-    // SAFETY: NULL or a live handle.
-    let h = unsafe { borrow(session) };
-    with_session(h, |h, s| {
+    let call = |h: &phi4_session, s: &mut Session| {
         if n_tokens == 0 {
             return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, "no tokens"));
         }
@@ -388,7 +422,9 @@ pub unsafe extern "C" fn phi4_session_generate(session: *mut phi4_session, token
         let out = s.generate(prompt, &gp, &mut stream(on_piece, user_data)).map_err(serr)?;
         store_result(h, &out);
         Ok(())
-    })
+    };
+    // SAFETY: NULL or a live handle (caller's contract).
+    unsafe { with_session(session, call) }
 }
 
 /// Ask the running generation on `session` to stop; it ends within one micro-batch with
@@ -412,36 +448,36 @@ pub unsafe extern "C" fn phi4_session_cancel(session: *const phi4_session) -> ph
 /// Forget the conversation held in the session's cache.
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_reset(session: *mut phi4_session) -> phi4_status {
-    // SAFETY: NULL or a live handle.
-    let h = unsafe { borrow(session) };
-    with_session(h, |_, s| {
+    let call = |_: &phi4_session, s: &mut Session| {
         s.reset();
         Ok(())
-    })
+    };
+    // SAFETY: NULL or a live handle (caller's contract).
+    unsafe { with_session(session, call) }
 }
 
 /// Keep only the first `n_tokens` tokens of the session's cache (no effect if it holds fewer).
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_rewind(session: *mut phi4_session, n_tokens: usize) -> phi4_status {
-    // SAFETY: NULL or a live handle.
-    let h = unsafe { borrow(session) };
-    with_session(h, |_, s| {
+    let call = |_: &phi4_session, s: &mut Session| {
         s.rewind(n_tokens);
         Ok(())
-    })
+    };
+    // SAFETY: NULL or a live handle (caller's contract).
+    unsafe { with_session(session, call) }
 }
 
 /// Number of tokens in the session's cache, written to `*n`.
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_n_cached(session: *mut phi4_session, n: *mut usize) -> phi4_status {
-    // SAFETY: NULL or a live handle.
-    let h = unsafe { borrow(session) };
-    with_session(h, |_, s| {
+    let call = |_: &phi4_session, s: &mut Session| {
         non_null(n, "n")?;
         // SAFETY: n is non-null and writable (caller's contract).
         unsafe { n.write(s.history().len()) };
         Ok(())
-    })
+    };
+    // SAFETY: NULL or a live handle (caller's contract).
+    unsafe { with_session(session, call) }
 }
 
 /// The outcome of the last generation. Set `out->struct_size = sizeof(phi4_result)` first; at
@@ -469,16 +505,18 @@ pub unsafe extern "C" fn phi4_session_last_result(session: *const phi4_session, 
     })
 }
 
-/// The message of the last error on this session ("" if none). The pointer stays valid until the
-/// session is freed; the text is replaced when a later call on the session fails, so read it
-/// before making another call.
+/// The message of the last failed call on this session ("" if none). A PHI4_ERR_BUSY's message
+/// is seen only by the thread that got it (until its next call on the session): the running
+/// call's message stays for everyone else. The text is a copy in a buffer of the calling thread:
+/// valid for the thread's life, replaced by its next phi4_session_last_error call. Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_last_error(session: *const phi4_session) -> *const c_char {
-    // SAFETY: NULL or a live handle. The buffer lives in the handle until it is freed.
+    // SAFETY: NULL or a live handle.
     let h = unsafe { borrow(session) };
     ffi_boundary! {
         match h {
-            Ok(h) => h.last_error.lock().as_ptr(),
+            Ok(_) if was_busy(session as usize) => session_error_ptr(BUSY_MESSAGE),
+            Ok(h) => session_error_ptr(&h.last_error.lock()),
             Err(_) => c"session is NULL".as_ptr(),
         }
     }

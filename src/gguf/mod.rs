@@ -13,7 +13,8 @@
 mod read;
 mod write;
 
-use std::collections::HashMap;
+
+use crate::hash::Map;
 
 pub use read::parse;
 pub use write::Writer;
@@ -26,7 +27,7 @@ pub use crate::ggml::quantize;
 /// the header are touched, however large the file.
 pub fn parse_file(path: &std::path::Path) -> Result<Gguf, crate::model::LoadError> {
     let io = |source| crate::model::LoadError::Io { path: path.display().to_string(), source };
-    let map = crate::ggml::map_file(&std::fs::File::open(path).map_err(io)?).map_err(io)?;
+    let map = crate::ggml::map_path(path).map_err(io)?;
     Ok(parse(&map)?)
 }
 
@@ -321,7 +322,7 @@ pub struct Gguf {
     pub alignment: u64,
     /// Metadata in file order.
     pub metadata: Vec<(String, Value)>,
-    index: HashMap<String, usize>,
+    index: Map<String, usize>,
     pub tensors: Vec<TensorInfo>,
     /// Absolute offset of the tensor data section.
     pub data_offset: u64,

@@ -2,10 +2,9 @@
 //! Every count is bounded by the bytes left before anything is allocated for it, and all
 //! arithmetic on sizes and offsets is checked.
 
-use std::collections::HashMap;
-
 use super::{Array, Gguf, GgufError, Strings, TensorInfo, Value, ValueType, DEFAULT_ALIGNMENT, MAGIC};
 use crate::ggml;
+use crate::hash::{Map, Set};
 
 /// Most metadata entries and tensors a file may declare (Phi-4 files have about 40 and 243):
 /// with these, everything parsed costs a small multiple of the file's bytes.
@@ -106,12 +105,12 @@ fn header(r: &mut Reader<'_>) -> Result<(u32, u64, u64), GgufError> {
     Ok((version, n_tensors, n_kv))
 }
 
-type Metadata = (Vec<(String, Value)>, HashMap<String, usize>);
+type Metadata = (Vec<(String, Value)>, Map<String, usize>);
 
 /// `n_kv` key/value pairs: unique, non-empty UTF-8 keys.
 fn metadata(r: &mut Reader<'_>, n_kv: u64) -> Result<Metadata, GgufError> {
     let mut metadata = Vec::with_capacity(n_kv as usize);
-    let mut index = HashMap::new();
+    let mut index = Map::default();
     for i in 0..n_kv {
         let key = r.string(&|| format!("metadata key #{i}"))?;
         let key = std::str::from_utf8(key)
@@ -144,10 +143,10 @@ fn alignment(v: Option<&Value>) -> Result<u64, GgufError> {
 /// are still relative to the data section.
 fn tensor_infos(r: &mut Reader<'_>, n_tensors: u64) -> Result<Vec<TensorInfo>, GgufError> {
     let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors as usize);
-    let mut names = HashMap::new();
+    let mut names = Set::default();
     for i in 0..n_tensors {
         let t = tensor_info(r, i)?;
-        if names.insert(t.name.clone(), tensors.len()).is_some() {
+        if !names.insert(t.name.clone()) {
             return Err(GgufError::DuplicateTensor(t.name));
         }
         tensors.push(t);

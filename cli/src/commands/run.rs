@@ -27,6 +27,9 @@ pub fn run(a: RunArgs) -> Res {
     sp.check()?;
     let model = super::load(&a.model, !a.no_repack)?;
     let mut session = Session::new(model, &sp)?;
+    if session.n_threads() < sp.n_threads {
+        eprintln!("phi4: --threads {} is more than the {} CPUs here: using {}", sp.n_threads, session.n_threads(), session.n_threads());
+    }
     let mut sink = output::sink(a.json);
 
     if a.raw {
