@@ -65,12 +65,14 @@ impl RunState {
         let capacity = TENSORS_OUTSIDE_LAYERS + TENSORS_PER_LAYER * c.n_layer;
         // Every node or leaf is a tensor of the graph context, a weight, or a cache tensor.
         let graph_size = capacity + model.gguf.tensors.len() + 2 * c.n_layer;
+        // The largest allocation first: the KV cache, then the threads, then the compute buffer.
+        let kv = KvCache::new(c, n_ctx)?;
         let mut st = RunState {
             compute: Compute::new(n_threads)?,
             alloc: Allocator::new(),
             graph_ctx: Context::new(capacity, graph_size),
             graph_size,
-            kv: KvCache::new(c, n_ctx)?,
+            kv,
             n_batch,
             logits: Vec::with_capacity(c.n_vocab),
             ids: Vec::with_capacity(n_batch),

@@ -764,7 +764,7 @@ fn probe_threads(n: usize) -> Result<(), AllocError> {
     started.into_iter().for_each(|h| drop(h.join()));
     match error {
         None => Ok(()),
-        Some(e) => Err(AllocError { what: format!("{n} worker threads ({e})"), bytes: 0 }),
+        Some(e) => Err(AllocError { what: format!("worker threads ({n}): {e}"), bytes: 0 }),
     }
 }
 

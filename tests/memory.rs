@@ -31,6 +31,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static A: Counting = Counting;
 
+/// The heap count is global: one test at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn rss_bytes() -> i64 {
     let s = std::fs::read_to_string("/proc/self/statm").unwrap();
     s.split_whitespace().nth(1).unwrap().parse::<i64>().unwrap() * 4096
@@ -38,6 +41,7 @@ fn rss_bytes() -> i64 {
 
 #[test]
 fn decoding_does_not_grow_memory() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = common::tmpdir();
     let spec = Spec::small(2, common::ftype("q4_0"), 9);
     let path = common::synth_model(dir.path(), "m.gguf", &spec);
@@ -73,4 +77,27 @@ fn decoding_does_not_grow_memory() {
     // (2 layers x K and V x 128 f16 per token), plus a few pages of slack.
     let kv_written = (pos - pos0) as i64 * 2 * 2 * 128 * 2;
     assert!(rss1 - rss0 <= kv_written + 64 * 4096, "RSS grew {} bytes for {} bytes of cache", rss1 - rss0, kv_written);
+}
+
+/// Many conversations on one session do not accumulate: what the session keeps of its replies
+/// (their exact token ids, for the next turn) is limited to the current conversation.
+#[test]
+fn finished_replies_do_not_accumulate() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    use phi4::chat::{Message, Role};
+    let model = Arc::new(Model::load(&common::fixture("phi4-tiny-docs.gguf"), LoadParams::default()).unwrap());
+    let mut s = Session::new(model, &SessionParams { n_ctx: 512, n_batch: 64, n_threads: 2, ..Default::default() }).unwrap();
+    let gp = phi4::GenerateParams { sampling: phi4::SamplingParams { seed: Some(1), ..Default::default() }, max_tokens: 24, stop: vec![] };
+    let mut turn = |i: usize| {
+        let q = Message::new(Role::User, format!("Question {i}: what does module number {i} do?"));
+        let out = s.chat(&[q.clone()], &gp, &mut |_, _| true).unwrap();
+        // A second turn that uses the reply, as a chat client does.
+        let msgs = [q, Message::new(Role::Assistant, out.text), Message::new(Role::User, "And then?")];
+        s.chat(&msgs, &gp, &mut |_, _| true).unwrap();
+    };
+    (0..20).for_each(&mut turn);
+    let heap0 = LIVE.load(Ordering::Relaxed);
+    (20..120).for_each(&mut turn);
+    let grown = LIVE.load(Ordering::Relaxed) - heap0;
+    assert!(grown < 16 * 1024, "the heap grew {grown} bytes over 100 conversations");
 }

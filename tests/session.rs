@@ -177,3 +177,51 @@ fn seeded_sampling_repeats() {
     let (b, _) = collect(&mut session(&m, 512, Overflow::Error), &msgs, &gp);
     assert_eq!(a.text, b.text);
 }
+
+/// A cancel sent while a chat is still tokenizing its messages is not lost: the chat ends as
+/// cancelled without evaluating anything.
+#[test]
+fn cancel_during_tokenization_holds() {
+    let m = demo();
+    let mut s = session(&m, 2048, Overflow::Error);
+    let flag = s.cancel_flag();
+    let huge = Message::new(Role::User, "tell me about lists ".repeat(400_000));
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let t = std::time::Instant::now();
+    let out = s.chat(&[huge], &greedy(8), &mut |_, _| true).unwrap();
+    canceller.join().unwrap();
+    assert_eq!(out.reason, DoneReason::Cancelled, "{:?} after {:?}", out.reason, t.elapsed());
+    assert_eq!((out.timings.prompt_eval_count, out.timings.eval_count), (0, 0));
+    // The next call starts afresh.
+    let (next, _) = collect(&mut s, &[Message::new(Role::User, "What is a tuple?")], &greedy(4));
+    assert_ne!(next.reason, DoneReason::Cancelled);
+}
+
+/// Drop-oldest tokenizes each message once: 4,000 messages fit in a small context quickly (it
+/// re-tokenized the whole conversation per dropped message: 2 minutes).
+#[test]
+fn drop_oldest_is_linear_in_messages() {
+    let m = demo();
+    let mut s = session(&m, 256, Overflow::DropOldest);
+    let mut msgs = vec![Message::new(Role::System, "You answer questions about Python.")];
+    for i in 0..4000 {
+        let role = if i % 2 == 0 { Role::User } else { Role::Assistant };
+        msgs.push(Message::new(role, format!("message number {i} about lists and dictionaries")));
+    }
+    msgs.push(Message::new(Role::User, "What is a list?"));
+    let t = std::time::Instant::now();
+    let (out, _) = collect(&mut s, &msgs, &greedy(4));
+    assert!(out.dropped_messages > 3900, "dropped {}", out.dropped_messages);
+    assert!(t.elapsed().as_secs_f32() < 20.0, "took {:?}", t.elapsed());
+}
+
+/// More threads than CPUs are clamped to the CPUs.
+#[test]
+fn threads_above_the_cpus_are_clamped() {
+    let m = demo();
+    let s = Session::new(m, &SessionParams { n_threads: phi4::session::MAX_THREADS, ..Default::default() }).unwrap();
+    assert_eq!(s.n_threads(), phi4::session::cpu_count());
+}

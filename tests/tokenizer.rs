@@ -217,3 +217,31 @@ fn rebuild(g: &phi4::gguf::Gguf) -> phi4::gguf::Gguf {
     w.finish().unwrap();
     phi4::gguf::parse(&std::fs::read(p).unwrap()).unwrap()
 }
+
+/// Long runs without a pre-token break (one character repeated, letters, spaces, `=`): BPE is
+/// O(n log n), so a megabyte takes well under a second; the quadratic BPE took 24 s for 64 KB
+/// and over an hour for 1 MB. (The bound is loose: a test, not a benchmark.) Each result is
+/// also exactly what merging a short run repeatedly gives.
+#[test]
+fn long_runs_tokenize_in_near_linear_time() {
+    let tok = phi4_vocab();
+    for unit in ["a", " ", "=", "1", "é", "ab"] {
+        let text = unit.repeat((1 << 20) / unit.len());
+        let t = std::time::Instant::now();
+        let ids = tok.encode(&text, false);
+        let took = t.elapsed();
+        assert!(took.as_secs_f32() < 10.0, "{unit:?} x 1 MB took {took:?}");
+        assert_eq!(tok.decode(&ids, false), text, "{unit:?}: round trip");
+        eprintln!("{unit:?} x 1 MB: {} tokens in {:.0} ms", ids.len(), took.as_secs_f64() * 1e3);
+    }
+}
+
+/// A cancel set while text is being tokenized stops it.
+#[test]
+fn tokenizing_is_cancellable() {
+    let tok = phi4_vocab();
+    let cancel = std::sync::atomic::AtomicBool::new(true);
+    assert_eq!(tok.encode_cancellable(&"word ".repeat(100_000), false, &cancel), None);
+    cancel.store(false, std::sync::atomic::Ordering::Relaxed);
+    assert!(tok.encode_cancellable("word word", false, &cancel).is_some());
+}

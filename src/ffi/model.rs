@@ -99,6 +99,7 @@ fn default_model_params() -> phi4_model_params {
 
 fn load_status(e: &LoadError) -> phi4_status {
     match e {
+        LoadError::Io { source, .. } if source.kind() == std::io::ErrorKind::OutOfMemory => PHI4_ERR_OUT_OF_MEMORY,
         LoadError::Io { .. } => PHI4_ERR_IO,
         LoadError::Alloc(_) => PHI4_ERR_OUT_OF_MEMORY,
         LoadError::Cancelled => PHI4_ERR_CANCELLED,
