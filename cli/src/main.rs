@@ -6,6 +6,7 @@ mod describe;
 mod options;
 mod output;
 mod repl;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +24,8 @@ struct Cli {
 enum Cmd {
     /// Chat with a model: one-shot with a PROMPT (or piped stdin), otherwise an interactive REPL.
     Run(RunArgs),
+    /// Serve the model over Ollama's HTTP API (and OpenAI's), as `ollama serve` does.
+    Serve(serve::ServeArgs),
     /// Read text on stdin and print its token ids on one line.
     Tokenize(TokenizeArgs),
     /// Write a synthetic Phi-4-shaped model with random weights.
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = std::panic::catch_unwind(|| match cli.cmd {
         Cmd::Run(a) => commands::run::run(a),
+        Cmd::Serve(a) => serve::serve(a),
         Cmd::Tokenize(a) => commands::tokenize(a),
         Cmd::Synth(a) => commands::synth::synth(a),
         Cmd::Info(a) => commands::info(a),

@@ -1,0 +1,215 @@
+//! `phi4 serve`: Ollama's HTTP API (and OpenAI's, as Ollama serves it) over the library, so
+//! Ollama's and OpenAI's clients work unchanged. axum on tokio; the forward pass runs on
+//! blocking threads, never on the runtime's workers (`run.rs`); sessions are pooled by cached
+//! prefix (`pool.rs`); the wire formats are `ollama.rs` and `openai.rs`.
+
+mod ollama;
+mod openai;
+mod pool;
+mod run;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::Res;
+use pool::Pool;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// GGUF model file.
+    #[arg(long)]
+    model: PathBuf,
+    /// The name clients use for the model.
+    #[arg(long, default_value = "phi4")]
+    name: String,
+    /// Address to listen on [default: OLLAMA_HOST's, else 127.0.0.1].
+    #[arg(long)]
+    host: Option<String>,
+    /// Port [default: OLLAMA_HOST's, else 11434].
+    #[arg(long)]
+    port: Option<u16>,
+    /// Requests that generate at once (each has a session of its own).
+    #[arg(long, default_value_t = 1)]
+    parallel: usize,
+    /// Requests that may wait for a session; more get 503.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Threads per generation [default: the number of CPUs].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Require `Authorization: Bearer KEY` (also PHI4_API_KEY).
+    #[arg(long, env = "PHI4_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Log more than one line per request.
+    #[arg(long)]
+    verbose: bool,
+}
+
+/// What every handler sees.
+pub struct App {
+    pool: Arc<Pool>,
+    name: String,
+    path: PathBuf,
+    api_key: Option<String>,
+    verbose: bool,
+}
+
+/// An error answer: the status and the message, shaped per API by the handler's module.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn bad(m: impl Into<String>) -> ApiError {
+        ApiError { status: StatusCode::BAD_REQUEST, message: m.into() }
+    }
+    pub fn not_found(m: impl Into<String>) -> ApiError {
+        ApiError { status: StatusCode::NOT_FOUND, message: m.into() }
+    }
+    pub fn busy() -> ApiError {
+        ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: "server busy, please try again.  maximum pending requests exceeded".into() }
+    }
+    pub fn internal(m: impl Into<String>) -> ApiError {
+        ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: m.into() }
+    }
+}
+
+/// Ollama's shape: `{"error": "..."}`.
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl App {
+    /// The model a request names: ours (with or without a tag), or 404.
+    pub fn check_model(&self, name: &str) -> Result<(), ApiError> {
+        let base = name.strip_suffix(":latest").unwrap_or(name);
+        if base == self.name {
+            Ok(())
+        } else {
+            Err(ApiError::not_found(format!("model '{name}' not found")))
+        }
+    }
+}
+
+/// Where to listen: --host/--port, else OLLAMA_HOST ("host", "host:port", "http://host:port"),
+/// else 127.0.0.1:11434.
+fn address(a: &ServeArgs) -> Result<SocketAddr, String> {
+    let env = std::env::var("OLLAMA_HOST").ok().filter(|s| !s.is_empty());
+    let env = env.as_deref().map(|s| s.trim_start_matches("http://").trim_start_matches("https://").trim_end_matches('/'));
+    let (env_host, env_port) = match env {
+        Some(s) => match s.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (Some(h.to_string()), Some(p.parse::<u16>().map_err(|_| format!("OLLAMA_HOST {s:?}: bad port"))?)),
+            _ => (Some(s.to_string()), None),
+        },
+        None => (None, None),
+    };
+    let host = a.host.clone().or(env_host).unwrap_or_else(|| "127.0.0.1".into());
+    let host = if host.is_empty() { "127.0.0.1".to_string() } else { host };
+    let port = a.port.or(env_port).unwrap_or(11434);
+    let ip: std::net::IpAddr = host.trim_start_matches('[').trim_end_matches(']').parse().map_err(|_| format!("{host:?} is not an IP address"))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+pub fn serve(a: ServeArgs) -> Res {
+    if a.parallel == 0 || a.parallel > 64 {
+        return Err("--parallel must be in 1..=64".into());
+    }
+    let addr = address(&a)?;
+    let d = phi4::SessionParams::default();
+    let pool = Pool::new(a.model.clone(), a.parallel, a.queue, a.threads.unwrap_or(d.n_threads), d.n_batch);
+    // Load now: a bad file is reported at start, not at the first request.
+    pool.model()?;
+    let app = Arc::new(App { pool, name: a.name.clone(), path: a.model.clone(), api_key: a.api_key.clone().filter(|k| !k.is_empty()), verbose: a.verbose });
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        eprintln!("phi4: serving {} as '{}' on http://{}", a.model.display(), a.name, listener.local_addr()?);
+        let expiry = app.pool.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let p = expiry.clone();
+                let _ = tokio::task::spawn_blocking(move || p.expire()).await;
+            }
+        });
+        axum::serve(listener, router(app)).with_graceful_shutdown(shutdown()).await?;
+        Ok(())
+    })
+}
+
+async fn shutdown() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Request bodies above this are refused (413) before they are read whole.
+const MAX_BODY: usize = 16 << 20;
+
+fn router(app: Arc<App>) -> Router {
+    let refused = |what: &'static str| any(move || async move { ApiError::bad(format!("{what} is not supported: this server runs one model, from a file given at its start")) });
+    Router::new()
+        .route("/", get(|| async { "Ollama is running" }).head(|| async {}))
+        .route("/api/version", get(ollama::version).head(|| async {}))
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/ps", get(ollama::ps))
+        .route("/api/show", post(ollama::show))
+        .route("/api/chat", post(ollama::chat))
+        .route("/api/generate", post(ollama::generate))
+        .route("/api/embed", refused("embedding"))
+        .route("/api/embeddings", refused("embedding"))
+        .route("/api/pull", refused("pulling models"))
+        .route("/api/push", refused("pushing models"))
+        .route("/api/create", refused("creating models"))
+        .route("/api/copy", refused("copying models"))
+        .route("/api/delete", refused("deleting models"))
+        .route("/api/blobs/{digest}", refused("uploading blobs"))
+        .route("/v1/chat/completions", post(openai::chat))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/models/{id}", get(openai::model))
+        .route("/v1/embeddings", refused("embedding"))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), gate))
+        .with_state(app)
+}
+
+/// Every request: the API key when one is set, then one log line (method, path, status,
+/// duration; token counts are logged by the generation handlers).
+async fn gate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let (method, path, t) = (req.method().clone(), req.uri().path().to_string(), Instant::now());
+    if app.verbose {
+        let agent = req.headers().get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or("-");
+        let length = req.headers().get("content-length").and_then(|v| v.to_str().ok()).unwrap_or("-");
+        eprintln!("{method} {path} from {agent}, {length} bytes");
+    }
+    if let Some(key) = &app.api_key {
+        let given = req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(key.as_str()) {
+            eprintln!("{method} {path} 401 {:.1}ms", t.elapsed().as_secs_f64() * 1e3);
+            let mut r = ApiError { status: StatusCode::UNAUTHORIZED, message: "unauthorized".into() }.into_response();
+            r.headers_mut().insert("www-authenticate", HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    }
+    let resp = next.run(req).await;
+    eprintln!("{method} {path} {} {:.1}ms", resp.status().as_u16(), t.elapsed().as_secs_f64() * 1e3);
+    resp
+}

@@ -1,0 +1,380 @@
+//! Ollama's endpoints, field for field as its server writes them: /api/chat and /api/generate
+//! (NDJSON streams or one object), /api/tags, /api/show, /api/ps, /api/version.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use phi4::chat::{Message, Role};
+use phi4::{DoneReason, GenerateParams, Outcome};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::pool::KeepAlive;
+use super::run::{self, Event, Job, Prompt};
+use super::{ApiError, App};
+
+/// The body as JSON of type T: malformed JSON and wrong types are 400s naming the problem.
+pub fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))
+}
+
+/// RFC 3339 time of now (UTC), as Ollama's `created_at`.
+pub fn now_rfc3339() -> String {
+    rfc3339(std::time::SystemTime::now())
+}
+
+/// RFC 3339 form of a time (UTC).
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let (secs, nanos) = (d.as_secs() as i64, d.subsec_nanos());
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+pub fn done_reason(r: DoneReason) -> &'static str {
+    match r {
+        DoneReason::Stop | DoneReason::Cancelled => "stop",
+        DoneReason::Length | DoneReason::ContextFull => "length",
+    }
+}
+
+/// Ollama's timing fields of a finished generation.
+fn timings(o: &Outcome, total: u64) -> Value {
+    let t = &o.timings;
+    json!({
+        "total_duration": total,
+        "load_duration": t.load_duration,
+        "prompt_eval_count": t.prompt_eval_count,
+        "prompt_eval_duration": t.prompt_eval_duration,
+        "eval_count": t.eval_count,
+        "eval_duration": t.eval_duration,
+    })
+}
+
+fn merge(mut a: Value, b: Value) -> Value {
+    if let (Some(a), Value::Object(b)) = (a.as_object_mut(), b) {
+        a.extend(b);
+    }
+    a
+}
+
+/// What Phi-4 cannot do gets Ollama's kind of answer: a 400 naming the reason.
+fn unsupported(images: bool, tools: bool, think: Option<&Value>, format: Option<&Value>) -> Result<(), ApiError> {
+    if images {
+        return Err(ApiError::bad("phi4 does not support images (it reads text only)"));
+    }
+    if tools {
+        return Err(ApiError::bad("phi4 does not support tools"));
+    }
+    if think.is_some_and(|t| !matches!(t, Value::Null | Value::Bool(false))) {
+        return Err(ApiError::bad("phi4 does not support thinking"));
+    }
+    if format.is_some_and(|f| !(f.is_null() || f.as_str() == Some(""))) {
+        return Err(ApiError::bad("format (structured output) is not supported by this server yet"));
+    }
+    Ok(())
+}
+
+fn non_empty(v: &Option<Value>) -> bool {
+    v.as_ref().is_some_and(|v| !(v.is_null() || v.as_array().is_some_and(|a| a.is_empty())))
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    #[serde(default)]
+    content: String,
+    images: Option<Value>,
+    tool_calls: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    model: String,
+    #[serde(default)]
+    messages: Vec<ChatMessage>,
+    stream: Option<bool>,
+    format: Option<Value>,
+    options: Option<Value>,
+    keep_alive: Option<Value>,
+    tools: Option<Value>,
+    think: Option<Value>,
+}
+
+/// Options, context and keep-alive of a request.
+fn job_params(options: Option<&Value>, keep_alive: Option<&Value>) -> Result<(GenerateParams, usize, KeepAlive), ApiError> {
+    let mut gp = GenerateParams::default();
+    let mut n_ctx = 0;
+    run::options(options, &mut gp, &mut n_ctx)?;
+    Ok((gp, n_ctx, run::keep_alive(keep_alive)?))
+}
+
+pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse(&body)?;
+    app.check_model(&req.model)?;
+    let images = req.messages.iter().any(|m| non_empty(&m.images));
+    let tools = non_empty(&req.tools) || req.messages.iter().any(|m| non_empty(&m.tool_calls));
+    unsupported(images, tools, req.think.as_ref(), req.format.as_ref())?;
+    let (params, n_ctx, keep_alive) = job_params(req.options.as_ref(), req.keep_alive.as_ref())?;
+    let model = req.model.clone();
+    if req.messages.is_empty() {
+        return Ok(load_or_unload(&app, keep_alive, json!({ "model": model, "created_at": now_rfc3339(), "message": { "role": "assistant", "content": "" } })).await?);
+    }
+    let messages = req
+        .messages
+        .into_iter()
+        .map(|m| Role::parse(&m.role).map(|r| Message::new(r, m.content)).ok_or_else(|| ApiError::bad(format!("role {:?} is not system, user or assistant", m.role))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let job = Job { prompt: Prompt::Chat(messages), params, n_ctx, keep_alive };
+    let chunk = move |piece: &str| json!({ "model": model, "created_at": now_rfc3339(), "message": { "role": "assistant", "content": piece }, "done": false });
+    respond(&app, job, req.stream.unwrap_or(true), chunk, |model, text, out, total, _| {
+        merge(json!({ "model": model, "created_at": now_rfc3339(), "message": { "role": "assistant", "content": text }, "done": true, "done_reason": done_reason(out.reason) }), timings(out, total))
+    }, req.model)
+    .await
+}
+
+#[derive(Deserialize)]
+struct GenerateRequest {
+    model: String,
+    #[serde(default)]
+    prompt: String,
+    system: Option<String>,
+    context: Option<Vec<u32>>,
+    raw: Option<bool>,
+    stream: Option<bool>,
+    format: Option<Value>,
+    options: Option<Value>,
+    keep_alive: Option<Value>,
+    images: Option<Value>,
+    think: Option<Value>,
+    suffix: Option<String>,
+}
+
+pub async fn generate(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiError> {
+    let req: GenerateRequest = parse(&body)?;
+    app.check_model(&req.model)?;
+    unsupported(non_empty(&req.images), false, req.think.as_ref(), req.format.as_ref())?;
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::bad("phi4 does not support suffix (fill-in-the-middle)"));
+    }
+    let (params, n_ctx, keep_alive) = job_params(req.options.as_ref(), req.keep_alive.as_ref())?;
+    let model = req.model.clone();
+    if req.prompt.is_empty() && req.context.as_ref().is_none_or(|c| c.is_empty()) {
+        return Ok(load_or_unload(&app, keep_alive, json!({ "model": model, "created_at": now_rfc3339(), "response": "" })).await?);
+    }
+    let ids = prompt_ids(&app, req.prompt, req.system, req.context.unwrap_or_default(), req.raw.unwrap_or(false)).await?;
+    let job = Job { prompt: Prompt::Raw(ids), params, n_ctx, keep_alive };
+    let chunk = move |piece: &str| json!({ "model": model, "created_at": now_rfc3339(), "response": piece, "done": false });
+    respond(&app, job, req.stream.unwrap_or(true), chunk, |model, text, out, total, history| {
+        merge(json!({ "model": model, "created_at": now_rfc3339(), "response": text, "done": true, "done_reason": done_reason(out.reason), "context": history }), timings(out, total))
+    }, req.model)
+    .await
+}
+
+/// The token ids of a generate request: the earlier `context`, then the prompt, templated as a
+/// user turn (with the system message) unless `raw`.
+async fn prompt_ids(app: &Arc<App>, prompt: String, system: Option<String>, context: Vec<u32>, raw: bool) -> Result<Vec<u32>, ApiError> {
+    let pool = app.pool.clone();
+    let work = move || -> Result<Vec<u32>, ApiError> {
+        let model = pool.model().map_err(ApiError::internal)?;
+        let tok = &model.tokenizer;
+        if let Some(bad) = context.iter().find(|&&t| t as usize >= model.config.n_vocab) {
+            return Err(ApiError::bad(format!("context holds token {bad}, outside the vocabulary")));
+        }
+        let mut ids = context;
+        if raw {
+            ids.extend(tok.encode(&prompt, true));
+        } else {
+            let markers = phi4::chat::Markers::of(tok).map_err(ApiError::internal)?;
+            let mut msgs = Vec::new();
+            if let Some(s) = system.filter(|s| !s.is_empty()) {
+                msgs.push(Message::new(Role::System, s));
+            }
+            msgs.push(Message::new(Role::User, prompt));
+            ids.extend(phi4::chat::tokens(tok, markers, &msgs, true));
+        }
+        Ok(ids)
+    };
+    tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::internal(e.to_string()))?
+}
+
+/// An empty request loads the model (or, with keep_alive 0, unloads it), as Ollama's does.
+async fn load_or_unload(app: &Arc<App>, keep_alive: KeepAlive, base: Value) -> Result<Response, ApiError> {
+    let pool = app.pool.clone();
+    let unload = keep_alive == KeepAlive::For(std::time::Duration::ZERO);
+    tokio::task::spawn_blocking(move || if unload { pool.unload() } else { pool.model().map(|_| ()) })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(ApiError::internal)?;
+    Ok(Json(merge(base, json!({ "done": true, "done_reason": if unload { "unload" } else { "load" } }))).into_response())
+}
+
+type Final = fn(&str, &str, &Outcome, u64, &[u32]) -> Value;
+
+/// Run the job and answer: an NDJSON stream of `chunk`s ending with `last`, or one object. An
+/// error before the first piece is an HTTP error; one after it is an `{"error"}` line.
+async fn respond(app: &Arc<App>, job: Job, stream: bool, chunk: impl Fn(&str) -> Value + Send + 'static, last: Final, model: String) -> Result<Response, ApiError> {
+    let mut rx = run::start(&app.pool, job).await;
+    let first = rx.recv().await.ok_or_else(|| ApiError::internal("the generation ended without a result"))?;
+    if let Event::Failed(e) = first {
+        return Err(e);
+    }
+    if !stream {
+        let mut text = String::new();
+        let mut event = first;
+        loop {
+            match event {
+                Event::Piece(p) => text.push_str(&p),
+                Event::Done(out, history, total) => {
+                    log_tokens(&out);
+                    return Ok(Json(last(&model, &text, &out, total, &history)).into_response());
+                }
+                Event::Failed(e) => return Err(e),
+            }
+            event = rx.recv().await.ok_or_else(|| ApiError::internal("the generation ended without a result"))?;
+        }
+    }
+    let lines = async_stream(first, rx, move |event| {
+        let v = match event {
+            Event::Piece(p) => chunk(&p),
+            Event::Done(out, history, total) => {
+                log_tokens(&out);
+                last(&model, "", &out, total, &history)
+            }
+            Event::Failed(e) => json!({ "error": e.message }),
+        };
+        format!("{v}\n")
+    });
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(lines)).into_response())
+}
+
+pub fn log_tokens(o: &Outcome) {
+    eprintln!("  tokens in {} (new), out {}, {}", o.timings.prompt_eval_count, o.timings.eval_count, o.reason.as_str());
+}
+
+/// The events as NDJSON lines, `first` included.
+pub fn async_stream(first: Event, rx: tokio::sync::mpsc::Receiver<Event>, mut line: impl FnMut(Event) -> String + Send + 'static) -> impl tokio_stream::Stream<Item = Result<Bytes, std::convert::Infallible>> {
+    let rest = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let all = tokio_stream::StreamExt::chain(tokio_stream::once(first), rest);
+    tokio_stream::StreamExt::map(all, move |e| Ok(Bytes::from(line(e))))
+}
+
+pub async fn version() -> Json<Value> {
+    Json(json!({ "version": env!("CARGO_PKG_VERSION") }))
+}
+
+/// The model as /api/tags and /api/ps describe it.
+fn describe(app: &App, size: u64) -> Value {
+    let quant = app.pool.loaded().map(|(m, _)| m.gguf.opt_u32("general.file_type").ok().flatten());
+    json!({
+        "name": format!("{}:latest", app.name),
+        "model": format!("{}:latest", app.name),
+        "size": size,
+        "digest": format!("{:064x}", size),
+        "details": {
+            "parent_model": "",
+            "format": "gguf",
+            "family": "phi3",
+            "families": ["phi3"],
+            "parameter_size": "14.7B",
+            "quantization_level": quant.flatten().map_or("unknown".to_string(), file_type_name),
+        },
+    })
+}
+
+/// llama.cpp's names of `general.file_type`.
+fn file_type_name(t: u32) -> String {
+    match t {
+        0 => "F32", 1 => "F16", 2 => "Q4_0", 7 => "Q8_0", 14 => "Q4_K_S", 15 => "Q4_K_M", 16 => "Q5_K_S", 17 => "Q5_K_M", 18 => "Q6_K",
+        _ => return format!("type {t}"),
+    }
+    .to_string()
+}
+
+fn file_size(app: &App) -> u64 {
+    std::fs::metadata(&app.path).map_or(0, |m| m.len())
+}
+
+fn modified(app: &App) -> String {
+    rfc3339(std::fs::metadata(&app.path).and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH))
+}
+
+pub async fn tags(State(app): State<Arc<App>>) -> Json<Value> {
+    let mut m = describe(&app, file_size(&app));
+    m["modified_at"] = json!(modified(&app));
+    Json(json!({ "models": [m] }))
+}
+
+pub async fn ps(State(app): State<Arc<App>>) -> Json<Value> {
+    let models = match app.pool.loaded() {
+        None => vec![],
+        Some((model, expires)) => {
+            let mut m = describe(&app, model.file_size);
+            let until = expires.map(|t| t.saturating_duration_since(std::time::Instant::now()));
+            // (Ollama's "forever" is a date far ahead.)
+            m["expires_at"] = json!(rfc3339(std::time::SystemTime::now() + until.unwrap_or(std::time::Duration::from_secs(100 * 365 * 86400))));
+            m["size_vram"] = json!(0);
+            m["context_length"] = json!(model.config.n_ctx_train);
+            vec![m]
+        }
+    };
+    Json(json!({ "models": models }))
+}
+
+#[derive(Deserialize)]
+struct ShowRequest {
+    model: Option<String>,
+    name: Option<String>,
+}
+
+pub async fn show(State(app): State<Arc<App>>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let req: ShowRequest = parse(&body)?;
+    let name = req.model.or(req.name).ok_or_else(|| ApiError::bad("model is required"))?;
+    app.check_model(&name)?;
+    let pool = app.pool.clone();
+    let model = tokio::task::spawn_blocking(move || pool.model()).await.map_err(|e| ApiError::internal(e.to_string()))?.map_err(ApiError::internal)?;
+    let c = &model.config;
+    let info = json!({
+        "general.architecture": "phi3",
+        "general.file_type": model.gguf.opt_u32("general.file_type").ok().flatten(),
+        "general.parameter_count": model.gguf.tensors.iter().map(|t| t.n_elements()).sum::<u64>(),
+        "phi3.block_count": c.n_layer,
+        "phi3.context_length": c.n_ctx_train,
+        "phi3.embedding_length": c.n_embd,
+        "phi3.feed_forward_length": c.n_ff,
+        "phi3.attention.head_count": c.n_head,
+        "phi3.attention.head_count_kv": c.n_head_kv,
+        "phi3.attention.layer_norm_rms_epsilon": c.rms_eps,
+        "phi3.rope.freq_base": c.rope_theta,
+        "tokenizer.ggml.model": "gpt2",
+    });
+    let d = GenerateParams::default();
+    let parameters: Vec<String> = ["temperature", "top_k", "top_p", "repeat_penalty"].iter().map(|n| format!("{n:<16}{}", d.get(n).unwrap_or_default())).chain(["stop            \"<|im_end|>\"".to_string()]).collect();
+    let mut details = describe(&app, model.file_size)["details"].clone();
+    details["parameter_size"] = json!(format!("{:.1}B", info["general.parameter_count"].as_u64().unwrap_or(0) as f64 / 1e9));
+    Ok(Json(json!({
+        "license": "MIT",
+        "modelfile": format!("FROM {}\n", app.path.display()),
+        "parameters": parameters.join("\n"),
+        "template": "{{- range .Messages }}<|im_start|>{{ .Role }}<|im_sep|>{{ .Content }}<|im_end|>{{ end }}<|im_start|>assistant<|im_sep|>",
+        "details": details,
+        "model_info": info,
+        "capabilities": ["completion"],
+        "modified_at": modified(&app),
+    })))
+}

@@ -1,0 +1,289 @@
+//! OpenAI's endpoints as Ollama serves them: /v1/chat/completions and /v1/completions (SSE
+//! streams ending with `data: [DONE]`, or one object), /v1/models. Errors in OpenAI's shape.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use phi4::chat::{Message, Role};
+use phi4::{GenerateParams, Outcome};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::ollama::{async_stream, log_tokens, parse};
+use super::run::{self, Event, Job, Prompt};
+use super::{ApiError, App};
+
+/// OpenAI's error shape: `{"error": {"message", "type", "param", "code"}}`.
+pub struct OpenAiError(ApiError);
+
+impl From<ApiError> for OpenAiError {
+    fn from(e: ApiError) -> Self {
+        OpenAiError(e)
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        let kind = match self.0.status.as_u16() {
+            404 => "not_found_error",
+            400..=499 => "invalid_request_error",
+            _ => "api_error",
+        };
+        (self.0.status, Json(json!({ "error": { "message": self.0.message, "type": kind, "param": null, "code": null } }))).into_response()
+    }
+}
+
+fn created() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn id(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{prefix}-{}", N.fetch_add(1, Ordering::Relaxed) + created() % 100_000 * 1000)
+}
+
+fn finish_reason(o: &Outcome) -> &'static str {
+    super::ollama::done_reason(o.reason)
+}
+
+fn usage(o: &Outcome) -> Value {
+    let (p, c) = (o.timings.prompt_eval_count, o.timings.eval_count);
+    json!({ "prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c })
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    model: String,
+    messages: Vec<ChatMessage>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    seed: Option<i64>,
+    stop: Option<Value>,
+    frequency_penalty: Option<f64>,
+    presence_penalty: Option<f64>,
+    response_format: Option<Value>,
+    tools: Option<Value>,
+    n: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    content: Option<Value>,
+}
+
+/// A message's content: a string, or an array of parts of which only text parts are accepted.
+fn content(v: Option<Value>) -> Result<String, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                (Some("text"), Some(t)) => Ok(t.to_string()),
+                (Some("image_url"), _) => Err(ApiError::bad("phi4 does not support images (it reads text only)")),
+                _ => Err(ApiError::bad("a content part must be {\"type\": \"text\", \"text\": ...}")),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(|t| t.join("")),
+        Some(_) => Err(ApiError::bad("content must be a string or an array of parts")),
+    }
+}
+
+/// The OpenAI sampling fields onto the options (OpenAI's defaults: temperature and top_p 1).
+fn params(max_tokens: Option<i64>, temperature: Option<f64>, top_p: Option<f64>, seed: Option<i64>, stop: Option<Value>, freq: Option<f64>, presence: Option<f64>) -> Result<(GenerateParams, usize), ApiError> {
+    let mut opts = serde_json::Map::new();
+    opts.insert("temperature".into(), json!(temperature.unwrap_or(1.0)));
+    opts.insert("top_p".into(), json!(top_p.unwrap_or(1.0)));
+    if let Some(n) = max_tokens {
+        if n < 1 {
+            return Err(ApiError::bad(format!("max_tokens {n} must be at least 1")));
+        }
+        opts.insert("num_predict".into(), json!(n));
+    }
+    for (k, v) in [("seed", seed.map(|s| json!(s))), ("stop", stop.filter(|s| !s.is_null())), ("frequency_penalty", freq.map(|f| json!(f))), ("presence_penalty", presence.map(|f| json!(f)))] {
+        if let Some(v) = v {
+            opts.insert(k.into(), v);
+        }
+    }
+    let mut gp = GenerateParams::default();
+    let mut n_ctx = 0;
+    run::options(Some(&Value::Object(opts)), &mut gp, &mut n_ctx)?;
+    Ok((gp, n_ctx))
+}
+
+pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, OpenAiError> {
+    let req: ChatRequest = parse(&body)?;
+    app.check_model(&req.model)?;
+    if req.response_format.as_ref().is_some_and(|f| f.get("type").and_then(Value::as_str) != Some("text")) {
+        return Err(ApiError::bad("response_format (structured output) is not supported by this server yet").into());
+    }
+    if req.tools.as_ref().is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty())) {
+        return Err(ApiError::bad("phi4 does not support tools").into());
+    }
+    if req.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad("n must be 1").into());
+    }
+    let messages = req
+        .messages
+        .into_iter()
+        .map(|m| {
+            let role = Role::parse(if m.role == "developer" { "system" } else { &m.role }).ok_or_else(|| ApiError::bad(format!("role {:?} is not system, user or assistant", m.role)))?;
+            Ok(Message::new(role, content(m.content)?))
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    if messages.is_empty() {
+        return Err(ApiError::bad("messages must not be empty").into());
+    }
+    let (params, n_ctx) = params(req.max_completion_tokens.or(req.max_tokens), req.temperature, req.top_p, req.seed, req.stop, req.frequency_penalty, req.presence_penalty)?;
+    let job = Job { prompt: Prompt::Chat(messages), params, n_ctx, keep_alive: run::keep_alive(None)? };
+    let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
+    let head = json!({ "id": id("chatcmpl"), "object": "chat.completion.chunk", "created": created(), "model": req.model, "system_fingerprint": "fp_phi4" });
+    let mut rx = run::start(&app.pool, job).await;
+    let first = rx.recv().await.ok_or_else(|| ApiError::internal("the generation ended without a result"))?;
+    if let Event::Failed(e) = first {
+        return Err(e.into());
+    }
+    if !req.stream.unwrap_or(false) {
+        let (text, out) = collect(first, &mut rx).await?;
+        let mut v = head;
+        v["object"] = json!("chat.completion");
+        v["choices"] = json!([{ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": finish_reason(&out) }]);
+        v["usage"] = usage(&out);
+        return Ok(Json(v).into_response());
+    }
+    let mut said_role = false;
+    let lines = async_stream(first, rx, move |event| {
+        let chunk = |delta: Value, finish: Value| {
+            let mut v = head.clone();
+            v["choices"] = json!([{ "index": 0, "delta": delta, "finish_reason": finish }]);
+            format!("data: {v}\n\n")
+        };
+        match event {
+            Event::Piece(p) => {
+                let delta = if said_role { json!({ "content": p }) } else { json!({ "role": "assistant", "content": p }) };
+                said_role = true;
+                chunk(delta, Value::Null)
+            }
+            Event::Done(out, _, _) => {
+                log_tokens(&out);
+                let mut s = String::new();
+                if !said_role {
+                    s += &chunk(json!({ "role": "assistant", "content": "" }), Value::Null);
+                }
+                s += &chunk(json!({}), json!(finish_reason(&out)));
+                if include_usage {
+                    let mut v = head.clone();
+                    v["choices"] = json!([]);
+                    v["usage"] = usage(&out);
+                    s += &format!("data: {v}\n\n");
+                }
+                s + "data: [DONE]\n\n"
+            }
+            Event::Failed(e) => format!("data: {}\n\ndata: [DONE]\n\n", json!({ "error": { "message": e.message, "type": "api_error", "param": null, "code": null } })),
+        }
+    });
+    Ok(([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], Body::from_stream(lines)).into_response())
+}
+
+/// All of a non-streamed reply.
+async fn collect(first: Event, rx: &mut tokio::sync::mpsc::Receiver<Event>) -> Result<(String, Box<Outcome>), ApiError> {
+    let mut text = String::new();
+    let mut event = first;
+    loop {
+        match event {
+            Event::Piece(p) => text.push_str(&p),
+            Event::Done(out, _, _) => {
+                log_tokens(&out);
+                return Ok((text, out));
+            }
+            Event::Failed(e) => return Err(e),
+        }
+        event = rx.recv().await.ok_or_else(|| ApiError::internal("the generation ended without a result"))?;
+    }
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    model: String,
+    prompt: Value,
+    stream: Option<bool>,
+    max_tokens: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    seed: Option<i64>,
+    stop: Option<Value>,
+    frequency_penalty: Option<f64>,
+    presence_penalty: Option<f64>,
+    suffix: Option<String>,
+}
+
+pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, OpenAiError> {
+    let req: CompletionRequest = parse(&body)?;
+    app.check_model(&req.model)?;
+    let prompt = match req.prompt {
+        Value::String(s) => s,
+        _ => return Err(ApiError::bad("prompt must be a string").into()),
+    };
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::bad("phi4 does not support suffix (fill-in-the-middle)").into());
+    }
+    let (params, n_ctx) = params(req.max_tokens, req.temperature, req.top_p, req.seed, req.stop, req.frequency_penalty, req.presence_penalty)?;
+    let job = Job { prompt: Prompt::Chat(vec![Message::new(Role::User, prompt)]), params, n_ctx, keep_alive: run::keep_alive(None)? };
+    let head = json!({ "id": id("cmpl"), "object": "text_completion", "created": created(), "model": req.model, "system_fingerprint": "fp_phi4" });
+    let mut rx = run::start(&app.pool, job).await;
+    let first = rx.recv().await.ok_or_else(|| ApiError::internal("the generation ended without a result"))?;
+    if let Event::Failed(e) = first {
+        return Err(e.into());
+    }
+    if !req.stream.unwrap_or(false) {
+        let (text, out) = collect(first, &mut rx).await?;
+        let mut v = head;
+        v["choices"] = json!([{ "text": text, "index": 0, "finish_reason": finish_reason(&out) }]);
+        v["usage"] = usage(&out);
+        return Ok(Json(v).into_response());
+    }
+    let lines = async_stream(first, rx, move |event| {
+        let chunk = |text: &str, finish: Value| {
+            let mut v = head.clone();
+            v["choices"] = json!([{ "text": text, "index": 0, "finish_reason": finish }]);
+            format!("data: {v}\n\n")
+        };
+        match event {
+            Event::Piece(p) => chunk(&p, Value::Null),
+            Event::Done(out, _, _) => {
+                log_tokens(&out);
+                chunk("", json!(finish_reason(&out))) + "data: [DONE]\n\n"
+            }
+            Event::Failed(e) => format!("data: {}\n\ndata: [DONE]\n\n", json!({ "error": { "message": e.message, "type": "api_error", "param": null, "code": null } })),
+        }
+    });
+    Ok(([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], Body::from_stream(lines)).into_response())
+}
+
+fn model_object(app: &App) -> Value {
+    json!({ "id": format!("{}:latest", app.name), "object": "model", "created": created(), "owned_by": "library" })
+}
+
+pub async fn models(State(app): State<Arc<App>>) -> Json<Value> {
+    Json(json!({ "object": "list", "data": [model_object(&app)] }))
+}
+
+pub async fn model(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<Value>, OpenAiError> {
+    app.check_model(&id)?;
+    Ok(Json(model_object(&app)))
+}

@@ -1,0 +1,182 @@
+//! The model and its sessions, shared by the requests: a request leases the free session whose
+//! cache shares the longest prefix with its prompt (so a chat client that re-sends the history
+//! pays for its new turn only), runs on it off the async runtime, and gives it back. At most
+//! `parallel` requests generate at once; up to `max_queue` more wait; the rest are refused.
+//!
+//! The model is loaded on demand and unloaded, with its sessions, when its keep-alive runs out.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use phi4::{LoadParams, Model, Session, SessionParams};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// How long the model stays loaded after a request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KeepAlive {
+    For(Duration),
+    Forever,
+}
+
+pub struct Pool {
+    path: PathBuf,
+    threads: usize,
+    batch: usize,
+    parallel: Arc<Semaphore>,
+    max_queue: usize,
+    waiting: AtomicUsize,
+    state: Mutex<State>,
+}
+
+enum Slot {
+    Empty,
+    Idle(Session),
+    Leased,
+}
+
+struct State {
+    model: Option<Arc<Model>>,
+    slots: Vec<Slot>,
+    expires: Option<Instant>,
+}
+
+/// Why a request got no session.
+pub enum Refusal {
+    /// The queue is full.
+    Busy,
+    /// The model could not be loaded, or a session not be made.
+    Failed(String),
+}
+
+/// A session lent to one request; give it back with [`Pool::give_back`].
+pub struct Lease {
+    pub session: Session,
+    slot: usize,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Pool {
+    pub fn new(path: PathBuf, parallel: usize, max_queue: usize, threads: usize, batch: usize) -> Arc<Pool> {
+        Arc::new(Pool {
+            path,
+            threads,
+            batch,
+            parallel: Arc::new(Semaphore::new(parallel)),
+            max_queue,
+            waiting: AtomicUsize::new(0),
+            state: Mutex::new(State { model: None, slots: (0..parallel).map(|_| Slot::Empty).collect(), expires: None }),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The model, loading it if needed (blocking: call off the async runtime).
+    pub fn model(&self) -> Result<Arc<Model>, String> {
+        if let Some(m) = &self.state().model {
+            return Ok(m.clone());
+        }
+        let loaded = Arc::new(Model::load(&self.path, LoadParams::default()).map_err(|e| e.to_string())?);
+        Ok(self.state().model.get_or_insert(loaded).clone())
+    }
+
+    /// A conversation's tokens (to choose the session that holds most of them).
+    pub async fn chat_tokens(self: &Arc<Self>, msgs: Vec<phi4::chat::Message>) -> Result<Vec<u32>, String> {
+        let pool = self.clone();
+        let work = move || {
+            let model = pool.model()?;
+            let markers = phi4::chat::Markers::of(&model.tokenizer)?;
+            Ok(phi4::chat::tokens(&model.tokenizer, markers, &msgs, true))
+        };
+        tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| Err(e.to_string()))
+    }
+
+    /// The loaded model and when it will be unloaded (None: never), if it is loaded.
+    pub fn loaded(&self) -> Option<(Arc<Model>, Option<Instant>)> {
+        let st = self.state();
+        st.model.clone().map(|m| (m, st.expires))
+    }
+
+    /// Wait for a free session (the queue is bounded), then lease the one whose cache best
+    /// matches `prompt`, with context `n_ctx` (0: the default).
+    pub async fn lease(self: &Arc<Self>, prompt: Vec<u32>, n_ctx: usize) -> Result<Lease, Refusal> {
+        let limit = self.max_queue + self.state().slots.len();
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= limit {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(Refusal::Busy);
+        }
+        let permit = self.parallel.clone().acquire_owned().await;
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        let permit = permit.map_err(|_| Refusal::Failed("the server is shutting down".into()))?;
+        let pool = self.clone();
+        tokio::task::spawn_blocking(move || pool.take(&prompt, n_ctx, permit))
+            .await
+            .unwrap_or_else(|e| Err(Refusal::Failed(e.to_string())))
+    }
+
+    fn take(&self, prompt: &[u32], n_ctx: usize, permit: OwnedSemaphorePermit) -> Result<Lease, Refusal> {
+        let model = self.model().map_err(Refusal::Failed)?;
+        let want = SessionParams { n_ctx, n_batch: self.batch, n_threads: self.threads, ..Default::default() };
+        let n_ctx = want.context_for(&model).map_err(Refusal::Failed)?;
+        let mut st = self.state();
+        let common = |slot: &Slot| match slot {
+            Slot::Idle(s) if s.n_ctx() == n_ctx => 1 + s.history().iter().zip(prompt).take_while(|(a, b)| a == b).count(),
+            _ => 0,
+        };
+        // A permit guarantees a slot that is not leased.
+        let slot = (0..st.slots.len())
+            .filter(|&i| !matches!(st.slots[i], Slot::Leased))
+            .max_by_key(|&i| common(&st.slots[i]))
+            .ok_or_else(|| Refusal::Failed("no free session".into()))?;
+        let existing = std::mem::replace(&mut st.slots[slot], Slot::Leased);
+        drop(st);
+        let session = match existing {
+            Slot::Idle(s) if s.n_ctx() == n_ctx => s,
+            _ => match Session::new(model, &want) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.state().slots[slot] = Slot::Empty;
+                    return Err(Refusal::Failed(e.to_string()));
+                }
+            },
+        };
+        Ok(Lease { session, slot, _permit: permit })
+    }
+
+    /// Take a session back after its request; the model stays loaded for `keep_alive`.
+    pub fn give_back(&self, lease: Lease, keep_alive: KeepAlive) {
+        let mut st = self.state();
+        st.slots[lease.slot] = Slot::Idle(lease.session);
+        st.expires = match keep_alive {
+            KeepAlive::Forever => None,
+            KeepAlive::For(d) => Some(Instant::now() + d),
+        };
+        self.unload_if_expired(&mut st);
+    }
+
+    /// Unload the model now, or as soon as its running requests end.
+    pub fn unload(&self) -> Result<(), String> {
+        let mut st = self.state();
+        st.expires = Some(Instant::now());
+        self.unload_if_expired(&mut st);
+        Ok(())
+    }
+
+    /// Unload the model if its keep-alive ran out and no request uses it (called periodically).
+    pub fn expire(&self) {
+        let mut st = self.state();
+        self.unload_if_expired(&mut st);
+    }
+
+    fn unload_if_expired(&self, st: &mut State) {
+        let idle = !st.slots.iter().any(|s| matches!(s, Slot::Leased));
+        if idle && st.expires.is_some_and(|t| Instant::now() >= t) {
+            st.slots.iter_mut().for_each(|s| *s = Slot::Empty);
+            st.model = None;
+            st.expires = None;
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! One generation for a request: options checked, a session leased, the reply generated off
+//! the async runtime and streamed back as events. A client that goes away cancels its
+//! generation (within one micro-batch of prefill, or one token).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use phi4::chat::Message;
+use phi4::{GenerateParams, Outcome, SessionError};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::pool::{KeepAlive, Pool, Refusal};
+use super::ApiError;
+
+/// What a request asks for, checked.
+pub struct Job {
+    pub prompt: Prompt,
+    pub params: GenerateParams,
+    pub n_ctx: usize,
+    pub keep_alive: KeepAlive,
+}
+
+pub enum Prompt {
+    Chat(Vec<Message>),
+    Raw(Vec<u32>),
+}
+
+/// What a running generation reports.
+pub enum Event {
+    Piece(String),
+    Done(Box<Outcome>, Vec<u32>, u64),
+    Failed(ApiError),
+}
+
+/// Ollama's `options` (and the OpenAI fields mapped onto them) into generation parameters and a
+/// context size. Every value is checked; Ollama's special values keep their meaning.
+pub fn options(opts: Option<&Value>, gp: &mut GenerateParams, n_ctx: &mut usize) -> Result<(), ApiError> {
+    let Some(opts) = opts else { return Ok(()) };
+    let Some(map) = opts.as_object() else { return Err(ApiError::bad("options must be an object")) };
+    for (name, v) in map {
+        let bad = |why: &str| ApiError::bad(format!("option {name}: {why}"));
+        let int = || v.as_i64().ok_or_else(|| bad("must be a whole number"));
+        match name.as_str() {
+            "num_ctx" => *n_ctx = usize::try_from(int()?).ok().filter(|&n| n >= 1).ok_or_else(|| bad("must be at least 1"))?,
+            "num_predict" => {
+                gp.max_tokens = match int()? {
+                    // -1: no limit, -2: until the context is full (both: until the context is full here)
+                    -1 | -2 => 0,
+                    n if n >= 0 => n as usize,
+                    n => return Err(bad(&format!("{n} is neither a count nor -1 / -2"))),
+                }
+            }
+            "num_thread" | "num_batch" | "use_mmap" | "num_gpu" | "main_gpu" | "use_mlock" | "numa" | "num_keep" | "low_vram" | "vocab_only" => {
+                if name == "num_thread" || name == "num_batch" {
+                    int().and_then(|n| if n >= 0 { Ok(()) } else { Err(bad("must be >= 0")) })?;
+                }
+            }
+            "stop" => {
+                let stops = match v {
+                    Value::String(s) => vec![s.clone()],
+                    Value::Array(a) => a.iter().map(|s| s.as_str().map(String::from).ok_or_else(|| bad("must be strings"))).collect::<Result<_, _>>()?,
+                    _ => return Err(bad("must be a string or an array of strings")),
+                };
+                gp.stop.extend(stops);
+            }
+            "seed" => gp.sampling.seed = match int()? {
+                n if n < 0 => None,
+                n => Some(n as u64),
+            },
+            _ if GenerateParams::options().any(|(n, _)| n == name) => {
+                let text = match v {
+                    Value::Number(n) => n.to_string(),
+                    _ => return Err(bad("must be a number")),
+                };
+                gp.set(name, &text).map_err(|e| bad(&e))?;
+            }
+            _ => return Err(bad("unknown option")),
+        }
+    }
+    gp.sampling.validate().map_err(ApiError::bad)
+}
+
+/// Ollama's `keep_alive`: seconds (a number) or a Go duration ("5m", "1h30m", "-1").
+pub fn keep_alive(v: Option<&Value>) -> Result<KeepAlive, ApiError> {
+    let secs = match v {
+        None | Some(Value::Null) => return Ok(KeepAlive::For(std::time::Duration::from_secs(300))),
+        Some(Value::Number(n)) => n.as_f64().ok_or_else(|| ApiError::bad("keep_alive is not a number"))?,
+        Some(Value::String(s)) => go_duration(s).ok_or_else(|| ApiError::bad(format!("keep_alive {s:?} is not a duration")))?,
+        Some(_) => return Err(ApiError::bad("keep_alive must be a number of seconds or a duration")),
+    };
+    if !secs.is_finite() {
+        return Err(ApiError::bad("keep_alive must be finite"));
+    }
+    Ok(if secs < 0.0 { KeepAlive::Forever } else { KeepAlive::For(std::time::Duration::from_secs_f64(secs.min(1e9))) })
+}
+
+/// "300", "5m", "1h30m", "1.5s", "-1m" → seconds.
+fn go_duration(s: &str) -> Option<f64> {
+    if let Ok(n) = s.parse::<f64>() {
+        return Some(n);
+    }
+    let (neg, mut rest) = match s.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, s),
+    };
+    let mut total = 0.0;
+    while !rest.is_empty() {
+        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let n: f64 = rest[..num_end].parse().ok()?;
+        rest = &rest[num_end..];
+        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let scale = match &rest[..unit_end] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        total += n * scale;
+        rest = &rest[unit_end..];
+    }
+    Some(if neg { -total } else { total })
+}
+
+/// Start `job` on a leased session: events arrive on the returned channel. The first event is
+/// `Failed` when the request cannot run (busy, overflow, bad input): nothing was streamed yet.
+pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
+    let (tx, rx) = mpsc::channel(64);
+    let started = Instant::now();
+    // The prompt's tokens choose the session; chat prompts are tokenized by the session itself.
+    let lease_key = match &job.prompt {
+        Prompt::Raw(ids) => ids.clone(),
+        Prompt::Chat(msgs) => match pool.chat_tokens(msgs.clone()).await {
+            Ok(ids) => ids,
+            Err(e) => {
+                let _ = tx.send(Event::Failed(ApiError::internal(e))).await;
+                return rx;
+            }
+        },
+    };
+    let lease = match pool.lease(lease_key, job.n_ctx).await {
+        Ok(l) => l,
+        Err(Refusal::Busy) => {
+            let _ = tx.send(Event::Failed(ApiError::busy())).await;
+            return rx;
+        }
+        Err(Refusal::Failed(e)) => {
+            let _ = tx.send(Event::Failed(ApiError::internal(e))).await;
+            return rx;
+        }
+    };
+    // The client going away (the receiver dropped) cancels the generation. The watcher lets go
+    // of its sender when the generation ends, so that the stream can end.
+    let cancel = lease.session.cancel_flag();
+    let watcher = tx.clone();
+    let (ended, ended_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = watcher.closed() => cancel.store(true, Ordering::Relaxed),
+            _ = ended_rx => {}
+        }
+    });
+    let pool = pool.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut lease = lease;
+        let mut on_token = |_: Option<u32>, piece: &str| piece.is_empty() || tx.blocking_send(Event::Piece(piece.to_string())).is_ok();
+        let result = match &job.prompt {
+            Prompt::Chat(msgs) => lease.session.chat(msgs, &job.params, &mut on_token),
+            Prompt::Raw(ids) => lease.session.generate(ids, &job.params, &mut on_token),
+        };
+        let event = match result {
+            Ok(out) => Event::Done(Box::new(out), lease.session.history().to_vec(), started.elapsed().as_nanos() as u64),
+            Err(e) => Event::Failed(session_error(e)),
+        };
+        let _ = tx.blocking_send(event);
+        drop(ended);
+        pool.give_back(lease, job.keep_alive);
+    });
+    rx
+}
+
+fn session_error(e: SessionError) -> ApiError {
+    match e {
+        SessionError::ContextOverflow { needed, n_ctx } => ApiError::bad(format!(
+            "the prompt needs {needed} tokens but the context holds {n_ctx}: raise options.num_ctx (at most the model's) or shorten the conversation"
+        )),
+        SessionError::BadParams(m) => ApiError::bad(m),
+        e @ SessionError::Eval(phi4::session::EvalError::BadToken { .. }) => ApiError::bad(e.to_string()),
+        e => ApiError::internal(e.to_string()),
+    }
+}
