@@ -18,9 +18,9 @@ fn vocab() -> &'static Tokenizer {
     })
 }
 
-/// Generous for instrumented code: 50 ms plus 20 µs per byte.
+/// Generous for instrumented code on a busy machine: 100 ms plus 50 µs per byte (64 KB: 3.4 s).
 fn budget(len: usize) -> Duration {
-    Duration::from_millis(50) + Duration::from_micros(20 * len as u64)
+    Duration::from_millis(100) + Duration::from_micros(50 * len as u64)
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -30,7 +30,16 @@ fuzz_target!(|data: &[u8]| {
     let tok = vocab();
     let t = Instant::now();
     let ids = tok.encode(&text, special);
-    let took = t.elapsed();
-    assert!(took <= budget(text.len()), "{} bytes took {took:?}", text.len());
+    // Over budget: time it twice more, so that a moment of load elsewhere is not a finding;
+    // super-linear work is over budget every time.
+    let took = (0..2).fold(t.elapsed(), |best, _| {
+        if best <= budget(text.len()) {
+            return best;
+        }
+        let t = Instant::now();
+        tok.encode(&text, special);
+        best.min(t.elapsed())
+    });
+    assert!(took <= budget(text.len()), "{} bytes took {took:?} (best of 3)", text.len());
     assert_eq!(tok.decode(&ids, special), text, "round trip");
 });
