@@ -209,6 +209,12 @@ async fn gate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
             return r;
         }
     }
+    // A body declared too large is refused before any of it is read.
+    let declared = req.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        eprintln!("{method} {path} 413 {:.1}ms", t.elapsed().as_secs_f64() * 1e3);
+        return ApiError { status: StatusCode::PAYLOAD_TOO_LARGE, message: format!("request body over {} MiB", MAX_BODY >> 20) }.into_response();
+    }
     let resp = next.run(req).await;
     eprintln!("{method} {path} {} {:.1}ms", resp.status().as_u16(), t.elapsed().as_secs_f64() * 1e3);
     resp

@@ -240,10 +240,7 @@ async fn respond(app: &Arc<App>, job: Job, stream: bool, chunk: impl Fn(&str) ->
         loop {
             match event {
                 Event::Piece(p) => text.push_str(&p),
-                Event::Done(out, history, total) => {
-                    log_tokens(&out);
-                    return Ok(Json(last(&model, &text, &out, total, &history)).into_response());
-                }
+                Event::Done(out, history, total) => return Ok(Json(last(&model, &text, &out, total, &history)).into_response()),
                 Event::Failed(e) => return Err(e),
             }
             event = rx.recv().await.ok_or_else(|| ApiError::internal("the generation ended without a result"))?;
@@ -252,19 +249,12 @@ async fn respond(app: &Arc<App>, job: Job, stream: bool, chunk: impl Fn(&str) ->
     let lines = async_stream(first, rx, move |event| {
         let v = match event {
             Event::Piece(p) => chunk(&p),
-            Event::Done(out, history, total) => {
-                log_tokens(&out);
-                last(&model, "", &out, total, &history)
-            }
+            Event::Done(out, history, total) => last(&model, "", &out, total, &history),
             Event::Failed(e) => json!({ "error": e.message }),
         };
         format!("{v}\n")
     });
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(lines)).into_response())
-}
-
-pub fn log_tokens(o: &Outcome) {
-    eprintln!("  tokens in {} (new), out {}, {}", o.timings.prompt_eval_count, o.timings.eval_count, o.reason.as_str());
 }
 
 /// The events as NDJSON lines, `first` included.

@@ -13,7 +13,7 @@ use phi4::{GenerateParams, Outcome};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::ollama::{async_stream, log_tokens, parse};
+use super::ollama::{async_stream, parse};
 use super::run::{self, Event, Job, Prompt};
 use super::{ApiError, App};
 
@@ -180,7 +180,6 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
                 chunk(delta, Value::Null)
             }
             Event::Done(out, _, _) => {
-                log_tokens(&out);
                 let mut s = String::new();
                 if !said_role {
                     s += &chunk(json!({ "role": "assistant", "content": "" }), Value::Null);
@@ -207,10 +206,7 @@ async fn collect(first: Event, rx: &mut tokio::sync::mpsc::Receiver<Event>) -> R
     loop {
         match event {
             Event::Piece(p) => text.push_str(&p),
-            Event::Done(out, _, _) => {
-                log_tokens(&out);
-                return Ok((text, out));
-            }
+            Event::Done(out, _, _) => return Ok((text, out)),
             Event::Failed(e) => return Err(e),
         }
         event = rx.recv().await.ok_or_else(|| ApiError::internal("the generation ended without a result"))?;
@@ -265,10 +261,7 @@ pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Result<Res
         };
         match event {
             Event::Piece(p) => chunk(&p, Value::Null),
-            Event::Done(out, _, _) => {
-                log_tokens(&out);
-                chunk("", json!(finish_reason(&out))) + "data: [DONE]\n\n"
-            }
+            Event::Done(out, _, _) => chunk("", json!(finish_reason(&out))) + "data: [DONE]\n\n",
             Event::Failed(e) => format!("data: {}\n\ndata: [DONE]\n\n", json!({ "error": { "message": e.message, "type": "api_error", "param": null, "code": null } })),
         }
     });

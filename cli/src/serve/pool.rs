@@ -46,6 +46,8 @@ struct State {
 pub enum Refusal {
     /// The queue is full.
     Busy,
+    /// The request's parameters do not fit the model (its context, say).
+    Invalid(String),
     /// The model could not be loaded, or a session not be made.
     Failed(String),
 }
@@ -120,7 +122,7 @@ impl Pool {
     fn take(&self, prompt: &[u32], n_ctx: usize, permit: OwnedSemaphorePermit) -> Result<Lease, Refusal> {
         let model = self.model().map_err(Refusal::Failed)?;
         let want = SessionParams { n_ctx, n_batch: self.batch, n_threads: self.threads, ..Default::default() };
-        let n_ctx = want.context_for(&model).map_err(Refusal::Failed)?;
+        let n_ctx = want.context_for(&model).map_err(Refusal::Invalid)?;
         let mut st = self.state();
         let common = |slot: &Slot| match slot {
             Slot::Idle(s) if s.n_ctx() == n_ctx => 1 + s.history().iter().zip(prompt).take_while(|(a, b)| a == b).count(),

@@ -148,6 +148,10 @@ pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
             let _ = tx.send(Event::Failed(ApiError::busy())).await;
             return rx;
         }
+        Err(Refusal::Invalid(e)) => {
+            let _ = tx.send(Event::Failed(ApiError::bad(e))).await;
+            return rx;
+        }
         Err(Refusal::Failed(e)) => {
             let _ = tx.send(Event::Failed(ApiError::internal(e))).await;
             return rx;
@@ -173,7 +177,10 @@ pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
             Prompt::Raw(ids) => lease.session.generate(ids, &job.params, &mut on_token),
         };
         let event = match result {
-            Ok(out) => Event::Done(Box::new(out), lease.session.history().to_vec(), started.elapsed().as_nanos() as u64),
+            Ok(out) => {
+                eprintln!("  tokens in {} (new), out {}, {}", out.timings.prompt_eval_count, out.timings.eval_count, out.reason.as_str());
+                Event::Done(Box::new(out), lease.session.history().to_vec(), started.elapsed().as_nanos() as u64)
+            }
             Err(e) => Event::Failed(session_error(e)),
         };
         let _ = tx.blocking_send(event);

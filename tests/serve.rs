@@ -1,0 +1,405 @@
+//! `phi4 serve` on the demo model, over plain HTTP: the wire format of every endpoint checked
+//! line by line, prefix reuse across requests, disconnects, concurrency and the queue, bad input,
+//! the API key. Servers listen on 127.0.0.1, on a port the test picks, and are stopped by it.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// A running `phi4 serve`, killed when dropped.
+pub struct Server {
+    child: Child,
+    pub port: u16,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    pub fn start(extra: &[&str]) -> Server {
+        let dir = common::tmpdir();
+        let log = dir.path().join("serve.log");
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = common::target_command(common::cli())
+            .args(["serve", "--model"])
+            .arg(common::fixture("phi4-tiny-docs.gguf"))
+            .args(["--port", &port.to_string(), "--threads", "2"])
+            .args(extra)
+            .env_remove("OLLAMA_HOST")
+            .env_remove("PHI4_API_KEY")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let s = Server { child, port, log, _dir: dir };
+        let t = Instant::now();
+        while s.get("/").0 == 0 {
+            assert!(t.elapsed() < Duration::from_secs(60), "the server did not start: {}", s.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        s
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// One request; returns status, content type and the whole (de-chunked) body.
+    pub fn request(&self, method: &str, path: &str, body: Option<&[u8]>, headers: &[(&str, &str)]) -> (u16, String, Vec<u8>) {
+        let mut conn = match TcpStream::connect(("127.0.0.1", self.port)) {
+            Ok(c) => c,
+            Err(_) => return (0, String::new(), Vec::new()),
+        };
+        conn.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            head += &format!("{k}: {v}\r\n");
+        }
+        if let Some(b) = body {
+            head += &format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len());
+        }
+        head += "\r\n";
+        if conn.write_all(head.as_bytes()).is_err() || body.is_some_and(|b| conn.write_all(b).is_err()) {
+            return (0, String::new(), Vec::new());
+        }
+        let mut r = BufReader::new(conn);
+        let (status, ctype, chunked) = read_head(&mut r);
+        let mut out = Vec::new();
+        if chunked {
+            while let Some(chunk) = read_chunk(&mut r) {
+                out.extend(chunk);
+            }
+        } else {
+            let _ = r.read_to_end(&mut out);
+        }
+        (status, ctype, out)
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String, Vec<u8>) {
+        self.request("GET", path, None, &[])
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let (status, _, b) = self.request("POST", path, Some(body.to_string().as_bytes()), &[]);
+        (status, serde_json::from_slice(&b).unwrap_or(Value::Null))
+    }
+
+    /// A POST whose streamed body is returned as lines.
+    pub fn post_lines(&self, path: &str, body: &Value) -> (u16, String, Vec<String>) {
+        let (status, ctype, b) = self.request("POST", path, Some(body.to_string().as_bytes()), &[]);
+        (status, ctype, String::from_utf8(b).unwrap().lines().map(String::from).collect())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read_head(r: &mut BufReader<TcpStream>) -> (u16, String, bool) {
+    let mut line = String::new();
+    if r.read_line(&mut line).unwrap_or(0) == 0 {
+        return (0, String::new(), false);
+    }
+    let status = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let (mut ctype, mut chunked) = (String::new(), false);
+    loop {
+        line.clear();
+        if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+        let lower = line.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-type:") {
+            ctype = v.trim().to_string();
+        }
+        chunked |= lower.starts_with("transfer-encoding:") && lower.contains("chunked");
+    }
+    (status, ctype, chunked)
+}
+
+fn read_chunk(r: &mut BufReader<TcpStream>) -> Option<Vec<u8>> {
+    let mut size = String::new();
+    r.read_line(&mut size).ok()?;
+    let n = usize::from_str_radix(size.trim(), 16).ok()?;
+    if n == 0 {
+        return None;
+    }
+    let mut buf = vec![0; n + 2];
+    r.read_exact(&mut buf).ok()?;
+    buf.truncate(n);
+    Some(buf)
+}
+
+const TIMINGS: [&str; 6] = ["total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration"];
+
+fn chat_body(messages: Value, stream: bool, num_predict: i64) -> Value {
+    json!({ "model": "phi4", "messages": messages, "stream": stream, "options": { "num_predict": num_predict, "temperature": 0 } })
+}
+
+#[test]
+fn ollama_endpoints_field_for_field() {
+    let s = Server::start(&[]);
+    let (status, _, body) = s.get("/");
+    assert_eq!((status, body.as_slice()), (200, b"Ollama is running".as_slice()));
+    assert_eq!(s.request("HEAD", "/", None, &[]).0, 200);
+    let (status, _, body) = s.get("/api/version");
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert!(status == 200 && v["version"].is_string(), "{v}");
+
+    // Streaming chat: NDJSON, every chunk with the assistant's role, the last with the timings.
+    let msgs = json!([{ "role": "user", "content": "How do I open a file in Python?" }]);
+    let (status, ctype, lines) = s.post_lines("/api/chat", &chat_body(msgs.clone(), true, 24));
+    assert_eq!((status, ctype.as_str()), (200, "application/x-ndjson"));
+    let events: Vec<Value> = lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let (last, pieces) = events.split_last().unwrap();
+    assert!(!pieces.is_empty());
+    for e in pieces {
+        assert_eq!((e["model"].as_str(), e["done"].as_bool(), e["message"]["role"].as_str()), (Some("phi4"), Some(false), Some("assistant")), "{e}");
+        assert!(e["created_at"].as_str().is_some_and(|t| t.ends_with('Z') && t.len() > 20), "{e}");
+    }
+    assert_eq!((last["done"].as_bool(), last["message"]["role"].as_str()), (Some(true), Some("assistant")), "{last}");
+    assert!(matches!(last["done_reason"].as_str(), Some("stop" | "length")), "{last}");
+    for k in TIMINGS {
+        assert!(last[k].as_u64().is_some(), "{k} in {last}");
+    }
+    assert_eq!(last["eval_count"].as_u64().unwrap() as usize, pieces.len(), "one chunk per generated token here");
+    let streamed: String = pieces.iter().map(|e| e["message"]["content"].as_str().unwrap()).collect();
+
+    // The same request without streaming: one object with the whole (greedy, so equal) reply.
+    let (status, v) = s.post("/api/chat", &chat_body(msgs, false, 24));
+    assert_eq!(status, 200);
+    assert_eq!(v["message"]["content"].as_str(), Some(streamed.as_str()), "{v}");
+    assert_eq!((v["done"].as_bool(), v["message"]["role"].as_str()), (Some(true), Some("assistant")));
+
+    // Generate: `response` chunks, the final one with `context`; a second call continues from it.
+    let (status, ctype, lines) = s.post_lines("/api/generate", &json!({ "model": "phi4:latest", "prompt": "What is a list?", "options": { "num_predict": 8 } }));
+    assert_eq!((status, ctype.as_str()), (200, "application/x-ndjson"));
+    let last: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert!(lines[..lines.len() - 1].iter().all(|l| serde_json::from_str::<Value>(l).unwrap()["response"].is_string()));
+    let context = last["context"].as_array().unwrap().clone();
+    assert!(context.len() > 8 && last["done"] == true, "{last}");
+    let (status, v) = s.post("/api/generate", &json!({ "model": "phi4", "prompt": "And a tuple?", "context": context, "stream": false, "options": { "num_predict": 4 } }));
+    assert_eq!(status, 200, "{v}");
+    assert!(v["response"].is_string() && v["context"].as_array().unwrap().len() > context.len(), "{v}");
+
+    // Empty requests load the model, and with keep_alive 0 unload it.
+    let (_, v) = s.post("/api/generate", &json!({ "model": "phi4" }));
+    assert_eq!(v["done_reason"], "load", "{v}");
+    let (_, v) = s.post("/api/chat", &json!({ "model": "phi4", "messages": [], "keep_alive": 0 }));
+    assert_eq!(v["done_reason"], "unload", "{v}");
+    let (_, _, ps) = s.get("/api/ps");
+    assert_eq!(serde_json::from_slice::<Value>(&ps).unwrap()["models"], json!([]), "unloaded");
+    let (status, v) = s.post("/api/chat", &chat_body(json!([{ "role": "user", "content": "hi" }]), false, 2));
+    assert_eq!(status, 200, "loaded again on demand: {v}");
+
+    let (_, _, tags) = s.get("/api/tags");
+    let tags: Value = serde_json::from_slice(&tags).unwrap();
+    let m = &tags["models"][0];
+    assert_eq!((m["name"].as_str(), m["details"]["family"].as_str(), m["details"]["format"].as_str()), (Some("phi4:latest"), Some("phi3"), Some("gguf")), "{tags}");
+    assert!(m["size"].as_u64().unwrap() > 1_000_000 && m["modified_at"].is_string() && m["digest"].is_string());
+    let (_, _, ps) = s.get("/api/ps");
+    let ps: Value = serde_json::from_slice(&ps).unwrap();
+    assert!(ps["models"][0]["expires_at"].is_string() && ps["models"][0]["size_vram"] == 0, "{ps}");
+    let (status, show) = s.post("/api/show", &json!({ "model": "phi4" }));
+    assert_eq!(status, 200);
+    assert_eq!(show["model_info"]["general.architecture"], "phi3", "{show}");
+    assert_eq!(show["model_info"]["phi3.block_count"], 4);
+    assert!(show["template"].as_str().unwrap().contains("<|im_start|>") && show["parameters"].is_string() && show["capabilities"] == json!(["completion"]));
+}
+
+#[test]
+fn openai_endpoints_field_for_field() {
+    let s = Server::start(&[]);
+    let body = json!({ "model": "phi4", "stream": true, "stream_options": { "include_usage": true }, "max_tokens": 6, "temperature": 0,
+                       "messages": [{ "role": "system", "content": "Short answers." }, { "role": "user", "content": [{ "type": "text", "text": "What is a dict?" }] }] });
+    let (status, ctype, lines) = s.post_lines("/v1/chat/completions", &body);
+    assert_eq!((status, ctype.as_str()), (200, "text/event-stream"));
+    let data: Vec<&str> = lines.iter().filter(|l| !l.is_empty()).map(|l| l.strip_prefix("data: ").unwrap_or_else(|| panic!("{l}"))).collect();
+    assert_eq!(data.last(), Some(&"[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["total_tokens"].as_u64(), Some(usage["usage"]["prompt_tokens"].as_u64().unwrap() + usage["usage"]["completion_tokens"].as_u64().unwrap()));
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!((finish["choices"][0]["delta"].clone(), finish["choices"][0]["finish_reason"].as_str()), (json!({}), Some("length")), "{finish}");
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+
+    let mut body = body;
+    body["stream"] = json!(false);
+    let (status, v) = s.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200);
+    assert_eq!((v["object"].as_str(), v["choices"][0]["message"]["role"].as_str()), (Some("chat.completion"), Some("assistant")));
+    assert_eq!(v["choices"][0]["message"]["content"].as_str(), Some(text.as_str()));
+    assert_eq!(v["usage"]["completion_tokens"], 6);
+
+    let (status, v) = s.post("/v1/completions", &json!({ "model": "phi4", "prompt": "Lists are", "max_tokens": 4, "temperature": 0 }));
+    assert_eq!((status, v["object"].as_str()), (200, Some("text_completion")), "{v}");
+    assert!(v["choices"][0]["text"].is_string());
+
+    let (_, _, models) = s.get("/v1/models");
+    let models: Value = serde_json::from_slice(&models).unwrap();
+    assert_eq!((models["object"].as_str(), models["data"][0]["id"].as_str(), models["data"][0]["object"].as_str()), (Some("list"), Some("phi4:latest"), Some("model")));
+    assert_eq!(s.get("/v1/models/phi4").0, 200);
+    let (status, _, b) = s.get("/v1/models/gpt-4");
+    let e: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!((status, e["error"]["type"].as_str()), (404, Some("not_found_error")), "{e}");
+}
+
+/// A client that re-sends the whole conversation pays only for the new turn.
+#[test]
+fn second_turn_evaluates_only_the_new_turn() {
+    let s = Server::start(&[]);
+    let first = json!([{ "role": "system", "content": "You answer questions about Python." }, { "role": "user", "content": "How do I open a file?" }]);
+    let (_, a) = s.post("/api/chat", &chat_body(first.clone(), false, 16));
+    let reply = a["message"]["content"].as_str().unwrap();
+    let mut second = first.as_array().unwrap().clone();
+    second.push(json!({ "role": "assistant", "content": reply }));
+    second.push(json!({ "role": "user", "content": "And close it?" }));
+    let (_, b) = s.post("/api/chat", &chat_body(Value::Array(second), false, 16));
+    let (p1, p2) = (a["prompt_eval_count"].as_u64().unwrap(), b["prompt_eval_count"].as_u64().unwrap());
+    eprintln!("first turn evaluated {p1} prompt tokens, the second {p2}");
+    // (All of it would be the first turn's, the reply's and the new one's: over 60 tokens.)
+    assert!(p2 <= 24 && p2 < p1, "second turn evaluated {p2} tokens (first: {p1})");
+}
+
+/// A client that hangs up mid-stream stops its generation; the next request is served at once.
+#[test]
+fn disconnect_cancels_the_generation() {
+    let s = Server::start(&["--parallel", "1"]);
+    let body = json!({ "model": "phi4", "prompt": "The os module", "raw": true, "options": { "num_predict": -2, "temperature": 1.0, "num_ctx": 2048 } }).to_string();
+    let mut conn = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    write!(conn, "POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut r = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    for _ in 0..12 {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+    }
+    drop(r);
+    conn.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(conn);
+    let t = Instant::now();
+    let (status, v) = s.post("/api/chat", &chat_body(json!([{ "role": "user", "content": "hi" }]), false, 4));
+    let waited = t.elapsed();
+    assert_eq!(status, 200, "{v}");
+    // The cancelled generation's own report: far fewer tokens than the 2,000 it was allowed.
+    let log = s.log();
+    let cancelled = log.lines().filter_map(|l| l.trim().strip_prefix("tokens in ")).find(|l| l.ends_with("cancelled")).unwrap_or_else(|| panic!("no cancelled generation in {log}"));
+    let out: u64 = cancelled.split("out ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    eprintln!("cancelled after {out} tokens; the next request waited {waited:?}");
+    assert!(out < 1000, "{cancelled}");
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").parse().unwrap()
+}
+
+/// 50 requests at once on 2 sessions with a queue of 8: each completes or gets Ollama's 503, none
+/// is lost, and the server's memory is where it was.
+#[test]
+fn concurrent_requests_complete_or_are_refused() {
+    let s = Server::start(&["--parallel", "2", "--queue", "8"]);
+    let warm = |i: usize| s.post("/api/chat", &chat_body(json!([{ "role": "user", "content": format!("Question {i}: what is a module?") }]), false, 12));
+    let burst = |n: usize| -> Vec<(u16, Value)> {
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = (0..n).map(|i| sc.spawn(move || warm(i))).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    };
+    // Warm up: both sessions made, the runtime's threads started.
+    burst(50);
+    let pid = s.child.id();
+    let before = rss_kb(pid);
+    let results = burst(50);
+    let ok = results.iter().filter(|r| r.0 == 200 && r.1["done"] == true).count();
+    let busy = results.iter().filter(|r| r.0 == 503 && r.1["error"].as_str().is_some_and(|e| e.contains("busy"))).count();
+    eprintln!("50 concurrent requests: {ok} completed, {busy} refused with 503");
+    assert_eq!(ok + busy, 50, "{:?}", results.iter().filter(|r| r.0 != 200 && r.0 != 503).collect::<Vec<_>>());
+    assert!(ok >= 10, "at least parallel + queue complete: {ok}");
+    for i in 0..4 {
+        assert_eq!(warm(i).0, 200);
+    }
+    let after = rss_kb(pid);
+    eprintln!("server RSS {before} kB before, {after} kB after");
+    assert!(after as f64 <= before as f64 * 1.05, "RSS {before} kB -> {after} kB");
+}
+
+/// Every kind of bad input gets its status and a message, and the server goes on.
+#[test]
+fn bad_input_is_answered_and_the_server_goes_on() {
+    let s = Server::start(&[]);
+    let user = json!([{ "role": "user", "content": "hi" }]);
+    let cases: Vec<(&str, Value, u16, &str)> = vec![
+        ("/api/chat", json!({ "model": "nope", "messages": user }), 404, "model 'nope' not found"),
+        ("/api/generate", json!({ "model": "llama3", "prompt": "x" }), 404, "model 'llama3' not found"),
+        ("/api/chat", json!({ "model": "phi4", "messages": "hi" }), 400, "invalid request body"),
+        ("/api/chat", json!({ "model": 7, "messages": user }), 400, "invalid request body"),
+        ("/api/chat", json!({ "model": "phi4", "messages": [{ "role": "wizard", "content": "x" }] }), 400, "role \"wizard\""),
+        ("/api/chat", json!({ "model": "phi4", "messages": user, "options": { "temperature": -1 } }), 400, "temperature"),
+        ("/api/chat", json!({ "model": "phi4", "messages": user, "options": { "top_p": "high" } }), 400, "must be a number"),
+        ("/api/chat", json!({ "model": "phi4", "messages": user, "options": { "num_predict": -3 } }), 400, "num_predict"),
+        ("/api/chat", json!({ "model": "phi4", "messages": user, "options": { "num_ctx": 1_000_000 } }), 400, "n_ctx 1000000 must be in 1..=2048"),
+        ("/api/chat", json!({ "model": "phi4", "messages": user, "options": { "num_ctx": -1 } }), 400, "num_ctx"),
+        ("/api/chat", json!({ "model": "phi4", "messages": user, "options": { "top_k": 1e300 } }), 400, "top_k"),
+        ("/api/chat", json!({ "model": "phi4", "messages": user, "options": { "bogus": 1 } }), 400, "unknown option"),
+        ("/api/chat", json!({ "model": "phi4", "messages": user, "keep_alive": "soon" }), 400, "keep_alive"),
+        ("/api/chat", json!({ "model": "phi4", "messages": [{ "role": "user", "content": "x", "images": ["aGk="] }] }), 400, "images"),
+        ("/api/chat", json!({ "model": "phi4", "messages": user, "tools": [{ "type": "function" }] }), 400, "tools"),
+        ("/api/chat", json!({ "model": "phi4", "messages": user, "think": true }), 400, "thinking"),
+        ("/api/chat", json!({ "model": "phi4", "messages": user, "format": "json" }), 400, "format"),
+        ("/api/chat", json!({ "model": "phi4", "messages": [{ "role": "user", "content": "word ".repeat(3000) }] }), 400, "needs"),
+        ("/api/generate", json!({ "model": "phi4", "prompt": "x", "context": [99999999] }), 400, "outside the vocabulary"),
+        ("/api/pull", json!({ "model": "phi4" }), 400, "not supported"),
+        ("/api/delete", json!({ "model": "phi4" }), 400, "not supported"),
+        ("/api/create", json!({ "model": "x", "from": "/etc/passwd" }), 400, "not supported"),
+        ("/v1/chat/completions", json!({ "model": "phi4", "messages": user, "max_tokens": 0 }), 400, "max_tokens"),
+        ("/v1/chat/completions", json!({ "model": "phi4", "messages": user, "response_format": { "type": "json_object" } }), 400, "response_format"),
+    ];
+    for (path, body, want, text) in cases {
+        let (status, _, b) = s.request("POST", path, Some(body.to_string().as_bytes()), &[]);
+        let b: Value = serde_json::from_slice(&b).unwrap_or_else(|_| panic!("{path} {body}: {}", String::from_utf8_lossy(&b)));
+        assert_eq!(status, want, "{path} {body}: {b}");
+        // Ollama's {"error": "..."}, or OpenAI's {"error": {"message": "..."}} on /v1.
+        let message = b["error"].as_str().or(b["error"]["message"].as_str()).unwrap_or_else(|| panic!("{b}"));
+        assert!(message.contains(text), "{path} {body}: {message}");
+        assert_eq!(s.get("/").0, 200, "alive after {body}");
+    }
+    for raw in [&b"{not json"[..], b"", b"\xff\xfe", b"[]"] {
+        let (status, _, b) = s.request("POST", "/api/chat", Some(raw), &[]);
+        assert_eq!(status, 400, "{raw:?}: {}", String::from_utf8_lossy(&b));
+    }
+    // 100 MB: refused by its length, before it is read.
+    let mut conn = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    write!(conn, "POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{{\"model\":", 100 << 20).unwrap();
+    let mut reply = String::new();
+    let _ = BufReader::new(conn).read_line(&mut reply);
+    assert!(reply.contains("413"), "{reply}");
+    // And a generation still works.
+    let (status, v) = s.post("/api/chat", &chat_body(user, false, 4));
+    assert_eq!(status, 200, "{v}");
+}
+
+#[test]
+fn api_key_is_required_when_set() {
+    let s = Server::start(&["--api-key", "sesame"]);
+    let body = chat_body(json!([{ "role": "user", "content": "hi" }]), false, 2).to_string();
+    assert_eq!(s.request("POST", "/api/chat", Some(body.as_bytes()), &[]).0, 401);
+    assert_eq!(s.request("POST", "/api/chat", Some(body.as_bytes()), &[("Authorization", "Bearer wrong")]).0, 401);
+    assert_eq!(s.request("POST", "/api/chat", Some(body.as_bytes()), &[("Authorization", "Bearer sesame")]).0, 200);
+    assert_eq!(s.request("GET", "/v1/models", None, &[("Authorization", "Bearer sesame")]).0, 200);
+}
