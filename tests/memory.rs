@@ -90,7 +90,7 @@ fn finished_replies_do_not_accumulate() {
     let gp = phi4::GenerateParams { sampling: phi4::SamplingParams { seed: Some(1), ..Default::default() }, max_tokens: 24, stop: vec![] };
     let mut turn = |i: usize| {
         let q = Message::new(Role::User, format!("Question {i}: what does module number {i} do?"));
-        let out = s.chat(&[q.clone()], &gp, &mut |_, _| true).unwrap();
+        let out = s.chat(std::slice::from_ref(&q), &gp, &mut |_, _| true).unwrap();
         // A second turn that uses the reply, as a chat client does.
         let msgs = [q, Message::new(Role::Assistant, out.text), Message::new(Role::User, "And then?")];
         s.chat(&msgs, &gp, &mut |_, _| true).unwrap();

@@ -1,6 +1,7 @@
 #![allow(dead_code)]
 
 pub mod reference;
+pub mod server;
 
 use std::path::{Path, PathBuf};
 

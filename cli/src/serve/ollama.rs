@@ -133,7 +133,7 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
     let (params, n_ctx, keep_alive) = job_params(req.options.as_ref(), req.keep_alive.as_ref())?;
     let model = req.model.clone();
     if req.messages.is_empty() {
-        return Ok(load_or_unload(&app, keep_alive, json!({ "model": model, "created_at": now_rfc3339(), "message": { "role": "assistant", "content": "" } })).await?);
+        return load_or_unload(&app, keep_alive, json!({ "model": model, "created_at": now_rfc3339(), "message": { "role": "assistant", "content": "" } })).await;
     }
     let messages = req
         .messages
@@ -174,8 +174,8 @@ pub async fn generate(State(app): State<Arc<App>>, body: Bytes) -> Result<Respon
     }
     let (params, n_ctx, keep_alive) = job_params(req.options.as_ref(), req.keep_alive.as_ref())?;
     let model = req.model.clone();
-    if req.prompt.is_empty() && req.context.as_ref().is_none_or(|c| c.is_empty()) {
-        return Ok(load_or_unload(&app, keep_alive, json!({ "model": model, "created_at": now_rfc3339(), "response": "" })).await?);
+    if req.prompt.is_empty() && req.context.as_ref().map_or(true, |c| c.is_empty()) {
+        return load_or_unload(&app, keep_alive, json!({ "model": model, "created_at": now_rfc3339(), "response": "" })).await;
     }
     let ids = prompt_ids(&app, req.prompt, req.system, req.context.unwrap_or_default(), req.raw.unwrap_or(false)).await?;
     let job = Job { prompt: Prompt::Raw(ids), params, n_ctx, keep_alive };

@@ -132,7 +132,7 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
     if req.response_format.as_ref().is_some_and(|f| f.get("type").and_then(Value::as_str) != Some("text")) {
         return Err(ApiError::bad("response_format (structured output) is not supported by this server yet").into());
     }
-    if req.tools.as_ref().is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty())) {
+    if req.tools.as_ref().is_some_and(|t| !t.is_null() && t.as_array().map_or(true, |a| !a.is_empty())) {
         return Err(ApiError::bad("phi4 does not support tools").into());
     }
     if req.n.is_some_and(|n| n != 1) {

@@ -32,7 +32,7 @@ pub struct Pool {
 
 enum Slot {
     Empty,
-    Idle(Session),
+    Idle(Box<Session>),
     Leased,
 }
 
@@ -136,7 +136,7 @@ impl Pool {
         let existing = std::mem::replace(&mut st.slots[slot], Slot::Leased);
         drop(st);
         let session = match existing {
-            Slot::Idle(s) if s.n_ctx() == n_ctx => s,
+            Slot::Idle(s) if s.n_ctx() == n_ctx => *s,
             _ => match Session::new(model, &want) {
                 Ok(s) => s,
                 Err(e) => {
@@ -151,7 +151,7 @@ impl Pool {
     /// Take a session back after its request; the model stays loaded for `keep_alive`.
     pub fn give_back(&self, lease: Lease, keep_alive: KeepAlive) {
         let mut st = self.state();
-        st.slots[lease.slot] = Slot::Idle(lease.session);
+        st.slots[lease.slot] = Slot::Idle(Box::new(lease.session));
         st.expires = match keep_alive {
             KeepAlive::Forever => None,
             KeepAlive::For(d) => Some(Instant::now() + d),

@@ -1,0 +1,65 @@
+"""Ollama's and OpenAI's official Python clients, unchanged, against `phi4 serve`.
+
+Usage: python_clients.py BASE_URL   (e.g. http://127.0.0.1:11434). Exits non-zero on a failure.
+"""
+import sys
+
+import ollama
+import openai
+
+base = sys.argv[1]
+client = ollama.Client(host=base)
+question = [{"role": "user", "content": "How do I open a file in Python?"}]
+opts = {"num_predict": 16, "temperature": 0}
+
+# Chat, streamed and not: the same greedy reply.
+chunks = list(client.chat(model="phi4", messages=question, stream=True, options=opts))
+assert chunks[-1].done and chunks[-1].done_reason in ("stop", "length"), chunks[-1]
+streamed = "".join(c.message.content for c in chunks)
+whole = client.chat(model="phi4", messages=question, options=opts)
+assert whole.message.role == "assistant" and whole.message.content == streamed, (whole, streamed)
+assert whole.eval_count > 0 and whole.total_duration > 0
+
+# A second turn re-sends the history: only the new turn is evaluated.
+history = question + [{"role": "assistant", "content": whole.message.content}, {"role": "user", "content": "And close it?"}]
+second = client.chat(model="phi4", messages=history, options=opts)
+first = chunks[-1].prompt_eval_count
+assert second.prompt_eval_count <= 24, (first, second.prompt_eval_count)
+print(f"ollama chat: first turn {first} prompt tokens, second turn {second.prompt_eval_count}")
+
+# Generate, streamed and not.
+parts = list(client.generate(model="phi4", prompt="What is a list?", stream=True, options=opts))
+assert parts[-1].done and parts[-1].context, parts[-1]
+gen = client.generate(model="phi4", prompt="What is a list?", options=opts)
+assert gen.response == "".join(p.response for p in parts)
+
+# List, show, ps.
+models = client.list().models
+assert [m.model for m in models] == ["phi4:latest"], models
+shown = client.show("phi4")
+assert shown.modelinfo["general.architecture"] == "phi3" and "completion" in shown.capabilities, shown
+assert client.ps().models[0].model == "phi4:latest"
+
+# An unknown model is the client's own error type, with the status.
+try:
+    client.chat(model="llama3", messages=question)
+    raise AssertionError("no error for an unknown model")
+except ollama.ResponseError as e:
+    assert e.status_code == 404 and "not found" in e.error, e
+
+# OpenAI's client against the same server.
+oa = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+done = oa.chat.completions.create(model="phi4", messages=question, max_tokens=8, temperature=0)
+assert done.choices[0].message.role == "assistant" and done.usage.completion_tokens == 8, done
+stream = oa.chat.completions.create(model="phi4", messages=question, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True})
+events = list(stream)
+text = "".join(e.choices[0].delta.content or "" for e in events if e.choices)
+assert text == done.choices[0].message.content, (text, done.choices[0].message.content)
+assert events[-1].usage.completion_tokens == 8
+assert [m.id for m in oa.models.list()] == ["phi4:latest"]
+try:
+    oa.chat.completions.create(model="gpt-4o", messages=question)
+    raise AssertionError("no error for an unknown model")
+except openai.NotFoundError as e:
+    assert "not found" in str(e), e
+print("python clients: ok")
