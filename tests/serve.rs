@@ -268,6 +268,16 @@ fn bad_input_is_answered_and_the_server_goes_on() {
     assert_eq!(status, 200, "{v}");
 }
 
+/// With --drop-oldest a conversation that outgrows the context loses its oldest turns instead.
+#[test]
+fn drop_oldest_is_an_option() {
+    let s = Server::start(&["--drop-oldest"]);
+    let long = json!([{ "role": "system", "content": "Short answers." }, { "role": "user", "content": "word ".repeat(3000) }, { "role": "assistant", "content": "ok" }, { "role": "user", "content": "What is a list?" }]);
+    let (status, v) = s.post("/api/chat", &chat_body(long, false, 4));
+    assert_eq!(status, 200, "{v}");
+    assert!(s.log().contains("tokens in"), "{}", s.log());
+}
+
 #[test]
 fn api_key_is_required_when_set() {
     let s = Server::start(&["--api-key", "sesame"]);

@@ -47,6 +47,10 @@ pub struct ServeArgs {
     /// Threads per generation [default: the number of CPUs].
     #[arg(long)]
     threads: Option<usize>,
+    /// When a conversation outgrows the context, drop its oldest turns (after the system
+    /// message) instead of answering 400.
+    #[arg(long)]
+    drop_oldest: bool,
     /// Require `Authorization: Bearer KEY` (also PHI4_API_KEY).
     #[arg(long, env = "PHI4_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -130,7 +134,9 @@ pub fn serve(a: ServeArgs) -> Res {
     }
     let addr = address(&a)?;
     let d = phi4::SessionParams::default();
-    let pool = Pool::new(a.model.clone(), a.parallel, a.queue, a.threads.unwrap_or(d.n_threads), d.n_batch);
+    let overflow = if a.drop_oldest { phi4::Overflow::DropOldest } else { phi4::Overflow::Error };
+    let session = phi4::SessionParams { n_threads: a.threads.unwrap_or(d.n_threads), overflow, ..d };
+    let pool = Pool::new(a.model.clone(), a.parallel, a.queue, session);
     // Load now: a bad file is reported at start, not at the first request.
     pool.model()?;
     let app = Arc::new(App { pool, name: a.name.clone(), path: a.model.clone(), api_key: a.api_key.clone().filter(|k| !k.is_empty()), verbose: a.verbose });

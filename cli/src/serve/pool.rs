@@ -22,8 +22,8 @@ pub enum KeepAlive {
 
 pub struct Pool {
     path: PathBuf,
-    threads: usize,
-    batch: usize,
+    /// Threads, batch and overflow policy of every session (the context comes per request).
+    session: SessionParams,
     parallel: Arc<Semaphore>,
     max_queue: usize,
     waiting: AtomicUsize,
@@ -60,11 +60,10 @@ pub struct Lease {
 }
 
 impl Pool {
-    pub fn new(path: PathBuf, parallel: usize, max_queue: usize, threads: usize, batch: usize) -> Arc<Pool> {
+    pub fn new(path: PathBuf, parallel: usize, max_queue: usize, session: SessionParams) -> Arc<Pool> {
         Arc::new(Pool {
             path,
-            threads,
-            batch,
+            session,
             parallel: Arc::new(Semaphore::new(parallel)),
             max_queue,
             waiting: AtomicUsize::new(0),
@@ -121,7 +120,7 @@ impl Pool {
 
     fn take(&self, prompt: &[u32], n_ctx: usize, permit: OwnedSemaphorePermit) -> Result<Lease, Refusal> {
         let model = self.model().map_err(Refusal::Failed)?;
-        let want = SessionParams { n_ctx, n_batch: self.batch, n_threads: self.threads, ..Default::default() };
+        let want = SessionParams { n_ctx, ..self.session.clone() };
         let n_ctx = want.context_for(&model).map_err(Refusal::Invalid)?;
         let mut st = self.state();
         let common = |slot: &Slot| match slot {
