@@ -8,24 +8,6 @@ use phi4_synth::Spec;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Build dist/ and the C test program; returns the program's path.
-fn build(dir: &Path) -> PathBuf {
-    let dist = common::dist();
-    let exe = dir.join("api_test");
-    let out = Command::new(common::tool("cc"))
-        .args(["-std=c99", "-D_DEFAULT_SOURCE", "-Wall", "-Wextra", "-Werror", "-O1", "-g"])
-        .arg(format!("-I{}", common::root().join("include").display()))
-        .arg(common::root().join("tests/c/api_test.c"))
-        .arg(format!("-L{}", dist.display()))
-        .arg(format!("-Wl,-rpath,{}", dist.display()))
-        .args(["-lphi4", "-lpthread", "-o"])
-        .arg(&exe)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "cc: {}", String::from_utf8_lossy(&out.stderr));
-    exe
-}
-
 fn malformed(dir: &Path) -> PathBuf {
     let p = dir.join("bad.gguf");
     let good = std::fs::read(common::fixture("phi4-tiny-docs.gguf")).unwrap();
@@ -36,7 +18,7 @@ fn malformed(dir: &Path) -> PathBuf {
 #[test]
 fn c_api_tests_pass_and_are_clean_under_valgrind() {
     let dir = common::tmpdir();
-    let exe = build(dir.path());
+    let exe = common::build_c(dir.path(), "api_test.c", "api_test", &[]);
     let bad = malformed(dir.path());
     let demo = common::fixture("phi4-tiny-docs.gguf");
     let quantized = common::synth_model(dir.path(), "q.gguf", &Spec::small(1, common::ftype("q4_k_m"), 3));

@@ -10,23 +10,8 @@ use std::process::{Command, Output};
 
 use phi4::gguf::{Array, Value, Writer};
 
-/// Build tests/c/hostile_test.c against the shipped library, with extra compiler flags.
 fn build(dir: &Path, name: &str, flags: &[&str]) -> PathBuf {
-    let dist = common::dist();
-    let exe = dir.join(name);
-    let out = Command::new(common::tool("cc"))
-        .args(["-std=c99", "-D_DEFAULT_SOURCE", "-Wall", "-Wextra", "-Werror", "-O1", "-g"])
-        .args(flags)
-        .arg(format!("-I{}", common::root().join("include").display()))
-        .arg(common::root().join("tests/c/hostile_test.c"))
-        .arg(format!("-L{}", dist.display()))
-        .arg(format!("-Wl,-rpath,{}", dist.display()))
-        .args(["-lphi4", "-lpthread", "-o"])
-        .arg(&exe)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "cc: {}", String::from_utf8_lossy(&out.stderr));
-    exe
+    common::build_c(dir, "hostile_test.c", name, flags)
 }
 
 fn check(what: &str, out: &Output) -> String {

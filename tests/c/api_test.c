@@ -3,6 +3,7 @@
  * Usage: api_test DEMO_MODEL MALFORMED_FILE QUANTIZED_MODEL. Prints "cpu features: ...",
  * "repacked: ..." and finally "N passed, M failed". */
 #include "phi4.h"
+#include "check.h"
 
 #include <pthread.h>
 #include <stdio.h>
@@ -10,18 +11,6 @@
 #include <string.h>
 #include <unistd.h>
 
-static int passed, failed;
-#define CHECK(cond, ...)                                                              \
-    do {                                                                              \
-        if (cond) {                                                                   \
-            passed++;                                                                 \
-        } else {                                                                      \
-            failed++;                                                                 \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);           \
-            fprintf(stderr, __VA_ARGS__);                                             \
-            fprintf(stderr, "\n");                                                    \
-        }                                                                             \
-    } while (0)
 
 typedef struct {
     char text[8192];

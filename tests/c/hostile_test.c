@@ -8,6 +8,7 @@
  *   hostile_test stress DEMO_MODEL SECONDS     8 threads of random calls, cancels and frees
  * Prints "N passed, M failed" (and, for stress, its figures). */
 #include "phi4.h"
+#include "check.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -20,18 +21,6 @@
 #include <time.h>
 #include <unistd.h>
 
-static int passed, failed;
-#define CHECK(cond, ...)                                                              \
-    do {                                                                              \
-        if (cond) {                                                                   \
-            passed++;                                                                 \
-        } else {                                                                      \
-            failed++;                                                                 \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);           \
-            fprintf(stderr, __VA_ARGS__);                                             \
-            fprintf(stderr, "\n");                                                    \
-        }                                                                             \
-    } while (0)
 
 static const char *demo;
 
@@ -50,22 +39,14 @@ static phi4_generate_params greedy(uint32_t max_tokens) {
     return g;
 }
 
-static long vm_size_kb(void) {
+/* A "NAME: N kB" field of /proc/self/status (VmSize, VmRSS), or -1. */
+static long status_kb(const char *name) {
     FILE *f = fopen("/proc/self/status", "r");
     char line[256];
     long kb = -1;
+    size_t n = strlen(name);
     while (f && fgets(line, sizeof line, f))
-        if (sscanf(line, "VmSize: %ld kB", &kb) == 1) break;
-    if (f) fclose(f);
-    return kb;
-}
-
-static long rss_kb(void) {
-    FILE *f = fopen("/proc/self/status", "r");
-    char line[256];
-    long kb = -1;
-    while (f && fgets(line, sizeof line, f))
-        if (sscanf(line, "VmRSS: %ld kB", &kb) == 1) break;
+        if (strncmp(line, name, n) == 0 && line[n] == ':' && sscanf(line + n + 1, "%ld", &kb) == 1) break;
     if (f) fclose(f);
     return kb;
 }
@@ -391,7 +372,7 @@ static void test_limits(const char *big_meta) {
     static const long headroom_mb[] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 20, 24, 32, 64, 128, 512};
     int oom = 0, ok = 0;
     for (size_t i = 0; i < sizeof headroom_mb / sizeof headroom_mb[0]; i++) {
-        long base = vm_size_kb();
+        long base = status_kb("VmSize");
         set_as_limit((rlim_t)(base + headroom_mb[i] * 1024) * 1024);
         phi4_session *s = NULL;
         st = phi4_session_new(m, &sp, &s);
@@ -512,7 +493,7 @@ static void *stress_thread(void *arg) {
 static void test_stress(int seconds) {
     stress_model = load(demo);
     for (int i = 0; i < SHARED; i++) phi4_session_new(stress_model, NULL, &shared[i]);
-    long rss0 = rss_kb();
+    long rss0 = status_kb("VmRSS");
     pthread_t t[STRESS_THREADS];
     for (long i = 0; i < STRESS_THREADS; i++) pthread_create(&t[i], NULL, stress_thread, (void *)i);
     sleep((unsigned)seconds);
@@ -527,7 +508,7 @@ static void test_stress(int seconds) {
     }
     for (int i = 0; i < SHARED; i++) phi4_session_free(shared[i]);
     phi4_model_free(stress_model);
-    long rss1 = rss_kb();
+    long rss1 = status_kb("VmRSS");
     printf("stress: %d threads, %d s: %ld calls, %ld cancels, %ld busy, %ld rejected; RSS %ld kB before, %ld kB after\n",
            STRESS_THREADS, seconds, total, total_cancels, total_busy, total_bad, rss0, rss1);
     CHECK(total > 20, "calls were made: %ld", total);

@@ -72,6 +72,26 @@ pub fn tool(name: &str) -> String {
     }
 }
 
+/// Build a C test program from tests/c/SOURCE against the shipped library (`make dist`), with
+/// extra compiler flags; returns its path.
+pub fn build_c(dir: &Path, source: &str, name: &str, flags: &[&str]) -> PathBuf {
+    let dist = dist();
+    let exe = dir.join(name);
+    let out = std::process::Command::new(tool("cc"))
+        .args(["-std=c99", "-D_DEFAULT_SOURCE", "-Wall", "-Wextra", "-Werror", "-O1", "-g"])
+        .args(flags)
+        .arg(format!("-I{}", root().join("include").display()))
+        .arg(root().join("tests/c").join(source))
+        .arg(format!("-L{}", dist.display()))
+        .arg(format!("-Wl,-rpath,{}", dist.display()))
+        .args(["-lphi4", "-lpthread", "-o"])
+        .arg(&exe)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cc {source}: {}", String::from_utf8_lossy(&out.stderr));
+    exe
+}
+
 /// The `phi4` CLI as shipped (`make dist` builds it with the libraries).
 pub fn cli() -> PathBuf {
     dist().join("phi4")

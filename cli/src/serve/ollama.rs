@@ -229,22 +229,10 @@ type Final = fn(&str, &str, &Outcome, u64, &[u32]) -> Value;
 /// Run the job and answer: an NDJSON stream of `chunk`s ending with `last`, or one object. An
 /// error before the first piece is an HTTP error; one after it is an `{"error"}` line.
 async fn respond(app: &Arc<App>, job: Job, stream: bool, chunk: impl Fn(&str) -> Value + Send + 'static, last: Final, model: String) -> Result<Response, ApiError> {
-    let mut rx = run::start(&app.pool, job).await;
-    let first = rx.recv().await.ok_or_else(|| ApiError::internal("the generation ended without a result"))?;
-    if let Event::Failed(e) = first {
-        return Err(e);
-    }
+    let (first, rx) = run::begin(&app.pool, job).await?;
     if !stream {
-        let mut text = String::new();
-        let mut event = first;
-        loop {
-            match event {
-                Event::Piece(p) => text.push_str(&p),
-                Event::Done(out, history, total) => return Ok(Json(last(&model, &text, &out, total, &history)).into_response()),
-                Event::Failed(e) => return Err(e),
-            }
-            event = rx.recv().await.ok_or_else(|| ApiError::internal("the generation ended without a result"))?;
-        }
+        let r = run::collect(first, rx).await?;
+        return Ok(Json(last(&model, &r.text, &r.outcome, r.total, &r.history)).into_response());
     }
     let lines = async_stream(first, rx, move |event| {
         let v = match event {

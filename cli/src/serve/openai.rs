@@ -153,13 +153,9 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
     let job = Job { prompt: Prompt::Chat(messages), params, n_ctx, keep_alive: run::keep_alive(None)? };
     let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
     let head = json!({ "id": id("chatcmpl"), "object": "chat.completion.chunk", "created": created(), "model": req.model, "system_fingerprint": "fp_phi4" });
-    let mut rx = run::start(&app.pool, job).await;
-    let first = rx.recv().await.ok_or_else(|| ApiError::internal("the generation ended without a result"))?;
-    if let Event::Failed(e) = first {
-        return Err(e.into());
-    }
+    let (first, rx) = run::begin(&app.pool, job).await?;
     if !req.stream.unwrap_or(false) {
-        let (text, out) = collect(first, &mut rx).await?;
+        let run::Reply { text, outcome: out, .. } = run::collect(first, rx).await?;
         let mut v = head;
         v["object"] = json!("chat.completion");
         v["choices"] = json!([{ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": finish_reason(&out) }]);
@@ -199,20 +195,6 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
     Ok(([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], Body::from_stream(lines)).into_response())
 }
 
-/// All of a non-streamed reply.
-async fn collect(first: Event, rx: &mut tokio::sync::mpsc::Receiver<Event>) -> Result<(String, Box<Outcome>), ApiError> {
-    let mut text = String::new();
-    let mut event = first;
-    loop {
-        match event {
-            Event::Piece(p) => text.push_str(&p),
-            Event::Done(out, _, _) => return Ok((text, out)),
-            Event::Failed(e) => return Err(e),
-        }
-        event = rx.recv().await.ok_or_else(|| ApiError::internal("the generation ended without a result"))?;
-    }
-}
-
 #[derive(Deserialize)]
 struct CompletionRequest {
     model: String,
@@ -241,13 +223,9 @@ pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Result<Res
     let (params, n_ctx) = params(req.max_tokens, req.temperature, req.top_p, req.seed, req.stop, req.frequency_penalty, req.presence_penalty)?;
     let job = Job { prompt: Prompt::Chat(vec![Message::new(Role::User, prompt)]), params, n_ctx, keep_alive: run::keep_alive(None)? };
     let head = json!({ "id": id("cmpl"), "object": "text_completion", "created": created(), "model": req.model, "system_fingerprint": "fp_phi4" });
-    let mut rx = run::start(&app.pool, job).await;
-    let first = rx.recv().await.ok_or_else(|| ApiError::internal("the generation ended without a result"))?;
-    if let Event::Failed(e) = first {
-        return Err(e.into());
-    }
+    let (first, rx) = run::begin(&app.pool, job).await?;
     if !req.stream.unwrap_or(false) {
-        let (text, out) = collect(first, &mut rx).await?;
+        let run::Reply { text, outcome: out, .. } = run::collect(first, rx).await?;
         let mut v = head;
         v["choices"] = json!([{ "text": text, "index": 0, "finish_reason": finish_reason(&out) }]);
         v["usage"] = usage(&out);

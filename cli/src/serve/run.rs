@@ -183,11 +183,46 @@ pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
             }
             Err(e) => Event::Failed(session_error(e)),
         };
+        // The session is back in the pool before the client hears the end: its next request
+        // (or an unload) finds it free.
+        pool.give_back(lease, job.keep_alive);
         let _ = tx.blocking_send(event);
         drop(ended);
-        pool.give_back(lease, job.keep_alive);
     });
     rx
+}
+
+/// Start `job` and wait for its first event; a failure before anything was generated is
+/// returned as the error (an HTTP error, not a broken stream).
+pub async fn begin(pool: &Arc<Pool>, job: Job) -> Result<(Event, mpsc::Receiver<Event>), ApiError> {
+    let mut rx = start(pool, job).await;
+    match rx.recv().await {
+        None => Err(ApiError::internal("the generation ended without a result")),
+        Some(Event::Failed(e)) => Err(e),
+        Some(first) => Ok((first, rx)),
+    }
+}
+
+/// A finished reply: its text, its outcome, the session's tokens and the total time.
+pub struct Reply {
+    pub text: String,
+    pub outcome: Box<Outcome>,
+    pub history: Vec<u32>,
+    pub total: u64,
+}
+
+/// All of a reply that is not streamed.
+pub async fn collect(first: Event, mut rx: mpsc::Receiver<Event>) -> Result<Reply, ApiError> {
+    let mut text = String::new();
+    let mut event = first;
+    loop {
+        match event {
+            Event::Piece(p) => text.push_str(&p),
+            Event::Done(outcome, history, total) => return Ok(Reply { text, outcome, history, total }),
+            Event::Failed(e) => return Err(e),
+        }
+        event = rx.recv().await.ok_or_else(|| ApiError::internal("the generation ended without a result"))?;
+    }
 }
 
 fn session_error(e: SessionError) -> ApiError {
