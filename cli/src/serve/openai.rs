@@ -62,17 +62,24 @@ struct ChatRequest {
     messages: Vec<ChatMessage>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
-    max_tokens: Option<i64>,
     max_completion_tokens: Option<i64>,
+    #[serde(flatten)]
+    sampling: Sampling,
+    response_format: Option<Value>,
+    tools: Option<Value>,
+    n: Option<i64>,
+}
+
+/// The sampling fields both endpoints take.
+#[derive(Deserialize)]
+struct Sampling {
+    max_tokens: Option<i64>,
     temperature: Option<f64>,
     top_p: Option<f64>,
     seed: Option<i64>,
     stop: Option<Value>,
     frequency_penalty: Option<f64>,
     presence_penalty: Option<f64>,
-    response_format: Option<Value>,
-    tools: Option<Value>,
-    n: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -105,7 +112,8 @@ fn content(v: Option<Value>) -> Result<String, ApiError> {
 }
 
 /// The OpenAI sampling fields onto the options (OpenAI's defaults: temperature and top_p 1).
-fn params(max_tokens: Option<i64>, temperature: Option<f64>, top_p: Option<f64>, seed: Option<i64>, stop: Option<Value>, freq: Option<f64>, presence: Option<f64>) -> Result<(GenerateParams, usize), ApiError> {
+fn params(s: Sampling, max_tokens: Option<i64>) -> Result<(GenerateParams, usize), ApiError> {
+    let Sampling { temperature, top_p, seed, stop, frequency_penalty: freq, presence_penalty: presence, .. } = s;
     let mut opts = serde_json::Map::new();
     opts.insert("temperature".into(), json!(temperature.unwrap_or(1.0)));
     opts.insert("top_p".into(), json!(top_p.unwrap_or(1.0)));
@@ -149,7 +157,8 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
     if messages.is_empty() {
         return Err(ApiError::bad("messages must not be empty").into());
     }
-    let (params, n_ctx) = params(req.max_completion_tokens.or(req.max_tokens), req.temperature, req.top_p, req.seed, req.stop, req.frequency_penalty, req.presence_penalty)?;
+    let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
+    let (params, n_ctx) = params(req.sampling, max_tokens)?;
     let job = Job { prompt: Prompt::Chat(messages), params, n_ctx, keep_alive: run::keep_alive(None)? };
     let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
     let head = json!({ "id": id("chatcmpl"), "object": "chat.completion.chunk", "created": created(), "model": req.model, "system_fingerprint": "fp_phi4" });
@@ -200,13 +209,8 @@ struct CompletionRequest {
     model: String,
     prompt: Value,
     stream: Option<bool>,
-    max_tokens: Option<i64>,
-    temperature: Option<f64>,
-    top_p: Option<f64>,
-    seed: Option<i64>,
-    stop: Option<Value>,
-    frequency_penalty: Option<f64>,
-    presence_penalty: Option<f64>,
+    #[serde(flatten)]
+    sampling: Sampling,
     suffix: Option<String>,
 }
 
@@ -220,7 +224,8 @@ pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Result<Res
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad("phi4 does not support suffix (fill-in-the-middle)").into());
     }
-    let (params, n_ctx) = params(req.max_tokens, req.temperature, req.top_p, req.seed, req.stop, req.frequency_penalty, req.presence_penalty)?;
+    let max_tokens = req.sampling.max_tokens;
+    let (params, n_ctx) = params(req.sampling, max_tokens)?;
     let job = Job { prompt: Prompt::Chat(vec![Message::new(Role::User, prompt)]), params, n_ctx, keep_alive: run::keep_alive(None)? };
     let head = json!({ "id": id("cmpl"), "object": "text_completion", "created": created(), "model": req.model, "system_fingerprint": "fp_phi4" });
     let (first, rx) = run::begin(&app.pool, job).await?;
