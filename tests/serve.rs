@@ -167,7 +167,7 @@ fn disconnect_cancels_the_generation() {
     assert_eq!(status, 200, "{v}");
     // The cancelled generation's own report: far fewer tokens than the 2,000 it was allowed.
     let log = s.log();
-    let cancelled = log.lines().filter_map(|l| l.trim().strip_prefix("tokens in ")).find(|l| l.ends_with("cancelled")).unwrap_or_else(|| panic!("no cancelled generation in {log}"));
+    let cancelled = log.lines().find(|l| l.starts_with("POST /api/generate 200 tokens in") && l.contains(", cancelled")).unwrap_or_else(|| panic!("no cancelled generation in {log}"));
     let out: u64 = cancelled.split("out ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
     eprintln!("cancelled after {out} tokens; the next request waited {waited:?}");
     assert!(out < 1000, "{cancelled}");
@@ -266,6 +266,23 @@ fn bad_input_is_answered_and_the_server_goes_on() {
     // And a generation still works.
     let (status, v) = s.post("/api/chat", &chat_body(user, false, 4));
     assert_eq!(status, 200, "{v}");
+}
+
+/// Ollama's num_thread and num_batch make a session of that shape; out of range is a 400.
+#[test]
+fn num_thread_and_num_batch_apply() {
+    let s = Server::start(&[]);
+    let user = json!([{ "role": "user", "content": "What is a set?" }]);
+    let (status, v) = s.post("/api/chat", &json!({ "model": "phi4", "messages": user, "stream": false, "options": { "num_thread": 1, "num_batch": 8, "num_predict": 4 } }));
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = s.post("/api/chat", &json!({ "model": "phi4", "messages": user, "stream": false, "options": { "num_thread": 100000 } }));
+    assert_eq!(status, 400, "{v}");
+    let (status, v) = s.post("/api/chat", &json!({ "model": "phi4", "messages": user, "stream": false, "options": { "num_batch": -5 } }));
+    assert_eq!(status, 400, "{v}");
+    // One log line per request, with the token counts of the generations.
+    let log = s.log();
+    assert!(log.lines().any(|l| l.starts_with("POST /api/chat 200 tokens in ") && l.contains("out 4, length")), "{log}");
+    assert_eq!(log.lines().filter(|l| l.starts_with("POST /api/chat 400")).count(), 2, "{log}");
 }
 
 /// With --drop-oldest a conversation that outgrows the context loses its oldest turns instead.

@@ -222,6 +222,10 @@ async fn gate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
         return ApiError { status: StatusCode::PAYLOAD_TOO_LARGE, message: format!("request body over {} MiB", MAX_BODY >> 20) }.into_response();
     }
     let resp = next.run(req).await;
-    eprintln!("{method} {path} {} {:.1}ms", resp.status().as_u16(), t.elapsed().as_secs_f64() * 1e3);
+    // A generation that started logs its own line when it ends, with its token counts.
+    let generating = matches!(path.as_str(), "/api/chat" | "/api/generate" | "/v1/chat/completions" | "/v1/completions");
+    if !(generating && resp.status().is_success()) {
+        eprintln!("{method} {path} {} {:.1}ms", resp.status().as_u16(), t.elapsed().as_secs_f64() * 1e3);
+    }
     resp
 }

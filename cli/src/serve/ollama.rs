@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::pool::KeepAlive;
-use super::run::{self, Event, Job, Prompt};
+use super::run::{self, Event, Job, Prompt, Shape};
 use super::{ApiError, App};
 
 /// The body as JSON of type T: malformed JSON and wrong types are 400s naming the problem.
@@ -117,11 +117,11 @@ struct ChatRequest {
 }
 
 /// Options, context and keep-alive of a request.
-fn job_params(options: Option<&Value>, keep_alive: Option<&Value>) -> Result<(GenerateParams, usize, KeepAlive), ApiError> {
+fn job_params(options: Option<&Value>, keep_alive: Option<&Value>) -> Result<(GenerateParams, Shape, KeepAlive), ApiError> {
     let mut gp = GenerateParams::default();
-    let mut n_ctx = 0;
-    run::options(options, &mut gp, &mut n_ctx)?;
-    Ok((gp, n_ctx, run::keep_alive(keep_alive)?))
+    let mut shape = Shape::default();
+    run::options(options, &mut gp, &mut shape)?;
+    Ok((gp, shape, run::keep_alive(keep_alive)?))
 }
 
 pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiError> {
@@ -130,7 +130,7 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
     let images = req.messages.iter().any(|m| non_empty(&m.images));
     let tools = non_empty(&req.tools) || req.messages.iter().any(|m| non_empty(&m.tool_calls));
     unsupported(images, tools, req.think.as_ref(), req.format.as_ref())?;
-    let (params, n_ctx, keep_alive) = job_params(req.options.as_ref(), req.keep_alive.as_ref())?;
+    let (params, shape, keep_alive) = job_params(req.options.as_ref(), req.keep_alive.as_ref())?;
     let model = req.model.clone();
     if req.messages.is_empty() {
         return load_or_unload(&app, keep_alive, json!({ "model": model, "created_at": now_rfc3339(), "message": { "role": "assistant", "content": "" } })).await;
@@ -140,7 +140,7 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
         .into_iter()
         .map(|m| Role::parse(&m.role).map(|r| Message::new(r, m.content)).ok_or_else(|| ApiError::bad(format!("role {:?} is not system, user or assistant", m.role))))
         .collect::<Result<Vec<_>, _>>()?;
-    let job = Job { prompt: Prompt::Chat(messages), params, n_ctx, keep_alive };
+    let job = Job { prompt: Prompt::Chat(messages), params, shape, keep_alive, label: "POST /api/chat".into() };
     let chunk = move |piece: &str| json!({ "model": model, "created_at": now_rfc3339(), "message": { "role": "assistant", "content": piece }, "done": false });
     respond(&app, job, req.stream.unwrap_or(true), chunk, |model, text, out, total, _| {
         merge(json!({ "model": model, "created_at": now_rfc3339(), "message": { "role": "assistant", "content": text }, "done": true, "done_reason": done_reason(out.reason) }), timings(out, total))
@@ -172,13 +172,13 @@ pub async fn generate(State(app): State<Arc<App>>, body: Bytes) -> Result<Respon
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad("phi4 does not support suffix (fill-in-the-middle)"));
     }
-    let (params, n_ctx, keep_alive) = job_params(req.options.as_ref(), req.keep_alive.as_ref())?;
+    let (params, shape, keep_alive) = job_params(req.options.as_ref(), req.keep_alive.as_ref())?;
     let model = req.model.clone();
     if req.prompt.is_empty() && req.context.as_ref().map_or(true, |c| c.is_empty()) {
         return load_or_unload(&app, keep_alive, json!({ "model": model, "created_at": now_rfc3339(), "response": "" })).await;
     }
     let ids = prompt_ids(&app, req.prompt, req.system, req.context.unwrap_or_default(), req.raw.unwrap_or(false)).await?;
-    let job = Job { prompt: Prompt::Raw(ids), params, n_ctx, keep_alive };
+    let job = Job { prompt: Prompt::Raw(ids), params, shape, keep_alive, label: "POST /api/generate".into() };
     let chunk = move |piece: &str| json!({ "model": model, "created_at": now_rfc3339(), "response": piece, "done": false });
     respond(&app, job, req.stream.unwrap_or(true), chunk, |model, text, out, total, history| {
         merge(json!({ "model": model, "created_at": now_rfc3339(), "response": text, "done": true, "done_reason": done_reason(out.reason), "context": history }), timings(out, total))
@@ -221,7 +221,9 @@ async fn load_or_unload(app: &Arc<App>, keep_alive: KeepAlive, base: Value) -> R
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
         .map_err(ApiError::internal)?;
-    Ok(Json(merge(base, json!({ "done": true, "done_reason": if unload { "unload" } else { "load" } }))).into_response())
+    let reason = if unload { "unload" } else { "load" };
+    eprintln!("POST {} 200 {reason}", if base.get("message").is_some() { "/api/chat" } else { "/api/generate" });
+    Ok(Json(merge(base, json!({ "done": true, "done_reason": reason }))).into_response())
 }
 
 type Final = fn(&str, &str, &Outcome, u64, &[u32]) -> Value;

@@ -112,7 +112,7 @@ fn content(v: Option<Value>) -> Result<String, ApiError> {
 }
 
 /// The OpenAI sampling fields onto the options (OpenAI's defaults: temperature and top_p 1).
-fn params(s: Sampling, max_tokens: Option<i64>) -> Result<(GenerateParams, usize), ApiError> {
+fn params(s: Sampling, max_tokens: Option<i64>) -> Result<(GenerateParams, run::Shape), ApiError> {
     let Sampling { temperature, top_p, seed, stop, frequency_penalty: freq, presence_penalty: presence, .. } = s;
     let mut opts = serde_json::Map::new();
     opts.insert("temperature".into(), json!(temperature.unwrap_or(1.0)));
@@ -129,9 +129,9 @@ fn params(s: Sampling, max_tokens: Option<i64>) -> Result<(GenerateParams, usize
         }
     }
     let mut gp = GenerateParams::default();
-    let mut n_ctx = 0;
-    run::options(Some(&Value::Object(opts)), &mut gp, &mut n_ctx)?;
-    Ok((gp, n_ctx))
+    let mut shape = run::Shape::default();
+    run::options(Some(&Value::Object(opts)), &mut gp, &mut shape)?;
+    Ok((gp, shape))
 }
 
 pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, OpenAiError> {
@@ -158,8 +158,8 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
         return Err(ApiError::bad("messages must not be empty").into());
     }
     let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
-    let (params, n_ctx) = params(req.sampling, max_tokens)?;
-    let job = Job { prompt: Prompt::Chat(messages), params, n_ctx, keep_alive: run::keep_alive(None)? };
+    let (params, shape) = params(req.sampling, max_tokens)?;
+    let job = Job { prompt: Prompt::Chat(messages), params, shape, keep_alive: run::keep_alive(None)?, label: "POST /v1/chat/completions".into() };
     let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
     let head = json!({ "id": id("chatcmpl"), "object": "chat.completion.chunk", "created": created(), "model": req.model, "system_fingerprint": "fp_phi4" });
     let (first, rx) = run::begin(&app.pool, job).await?;
@@ -225,8 +225,8 @@ pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Result<Res
         return Err(ApiError::bad("phi4 does not support suffix (fill-in-the-middle)").into());
     }
     let max_tokens = req.sampling.max_tokens;
-    let (params, n_ctx) = params(req.sampling, max_tokens)?;
-    let job = Job { prompt: Prompt::Chat(vec![Message::new(Role::User, prompt)]), params, n_ctx, keep_alive: run::keep_alive(None)? };
+    let (params, shape) = params(req.sampling, max_tokens)?;
+    let job = Job { prompt: Prompt::Chat(vec![Message::new(Role::User, prompt)]), params, shape, keep_alive: run::keep_alive(None)?, label: "POST /v1/completions".into() };
     let head = json!({ "id": id("cmpl"), "object": "text_completion", "created": created(), "model": req.model, "system_fingerprint": "fp_phi4" });
     let (first, rx) = run::begin(&app.pool, job).await?;
     if !req.stream.unwrap_or(false) {

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use phi4::{LoadParams, Model, Session, SessionParams};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::run::Shape;
+
 /// How long the model stays loaded after a request.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum KeepAlive {
@@ -32,7 +34,7 @@ pub struct Pool {
 
 enum Slot {
     Empty,
-    Idle(Box<Session>),
+    Idle(Box<Session>, SessionParams),
     Leased,
 }
 
@@ -55,6 +57,7 @@ pub enum Refusal {
 /// A session lent to one request; give it back with [`Pool::give_back`].
 pub struct Lease {
     pub session: Session,
+    params: SessionParams,
     slot: usize,
     _permit: OwnedSemaphorePermit,
 }
@@ -103,7 +106,7 @@ impl Pool {
 
     /// Wait for a free session (the queue is bounded), then lease the one whose cache best
     /// matches `prompt`, with context `n_ctx` (0: the default).
-    pub async fn lease(self: &Arc<Self>, prompt: Vec<u32>, n_ctx: usize) -> Result<Lease, Refusal> {
+    pub async fn lease(self: &Arc<Self>, prompt: Vec<u32>, shape: Shape) -> Result<Lease, Refusal> {
         let limit = self.max_queue + self.state().slots.len();
         if self.waiting.fetch_add(1, Ordering::SeqCst) >= limit {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -113,18 +116,21 @@ impl Pool {
         self.waiting.fetch_sub(1, Ordering::SeqCst);
         let permit = permit.map_err(|_| Refusal::Failed("the server is shutting down".into()))?;
         let pool = self.clone();
-        tokio::task::spawn_blocking(move || pool.take(&prompt, n_ctx, permit))
+        tokio::task::spawn_blocking(move || pool.take(&prompt, shape, permit))
             .await
             .unwrap_or_else(|e| Err(Refusal::Failed(e.to_string())))
     }
 
-    fn take(&self, prompt: &[u32], n_ctx: usize, permit: OwnedSemaphorePermit) -> Result<Lease, Refusal> {
+    fn take(&self, prompt: &[u32], shape: Shape, permit: OwnedSemaphorePermit) -> Result<Lease, Refusal> {
         let model = self.model().map_err(Refusal::Failed)?;
-        let want = SessionParams { n_ctx, ..self.session.clone() };
-        let n_ctx = want.context_for(&model).map_err(Refusal::Invalid)?;
+        let d = &self.session;
+        let or = |v: usize, default: usize| if v == 0 { default } else { v };
+        let mut want = SessionParams { n_ctx: shape.n_ctx, n_threads: or(shape.n_threads, d.n_threads), n_batch: or(shape.n_batch, d.n_batch), ..d.clone() };
+        want.n_ctx = want.context_for(&model).map_err(Refusal::Invalid)?;
+        want.check().map_err(Refusal::Invalid)?;
         let mut st = self.state();
         let common = |slot: &Slot| match slot {
-            Slot::Idle(s) if s.n_ctx() == n_ctx => 1 + s.history().iter().zip(prompt).take_while(|(a, b)| a == b).count(),
+            Slot::Idle(s, p) if *p == want => 1 + s.history().iter().zip(prompt).take_while(|(a, b)| a == b).count(),
             _ => 0,
         };
         // A permit guarantees a slot that is not leased.
@@ -135,7 +141,7 @@ impl Pool {
         let existing = std::mem::replace(&mut st.slots[slot], Slot::Leased);
         drop(st);
         let session = match existing {
-            Slot::Idle(s) if s.n_ctx() == n_ctx => *s,
+            Slot::Idle(s, p) if p == want => *s,
             _ => match Session::new(model, &want) {
                 Ok(s) => s,
                 Err(e) => {
@@ -144,13 +150,13 @@ impl Pool {
                 }
             },
         };
-        Ok(Lease { session, slot, _permit: permit })
+        Ok(Lease { session, params: want, slot, _permit: permit })
     }
 
     /// Take a session back after its request; the model stays loaded for `keep_alive`.
     pub fn give_back(&self, lease: Lease, keep_alive: KeepAlive) {
         let mut st = self.state();
-        st.slots[lease.slot] = Slot::Idle(Box::new(lease.session));
+        st.slots[lease.slot] = Slot::Idle(Box::new(lease.session), lease.params);
         st.expires = match keep_alive {
             KeepAlive::Forever => None,
             KeepAlive::For(d) => Some(Instant::now() + d),

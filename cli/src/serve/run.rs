@@ -18,8 +18,18 @@ use super::ApiError;
 pub struct Job {
     pub prompt: Prompt,
     pub params: GenerateParams,
-    pub n_ctx: usize,
+    pub shape: Shape,
     pub keep_alive: KeepAlive,
+    /// "POST /api/chat": the request, for the log line written when the generation ends.
+    pub label: String,
+}
+
+/// The session a request asks for (Ollama's num_ctx, num_thread, num_batch; 0: the server's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Shape {
+    pub n_ctx: usize,
+    pub n_threads: usize,
+    pub n_batch: usize,
 }
 
 pub enum Prompt {
@@ -36,14 +46,16 @@ pub enum Event {
 
 /// Ollama's `options` (and the OpenAI fields mapped onto them) into generation parameters and a
 /// context size. Every value is checked; Ollama's special values keep their meaning.
-pub fn options(opts: Option<&Value>, gp: &mut GenerateParams, n_ctx: &mut usize) -> Result<(), ApiError> {
+pub fn options(opts: Option<&Value>, gp: &mut GenerateParams, shape: &mut Shape) -> Result<(), ApiError> {
     let Some(opts) = opts else { return Ok(()) };
     let Some(map) = opts.as_object() else { return Err(ApiError::bad("options must be an object")) };
     for (name, v) in map {
         let bad = |why: &str| ApiError::bad(format!("option {name}: {why}"));
         let int = || v.as_i64().ok_or_else(|| bad("must be a whole number"));
         match name.as_str() {
-            "num_ctx" => *n_ctx = usize::try_from(int()?).ok().filter(|&n| n >= 1).ok_or_else(|| bad("must be at least 1"))?,
+            "num_ctx" => shape.n_ctx = usize::try_from(int()?).ok().filter(|&n| n >= 1).ok_or_else(|| bad("must be at least 1"))?,
+            "num_thread" => shape.n_threads = usize::try_from(int()?).ok().filter(|&n| n <= phi4::session::MAX_THREADS).ok_or_else(|| bad("must be in 0..=512"))?,
+            "num_batch" => shape.n_batch = usize::try_from(int()?).ok().filter(|&n| n <= 1 << 16).ok_or_else(|| bad("must be in 0..=65536"))?,
             "num_predict" => {
                 gp.max_tokens = match int()? {
                     // -1: no limit, -2: until the context is full (both: until the context is full here)
@@ -52,11 +64,8 @@ pub fn options(opts: Option<&Value>, gp: &mut GenerateParams, n_ctx: &mut usize)
                     n => return Err(bad(&format!("{n} is neither a count nor -1 / -2"))),
                 }
             }
-            "num_thread" | "num_batch" | "use_mmap" | "num_gpu" | "main_gpu" | "use_mlock" | "numa" | "num_keep" | "low_vram" | "vocab_only" => {
-                if name == "num_thread" || name == "num_batch" {
-                    int().and_then(|n| if n >= 0 { Ok(()) } else { Err(bad("must be >= 0")) })?;
-                }
-            }
+            // Ollama's GPU and memory-mapping options: nothing to do on a CPU, mmap always.
+            "use_mmap" | "num_gpu" | "main_gpu" | "use_mlock" | "numa" | "num_keep" | "low_vram" | "vocab_only" => {}
             "stop" => {
                 let stops = match v {
                     Value::String(s) => vec![s.clone()],
@@ -142,7 +151,7 @@ pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
             }
         },
     };
-    let lease = match pool.lease(lease_key, job.n_ctx).await {
+    let lease = match pool.lease(lease_key, job.shape).await {
         Ok(l) => l,
         Err(Refusal::Busy) => {
             let _ = tx.send(Event::Failed(ApiError::busy())).await;
@@ -178,7 +187,9 @@ pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
         };
         let event = match result {
             Ok(out) => {
-                eprintln!("  tokens in {} (new), out {}, {}", out.timings.prompt_eval_count, out.timings.eval_count, out.reason.as_str());
+                // The request's log line, now that its token counts are known.
+                let t = &out.timings;
+                eprintln!("{} 200 tokens in {} (new), out {}, {} {:.1}ms", job.label, t.prompt_eval_count, t.eval_count, out.reason.as_str(), started.elapsed().as_secs_f64() * 1e3);
                 Event::Done(Box::new(out), lease.session.history().to_vec(), started.elapsed().as_nanos() as u64)
             }
             Err(e) => Event::Failed(session_error(e)),
