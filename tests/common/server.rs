@@ -20,13 +20,19 @@ pub struct Server {
 
 impl Server {
     pub fn start(extra: &[&str]) -> Server {
+        Server::start_with(&super::fixture("phi4-tiny-docs.gguf"), extra)
+    }
+
+    /// A server of another model.
+    pub fn start_with(model: &std::path::Path, extra: &[&str]) -> Server {
         let dir = super::tmpdir();
         let log = dir.path().join("serve.log");
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let child = super::target_command(super::cli())
             .args(["serve", "--model"])
-            .arg(super::fixture("phi4-tiny-docs.gguf"))
-            .args(["--port", &port.to_string(), "--threads", "2"])
+            .arg(model)
+            .args(["--port", &port.to_string()])
+            .args(if extra.contains(&"--threads") { &[][..] } else { &["--threads", "2"][..] })
             .args(extra)
             .env_remove("OLLAMA_HOST")
             .env_remove("PHI4_API_KEY")
