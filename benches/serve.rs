@@ -7,7 +7,6 @@
 //! question (so no request reuses another's cache) and `num_predict` = --gen at temperature 0.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::io::{BufRead, BufReader, Write};

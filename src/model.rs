@@ -241,6 +241,14 @@ impl Role {
         }
     }
 
+    /// The name of this weight's tensor in block `layer` (None: outside the blocks).
+    pub fn tensor_name(self, layer: Option<usize>) -> String {
+        match layer {
+            Some(i) => format!("blk.{i}.{}.weight", self.name()),
+            None => format!("{}.weight", self.name()),
+        }
+    }
+
     /// Norms are vectors (kept f32); the rest are matrices.
     pub fn is_norm(self) -> bool {
         matches!(self, Role::AttnNorm | Role::FfnNorm | Role::OutputNorm)
@@ -261,13 +269,7 @@ impl Config {
     /// Every tensor a Phi-4 file of this configuration holds, in file order. `output.weight` may
     /// be absent from a file (then the embedding is used as the output matrix).
     pub fn tensors(&self) -> Vec<TensorSpec> {
-        let spec = |role: Role, layer: Option<usize>| {
-            let name = match layer {
-                Some(i) => format!("blk.{i}.{}.weight", role.name()),
-                None => format!("{}.weight", role.name()),
-            };
-            TensorSpec { name, role, layer, shape: role.shape(self) }
-        };
+        let spec = |role: Role, layer: Option<usize>| TensorSpec { name: role.tensor_name(layer), role, layer, shape: role.shape(self) };
         let mut t = vec![spec(Role::TokenEmbd, None)];
         for i in 0..self.n_layer {
             t.extend(Role::LAYER.iter().map(|&r| spec(r, Some(i))));
@@ -347,10 +349,7 @@ impl Weights {
     /// Name the placed tensors for the forward pass (`output` falls back to the embedding when
     /// the file ties them).
     fn assemble(c: &Config, ctx: Context, ids: &Map<String, TensorId>, buffers: Vec<Buffer>) -> Weights {
-        let id = |role: Role, layer: Option<usize>| match layer {
-            Some(i) => ids[&format!("blk.{i}.{}.weight", role.name())],
-            None => ids[&format!("{}.weight", role.name())],
-        };
+        let id = |role: Role, layer: Option<usize>| ids[&role.tensor_name(layer)];
         let layers = (0..c.n_layer)
             .map(|i| Layer {
                 attn_norm: id(Role::AttnNorm, Some(i)),
@@ -362,7 +361,7 @@ impl Weights {
             })
             .collect();
         let tok_embd = id(Role::TokenEmbd, None);
-        let output = ids.get("output.weight").copied().unwrap_or(tok_embd);
+        let output = ids.get(&Role::Output.tensor_name(None)).copied().unwrap_or(tok_embd);
         Weights { tok_embd, output_norm: id(Role::OutputNorm, None), output, layers, ctx, _buffers: buffers }
     }
 }

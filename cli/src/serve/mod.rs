@@ -63,7 +63,6 @@ pub struct ServeArgs {
 pub struct App {
     pool: Arc<Pool>,
     name: String,
-    path: PathBuf,
     api_key: Option<String>,
     verbose: bool,
 }
@@ -139,7 +138,7 @@ pub fn serve(a: ServeArgs) -> Res {
     let pool = Pool::new(a.model.clone(), a.parallel, a.queue, session);
     // Load now: a bad file is reported at start, not at the first request.
     pool.model()?;
-    let app = Arc::new(App { pool, name: a.name.clone(), path: a.model.clone(), api_key: a.api_key.clone().filter(|k| !k.is_empty()), verbose: a.verbose });
+    let app = Arc::new(App { pool, name: a.name.clone(), api_key: a.api_key.clone().filter(|k| !k.is_empty()), verbose: a.verbose });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;

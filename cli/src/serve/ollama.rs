@@ -287,11 +287,11 @@ fn file_type_name(t: u32) -> String {
 }
 
 fn file_size(app: &App) -> u64 {
-    std::fs::metadata(&app.path).map_or(0, |m| m.len())
+    std::fs::metadata(app.pool.path()).map_or(0, |m| m.len())
 }
 
 fn modified(app: &App) -> String {
-    rfc3339(std::fs::metadata(&app.path).and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH))
+    rfc3339(std::fs::metadata(app.pool.path()).and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH))
 }
 
 pub async fn tags(State(app): State<Arc<App>>) -> Json<Value> {
@@ -349,7 +349,7 @@ pub async fn show(State(app): State<Arc<App>>, body: Bytes) -> Result<Json<Value
     details["parameter_size"] = json!(format!("{:.1}B", info["general.parameter_count"].as_u64().unwrap_or(0) as f64 / 1e9));
     Ok(Json(json!({
         "license": "MIT",
-        "modelfile": format!("FROM {}\n", app.path.display()),
+        "modelfile": format!("FROM {}\n", app.pool.path().display()),
         "parameters": parameters.join("\n"),
         "template": "{{- range .Messages }}<|im_start|>{{ .Role }}<|im_sep|>{{ .Content }}<|im_end|>{{ end }}<|im_start|>assistant<|im_sep|>",
         "details": details,

@@ -74,6 +74,11 @@ impl Pool {
         })
     }
 
+    /// The model file.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
