@@ -166,21 +166,24 @@ pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
             return rx;
         }
     };
-    // The client going away (the receiver dropped) cancels the generation. The watcher lets go
-    // of its sender when the generation ends, so that the stream can end.
+    // The client going away (the receiver dropped) cancels the generation. The watcher ends
+    // before the session goes back to the pool, so that a late cancel can never reach the
+    // session's next request.
     let cancel = lease.session.cancel_flag();
     let watcher = tx.clone();
     let (ended, ended_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
+    let watch = tokio::spawn(async move {
         tokio::select! {
-            _ = watcher.closed() => cancel.store(true, Ordering::Relaxed),
+            biased;
             _ = ended_rx => {}
+            _ = watcher.closed() => cancel.store(true, Ordering::Relaxed),
         }
     });
     let pool = pool.clone();
-    tokio::task::spawn_blocking(move || {
+    let pieces = tx.clone();
+    let generation = tokio::task::spawn_blocking(move || {
         let mut lease = lease;
-        let mut on_token = |_: Option<u32>, piece: &str| piece.is_empty() || tx.blocking_send(Event::Piece(piece.to_string())).is_ok();
+        let mut on_token = |_: Option<u32>, piece: &str| piece.is_empty() || pieces.blocking_send(Event::Piece(piece.to_string())).is_ok();
         let result = match &job.prompt {
             Prompt::Chat(msgs) => lease.session.chat(msgs, &job.params, &mut on_token),
             Prompt::Raw(ids) => lease.session.generate(ids, &job.params, &mut on_token),
@@ -194,11 +197,23 @@ pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
             }
             Err(e) => Event::Failed(session_error(e)),
         };
-        // The session is back in the pool before the client hears the end: its next request
-        // (or an unload) finds it free.
-        pool.give_back(lease, job.keep_alive);
-        let _ = tx.blocking_send(event);
+        (lease, event, job.keep_alive)
+    });
+    tokio::spawn(async move {
+        let result = generation.await;
         drop(ended);
+        let _ = watch.await;
+        match result {
+            // The session is back in the pool before the client hears the end: its next
+            // request (or an unload) finds it free.
+            Ok((lease, event, keep_alive)) => {
+                pool.give_back(lease, keep_alive);
+                let _ = tx.send(event).await;
+            }
+            Err(e) => {
+                let _ = tx.send(Event::Failed(ApiError::internal(format!("the generation failed: {e}")))).await;
+            }
+        }
     });
     rx
 }
