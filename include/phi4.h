@@ -103,6 +103,20 @@ typedef enum phi4_overflow {
   PHI4_OVERFLOW_DROP_OLDEST = 1,
 } phi4_overflow;
 
+// What a reply must be (the values of `phi4_generate_params.format`).
+typedef enum phi4_format {
+  // Free text (default).
+  PHI4_FORMAT_TEXT = 0,
+  // Any JSON object; format_text is not read.
+  PHI4_FORMAT_JSON = 1,
+  // A JSON value valid against the JSON Schema in format_text.
+  PHI4_FORMAT_JSON_SCHEMA = 2,
+  // Text matched, whole, by the regular expression in format_text.
+  PHI4_FORMAT_REGEX = 3,
+  // Text in the language of the Lark grammar in format_text (llguidance's dialect).
+  PHI4_FORMAT_GRAMMAR = 4,
+} phi4_format;
+
 // A loaded model (opaque).
 typedef struct phi4_model phi4_model;
 
@@ -181,6 +195,14 @@ typedef struct phi4_generate_params {
   // Read during the call only. May be NULL when n_stop is 0.
   const char *const *stop;
   size_t n_stop;
+  // A phi4_format value: only tokens that keep the reply valid are sampled, and the reply
+  // ends (PHI4_DONE_STOP) when it is complete. Default PHI4_FORMAT_TEXT. A schema, regex or
+  // grammar that does not compile fails the call with PHI4_ERR_INVALID_ARGUMENT before any
+  // work. (Callers built before this field get free text.)
+  uint32_t format;
+  // The schema, regex or grammar of `format`: NUL-terminated UTF-8, read during the call
+  // only. NULL for PHI4_FORMAT_TEXT and PHI4_FORMAT_JSON.
+  const char *format_text;
 } phi4_generate_params;
 
 // One chat message: role is "system", "user" or "assistant"; both strings NUL-terminated UTF-8,

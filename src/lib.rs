@@ -20,6 +20,7 @@
 //! See ARCHITECTURE.md for the map of the code.
 
 pub mod chat;
+pub mod constrain;
 pub mod gguf;
 pub mod model;
 pub mod sample;
@@ -32,6 +33,7 @@ mod ggml;
 mod hash;
 mod kv_cache;
 
+pub use constrain::Constraint;
 pub use model::{Config, LoadError, LoadParams, Model};
 pub use sample::SamplingParams;
 pub use session::{DoneReason, GenerateParams, Outcome, Overflow, Session, SessionError, SessionParams};

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::ggml::{self, Buffer, BufferType, Context, TensorId, Type};
 use crate::gguf::{self, Gguf, GgufError, TensorInfo};
 use crate::hash::Map;
+use crate::constrain::Compiler;
 use crate::tokenizer::{Tokenizer, VocabError};
 
 pub use crate::ggml::AllocError;
@@ -191,9 +192,11 @@ pub struct Model {
     /// `(tensor name, ggml layout)` of every weight ggml repacked.
     pub repacked: Vec<(String, String)>,
     /// The tokenizer built from the file's vocabulary.
-    pub tokenizer: Tokenizer,
+    pub tokenizer: Arc<Tokenizer>,
     /// Time `load` took, in nanoseconds.
     pub load_duration: u64,
+    /// Compiles the constraints of generations on this model (built on first use).
+    pub(crate) constraints: Compiler,
 }
 
 /// What a weight is for: the name of its tensor without the `blk.{i}.` prefix and `.weight`.
@@ -396,7 +399,7 @@ impl Model {
         let gguf = gguf::parse(&map[..])?;
         let config = Config::from_gguf(&gguf)?;
         check_tensors(&gguf, &config)?;
-        let tokenizer = Tokenizer::from_gguf(&gguf, config.n_vocab)?;
+        let tokenizer = Arc::new(Tokenizer::from_gguf(&gguf, config.n_vocab)?);
 
         let mut ctx = Context::new(gguf.tensors.len(), 0);
         let ids: Map<String, TensorId> = gguf
@@ -433,7 +436,7 @@ impl Model {
 
         let weights = Weights::assemble(&config, ctx, &ids, buffers);
         let load_duration = started.elapsed().as_nanos() as u64;
-        Ok(Model { config, gguf, weights, file_size: map.len() as u64, repacked, tokenizer, load_duration })
+        Ok(Model { config, gguf, weights, file_size: map.len() as u64, repacked, tokenizer, load_duration, constraints: Compiler::default() })
     }
 
     /// Which weight types ggml repacked into which layouts, one line: "101 q4_K tensors into

@@ -193,6 +193,9 @@ impl Sampler {
         }
         // Most likely first (ties: lower id first, for determinism).
         self.cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        // Tokens masked out (-inf, by a constraint) are never candidates.
+        let allowed = self.cand.partition_point(|c| c.1 > f32::NEG_INFINITY);
+        self.cand.truncate(allowed.max(1));
         if p.top_k > 0 {
             self.cand.truncate(p.top_k);
         }

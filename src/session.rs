@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::chat::{self, Markers, Message, Role};
+use crate::constrain::{Constraint, Guide};
 pub use crate::forward::EvalError;
 use crate::forward::RunState;
 use crate::hash::{Map, Set};
@@ -95,6 +96,9 @@ pub struct GenerateParams {
     pub max_tokens: usize,
     /// Generation ends before any of these strings; the string itself is not emitted.
     pub stop: Vec<String>,
+    /// What the reply must be (JSON, a JSON Schema, a regex, a grammar): only tokens that keep
+    /// it valid are sampled, and the reply ends when it is complete. None: free text.
+    pub constraint: Option<Constraint>,
 }
 
 impl GenerateParams {
@@ -185,6 +189,9 @@ pub enum SessionError {
     ContextOverflow { needed: usize, n_ctx: usize },
     #[error("{0}")]
     BadParams(String),
+    /// The constraint does not compile, or failed during the generation.
+    #[error("format: {0}")]
+    Constraint(String),
     #[error("{0}")]
     Eval(#[from] EvalError),
 }
@@ -360,6 +367,7 @@ impl Session {
     /// `generate` without clearing the cancel flag (a cancel during `chat`'s preparation holds).
     fn run(&mut self, prompt: &[u32], gp: &GenerateParams, on_token: &mut OnToken<'_>) -> Result<Outcome, SessionError> {
         self.check_prompt(prompt, gp)?;
+        let mut guide = self.guide(gp)?;
         self.last_token = None;
         let mut timings = self.timings();
         let mut text = Text::new(&gp.stop);
@@ -367,7 +375,7 @@ impl Session {
             return Ok(text.outcome(DoneReason::Cancelled, timings));
         }
         let t = Instant::now();
-        let reason = self.decode(gp, &mut timings, &mut text, on_token)?;
+        let reason = self.decode(gp, guide.as_mut(), &mut timings, &mut text, on_token)?;
         text.flush(reason, on_token);
         timings.eval_duration = t.elapsed().as_nanos() as u64;
         Ok(text.outcome(reason, timings))
@@ -386,6 +394,12 @@ impl Session {
             return Err(SessionError::ContextOverflow { needed: prompt.len() + 1, n_ctx: self.n_ctx() });
         }
         Ok(())
+    }
+
+    /// The constraint of `gp` compiled for this generation, or why it does not compile.
+    fn guide(&self, gp: &GenerateParams) -> Result<Option<Guide>, SessionError> {
+        let Some(c) = &gp.constraint else { return Ok(None) };
+        self.model.constraints.compile(&self.model.tokenizer, c).map(Some).map_err(SessionError::Constraint)
     }
 
     /// Evaluate what the cache lacks of `prompt` (its last token always: its logits are needed).
@@ -407,16 +421,23 @@ impl Session {
     }
 
     /// Sample, emit and evaluate one token at a time until a reason to stop.
-    fn decode(&mut self, gp: &GenerateParams, timings: &mut Timings, text: &mut Text, on_token: &mut OnToken<'_>) -> Result<DoneReason, SessionError> {
+    /// With a guide, the logits are masked first, and the reply ends when it is complete.
+    fn decode(&mut self, gp: &GenerateParams, mut guide: Option<&mut Guide>, timings: &mut Timings, text: &mut Text, on_token: &mut OnToken<'_>) -> Result<DoneReason, SessionError> {
         let tok = &self.model.tokenizer;
         let mut sampler = Sampler::new(gp.sampling.clone());
         loop {
             if self.cancel.load(Ordering::Relaxed) {
                 return Ok(DoneReason::Cancelled);
             }
+            if let Some(g) = guide.as_deref_mut() {
+                g.mask(&mut self.st.logits).map_err(SessionError::Constraint)?;
+            }
             let id = sampler.sample(&self.st.logits, &self.history);
             if tok.end_of_generation.contains(&id) {
                 return Ok(DoneReason::Stop);
+            }
+            if let Some(g) = guide.as_deref_mut() {
+                g.accept(id).map_err(SessionError::Constraint)?;
             }
             timings.eval_count += 1;
             self.last_token = Some(id);
@@ -424,7 +445,7 @@ impl Session {
             if !on_token(Some(id), &emit) {
                 return Ok(DoneReason::Cancelled);
             }
-            if stopped {
+            if stopped || guide.as_deref().is_some_and(Guide::finished) {
                 return Ok(DoneReason::Stop);
             }
             if gp.max_tokens > 0 && timings.eval_count >= gp.max_tokens {

@@ -188,6 +188,17 @@ impl Tokenizer {
         self.encode_cancellable(text, special, &AtomicBool::new(false)).expect("never cancelled")
     }
 
+    /// Token ids of arbitrary bytes (no special tokens): the valid UTF-8 runs as
+    /// [`Tokenizer::encode`] does, each invalid byte as its byte token.
+    pub fn encode_bytes(&self, bytes: &[u8]) -> Vec<u32> {
+        let mut out = Vec::new();
+        for chunk in bytes.utf8_chunks() {
+            out.extend(self.encode(chunk.valid(), false));
+            out.extend(chunk.invalid().iter().map(|&b| self.byte_token[b as usize]));
+        }
+        out
+    }
+
     /// As [`Tokenizer::encode`], giving up (`None`) soon after `cancel` is set: it is checked
     /// between pieces of the text, so a cancel reaches even megabytes of input.
     pub fn encode_cancellable(&self, text: &str, special: bool, cancel: &AtomicBool) -> Option<Vec<u32>> {

@@ -87,7 +87,7 @@ fn finished_replies_do_not_accumulate() {
     use phi4::chat::{Message, Role};
     let model = Arc::new(Model::load(&common::fixture("phi4-tiny-docs.gguf"), LoadParams::default()).unwrap());
     let mut s = Session::new(model, &SessionParams { n_ctx: 512, n_batch: 64, n_threads: 2, ..Default::default() }).unwrap();
-    let gp = phi4::GenerateParams { sampling: phi4::SamplingParams { seed: Some(1), ..Default::default() }, max_tokens: 24, stop: vec![] };
+    let gp = phi4::GenerateParams { sampling: phi4::SamplingParams { seed: Some(1), ..Default::default() }, max_tokens: 24, ..Default::default() };
     let mut turn = |i: usize| {
         let q = Message::new(Role::User, format!("Question {i}: what does module number {i} do?"));
         let out = s.chat(std::slice::from_ref(&q), &gp, &mut |_, _| true).unwrap();

@@ -19,7 +19,7 @@ fn session(model: &Arc<Model>, n_ctx: usize, overflow: Overflow) -> Session {
 }
 
 fn greedy(max_tokens: usize) -> GenerateParams {
-    GenerateParams { sampling: SamplingParams::greedy(), max_tokens, stop: vec![] }
+    GenerateParams { sampling: SamplingParams::greedy(), max_tokens, ..Default::default() }
 }
 
 fn collect(s: &mut Session, msgs: &[Message], gp: &GenerateParams) -> (phi4::session::Outcome, String) {
@@ -172,7 +172,7 @@ fn stop_strings_end_generation_unprinted() {
 fn seeded_sampling_repeats() {
     let m = demo();
     let msgs = [Message::new(Role::User, "What is a dictionary?")];
-    let gp = GenerateParams { sampling: SamplingParams { seed: Some(42), ..Default::default() }, max_tokens: 40, stop: vec![] };
+    let gp = GenerateParams { sampling: SamplingParams { seed: Some(42), ..Default::default() }, max_tokens: 40, ..Default::default() };
     let (a, _) = collect(&mut session(&m, 512, Overflow::Error), &msgs, &gp);
     let (b, _) = collect(&mut session(&m, 512, Overflow::Error), &msgs, &gp);
     assert_eq!(a.text, b.text);

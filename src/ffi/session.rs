@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 use super::model::{phi4_log_level, phi4_model, Log};
 use super::*;
 use crate::chat::{Message, Role};
+use crate::constrain::Constraint;
 use crate::forward::EvalError;
 use crate::sample::SamplingParams;
 use crate::session::{DoneReason, GenerateParams, Outcome, Overflow, Session, SessionError, SessionParams};
@@ -24,6 +25,22 @@ pub enum phi4_overflow {
     PHI4_OVERFLOW_ERROR = 0,
     /// Drop the oldest messages after the system message until the prompt fits.
     PHI4_OVERFLOW_DROP_OLDEST = 1,
+}
+
+/// What a reply must be (the values of `phi4_generate_params.format`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum phi4_format {
+    /// Free text (default).
+    PHI4_FORMAT_TEXT = 0,
+    /// Any JSON object; format_text is not read.
+    PHI4_FORMAT_JSON = 1,
+    /// A JSON value valid against the JSON Schema in format_text.
+    PHI4_FORMAT_JSON_SCHEMA = 2,
+    /// Text matched, whole, by the regular expression in format_text.
+    PHI4_FORMAT_REGEX = 3,
+    /// Text in the language of the Lark grammar in format_text (llguidance's dialect).
+    PHI4_FORMAT_GRAMMAR = 4,
 }
 
 /// How to open a session. Get one from `phi4_session_default_params`, then change fields.
@@ -78,6 +95,14 @@ pub struct phi4_generate_params {
     /// Read during the call only. May be NULL when n_stop is 0.
     pub stop: *const *const c_char,
     pub n_stop: usize,
+    /// A phi4_format value: only tokens that keep the reply valid are sampled, and the reply
+    /// ends (PHI4_DONE_STOP) when it is complete. Default PHI4_FORMAT_TEXT. A schema, regex or
+    /// grammar that does not compile fails the call with PHI4_ERR_INVALID_ARGUMENT before any
+    /// work. (Callers built before this field get free text.)
+    pub format: u32,
+    /// The schema, regex or grammar of `format`: NUL-terminated UTF-8, read during the call
+    /// only. NULL for PHI4_FORMAT_TEXT and PHI4_FORMAT_JSON.
+    pub format_text: *const c_char,
 }
 
 /// One chat message: role is "system", "user" or "assistant"; both strings NUL-terminated UTF-8,
@@ -173,6 +198,8 @@ fn default_generate_params() -> phi4_generate_params {
         max_tokens: 0,
         stop: std::ptr::null(),
         n_stop: 0,
+        format: phi4_format::PHI4_FORMAT_TEXT as u32,
+        format_text: std::ptr::null(),
     }
 }
 
@@ -206,7 +233,7 @@ pub unsafe extern "C" fn phi4_generate_default_params(out: *mut phi4_generate_pa
 fn session_status(e: &SessionError) -> phi4_status {
     match e {
         SessionError::ContextOverflow { .. } => PHI4_ERR_CONTEXT_OVERFLOW,
-        SessionError::BadParams(_) => PHI4_ERR_INVALID_ARGUMENT,
+        SessionError::BadParams(_) | SessionError::Constraint(_) => PHI4_ERR_INVALID_ARGUMENT,
         SessionError::Eval(EvalError::BadToken { .. }) => PHI4_ERR_INVALID_ARGUMENT,
         SessionError::Eval(EvalError::ContextFull { .. }) => PHI4_ERR_CONTEXT_OVERFLOW,
         SessionError::Eval(EvalError::Alloc(_)) => PHI4_ERR_OUT_OF_MEMORY,
@@ -325,7 +352,24 @@ unsafe fn generate_params(p: *const phi4_generate_params) -> Result<GeneratePara
         seed: (p.seed != PHI4_SEED_RANDOM).then_some(p.seed),
     };
     sampling.validate().map_err(|m| Error::new(PHI4_ERR_INVALID_ARGUMENT, m))?;
-    Ok(GenerateParams { sampling, max_tokens: p.max_tokens as usize, stop })
+    // SAFETY: format_text is NULL or a NUL-terminated string (caller's contract).
+    let constraint = unsafe { constraint(p.format, p.format_text) }?;
+    Ok(GenerateParams { sampling, max_tokens: p.max_tokens as usize, stop, constraint })
+}
+
+/// # Safety
+/// `text` is NULL or a NUL-terminated string.
+unsafe fn constraint(format: u32, text: *const c_char) -> Result<Option<Constraint>, Error> {
+    // SAFETY: per this function's contract.
+    let text = || unsafe { c_str(text, "params.format_text") }.map(str::to_string);
+    Ok(match format {
+        v if v == phi4_format::PHI4_FORMAT_TEXT as u32 => None,
+        v if v == phi4_format::PHI4_FORMAT_JSON as u32 => Some(Constraint::Json),
+        v if v == phi4_format::PHI4_FORMAT_JSON_SCHEMA as u32 => Some(Constraint::JsonSchema(text()?)),
+        v if v == phi4_format::PHI4_FORMAT_REGEX as u32 => Some(Constraint::Regex(text()?)),
+        v if v == phi4_format::PHI4_FORMAT_GRAMMAR as u32 => Some(Constraint::Lark(text()?)),
+        v => return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, format!("params.format {v} is not a phi4_format"))),
+    })
 }
 
 fn store_result(h: &phi4_session, o: &Outcome) {

@@ -1,4 +1,4 @@
-/* C tests of the phi4 ABI: load errors, streaming, cancellation, busy sessions, many sessions
+/* C tests of the phi4 ABI: load errors, streaming, structured output, cancellation, busy sessions, many sessions
  * on many threads, what the library reports about the kernels it uses.
  * Usage: api_test DEMO_MODEL MALFORMED_FILE QUANTIZED_MODEL. Prints "cpu features: ...",
  * "repacked: ..." and finally "N passed, M failed". */
@@ -210,6 +210,55 @@ static void test_enums_and_seeds(phi4_model *m) {
     phi4_session_free(s);
 }
 
+/* Structured output: the reply is what the format says; a format that does not compile is an
+ * error naming it, the session goes on; a caller that predates the format fields gets text. */
+static void test_structured_output(phi4_model *m) {
+    phi4_session *s = NULL;
+    phi4_session_new(m, NULL, &s);
+    phi4_message msgs[] = {{"user", "Is the sensor ok? Answer in JSON."}};
+    phi4_generate_params g = greedy(100);
+    g.format = PHI4_FORMAT_JSON_SCHEMA;
+    g.format_text = "{\"type\": \"object\", \"properties\": {\"ok\": {\"type\": \"boolean\"}},"
+                    " \"required\": [\"ok\"], \"additionalProperties\": false}";
+    for (int i = 0; i < 3; i++) {
+        collector c = {0};
+        g.temperature = (float)i * 0.7f;
+        g.seed = (uint64_t)i;
+        CHECK(phi4_session_chat(s, msgs, 1, &g, collect, &c) == PHI4_OK, "schema chat: %s", phi4_session_last_error(s));
+        CHECK(strcmp(c.text, "{\"ok\": true}") == 0 || strcmp(c.text, "{\"ok\": false}") == 0, "the schema's only shapes: %s", c.text);
+        phi4_result r;
+        memset(&r, 0, sizeof r);
+        r.struct_size = sizeof r;
+        phi4_session_last_result(s, &r);
+        CHECK(r.done_reason == PHI4_DONE_STOP, "complete reply ends the generation: %d", (int)r.done_reason);
+    }
+    g = greedy(100);
+    g.format = PHI4_FORMAT_REGEX;
+    g.format_text = "[0-9]{3}-(yes|no)";
+    collector c = {0};
+    CHECK(phi4_session_chat(s, msgs, 1, &g, collect, &c) == PHI4_OK, "regex chat: %s", phi4_session_last_error(s));
+    CHECK(strlen(c.text) >= 6 && c.text[3] == '-' && (strcmp(c.text + 4, "yes") == 0 || strcmp(c.text + 4, "no") == 0), "regex reply: %s", c.text);
+
+    g.format_text = "([0-9]";
+    CHECK(phi4_session_chat(s, msgs, 1, &g, collect, &c) == PHI4_ERR_INVALID_ARGUMENT, "bad regex");
+    CHECK(strstr(phi4_session_last_error(s), "regex") != NULL, "message names it: %s", phi4_session_last_error(s));
+    g.format_text = NULL;
+    CHECK(phi4_session_chat(s, msgs, 1, &g, collect, &c) != PHI4_OK, "regex without text");
+    g.format = 99;
+    CHECK(phi4_session_chat(s, msgs, 1, &g, collect, &c) == PHI4_ERR_INVALID_ARGUMENT, "format 99");
+    CHECK(strstr(phi4_session_last_error(s), "format") != NULL, "message names the field: %s", phi4_session_last_error(s));
+
+    /* An older caller's struct ends before `format`: whatever follows it is not read. */
+    g = greedy(8);
+    g.format = PHI4_FORMAT_GRAMMAR;
+    g.format_text = (const char *)1;
+    g.struct_size = offsetof(phi4_generate_params, format);
+    collector old = {0};
+    CHECK(phi4_session_chat(s, msgs, 1, &g, collect, &old) == PHI4_OK, "older struct: %s", phi4_session_last_error(s));
+    CHECK(old.len > 0, "free text");
+    phi4_session_free(s);
+}
+
 static void test_cancel_by_callback(phi4_model *m) {
     phi4_session *s = NULL;
     phi4_session_new(m, NULL, &s);
@@ -399,6 +448,7 @@ int main(int argc, char **argv) {
     test_streaming(m);
     test_older_struct_sizes(m);
     test_enums_and_seeds(m);
+    test_structured_output(m);
     test_cancel_by_callback(m);
     test_cancel_from_another_thread_and_busy(m);
     test_many_sessions_many_threads(m);

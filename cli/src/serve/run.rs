@@ -257,6 +257,7 @@ fn session_error(e: SessionError) -> ApiError {
             "the prompt needs {needed} tokens but the context holds {n_ctx}: raise options.num_ctx (at most the model's) or shorten the conversation"
         )),
         SessionError::BadParams(m) => ApiError::bad(m),
+        e @ SessionError::Constraint(_) => ApiError::bad(e.to_string()),
         e @ SessionError::Eval(phi4::session::EvalError::BadToken { .. }) => ApiError::bad(e.to_string()),
         e => ApiError::internal(e.to_string()),
     }
