@@ -15,6 +15,7 @@ use std::sync::{Arc, OnceLock};
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 use llguidance::{JsonCompileOptions, Matcher, ParserFactory};
+use serde_json::Value;
 
 use crate::tokenizer::{TokenType, Tokenizer};
 
@@ -52,11 +53,12 @@ impl Constraint {
     }
 }
 
-/// A schema's text as JSON, with phi4's layout for the output unless the schema sets its own
-/// (`x-guidance`): `{"a": 1, "b": [2, 3]}` — the spacing models write, and no room for the
-/// runs of whitespace a free layout lets a small model loop in.
-fn json_schema(text: &str) -> Result<serde_json::Value, String> {
-    let mut schema: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("the JSON schema is not JSON: {e}"))?;
+/// A schema's text as JSON, read as Ollama (llama.cpp) reads it, with phi4's layout for the
+/// output unless the schema sets its own (`x-guidance`): `{"a": 1, "b": [2, 3]}` — the spacing
+/// models write, and no room for the runs of whitespace a free layout lets a small model loop in.
+fn json_schema(text: &str) -> Result<Value, String> {
+    let mut schema: Value = serde_json::from_str(text).map_err(|e| format!("the JSON schema is not JSON: {e}"))?;
+    tighten(&mut schema);
     if let Some(obj) = schema.as_object_mut() {
         if !obj.contains_key("x-guidance") {
             let layout = JsonCompileOptions { item_separator: ", ".into(), key_separator: ": ".into(), whitespace_flexible: false, ..Default::default() };
@@ -66,6 +68,32 @@ fn json_schema(text: &str) -> Result<serde_json::Value, String> {
         return Err("the JSON schema must be an object (or true / false)".into());
     }
     Ok(schema)
+}
+
+/// Where a schema leaves them open, the limits Ollama's (llama.cpp's) schema conversion sets,
+/// so that a reply cannot run on without end: an object with `properties` (or
+/// `patternProperties`) has no other keys unless `additionalProperties` allows them, and an
+/// integer has at most 16 digits (within JSON's safe integers, ±(2^53 - 1)).
+fn tighten(schema: &mut Value) {
+    let Some(obj) = schema.as_object_mut() else { return };
+    if (obj.contains_key("properties") || obj.contains_key("patternProperties")) && !obj.contains_key("additionalProperties") {
+        obj.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    if obj.get("type").and_then(Value::as_str) == Some("integer") {
+        const SAFE: i64 = (1 << 53) - 1;
+        for (key, limit) in [("minimum", -SAFE), ("maximum", SAFE)] {
+            obj.entry(key).or_insert(Value::from(limit));
+        }
+    }
+    // Every place a subschema can be.
+    for (key, sub) in obj.iter_mut() {
+        match (key.as_str(), sub) {
+            ("properties" | "patternProperties" | "$defs" | "definitions" | "dependentSchemas", Value::Object(m)) => m.values_mut().for_each(tighten),
+            ("anyOf" | "oneOf" | "allOf" | "prefixItems" | "items", Value::Array(a)) => a.iter_mut().for_each(tighten),
+            ("items" | "additionalProperties" | "not" | "if" | "then" | "else" | "contains" | "additionalItems" | "propertyNames", s) => tighten(s),
+            _ => {}
+        }
+    }
 }
 
 /// phi4's vocabulary as llguidance sees it.
@@ -101,13 +129,19 @@ impl Compiler {
         // llguidance reports bad grammars as errors; a panic inside it is one too.
         let parser = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory.create_parser(grammar)))
             .map_err(|_| format!("the {} could not be compiled", c.kind()))?
-            .map_err(|e| format!("the {} does not compile: {e}", c.kind()))?;
+            .map_err(|e| format!("the {} does not compile: {}", c.kind(), one_line(&e.to_string())))?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
-            return Err(format!("the {} does not compile: {e}", c.kind()));
+            return Err(format!("the {} does not compile: {}", c.kind(), one_line(&e)));
         }
         Ok(Guide { matcher })
     }
+}
+
+/// llguidance's multi-line error (with a caret under the spot) as one line.
+fn one_line(e: &str) -> String {
+    let context = |l: &&str| l.chars().all(|c| c == '^' || c == ' ') || l.split_once(" | ").is_some_and(|(n, _)| n.trim().parse::<u32>().is_ok());
+    e.lines().map(str::trim).filter(|l| !l.is_empty()).filter(|l| !context(l)).collect::<Vec<_>>().join(" ")
 }
 
 fn build_factory(tokenizer: &Arc<Tokenizer>) -> Result<ParserFactory, String> {

@@ -152,3 +152,33 @@ fn a_given_seed_reproduces_and_no_seed_draws_a_fresh_one() {
     let free: Vec<String> = (0..3).map(|_| reply(None)).collect();
     assert!(free[0] != free[1] || free[1] != free[2], "three unseeded replies were identical: {free:?}");
 }
+
+#[test]
+fn format_flags_constrain_the_reply() {
+    let demo = common::fixture("phi4-tiny-docs.gguf");
+    let m = demo.to_str().unwrap();
+    let dir = common::tmpdir();
+    let schema = dir.path().join("schema.json");
+    std::fs::write(&schema, r#"{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}"#).unwrap();
+    let grammar = dir.path().join("yes-no.lark");
+    std::fs::write(&grammar, "start: (\"yes\" | \"no\") \"!\"\n").unwrap();
+    let text = |args: &[&str]| {
+        let out = phi4(&[&["run", "--model", m, "-n", "60", "--temperature", "0.8"], args, &["Is it ok?"]].concat());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim_end().to_string()
+    };
+    let v: serde_json::Value = serde_json::from_str(&text(&["--format-schema", schema.to_str().unwrap()])).unwrap();
+    assert!(v["ok"].is_boolean() && v.as_object().unwrap().len() == 1, "{v}");
+    let inline = text(&["--format", r#"{"enum": ["red", "green"]}"#]);
+    assert!(inline == r#""red""# || inline == r#""green""#, "{inline}");
+    let yes_no = text(&["--grammar", grammar.to_str().unwrap()]);
+    assert!(yes_no == "yes!" || yes_no == "no!", "{yes_no}");
+    let digits = text(&["--regex", "[0-9]{4}"]);
+    assert!(digits.len() == 4 && digits.bytes().all(|b| b.is_ascii_digit()), "{digits}");
+
+    assert_clean_failure(&phi4(&["run", "--model", m, "--regex", "(", "hi"]), "format: the regex does not compile");
+    assert_clean_failure(&phi4(&["run", "--model", m, "--format", "yaml", "hi"]), "--format: \"yaml\" is neither json nor a JSON Schema");
+    assert_clean_failure(&phi4(&["run", "--model", m, "--format-schema", "/nonexistent.json", "hi"]), "--format-schema /nonexistent.json");
+    let both = phi4(&["run", "--model", m, "--format", "json", "--regex", "a", "hi"]);
+    assert!(!both.status.success() && String::from_utf8_lossy(&both.stderr).contains("cannot be used with"));
+}

@@ -255,6 +255,35 @@ fn a_bad_constraint_is_an_error_before_any_work() {
     ask(&mut s, "What is a list?", &ok).unwrap();
 }
 
+/// Where a schema leaves keys and integers open, it is read as Ollama (llama.cpp) reads it: no
+/// keys beyond `properties` unless allowed, integers of at most 16 digits — so that even a model
+/// with random weights ends its reply.
+#[test]
+fn open_schemas_are_read_as_ollama_reads_them() {
+    let m = real_vocab();
+    let mut s = session(&m);
+    let schema = json!({ "type": "object", "properties": { "n": { "type": "integer" }, "items": { "type": "array", "items": { "type": "object", "properties": { "k": { "type": "boolean" } } }, "maxItems": 2 } }, "required": ["n", "items"] });
+    for seed in 0..4 {
+        let out = ask(&mut s, "Numbers.", &params(Constraint::JsonSchema(schema.to_string()), 1.0, seed, 300)).unwrap();
+        assert_eq!(out.reason, DoneReason::Stop, "{:?}", out.text);
+        let v: Value = serde_json::from_str(&out.text).unwrap();
+        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["n", "items"], "{v}");
+        assert!(v["n"].as_i64().is_some_and(|n| n.unsigned_abs() < 1 << 53), "{v}");
+        assert!(v["items"].as_array().unwrap().iter().all(|i| i.as_object().unwrap().keys().all(|k| k == "k")), "{v}");
+    }
+    // Keys a schema allows by pattern stay allowed.
+    let open = json!({ "type": "object", "properties": { "a": { "type": "boolean" } }, "patternProperties": { "^x[0-9]$": { "type": "integer", "minimum": 0, "maximum": 9 } }, "required": ["a"] });
+    let validator = jsonschema::validator_for(&open).unwrap();
+    let extra = (0..6).any(|seed| {
+        let out = ask(&mut s, "More.", &params(Constraint::JsonSchema(open.to_string()), 1.0, seed, 300)).unwrap();
+        let v: Value = serde_json::from_str(&out.text).unwrap_or_else(|e| panic!("{e}: {:?}", out.text));
+        assert!(validator.is_valid(&v), "{v}");
+        v.as_object().unwrap().len() > 1
+    });
+    assert!(extra, "additionalProperties allowed no extra key");
+}
+
 /// At max_tokens the reply is cut (`length`), valid as far as it goes.
 #[test]
 fn max_tokens_cuts_a_valid_prefix() {

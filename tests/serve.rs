@@ -88,6 +88,39 @@ fn ollama_endpoints_field_for_field() {
     assert!(show["template"].as_str().unwrap().contains("<|im_start|>") && show["parameters"].is_string() && show["capabilities"] == json!(["completion"]));
 }
 
+/// Ollama's `format` and OpenAI's `response_format`: the reply, streamed or not, is JSON valid
+/// against the schema.
+#[test]
+fn structured_output_over_both_apis() {
+    let s = Server::start(&[]);
+    let schema = json!({ "type": "object", "properties": { "state": { "enum": ["ok", "failed"] }, "count": { "type": "integer", "minimum": 0, "maximum": 9 } }, "required": ["state", "count"] });
+    let valid = |text: &str| {
+        let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+        assert!(v["state"].is_string() && v["count"].as_u64().is_some_and(|c| c <= 9) && v.as_object().unwrap().len() == 2, "{v}");
+    };
+    let msgs = json!([{ "role": "user", "content": "Status?" }]);
+    let mut body = chat_body(msgs.clone(), true, 100);
+    body["format"] = schema.clone();
+    let (status, _, lines) = s.post_lines("/api/chat", &body);
+    assert_eq!(status, 200);
+    let events: Vec<Value> = lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(events.last().unwrap()["done_reason"], "stop");
+    valid(&events.iter().map(|e| e["message"]["content"].as_str().unwrap()).collect::<String>());
+    body["stream"] = json!(false);
+    let (_, v) = s.post("/api/chat", &body);
+    valid(v["message"]["content"].as_str().unwrap());
+
+    let (status, v) = s.post("/api/generate", &json!({ "model": "phi4", "prompt": "Status?", "format": schema, "stream": false, "options": { "temperature": 0.9, "seed": 4 } }));
+    assert_eq!(status, 200, "{v}");
+    valid(v["response"].as_str().unwrap());
+
+    let rf = json!({ "type": "json_schema", "json_schema": { "name": "status", "strict": true, "schema": schema } });
+    let (status, v) = s.post("/v1/chat/completions", &json!({ "model": "phi4", "messages": msgs, "response_format": rf, "max_tokens": 100 }));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    valid(v["choices"][0]["message"]["content"].as_str().unwrap());
+}
+
 #[test]
 fn openai_endpoints_field_for_field() {
     let s = Server::start(&[]);
@@ -149,7 +182,9 @@ fn second_turn_evaluates_only_the_new_turn() {
 #[test]
 fn disconnect_cancels_the_generation() {
     let s = Server::start(&["--parallel", "1"]);
-    let body = json!({ "model": "phi4", "prompt": "The os module", "raw": true, "options": { "num_predict": -2, "temperature": 1.0, "num_ctx": 2048 } }).to_string();
+    // A format that allows no end before 1,500 letters: the generation runs until cancelled.
+    let format = json!({ "type": "string", "pattern": "^[a-z ]{1500}$" });
+    let body = json!({ "model": "phi4", "prompt": "The os module", "raw": true, "format": format, "options": { "num_predict": -2, "temperature": 1.0, "num_ctx": 2048 } }).to_string();
     let mut conn = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
     write!(conn, "POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
     let mut r = BufReader::new(conn.try_clone().unwrap());
@@ -235,14 +270,18 @@ fn bad_input_is_answered_and_the_server_goes_on() {
         ("/api/chat", json!({ "model": "phi4", "messages": [{ "role": "user", "content": "x", "images": ["aGk="] }] }), 400, "images"),
         ("/api/chat", json!({ "model": "phi4", "messages": user, "tools": [{ "type": "function" }] }), 400, "tools"),
         ("/api/chat", json!({ "model": "phi4", "messages": user, "think": true }), 400, "thinking"),
-        ("/api/chat", json!({ "model": "phi4", "messages": user, "format": "json" }), 400, "format"),
+        ("/api/chat", json!({ "model": "phi4", "messages": user, "format": "yaml" }), 400, "format must be \"json\" or a JSON schema"),
+        ("/api/chat", json!({ "model": "phi4", "messages": user, "format": 42 }), 400, "format must be"),
+        ("/api/chat", json!({ "model": "phi4", "messages": user, "format": { "type": "string", "pattern": "(" } }), 400, "format: the JSON schema does not compile"),
+        ("/api/generate", json!({ "model": "phi4", "prompt": "x", "format": { "type": "integer", "minimum": 5, "maximum": 1 } }), 400, "JSON schema"),
         ("/api/chat", json!({ "model": "phi4", "messages": [{ "role": "user", "content": "word ".repeat(3000) }] }), 400, "needs"),
         ("/api/generate", json!({ "model": "phi4", "prompt": "x", "context": [99999999] }), 400, "outside the vocabulary"),
         ("/api/pull", json!({ "model": "phi4" }), 400, "not supported"),
         ("/api/delete", json!({ "model": "phi4" }), 400, "not supported"),
         ("/api/create", json!({ "model": "x", "from": "/etc/passwd" }), 400, "not supported"),
         ("/v1/chat/completions", json!({ "model": "phi4", "messages": user, "max_tokens": 0 }), 400, "max_tokens"),
-        ("/v1/chat/completions", json!({ "model": "phi4", "messages": user, "response_format": { "type": "json_object" } }), 400, "response_format"),
+        ("/v1/chat/completions", json!({ "model": "phi4", "messages": user, "response_format": { "type": "xml" } }), 400, "response_format.type"),
+        ("/v1/chat/completions", json!({ "model": "phi4", "messages": user, "response_format": { "type": "json_schema", "json_schema": { "name": "x" } } }), 400, "json_schema.schema"),
     ];
     for (path, body, want, text) in cases {
         let (status, _, b) = s.request("POST", path, Some(body.to_string().as_bytes()), &[]);

@@ -63,6 +63,8 @@ pub struct RunArgs {
     /// Generation options (Ollama's names): --temperature, --top-k, ..., -n/--num-predict, --stop.
     #[command(flatten)]
     options: options::GenerateArgs,
+    #[command(flatten)]
+    format: options::FormatArgs,
     /// Threads for the forward pass [default: the number of CPUs].
     #[arg(long)]
     threads: Option<usize>,

@@ -4,7 +4,7 @@
 //! library agree on names, defaults and ranges.
 
 use clap::{Arg, ArgAction, ArgMatches, Args, Command, FromArgMatches};
-use phi4::GenerateParams;
+use phi4::{Constraint, GenerateParams};
 
 /// The options given on the command line, by name, in order.
 #[derive(Debug, Default)]
@@ -61,5 +61,58 @@ impl FromArgMatches for GenerateArgs {
     fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
         *self = Self::from_arg_matches(m)?;
         Ok(())
+    }
+}
+
+/// The reply's format (at most one of these): only tokens that keep it valid are sampled.
+#[derive(Debug, Default, clap::Args)]
+#[group(multiple = false)]
+pub struct FormatArgs {
+    /// Reply format: `json` (any JSON object) or a JSON Schema written inline (`{...}`).
+    #[arg(long, value_name = "json|SCHEMA")]
+    format: Option<String>,
+    /// Reply format: a JSON value valid against the JSON Schema in FILE.
+    #[arg(long, value_name = "FILE")]
+    format_schema: Option<std::path::PathBuf>,
+    /// Reply format: text in the language of the Lark grammar in FILE (`start: ...`).
+    #[arg(long, value_name = "FILE")]
+    grammar: Option<std::path::PathBuf>,
+    /// Reply format: text matched, whole, by this regular expression.
+    #[arg(long, value_name = "REGEX")]
+    regex: Option<String>,
+}
+
+impl FormatArgs {
+    pub fn constraint(&self) -> Result<Option<Constraint>, String> {
+        let read = |flag: &str, p: &std::path::Path| std::fs::read_to_string(p).map_err(|e| format!("--{flag} {}: {e}", p.display()));
+        Ok(match self {
+            FormatArgs { format: Some(f), .. } => parse_format(f).map_err(|e| format!("--format: {e}"))?,
+            FormatArgs { format_schema: Some(p), .. } => Some(Constraint::JsonSchema(read("format-schema", p)?)),
+            FormatArgs { grammar: Some(p), .. } => Some(Constraint::Lark(read("grammar", p)?)),
+            FormatArgs { regex: Some(r), .. } => Some(Constraint::Regex(r.clone())),
+            _ => None,
+        })
+    }
+}
+
+/// A format as `--format` and the REPL's `/set format` take it: `json`, or a JSON Schema.
+pub fn parse_format(s: &str) -> Result<Option<Constraint>, String> {
+    match s.trim() {
+        "json" => Ok(Some(Constraint::Json)),
+        schema if schema.starts_with('{') => Ok(Some(Constraint::JsonSchema(schema.to_string()))),
+        other => Err(format!("{other:?} is neither json nor a JSON Schema ({{...}})")),
+    }
+}
+
+/// How `/show parameters` and `--verbose` name a format.
+pub fn describe_format(c: Option<&Constraint>) -> String {
+    match c {
+        None => "text".into(),
+        Some(Constraint::Json) => "json".into(),
+        Some(Constraint::JsonSchema(s) | Constraint::Regex(s) | Constraint::Lark(s)) => {
+            let one_line: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+            let short: String = one_line.chars().take(60).collect();
+            format!("{} {short}{}", c.map_or("", |c| c.kind()), if short.len() < one_line.len() { "…" } else { "" })
+        }
     }
 }

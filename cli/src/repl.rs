@@ -11,12 +11,15 @@ use phi4::{GenerateParams, Session};
 
 use crate::commands::run::reply;
 use crate::describe::describe;
+use crate::options::{describe_format, parse_format};
 use crate::output::{print_timings, Sink};
 use crate::Res;
 
 const HELP: &str = "Available commands:
   /set parameter NAME VALUE   set a generation option (/show parameters lists them)
   /set system TEXT            set the system message
+  /set format json|SCHEMA     reply in JSON (any object, or valid against a JSON Schema)
+  /set noformat               reply in free text
   /set verbose | quiet        show timings after each reply, or not
   /show info|parameters|system
   /clear                      forget the conversation
@@ -141,6 +144,17 @@ fn command(line: &str, st: &mut State<'_>) -> Flow {
             st.verbose = false;
             eprintln!("Set 'quiet' mode.");
         }
+        ["/set", "format", ..] => match parse_format(line.splitn(3, ' ').nth(2).unwrap_or("")) {
+            Ok(c) => {
+                eprintln!("Set format to '{}'.", describe_format(c.as_ref()));
+                st.gp.constraint = c;
+            }
+            Err(e) => eprintln!("error: {e}"),
+        },
+        ["/set", "noformat"] => {
+            st.gp.constraint = None;
+            eprintln!("Disabled format.");
+        }
         ["/set", "parameter", name, value @ ..] if !value.is_empty() => match st.gp.set(name, &value.join(" ")) {
             Ok(()) => eprintln!("Set parameter '{name}' to '{}'", value.join(" ")),
             Err(e) => eprintln!("error: {e}"),
@@ -155,6 +169,7 @@ fn command(line: &str, st: &mut State<'_>) -> Flow {
             for (name, help) in GenerateParams::options() {
                 eprintln!("  {name:<18} {:<10} {}", st.gp.get(name).unwrap_or_default(), help.trim());
             }
+            eprintln!("  {:<18} {}", "format", describe_format(st.gp.constraint.as_ref()));
         }
         ["/show", "system"] => match st.messages.iter().find(|m| m.role == Role::System) {
             Some(m) => eprintln!("{}", m.content),

@@ -2,10 +2,13 @@
 
 Usage: python_clients.py BASE_URL   (e.g. http://127.0.0.1:11434). Exits non-zero on a failure.
 """
+import json
 import sys
+from typing import List, Literal
 
 import ollama
 import openai
+from pydantic import BaseModel, Field
 
 base = sys.argv[1]
 client = ollama.Client(host=base)
@@ -47,6 +50,31 @@ try:
 except ollama.ResponseError as e:
     assert e.status_code == 404 and "not found" in e.error, e
 
+# Structured output: a pydantic model's schema as `format`; the reply parses into the model,
+# at any temperature.
+class Reading(BaseModel):
+    sensor: Literal["temperature", "humidity", "pressure"]
+    value: int = Field(ge=-40, le=125)
+    alarm: bool
+    notes: List[Literal["stale", "spike", "drift"]] = Field(max_length=2)
+
+ask = [{"role": "user", "content": "Report the sensor reading as JSON."}]
+for seed, temperature in [(1, 0.0), (2, 0.8), (3, 1.2)]:
+    r = client.chat(model="phi4", messages=ask, format=Reading.model_json_schema(), options={"seed": seed, "temperature": temperature, "num_predict": 200})
+    assert r.done_reason == "stop", r
+    reading = Reading.model_validate_json(r.message.content)
+print(f"ollama format=<pydantic schema>: {reading!r}")
+g = client.generate(model="phi4", prompt="A JSON object, please.", format="json", options={"num_predict": 200, "temperature": 0})
+if g.done_reason == "stop":
+    assert isinstance(json.loads(g.response), dict), g.response
+else:
+    assert g.response.startswith("{"), g.response
+try:
+    client.chat(model="phi4", messages=ask, format={"type": "integer", "minimum": 3, "maximum": 1})
+    raise AssertionError("no error for a schema that cannot be satisfied")
+except ollama.ResponseError as e:
+    assert e.status_code == 400 and "schema" in e.error, e
+
 # OpenAI's client against the same server.
 oa = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
 done = oa.chat.completions.create(model="phi4", messages=question, max_tokens=8, temperature=0)
@@ -62,4 +90,12 @@ try:
     raise AssertionError("no error for an unknown model")
 except openai.NotFoundError as e:
     assert "not found" in str(e), e
+# OpenAI's structured output: parse() sends the pydantic model as a strict json_schema.
+for seed in (1, 2):
+    parsed = oa.chat.completions.parse(model="phi4", messages=ask, response_format=Reading, temperature=0.9, seed=seed, max_tokens=200)
+    assert isinstance(parsed.choices[0].message.parsed, Reading), parsed
+print(f"openai response_format=<pydantic model>: {parsed.choices[0].message.parsed!r}")
+obj = oa.chat.completions.create(model="phi4", messages=ask, response_format={"type": "json_object"}, temperature=0, max_tokens=200)
+if obj.choices[0].finish_reason == "stop":
+    assert isinstance(json.loads(obj.choices[0].message.content), dict), obj
 print("python clients: ok")

@@ -10,6 +10,7 @@ use crate::{repl, Res, RunArgs};
 
 pub fn run(a: RunArgs) -> Res {
     let mut gp = a.options.params()?;
+    gp.constraint = a.format.constraint()?;
     if a.raw {
         if a.prompt_ids.is_empty() {
             return Err("--raw needs --prompt-ids".into());

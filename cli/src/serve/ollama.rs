@@ -74,7 +74,7 @@ fn merge(mut a: Value, b: Value) -> Value {
 }
 
 /// What Phi-4 cannot do gets Ollama's kind of answer: a 400 naming the reason.
-fn unsupported(images: bool, tools: bool, think: Option<&Value>, format: Option<&Value>) -> Result<(), ApiError> {
+fn unsupported(images: bool, tools: bool, think: Option<&Value>) -> Result<(), ApiError> {
     if images {
         return Err(ApiError::bad("phi4 does not support images (it reads text only)"));
     }
@@ -83,9 +83,6 @@ fn unsupported(images: bool, tools: bool, think: Option<&Value>, format: Option<
     }
     if think.is_some_and(|t| !matches!(t, Value::Null | Value::Bool(false))) {
         return Err(ApiError::bad("phi4 does not support thinking"));
-    }
-    if format.is_some_and(|f| !(f.is_null() || f.as_str() == Some(""))) {
-        return Err(ApiError::bad("format (structured output) is not supported by this server yet"));
     }
     Ok(())
 }
@@ -116,9 +113,9 @@ struct ChatRequest {
     think: Option<Value>,
 }
 
-/// Options, context and keep-alive of a request.
-fn job_params(options: Option<&Value>, keep_alive: Option<&Value>) -> Result<(GenerateParams, Shape, KeepAlive), ApiError> {
-    let mut gp = GenerateParams::default();
+/// Options, format, context and keep-alive of a request.
+fn job_params(options: Option<&Value>, format: Option<&Value>, keep_alive: Option<&Value>) -> Result<(GenerateParams, Shape, KeepAlive), ApiError> {
+    let mut gp = GenerateParams { constraint: run::format(format)?, ..Default::default() };
     let mut shape = Shape::default();
     run::options(options, &mut gp, &mut shape)?;
     Ok((gp, shape, run::keep_alive(keep_alive)?))
@@ -129,8 +126,8 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
     app.check_model(&req.model)?;
     let images = req.messages.iter().any(|m| non_empty(&m.images));
     let tools = non_empty(&req.tools) || req.messages.iter().any(|m| non_empty(&m.tool_calls));
-    unsupported(images, tools, req.think.as_ref(), req.format.as_ref())?;
-    let (params, shape, keep_alive) = job_params(req.options.as_ref(), req.keep_alive.as_ref())?;
+    unsupported(images, tools, req.think.as_ref())?;
+    let (params, shape, keep_alive) = job_params(req.options.as_ref(), req.format.as_ref(), req.keep_alive.as_ref())?;
     let model = req.model.clone();
     if req.messages.is_empty() {
         return load_or_unload(&app, keep_alive, json!({ "model": model, "created_at": now_rfc3339(), "message": { "role": "assistant", "content": "" } })).await;
@@ -168,11 +165,11 @@ struct GenerateRequest {
 pub async fn generate(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiError> {
     let req: GenerateRequest = parse(&body)?;
     app.check_model(&req.model)?;
-    unsupported(non_empty(&req.images), false, req.think.as_ref(), req.format.as_ref())?;
+    unsupported(non_empty(&req.images), false, req.think.as_ref())?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad("phi4 does not support suffix (fill-in-the-middle)"));
     }
-    let (params, shape, keep_alive) = job_params(req.options.as_ref(), req.keep_alive.as_ref())?;
+    let (params, shape, keep_alive) = job_params(req.options.as_ref(), req.format.as_ref(), req.keep_alive.as_ref())?;
     let model = req.model.clone();
     if req.prompt.is_empty() && req.context.as_ref().map_or(true, |c| c.is_empty()) {
         return load_or_unload(&app, keep_alive, json!({ "model": model, "created_at": now_rfc3339(), "response": "" })).await;

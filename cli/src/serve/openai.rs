@@ -137,9 +137,7 @@ fn params(s: Sampling, max_tokens: Option<i64>) -> Result<(GenerateParams, run::
 pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, OpenAiError> {
     let req: ChatRequest = parse(&body)?;
     app.check_model(&req.model)?;
-    if req.response_format.as_ref().is_some_and(|f| f.get("type").and_then(Value::as_str) != Some("text")) {
-        return Err(ApiError::bad("response_format (structured output) is not supported by this server yet").into());
-    }
+    let constraint = run::response_format(req.response_format.as_ref())?;
     if req.tools.as_ref().is_some_and(|t| !t.is_null() && t.as_array().map_or(true, |a| !a.is_empty())) {
         return Err(ApiError::bad("phi4 does not support tools").into());
     }
@@ -158,7 +156,8 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
         return Err(ApiError::bad("messages must not be empty").into());
     }
     let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
-    let (params, shape) = params(req.sampling, max_tokens)?;
+    let (mut params, shape) = params(req.sampling, max_tokens)?;
+    params.constraint = constraint;
     let job = Job { prompt: Prompt::Chat(messages), params, shape, keep_alive: run::keep_alive(None)?, label: "POST /v1/chat/completions".into() };
     let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
     let head = json!({ "id": id("chatcmpl"), "object": "chat.completion.chunk", "created": created(), "model": req.model, "system_fingerprint": "fp_phi4" });

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use phi4::chat::Message;
-use phi4::{GenerateParams, Outcome, SessionError};
+use phi4::{Constraint, GenerateParams, Outcome, SessionError};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -89,6 +89,33 @@ pub fn options(opts: Option<&Value>, gp: &mut GenerateParams, shape: &mut Shape)
         }
     }
     gp.sampling.validate().map_err(ApiError::bad)
+}
+
+/// Ollama's `format`: absent, null or "" (free text), "json" (any JSON object), or a JSON
+/// Schema object.
+pub fn format(v: Option<&Value>) -> Result<Option<Constraint>, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) if s == "json" => Ok(Some(Constraint::Json)),
+        Some(schema @ Value::Object(_)) => Ok(Some(Constraint::JsonSchema(schema.to_string()))),
+        Some(other) => Err(ApiError::bad(format!("format must be \"json\" or a JSON schema object, not {other}"))),
+    }
+}
+
+/// OpenAI's `response_format`: `text`, `json_object`, or `json_schema` with its `schema` (a
+/// strict schema or not, the reply always matches it).
+pub fn response_format(v: Option<&Value>) -> Result<Option<Constraint>, ApiError> {
+    let Some(v) = v.filter(|v| !v.is_null()) else { return Ok(None) };
+    match v.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Constraint::Json)),
+        Some("json_schema") => match v.get("json_schema").and_then(|j| j.get("schema")) {
+            Some(schema @ Value::Object(_)) => Ok(Some(Constraint::JsonSchema(schema.to_string()))),
+            _ => Err(ApiError::bad("response_format json_schema needs json_schema.schema, an object")),
+        },
+        _ => Err(ApiError::bad("response_format.type must be text, json_object or json_schema")),
+    }
 }
 
 /// Ollama's `keep_alive`: seconds (a number) or a Go duration ("5m", "1h30m", "-1").
