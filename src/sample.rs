@@ -191,14 +191,17 @@ impl Sampler {
         if p.temperature <= 0.0 {
             return argmax_cand(&self.cand);
         }
-        // Most likely first (ties: lower id first, for determinism).
-        self.cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        // Most likely first (ties: lower id first, for determinism). With top_k, only the k
+        // best are sorted: the same k, in the same order, as sorting them all.
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && p.top_k < self.cand.len() {
+            self.cand.select_nth_unstable_by(p.top_k - 1, order);
+            self.cand.truncate(p.top_k);
+        }
+        self.cand.sort_unstable_by(order);
         // Tokens masked out (-inf, by a constraint) are never candidates.
         let allowed = self.cand.partition_point(|c| c.1 > f32::NEG_INFINITY);
         self.cand.truncate(allowed.max(1));
-        if p.top_k > 0 {
-            self.cand.truncate(p.top_k);
-        }
         let probs = softmax(&self.cand, 1.0);
         if p.top_p < 1.0 {
             let mut acc = 0.0;

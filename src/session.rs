@@ -171,6 +171,8 @@ pub struct Timings {
     /// Tokens generated.
     pub eval_count: usize,
     pub eval_duration: u64,
+    /// Of `eval_duration`, the time spent choosing tokens: the constraint's mask, the sampler.
+    pub sample_duration: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -429,6 +431,7 @@ impl Session {
             if self.cancel.load(Ordering::Relaxed) {
                 return Ok(DoneReason::Cancelled);
             }
+            let t = Instant::now();
             if let Some(g) = guide.as_deref_mut() {
                 g.mask(&mut self.st.logits).map_err(SessionError::Constraint)?;
             }
@@ -439,6 +442,7 @@ impl Session {
             if let Some(g) = guide.as_deref_mut() {
                 g.accept(id).map_err(SessionError::Constraint)?;
             }
+            timings.sample_duration += t.elapsed().as_nanos() as u64;
             timings.eval_count += 1;
             self.last_token = Some(id);
             let (emit, stopped) = text.push(tok.piece(id, false));
