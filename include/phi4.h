@@ -72,6 +72,8 @@ typedef enum phi4_status {
   PHI4_ERR_BUFFER_TOO_SMALL = 9,
   // A bug in phi4 (caught; the process is intact).
   PHI4_ERR_INTERNAL = 10,
+  // A saved session state is damaged, or of another model or format version.
+  PHI4_ERR_BAD_STATE = 11,
 } phi4_status;
 
 // Severity of a log message.
@@ -370,6 +372,46 @@ enum phi4_status phi4_session_rewind(struct phi4_session *session, size_t n_toke
 
 // Number of tokens in the session's cache, written to `*n`.
 enum phi4_status phi4_session_n_cached(struct phi4_session *session, size_t *n);
+
+// Save the session's cache — its tokens and their K/V rows — to the file at `path` (UTF-8),
+// atomically: a temporary file beside it is written, synced and renamed over `path`, so a
+// crash or a full disk leaves any previous file intact. Restore it with
+// phi4_session_load_file, in this or another process, on the same model file.
+//
+// One thread at a time per session (PHI4_ERR_BUSY otherwise).
+enum phi4_status phi4_session_save_file(struct phi4_session *session, const char *path);
+
+// Restore a state saved by phi4_session_save_file (or _save_buffer) from a session of this
+// model: the cache becomes the saved tokens (the first n_ctx if there are more; see
+// phi4_session_n_cached), and the next chat or generate evaluates only what they lack. A file
+// that is damaged, of another model or another format version fails with PHI4_ERR_BAD_STATE
+// (PHI4_ERR_IO when it cannot be read) and leaves the session as it was.
+//
+// One thread at a time per session (PHI4_ERR_BUSY otherwise).
+enum phi4_status phi4_session_load_file(struct phi4_session *session, const char *path);
+
+// Save the session's state into the caller's buffer `buf` of `capacity` bytes; `*len` gets
+// its size. When it does not fit, PHI4_ERR_BUFFER_TOO_SMALL with the size needed in `*len`
+// (call with buf NULL and capacity 0 to ask). `buf` is written during the call only.
+//
+// One thread at a time per session (PHI4_ERR_BUSY otherwise).
+enum phi4_status phi4_session_save_buffer(struct phi4_session *session,
+                                          uint8_t *buf,
+                                          size_t capacity,
+                                          size_t *len);
+
+// phi4_session_load_file from the `len` bytes at `buf` (read during the call only).
+//
+// One thread at a time per session (PHI4_ERR_BUSY otherwise).
+enum phi4_status phi4_session_load_buffer(struct phi4_session *session,
+                                          const uint8_t *buf,
+                                          size_t len);
+
+// Make `to`'s cache a copy of `from`'s (sessions on the same model file; the first n_ctx tokens
+// of `from` if `to`'s context is smaller): e.g. sessions sharing one evaluated system prompt.
+// Both sessions must be free (PHI4_ERR_BUSY otherwise); copying a session onto itself does
+// nothing.
+enum phi4_status phi4_session_copy(struct phi4_session *to, struct phi4_session *from);
 
 // The outcome of the last generation. Set `out->struct_size = sizeof(phi4_result)` first; at
 // most that many bytes are written. Thread-safe (does not wait for a running generation; it

@@ -106,3 +106,22 @@ pub fn turn(tok: &Tokenizer, m: Markers, role: Role, content: Option<Vec<u32>>) 
     }
     out
 }
+
+/// The messages whose turns `ids` holds, in order (the inverse of [`tokens`]): complete turns
+/// only; an unfinished last turn (a reply being generated) is left out. For a conversation
+/// restored from a saved session state.
+pub fn messages(tok: &Tokenizer, m: Markers, ids: &[u32]) -> Vec<Message> {
+    let mut out = Vec::new();
+    let mut rest = ids;
+    while let Some(start) = rest.iter().position(|&t| t == m.im_start) {
+        rest = &rest[start + 1..];
+        let (Some(sep), Some(end)) = (rest.iter().position(|&t| t == m.im_sep), rest.iter().position(|&t| t == m.im_end)) else { break };
+        if sep < end {
+            if let Some(role) = Role::parse(&tok.decode(&rest[..sep], false)) {
+                out.push(Message::new(role, tok.decode(&rest[sep + 1..end], false)));
+            }
+        }
+        rest = &rest[end + 1..];
+    }
+    out
+}

@@ -644,6 +644,14 @@ pub fn tensor_write<T: Copy>(t: Tensor<'_>, at_bytes: usize, data: &[T]) {
     unsafe { sys::ggml_backend_tensor_set(t.ptr(), data.as_ptr().cast(), at_bytes, n) }
 }
 
+/// Read `out.len()` bytes of a contiguous tensor's data, from byte `at_bytes`.
+pub fn tensor_read_bytes(t: Tensor<'_>, at_bytes: usize, out: &mut [u8]) {
+    assert!(t.has_data() && t.is_contiguous());
+    assert!(at_bytes.checked_add(out.len()).is_some_and(|end| end <= t.nbytes()), "tensor_read_bytes out of bounds");
+    // SAFETY: the range lies inside the tensor's memory (checked above); out has out.len() bytes.
+    unsafe { sys::ggml_backend_tensor_get(t.ptr(), out.as_mut_ptr().cast(), at_bytes, out.len()) }
+}
+
 /// Read a contiguous f32 tensor.
 pub fn tensor_read_f32(t: Tensor<'_>, out: &mut Vec<f32>) {
     assert!(t.has_data() && t.is_contiguous() && t.ty() == Type::F32);

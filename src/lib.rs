@@ -25,6 +25,7 @@ pub mod gguf;
 pub mod model;
 pub mod sample;
 pub mod session;
+pub mod state;
 pub mod tokenizer;
 
 mod ffi;
@@ -36,6 +37,7 @@ mod kv_cache;
 pub use constrain::Constraint;
 pub use model::{Config, LoadError, LoadParams, Model};
 pub use sample::SamplingParams;
+pub use state::StateError;
 pub use session::{DoneReason, GenerateParams, Outcome, Overflow, Session, SessionError, SessionParams};
 
 /// CPU features ggml uses on this machine, by name (e.g. `["SSE3", "AVX", "AVX2", "F16C", "FMA"]`).

@@ -5,7 +5,7 @@
 //! A [`Model`] is immutable once loaded and shared by every session on it.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::ggml::{self, Buffer, BufferType, Context, TensorId, Type};
 use crate::gguf::{self, Gguf, GgufError, TensorInfo};
@@ -181,6 +181,34 @@ impl Default for LoadParams<'_> {
     }
 }
 
+/// Two FNV-1a 64-bit hashes of the same bytes from different starting points: a stable,
+/// platform-independent 128-bit fingerprint (not a cryptographic one).
+struct Fnv2([u64; 2]);
+
+impl Default for Fnv2 {
+    fn default() -> Self {
+        Fnv2([0xcbf2_9ce4_8422_2325, 0x6c62_272e_07bb_0142])
+    }
+}
+
+impl Fnv2 {
+    fn update(&mut self, bytes: &[u8]) {
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        for &b in bytes {
+            for h in &mut self.0 {
+                *h = (*h ^ b as u64).wrapping_mul(PRIME);
+            }
+        }
+    }
+
+    fn finish(&self) -> [u8; 16] {
+        let mut out = [0; 16];
+        out[..8].copy_from_slice(&self.0[0].to_le_bytes());
+        out[8..].copy_from_slice(&self.0[1].to_le_bytes());
+        out
+    }
+}
+
 /// A loaded Phi-4 model: configuration, metadata (for the tokenizer) and weights.
 pub struct Model {
     pub config: Config,
@@ -197,6 +225,9 @@ pub struct Model {
     pub load_duration: u64,
     /// Compiles the constraints of generations on this model (built on first use).
     pub(crate) constraints: Compiler,
+    /// The file's mapping (weights that were not repacked are used in place).
+    map: Arc<memmap2::Mmap>,
+    fingerprint: OnceLock<[u8; 16]>,
 }
 
 /// What a weight is for: the name of its tensor without the `blk.{i}.` prefix and `.weight`.
@@ -436,7 +467,25 @@ impl Model {
 
         let weights = Weights::assemble(&config, ctx, &ids, buffers);
         let load_duration = started.elapsed().as_nanos() as u64;
-        Ok(Model { config, gguf, weights, file_size: map.len() as u64, repacked, tokenizer, load_duration, constraints: Compiler::default() })
+        Ok(Model { config, gguf, weights, file_size: map.len() as u64, repacked, tokenizer, load_duration, constraints: Compiler::default(), map, fingerprint: OnceLock::new() })
+    }
+
+    /// 16 bytes that tell this model from others, for saved session states: a hash of the file's
+    /// header (metadata and tensor table) and of the first and last 256 bytes of every tensor's
+    /// data — the same on every machine, and cheap (not a hash of gigabytes).
+    pub fn fingerprint(&self) -> [u8; 16] {
+        *self.fingerprint.get_or_init(|| {
+            let file = &self.map[..];
+            let mut h = Fnv2::default();
+            h.update(&file[..self.gguf.data_offset as usize]);
+            for t in &self.gguf.tensors {
+                let (at, n) = (t.file_offset as usize, t.size as usize);
+                let k = n.min(256);
+                h.update(&file[at..at + k]);
+                h.update(&file[at + n - k..at + n]);
+            }
+            h.finish()
+        })
     }
 
     /// Which weight types ggml repacked into which layouts, one line: "101 q4_K tensors into

@@ -7,6 +7,7 @@
 //! overflow policy allows dropping the oldest turns (the system message is kept), which the
 //! outcome reports.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,6 +19,7 @@ use crate::forward::RunState;
 use crate::hash::{Map, Set};
 use crate::model::Model;
 use crate::sample::{Sampler, SamplingParams};
+use crate::state::{self, StateError};
 use crate::tokenizer::StreamDecoder;
 
 /// What to do when a conversation no longer fits the context.
@@ -268,6 +270,92 @@ impl Session {
     /// Keep only the first `n` tokens of the cache.
     pub fn rewind(&mut self, n: usize) {
         self.history.truncate(n);
+    }
+
+    /// Evaluate what the cache lacks of `tokens` (the prefix it shares with the cache is kept):
+    /// a prompt evaluated ahead of its reply, e.g. to save it ([`Session::save`]). Returns the
+    /// number of tokens evaluated.
+    pub fn warm(&mut self, tokens: &[u32]) -> Result<usize, SessionError> {
+        self.cancel.store(false, Ordering::Relaxed);
+        let n_vocab = self.model.config.n_vocab;
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(EvalError::BadToken { id, n_vocab }.into());
+        }
+        if tokens.len() > self.n_ctx() {
+            return Err(SessionError::ContextOverflow { needed: tokens.len(), n_ctx: self.n_ctx() });
+        }
+        let keep = self.history.iter().zip(tokens).take_while(|(a, b)| a == b).count();
+        self.history.truncate(keep);
+        self.last_token = None;
+        if keep < tokens.len() {
+            self.st.eval(&self.model, &tokens[keep..], keep, &self.cancel)?;
+            self.history.extend_from_slice(&tokens[keep..]);
+        }
+        Ok(tokens.len() - keep)
+    }
+
+    /// Bytes a saved state of the first `n` cached tokens takes ([`Session::save`]).
+    pub fn state_size(&self, n: usize) -> u64 {
+        state::size(&self.model, n.min(self.history.len()))
+    }
+
+    /// Save the first `n` tokens of the cache (all: `usize::MAX`) with their K/V rows to `path`,
+    /// atomically (a temporary file renamed into place). Returns the bytes written.
+    pub fn save(&self, path: &Path, n: usize) -> Result<u64, StateError> {
+        let tokens = &self.history[..n.min(self.history.len())];
+        state::save_file(path, |w| state::write(&self.model, &self.st.kv, tokens, w))?;
+        Ok(state::size(&self.model, tokens.len()))
+    }
+
+    /// The saved state of the first `n` cached tokens, written to `w`.
+    pub fn save_to(&self, w: &mut dyn std::io::Write, n: usize) -> std::io::Result<()> {
+        state::write(&self.model, &self.st.kv, &self.history[..n.min(self.history.len())], w)
+    }
+
+    /// Restore a state saved from a session of this model: the cache becomes its tokens (the
+    /// first `n_ctx` of them if it holds more). Returns how many. A state that is damaged, of
+    /// another model or version, leaves the session as it was.
+    pub fn load(&mut self, path: &Path) -> Result<usize, StateError> {
+        let file = state::open(path)?;
+        self.restore(&file).map_err(|e| match e {
+            StateError::Invalid(m) => StateError::Invalid(format!("{}: {m}", path.display())),
+            e => e,
+        })
+    }
+
+    /// [`Session::load`] from bytes.
+    pub fn load_bytes(&mut self, bytes: &[u8]) -> Result<usize, StateError> {
+        self.restore(bytes)
+    }
+
+    fn restore(&mut self, src: &(impl state::Source + ?Sized)) -> Result<usize, StateError> {
+        let checked = state::check(&self.model, src)?;
+        let n = checked.tokens.len().min(self.n_ctx());
+        self.last_token = None;
+        self.replies.clear();
+        if let Err(e) = state::restore(&checked, src, &self.st.kv, n) {
+            self.history.clear();
+            return Err(e);
+        }
+        self.history.clear();
+        self.history.extend_from_slice(&checked.tokens[..n]);
+        Ok(n)
+    }
+
+    /// Make this session's cache a copy of `other`'s (the first `n_ctx` tokens of it): sessions
+    /// of one model, e.g. a server's, sharing one evaluated system prompt. Returns the tokens
+    /// copied.
+    pub fn copy_from(&mut self, other: &Session) -> Result<usize, StateError> {
+        if self.model.fingerprint() != other.model.fingerprint() {
+            return Err(StateError::Invalid("the sessions are of different models".into()));
+        }
+        let n = other.history.len().min(self.n_ctx());
+        state::copy(&other.st.kv, &self.st.kv, n, state::row_bytes(&self.model));
+        self.history.clear();
+        self.history.extend_from_slice(&other.history[..n]);
+        self.replies = other.replies.clone();
+        self.last_token = None;
+        Ok(n)
     }
 
     /// Evaluate `tokens` after those in the cache, without sampling, and return the logits of

@@ -80,6 +80,10 @@ pub struct RunArgs {
     /// Keep every weight in the file mapping (no repacking into faster layouts).
     #[arg(long)]
     no_repack: bool,
+    /// Keep the evaluated prompt in FILE: restore what of it matches this prompt on start, save
+    /// it once the prompt is evaluated (a long system prompt is then evaluated once, ever).
+    #[arg(long, value_name = "FILE")]
+    prompt_cache: Option<PathBuf>,
     /// Print NDJSON events instead of text.
     #[arg(long)]
     json: bool,

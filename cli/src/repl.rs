@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use std::path::Path;
 
-use phi4::chat::{Message, Role};
+use phi4::chat::{self, Markers, Message, Role};
 use phi4::{GenerateParams, Session};
 
 use crate::commands::run::reply;
@@ -22,6 +22,8 @@ const HELP: &str = "Available commands:
   /set noformat               reply in free text
   /set verbose | quiet        show timings after each reply, or not
   /show info|parameters|system
+  /save FILE                  save the session (its evaluated tokens) to FILE
+  /load FILE                  restore a saved session and its conversation
   /clear                      forget the conversation
   /bye                        exit
 Use \"\"\" to begin and end a multi-line message. Ctrl-C stops a reply; Ctrl-D exits.";
@@ -143,6 +145,24 @@ fn command(line: &str, st: &mut State<'_>) -> Flow {
         ["/set", "quiet"] => {
             st.verbose = false;
             eprintln!("Set 'quiet' mode.");
+        }
+        ["/save", _, ..] => {
+            let path = line.split_once(' ').map_or("", |(_, p)| p.trim());
+            match st.session.save(path.as_ref(), usize::MAX) {
+                Ok(bytes) => eprintln!("Saved the session ({} tokens, {:.1} MiB) to {path}.", st.session.history().len(), bytes as f64 / 1048576.0),
+                Err(e) => eprintln!("error: {e}"),
+            }
+        }
+        ["/load", _, ..] => {
+            let path = line.split_once(' ').map_or("", |(_, p)| p.trim());
+            match st.session.load(path.as_ref()) {
+                Ok(n) => {
+                    let tok = st.session.model().tokenizer.clone();
+                    st.messages = Markers::of(&tok).map(|m| chat::messages(&tok, m, st.session.history())).unwrap_or_default();
+                    eprintln!("Loaded {n} tokens: a conversation of {} messages.", st.messages.len());
+                }
+                Err(e) => eprintln!("error: {e}"),
+            }
         }
         ["/set", "format", ..] => match parse_format(line.splitn(3, ' ').nth(2).unwrap_or("")) {
             Ok(c) => {

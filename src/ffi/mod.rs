@@ -45,6 +45,8 @@ pub enum phi4_status {
     PHI4_ERR_BUFFER_TOO_SMALL = 9,
     /// A bug in phi4 (caught; the process is intact).
     PHI4_ERR_INTERNAL = 10,
+    /// A saved session state is damaged, or of another model or format version.
+    PHI4_ERR_BAD_STATE = 11,
 }
 
 pub use phi4_status::*;

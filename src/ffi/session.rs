@@ -15,6 +15,7 @@ use crate::constrain::Constraint;
 use crate::forward::EvalError;
 use crate::sample::SamplingParams;
 use crate::session::{DoneReason, GenerateParams, Outcome, Overflow, Session, SessionError, SessionParams};
+use crate::state::StateError;
 
 /// What to do when a conversation outgrows the context (the values of
 /// `phi4_session_params.overflow`).
@@ -522,6 +523,110 @@ pub unsafe extern "C" fn phi4_session_n_cached(session: *mut phi4_session, n: *m
     };
     // SAFETY: NULL or a live handle (caller's contract).
     unsafe { with_session(session, call) }
+}
+
+fn state_err(e: StateError) -> Error {
+    match e {
+        StateError::Io(m) => Error::new(PHI4_ERR_IO, m),
+        StateError::Invalid(m) => Error::new(PHI4_ERR_BAD_STATE, m),
+    }
+}
+
+/// Save the session's cache — its tokens and their K/V rows — to the file at `path` (UTF-8),
+/// atomically: a temporary file beside it is written, synced and renamed over `path`, so a
+/// crash or a full disk leaves any previous file intact. Restore it with
+/// phi4_session_load_file, in this or another process, on the same model file.
+///
+/// One thread at a time per session (PHI4_ERR_BUSY otherwise).
+#[no_mangle]
+pub unsafe extern "C" fn phi4_session_save_file(session: *mut phi4_session, path: *const c_char) -> phi4_status {
+    let call = |_: &phi4_session, s: &mut Session| {
+        // SAFETY: path is a NUL-terminated string (caller's contract).
+        let path = unsafe { c_str(path, "path") }?;
+        s.save(path.as_ref(), usize::MAX).map_err(state_err)?;
+        Ok(())
+    };
+    // SAFETY: NULL or a live handle (caller's contract).
+    unsafe { with_session(session, call) }
+}
+
+/// Restore a state saved by phi4_session_save_file (or _save_buffer) from a session of this
+/// model: the cache becomes the saved tokens (the first n_ctx if there are more; see
+/// phi4_session_n_cached), and the next chat or generate evaluates only what they lack. A file
+/// that is damaged, of another model or another format version fails with PHI4_ERR_BAD_STATE
+/// (PHI4_ERR_IO when it cannot be read) and leaves the session as it was.
+///
+/// One thread at a time per session (PHI4_ERR_BUSY otherwise).
+#[no_mangle]
+pub unsafe extern "C" fn phi4_session_load_file(session: *mut phi4_session, path: *const c_char) -> phi4_status {
+    let call = |_: &phi4_session, s: &mut Session| {
+        // SAFETY: path is a NUL-terminated string (caller's contract).
+        let path = unsafe { c_str(path, "path") }?;
+        s.load(path.as_ref()).map_err(state_err)?;
+        Ok(())
+    };
+    // SAFETY: NULL or a live handle (caller's contract).
+    unsafe { with_session(session, call) }
+}
+
+/// Save the session's state into the caller's buffer `buf` of `capacity` bytes; `*len` gets
+/// its size. When it does not fit, PHI4_ERR_BUFFER_TOO_SMALL with the size needed in `*len`
+/// (call with buf NULL and capacity 0 to ask). `buf` is written during the call only.
+///
+/// One thread at a time per session (PHI4_ERR_BUSY otherwise).
+#[no_mangle]
+pub unsafe extern "C" fn phi4_session_save_buffer(session: *mut phi4_session, buf: *mut u8, capacity: usize, len: *mut usize) -> phi4_status {
+    let call = |_: &phi4_session, s: &mut Session| {
+        non_null(len, "len")?;
+        let size = usize::try_from(s.state_size(usize::MAX)).map_err(|_| Error::new(PHI4_ERR_OUT_OF_MEMORY, "the state does not fit in memory"))?;
+        // SAFETY: len is non-null and writable (caller's contract).
+        unsafe { len.write(size) };
+        if size > capacity {
+            return Err(Error::new(PHI4_ERR_BUFFER_TOO_SMALL, format!("the state needs {size} bytes")));
+        }
+        non_null(buf, "buf")?;
+        // SAFETY: buf points to capacity >= size writable bytes (caller's contract).
+        let mut out = unsafe { std::slice::from_raw_parts_mut(buf, size) };
+        s.save_to(&mut out, usize::MAX).map_err(|e| Error::new(PHI4_ERR_INTERNAL, format!("writing the state: {e}")))?;
+        Ok(())
+    };
+    // SAFETY: NULL or a live handle (caller's contract).
+    unsafe { with_session(session, call) }
+}
+
+/// phi4_session_load_file from the `len` bytes at `buf` (read during the call only).
+///
+/// One thread at a time per session (PHI4_ERR_BUSY otherwise).
+#[no_mangle]
+pub unsafe extern "C" fn phi4_session_load_buffer(session: *mut phi4_session, buf: *const u8, len: usize) -> phi4_status {
+    let call = |_: &phi4_session, s: &mut Session| {
+        // SAFETY: buf points to len readable bytes (caller's contract).
+        let bytes = unsafe { array(buf, len, "buf") }?;
+        s.load_bytes(bytes).map_err(state_err)?;
+        Ok(())
+    };
+    // SAFETY: NULL or a live handle (caller's contract).
+    unsafe { with_session(session, call) }
+}
+
+/// Make `to`'s cache a copy of `from`'s (sessions on the same model file; the first n_ctx tokens
+/// of `from` if `to`'s context is smaller): e.g. sessions sharing one evaluated system prompt.
+/// Both sessions must be free (PHI4_ERR_BUSY otherwise); copying a session onto itself does
+/// nothing.
+#[no_mangle]
+pub unsafe extern "C" fn phi4_session_copy(to: *mut phi4_session, from: *mut phi4_session) -> phi4_status {
+    if std::ptr::eq(to, from) && !to.is_null() {
+        return PHI4_OK;
+    }
+    let call = |_: &phi4_session, s: &mut Session| {
+        // SAFETY: NULL or a live handle (caller's contract).
+        let f = unsafe { borrow(from as *const phi4_session) }?;
+        let src = f.inner.try_lock().ok_or_else(|| Error::new(PHI4_ERR_BUSY, BUSY_MESSAGE))?;
+        s.copy_from(&src).map_err(state_err)?;
+        Ok(())
+    };
+    // SAFETY: NULL or a live handle (caller's contract).
+    unsafe { with_session(to, call) }
 }
 
 /// The outcome of the last generation. Set `out->struct_size = sizeof(phi4_result)` first; at

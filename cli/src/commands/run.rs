@@ -2,7 +2,9 @@
 
 use std::io::{IsTerminal, Read};
 
-use phi4::chat::{Message, Role};
+use std::path::Path;
+
+use phi4::chat::{self, Markers, Message, Role};
 use phi4::{GenerateParams, Outcome, Overflow, SamplingParams, Session, SessionParams};
 
 use crate::output::{self, Sink};
@@ -32,8 +34,15 @@ pub fn run(a: RunArgs) -> Res {
         eprintln!("phi4: --threads {} is more than the {} CPUs here: using {}", sp.n_threads, session.n_threads(), session.n_threads());
     }
     let mut sink = output::sink(a.json);
+    let cache = a.prompt_cache.as_deref();
+    if let Some(file) = cache {
+        restore(&mut session, file, a.verbose);
+    }
 
     if a.raw {
+        if let Some(file) = cache {
+            keep(&mut session, &a.prompt_ids, file, a.verbose)?;
+        }
         let mut on_token = |id: Option<u32>, _: &str| id.map_or(true, |id| sink.token(id).is_ok());
         let outcome = session.generate(&a.prompt_ids, &gp, &mut on_token)?;
         sink.done(&outcome)?;
@@ -56,14 +65,52 @@ pub fn run(a: RunArgs) -> Res {
     match prompt {
         Some(p) => {
             messages.push(Message::new(Role::User, p));
+            if let Some(file) = cache {
+                let tok = &session.model().tokenizer.clone();
+                keep(&mut session, &chat::tokens(tok, Markers::of(tok)?, &messages, true), file, a.verbose)?;
+            }
             let out = reply(&mut session, &messages, &gp, sink.as_mut())?;
             if a.verbose && !a.json {
                 output::print_timings(&out);
             }
             Ok(())
         }
-        None => repl::run(&mut session, &a.model, messages, gp, sink, a.verbose),
+        None => {
+            if let Some(file) = cache.filter(|_| !messages.is_empty()) {
+                let tok = &session.model().tokenizer.clone();
+                keep(&mut session, &chat::tokens(tok, Markers::of(tok)?, &messages, false), file, a.verbose)?;
+            }
+            repl::run(&mut session, &a.model, messages, gp, sink, a.verbose)
+        }
     }
+}
+
+/// `--prompt-cache`: restore the saved state if there is one (one that cannot be used is
+/// reported and ignored: the prompt is evaluated as if there were none).
+fn restore(session: &mut Session, file: &Path, verbose: bool) {
+    if !file.exists() {
+        return;
+    }
+    match session.load(file) {
+        Ok(n) if verbose => eprintln!("phi4: --prompt-cache: restored {n} tokens from {}", file.display()),
+        Ok(_) => {}
+        Err(e) => eprintln!("phi4: --prompt-cache: not used: {e}"),
+    }
+}
+
+/// `--prompt-cache`: evaluate the prompt (what the restored state lacks of it) and save it, if
+/// anything was evaluated. A save that fails is reported; the reply goes on.
+fn keep(session: &mut Session, prompt: &[u32], file: &Path, verbose: bool) -> Res {
+    let evaluated = session.warm(prompt)?;
+    if evaluated == 0 && file.exists() {
+        return Ok(());
+    }
+    match session.save(file, usize::MAX) {
+        Ok(bytes) if verbose => eprintln!("phi4: --prompt-cache: saved {} tokens ({:.1} MiB) to {}", session.history().len(), bytes as f64 / 1048576.0, file.display()),
+        Ok(_) => {}
+        Err(e) => eprintln!("phi4: --prompt-cache: not saved: {e}"),
+    }
+    Ok(())
 }
 
 /// Generate one reply, streaming it to `sink`.

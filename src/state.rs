@@ -1,0 +1,317 @@
+//! Saved session state: the tokens in a session's cache and their K/V rows, so that a long
+//! prompt evaluated once is restored in the time it takes to read it back.
+//!
+//! The format (little-endian), version 1:
+//!
+//! ```text
+//!   0  magic       "PHI4KV\r\n"
+//!   8  version     u32 = 1
+//!  12  header crc  u32: CRC-32 of bytes 16 .. the end of the tokens
+//!  16  model       16 bytes: the model's fingerprint (Model::fingerprint)
+//!  32  kv type     u32: ggml type of the rows (1 = f16)
+//!  36  n_layer     u32
+//!  40  row bytes   u32: one position's K (and V) in one layer
+//!  44  n_tokens    u32: at most MAX_CONTEXT
+//!  48  tokens      n_tokens x u32
+//!      rows        per layer: K of the n_tokens positions, then V of them
+//!      rows crc    u32: CRC-32 of the rows
+//! ```
+//!
+//! A state is untrusted input. Every field is checked against the file's length and against the
+//! session before anything is read into the session, the rows' checksum included (a first pass
+//! over them); so a damaged file, one of another model or version, leaves the session as it was.
+//! Saving writes a temporary file beside the target, syncs it and renames it into place: a crash
+//! or a full disk never leaves a half-written state under the target's name.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::ggml::{self, Type};
+use crate::kv_cache::KvCache;
+use crate::model::Model;
+use crate::session::MAX_CONTEXT;
+
+pub const MAGIC: &[u8; 8] = b"PHI4KV\r\n";
+pub const VERSION: u32 = 1;
+const HEADER: usize = 48;
+/// Rows move through a buffer of this size (not the whole state at once).
+const CHUNK: usize = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The file could not be read or written.
+    #[error("{0}")]
+    Io(String),
+    /// Not a usable state for this session: damaged, another model's, another version's.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn invalid(m: impl Into<String>) -> StateError {
+    StateError::Invalid(m.into())
+}
+
+/// What every row of a state is, for a model: checked field by field when reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    n_layer: usize,
+    row: usize,
+}
+
+impl Layout {
+    fn of(model: &Model) -> Layout {
+        Layout { n_layer: model.config.n_layer, row: Type::F16.row_size(model.config.n_embd_kv() as u64) as usize }
+    }
+
+    /// Bytes of a state of `n` tokens.
+    fn len(self, n: usize) -> u64 {
+        (HEADER + 4 * n + 4) as u64 + (2 * self.n_layer * n * self.row) as u64
+    }
+}
+
+/// Bytes the state of `n` tokens takes.
+pub(crate) fn size(model: &Model, n: usize) -> u64 {
+    Layout::of(model).len(n)
+}
+
+/// Write the state of the first `tokens.len()` positions of `kv`.
+pub(crate) fn write(model: &Model, kv: &KvCache, tokens: &[u32], w: &mut dyn Write) -> io::Result<()> {
+    let layout = Layout::of(model);
+    let mut head = Vec::with_capacity(HEADER + 4 * tokens.len());
+    head.extend_from_slice(MAGIC);
+    head.extend_from_slice(&VERSION.to_le_bytes());
+    head.extend_from_slice(&[0; 4]); // the header crc, below
+    head.extend_from_slice(&model.fingerprint());
+    for v in [Type::F16.raw(), layout.n_layer as u32, layout.row as u32, tokens.len() as u32] {
+        head.extend_from_slice(&v.to_le_bytes());
+    }
+    tokens.iter().for_each(|t| head.extend_from_slice(&t.to_le_bytes()));
+    let crc = crc32fast::hash(&head[16..]);
+    head[12..16].copy_from_slice(&crc.to_le_bytes());
+    w.write_all(&head)?;
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; CHUNK.min(tokens.len() * layout.row).max(1)];
+    for l in 0..layout.n_layer {
+        for t in [kv.k[l], kv.v[l]] {
+            for_chunks(tokens.len() * layout.row, buf.len(), |at, n| {
+                ggml::tensor_read_bytes(kv.ctx.get(t), at, &mut buf[..n]);
+                crc.update(&buf[..n]);
+                w.write_all(&buf[..n])
+            })?;
+        }
+    }
+    w.write_all(&crc.finalize().to_le_bytes())
+}
+
+/// Call `f(offset, len)` over `total` bytes in pieces of at most `chunk`.
+fn for_chunks<E>(total: usize, chunk: usize, mut f: impl FnMut(usize, usize) -> Result<(), E>) -> Result<(), E> {
+    let mut at = 0;
+    while at < total {
+        let n = chunk.min(total - at);
+        f(at, n)?;
+        at += n;
+    }
+    Ok(())
+}
+
+/// Save atomically: a temporary file in the same directory, synced, renamed over `path`.
+pub(crate) fn save_file(path: &Path, write_state: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> Result<(), StateError> {
+    let name = path.file_name().ok_or_else(|| StateError::Io(format!("{}: not a file name", path.display())))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    let io_err = |what: &Path, e: io::Error| StateError::Io(format!("{}: {e}", what.display()));
+    let result = (|| {
+        let file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        let mut w = io::BufWriter::with_capacity(1 << 20, &file);
+        write_state(&mut w)?;
+        w.flush()?;
+        drop(w);
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io_err(path, e));
+    }
+    // The rename itself is durable once the directory is synced (best effort: not every
+    // file system lets a directory be opened for that).
+    if let Ok(d) = File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Open a state file for reading (regular files only: a FIFO or a device is refused, never
+/// waited on).
+pub(crate) fn open(path: &Path) -> Result<File, StateError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |e: io::Error| StateError::Io(format!("{}: {e}", path.display()));
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(err)?;
+    if !file.metadata().map_err(err)?.is_file() {
+        return Err(StateError::Io(format!("{}: not a regular file", path.display())));
+    }
+    Ok(file)
+}
+
+/// Where a state is read from: a file (read twice: checked, then copied) or bytes.
+pub(crate) trait Source {
+    fn len(&self) -> io::Result<u64>;
+    fn read_at(&self, at: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+impl Source for File {
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+    fn read_at(&self, at: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.read_exact_at(buf, at)
+    }
+}
+
+impl Source for [u8] {
+    fn len(&self) -> io::Result<u64> {
+        Ok(<[u8]>::len(self) as u64)
+    }
+    fn read_at(&self, at: u64, buf: &mut [u8]) -> io::Result<()> {
+        let at = usize::try_from(at).map_err(|_| io::ErrorKind::UnexpectedEof)?;
+        let src = self.get(at..at + buf.len()).ok_or(io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+/// A state read from a source: checked, not yet in any session.
+pub(crate) struct Checked {
+    pub tokens: Vec<u32>,
+    layout: Layout,
+    rows_crc: u32,
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// Check everything about a state before any of it reaches a session: the header field by field,
+/// the length, the header's checksum, the model, every token, and the rows' checksum.
+pub(crate) fn check(model: &Model, src: &(impl Source + ?Sized)) -> Result<Checked, StateError> {
+    let io = |e: io::Error| StateError::Io(format!("reading the state: {e}"));
+    let len = src.len().map_err(io)?;
+    if len < HEADER as u64 {
+        return Err(invalid(format!("truncated: {len} bytes, less than a state's {HEADER}-byte header")));
+    }
+    let mut head = [0u8; HEADER];
+    src.read_at(0, &mut head).map_err(io)?;
+    if &head[..8] != MAGIC {
+        return Err(invalid("not a phi4 state (bad magic)"));
+    }
+    match u32_at(&head, 8) {
+        VERSION => {}
+        v => return Err(invalid(format!("state version {v}; this build reads version {VERSION}"))),
+    }
+    let want = Layout::of(model);
+    let (kv_type, n_layer, row, n) = (u32_at(&head, 32), u32_at(&head, 36) as usize, u32_at(&head, 40) as usize, u32_at(&head, 44) as usize);
+    if kv_type != Type::F16.raw() {
+        return Err(invalid(format!("rows of ggml type {kv_type}; this build keeps f16 ({})", Type::F16.raw())));
+    }
+    if n_layer != want.n_layer || row != want.row {
+        return Err(invalid(format!("made for a model of {n_layer} layers of {row}-byte rows; this one has {} of {}", want.n_layer, want.row)));
+    }
+    if n > MAX_CONTEXT {
+        return Err(invalid(format!("{n} tokens; a state holds at most {MAX_CONTEXT}")));
+    }
+    if len != want.len(n) {
+        return Err(invalid(format!("{len} bytes; a state of {n} tokens has {} (truncated or extended)", want.len(n))));
+    }
+    let mut rest = vec![0u8; 4 * n];
+    src.read_at(HEADER as u64, &mut rest).map_err(io)?;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&head[16..]);
+    crc.update(&rest);
+    if crc.finalize() != u32_at(&head, 12) {
+        return Err(invalid("the header is damaged (checksum mismatch)"));
+    }
+    if head[16..32] != model.fingerprint() {
+        return Err(invalid("made for another model (fingerprint mismatch)"));
+    }
+    let tokens: Vec<u32> = rest.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+    if let Some(t) = tokens.iter().find(|&&t| t as usize >= model.config.n_vocab) {
+        return Err(invalid(format!("token {t} is outside the vocabulary")));
+    }
+    // The rows' checksum, over all of them, before any row is used.
+    let rows_at = (HEADER + 4 * n) as u64;
+    let rows_len = (2 * n_layer * n * row) as u64;
+    let mut stored = [0u8; 4];
+    src.read_at(rows_at + rows_len, &mut stored).map_err(io)?;
+    let mut buf = vec![0u8; CHUNK.min(rows_len as usize).max(1)];
+    let mut crc = crc32fast::Hasher::new();
+    for_chunks(rows_len as usize, buf.len(), |at, k| {
+        src.read_at(rows_at + at as u64, &mut buf[..k])?;
+        crc.update(&buf[..k]);
+        Ok(())
+    })
+    .map_err(io)?;
+    let rows_crc = u32::from_le_bytes(stored);
+    if crc.finalize() != rows_crc {
+        return Err(invalid("the K/V rows are damaged (checksum mismatch)"));
+    }
+    Ok(Checked { tokens, layout: want, rows_crc })
+}
+
+/// Copy the rows of the first `n` tokens of a checked state into `kv`. The rows are checked
+/// again as they are copied; Err means the source changed after `check` and `kv`'s first `n`
+/// positions hold a mix (the caller forgets them).
+pub(crate) fn restore(checked: &Checked, src: &(impl Source + ?Sized), kv: &KvCache, n: usize) -> Result<(), StateError> {
+    let Layout { n_layer, row } = checked.layout;
+    let total = checked.tokens.len();
+    assert!(n <= total && n <= kv.n_ctx);
+    let rows_at = (HEADER + 4 * total) as u64;
+    let block = total * row; // one tensor's rows in the state
+    let mut buf = vec![0u8; CHUNK.min(block).max(1)];
+    let mut crc = crc32fast::Hasher::new();
+    let io = |e: io::Error| StateError::Io(format!("reading the state: {e}"));
+    for l in 0..n_layer {
+        for (i, t) in [kv.k[l], kv.v[l]].into_iter().enumerate() {
+            let at0 = rows_at + ((2 * l + i) * block) as u64;
+            for_chunks(block, buf.len(), |at, k| {
+                src.read_at(at0 + at as u64, &mut buf[..k])?;
+                crc.update(&buf[..k]);
+                // Only the rows of the first n positions go into the cache.
+                let keep = (n * row).saturating_sub(at).min(k);
+                if keep > 0 {
+                    ggml::tensor_write(kv.ctx.get(t), at, &buf[..keep]);
+                }
+                Ok(())
+            })
+            .map_err(io)?;
+        }
+    }
+    if crc.finalize() != checked.rows_crc {
+        return Err(invalid("the state changed while it was read"));
+    }
+    Ok(())
+}
+
+/// Copy the rows of the first `n` positions of `from` into `to` (caches of one model's shape).
+pub(crate) fn copy(from: &KvCache, to: &KvCache, n: usize, row: usize) {
+    assert!(n <= from.n_ctx && n <= to.n_ctx && from.k.len() == to.k.len());
+    let mut buf = vec![0u8; CHUNK.min(n * row).max(1)];
+    for l in 0..from.k.len() {
+        for (a, b) in [(from.k[l], to.k[l]), (from.v[l], to.v[l])] {
+            let _ = for_chunks(n * row, buf.len(), |at, k| {
+                ggml::tensor_read_bytes(from.ctx.get(a), at, &mut buf[..k]);
+                ggml::tensor_write(to.ctx.get(b), at, &buf[..k]);
+                Ok::<(), ()>(())
+            });
+        }
+    }
+}
+
+/// Bytes of one K (or V) row in `model`'s cache.
+pub(crate) fn row_bytes(model: &Model) -> usize {
+    Layout::of(model).row
+}
