@@ -182,3 +182,55 @@ fn format_flags_constrain_the_reply() {
     let both = phi4(&["run", "--model", m, "--format", "json", "--regex", "a", "hi"]);
     assert!(!both.status.success() && String::from_utf8_lossy(&both.stderr).contains("cannot be used with"));
 }
+
+/// `--prompt-cache`: the second run (a fresh process) restores the evaluated prompt and evaluates
+/// one token of it; its reply is the first run's.
+#[test]
+fn prompt_cache_carries_the_prompt_across_processes() {
+    let demo = common::fixture("phi4-tiny-docs.gguf");
+    let dir = common::tmpdir();
+    let cache = dir.path().join("system.kv");
+    let system = "You are a Python tutor. Answer with examples from the standard library, short and exact.";
+    let run = |question: &str| {
+        let out = phi4(&["run", "--model", demo.to_str().unwrap(), "--prompt-cache", cache.to_str().unwrap(), "--system", system,
+                         "--temperature", "0", "-n", "12", "--json", question]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let events: Vec<serde_json::Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let text: String = events.iter().filter_map(|e| e["piece"].as_str()).collect();
+        (text, events.last().unwrap()["prompt_eval_count"].as_u64().unwrap())
+    };
+    let (first, n1) = run("How do I read a file?");
+    assert!(cache.exists() && n1 > 20, "{n1}");
+    let (second, n2) = run("How do I read a file?");
+    assert_eq!((second, n2), (first, 1), "restored: only the last prompt token is evaluated again");
+    // Another question shares the system turn: only the new turn is evaluated.
+    let (_, n3) = run("And write one?");
+    assert!(n3 < n1 && n3 <= 12, "{n3} of {n1}");
+}
+
+/// A full disk while saving: a clear message, the reply still given, the previous state intact
+/// and no temporary file left. (The "disk" is a file-size limit on the process: no mount
+/// needed; SIGXFSZ is ignored so that the write fails with an error instead of a signal.)
+#[test]
+fn a_full_disk_keeps_the_previous_state() {
+    let demo = common::fixture("phi4-tiny-docs.gguf");
+    let dir = common::tmpdir();
+    let cache = dir.path().join("p.kv");
+    let m = demo.to_str().unwrap();
+    let args = |q: &'static str| vec!["run", "--model", m, "--prompt-cache", cache.to_str().unwrap(), "--temperature", "0", "-n", "4", q];
+    assert!(phi4(&args("Hi")).status.success());
+    let before = std::fs::read(&cache).unwrap();
+    let long = "Tell me everything about the os module, the sys module, files, paths, and processes.";
+    let cli = common::cli();
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.arg(format!("--fsize={}", before.len() + 1000)).args(["--", "sh", "-c", "trap '' XFSZ; exec \"$@\"", "sh"]);
+    if let Some(r) = common::runner() {
+        cmd.args(r);
+    }
+    let out = cmd.arg(&cli).args(args(long)).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !out.stdout.is_empty(), "the reply is still given: {err}");
+    assert!(err.contains("--prompt-cache: not saved") && err.contains("p.kv"), "{err}");
+    assert_eq!(std::fs::read(&cache).unwrap(), before, "the previous state is intact");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file is left");
+}

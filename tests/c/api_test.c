@@ -1,4 +1,4 @@
-/* C tests of the phi4 ABI: load errors, streaming, structured output, cancellation, busy sessions, many sessions
+/* C tests of the phi4 ABI: load errors, streaming, structured output, saved state, cancellation, busy sessions, many sessions
  * on many threads, what the library reports about the kernels it uses.
  * Usage: api_test DEMO_MODEL MALFORMED_FILE QUANTIZED_MODEL. Prints "cpu features: ...",
  * "repacked: ..." and finally "N passed, M failed". */
@@ -259,6 +259,69 @@ static void test_structured_output(phi4_model *m) {
     phi4_session_free(s);
 }
 
+/* Saved state: the buffer's size negotiated, restored into another session (from a buffer, a
+ * file, a copy) that then replies exactly as the first; every damaged byte of the header and a
+ * sample of the rows is PHI4_ERR_BAD_STATE with the session untouched. */
+static void test_state(phi4_model *m) {
+    phi4_session *a = NULL, *b = NULL, *c = NULL, *d = NULL;
+    phi4_session_new(m, NULL, &a);
+    phi4_session_new(m, NULL, &b);
+    phi4_session_new(m, NULL, &c);
+    phi4_session_new(m, NULL, &d);
+    phi4_message msgs[] = {{"system", "You answer questions about Python."}, {"user", "What is a dict?"}};
+    phi4_generate_params g = greedy(8);
+    collector first = {0};
+    CHECK(phi4_session_chat(a, msgs, 2, &g, collect, &first) == PHI4_OK, "chat");
+    size_t len = 0, n_a = 0, n = 0;
+    CHECK(phi4_session_save_buffer(a, NULL, 0, &len) == PHI4_ERR_BUFFER_TOO_SMALL && len > 48, "size asked: %zu", len);
+    unsigned char *buf = malloc(len);
+    size_t len2 = 0;
+    CHECK(phi4_session_save_buffer(a, buf, len, &len2) == PHI4_OK && len2 == len, "saved %zu bytes", len2);
+    phi4_session_n_cached(a, &n_a);
+
+    CHECK(phi4_session_load_buffer(b, buf, len) == PHI4_OK, "load: %s", phi4_session_last_error(b));
+    phi4_session_n_cached(b, &n);
+    CHECK(n == n_a && n > 10, "restored %zu of %zu tokens", n, n_a);
+    char path[256];
+    snprintf(path, sizeof path, "%s/phi4-api-test-%d.kv", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp", (int)getpid());
+    CHECK(phi4_session_save_file(a, path) == PHI4_OK, "save file: %s", phi4_session_last_error(a));
+    CHECK(phi4_session_load_file(c, path) == PHI4_OK, "load file: %s", phi4_session_last_error(c));
+    unlink(path);
+    CHECK(phi4_session_load_file(c, path) == PHI4_ERR_IO, "a missing file");
+    CHECK(phi4_session_copy(d, a) == PHI4_OK && phi4_session_copy(a, a) == PHI4_OK, "copy");
+    CHECK(phi4_session_copy(NULL, a) == PHI4_ERR_NULL && phi4_session_copy(d, NULL) == PHI4_ERR_NULL, "NULL sessions");
+
+    /* Each restored session continues as the one that never stopped. */
+    phi4_message more[] = {msgs[0], msgs[1], {"assistant", first.text}, {"user", "And a set?"}};
+    collector ra = {0}, rb = {0}, rc = {0}, rd = {0};
+    phi4_session_chat(a, more, 4, &g, collect, &ra);
+    phi4_session_chat(b, more, 4, &g, collect, &rb);
+    phi4_session_chat(c, more, 4, &g, collect, &rc);
+    phi4_session_chat(d, more, 4, &g, collect, &rd);
+    CHECK(ra.len > 0 && strcmp(ra.text, rb.text) == 0 && strcmp(ra.text, rc.text) == 0 && strcmp(ra.text, rd.text) == 0,
+          "same replies: %s | %s | %s | %s", ra.text, rb.text, rc.text, rd.text);
+
+    size_t n_b = 0, after = 0;
+    phi4_session_n_cached(b, &n_b);
+    for (size_t i = 0; i < len; i += i < 48 + 4 * n_a ? 1 : 4099) {
+        buf[i] ^= 0x20;
+        CHECK(phi4_session_load_buffer(b, buf, len) == PHI4_ERR_BAD_STATE, "byte %zu flipped", i);
+        buf[i] ^= 0x20;
+    }
+    CHECK(strstr(phi4_session_last_error(b), "damaged") != NULL, "says why: %s", phi4_session_last_error(b));
+    CHECK(phi4_session_load_buffer(b, buf, len - 1) == PHI4_ERR_BAD_STATE, "truncated");
+    CHECK(phi4_session_load_buffer(b, buf, 7) == PHI4_ERR_BAD_STATE, "a few bytes");
+    CHECK(phi4_session_load_buffer(b, NULL, 0) == PHI4_ERR_BAD_STATE, "no bytes");
+    phi4_session_n_cached(b, &after);
+    CHECK(after == n_b, "the session is untouched: %zu, was %zu", after, n_b);
+    CHECK(phi4_session_load_buffer(b, buf, len) == PHI4_OK, "the good state still loads");
+    free(buf);
+    phi4_session_free(a);
+    phi4_session_free(b);
+    phi4_session_free(c);
+    phi4_session_free(d);
+}
+
 static void test_cancel_by_callback(phi4_model *m) {
     phi4_session *s = NULL;
     phi4_session_new(m, NULL, &s);
@@ -449,6 +512,7 @@ int main(int argc, char **argv) {
     test_older_struct_sizes(m);
     test_enums_and_seeds(m);
     test_structured_output(m);
+    test_state(m);
     test_cancel_by_callback(m);
     test_cancel_from_another_thread_and_busy(m);
     test_many_sessions_many_threads(m);

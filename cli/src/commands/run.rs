@@ -40,11 +40,11 @@ pub fn run(a: RunArgs) -> Res {
     }
 
     if a.raw {
-        if let Some(file) = cache {
-            keep(&mut session, &a.prompt_ids, file, a.verbose)?;
-        }
         let mut on_token = |id: Option<u32>, _: &str| id.map_or(true, |id| sink.token(id).is_ok());
         let outcome = session.generate(&a.prompt_ids, &gp, &mut on_token)?;
+        if let Some(file) = cache {
+            save_prompt(&session, a.prompt_ids.len(), outcome.timings.prompt_eval_count, file, a.verbose);
+        }
         sink.done(&outcome)?;
         return Ok(());
     }
@@ -65,11 +65,12 @@ pub fn run(a: RunArgs) -> Res {
     match prompt {
         Some(p) => {
             messages.push(Message::new(Role::User, p));
-            if let Some(file) = cache {
-                let tok = &session.model().tokenizer.clone();
-                keep(&mut session, &chat::tokens(tok, Markers::of(tok)?, &messages, true), file, a.verbose)?;
-            }
             let out = reply(&mut session, &messages, &gp, sink.as_mut())?;
+            if let Some(file) = cache {
+                let tok = session.model().tokenizer.clone();
+                let n = chat::tokens(&tok, Markers::of(&tok)?, &messages, true).len();
+                save_prompt(&session, n, out.timings.prompt_eval_count, file, a.verbose);
+            }
             if a.verbose && !a.json {
                 output::print_timings(&out);
             }
@@ -77,8 +78,11 @@ pub fn run(a: RunArgs) -> Res {
         }
         None => {
             if let Some(file) = cache.filter(|_| !messages.is_empty()) {
-                let tok = &session.model().tokenizer.clone();
-                keep(&mut session, &chat::tokens(tok, Markers::of(tok)?, &messages, false), file, a.verbose)?;
+                // The system message, evaluated (what the restored state lacks of it) and kept.
+                let tok = session.model().tokenizer.clone();
+                let system = chat::tokens(&tok, Markers::of(&tok)?, &messages, false);
+                let evaluated = session.warm(&system)?;
+                save_prompt(&session, system.len(), evaluated, file, a.verbose);
             }
             repl::run(&mut session, &a.model, messages, gp, sink, a.verbose)
         }
@@ -98,19 +102,18 @@ fn restore(session: &mut Session, file: &Path, verbose: bool) {
     }
 }
 
-/// `--prompt-cache`: evaluate the prompt (what the restored state lacks of it) and save it, if
-/// anything was evaluated. A save that fails is reported; the reply goes on.
-fn keep(session: &mut Session, prompt: &[u32], file: &Path, verbose: bool) -> Res {
-    let evaluated = session.warm(prompt)?;
-    if evaluated == 0 && file.exists() {
-        return Ok(());
+/// `--prompt-cache`: save the first `n` cached tokens (the prompt), unless nothing of it was
+/// evaluated beyond what the state held (the last token is always evaluated again). A save that
+/// fails is reported; the reply was given.
+fn save_prompt(session: &Session, n: usize, evaluated: usize, file: &Path, verbose: bool) {
+    if evaluated <= 1 && file.exists() {
+        return;
     }
-    match session.save(file, usize::MAX) {
-        Ok(bytes) if verbose => eprintln!("phi4: --prompt-cache: saved {} tokens ({:.1} MiB) to {}", session.history().len(), bytes as f64 / 1048576.0, file.display()),
+    match session.save(file, n) {
+        Ok(bytes) if verbose => eprintln!("phi4: --prompt-cache: saved {n} tokens ({:.1} MiB) to {}", bytes as f64 / 1048576.0, file.display()),
         Ok(_) => {}
         Err(e) => eprintln!("phi4: --prompt-cache: not saved: {e}"),
     }
-    Ok(())
 }
 
 /// Generate one reply, streaming it to `sink`.
