@@ -196,9 +196,40 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
+/// The tokens of the state file at `path`, its header checked against `model` (its rows are
+/// checked when it is loaded): to choose among saved states without reading them.
+pub fn tokens(model: &Model, path: &Path) -> Result<Vec<u32>, StateError> {
+    Ok(check_header(model, &open(path)?)?.0)
+}
+
 /// Check everything about a state before any of it reaches a session: the header field by field,
 /// the length, the header's checksum, the model, every token, and the rows' checksum.
 pub(crate) fn check(model: &Model, src: &(impl Source + ?Sized)) -> Result<Checked, StateError> {
+    let (tokens, want) = check_header(model, src)?;
+    let io = |e: io::Error| StateError::Io(format!("reading the state: {e}"));
+    let (n, n_layer, row) = (tokens.len(), want.n_layer, want.row);
+    // The rows' checksum, over all of them, before any row is used.
+    let rows_at = (HEADER + 4 * n) as u64;
+    let rows_len = (2 * n_layer * n * row) as u64;
+    let mut stored = [0u8; 4];
+    src.read_at(rows_at + rows_len, &mut stored).map_err(io)?;
+    let mut buf = vec![0u8; CHUNK.min(rows_len as usize).max(1)];
+    let mut crc = crc32fast::Hasher::new();
+    for_chunks(rows_len as usize, buf.len(), |at, k| {
+        src.read_at(rows_at + at as u64, &mut buf[..k])?;
+        crc.update(&buf[..k]);
+        Ok(())
+    })
+    .map_err(io)?;
+    let rows_crc = u32::from_le_bytes(stored);
+    if crc.finalize() != rows_crc {
+        return Err(invalid("the K/V rows are damaged (checksum mismatch)"));
+    }
+    Ok(Checked { tokens, layout: want, rows_crc })
+}
+
+/// The header of a state, checked: its tokens and layout.
+fn check_header(model: &Model, src: &(impl Source + ?Sized)) -> Result<(Vec<u32>, Layout), StateError> {
     let io = |e: io::Error| StateError::Io(format!("reading the state: {e}"));
     let len = src.len().map_err(io)?;
     if len < HEADER as u64 {
@@ -242,24 +273,7 @@ pub(crate) fn check(model: &Model, src: &(impl Source + ?Sized)) -> Result<Check
     if let Some(t) = tokens.iter().find(|&&t| t as usize >= model.config.n_vocab) {
         return Err(invalid(format!("token {t} is outside the vocabulary")));
     }
-    // The rows' checksum, over all of them, before any row is used.
-    let rows_at = (HEADER + 4 * n) as u64;
-    let rows_len = (2 * n_layer * n * row) as u64;
-    let mut stored = [0u8; 4];
-    src.read_at(rows_at + rows_len, &mut stored).map_err(io)?;
-    let mut buf = vec![0u8; CHUNK.min(rows_len as usize).max(1)];
-    let mut crc = crc32fast::Hasher::new();
-    for_chunks(rows_len as usize, buf.len(), |at, k| {
-        src.read_at(rows_at + at as u64, &mut buf[..k])?;
-        crc.update(&buf[..k]);
-        Ok(())
-    })
-    .map_err(io)?;
-    let rows_crc = u32::from_le_bytes(stored);
-    if crc.finalize() != rows_crc {
-        return Err(invalid("the K/V rows are damaged (checksum mismatch)"));
-    }
-    Ok(Checked { tokens, layout: want, rows_crc })
+    Ok((tokens, want))
 }
 
 /// Copy the rows of the first `n` tokens of a checked state into `kv`. The rows are checked

@@ -343,3 +343,47 @@ fn api_key_is_required_when_set() {
     assert_eq!(s.request("POST", "/api/chat", Some(body.as_bytes()), &[("Authorization", "Bearer sesame")]).0, 200);
     assert_eq!(s.request("GET", "/v1/models", None, &[("Authorization", "Bearer sesame")]).0, 200);
 }
+
+/// `--prompt-cache-dir`: a system prompt evaluated by one server is restored by the next (after
+/// a restart), which evaluates only the rest of the prompt; the directory stays within its bound.
+#[test]
+fn system_prompts_survive_a_restart() {
+    let dir = common::tmpdir();
+    let cache = dir.path().to_str().unwrap();
+    let system = "You are the help system of a weather station. Answer in one sentence, using the station's manual: sensors, units, alarms and maintenance intervals are described there.";
+    let chat = |s: &Server, question: &str| {
+        let msgs = json!([{ "role": "system", "content": system }, { "role": "user", "content": question }]);
+        let (status, v) = s.post("/api/chat", &chat_body(msgs, false, 4));
+        assert_eq!(status, 200, "{v}");
+        v["prompt_eval_count"].as_u64().unwrap()
+    };
+    let files = || std::fs::read_dir(dir.path()).unwrap().filter(|f| f.as_ref().unwrap().path().extension().is_some_and(|e| e == "kv")).count();
+    let full = {
+        let s = Server::start(&["--prompt-cache-dir", cache]);
+        let n = chat(&s, "What is a list?");
+        assert_eq!(files(), 1, "{}", s.log());
+        n
+    };
+    let s = Server::start(&["--prompt-cache-dir", cache]);
+    let rest = chat(&s, "How do I sort a dict?");
+    eprintln!("first server evaluated {full} prompt tokens; after the restart, {rest}");
+    assert!(rest + 30 < full, "the system turn was restored: {rest} of {full}");
+    assert_eq!(files(), 1, "one state per system prompt");
+    drop(s);
+    // A bound of 1 MiB holds one state of 300-odd tokens (2 KiB each on the demo model): a
+    // second system prompt replaces the first.
+    let small = common::tmpdir();
+    let s = Server::start(&["--prompt-cache-dir", small.path().to_str().unwrap(), "--prompt-cache-max-mib", "1"]);
+    let mut kept: Vec<std::path::PathBuf> = Vec::new();
+    let mut first = None;
+    for topic in ["lists", "files"] {
+        let system = format!("You answer questions about {topic}. ").repeat(30);
+        let msgs = json!([{ "role": "system", "content": system }, { "role": "user", "content": "hi" }]);
+        assert_eq!(s.post("/api/chat", &chat_body(msgs, false, 2)).0, 200);
+        kept = std::fs::read_dir(small.path()).unwrap().map(|f| f.unwrap().path()).collect();
+        assert_eq!(kept.len(), 1, "{}", s.log());
+        assert_ne!(first.replace(kept[0].clone()).as_ref(), Some(&kept[0]), "the newer state is kept");
+    }
+    let size = std::fs::metadata(&kept[0]).unwrap().len();
+    assert!(size > 512 << 10 && size < 1 << 20, "a state of {size} bytes: the test needs one that fits alone, not twice");
+}

@@ -6,6 +6,7 @@
 mod ollama;
 mod openai;
 mod pool;
+mod prompt_cache;
 mod run;
 
 use std::net::SocketAddr;
@@ -54,6 +55,13 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` (also PHI4_API_KEY).
     #[arg(long, env = "PHI4_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Keep evaluated system prompts in DIR across restarts: a conversation whose system prompt
+    /// was seen before starts from its saved state instead of evaluating it again.
+    #[arg(long, value_name = "DIR")]
+    prompt_cache_dir: Option<PathBuf>,
+    /// At most this many MiB of saved prompts (the least recently used are removed first).
+    #[arg(long, value_name = "MIB", default_value_t = 4096)]
+    prompt_cache_max_mib: u64,
     /// Log more than one line per request.
     #[arg(long)]
     verbose: bool,
@@ -135,7 +143,8 @@ pub fn serve(a: ServeArgs) -> Res {
     let d = phi4::SessionParams::default();
     let overflow = if a.drop_oldest { phi4::Overflow::DropOldest } else { phi4::Overflow::Error };
     let session = phi4::SessionParams { n_threads: a.threads.unwrap_or(d.n_threads), overflow, ..d };
-    let pool = Pool::new(a.model.clone(), a.parallel, a.queue, session);
+    let cache = a.prompt_cache_dir.map(|dir| prompt_cache::PromptCache::new(dir, a.prompt_cache_max_mib << 20)).transpose()?;
+    let pool = Pool::new(a.model.clone(), a.parallel, a.queue, session, cache);
     // Load now: a bad file is reported at start, not at the first request.
     pool.model()?;
     let app = Arc::new(App { pool, name: a.name.clone(), api_key: a.api_key.clone().filter(|k| !k.is_empty()), verbose: a.verbose });

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use phi4::{LoadParams, Model, Session, SessionParams};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::prompt_cache::PromptCache;
 use super::run::Shape;
 
 /// How long the model stays loaded after a request.
@@ -30,6 +31,8 @@ pub struct Pool {
     max_queue: usize,
     waiting: AtomicUsize,
     state: Mutex<State>,
+    /// Saved system prompts (`--prompt-cache-dir`).
+    pub cache: Option<PromptCache>,
 }
 
 enum Slot {
@@ -63,7 +66,7 @@ pub struct Lease {
 }
 
 impl Pool {
-    pub fn new(path: PathBuf, parallel: usize, max_queue: usize, session: SessionParams) -> Arc<Pool> {
+    pub fn new(path: PathBuf, parallel: usize, max_queue: usize, session: SessionParams, cache: Option<PromptCache>) -> Arc<Pool> {
         Arc::new(Pool {
             path,
             session,
@@ -71,6 +74,7 @@ impl Pool {
             max_queue,
             waiting: AtomicUsize::new(0),
             state: Mutex::new(State { model: None, slots: (0..parallel).map(|_| Slot::Empty).collect(), expires: None }),
+            cache,
         })
     }
 
@@ -145,7 +149,7 @@ impl Pool {
             .ok_or_else(|| Refusal::Failed("no free session".into()))?;
         let existing = std::mem::replace(&mut st.slots[slot], Slot::Leased);
         drop(st);
-        let session = match existing {
+        let mut session = match existing {
             Slot::Idle(s, p) if p == want => *s,
             _ => match Session::new(model, &want) {
                 Ok(s) => s,
@@ -155,6 +159,9 @@ impl Pool {
                 }
             },
         };
+        if let Some(cache) = &self.cache {
+            cache.restore(&mut session, prompt);
+        }
         Ok(Lease { session, params: want, slot, _permit: permit })
     }
 

@@ -6,12 +6,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use phi4::chat::Message;
-use phi4::{Constraint, GenerateParams, Outcome, SessionError};
+use phi4::chat::{self, Markers, Message, Role};
+use phi4::{Constraint, GenerateParams, Outcome, Session, SessionError};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::pool::{KeepAlive, Pool, Refusal};
+use super::prompt_cache::PromptCache;
 use super::ApiError;
 
 /// What a request asks for, checked.
@@ -208,6 +209,7 @@ pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
     });
     let pool = pool.clone();
     let pieces = tx.clone();
+    let cache_pool = pool.clone();
     let generation = tokio::task::spawn_blocking(move || {
         let mut lease = lease;
         let mut on_token = |_: Option<u32>, piece: &str| piece.is_empty() || pieces.blocking_send(Event::Piece(piece.to_string())).is_ok();
@@ -220,6 +222,9 @@ pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
                 // The request's log line, now that its token counts are known.
                 let t = &out.timings;
                 eprintln!("{} 200 tokens in {} (new), out {}, {} {:.1}ms", job.label, t.prompt_eval_count, t.eval_count, out.reason.as_str(), started.elapsed().as_secs_f64() * 1e3);
+                if let (Some(cache), Prompt::Chat(msgs)) = (&cache_pool.cache, &job.prompt) {
+                    keep_system_turn(cache, &lease.session, msgs);
+                }
                 Event::Done(Box::new(out), lease.session.history().to_vec(), started.elapsed().as_nanos() as u64)
             }
             Err(e) => Event::Failed(session_error(e)),
@@ -275,6 +280,17 @@ pub async fn collect(first: Event, mut rx: mpsc::Receiver<Event>) -> Result<Repl
             Event::Failed(e) => return Err(e),
         }
         event = rx.recv().await.ok_or_else(|| ApiError::internal("the generation ended without a result"))?;
+    }
+}
+
+/// Save the state of the conversation's system turn (when it has one and the session holds it).
+fn keep_system_turn(cache: &PromptCache, session: &Session, msgs: &[Message]) {
+    let Some(system) = msgs.first().filter(|m| m.role == Role::System) else { return };
+    let tok = &session.model().tokenizer;
+    let Ok(markers) = Markers::of(tok) else { return };
+    let turn = chat::turn(tok, markers, Role::System, Some(tok.encode(&system.content, false)));
+    if session.history().starts_with(&turn) {
+        cache.keep(session, turn.len());
     }
 }
 

@@ -1,0 +1,113 @@
+//! `--prompt-cache-dir`: evaluated system prompts kept on disk across restarts. After a chat
+//! whose first message is a system message, the session's state up to the end of that turn is
+//! saved (once per distinct system turn); a session about to serve a prompt starts from the
+//! longest saved prefix of it when that is more than its own cache holds. The directory is
+//! bounded in bytes: the least recently used states are removed first. Files are named by the
+//! hash of their tokens; no request names a file.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use phi4::{Model, Session};
+
+struct Entry {
+    path: PathBuf,
+    tokens: Vec<u32>,
+    bytes: u64,
+    used: SystemTime,
+}
+
+pub struct PromptCache {
+    dir: PathBuf,
+    max_bytes: u64,
+    /// None until the model is loaded (states are checked against it).
+    entries: Mutex<Option<Vec<Entry>>>,
+}
+
+impl PromptCache {
+    pub fn new(dir: PathBuf, max_bytes: u64) -> Result<PromptCache, String> {
+        std::fs::create_dir_all(&dir).map_err(|e| format!("--prompt-cache-dir {}: {e}", dir.display()))?;
+        Ok(PromptCache { dir, max_bytes, entries: Mutex::new(None) })
+    }
+
+    /// The index, read from the directory on first use: every state of this model (others,
+    /// and damaged ones, are left alone and never used).
+    fn with_entries<T>(&self, model: &Model, f: impl FnOnce(&mut Vec<Entry>) -> T) -> T {
+        let mut guard = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let entries = guard.get_or_insert_with(|| {
+            let files = std::fs::read_dir(&self.dir).into_iter().flatten().flatten();
+            files
+                .filter(|f| f.path().extension().is_some_and(|e| e == "kv"))
+                .filter_map(|f| {
+                    let meta = f.metadata().ok()?;
+                    let tokens = phi4::state::tokens(model, &f.path()).ok()?;
+                    Some(Entry { path: f.path(), tokens, bytes: meta.len(), used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH) })
+                })
+                .collect()
+        });
+        f(entries)
+    }
+
+    /// Start `session` from the longest saved prefix of `prompt`, if that is longer than what
+    /// its cache already shares with the prompt. Returns the tokens restored.
+    pub fn restore(&self, session: &mut Session, prompt: &[u32]) -> usize {
+        let model = session.model().clone();
+        let have = session.history().iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let best = self.with_entries(&model, |entries| {
+            let e = entries.iter_mut().filter(|e| e.tokens.len() > have && prompt.starts_with(&e.tokens)).max_by_key(|e| e.tokens.len())?;
+            e.used = SystemTime::now();
+            Some(e.path.clone())
+        });
+        let Some(path) = best else { return 0 };
+        match session.load(&path) {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("prompt cache: {} not used: {e}", path.display());
+                self.with_entries(&model, |entries| entries.retain(|x| x.path != path));
+                0
+            }
+        }
+    }
+
+    /// Save the first `n` tokens of `session` (a system turn) unless a state of exactly those
+    /// tokens is kept already; then remove the least recently used states beyond the bound.
+    pub fn keep(&self, session: &Session, n: usize) {
+        let model = session.model().clone();
+        let Some(tokens) = session.history().get(..n) else { return };
+        if self.with_entries(&model, |entries| entries.iter().any(|e| e.tokens == tokens)) {
+            return;
+        }
+        let path = self.dir.join(format!("{:016x}.kv", hash(tokens)));
+        match session.save(&path, n) {
+            Ok(bytes) => {
+                eprintln!("prompt cache: saved a {n}-token prefix ({:.1} MiB)", bytes as f64 / 1048576.0);
+                self.with_entries(&model, |entries| {
+                    entries.retain(|e| e.path != path);
+                    entries.push(Entry { path: path.clone(), tokens: tokens.to_vec(), bytes, used: SystemTime::now() });
+                    evict(entries, self.max_bytes);
+                });
+            }
+            Err(e) => eprintln!("prompt cache: not saved: {e}"),
+        }
+    }
+}
+
+/// Remove the least recently used states until the rest fit in `max_bytes`.
+fn evict(entries: &mut Vec<Entry>, max_bytes: u64) {
+    entries.sort_by_key(|e| std::cmp::Reverse(e.used));
+    let mut total = 0;
+    entries.retain(|e| {
+        total += e.bytes;
+        if total <= max_bytes {
+            return true;
+        }
+        let _ = std::fs::remove_file(&e.path);
+        false
+    });
+}
+
+/// FNV-1a over the tokens: a stable file name for a prefix.
+fn hash(tokens: &[u32]) -> u64 {
+    tokens.iter().flat_map(|t| t.to_le_bytes()).fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
