@@ -89,8 +89,12 @@ fn a_partial_match_evaluates_only_the_rest() {
     assert_eq!(b.warm(&q).unwrap(), 10, "25 of 35 tokens restored");
     let mut fresh = session(&m, 256);
     assert_eq!(fresh.warm(&q).unwrap(), 35);
+    // (Not bit-identical: the two caches' rows were computed in different micro-batches, which
+    // some kernels sum in another order; the parity tests' tolerance holds.)
     let next = [q[0]];
-    assert_eq!(bits(b.evaluate(&next).unwrap()), bits(fresh.evaluate(&next).unwrap()));
+    let (lb, lf) = (b.evaluate(&next).unwrap().to_vec(), fresh.evaluate(&next).unwrap().to_vec());
+    let diff = lb.iter().zip(&lf).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    assert!(diff < 1e-2, "restored vs fresh logits differ by {diff}");
     // A state larger than the session's context: its first n_ctx tokens.
     let mut small = session(&m, 16);
     assert_eq!(small.load(&file).unwrap(), 16);
