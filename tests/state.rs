@@ -90,7 +90,7 @@ fn a_partial_match_evaluates_only_the_rest() {
     let mut fresh = session(&m, 256);
     assert_eq!(fresh.warm(&q).unwrap(), 35);
     // (Not bit-identical: the two caches' rows were computed in different micro-batches, which
-    // some kernels sum in another order; the parity tests' tolerance holds.)
+    // some kernels sum in another order: close, as tests/parity.rs states for such orders.)
     let next = [q[0]];
     let (lb, lf) = (b.evaluate(&next).unwrap().to_vec(), fresh.evaluate(&next).unwrap().to_vec());
     let diff = lb.iter().zip(&lf).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
