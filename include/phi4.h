@@ -318,7 +318,15 @@ enum phi4_status phi4_model_repacked(const struct phi4_model *model,
 // Fill `*out` with the defaults (and its struct_size). Thread-safe.
 enum phi4_status phi4_session_default_params(struct phi4_session_params *out);
 
-// Fill `*out` with the defaults (and its struct_size). Thread-safe.
+// Fill `*out` with the defaults for a struct of `size` bytes (`sizeof *out`: the header's
+// phi4_generate_default_params macro passes it): at most `size` bytes are written and
+// struct_size is set to what was written, so a program built against an older header keeps
+// working. Thread-safe.
+enum phi4_status phi4_generate_params_init(struct phi4_generate_params *out, size_t size);
+
+// The entry point of programs built against phi4 0.1.0's header, which had no `format` fields:
+// writes that struct's bytes only. (The header's `phi4_generate_default_params` is a macro
+// over phi4_generate_params_init; this symbol stays for those programs.)
 enum phi4_status phi4_generate_default_params(struct phi4_generate_params *out);
 
 // Open a session on `model`. `params` may be NULL for the defaults. On success `*out` owns the
@@ -430,3 +438,8 @@ const char *phi4_session_last_error(const struct phi4_session *session);
 #endif  // __cplusplus
 
 #endif  /* PHI4_H */
+
+// Defaults for a phi4_generate_params of the size this header declares (programs built against
+// an older header call the library's phi4_generate_default_params symbol, which writes the
+// struct as their header had it).
+#define phi4_generate_default_params(p) phi4_generate_params_init((p), sizeof *(p))

@@ -216,6 +216,27 @@ pub(crate) unsafe fn write_out<T>(out: *mut T, value: T) -> phi4_status {
     })
 }
 
+/// Write the first `min(size, size_of::<T>())` bytes of `value` (a params struct starting with
+/// its `size_t struct_size`, set to the number of bytes written) to `out`.
+///
+/// # Safety
+/// `out` is NULL or points to `size` writable bytes.
+pub(crate) unsafe fn write_prefix<T: Copy>(out: *mut T, value: T, size: usize) -> phi4_status {
+    guard(|_| (), || {
+        non_null(out, "out")?;
+        if size < std::mem::size_of::<usize>() {
+            return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, format!("size {size} is smaller than the struct_size field")));
+        }
+        let n = size.min(std::mem::size_of::<T>());
+        let mut v = value;
+        // SAFETY: T starts with a usize (struct_size) per the contract.
+        unsafe { (&mut v as *mut T as *mut usize).write(n) };
+        // SAFETY: out has `size` >= n writable bytes; v is n readable bytes.
+        unsafe { std::ptr::copy_nonoverlapping(&v as *const T as *const u8, out as *mut u8, n) };
+        Ok(())
+    })
+}
+
 /// Read a versioned params struct: start from `defaults` and take the first
 /// `min(caller's struct_size, ours)` bytes from the caller, so a caller compiled against an older
 /// (shorter) struct keeps the defaults of fields added since.

@@ -224,11 +224,27 @@ pub unsafe extern "C" fn phi4_session_default_params(out: *mut phi4_session_para
     unsafe { write_out(out, default_session_params()) }
 }
 
-/// Fill `*out` with the defaults (and its struct_size). Thread-safe.
+/// Bytes of phi4_generate_params as phi4 0.1.0 had it (up to `n_stop`): what programs built
+/// then pass to phi4_generate_default_params.
+const GENERATE_PARAMS_0_1: usize = std::mem::offset_of!(phi4_generate_params, format);
+
+/// Fill `*out` with the defaults for a struct of `size` bytes (`sizeof *out`: the header's
+/// phi4_generate_default_params macro passes it): at most `size` bytes are written and
+/// struct_size is set to what was written, so a program built against an older header keeps
+/// working. Thread-safe.
 #[no_mangle]
-pub unsafe extern "C" fn phi4_generate_default_params(out: *mut phi4_generate_params) -> phi4_status {
-    // SAFETY: out is NULL or writable (caller's contract).
-    unsafe { write_out(out, default_generate_params()) }
+pub unsafe extern "C" fn phi4_generate_params_init(out: *mut phi4_generate_params, size: usize) -> phi4_status {
+    // SAFETY: out is NULL or points to `size` writable bytes (caller's contract).
+    unsafe { write_prefix(out, default_generate_params(), size) }
+}
+
+/// The entry point of programs built against phi4 0.1.0's header, which had no `format` fields:
+/// writes that struct's bytes only. (The header's `phi4_generate_default_params` is a macro
+/// over phi4_generate_params_init; this symbol stays for those programs.)
+#[export_name = "phi4_generate_default_params"]
+pub unsafe extern "C" fn generate_default_params_0_1(out: *mut phi4_generate_params) -> phi4_status {
+    // SAFETY: programs of 0.1.0 pass a struct of that version's size.
+    unsafe { write_prefix(out, default_generate_params(), GENERATE_PARAMS_0_1) }
 }
 
 fn session_status(e: &SessionError) -> phi4_status {

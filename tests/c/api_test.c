@@ -248,6 +248,19 @@ static void test_structured_output(phi4_model *m) {
     CHECK(phi4_session_chat(s, msgs, 1, &g, collect, &c) == PHI4_ERR_INVALID_ARGUMENT, "format 99");
     CHECK(strstr(phi4_session_last_error(s), "format") != NULL, "message names the field: %s", phi4_session_last_error(s));
 
+    /* A program built against phi4 0.1's header calls the phi4_generate_default_params symbol
+     * (here: the function, not the header's macro) with that header's smaller struct: the
+     * library writes only those bytes. */
+    unsigned char old_struct[offsetof(phi4_generate_params, format) + 16];
+    memset(old_struct, 0xAB, sizeof old_struct);
+    CHECK((phi4_generate_default_params)((phi4_generate_params *)old_struct) == PHI4_OK, "0.1 defaults");
+    size_t old_size;
+    memcpy(&old_size, old_struct, sizeof old_size);
+    CHECK(old_size == offsetof(phi4_generate_params, format), "struct_size %zu", old_size);
+    for (size_t i = offsetof(phi4_generate_params, format); i < sizeof old_struct; i++)
+        CHECK(old_struct[i] == 0xAB, "byte %zu past the 0.1 struct was written", i);
+    CHECK(phi4_generate_params_init(&g, 3) == PHI4_ERR_INVALID_ARGUMENT, "a size below struct_size");
+
     /* An older caller's struct ends before `format`: whatever follows it is not read. */
     g = greedy(8);
     g.format = PHI4_FORMAT_GRAMMAR;
