@@ -15,28 +15,19 @@ use std::time::Instant;
 use phi4::chat::{Message, Role};
 use phi4::{Constraint, GenerateParams, Model, SamplingParams, Session, SessionParams};
 
+#[path = "common/options.rs"]
+mod options;
+use options::Options;
+
 const SCHEMA: &str = r#"{"type": "object", "properties": {
     "state": {"enum": ["ok", "warning", "failed"]}, "alarm": {"type": "boolean"},
     "readings": {"type": "array", "items": {"type": "integer"}}, "note": {"type": "string"}},
   "required": ["state", "alarm", "readings", "note"]}"#;
 
 fn main() {
-    let (mut model, mut threads, mut gen, mut rounds) = (PathBuf::new(), 2, 16, 3);
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let mut v = || it.next().unwrap_or_else(|| panic!("{k} needs a value"));
-        match k.as_str() {
-            "--model" => model = v().into(),
-            "--threads" => threads = v().parse().unwrap(),
-            "--gen" => gen = v().parse().unwrap(),
-            "--rounds" => rounds = v().parse::<usize>().unwrap().max(1),
-            _ => {} // cargo bench's own flags
-        }
-    }
-    if model.as_os_str().is_empty() {
-        eprintln!("usage: cargo bench --bench constrain -- --model FILE [--threads N] [--gen N] [--rounds N]");
-        std::process::exit(2);
-    }
+    let o = Options::parse("cargo bench --bench constrain -- --model FILE [--threads N] [--gen N] [--rounds N]");
+    let (model, threads, gen): (PathBuf, usize, usize) = (o.path("model"), o.get("threads", 2), o.get("gen", 16));
+    let rounds = o.get("rounds", 3usize).max(1);
     let m = Arc::new(Model::load(&model, Default::default()).unwrap());
     let mut s = Session::new(m.clone(), &SessionParams { n_ctx: 512, n_threads: threads, ..Default::default() }).unwrap();
     let msgs = [Message::new(Role::User, "Report the state of the sensor as JSON.")];

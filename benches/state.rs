@@ -13,6 +13,10 @@ use std::time::Instant;
 
 use phi4::{Model, Session, SessionParams};
 
+#[path = "common/options.rs"]
+mod options;
+use options::Options;
+
 /// Drop the file's pages from the page cache (GNU dd: no data copied, the cache advised away).
 fn drop_cache(path: &std::path::Path) {
     let st = std::process::Command::new("dd")
@@ -24,23 +28,9 @@ fn drop_cache(path: &std::path::Path) {
 }
 
 fn main() {
-    let (mut model, mut threads, mut prompt, mut dir, mut rounds) = (PathBuf::new(), 2, 2048, std::env::temp_dir(), 3);
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let mut v = || it.next().unwrap_or_else(|| panic!("{k} needs a value"));
-        match k.as_str() {
-            "--model" => model = v().into(),
-            "--threads" => threads = v().parse().unwrap(),
-            "--prompt" => prompt = v().parse().unwrap(),
-            "--dir" => dir = v().into(),
-            "--rounds" => rounds = v().parse::<usize>().unwrap().max(1),
-            _ => {} // cargo bench's own flags
-        }
-    }
-    if model.as_os_str().is_empty() {
-        eprintln!("usage: cargo bench --bench state -- --model FILE [--threads N] [--prompt N] [--dir DIR] [--rounds N]");
-        std::process::exit(2);
-    }
+    let o = Options::parse("cargo bench --bench state -- --model FILE [--threads N] [--prompt N] [--dir DIR] [--rounds N]");
+    let (model, threads, prompt, dir): (PathBuf, usize, usize, PathBuf) = (o.path("model"), o.get("threads", 2), o.get("prompt", 2048), o.get("dir", std::env::temp_dir()));
+    let rounds = o.get("rounds", 3usize).max(1);
     let m = Arc::new(Model::load(&model, Default::default()).unwrap());
     let params = SessionParams { n_ctx: prompt + 16, n_threads: threads, ..Default::default() };
     let tokens: Vec<u32> = (0..prompt).map(|i| ((i * 7919 + 13) % (m.config.n_vocab - 8)) as u32).collect();

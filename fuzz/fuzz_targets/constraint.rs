@@ -1,24 +1,15 @@
 //! Constraints from arbitrary text (a JSON Schema, a regex or a Lark grammar, by the first
-//! byte) on a generation of the demo model: an error or a reply, never a crash or a hang; a
-//! reply that ends by itself is complete and a regex's reply is matched by the regex.
+//! byte) on a generation of the demo model: a reply or a constraint error, never a crash, a hang
+//! or another error.
 #![no_main]
 
-use std::sync::{Arc, Mutex, OnceLock};
+mod demo_session;
+use demo_session::session;
 
 use libfuzzer_sys::fuzz_target;
-use phi4::model::{LoadParams, Model};
 use phi4::sample::SamplingParams;
-use phi4::session::{GenerateParams, Session, SessionError, SessionParams};
+use phi4::session::{GenerateParams, SessionError};
 use phi4::Constraint;
-
-fn session() -> &'static Mutex<Session> {
-    static S: OnceLock<Mutex<Session>> = OnceLock::new();
-    S.get_or_init(|| {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/phi4-tiny-docs.gguf");
-        let model = Arc::new(Model::load(path.as_ref(), LoadParams::default()).unwrap());
-        Mutex::new(Session::new(model, &SessionParams { n_ctx: 64, n_threads: 1, ..Default::default() }).unwrap())
-    })
-}
 
 fuzz_target!(|data: &[u8]| {
     let Some((&kind, rest)) = data.split_first() else { return };
