@@ -176,16 +176,8 @@ impl Guide {
         if allowed.is_zero() {
             return Err("the constraint allows no token here".into());
         }
-        for (word, chunk) in allowed.as_slice().iter().zip(logits.chunks_mut(32)) {
-            if *word == u32::MAX {
-                continue;
-            }
-            for (bit, l) in chunk.iter_mut().enumerate() {
-                if word & (1 << bit) == 0 {
-                    *l = f32::NEG_INFINITY;
-                }
-            }
-        }
+        // (The mask has one bit per vocabulary entry: as many as the logits.)
+        allowed.iter_unset_entries(|id| logits[id] = f32::NEG_INFINITY);
         Ok(())
     }
 

@@ -250,6 +250,12 @@ impl Session {
         &self.history
     }
 
+    /// How many leading tokens of `tokens` the cache already holds (what a generation from
+    /// them reuses).
+    pub fn common_prefix(&self, tokens: &[u32]) -> usize {
+        self.history.iter().zip(tokens).take_while(|(a, b)| a == b).count()
+    }
+
     /// A flag that, once set (from any thread), cancels the running generation within one
     /// micro-batch. It is cleared when the next generation starts.
     pub fn cancel_flag(&self) -> Arc<AtomicBool> {
@@ -277,14 +283,8 @@ impl Session {
     /// number of tokens evaluated.
     pub fn warm(&mut self, tokens: &[u32]) -> Result<usize, SessionError> {
         self.cancel.store(false, Ordering::Relaxed);
-        let n_vocab = self.model.config.n_vocab;
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
-            return Err(EvalError::BadToken { id, n_vocab }.into());
-        }
-        if tokens.len() > self.n_ctx() {
-            return Err(SessionError::ContextOverflow { needed: tokens.len(), n_ctx: self.n_ctx() });
-        }
-        let keep = self.history.iter().zip(tokens).take_while(|(a, b)| a == b).count();
+        self.check_fits(tokens, tokens.len())?;
+        let keep = self.common_prefix(tokens);
         self.history.truncate(keep);
         self.last_token = None;
         if keep < tokens.len() {
@@ -331,13 +331,11 @@ impl Session {
     fn restore(&mut self, src: &(impl state::Source + ?Sized)) -> Result<usize, StateError> {
         let checked = state::check(&self.model, src)?;
         let n = checked.tokens.len().min(self.n_ctx());
+        // From here the cache's rows change: on an error it holds nothing usable.
         self.last_token = None;
         self.replies.clear();
-        if let Err(e) = state::restore(&checked, src, &self.st.kv, n) {
-            self.history.clear();
-            return Err(e);
-        }
         self.history.clear();
+        state::restore(&checked, src, &self.st.kv, n)?;
         self.history.extend_from_slice(&checked.tokens[..n]);
         Ok(n)
     }
@@ -350,7 +348,7 @@ impl Session {
             return Err(StateError::Invalid("the sessions are of different models".into()));
         }
         let n = other.history.len().min(self.n_ctx());
-        state::copy(&other.st.kv, &self.st.kv, n, state::row_bytes(&self.model));
+        state::copy(&self.model, &other.st.kv, &self.st.kv, n);
         self.history.clear();
         self.history.extend_from_slice(&other.history[..n]);
         self.replies = other.replies.clone();
@@ -476,12 +474,17 @@ impl Session {
         if prompt.is_empty() {
             return Err(SessionError::BadParams("empty prompt".into()));
         }
+        self.check_fits(prompt, prompt.len() + 1)
+    }
+
+    /// Every token in the vocabulary, and `needed` positions within the context.
+    fn check_fits(&self, tokens: &[u32], needed: usize) -> Result<(), SessionError> {
         let n_vocab = self.model.config.n_vocab;
-        if let Some(&id) = prompt.iter().find(|&&t| t as usize >= n_vocab) {
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
             return Err(EvalError::BadToken { id, n_vocab }.into());
         }
-        if prompt.len() + 1 > self.n_ctx() {
-            return Err(SessionError::ContextOverflow { needed: prompt.len() + 1, n_ctx: self.n_ctx() });
+        if needed > self.n_ctx() {
+            return Err(SessionError::ContextOverflow { needed, n_ctx: self.n_ctx() });
         }
         Ok(())
     }
@@ -495,7 +498,7 @@ impl Session {
     /// Evaluate what the cache lacks of `prompt` (its last token always: its logits are needed).
     /// Returns false when cancelled.
     fn prefill(&mut self, prompt: &[u32], timings: &mut Timings) -> Result<bool, SessionError> {
-        let keep = self.history.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
+        let keep = self.common_prefix(prompt).min(prompt.len() - 1);
         self.history.truncate(keep);
         let t = Instant::now();
         let new = &prompt[keep..];

@@ -310,8 +310,9 @@ pub(crate) fn restore(checked: &Checked, src: &(impl Source + ?Sized), kv: &KvCa
     Ok(())
 }
 
-/// Copy the rows of the first `n` positions of `from` into `to` (caches of one model's shape).
-pub(crate) fn copy(from: &KvCache, to: &KvCache, n: usize, row: usize) {
+/// Copy the rows of the first `n` positions of `from` into `to` (caches of `model`'s shape).
+pub(crate) fn copy(model: &Model, from: &KvCache, to: &KvCache, n: usize) {
+    let row = Layout::of(model).row;
     assert!(n <= from.n_ctx && n <= to.n_ctx && from.k.len() == to.k.len());
     let mut buf = vec![0u8; CHUNK.min(n * row).max(1)];
     for l in 0..from.k.len() {
@@ -323,9 +324,4 @@ pub(crate) fn copy(from: &KvCache, to: &KvCache, n: usize, row: usize) {
             });
         }
     }
-}
-
-/// Bytes of one K (or V) row in `model`'s cache.
-pub(crate) fn row_bytes(model: &Model) -> usize {
-    Layout::of(model).row
 }

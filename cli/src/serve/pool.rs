@@ -139,7 +139,7 @@ impl Pool {
         want.check().map_err(Refusal::Invalid)?;
         let mut st = self.state();
         let common = |slot: &Slot| match slot {
-            Slot::Idle(s, p) if *p == want => 1 + s.history().iter().zip(prompt).take_while(|(a, b)| a == b).count(),
+            Slot::Idle(s, p) if *p == want => 1 + s.common_prefix(prompt),
             _ => 0,
         };
         // A permit guarantees a slot that is not leased.

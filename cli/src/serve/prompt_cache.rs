@@ -53,7 +53,7 @@ impl PromptCache {
     /// its cache already shares with the prompt. Returns the tokens restored.
     pub fn restore(&self, session: &mut Session, prompt: &[u32]) -> usize {
         let model = session.model().clone();
-        let have = session.history().iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let have = session.common_prefix(prompt);
         let best = self.with_entries(&model, |entries| {
             let e = entries.iter_mut().filter(|e| e.tokens.len() > have && prompt.starts_with(&e.tokens)).max_by_key(|e| e.tokens.len())?;
             e.used = SystemTime::now();
