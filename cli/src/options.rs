@@ -104,15 +104,15 @@ pub fn parse_format(s: &str) -> Result<Option<Constraint>, String> {
     }
 }
 
-/// How `/show parameters` and `--verbose` name a format.
+/// How the REPL names a format (`/set format`, `/show parameters`).
 pub fn describe_format(c: Option<&Constraint>) -> String {
     match c {
         None => "text".into(),
         Some(Constraint::Json) => "json".into(),
-        Some(Constraint::JsonSchema(s) | Constraint::Regex(s) | Constraint::Lark(s)) => {
+        Some(c @ (Constraint::JsonSchema(s) | Constraint::Regex(s) | Constraint::Lark(s))) => {
             let one_line: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
             let short: String = one_line.chars().take(60).collect();
-            format!("{} {short}{}", c.map_or("", |c| c.kind()), if short.len() < one_line.len() { "…" } else { "" })
+            format!("{} {short}{}", c.kind(), if short.len() < one_line.len() { "…" } else { "" })
         }
     }
 }

@@ -122,6 +122,11 @@ enum Flow {
     Exit,
 }
 
+/// What follows a command's first `words` words (a message, a path, a schema), trimmed.
+fn argument(line: &str, words: usize) -> &str {
+    line.splitn(words + 1, ' ').nth(words).unwrap_or("").trim()
+}
+
 fn command(line: &str, st: &mut State<'_>) -> Flow {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
@@ -133,7 +138,7 @@ fn command(line: &str, st: &mut State<'_>) -> Flow {
             eprintln!("Cleared session context");
         }
         ["/set", "system", ..] => {
-            let text = line.splitn(3, ' ').nth(2).unwrap_or("").trim().to_string();
+            let text = argument(line, 2).to_string();
             st.messages.retain(|m| m.role != Role::System);
             st.messages.insert(0, Message::new(Role::System, text));
             eprintln!("Set system message.");
@@ -147,14 +152,14 @@ fn command(line: &str, st: &mut State<'_>) -> Flow {
             eprintln!("Set 'quiet' mode.");
         }
         ["/save", _, ..] => {
-            let path = line.split_once(' ').map_or("", |(_, p)| p.trim());
+            let path = argument(line, 1);
             match st.session.save(path.as_ref(), usize::MAX) {
                 Ok(bytes) => eprintln!("Saved the session ({} tokens, {:.1} MiB) to {path}.", st.session.history().len(), bytes as f64 / 1048576.0),
                 Err(e) => eprintln!("error: {e}"),
             }
         }
         ["/load", _, ..] => {
-            let path = line.split_once(' ').map_or("", |(_, p)| p.trim());
+            let path = argument(line, 1);
             match st.session.load(path.as_ref()) {
                 Ok(n) => {
                     let tok = st.session.model().tokenizer.clone();
@@ -164,7 +169,7 @@ fn command(line: &str, st: &mut State<'_>) -> Flow {
                 Err(e) => eprintln!("error: {e}"),
             }
         }
-        ["/set", "format", ..] => match parse_format(line.splitn(3, ' ').nth(2).unwrap_or("")) {
+        ["/set", "format", ..] => match parse_format(argument(line, 2)) {
             Ok(c) => {
                 eprintln!("Set format to '{}'.", describe_format(c.as_ref()));
                 st.gp.constraint = c;
