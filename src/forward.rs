@@ -19,6 +19,7 @@
 use std::sync::atomic::AtomicBool;
 
 use crate::ggml::{self, Allocator, Compute, ComputeError, Context, Tensor, Type};
+use crate::governor::Governor;
 use crate::kv_cache::KvCache;
 use crate::model::Model;
 
@@ -43,6 +44,8 @@ const TENSORS_OUTSIDE_LAYERS: usize = 32;
 /// inputs of a micro-batch (sized once, like everything here).
 pub struct RunState {
     compute: Compute,
+    /// How many of the threads a decode step runs on (all of them unless cores are contended).
+    governor: Governor,
     alloc: Allocator,
     graph_ctx: Context,
     graph_size: usize,
@@ -69,6 +72,7 @@ impl RunState {
         let kv = KvCache::new(c, n_ctx)?;
         let mut st = RunState {
             compute: Compute::new(n_threads)?,
+            governor: Governor::new(n_threads),
             alloc: Allocator::new(),
             graph_ctx: Context::new(capacity, graph_size),
             graph_size,
@@ -141,7 +145,11 @@ impl RunState {
             ggml::tensor_write(built.mask, i * n_kv * 2, &self.mask_row);
         }
 
-        match self.compute.compute(built.graph, abort) {
+        // A single token is a decode step: governed. Prompts run on every thread.
+        let threads = if n == 1 { self.governor.threads() } else { self.compute.n_threads() };
+        let t = std::time::Instant::now();
+        match self.compute.compute(built.graph, threads, abort) {
+            Ok(()) if n == 1 => self.governor.record(t.elapsed()),
             Ok(()) => {}
             Err(ComputeError::Aborted) => return Err(EvalError::Cancelled),
             Err(ComputeError::Alloc(e)) => return Err(e.into()),

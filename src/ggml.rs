@@ -816,9 +816,12 @@ impl Compute {
         self.plan(g).map(|_| ())
     }
 
-    /// Run the graph (already allocated). `abort` is polled by ggml's threads between ops.
-    pub fn compute(&mut self, g: GraphRef<'_>, abort: &AtomicBool) -> Result<(), ComputeError> {
+    /// Run the graph (already allocated) on `n_threads` of the pool's threads (at least one, at
+    /// most all). `abort` is polled by ggml's threads between ops.
+    pub fn compute(&mut self, g: GraphRef<'_>, n_threads: usize, abort: &AtomicBool) -> Result<(), ComputeError> {
         let mut plan = self.plan(g)?;
+        // The plan's work buffer is sized for all threads, which fewer threads fit in.
+        plan.n_threads = n_threads.clamp(1, self.n_threads) as i32;
         plan.abort_callback = Some(abort_trampoline);
         plan.abort_callback_data = abort as *const AtomicBool as *mut c_void;
         // SAFETY: graph allocated; plan from ggml_graph_plan with a work buffer of its size;

@@ -31,6 +31,7 @@ pub mod tokenizer;
 mod ffi;
 mod forward;
 mod ggml;
+mod governor;
 mod hash;
 mod kv_cache;
 
