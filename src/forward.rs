@@ -1,20 +1,23 @@
-//! The forward pass: one ggml graph per micro-batch, exactly as llama.cpp computes `phi3`.
+//! The forward pass: one ggml graph per micro-batch, exactly as llama.cpp computes `phi3`. A
+//! graph may hold tokens of several caches (segments: sessions decoding together); the weight
+//! matrices then multiply all their tokens at once, and only attention runs per segment.
 //!
 //! ```text
-//! x = token_embd[tokens]
+//! x = token_embd[tokens]                                 (every segment's tokens)
 //! for each layer:
 //!     h   = rms_norm(x) * attn_norm
 //!     qkv = attn_qkv · h ; Q, K, V = views of qkv (no copies)
 //!     Q, K = rope_neox(Q, pos), rope_neox(K, pos) ; Q *= 1/sqrt(head_dim)
-//!     cache[n_past .. n_past+n] = K, V (f16)
-//!     a   = softmax(Q Kᵀ + causal mask) V  over cache[0 .. n_past+n]   (flash attention)
+//!     per segment: cache[n_past .. n_past+n] = K, V (f16)
+//!                  a = softmax(Q Kᵀ + causal mask) V over cache[0 .. n_past+n]  (flash attention)
 //!     x   = x + attn_output · a
 //!     h   = rms_norm(x) * ffn_norm
 //!     x   = x + ffn_down · swiglu(ffn_up · h)          (gate rows first, then up)
-//! logits = output · (rms_norm(x) * output_norm)         (last position only)
+//! logits = output · (rms_norm(x) * output_norm)         (each segment's last position only)
 //! ```
-//! Memory: the compute buffer is sized once for the worst micro-batch (n_batch tokens against a
-//! full cache) when the run state is made, so decoding never allocates per token.
+//! Memory: the compute buffer is sized once for the worst graphs (`Engine::reserve`: a
+//! micro-batch against a full cache, a decode step of every segment against full caches), so
+//! decoding never allocates per token.
 
 use std::sync::atomic::AtomicBool;
 
@@ -24,7 +27,7 @@ use crate::kv_cache::KvCache;
 use crate::model::Model;
 
 /// Why an evaluation did not complete.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum EvalError {
     #[error("context full: {needed} positions needed, the session holds {n_ctx}")]
     ContextFull { needed: usize, n_ctx: usize },
@@ -32,68 +35,80 @@ pub enum EvalError {
     BadToken { id: u32, n_vocab: usize },
     #[error("cancelled")]
     Cancelled,
+    #[error("a batched decode step failed (see the error of the session that ran it)")]
+    StepFailed,
     #[error("{0}")]
     Alloc(#[from] ggml::AllocError),
 }
 
-/// Tensors per layer in the graph, with headroom (the graph context's capacity is derived from it).
-const TENSORS_PER_LAYER: usize = 40;
+/// Tensors per layer in the graph, with headroom (the graph context's capacity is derived from
+/// them): those of the layer's matrices, and those of each segment's attention.
+const TENSORS_PER_LAYER: usize = 24;
+const TENSORS_PER_SEGMENT: usize = 16;
 const TENSORS_OUTSIDE_LAYERS: usize = 32;
 
-/// Per-session compute state: thread pool, compute buffer, graph context, KV cache, and the
-/// inputs of a micro-batch (sized once, like everything here).
-pub struct RunState {
+/// Tokens of one KV cache evaluated in a graph: `tokens` at positions `n_past..`.
+pub struct Segment<'a> {
+    pub kv: &'a KvCache,
+    pub tokens: &'a [u32],
+    pub n_past: usize,
+}
+
+impl Segment<'_> {
+    /// Whether the segment can be evaluated: known tokens, room in its cache.
+    pub fn check(&self, n_vocab: usize) -> Result<(), EvalError> {
+        if let Some(&id) = self.tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(EvalError::BadToken { id, n_vocab });
+        }
+        let needed = self.n_past + self.tokens.len();
+        if needed > self.kv.n_ctx {
+            return Err(EvalError::ContextFull { needed, n_ctx: self.kv.n_ctx });
+        }
+        Ok(())
+    }
+}
+
+/// Compute state: thread pool, compute buffer, graph context, and the inputs of a graph. One
+/// per session, or one shared by the sessions of a [`crate::Scheduler`], whose graphs take a
+/// token of each (up to `max_segments` caches per graph).
+pub struct Engine {
     compute: Compute,
     /// How many of the threads a decode step runs on (all of them unless cores are contended).
     governor: Governor,
     alloc: Allocator,
     graph_ctx: Context,
     graph_size: usize,
-    pub kv: KvCache,
-    pub n_batch: usize,
-    /// Logits of the last evaluated position.
+    max_segments: usize,
+    /// Logits of the last token of each segment of the last graph, one row after the other.
     pub logits: Vec<f32>,
     ids: Vec<i32>,
     pos: Vec<i32>,
-    /// One row of the causal mask (f16, up to n_ctx positions).
+    out_ids: Vec<i32>,
     mask_row: Vec<u16>,
 }
 
-impl RunState {
-    /// State for `n_ctx` positions, micro-batches of `n_batch` tokens, `n_threads` threads.
-    pub fn new(model: &Model, n_ctx: usize, n_batch: usize, n_threads: usize) -> Result<RunState, ggml::AllocError> {
+impl Engine {
+    /// An engine on `n_threads` threads for graphs of up to `max_segments` caches; its compute
+    /// buffer is sized by [`Engine::reserve`].
+    pub fn new(model: &Model, n_threads: usize, max_segments: usize) -> Result<Engine, ggml::AllocError> {
         let c = &model.config;
-        assert!(n_ctx >= 1 && n_batch >= 1 && n_threads >= 1, "validated by the caller");
-        let n_batch = n_batch.min(n_ctx);
-        let capacity = TENSORS_OUTSIDE_LAYERS + TENSORS_PER_LAYER * c.n_layer;
+        assert!(n_threads >= 1 && max_segments >= 1, "validated by the caller");
+        let capacity = TENSORS_OUTSIDE_LAYERS + (TENSORS_PER_LAYER + TENSORS_PER_SEGMENT * max_segments) * c.n_layer;
         // Every node or leaf is a tensor of the graph context, a weight, or a cache tensor.
-        let graph_size = capacity + model.gguf.tensors.len() + 2 * c.n_layer;
-        // The largest allocation first: the KV cache, then the threads, then the compute buffer.
-        let kv = KvCache::new(c, n_ctx)?;
-        let mut st = RunState {
+        let graph_size = capacity + model.gguf.tensors.len() + 2 * c.n_layer * max_segments;
+        Ok(Engine {
             compute: Compute::new(n_threads)?,
             governor: Governor::new(n_threads),
             alloc: Allocator::new(),
             graph_ctx: Context::new(capacity, graph_size),
             graph_size,
-            kv,
-            n_batch,
-            logits: Vec::with_capacity(c.n_vocab),
-            ids: Vec::with_capacity(n_batch),
-            pos: Vec::with_capacity(n_batch),
-            mask_row: Vec::with_capacity(n_ctx),
-        };
-        // Size the compute buffer for the worst case once.
-        let (worst_past, worst_n) = (n_ctx - n_batch, n_batch);
-        let st_ref = &mut st;
-        let built = build(&mut st_ref.graph_ctx, st_ref.graph_size, model, &st_ref.kv, worst_past, worst_n);
-        st_ref.alloc.reserve(built.graph)?;
-        st_ref.compute.reserve(built.graph)?;
-        Ok(st)
-    }
-
-    pub fn n_ctx(&self) -> usize {
-        self.kv.n_ctx
+            max_segments,
+            logits: Vec::with_capacity(c.n_vocab * max_segments),
+            ids: Vec::new(),
+            pos: Vec::new(),
+            out_ids: Vec::new(),
+            mask_row: Vec::new(),
+        })
     }
 
     pub fn n_threads(&self) -> usize {
@@ -105,51 +120,75 @@ impl RunState {
         self.alloc.size()
     }
 
-    /// Evaluate `tokens` at positions `n_past..`, in micro-batches; afterwards `self.logits`
-    /// holds the logits of the last token. `abort` is checked by ggml between ops.
-    pub fn eval(&mut self, model: &Model, tokens: &[u32], n_past: usize, abort: &AtomicBool) -> Result<(), EvalError> {
-        let n_vocab = model.config.n_vocab;
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
-            return Err(EvalError::BadToken { id, n_vocab });
+    /// Size the compute buffer and work buffer once for the worst graphs on `kv`: a micro-batch
+    /// of `n_batch` tokens against a full cache, and a decode step of `max_segments` caches that
+    /// full. Later graphs on caches no larger never allocate.
+    pub fn reserve(&mut self, model: &Model, kv: &KvCache, n_batch: usize) -> Result<(), ggml::AllocError> {
+        let n_batch = n_batch.clamp(1, kv.n_ctx);
+        let worst = vec![0u32; n_batch];
+        let prompt = [Segment { kv, tokens: &worst, n_past: kv.n_ctx - n_batch }];
+        let step: Vec<_> = (0..self.max_segments).map(|_| Segment { kv, tokens: &worst[..1], n_past: kv.n_ctx - 1 }).collect();
+        for segments in [&prompt[..], &step] {
+            let built = build(&mut self.graph_ctx, self.graph_size, model, segments);
+            self.alloc.reserve(built.graph)?;
+            self.compute.reserve(built.graph)?;
         }
-        let needed = n_past + tokens.len();
-        if needed > self.kv.n_ctx {
-            return Err(EvalError::ContextFull { needed, n_ctx: self.kv.n_ctx });
-        }
+        self.ids.reserve(n_batch.max(self.max_segments));
+        self.pos.reserve(n_batch.max(self.max_segments));
+        self.out_ids.reserve(self.max_segments);
+        self.mask_row.reserve(kv.n_ctx);
+        Ok(())
+    }
+
+    /// Evaluate `tokens` of `kv` at positions `n_past..`, in micro-batches of `n_batch`;
+    /// afterwards `self.logits` holds the logits of the last token. `abort` is checked by ggml
+    /// between ops.
+    pub fn eval(&mut self, model: &Model, kv: &KvCache, tokens: &[u32], n_past: usize, n_batch: usize, abort: &AtomicBool) -> Result<(), EvalError> {
+        Segment { kv, tokens, n_past }.check(model.config.n_vocab)?;
         let mut past = n_past;
-        for chunk in tokens.chunks(self.n_batch) {
-            self.eval_batch(model, chunk, past, abort)?;
+        for chunk in tokens.chunks(n_batch.max(1)) {
+            self.step(model, &[Segment { kv, tokens: chunk, n_past: past }], abort)?;
             past += chunk.len();
         }
         Ok(())
     }
 
-    fn eval_batch(&mut self, model: &Model, tokens: &[u32], n_past: usize, abort: &AtomicBool) -> Result<(), EvalError> {
-        let n = tokens.len();
-        let built = build(&mut self.graph_ctx, self.graph_size, model, &self.kv, n_past, n);
+    /// Evaluate every segment in one graph (each checked by the caller); afterwards
+    /// `self.logits` holds the logits of each segment's last token, in order.
+    pub fn step(&mut self, model: &Model, segments: &[Segment<'_>], abort: &AtomicBool) -> Result<(), EvalError> {
+        assert!((1..=self.max_segments).contains(&segments.len()) && segments.iter().all(|s| !s.tokens.is_empty()));
+        let built = build(&mut self.graph_ctx, self.graph_size, model, segments);
         self.alloc.alloc(built.graph)?;
 
         self.ids.clear();
-        self.ids.extend(tokens.iter().map(|&t| t as i32));
-        ggml::tensor_write(built.tokens, 0, &self.ids);
         self.pos.clear();
-        self.pos.extend((n_past..n_past + n).map(|p| p as i32));
+        self.out_ids.clear();
+        for s in segments {
+            self.ids.extend(s.tokens.iter().map(|&t| t as i32));
+            self.pos.extend((s.n_past..s.n_past + s.tokens.len()).map(|p| p as i32));
+            self.out_ids.push(self.ids.len() as i32 - 1);
+        }
+        ggml::tensor_write(built.tokens, 0, &self.ids);
         ggml::tensor_write(built.pos, 0, &self.pos);
-        // Causal mask, row by row: token i (at position n_past+i) sees cache positions 0..=n_past+i.
-        let n_kv = n_past + n;
+        ggml::tensor_write(built.out_ids, 0, &self.out_ids);
+        // Causal masks, row by row: token i (at position n_past+i) sees positions 0..=n_past+i.
         let (zero, neg_inf) = (ggml::f32_to_f16(0.0), ggml::f32_to_f16(f32::NEG_INFINITY));
-        for i in 0..n {
-            self.mask_row.clear();
-            self.mask_row.resize(n_past + i + 1, zero);
-            self.mask_row.resize(n_kv, neg_inf);
-            ggml::tensor_write(built.mask, i * n_kv * 2, &self.mask_row);
+        for (s, &mask) in segments.iter().zip(&built.masks) {
+            let (n, n_kv) = (s.tokens.len(), s.n_past + s.tokens.len());
+            for i in 0..n {
+                self.mask_row.clear();
+                self.mask_row.resize(s.n_past + i + 1, zero);
+                self.mask_row.resize(n_kv, neg_inf);
+                ggml::tensor_write(mask, i * n_kv * 2, &self.mask_row);
+            }
         }
 
-        // A single token is a decode step: governed. Prompts run on every thread.
-        let threads = if n == 1 { self.governor.threads() } else { self.compute.n_threads() };
+        // One token per cache is a decode step: governed. Prompts run on every thread.
+        let decode = self.ids.len() == segments.len();
+        let threads = if decode { self.governor.threads() } else { self.compute.n_threads() };
         let t = std::time::Instant::now();
         match self.compute.compute(built.graph, threads, abort) {
-            Ok(()) if n == 1 => self.governor.record(t.elapsed()),
+            Ok(()) if decode => self.governor.record(t.elapsed()),
             Ok(()) => {}
             Err(ComputeError::Aborted) => return Err(EvalError::Cancelled),
             Err(ComputeError::Alloc(e)) => return Err(e.into()),
@@ -162,20 +201,22 @@ impl RunState {
 /// A built graph and the tensors to fill before computing it / read after.
 struct Built<'g> {
     graph: ggml::GraphRef<'g>,
-    tokens: Tensor<'g>, // i32 [n]
-    pos: Tensor<'g>,    // i32 [n]
-    mask: Tensor<'g>,   // f16 [n_kv, n]
-    logits: Tensor<'g>, // f32 [n_vocab, 1]
+    tokens: Tensor<'g>,      // i32 [n]: every segment's tokens, one after the other
+    pos: Tensor<'g>,         // i32 [n]
+    out_ids: Tensor<'g>,     // i32 [n_seg]: the row of each segment's last token
+    masks: Vec<Tensor<'g>>,  // per segment f16 [n_kv, n_tokens]
+    logits: Tensor<'g>,      // f32 [n_vocab, n_seg]
 }
 
-/// Build the graph for `n` tokens at positions `n_past..n_past+n`.
-fn build<'g>(ctx: &'g mut Context, graph_size: usize, model: &'g Model, kv: &'g KvCache, n_past: usize, n: usize) -> Built<'g> {
+/// Build the graph for `segments`: the weight matrices multiply every token at once, attention
+/// runs per segment over its own cache.
+fn build<'g>(ctx: &'g mut Context, graph_size: usize, model: &'g Model, segments: &[Segment<'g>]) -> Built<'g> {
     let c = &model.config;
     let w = &model.weights;
     let wt = |id| w.ctx.get(id);
     let (n_embd, n_embd_kv, hd) = (c.n_embd as i64, c.n_embd_kv() as i64, c.head_dim as i64);
     let (n_head, n_head_kv) = (c.n_head as i64, c.n_head_kv as i64);
-    let (n_t, n_kv) = (n as i64, (n_past + n) as i64);
+    let n_t: i64 = segments.iter().map(|s| s.tokens.len() as i64).sum();
     let f32s = Type::F32.type_size() as usize;
     let f16s = Type::F16.type_size() as usize;
 
@@ -183,7 +224,8 @@ fn build<'g>(ctx: &'g mut Context, graph_size: usize, model: &'g Model, kv: &'g 
     let mut g = ctx.graph(graph_size);
     let tokens = g.input(Type::I32, &[n_t], "inp_tokens");
     let pos = g.input(Type::I32, &[n_t], "inp_pos");
-    let mask = g.input(Type::F16, &[n_kv, n_t], "inp_mask");
+    let out_ids = g.input(Type::I32, &[segments.len() as i64], "inp_out_ids");
+    let masks: Vec<_> = segments.iter().map(|s| g.input(Type::F16, &[(s.n_past + s.tokens.len()) as i64, s.tokens.len() as i64], "inp_mask")).collect();
 
     let mut x = g.get_rows(wt(w.tok_embd), tokens); // [n_embd, n]
     for (il, l) in w.layers.iter().enumerate() {
@@ -200,31 +242,42 @@ fn build<'g>(ctx: &'g mut Context, graph_size: usize, model: &'g Model, kv: &'g 
         let k = g.rope_neox(k, pos, c.n_rot as i32, c.n_ctx_orig as i32, c.rope_theta);
         let q = g.scale(q, 1.0 / (hd as f32).sqrt());
 
-        // Store this batch's K and V into the cache, then attend over the whole prefix.
-        let (kc, vc) = (kv.ctx.get(kv.k[il]), kv.ctx.get(kv.v[il]));
-        let kv_row = n_embd_kv as usize * f16s;
-        let k_dst = g.view(kc, &[n_embd_kv, n_t], &[kv_row], n_past * kv_row);
-        let v_dst = g.view(vc, &[n_embd_kv, n_t], &[kv_row], n_past * kv_row);
-        let k_store = g.cpy(k, k_dst);
-        let v_store = g.cpy(v, v_dst);
-        g.expand(k_store);
-        g.expand(v_store);
+        // Per segment: store its K and V into its cache, attend over its whole prefix.
+        let mut a: Option<Tensor<'g>> = None;
+        let mut first = 0usize;
+        for (s, &mask) in segments.iter().zip(&masks) {
+            let (n, n_kv) = (s.tokens.len(), s.n_past + s.tokens.len());
+            let (kc, vc) = (s.kv.ctx.get(s.kv.k[il]), s.kv.ctx.get(s.kv.v[il]));
+            let kv_row = n_embd_kv as usize * f16s;
+            let part = |g: &mut ggml::Graph<'g>, t: Tensor<'g>, heads: i64| g.view(t, &[hd, heads, n as i64], &[t.nb()[1], t.nb()[2]], first * t.nb()[2]);
+            let (qs, ks, vs) = (part(&mut g, q, n_head), part(&mut g, k, n_head_kv), part(&mut g, v, n_head_kv));
+            let k_dst = g.view(kc, &[n_embd_kv, n as i64], &[kv_row], s.n_past * kv_row);
+            let v_dst = g.view(vc, &[n_embd_kv, n as i64], &[kv_row], s.n_past * kv_row);
+            let k_store = g.cpy(ks, k_dst);
+            let v_store = g.cpy(vs, v_dst);
+            g.expand(k_store);
+            g.expand(v_store);
 
-        let k_all = g.view(kc, &[hd, n_head_kv, n_kv], &[hd as usize * f16s, kv_row], 0);
-        let v_all = g.view(vc, &[hd, n_head_kv, n_kv], &[hd as usize * f16s, kv_row], 0);
-        let k_all = g.permute(k_all, [0, 2, 1, 3]); // [hd, n_kv, n_head_kv]
-        let v_all = g.permute(v_all, [0, 2, 1, 3]);
-        let q = g.permute(q, [0, 2, 1, 3]); // [hd, n, n_head]
-        let a = g.flash_attn(q, k_all, v_all, mask, 1.0); // [hd, n_head, n]
-        let a = g.reshape_2d(a, n_embd, n_t);
+            let k_all = g.view(kc, &[hd, n_head_kv, n_kv as i64], &[hd as usize * f16s, kv_row], 0);
+            let v_all = g.view(vc, &[hd, n_head_kv, n_kv as i64], &[hd as usize * f16s, kv_row], 0);
+            let k_all = g.permute(k_all, [0, 2, 1, 3]); // [hd, n_kv, n_head_kv]
+            let v_all = g.permute(v_all, [0, 2, 1, 3]);
+            let qs = g.permute(qs, [0, 2, 1, 3]); // [hd, n, n_head]
+            let att = g.flash_attn(qs, k_all, v_all, mask, 1.0); // [hd, n_head, n]
+            a = Some(match a {
+                None => att,
+                Some(prev) => g.concat(prev, att, 2),
+            });
+            first += n;
+        }
+        let a = g.reshape_2d(a.expect("at least one segment"), n_embd, n_t);
         let mut cur = g.mul_mat(wt(l.attn_output), a);
 
         let mut residual = residual;
         if il == c.n_layer - 1 {
-            // Only the last position's logits are wanted: drop the other rows here.
-            let last = |g: &mut ggml::Graph<'g>, t: Tensor<'g>| g.view(t, &[n_embd, 1], &[t.nb()[1]], (n - 1) * t.nb()[1]);
-            cur = last(&mut g, cur);
-            residual = last(&mut g, residual);
+            // Only each segment's last position's logits are wanted: drop the other rows here.
+            cur = g.get_rows(cur, out_ids);
+            residual = g.get_rows(residual, out_ids);
         }
         let x1 = g.add(cur, residual);
 
@@ -237,7 +290,7 @@ fn build<'g>(ctx: &'g mut Context, graph_size: usize, model: &'g Model, kv: &'g 
     }
     let h = g.rms_norm(x, c.rms_eps);
     let h = g.mul(h, wt(w.output_norm));
-    let logits = g.mul_mat(wt(w.output), h); // [n_vocab, 1]
+    let logits = g.mul_mat(wt(w.output), h); // [n_vocab, n_seg]
     g.expand(logits);
-    Built { graph: g.raw_graph(), tokens, pos, mask, logits }
+    Built { graph: g.raw_graph(), tokens, pos, out_ids, masks, logits }
 }

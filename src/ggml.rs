@@ -384,6 +384,15 @@ impl<'ctx> Graph<'ctx> {
         self.op(unsafe { sys::ggml_reshape_2d(self.ctx(), a.ptr(), ne0, ne1) })
     }
 
+    /// `a` and `b` joined along dimension `dim` (same type, every other dimension equal).
+    pub fn concat(&mut self, a: Tensor<'ctx>, b: Tensor<'ctx>, dim: usize) -> Tensor<'ctx> {
+        self.ctx.room();
+        let (an, bn) = (a.ne(), b.ne());
+        assert!(dim < 4 && a.ty() == b.ty() && (0..4).all(|i| i == dim || an[i] == bn[i]), "concat: {an:?} and {bn:?} along {dim}");
+        // SAFETY: valid tensors of one type whose other dimensions match (ggml_concat's asserts).
+        self.op(unsafe { sys::ggml_concat(self.ctx(), a.ptr(), b.ptr(), dim as i32) })
+    }
+
     /// Copy `a` into `dst` (same element count), converting the type.
     pub fn cpy(&mut self, a: Tensor<'ctx>, dst: Tensor<'ctx>) -> Tensor<'ctx> {
         self.ctx.room();
@@ -521,7 +530,7 @@ impl Drop for Buffer {
 }
 
 /// Out of memory (or address space, or threads) for `what`, of `bytes` bytes when known.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct AllocError {
     pub what: String,
     pub bytes: usize,

@@ -24,6 +24,7 @@ pub mod constrain;
 pub mod gguf;
 pub mod model;
 pub mod sample;
+pub mod scheduler;
 pub mod session;
 pub mod state;
 pub mod tokenizer;
@@ -38,6 +39,7 @@ mod kv_cache;
 pub use constrain::Constraint;
 pub use model::{Config, LoadError, LoadParams, Model};
 pub use sample::SamplingParams;
+pub use scheduler::Scheduler;
 pub use state::StateError;
 pub use session::{DoneReason, GenerateParams, Outcome, Overflow, Session, SessionError, SessionParams};
 

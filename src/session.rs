@@ -15,10 +15,12 @@ use std::time::Instant;
 use crate::chat::{self, Markers, Message, Role};
 use crate::constrain::{Constraint, Guide};
 pub use crate::forward::EvalError;
-use crate::forward::RunState;
+use crate::forward::Engine;
 use crate::hash::{Map, Set};
+use crate::kv_cache::KvCache;
 use crate::model::Model;
 use crate::sample::{Sampler, SamplingParams};
+use crate::scheduler::Scheduler;
 use crate::state::{self, StateError};
 use crate::tokenizer::StreamDecoder;
 
@@ -205,7 +207,12 @@ pub type OnToken<'a> = dyn FnMut(Option<u32>, &str) -> bool + 'a;
 
 pub struct Session {
     model: Arc<Model>,
-    st: RunState,
+    /// The cache (locked by a scheduler's step while this session waits in it).
+    kv: Arc<parking_lot::Mutex<KvCache>>,
+    runner: Runner,
+    n_batch: usize,
+    /// Logits of the last evaluated token.
+    logits: Vec<f32>,
     overflow: Overflow,
     /// Tokens whose K and V are in the cache, in order.
     history: Vec<u32>,
@@ -216,14 +223,49 @@ pub struct Session {
     cancel: Arc<AtomicBool>,
 }
 
+/// Where a session's graphs run.
+enum Runner {
+    /// Its own engine (threads, compute buffer).
+    Own(Box<Engine>),
+    /// A scheduler's, shared with the other sessions on it: decode steps batched.
+    Shared(Scheduler),
+}
+
 impl Session {
+    /// A session with its own threads and compute buffer.
     pub fn new(model: Arc<Model>, p: &SessionParams) -> Result<Session, SessionError> {
+        Session::make(model, p, None)
+    }
+
+    /// A session whose graphs run on `scheduler`'s engine: while other sessions on it decode,
+    /// their tokens and this one's are evaluated in one step. `p.n_threads` is not used (the
+    /// scheduler's threads run everything).
+    pub fn with_scheduler(scheduler: &Scheduler, p: &SessionParams) -> Result<Session, SessionError> {
+        Session::make(scheduler.model().clone(), p, Some(scheduler))
+    }
+
+    fn make(model: Arc<Model>, p: &SessionParams, scheduler: Option<&Scheduler>) -> Result<Session, SessionError> {
         p.check().map_err(SessionError::BadParams)?;
         let n_ctx = p.context_for(&model).map_err(SessionError::BadParams)?;
-        let st = RunState::new(&model, n_ctx, p.n_batch, p.n_threads.min(cpu_count())).map_err(EvalError::from)?;
+        // The largest allocation first: the KV cache, then the threads, then the compute buffer.
+        let kv = KvCache::new(&model.config, n_ctx).map_err(EvalError::from)?;
+        let runner = match scheduler {
+            Some(s) => {
+                s.join(&kv, p.n_batch)?;
+                Runner::Shared(s.clone())
+            }
+            None => {
+                let mut engine = Engine::new(&model, p.n_threads.min(cpu_count()), 1).map_err(EvalError::from)?;
+                engine.reserve(&model, &kv, p.n_batch).map_err(EvalError::from)?;
+                Runner::Own(Box::new(engine))
+            }
+        };
         Ok(Session {
+            logits: Vec::with_capacity(model.config.n_vocab),
             model,
-            st,
+            kv: Arc::new(parking_lot::Mutex::new(kv)),
+            runner,
+            n_batch: p.n_batch.min(n_ctx),
             overflow: p.overflow,
             history: Vec::with_capacity(n_ctx),
             replies: Map::default(),
@@ -237,12 +279,24 @@ impl Session {
     }
 
     pub fn n_ctx(&self) -> usize {
-        self.st.n_ctx()
+        self.kv.lock().n_ctx
     }
 
-    /// Threads the forward pass runs on (the requested number, at most [`cpu_count`]).
+    /// Threads the forward pass runs on (the requested number, at most [`cpu_count`]; a
+    /// scheduler's for a session on one).
     pub fn n_threads(&self) -> usize {
-        self.st.n_threads()
+        match &self.runner {
+            Runner::Own(e) => e.n_threads(),
+            Runner::Shared(s) => s.n_threads(),
+        }
+    }
+
+    /// The scheduler this session's graphs run on, if any.
+    pub fn scheduler(&self) -> Option<&Scheduler> {
+        match &self.runner {
+            Runner::Own(_) => None,
+            Runner::Shared(s) => Some(s),
+        }
     }
 
     /// Tokens currently in the cache.
@@ -262,9 +316,28 @@ impl Session {
         self.cancel.clone()
     }
 
-    /// Memory this session holds: its KV cache and its compute buffer, in bytes.
+    /// Memory this session holds: its KV cache and its compute buffer (none of its own on a
+    /// scheduler), in bytes.
     pub fn memory(&self) -> (u64, usize) {
-        (self.model.config.kv_bytes_per_token() * self.n_ctx() as u64, self.st.compute_buffer_size())
+        let compute = match &self.runner {
+            Runner::Own(e) => e.compute_buffer_size(),
+            Runner::Shared(_) => 0,
+        };
+        (self.model.config.kv_bytes_per_token() * self.n_ctx() as u64, compute)
+    }
+
+    /// Evaluate `tokens` at positions `n_past..`: afterwards `self.logits` holds the last one's.
+    /// A single token while decoding goes into its scheduler's next step.
+    fn eval(&mut self, tokens: &[u32], n_past: usize, decoding: bool) -> Result<(), EvalError> {
+        match &mut self.runner {
+            Runner::Own(e) => {
+                e.eval(&self.model, &self.kv.lock(), tokens, n_past, self.n_batch, &self.cancel)?;
+                std::mem::swap(&mut e.logits, &mut self.logits);
+                Ok(())
+            }
+            Runner::Shared(s) if decoding && tokens.len() == 1 => s.decode(&self.kv, tokens[0], n_past, &mut self.logits),
+            Runner::Shared(s) => s.eval(&self.kv, tokens, n_past, self.n_batch, &self.cancel, &mut self.logits),
+        }
     }
 
     /// Forget everything in the cache.
@@ -288,7 +361,7 @@ impl Session {
         self.history.truncate(keep);
         self.last_token = None;
         if keep < tokens.len() {
-            self.st.eval(&self.model, &tokens[keep..], keep, &self.cancel)?;
+            self.eval(&tokens[keep..], keep, false)?;
             self.history.extend_from_slice(&tokens[keep..]);
         }
         Ok(tokens.len() - keep)
@@ -303,13 +376,13 @@ impl Session {
     /// atomically (a temporary file renamed into place). Returns the bytes written.
     pub fn save(&self, path: &Path, n: usize) -> Result<u64, StateError> {
         let tokens = &self.history[..n.min(self.history.len())];
-        state::save_file(path, |w| state::write(&self.model, &self.st.kv, tokens, w))?;
+        state::save_file(path, |w| state::write(&self.model, &self.kv.lock(), tokens, w))?;
         Ok(state::size(&self.model, tokens.len()))
     }
 
     /// The saved state of the first `n` cached tokens, written to `w`.
     pub fn save_to(&self, w: &mut dyn std::io::Write, n: usize) -> std::io::Result<()> {
-        state::write(&self.model, &self.st.kv, &self.history[..n.min(self.history.len())], w)
+        state::write(&self.model, &self.kv.lock(), &self.history[..n.min(self.history.len())], w)
     }
 
     /// Restore a state saved from a session of this model: the cache becomes its tokens (the
@@ -335,7 +408,7 @@ impl Session {
         self.last_token = None;
         self.replies.clear();
         self.history.clear();
-        state::restore(&checked, src, &self.st.kv, n)?;
+        state::restore(&checked, src, &self.kv.lock(), n)?;
         self.history.extend_from_slice(&checked.tokens[..n]);
         Ok(n)
     }
@@ -348,7 +421,7 @@ impl Session {
             return Err(StateError::Invalid("the sessions are of different models".into()));
         }
         let n = other.history.len().min(self.n_ctx());
-        state::copy(&self.model, &other.st.kv, &self.st.kv, n);
+        state::copy(&self.model, &other.kv.lock(), &self.kv.lock(), n);
         self.history.clear();
         self.history.extend_from_slice(&other.history[..n]);
         self.replies = other.replies.clone();
@@ -363,9 +436,9 @@ impl Session {
             return Err(SessionError::BadParams("no tokens".into()));
         }
         self.last_token = None;
-        self.st.eval(&self.model, tokens, self.history.len(), &self.cancel)?;
+        self.eval(tokens, self.history.len(), false)?;
         self.history.extend_from_slice(tokens);
-        Ok(&self.st.logits)
+        Ok(&self.logits)
     }
 
     /// Reply to a conversation (the last message is usually the user's). `on_token` is called
@@ -502,7 +575,7 @@ impl Session {
         self.history.truncate(keep);
         let t = Instant::now();
         let new = &prompt[keep..];
-        match self.st.eval(&self.model, new, keep, &self.cancel) {
+        match self.eval(new, keep, false) {
             Ok(()) => {}
             Err(EvalError::Cancelled) => return Ok(false),
             Err(e) => return Err(e.into()),
@@ -516,17 +589,20 @@ impl Session {
     /// Sample, emit and evaluate one token at a time until a reason to stop.
     /// With a guide, the logits are masked first, and the reply ends when it is complete.
     fn decode(&mut self, gp: &GenerateParams, mut guide: Option<&mut Guide>, timings: &mut Timings, text: &mut Text, on_token: &mut OnToken<'_>) -> Result<DoneReason, SessionError> {
-        let tok = &self.model.tokenizer;
+        let model = self.model.clone();
+        let tok = &model.tokenizer;
         let mut sampler = Sampler::new(gp.sampling.clone());
+        let scheduler = self.scheduler().cloned();
+        let _decoding = scheduler.as_ref().map(Scheduler::decoding);
         loop {
             if self.cancel.load(Ordering::Relaxed) {
                 return Ok(DoneReason::Cancelled);
             }
             let t = Instant::now();
             if let Some(g) = guide.as_deref_mut() {
-                g.mask(&mut self.st.logits).map_err(SessionError::Constraint)?;
+                g.mask(&mut self.logits).map_err(SessionError::Constraint)?;
             }
-            let id = sampler.sample(&self.st.logits, &self.history);
+            let id = sampler.sample(&self.logits, &self.history);
             if tok.end_of_generation.contains(&id) {
                 return Ok(DoneReason::Stop);
             }
@@ -549,7 +625,7 @@ impl Session {
             if self.history.len() >= self.n_ctx() {
                 return Ok(DoneReason::ContextFull);
             }
-            match self.st.eval(&self.model, &[id], self.history.len(), &self.cancel) {
+            match self.eval(&[id], self.history.len(), true) {
                 Ok(()) => {
                     self.history.push(id);
                     self.last_token = None;

@@ -255,6 +255,7 @@ fn session_status(e: &SessionError) -> phi4_status {
         SessionError::Eval(EvalError::ContextFull { .. }) => PHI4_ERR_CONTEXT_OVERFLOW,
         SessionError::Eval(EvalError::Alloc(_)) => PHI4_ERR_OUT_OF_MEMORY,
         SessionError::Eval(EvalError::Cancelled) => PHI4_OK,
+        SessionError::Eval(EvalError::StepFailed) => PHI4_ERR_INTERNAL,
     }
 }
 

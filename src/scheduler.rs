@@ -1,0 +1,238 @@
+//! Batched decode: sessions on one model that decode at the same time advance together.
+//!
+//! Decoding reads every weight once per step, whatever the number of tokens the step takes, so
+//! N sessions each stepping alone read the weights N times per token; stepped together, once.
+//! A [`Scheduler`] owns one [`Engine`] (threads, compute buffer) for all its sessions:
+//!
+//! - a session in its decode loop puts its token in the queue and waits;
+//! - the first waiting session whose token is still queued leads a step once every decoding
+//!   session has queued one (or `GATHER` after the oldest came): it takes up to `max_batch`
+//!   tokens, runs one graph over their caches, hands each its logits and wakes them;
+//! - prompts are evaluated by their own session on the shared engine, one micro-batch at a
+//!   time, taking turns with the steps (so the cores are never asked for two graphs at once).
+//!
+//! Each session's tokens are those it would produce alone: attention stays per cache, and the
+//! matrix products differ from a lone step's only in summation order (the batch's kernels).
+
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
+
+use crate::forward::{Engine, EvalError, Segment};
+use crate::kv_cache::KvCache;
+use crate::model::Model;
+use crate::session::{cpu_count, SessionError, MAX_THREADS};
+
+/// The most sessions a step may take.
+pub const MAX_BATCH: usize = 64;
+/// How long a queued token waits for the other decoding sessions' before a step goes without them.
+const GATHER: Duration = Duration::from_millis(3);
+
+/// A shared engine that advances the sessions made on it ([`crate::Session::with_scheduler`])
+/// together. Cloning it is cheap (the clones share the engine); it lives as long as a clone or
+/// a session on it does. All its methods may be called from any thread.
+#[derive(Clone)]
+pub struct Scheduler(Arc<Shared>);
+
+struct Shared {
+    model: Arc<Model>,
+    max_batch: usize,
+    n_threads: usize,
+    engine: Mutex<Engine>,
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    steps: AtomicU64,
+    stepped_tokens: AtomicU64,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Sessions in their decode loop: each will queue a token soon.
+    decoding: usize,
+    waiting: Vec<Request>,
+    done: Vec<Done>,
+    next_ticket: u64,
+    stepping: bool,
+    /// When the oldest waiting request was queued.
+    since: Option<Instant>,
+}
+
+struct Request {
+    ticket: u64,
+    kv: Arc<Mutex<KvCache>>,
+    token: u32,
+    n_past: usize,
+    /// The session's logits buffer, filled by the step and handed back.
+    logits: Vec<f32>,
+}
+
+struct Done {
+    ticket: u64,
+    result: Result<(), EvalError>,
+    logits: Vec<f32>,
+}
+
+/// Steps are never aborted: a session's cancel flag takes effect after the step (one token).
+static NEVER: AtomicBool = AtomicBool::new(false);
+
+impl Scheduler {
+    /// A scheduler for sessions on `model`, stepping up to `max_batch` (1..=[`MAX_BATCH`]) of
+    /// them at once on `n_threads` threads (1..=[`MAX_THREADS`], at most the CPUs).
+    pub fn new(model: Arc<Model>, n_threads: usize, max_batch: usize) -> Result<Scheduler, SessionError> {
+        if !(1..=MAX_THREADS).contains(&n_threads) {
+            return Err(SessionError::BadParams(format!("n_threads {n_threads} must be at least 1 and at most {MAX_THREADS}")));
+        }
+        if !(1..=MAX_BATCH).contains(&max_batch) {
+            return Err(SessionError::BadParams(format!("max_batch {max_batch} must be in 1..={MAX_BATCH}")));
+        }
+        let n_threads = n_threads.min(cpu_count());
+        let engine = Engine::new(&model, n_threads, max_batch).map_err(EvalError::from)?;
+        Ok(Scheduler(Arc::new(Shared {
+            model,
+            max_batch,
+            n_threads,
+            engine: Mutex::new(engine),
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            steps: AtomicU64::new(0),
+            stepped_tokens: AtomicU64::new(0),
+        })))
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.0.model
+    }
+
+    pub fn n_threads(&self) -> usize {
+        self.0.n_threads
+    }
+
+    pub fn max_batch(&self) -> usize {
+        self.0.max_batch
+    }
+
+    /// Decode steps run so far, and the tokens they took (tokens / steps: the mean batch).
+    pub fn steps(&self) -> (u64, u64) {
+        (self.0.steps.load(Ordering::Relaxed), self.0.stepped_tokens.load(Ordering::Relaxed))
+    }
+
+    /// Bytes of the shared compute buffer.
+    pub fn compute_buffer_size(&self) -> usize {
+        self.0.engine.lock().compute_buffer_size()
+    }
+
+    /// Make room in the shared engine for a session's cache and micro-batches.
+    pub(crate) fn join(&self, kv: &KvCache, n_batch: usize) -> Result<(), EvalError> {
+        Ok(self.0.engine.lock().reserve(&self.0.model, kv, n_batch)?)
+    }
+
+    /// Evaluate `tokens` of `kv` at `n_past..` (a prompt), one micro-batch of `n_batch` at a
+    /// time between other sessions' steps; `logits` gets the last token's.
+    pub(crate) fn eval(&self, kv: &Mutex<KvCache>, tokens: &[u32], n_past: usize, n_batch: usize, abort: &AtomicBool, logits: &mut Vec<f32>) -> Result<(), EvalError> {
+        let model = &*self.0.model;
+        Segment { kv: &kv.lock(), tokens, n_past }.check(model.config.n_vocab)?;
+        let mut past = n_past;
+        for chunk in tokens.chunks(n_batch.max(1)) {
+            let mut engine = self.0.engine.lock();
+            engine.step(model, &[Segment { kv: &kv.lock(), tokens: chunk, n_past: past }], abort)?;
+            std::mem::swap(&mut engine.logits, logits);
+            past += chunk.len();
+        }
+        Ok(())
+    }
+
+    /// Count the caller as decoding until the guard drops: steps wait for its tokens.
+    pub(crate) fn decoding(&self) -> Decoding<'_> {
+        self.0.queue.lock().decoding += 1;
+        Decoding(&self.0)
+    }
+
+    /// Evaluate one token of `kv` at `n_past`, in a step with the other decoding sessions';
+    /// `logits` gets its logits.
+    pub(crate) fn decode(&self, kv: &Arc<Mutex<KvCache>>, token: u32, n_past: usize, logits: &mut Vec<f32>) -> Result<(), EvalError> {
+        let sh = &*self.0;
+        Segment { kv: &kv.lock(), tokens: &[token], n_past }.check(sh.model.config.n_vocab)?;
+        let mut q = sh.queue.lock();
+        let ticket = q.next_ticket;
+        q.next_ticket += 1;
+        q.waiting.push(Request { ticket, kv: kv.clone(), token, n_past, logits: std::mem::take(logits) });
+        q.since.get_or_insert_with(Instant::now);
+        sh.wake.notify_all();
+        loop {
+            if let Some(i) = q.done.iter().position(|d| d.ticket == ticket) {
+                let done = q.done.swap_remove(i);
+                *logits = done.logits;
+                return done.result;
+            }
+            let queued = q.waiting.iter().any(|r| r.ticket == ticket);
+            if q.stepping || !queued {
+                sh.wake.wait(&mut q);
+                continue;
+            }
+            let deadline = q.since.unwrap_or_else(Instant::now) + GATHER;
+            if q.waiting.len() < q.decoding.min(sh.max_batch) && Instant::now() < deadline {
+                sh.wake.wait_until(&mut q, deadline);
+                continue;
+            }
+            self.lead(&mut q, ticket);
+        }
+    }
+
+    /// Take up to `max_batch` queued tokens, step them (the queue unlocked meanwhile), post
+    /// their results. A panic in the step fails every other token of it and goes on in the
+    /// leader (whose ticket is `mine`).
+    fn lead(&self, q: &mut MutexGuard<'_, Queue>, mine: u64) {
+        let sh = &*self.0;
+        let take = q.waiting.len().min(sh.max_batch);
+        let mut batch: Vec<Request> = q.waiting.drain(..take).collect();
+        q.since = if q.waiting.is_empty() { None } else { Some(Instant::now()) };
+        q.stepping = true;
+        let tickets: Vec<u64> = batch.iter().map(|r| r.ticket).collect();
+        let outcome = MutexGuard::unlocked(q, || panic::catch_unwind(AssertUnwindSafe(|| self.step(&mut batch))));
+        q.stepping = false;
+        match outcome {
+            Ok(result) => {
+                q.done.extend(batch.into_iter().map(|r| Done { ticket: r.ticket, result: result.clone(), logits: r.logits }));
+                sh.wake.notify_all();
+            }
+            Err(p) => {
+                q.done.extend(tickets.iter().filter(|&&t| t != mine).map(|&ticket| Done { ticket, result: Err(EvalError::StepFailed), logits: Vec::new() }));
+                sh.wake.notify_all();
+                panic::resume_unwind(p);
+            }
+        }
+    }
+
+    /// One graph over every request's cache; each request's logits filled from it.
+    fn step(&self, batch: &mut [Request]) -> Result<(), EvalError> {
+        let sh = &*self.0;
+        let mut engine = sh.engine.lock();
+        let caches: Vec<_> = batch.iter().map(|r| r.kv.lock()).collect();
+        let segments: Vec<_> = batch.iter().zip(&caches).map(|(r, kv)| Segment { kv, tokens: std::slice::from_ref(&r.token), n_past: r.n_past }).collect();
+        engine.step(&sh.model, &segments, &NEVER)?;
+        drop(segments);
+        drop(caches);
+        let n_vocab = sh.model.config.n_vocab;
+        for (r, row) in batch.iter_mut().zip(engine.logits.chunks_exact(n_vocab)) {
+            r.logits.clear();
+            r.logits.extend_from_slice(row);
+        }
+        sh.steps.fetch_add(1, Ordering::Relaxed);
+        sh.stepped_tokens.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// A session in its decode loop (see [`Scheduler::decoding`]).
+pub(crate) struct Decoding<'a>(&'a Shared);
+
+impl Drop for Decoding<'_> {
+    fn drop(&mut self) {
+        self.0.queue.lock().decoding -= 1;
+        // Steps waiting for this session's token go without it.
+        self.0.wake.notify_all();
+    }
+}
