@@ -122,6 +122,9 @@ typedef enum phi4_format {
 // A loaded model (opaque).
 typedef struct phi4_model phi4_model;
 
+// A scheduler (opaque): threads and a compute buffer shared by the sessions opened on it.
+typedef struct phi4_scheduler phi4_scheduler;
+
 // A session (opaque).
 typedef struct phi4_session phi4_session;
 
@@ -314,6 +317,29 @@ enum phi4_status phi4_model_repacked(const struct phi4_model *model,
                                      char *text,
                                      size_t capacity,
                                      size_t *len);
+
+// Make a scheduler for sessions on `model`: while several of them decode at once (each driven
+// by its own thread), one graph per step advances all of them, reading the weights once instead
+// of once per session. `n_threads` runs every graph of its sessions (0: every CPU this process
+// may use); `max_batch` (1..=64) is the most sessions a step takes. On success `*out` owns the
+// scheduler (free with `phi4_scheduler_free`); it keeps the model alive. On failure the message
+// is in `phi4_last_load_error()`.
+//
+// Thread-safe: the scheduler (a const handle) may be used from any number of threads at once.
+enum phi4_status phi4_scheduler_new(const struct phi4_model *model,
+                                    uint32_t n_threads,
+                                    uint32_t max_batch,
+                                    struct phi4_scheduler **out);
+
+// Open a session whose graphs run on `scheduler` (on its model, with its threads;
+// `params->n_threads` is not used). Otherwise as `phi4_session_new`: use each session from one
+// thread at a time; sessions decoding on different threads at once are stepped together.
+enum phi4_status phi4_session_new_on(const struct phi4_scheduler *scheduler,
+                                     const struct phi4_session_params *params,
+                                     struct phi4_session **out);
+
+// Release a scheduler (NULL allowed). Sessions opened on it keep it alive until they are freed.
+void phi4_scheduler_free(struct phi4_scheduler *scheduler);
 
 // Fill `*out` with the defaults (and its struct_size). Thread-safe.
 enum phi4_status phi4_session_default_params(struct phi4_session_params *out);

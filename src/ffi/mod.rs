@@ -1,4 +1,4 @@
-//! The C ABI (`include/phi4.h`). One module per C type (`model`, `session`); the plumbing —
+//! The C ABI (`include/phi4.h`). One module per C type (`model`, `scheduler`, `session`); the plumbing —
 //! status codes, the panic boundary, pointer and string checks, versioned params structs — is
 //! here. This module and `ggml.rs` are the only places with `unsafe`.
 //!
@@ -13,6 +13,7 @@
 #![allow(clippy::missing_safety_doc, non_camel_case_types)]
 
 pub mod model;
+pub mod scheduler;
 pub mod session;
 
 use std::cell::RefCell;

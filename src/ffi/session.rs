@@ -13,7 +13,9 @@ use super::*;
 use crate::chat::{Message, Role};
 use crate::constrain::Constraint;
 use crate::forward::EvalError;
+use crate::model::Model;
 use crate::sample::SamplingParams;
+use crate::scheduler::Scheduler;
 use crate::session::{DoneReason, GenerateParams, Outcome, Overflow, Session, SessionError, SessionParams};
 use crate::state::StateError;
 
@@ -263,6 +265,37 @@ fn serr(e: SessionError) -> Error {
     Error::new(session_status(&e), e.to_string())
 }
 
+/// A session handle on `model` (own engine, or `scheduler`'s), from C params.
+///
+/// # Safety
+/// `params` is NULL or points to a params struct of its `struct_size`.
+pub(crate) unsafe fn open_session(model: &Arc<Model>, log: Log, params: *const phi4_session_params, scheduler: Option<&Scheduler>) -> Result<phi4_session, Error> {
+    // SAFETY: NULL or a struct from phi4_session_default_params (caller's contract).
+    let p = unsafe { read_params(params, default_session_params(), "params") }?;
+    let overflow = match p.overflow {
+        v if v == phi4_overflow::PHI4_OVERFLOW_ERROR as u32 => Overflow::Error,
+        v if v == phi4_overflow::PHI4_OVERFLOW_DROP_OLDEST as u32 => Overflow::DropOldest,
+        v => return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, format!("overflow {v} is not a phi4_overflow"))),
+    };
+    let sp = SessionParams { n_ctx: p.n_ctx as usize, n_batch: p.n_batch as usize, n_threads: p.n_threads as usize, overflow };
+    let s = match scheduler {
+        Some(sched) => Session::with_scheduler(sched, &sp),
+        None => Session::new(model.clone(), &sp),
+    }
+    .map_err(serr)?;
+    if scheduler.is_none() && s.n_threads() < sp.n_threads {
+        log.write(phi4_log_level::PHI4_LOG_WARN, &format!("n_threads {} is more than the {} CPUs this process may use: using {}", sp.n_threads, s.n_threads(), s.n_threads()));
+    }
+    Ok(phi4_session {
+        cancel: s.cancel_flag(),
+        log,
+        inner: Mutex::new(s),
+        last_error: Mutex::new(String::new()),
+        free_requested: AtomicBool::new(false),
+        last_result: Mutex::new(empty_result()),
+    })
+}
+
 /// Open a session on `model`. `params` may be NULL for the defaults. On success `*out` owns the
 /// session (free with `phi4_session_free`); the session keeps the model alive. On failure the
 /// message is in `phi4_last_load_error()`.
@@ -274,26 +307,8 @@ pub unsafe extern "C" fn phi4_session_new(model: *const phi4_model, params: *con
         non_null(out, "out")?;
         // SAFETY: a live model handle (caller's contract).
         let m = unsafe { borrow(model) }?;
-        // SAFETY: NULL or a struct from phi4_session_default_params.
-        let p = unsafe { read_params(params, default_session_params(), "params") }?;
-        let overflow = match p.overflow {
-            v if v == phi4_overflow::PHI4_OVERFLOW_ERROR as u32 => Overflow::Error,
-            v if v == phi4_overflow::PHI4_OVERFLOW_DROP_OLDEST as u32 => Overflow::DropOldest,
-            v => return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, format!("overflow {v} is not a phi4_overflow"))),
-        };
-        let sp = SessionParams { n_ctx: p.n_ctx as usize, n_batch: p.n_batch as usize, n_threads: p.n_threads as usize, overflow };
-        let s = Session::new(m.inner.clone(), &sp).map_err(serr)?;
-        if s.n_threads() < sp.n_threads {
-            m.log.write(phi4_log_level::PHI4_LOG_WARN, &format!("n_threads {} is more than the {} CPUs this process may use: using {}", sp.n_threads, s.n_threads(), s.n_threads()));
-        }
-        let h = phi4_session {
-            cancel: s.cancel_flag(),
-            log: m.log,
-            inner: Mutex::new(s),
-            last_error: Mutex::new(String::new()),
-            free_requested: AtomicBool::new(false),
-            last_result: Mutex::new(empty_result()),
-        };
+        // SAFETY: NULL or a struct from phi4_session_default_params (caller's contract).
+        let h = unsafe { open_session(&m.inner, m.log, params, None) }?;
         // SAFETY: out is non-null.
         unsafe { out.write(h.into_raw()) };
         Ok(())

@@ -414,6 +414,8 @@ static void test_cancel_from_another_thread_and_busy(phi4_model *m) {
 
 typedef struct {
     phi4_model *m;
+    const phi4_scheduler *sched; /* open the session on it when not NULL */
+    const char *question;        /* "What is a module?" when NULL */
     char text[4096];
     phi4_status status;
 } chat_job;
@@ -432,9 +434,9 @@ static void *chat_thread(void *arg) {
     sp.n_ctx = 512;
     sp.n_threads = 1;
     phi4_session *s = NULL;
-    j->status = phi4_session_new(j->m, &sp, &s);
+    j->status = j->sched ? phi4_session_new_on(j->sched, &sp, &s) : phi4_session_new(j->m, &sp, &s);
     if (j->status != PHI4_OK) return NULL;
-    phi4_message msgs[] = {{"user", "What is a module?"}};
+    phi4_message msgs[] = {{"user", j->question ? j->question : "What is a module?"}};
     phi4_generate_params g = greedy(40);
     j->status = phi4_session_chat(s, msgs, 1, &g, append, j);
     phi4_session_free(s);
@@ -455,6 +457,51 @@ static void test_many_sessions_many_threads(phi4_model *m) {
         CHECK(jobs[i].status == PHI4_OK, "thread %d: %d", i, (int)jobs[i].status);
         CHECK(strlen(jobs[i].text) > 0 && strcmp(jobs[i].text, jobs[0].text) == 0, "thread %d: same greedy reply", i);
     }
+}
+
+/* Sessions on a scheduler, decoding at once from four threads, reply as they do alone. */
+static void test_scheduler(phi4_model *m) {
+    enum { N = 4 };
+    const char *questions[N] = {"What is a module?", "How do I read a file?", "What is a tuple?", "How do I sort a list?"};
+    phi4_scheduler *sched = NULL;
+    CHECK(phi4_scheduler_new(m, 2, 0, &sched) == PHI4_ERR_INVALID_ARGUMENT && sched == NULL, "max_batch 0");
+    CHECK(phi4_scheduler_new(m, 2, 65, &sched) == PHI4_ERR_INVALID_ARGUMENT, "max_batch 65: %s", phi4_last_load_error());
+    CHECK(phi4_scheduler_new(NULL, 2, 4, &sched) == PHI4_ERR_NULL, "NULL model");
+    CHECK(phi4_scheduler_new(m, 2, 4, NULL) == PHI4_ERR_NULL, "NULL out");
+    CHECK(phi4_session_new_on(NULL, NULL, NULL) == PHI4_ERR_NULL, "NULL scheduler");
+    CHECK(phi4_scheduler_new(m, 0, N, &sched) == PHI4_OK && sched != NULL, "scheduler: %s", phi4_last_load_error());
+    chat_job together[N], alone[N];
+    pthread_t t[N];
+    for (int i = 0; i < N; i++) {
+        memset(&together[i], 0, sizeof together[i]);
+        together[i].sched = sched;
+        together[i].question = questions[i];
+        pthread_create(&t[i], NULL, chat_thread, &together[i]);
+    }
+    for (int i = 0; i < N; i++) pthread_join(t[i], NULL);
+    for (int i = 0; i < N; i++) {
+        memset(&alone[i], 0, sizeof alone[i]);
+        alone[i].m = m;
+        alone[i].question = questions[i];
+        chat_thread(&alone[i]);
+        CHECK(together[i].status == PHI4_OK && strlen(together[i].text) > 0, "thread %d: %d", i, (int)together[i].status);
+        CHECK(strcmp(together[i].text, alone[i].text) == 0, "thread %d: the lone reply\n%s\n%s", i, together[i].text, alone[i].text);
+    }
+    /* A session keeps its scheduler alive. */
+    phi4_session *s = NULL;
+    phi4_session_params sp;
+    phi4_session_default_params(&sp);
+    sp.overflow = 7;
+    CHECK(phi4_session_new_on(sched, &sp, &s) == PHI4_ERR_INVALID_ARGUMENT && s == NULL, "bad params");
+    CHECK(phi4_session_new_on(sched, NULL, &s) == PHI4_OK, "session on it");
+    phi4_scheduler_free(sched);
+    phi4_scheduler_free(NULL);
+    phi4_message msgs[] = {{"user", questions[0]}};
+    phi4_generate_params g = greedy(40);
+    chat_job after = {0};
+    CHECK(phi4_session_chat(s, msgs, 1, &g, append, &after) == PHI4_OK, "chat after the scheduler's free");
+    CHECK(strcmp(after.text, alone[0].text) == 0, "same reply: %s", after.text);
+    phi4_session_free(s);
 }
 
 static void test_tokenize(phi4_model *m) {
@@ -529,6 +576,7 @@ int main(int argc, char **argv) {
     test_cancel_by_callback(m);
     test_cancel_from_another_thread_and_busy(m);
     test_many_sessions_many_threads(m);
+    test_scheduler(m);
     test_tokenize(m);
     phi4_model_free(m);
     printf("%d passed, %d failed\n", passed, failed);
