@@ -209,6 +209,26 @@ fn disconnect_cancels_the_generation() {
     assert!(waited < Duration::from_secs(10), "{waited:?}");
 }
 
+/// With `--parallel 4`, requests at once decode together (one scheduler step for all) and reply
+/// exactly as they do one at a time.
+#[test]
+fn parallel_requests_reply_as_they_do_one_at_a_time() {
+    let s = Server::start(&["--parallel", "4"]);
+    let ask = |q: &str| {
+        let body = json!({ "model": "phi4", "messages": [{ "role": "user", "content": q }], "stream": false, "options": { "temperature": 0, "num_predict": 32 } });
+        let (status, v) = s.post("/api/chat", &body);
+        assert_eq!(status, 200, "{v}");
+        v["message"]["content"].as_str().unwrap().to_string()
+    };
+    let questions = ["What is a module?", "How do I read a file?", "What is a tuple?", "How do I sort a list?"];
+    let alone: Vec<String> = questions.iter().map(|q| ask(q)).collect();
+    let together: Vec<String> = std::thread::scope(|sc| {
+        let hs: Vec<_> = questions.iter().map(|q| sc.spawn(move || ask(q))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
+}
+
 fn rss_kb(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     s.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").parse().unwrap()

@@ -3,6 +3,10 @@
 //! pays for its new turn only), runs on it off the async runtime, and gives it back. At most
 //! `parallel` requests generate at once; up to `max_queue` more wait; the rest are refused.
 //!
+//! With `parallel` above 1 the sessions share one scheduler: requests decoding at the same time
+//! are stepped together, reading the weights once per step for all of them (their threads are
+//! the scheduler's, so a request's `num_thread` does not apply then).
+//!
 //! The model is loaded on demand and unloaded, with its sessions, when its keep-alive runs out.
 
 use std::path::PathBuf;
@@ -10,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use phi4::{LoadParams, Model, Session, SessionParams};
+use phi4::{LoadParams, Model, Scheduler, Session, SessionParams};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::prompt_cache::PromptCache;
@@ -43,6 +47,8 @@ enum Slot {
 
 struct State {
     model: Option<Arc<Model>>,
+    /// The sessions' shared engine (with `parallel` > 1), made with the first session.
+    scheduler: Option<Scheduler>,
     slots: Vec<Slot>,
     expires: Option<Instant>,
 }
@@ -73,7 +79,7 @@ impl Pool {
             parallel: Arc::new(Semaphore::new(parallel)),
             max_queue,
             waiting: AtomicUsize::new(0),
-            state: Mutex::new(State { model: None, slots: (0..parallel).map(|_| Slot::Empty).collect(), expires: None }),
+            state: Mutex::new(State { model: None, scheduler: None, slots: (0..parallel).map(|_| Slot::Empty).collect(), expires: None }),
             cache,
         })
     }
@@ -138,6 +144,18 @@ impl Pool {
         want.n_ctx = want.context_for(&model).map_err(Refusal::Invalid)?;
         want.check().map_err(Refusal::Invalid)?;
         let mut st = self.state();
+        let scheduler = match &st.scheduler {
+            _ if st.slots.len() == 1 => None,
+            Some(s) => Some(s.clone()),
+            None => {
+                let s = Scheduler::new(model.clone(), d.n_threads, st.slots.len()).map_err(|e| Refusal::Failed(e.to_string()))?;
+                Some(st.scheduler.insert(s).clone())
+            }
+        };
+        if let Some(s) = &scheduler {
+            // The scheduler's threads run every session on it.
+            want.n_threads = s.n_threads();
+        }
         let common = |slot: &Slot| match slot {
             Slot::Idle(s, p) if *p == want => 1 + s.common_prefix(prompt),
             _ => 0,
@@ -151,7 +169,7 @@ impl Pool {
         drop(st);
         let mut session = match existing {
             Slot::Idle(s, p) if p == want => *s,
-            _ => match Session::new(model, &want) {
+            _ => match scheduler.map_or_else(|| Session::new(model, &want), |s| Session::with_scheduler(&s, &want)) {
                 Ok(s) => s,
                 Err(e) => {
                     self.state().slots[slot] = Slot::Empty;
@@ -195,6 +213,7 @@ impl Pool {
         if idle && st.expires.is_some_and(|t| Instant::now() >= t) {
             st.slots.iter_mut().for_each(|s| *s = Slot::Empty);
             st.model = None;
+            st.scheduler = None;
             st.expires = None;
         }
     }
