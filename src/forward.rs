@@ -121,20 +121,23 @@ impl Engine {
     }
 
     /// Size the compute buffer and work buffer once for the worst graphs on `kv`: a micro-batch
-    /// of `n_batch` tokens against a full cache, and a decode step of `max_segments` caches that
-    /// full. Later graphs on caches no larger never allocate.
+    /// of `n_batch` tokens against a full cache beside `max_segments - 1` decoding caches that
+    /// full, and `max_segments` decoding caches. Later graphs on caches no larger never allocate.
     pub fn reserve(&mut self, model: &Model, kv: &KvCache, n_batch: usize) -> Result<(), ggml::AllocError> {
         let n_batch = n_batch.clamp(1, kv.n_ctx);
         let worst = vec![0u32; n_batch];
-        let prompt = [Segment { kv, tokens: &worst, n_past: kv.n_ctx - n_batch }];
-        let step: Vec<_> = (0..self.max_segments).map(|_| Segment { kv, tokens: &worst[..1], n_past: kv.n_ctx - 1 }).collect();
-        for segments in [&prompt[..], &step] {
+        let prompt = Segment { kv, tokens: &worst, n_past: kv.n_ctx - n_batch };
+        let decode = || Segment { kv, tokens: &worst[..1], n_past: kv.n_ctx - 1 };
+        let mixed: Vec<_> = std::iter::once(prompt).chain((1..self.max_segments).map(|_| decode())).collect();
+        let step: Vec<_> = (0..self.max_segments).map(|_| decode()).collect();
+        for segments in [&mixed, &step] {
             let built = build(&mut self.graph_ctx, self.graph_size, model, segments);
             self.alloc.reserve(built.graph)?;
             self.compute.reserve(built.graph)?;
         }
-        self.ids.reserve(n_batch.max(self.max_segments));
-        self.pos.reserve(n_batch.max(self.max_segments));
+        let n_tokens = n_batch + self.max_segments;
+        self.ids.reserve(n_tokens);
+        self.pos.reserve(n_tokens);
         self.out_ids.reserve(self.max_segments);
         self.mask_row.reserve(kv.n_ctx);
         Ok(())

@@ -4,18 +4,19 @@
 //! N sessions each stepping alone read the weights N times per token; stepped together, once.
 //! A [`Scheduler`] owns one [`Engine`] (threads, compute buffer) for all its sessions:
 //!
-//! - a session in its decode loop puts its token in the queue and waits;
-//! - the first waiting session whose token is still queued leads a step once every decoding
-//!   session has queued one (or `GATHER` after the oldest came): it takes up to `max_batch`
-//!   tokens, runs one graph over their caches, hands each its logits and wakes them;
-//! - prompts are evaluated by their own session on the shared engine, one micro-batch at a
-//!   time, taking turns with the steps (so the cores are never asked for two graphs at once).
+//! - a session puts its work in the queue and waits: a token while it decodes, a micro-batch
+//!   of its prompt while it prefills;
+//! - the first waiting session whose work is still queued leads a step once every decoding
+//!   session has queued a token (or `GATHER` after the oldest came): it takes up to `max_batch`
+//!   of them, at most one a prompt's micro-batch, runs one graph over their caches, hands each
+//!   its logits and wakes them. A new request's prompt thus joins the running decodes instead
+//!   of waiting for them (or stopping them) — and the cores never run two graphs at once.
 //!
 //! Each session's tokens are those it would produce alone: attention stays per cache, and the
 //! matrix products differ from a lone step's only in summation order (the batch's kernels).
 
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,8 +45,17 @@ struct Shared {
     engine: Mutex<Engine>,
     queue: Mutex<Queue>,
     wake: Condvar,
-    steps: AtomicU64,
-    stepped_tokens: AtomicU64,
+    stats: Mutex<Steps>,
+}
+
+/// What a scheduler's steps have done so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Steps {
+    pub steps: u64,
+    /// Tokens the steps took (prompts' included).
+    pub tokens: u64,
+    /// Requests (sessions) in the widest step.
+    pub widest: usize,
 }
 
 #[derive(Default)]
@@ -63,7 +73,8 @@ struct Queue {
 struct Request {
     ticket: u64,
     kv: Arc<Mutex<KvCache>>,
-    token: u32,
+    /// A token, or a micro-batch of a prompt (the session's buffer, handed back with `logits`).
+    tokens: Vec<u32>,
     n_past: usize,
     /// The session's logits buffer, filled by the step and handed back.
     logits: Vec<f32>,
@@ -72,10 +83,12 @@ struct Request {
 struct Done {
     ticket: u64,
     result: Result<(), EvalError>,
+    tokens: Vec<u32>,
     logits: Vec<f32>,
 }
 
-/// Steps are never aborted: a session's cancel flag takes effect after the step (one token).
+/// Steps are never aborted: a session's cancel flag takes effect after the step (one token, or
+/// one micro-batch of a prompt).
 static NEVER: AtomicBool = AtomicBool::new(false);
 
 impl Scheduler {
@@ -97,8 +110,7 @@ impl Scheduler {
             engine: Mutex::new(engine),
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
-            steps: AtomicU64::new(0),
-            stepped_tokens: AtomicU64::new(0),
+            stats: Mutex::new(Steps::default()),
         })))
     }
 
@@ -114,9 +126,9 @@ impl Scheduler {
         self.0.max_batch
     }
 
-    /// Decode steps run so far, and the tokens they took (tokens / steps: the mean batch).
-    pub fn steps(&self) -> (u64, u64) {
-        (self.0.steps.load(Ordering::Relaxed), self.0.stepped_tokens.load(Ordering::Relaxed))
+    /// What the steps have done so far.
+    pub fn steps(&self) -> Steps {
+        *self.0.stats.lock()
     }
 
     /// Bytes of the shared compute buffer.
@@ -129,16 +141,19 @@ impl Scheduler {
         Ok(self.0.engine.lock().reserve(&self.0.model, kv, n_batch)?)
     }
 
-    /// Evaluate `tokens` of `kv` at `n_past..` (a prompt), one micro-batch of `n_batch` at a
-    /// time between other sessions' steps; `logits` gets the last token's.
-    pub(crate) fn eval(&self, kv: &Mutex<KvCache>, tokens: &[u32], n_past: usize, n_batch: usize, abort: &AtomicBool, logits: &mut Vec<f32>) -> Result<(), EvalError> {
-        let model = &*self.0.model;
-        Segment { kv: &kv.lock(), tokens, n_past }.check(model.config.n_vocab)?;
+    /// Evaluate `tokens` of `kv` at `n_past..`, one micro-batch of `n_batch` per step (a
+    /// prompt: it joins the decoding sessions' steps); `logits` gets the last token's. `abort`
+    /// is checked between micro-batches. `buf` is the session's token buffer.
+    pub(crate) fn eval(&self, kv: &Arc<Mutex<KvCache>>, tokens: &[u32], n_past: usize, n_batch: usize, abort: &AtomicBool, buf: &mut Vec<u32>, logits: &mut Vec<f32>) -> Result<(), EvalError> {
+        Segment { kv: &kv.lock(), tokens, n_past }.check(self.0.model.config.n_vocab)?;
         let mut past = n_past;
         for chunk in tokens.chunks(n_batch.max(1)) {
-            let mut engine = self.0.engine.lock();
-            engine.step(model, &[Segment { kv: &kv.lock(), tokens: chunk, n_past: past }], abort)?;
-            std::mem::swap(&mut engine.logits, logits);
+            if abort.load(Ordering::Relaxed) {
+                return Err(EvalError::Cancelled);
+            }
+            buf.clear();
+            buf.extend_from_slice(chunk);
+            self.submit(kv, buf, past, logits)?;
             past += chunk.len();
         }
         Ok(())
@@ -150,20 +165,20 @@ impl Scheduler {
         Decoding(&self.0)
     }
 
-    /// Evaluate one token of `kv` at `n_past`, in a step with the other decoding sessions';
-    /// `logits` gets its logits.
-    pub(crate) fn decode(&self, kv: &Arc<Mutex<KvCache>>, token: u32, n_past: usize, logits: &mut Vec<f32>) -> Result<(), EvalError> {
+    /// Queue `tokens` (in the session's buffer) of `kv` at `n_past`, and wait for the step that
+    /// evaluates them — leading it if no one else does; `logits` gets the last token's.
+    fn submit(&self, kv: &Arc<Mutex<KvCache>>, tokens: &mut Vec<u32>, n_past: usize, logits: &mut Vec<f32>) -> Result<(), EvalError> {
         let sh = &*self.0;
-        Segment { kv: &kv.lock(), tokens: &[token], n_past }.check(sh.model.config.n_vocab)?;
         let mut q = sh.queue.lock();
         let ticket = q.next_ticket;
         q.next_ticket += 1;
-        q.waiting.push(Request { ticket, kv: kv.clone(), token, n_past, logits: std::mem::take(logits) });
+        q.waiting.push(Request { ticket, kv: kv.clone(), tokens: std::mem::take(tokens), n_past, logits: std::mem::take(logits) });
         q.since.get_or_insert_with(Instant::now);
         sh.wake.notify_all();
         loop {
             if let Some(i) = q.done.iter().position(|d| d.ticket == ticket) {
                 let done = q.done.swap_remove(i);
+                *tokens = done.tokens;
                 *logits = done.logits;
                 return done.result;
             }
@@ -181,13 +196,22 @@ impl Scheduler {
         }
     }
 
-    /// Take up to `max_batch` queued tokens, step them (the queue unlocked meanwhile), post
-    /// their results. A panic in the step fails every other token of it and goes on in the
-    /// leader (whose ticket is `mine`).
+    /// Take up to `max_batch` queued requests, oldest first, at most one of them a prompt's
+    /// micro-batch; step them (the queue unlocked meanwhile), post their results. A panic in the
+    /// step fails every other request of it and goes on in the leader (whose ticket is `mine`).
     fn lead(&self, q: &mut MutexGuard<'_, Queue>, mine: u64) {
         let sh = &*self.0;
-        let take = q.waiting.len().min(sh.max_batch);
-        let mut batch: Vec<Request> = q.waiting.drain(..take).collect();
+        let mut batch: Vec<Request> = Vec::with_capacity(sh.max_batch);
+        let (mut i, mut prompt) = (0, false);
+        while i < q.waiting.len() && batch.len() < sh.max_batch {
+            let is_prompt = q.waiting[i].tokens.len() > 1;
+            if is_prompt && prompt {
+                i += 1;
+                continue;
+            }
+            prompt |= is_prompt;
+            batch.push(q.waiting.remove(i));
+        }
         q.since = if q.waiting.is_empty() { None } else { Some(Instant::now()) };
         q.stepping = true;
         let tickets: Vec<u64> = batch.iter().map(|r| r.ticket).collect();
@@ -195,11 +219,11 @@ impl Scheduler {
         q.stepping = false;
         match outcome {
             Ok(result) => {
-                q.done.extend(batch.into_iter().map(|r| Done { ticket: r.ticket, result: result.clone(), logits: r.logits }));
+                q.done.extend(batch.into_iter().map(|r| Done { ticket: r.ticket, result: result.clone(), tokens: r.tokens, logits: r.logits }));
                 sh.wake.notify_all();
             }
             Err(p) => {
-                q.done.extend(tickets.iter().filter(|&&t| t != mine).map(|&ticket| Done { ticket, result: Err(EvalError::StepFailed), logits: Vec::new() }));
+                q.done.extend(tickets.iter().filter(|&&t| t != mine).map(|&ticket| Done { ticket, result: Err(EvalError::StepFailed), tokens: Vec::new(), logits: Vec::new() }));
                 sh.wake.notify_all();
                 panic::resume_unwind(p);
             }
@@ -211,7 +235,7 @@ impl Scheduler {
         let sh = &*self.0;
         let mut engine = sh.engine.lock();
         let caches: Vec<_> = batch.iter().map(|r| r.kv.lock()).collect();
-        let segments: Vec<_> = batch.iter().zip(&caches).map(|(r, kv)| Segment { kv, tokens: std::slice::from_ref(&r.token), n_past: r.n_past }).collect();
+        let segments: Vec<_> = batch.iter().zip(&caches).map(|(r, kv)| Segment { kv, tokens: &r.tokens, n_past: r.n_past }).collect();
         engine.step(&sh.model, &segments, &NEVER)?;
         drop(segments);
         drop(caches);
@@ -220,8 +244,10 @@ impl Scheduler {
             r.logits.clear();
             r.logits.extend_from_slice(row);
         }
-        sh.steps.fetch_add(1, Ordering::Relaxed);
-        sh.stepped_tokens.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let mut stats = sh.stats.lock();
+        stats.steps += 1;
+        stats.tokens += batch.iter().map(|r| r.tokens.len() as u64).sum::<u64>();
+        stats.widest = stats.widest.max(batch.len());
         Ok(())
     }
 }

@@ -213,6 +213,8 @@ pub struct Session {
     n_batch: usize,
     /// Logits of the last evaluated token.
     logits: Vec<f32>,
+    /// Tokens on their way to a scheduler's step.
+    queued: Vec<u32>,
     overflow: Overflow,
     /// Tokens whose K and V are in the cache, in order.
     history: Vec<u32>,
@@ -262,6 +264,7 @@ impl Session {
         };
         Ok(Session {
             logits: Vec::with_capacity(model.config.n_vocab),
+            queued: Vec::with_capacity(p.n_batch.min(n_ctx)),
             model,
             kv: Arc::new(parking_lot::Mutex::new(kv)),
             runner,
@@ -327,16 +330,14 @@ impl Session {
     }
 
     /// Evaluate `tokens` at positions `n_past..`: afterwards `self.logits` holds the last one's.
-    /// A single token while decoding goes into its scheduler's next step.
-    fn eval(&mut self, tokens: &[u32], n_past: usize, decoding: bool) -> Result<(), EvalError> {
+    fn eval(&mut self, tokens: &[u32], n_past: usize) -> Result<(), EvalError> {
         match &mut self.runner {
             Runner::Own(e) => {
                 e.eval(&self.model, &self.kv.lock(), tokens, n_past, self.n_batch, &self.cancel)?;
                 std::mem::swap(&mut e.logits, &mut self.logits);
                 Ok(())
             }
-            Runner::Shared(s) if decoding && tokens.len() == 1 => s.decode(&self.kv, tokens[0], n_past, &mut self.logits),
-            Runner::Shared(s) => s.eval(&self.kv, tokens, n_past, self.n_batch, &self.cancel, &mut self.logits),
+            Runner::Shared(s) => s.eval(&self.kv, tokens, n_past, self.n_batch, &self.cancel, &mut self.queued, &mut self.logits),
         }
     }
 
@@ -361,7 +362,7 @@ impl Session {
         self.history.truncate(keep);
         self.last_token = None;
         if keep < tokens.len() {
-            self.eval(&tokens[keep..], keep, false)?;
+            self.eval(&tokens[keep..], keep)?;
             self.history.extend_from_slice(&tokens[keep..]);
         }
         Ok(tokens.len() - keep)
@@ -436,7 +437,7 @@ impl Session {
             return Err(SessionError::BadParams("no tokens".into()));
         }
         self.last_token = None;
-        self.eval(tokens, self.history.len(), false)?;
+        self.eval(tokens, self.history.len())?;
         self.history.extend_from_slice(tokens);
         Ok(&self.logits)
     }
@@ -575,7 +576,7 @@ impl Session {
         self.history.truncate(keep);
         let t = Instant::now();
         let new = &prompt[keep..];
-        match self.eval(new, keep, false) {
+        match self.eval(new, keep) {
             Ok(()) => {}
             Err(EvalError::Cancelled) => return Ok(false),
             Err(e) => return Err(e.into()),
@@ -625,7 +626,7 @@ impl Session {
             if self.history.len() >= self.n_ctx() {
                 return Ok(DoneReason::ContextFull);
             }
-            match self.eval(&[id], self.history.len(), true) {
+            match self.eval(&[id], self.history.len()) {
                 Ok(()) => {
                     self.history.push(id);
                     self.last_token = None;

@@ -86,10 +86,20 @@ fn same_as_alone(model: &Arc<Model>, prompts: &[Vec<u32>], got: &[Vec<u32>], n: 
     }
 }
 
-/// The mean tokens per step must show that steps took several sessions.
-fn assert_batched(s: &Scheduler, at_least: f64) {
-    let (steps, tokens) = s.steps();
-    assert!(steps > 0 && tokens as f64 >= at_least * steps as f64, "{tokens} tokens in {steps} steps");
+/// Steps must have taken several sessions: `prompts` (their tokens counted) and `decoded`
+/// tokens in fewer steps than `1 / at_least` of one per token.
+fn assert_batched(s: &Scheduler, prompts: &[Vec<u32>], decoded: usize, at_least: f64) {
+    let st = s.steps();
+    let (prompt_tokens, decoded) = (prompts.iter().map(Vec::len).sum::<usize>() as u64, decoded as u64);
+    eprintln!("{st:?} for {prompt_tokens} prompt and {decoded} decoded tokens");
+    assert_eq!(st.tokens, prompt_tokens + decoded);
+    assert!(st.widest >= 2 && (decoded as f64) >= at_least * (st.steps as f64 - prompts.len() as f64), "{st:?}");
+}
+
+/// Tokens evaluated by decode steps: each generated token but the last (and an end token, which
+/// `generated` appends, is never evaluated either).
+fn decoded(got: &[Vec<u32>]) -> usize {
+    got.iter().map(|g| g.len().saturating_sub(1)).sum()
 }
 
 fn prompts(n: usize, len: usize) -> Vec<Vec<u32>> {
@@ -105,7 +115,7 @@ fn synthetic(ftype: &str, seed: u64) {
     let got = together(&scheduler, &ps, 24);
     // The parity tests' tolerances (tests/parity.rs): batching changes summation order at most.
     same_as_alone(&model, &ps, &got, 24, if ftype == "f16" { 1e-4 } else { 2e-2 });
-    assert_batched(&scheduler, 1.5);
+    assert_batched(&scheduler, &ps, decoded(&got), 1.5);
 }
 
 #[test]
@@ -141,7 +151,7 @@ fn demo_chats_on_a_scheduler_are_the_lone_replies() {
     let scheduler = Scheduler::new(model.clone(), 2, 8).unwrap();
     let got = together(&scheduler, &ps, 40);
     same_as_alone(&model, &ps, &got, 40, 1e-4);
-    assert_batched(&scheduler, 2.0);
+    assert_batched(&scheduler, &ps, decoded(&got), 2.0);
 }
 
 #[test]
@@ -167,8 +177,7 @@ fn sessions_come_and_go_while_others_decode() {
         let got = t.join().unwrap();
         same_as_alone(&model, &ps[k..=k], &[got], 10 + 6 * k, 1e-4);
     }
-    let (steps, tokens) = scheduler.steps();
-    assert!(tokens <= 2 * steps, "a step took more than max_batch tokens: {tokens} in {steps}");
+    assert_eq!(scheduler.steps().widest, 2, "steps take at most max_batch sessions, and took that many");
 }
 
 #[test]

@@ -26,11 +26,19 @@ impl Reference {
     }
 
     pub fn load_opts(path: &Path, n_ctx: usize, n_batch: usize, n_threads: usize, repack: bool) -> Reference {
+        Self::load_seqs(path, n_ctx, n_batch, n_threads, 1, repack)
+    }
+
+    /// As `load_opts`, with `n_seq` sequences of `n_ctx` positions each (as llama-server's
+    /// parallel slots): see `eval_seq` and `decode_seqs`.
+    pub fn load_seqs(path: &Path, n_ctx: usize, n_batch: usize, n_threads: usize, n_seq: usize, repack: bool) -> Reference {
         let model = load_model(path, |mp| mp.use_extra_bufts = repack);
         // SAFETY: test-only FFI with valid arguments; pointers checked for null.
         unsafe {
             let mut cp = sys::llama_context_default_params();
-            cp.n_ctx = n_ctx as u32;
+            cp.n_ctx = (n_ctx * n_seq) as u32;
+            cp.n_seq_max = n_seq as u32;
+            cp.kv_unified = false;
             cp.n_batch = n_batch as u32;
             cp.n_ubatch = n_batch as u32;
             cp.n_threads = n_threads as i32;
@@ -66,6 +74,40 @@ impl Reference {
         self.n_past += tokens.len();
         // SAFETY: the last decode produced logits for its last token (n_vocab floats).
         unsafe { std::slice::from_raw_parts(sys::llama_get_logits_ith(self.ctx, -1), self.n_vocab).to_vec() }
+    }
+
+    /// Evaluate `tokens` of sequence `seq` at positions `n_past..`; returns the last one's logits.
+    pub fn eval_seq(&mut self, seq: i32, tokens: &[u32], n_past: usize) -> Vec<f32> {
+        let items: Vec<_> = tokens.iter().enumerate().map(|(i, &t)| (seq, t, n_past + i)).collect();
+        let mut last = Vec::new();
+        for chunk in items.chunks(self.n_batch) {
+            last = self.decode_seqs(chunk).pop().unwrap();
+        }
+        last
+    }
+
+    /// One llama_decode of `(sequence, token, position)` items, logits for each; the way
+    /// llama-server advances its parallel slots by a token each.
+    pub fn decode_seqs(&mut self, items: &[(i32, u32, usize)]) -> Vec<Vec<f32>> {
+        // SAFETY: the batch is made for items.len() tokens of one sequence each and filled
+        // within that; freed after the decode; logits read for the rows that asked for them.
+        unsafe {
+            let b = sys::llama_batch_init(items.len() as i32, 0, 1);
+            for (i, &(seq, tok, pos)) in items.iter().enumerate() {
+                *b.token.add(i) = tok as i32;
+                *b.pos.add(i) = pos as i32;
+                *b.n_seq_id.add(i) = 1;
+                **b.seq_id.add(i) = seq;
+                *b.logits.add(i) = 1;
+            }
+            let mut batch = b;
+            batch.n_tokens = items.len() as i32;
+            let rc = sys::llama_decode(self.ctx, batch);
+            let out = (0..items.len()).map(|i| std::slice::from_raw_parts(sys::llama_get_logits_ith(self.ctx, i as i32), self.n_vocab).to_vec()).collect();
+            sys::llama_batch_free(b);
+            assert_eq!(rc, 0, "llama_decode failed");
+            out
+        }
     }
 
     /// Forget the cache.
