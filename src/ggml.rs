@@ -9,7 +9,7 @@
 //! are handed out as [`Tensor<'ctx>`] (borrowing the context) or as plain [`TensorId`]s to be
 //! resolved against the context later. Data lives in [`Buffer`]s.
 
-use std::ffi::{c_char, c_void, CStr};
+use std::ffi::{c_char, c_int, c_void, CStr};
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -85,9 +85,142 @@ impl Type {
     /// weight needs for `mul_mat` and `get_rows`).
     pub fn cpu_supported(self) -> bool {
         // SAFETY: valid type id; ggml_get_type_traits_cpu returns a pointer into a static table.
-        let cpu = unsafe { &*sys::ggml_get_type_traits_cpu(self.0) };
+        let cpu = unsafe { &*(kernels().type_traits)(self.0) };
         cpu.vec_dot.is_some() && (self == Type::F32 || self.traits().to_float.is_some())
     }
+}
+
+/// The functions phi4 calls of ggml's CPU backend, in one of its builds (variants): the
+/// baseline llama-cpp-sys-2 builds, or one that build.rs compiled for a wider ISA (every symbol
+/// of it prefixed `phi4_<variant>_`).
+struct Kernels {
+    name: &'static str,
+    init: unsafe extern "C" fn(),
+    reg: unsafe extern "C" fn() -> sys::ggml_backend_reg_t,
+    type_traits: unsafe extern "C" fn(sys::ggml_type) -> *const sys::ggml_type_traits_cpu,
+    graph_plan: unsafe extern "C" fn(*const sys::ggml_cgraph, c_int, *mut sys::ggml_threadpool) -> sys::ggml_cplan,
+    graph_compute: unsafe extern "C" fn(*mut sys::ggml_cgraph, *mut sys::ggml_cplan) -> sys::ggml_status,
+    threadpool_new: unsafe extern "C" fn(*mut sys::ggml_threadpool_params) -> *mut sys::ggml_threadpool,
+    threadpool_free: unsafe extern "C" fn(*mut sys::ggml_threadpool),
+    /// ggml's feature names, and whether this build uses each.
+    has: [(&'static str, unsafe extern "C" fn() -> c_int); 13],
+}
+
+/// The table of a module that has ggml-cpu's functions under their own names.
+macro_rules! kernels {
+    ($name:expr, $m:ident) => {
+        Kernels {
+            name: $name,
+            init: $m::ggml_cpu_init,
+            reg: $m::ggml_backend_cpu_reg,
+            type_traits: $m::ggml_get_type_traits_cpu,
+            graph_plan: $m::ggml_graph_plan,
+            graph_compute: $m::ggml_graph_compute,
+            threadpool_new: $m::ggml_threadpool_new,
+            threadpool_free: $m::ggml_threadpool_free,
+            has: [
+                ("NEON", $m::ggml_cpu_has_neon),
+                ("ARM_FMA", $m::ggml_cpu_has_arm_fma),
+                ("FP16_VA", $m::ggml_cpu_has_fp16_va),
+                ("DOTPROD", $m::ggml_cpu_has_dotprod),
+                ("MATMUL_INT8", $m::ggml_cpu_has_matmul_int8),
+                ("SVE", $m::ggml_cpu_has_sve),
+                ("SSE3", $m::ggml_cpu_has_sse3),
+                ("AVX", $m::ggml_cpu_has_avx),
+                ("AVX2", $m::ggml_cpu_has_avx2),
+                ("F16C", $m::ggml_cpu_has_f16c),
+                ("FMA", $m::ggml_cpu_has_fma),
+                ("AVX512", $m::ggml_cpu_has_avx512),
+                ("AVX_VNNI", $m::ggml_cpu_has_avx_vnni),
+            ],
+        }
+    };
+}
+
+/// Whether this CPU, and the OS (which must save the registers), support every feature named.
+#[cfg(target_arch = "x86_64")]
+macro_rules! detected {
+    ($($f:tt),*) => { true $(&& std::arch::is_x86_feature_detected!($f))* };
+}
+#[cfg(target_arch = "aarch64")]
+macro_rules! detected {
+    ($($f:tt),*) => { true $(&& std::arch::is_aarch64_feature_detected!($f))* };
+}
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+macro_rules! detected {
+    ($($f:tt),*) => { false };
+}
+
+/// From build.rs's table: the baseline's name; per variant built, a module declaring its
+/// prefixed functions, and its features.
+macro_rules! cpu_variants {
+    (baseline: $base:literal; $($v:ident: $name:literal, [$($feat:tt),*];)*) => {
+        const BASELINE: &str = $base;
+        $(
+            mod $v {
+                use super::sys::*;
+                use std::ffi::c_int;
+                // SAFETY (of every call through these): the same functions, with the same
+                // signatures, as the baseline's (the same sources compiled with other flags);
+                // they are only called once `detected!` said this CPU runs them.
+                extern "C" {
+                    #[link_name = concat!("phi4_", $name, "_ggml_cpu_init")] pub fn ggml_cpu_init();
+                    #[link_name = concat!("phi4_", $name, "_ggml_backend_cpu_reg")] pub fn ggml_backend_cpu_reg() -> ggml_backend_reg_t;
+                    #[link_name = concat!("phi4_", $name, "_ggml_get_type_traits_cpu")] pub fn ggml_get_type_traits_cpu(t: ggml_type) -> *const ggml_type_traits_cpu;
+                    #[link_name = concat!("phi4_", $name, "_ggml_graph_plan")] pub fn ggml_graph_plan(g: *const ggml_cgraph, n: c_int, tp: *mut ggml_threadpool) -> ggml_cplan;
+                    #[link_name = concat!("phi4_", $name, "_ggml_graph_compute")] pub fn ggml_graph_compute(g: *mut ggml_cgraph, p: *mut ggml_cplan) -> ggml_status;
+                    #[link_name = concat!("phi4_", $name, "_ggml_threadpool_new")] pub fn ggml_threadpool_new(p: *mut ggml_threadpool_params) -> *mut ggml_threadpool;
+                    #[link_name = concat!("phi4_", $name, "_ggml_threadpool_free")] pub fn ggml_threadpool_free(tp: *mut ggml_threadpool);
+                    #[link_name = concat!("phi4_", $name, "_ggml_cpu_has_neon")] pub fn ggml_cpu_has_neon() -> c_int;
+                    #[link_name = concat!("phi4_", $name, "_ggml_cpu_has_arm_fma")] pub fn ggml_cpu_has_arm_fma() -> c_int;
+                    #[link_name = concat!("phi4_", $name, "_ggml_cpu_has_fp16_va")] pub fn ggml_cpu_has_fp16_va() -> c_int;
+                    #[link_name = concat!("phi4_", $name, "_ggml_cpu_has_dotprod")] pub fn ggml_cpu_has_dotprod() -> c_int;
+                    #[link_name = concat!("phi4_", $name, "_ggml_cpu_has_matmul_int8")] pub fn ggml_cpu_has_matmul_int8() -> c_int;
+                    #[link_name = concat!("phi4_", $name, "_ggml_cpu_has_sve")] pub fn ggml_cpu_has_sve() -> c_int;
+                    #[link_name = concat!("phi4_", $name, "_ggml_cpu_has_sse3")] pub fn ggml_cpu_has_sse3() -> c_int;
+                    #[link_name = concat!("phi4_", $name, "_ggml_cpu_has_avx")] pub fn ggml_cpu_has_avx() -> c_int;
+                    #[link_name = concat!("phi4_", $name, "_ggml_cpu_has_avx2")] pub fn ggml_cpu_has_avx2() -> c_int;
+                    #[link_name = concat!("phi4_", $name, "_ggml_cpu_has_f16c")] pub fn ggml_cpu_has_f16c() -> c_int;
+                    #[link_name = concat!("phi4_", $name, "_ggml_cpu_has_fma")] pub fn ggml_cpu_has_fma() -> c_int;
+                    #[link_name = concat!("phi4_", $name, "_ggml_cpu_has_avx512")] pub fn ggml_cpu_has_avx512() -> c_int;
+                    #[link_name = concat!("phi4_", $name, "_ggml_cpu_has_avx_vnni")] pub fn ggml_cpu_has_avx_vnni() -> c_int;
+                }
+            }
+        )*
+        /// The variants built, best first, each with whether this machine runs it.
+        fn variants() -> Vec<(Kernels, bool)> {
+            vec![$((kernels!($name, $v), detected!($($feat),*))),*]
+        }
+    };
+}
+
+include!(concat!(env!("OUT_DIR"), "/cpu_variants.rs"));
+
+/// The CPU kernels this process runs: the best variant the CPU and OS support, chosen once.
+/// `PHI4_CPU_VARIANT=<name>` asks for another one that they support (to compare variants).
+fn kernels() -> &'static Kernels {
+    static CHOSEN: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
+    CHOSEN.get_or_init(|| {
+        let asked = std::env::var("PHI4_CPU_VARIANT").ok();
+        let runnable: Vec<Kernels> = variants().into_iter().filter(|(_, ok)| *ok).map(|(k, _)| k).collect();
+        let baseline = kernels!(BASELINE, sys);
+        match asked {
+            Some(a) if a == BASELINE => baseline,
+            Some(a) if runnable.iter().any(|k| k.name == a) => runnable.into_iter().find(|k| k.name == a).unwrap(),
+            _ => runnable.into_iter().next().unwrap_or(baseline),
+        }
+    })
+}
+
+/// The name of the CPU kernel variant that runs (e.g. "avx2", "avx512_vnni", "dotprod").
+pub fn cpu_variant() -> &'static str {
+    kernels().name
+}
+
+/// Every CPU kernel variant of this build, best first, with whether this machine runs it (the
+/// baseline always does).
+pub fn cpu_variants() -> Vec<(&'static str, bool)> {
+    variants().iter().map(|(k, ok)| (k.name, *ok)).chain([(BASELINE, true)]).collect()
 }
 
 /// Route ggml's own log lines away from the host process's stderr (ggml logs only through
@@ -98,8 +231,9 @@ fn silence_ggml_log() {
     ONCE.call_once(|| {
         // SAFETY: `quiet` is a valid callback for the whole program's life; no user data.
         unsafe { sys::ggml_log_set(Some(quiet), std::ptr::null_mut()) };
-        // SAFETY: initialises ggml-cpu's static tables (idempotent; thread-safe behind Once).
-        unsafe { sys::ggml_cpu_init() };
+        // SAFETY: initialises the chosen ggml-cpu's static tables (idempotent; thread-safe
+        // behind Once); the variant was chosen because this CPU runs it.
+        unsafe { (kernels().init)() };
     });
 }
 
@@ -467,7 +601,7 @@ impl BufferType {
         type GetExtra = unsafe extern "C" fn(sys::ggml_backend_dev_t) -> *mut sys::ggml_backend_buffer_type_t;
         // SAFETY: the CPU registry and its device 0 are static; the proc name is NUL-terminated.
         unsafe {
-            let reg = sys::ggml_backend_cpu_reg();
+            let reg = (kernels().reg)();
             let dev = sys::ggml_backend_reg_dev_get(reg, 0);
             let f = sys::ggml_backend_reg_get_proc_address(reg, c"ggml_backend_dev_get_extra_bufts".as_ptr());
             if f.is_null() {
@@ -738,7 +872,7 @@ unsafe impl Send for Compute {}
 impl Drop for Compute {
     fn drop(&mut self) {
         // SAFETY: created by ggml_threadpool_new, freed once; no compute is running (&mut self).
-        unsafe { sys::ggml_threadpool_free(self.pool.as_ptr()) }
+        unsafe { (kernels().threadpool_free)(self.pool.as_ptr()) }
     }
 }
 
@@ -793,7 +927,7 @@ impl Compute {
         // SAFETY: plain parameter struct for n_threads >= 1.
         let mut params = unsafe { sys::ggml_threadpool_params_default(n_threads as i32) };
         // SAFETY: valid params; the probe showed the threads can be made (ggml asserts otherwise).
-        let pool = unsafe { sys::ggml_threadpool_new(&mut params) };
+        let pool = unsafe { (kernels().threadpool_new)(&mut params) };
         let pool = NonNull::new(pool).ok_or(AllocError { what: "the thread pool".into(), bytes: 0 })?;
         Ok(Compute { pool, n_threads, work: Vec::new() })
     }
@@ -805,7 +939,7 @@ impl Compute {
     /// Plan `g` and make sure the work buffer holds it.
     fn plan(&mut self, g: GraphRef<'_>) -> Result<sys::ggml_cplan, AllocError> {
         // SAFETY: valid graph and pool; planning only reads the graph.
-        let mut plan = unsafe { sys::ggml_graph_plan(g.graph.as_ptr(), self.n_threads as i32, self.pool.as_ptr()) };
+        let mut plan = unsafe { (kernels().graph_plan)(g.graph.as_ptr(), self.n_threads as i32, self.pool.as_ptr()) };
         let need = plan.work_size + 64;
         if plan.work_size > 0 && self.work.len() < need {
             self.work.clear();
@@ -835,7 +969,7 @@ impl Compute {
         plan.abort_callback_data = abort as *const AtomicBool as *mut c_void;
         // SAFETY: graph allocated; plan from ggml_graph_plan with a work buffer of its size;
         // the abort flag outlives the call.
-        let st = unsafe { sys::ggml_graph_compute(g.graph.as_ptr(), &mut plan) };
+        let st = unsafe { (kernels().graph_compute)(g.graph.as_ptr(), &mut plan) };
         match st {
             sys::GGML_STATUS_SUCCESS => Ok(()),
             sys::GGML_STATUS_ABORTED => Err(ComputeError::Aborted),
@@ -884,23 +1018,7 @@ pub fn quantize(ty: Type, src: &[f32], n_per_row: usize) -> Result<Vec<u8>, Stri
 /// CPU features ggml was built for and detects at run time, by name.
 pub fn cpu_features() -> Vec<&'static str> {
     silence_ggml_log();
-    // SAFETY: pure feature queries.
-    let checks: [(&str, unsafe extern "C" fn() -> i32); 13] = [
-        ("NEON", sys::ggml_cpu_has_neon),
-        ("ARM_FMA", sys::ggml_cpu_has_arm_fma),
-        ("FP16_VA", sys::ggml_cpu_has_fp16_va),
-        ("DOTPROD", sys::ggml_cpu_has_dotprod),
-        ("MATMUL_INT8", sys::ggml_cpu_has_matmul_int8),
-        ("SVE", sys::ggml_cpu_has_sve),
-        ("SSE3", sys::ggml_cpu_has_sse3),
-        ("AVX", sys::ggml_cpu_has_avx),
-        ("AVX2", sys::ggml_cpu_has_avx2),
-        ("F16C", sys::ggml_cpu_has_f16c),
-        ("FMA", sys::ggml_cpu_has_fma),
-        ("AVX512", sys::ggml_cpu_has_avx512),
-        ("AVX_VNNI", sys::ggml_cpu_has_avx_vnni),
-    ];
-    // SAFETY: each is a side-effect-free query.
+    let checks = &kernels().has;
     checks.iter().filter(|(_, f)| unsafe { f() } != 0).map(|(n, _)| *n).collect()
 }
 

@@ -43,7 +43,20 @@ pub use scheduler::Scheduler;
 pub use state::StateError;
 pub use session::{DoneReason, GenerateParams, Outcome, Overflow, Session, SessionError, SessionParams};
 
-/// CPU features ggml uses on this machine, by name (e.g. `["SSE3", "AVX", "AVX2", "F16C", "FMA"]`).
+/// CPU features ggml uses on this machine, by name (e.g. `["SSE3", "AVX", "AVX2", "F16C", "FMA"]`):
+/// those of the kernel variant that runs ([`cpu_variant`]).
 pub fn cpu_features() -> Vec<&'static str> {
     ggml::cpu_features()
+}
+
+/// The CPU kernel variant that runs: the best one of this build that the CPU and the OS
+/// support, chosen once per process (e.g. "avx2", "avx512_vnni"; "armv8-a", "dotprod", "i8mm").
+/// The environment variable `PHI4_CPU_VARIANT` may name another supported one.
+pub fn cpu_variant() -> &'static str {
+    ggml::cpu_variant()
+}
+
+/// Every CPU kernel variant of this build, best first, with whether this machine runs it.
+pub fn cpu_variants() -> Vec<(&'static str, bool)> {
+    ggml::cpu_variants()
 }

@@ -1,6 +1,9 @@
-//! Greedy tokens of this build against another build of phi4 on the same model. Under
-//! ports/qemu-test the other build is the x86_64 CLI (PHI4_OTHER_CLI) and this one the aarch64
-//! library running under qemu; natively the other build is this build's own CLI.
+//! Greedy tokens of this build against another build, or other kernels, of phi4 on the same
+//! model. Under ports/qemu-test the other build is the x86_64 CLI (PHI4_OTHER_CLI) and this one
+//! the aarch64 library running under qemu. Natively on x86_64 the other is this build's own CLI
+//! on an AVX2-only CPU model (qemu-user), so running its baseline kernels while this process
+//! runs the best ones of this machine; on other machines, this build's CLI asked for its
+//! baseline kernels (PHI4_CPU_VARIANT).
 //!
 //! The other build writes the synthetic model (so both read the same bytes) and decodes greedily;
 //! this build then follows the same tokens (teacher forcing) and checks at every step that its own
@@ -38,12 +41,19 @@ const N_CTX: usize = 256;
 const N_BATCH: usize = 16;
 const THREADS: usize = 2;
 
-/// The other build's `phi4` command.
+/// The other build's `phi4` command (see the module's doc).
 fn other_cli() -> Command {
-    match std::env::var_os("PHI4_OTHER_CLI") {
-        Some(p) => Command::new(p),
-        None => common::target_command(common::cli()),
+    if let Some(p) = std::env::var_os("PHI4_OTHER_CLI") {
+        return Command::new(p);
     }
+    if cfg!(target_arch = "x86_64") && common::runner().is_none() {
+        let mut c = Command::new("qemu-x86_64");
+        c.args(["-cpu", "Haswell-v4"]).arg(common::cli());
+        return c;
+    }
+    let mut c = common::target_command(common::cli());
+    c.env("PHI4_CPU_VARIANT", phi4::cpu_variants().last().unwrap().0);
+    c
 }
 
 fn run(mut c: Command, what: &str) -> String {

@@ -342,8 +342,16 @@ pub extern "C" fn phi4_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
 }
 
-/// CPU features ggml uses on this machine, space-separated (e.g. "AVX AVX2 F16C FMA", or
-/// "NEON ARM_FMA DOTPROD"). Static; never NULL.
+/// The CPU kernel variant that runs: the best one of this build that the CPU and OS support
+/// (e.g. "avx2", "avx512_vnni", "armv8-a", "dotprod", "i8mm"). Static; never NULL.
+#[no_mangle]
+pub extern "C" fn phi4_cpu_variant() -> *const c_char {
+    static VARIANT: std::sync::OnceLock<CString> = std::sync::OnceLock::new();
+    ffi_boundary! { VARIANT.get_or_init(|| to_cstring(crate::ggml::cpu_variant())).as_ptr() }
+}
+
+/// CPU features ggml uses on this machine (those of `phi4_cpu_variant()`), space-separated
+/// (e.g. "AVX AVX2 F16C FMA AVX512", or "NEON ARM_FMA DOTPROD"). Static; never NULL.
 #[no_mangle]
 pub extern "C" fn phi4_cpu_features() -> *const c_char {
     static FEATURES: std::sync::OnceLock<CString> = std::sync::OnceLock::new();

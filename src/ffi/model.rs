@@ -132,10 +132,11 @@ pub unsafe extern "C" fn phi4_model_load(path: *const c_char, params: *const phi
         log.write(
             phi4_log_level::PHI4_LOG_INFO,
             &format!(
-                "loaded {path}: {} layers x {}, vocabulary {}; cpu features {}; repacked: {}",
+                "loaded {path}: {} layers x {}, vocabulary {}; cpu kernels {} ({}); repacked: {}",
                 model.config.n_layer,
                 model.config.n_embd,
                 model.config.n_vocab,
+                crate::ggml::cpu_variant(),
                 crate::ggml::cpu_features().join(" "),
                 model.repacked_summary()
             ),

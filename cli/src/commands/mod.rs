@@ -35,6 +35,9 @@ pub fn load(path: &Path, repack: bool) -> Res<Arc<Model>> {
 
 pub fn info(a: InfoArgs) -> Res {
     println!("phi4 {}", env!("CARGO_PKG_VERSION"));
+    println!("cpu kernels: {}", phi4::cpu_variant());
+    let variants: Vec<String> = phi4::cpu_variants().iter().map(|(v, ok)| if *ok { v.to_string() } else { format!("{v} (not on this cpu)") }).collect();
+    println!("cpu kernels built: {}", variants.join(", "));
     println!("cpu features: {}", phi4::cpu_features().join(" "));
     let Some(path) = a.model else { return Ok(()) };
     let m = load(&path, !a.no_repack)?;
