@@ -2,6 +2,12 @@
 //! same GGUF file, in one run, side by side.
 //!
 //!     cargo bench --bench engine -- --model FILE [--threads 2] [--prompt 64] [--gen 16]
+//!         [--variants avx2,avx512_bf16] [--busy-core 1] [--rounds 2]
+//!
+//! `phi4` runs the CPU kernels it chooses; `--variants` adds a phi4 column per kernel variant
+//! named (PHI4_CPU_VARIANT), e.g. the baseline against the one chosen. `--busy-core N` keeps a
+//! busy loop pinned to core N during every run (`taskset`): a board whose other cores run the
+//! user's firmware.
 //!
 //! Each engine runs in its own child process (this binary again), one after the other, so that
 //! each peak RSS is that engine's alone. The engines alternate for `--rounds` rounds (default 2)
@@ -23,10 +29,12 @@ struct Args {
     batch: usize,
     rounds: usize,
     engine: Option<String>,
+    variants: Vec<String>,
+    busy_core: Option<usize>,
 }
 
 fn parse_args() -> Args {
-    let mut a = Args { model: PathBuf::new(), threads: 2, prompt: 64, gen: 16, batch: 512, rounds: 2, engine: None };
+    let mut a = Args { model: PathBuf::new(), threads: 2, prompt: 64, gen: 16, batch: 512, rounds: 2, engine: None, variants: Vec::new(), busy_core: None };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let mut v = || it.next().unwrap_or_else(|| panic!("{k} needs a value"));
@@ -38,6 +46,8 @@ fn parse_args() -> Args {
             "--batch" => a.batch = v().parse().unwrap(),
             "--engine" => a.engine = Some(v()),
             "--rounds" => a.rounds = v().parse::<usize>().unwrap().max(1),
+            "--variants" => a.variants = v().split(',').map(str::to_string).collect(),
+            "--busy-core" => a.busy_core = Some(v().parse().unwrap()),
             _ => {} // cargo bench's own flags (--bench)
         }
     }
@@ -106,36 +116,60 @@ fn main() {
         return child(&a, e);
     }
     let me = std::env::current_exe().unwrap();
-    let run = |engine: &str| -> Vec<f64> {
-        let out = Command::new(&me)
-            .args(["--model", a.model.to_str().unwrap(), "--engine", engine])
+    // Columns: phi4 (its own choice of kernels), phi4 per variant asked for, llama.cpp.
+    let mut engines: Vec<(String, &str, Option<&str>)> = vec![("phi4".into(), "phi4", None)];
+    engines.extend(a.variants.iter().map(|v| (format!("phi4 {v}"), "phi4", Some(v.as_str()))));
+    engines.push(("llama.cpp".into(), "llama.cpp", None));
+    let run = |engine: &str, variant: Option<&str>| -> Vec<f64> {
+        let mut c = Command::new(&me);
+        c.args(["--model", a.model.to_str().unwrap(), "--engine", engine])
             .args(["--threads", &a.threads.to_string(), "--prompt", &a.prompt.to_string()])
-            .args(["--gen", &a.gen.to_string(), "--batch", &a.batch.to_string()])
-            .output()
-            .unwrap();
+            .args(["--gen", &a.gen.to_string(), "--batch", &a.batch.to_string()]);
+        if let Some(v) = variant {
+            c.env("PHI4_CPU_VARIANT", v);
+        }
+        let out = c.output().unwrap();
         assert!(out.status.success(), "{engine} run failed: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).split_whitespace().map(|v| v.parse().unwrap()).collect()
     };
     let size = std::fs::metadata(&a.model).map(|m| m.len()).unwrap_or(0);
     println!("model {} ({:.2} GB), {} threads, prompt {} tokens (batch {}), {} decoded tokens", a.model.display(), size as f64 / 1e9, a.threads, a.prompt, a.batch, a.gen);
-    println!("CPU features: {}", phi4::cpu_features().join(" "));
+    println!("phi4 CPU kernels: {} ({}); llama.cpp: the build's baseline", phi4::cpu_variant(), phi4::cpu_features().join(" "));
+    let busy = a.busy_core.map(|core| {
+        println!("a busy loop runs on core {core} throughout");
+        Command::new("taskset").args(["-c", &core.to_string(), "sh", "-c", "while :; do :; done"]).spawn().expect("taskset (util-linux)")
+    });
     let best = |a: Vec<f64>, b: Vec<f64>| -> Vec<f64> {
         // load: lower is better; prefill, decode: higher; peak RSS: the same every round.
         vec![a[0].min(b[0]), a[1].max(b[1]), a[2].max(b[2]), a[3].min(b[3])]
     };
-    let (mut p, mut l) = (run("phi4"), run("llama.cpp"));
-    for r in 1..a.rounds {
-        if r % 2 == 1 {
-            l = best(l, run("llama.cpp"));
-            p = best(p, run("phi4"));
-        } else {
-            p = best(p, run("phi4"));
-            l = best(l, run("llama.cpp"));
+    let mut figures: Vec<Option<Vec<f64>>> = vec![None; engines.len()];
+    for r in 0..a.rounds {
+        // Alternate the order, so that no engine always runs first.
+        let order: Vec<usize> = if r % 2 == 0 { (0..engines.len()).collect() } else { (0..engines.len()).rev().collect() };
+        for e in order {
+            let got = run(engines[e].1, engines[e].2);
+            figures[e] = Some(match figures[e].take() {
+                None => got,
+                Some(prev) => best(prev, got),
+            });
         }
     }
-    println!("{:<16} {:>12} {:>12} {:>8}", "", "phi4", "llama.cpp", "ratio");
+    if let Some(mut b) = busy {
+        let _ = b.kill();
+        let _ = b.wait();
+    }
+    let figures: Vec<Vec<f64>> = figures.into_iter().map(Option::unwrap).collect();
+    let llama = figures.last().unwrap();
+    print!("{:<16}", "");
+    engines.iter().for_each(|(name, _, _)| print!(" {name:>14}"));
+    engines[..engines.len() - 1].iter().for_each(|(name, _, _)| print!(" {:>14}", format!("{name}/llama")));
+    println!();
     let names = ["load (s)", "prefill tok/s", "decode tok/s", "peak RSS MiB"];
     for i in 0..4 {
-        println!("{:<16} {:>12.3} {:>12.3} {:>8.3}", names[i], p[i], l[i], p[i] / l[i]);
+        print!("{:<16}", names[i]);
+        figures.iter().for_each(|f| print!(" {:>14.3}", f[i]));
+        figures[..figures.len() - 1].iter().for_each(|f| print!(" {:>14.3}", f[i] / llama[i]));
+        println!();
     }
 }

@@ -15,10 +15,13 @@ fn phi4(args: &[&str]) -> Output {
 /// Runs `phi4 run --raw ... --json` and returns the NDJSON events.
 fn run_json(model: &Path, prompt: &[u32], n: usize) -> Vec<serde_json::Value> {
     let ids: Vec<String> = prompt.iter().map(|t| t.to_string()).collect();
-    let out = phi4(&[
-        "run", "--model", model.to_str().unwrap(), "--raw", "--prompt-ids", &ids.join(","),
-        "-n", &n.to_string(), "--temperature", "0", "--repeat-penalty", "1", "--threads", "2", "--batch", "16", "--json",
-    ]);
+    // Compared with llama.cpp token by token: on llama.cpp's kernels.
+    let out = common::target_command(common::cli())
+        .env("PHI4_CPU_VARIANT", common::reference_kernels())
+        .args(["run", "--model", model.to_str().unwrap(), "--raw", "--prompt-ids", &ids.join(",")])
+        .args(["-n", &n.to_string(), "--temperature", "0", "--repeat-penalty", "1", "--threads", "2", "--batch", "16", "--json"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }

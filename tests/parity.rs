@@ -24,6 +24,7 @@ fn tolerance(ft: &str) -> f32 {
 }
 
 fn parity(ft: &str, seed: u64) {
+    common::reference_kernels();
     let dir = common::tmpdir();
     let spec = Spec::small(3, common::ftype(ft), seed);
     let path = common::synth_model(dir.path(), "m.gguf", &spec);

@@ -106,3 +106,15 @@ pub fn dist() -> PathBuf {
     });
     root().join(std::env::var("DIST").unwrap_or_else(|_| "dist".into()))
 }
+
+/// The CPU kernels llama.cpp (the reference engine, in this process) runs: ggml's baseline build.
+/// Tests that compare numbers with llama.cpp run phi4 on the same kernels: a child process gets
+/// this in `PHI4_CPU_VARIANT`; this process is switched to them here (call it before any phi4
+/// work in the test binary — phi4 chooses its kernels once per process).
+#[allow(dead_code)]
+pub fn reference_kernels() -> &'static str {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    let name = phi4::cpu_variants().last().expect("the baseline").0;
+    ONCE.call_once(|| std::env::set_var("PHI4_CPU_VARIANT", name));
+    name
+}
