@@ -7,7 +7,7 @@
 //! - `llama.cpp`: one context with a sequence per stream, one `llama_decode` per step over all
 //!   of them (llama-server's parallel slots).
 //!
-//!     cargo bench --bench batch -- --model FILE [--threads 2] [--streams 1,2,4] [--prompt 16] [--gen 24] [--rounds 2]
+//!     cargo bench --bench batch -- --model FILE [--threads 2] [--streams 1,2,4] [--prompt 16] [--gen 24] [--rounds 2] [--repack false]
 //!
 //! Each engine runs in its own child process; engines alternate for `--rounds` rounds and each
 //! figure is the best round. Figures are taken over the window where every stream is decoding
@@ -99,14 +99,15 @@ fn child(o: &Options, engine: &str, streams: &[usize]) {
     let max = *streams.iter().max().unwrap();
     match engine {
         "llama.cpp" => {
-            let mut rf = reference::Reference::load_seqs(&path, p + gen + 8, p, threads, max, true);
+            let mut rf = reference::Reference::load_seqs(&path, p + gen + 8, p, threads, max, o.get("repack", true));
             for &n in streams {
                 let (agg, per) = llama_streams(&mut rf, n, p, gen);
                 println!("{n} {agg} {per}");
             }
         }
         _ => {
-            let model = Arc::new(Model::load(&path, Default::default()).unwrap());
+            let lp = phi4::LoadParams { repack: o.get("repack", true), ..Default::default() };
+            let model = Arc::new(Model::load(&path, lp).unwrap());
             let scheduler = (engine == "phi4").then(|| Scheduler::new(model.clone(), threads, max).unwrap());
             for &n in streams {
                 let (agg, per) = phi4_streams(&model, scheduler.as_ref(), n, threads, p, gen);

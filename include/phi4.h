@@ -5,8 +5,9 @@
  * Conventions
  * - Every fallible function returns a phi4_status; outputs are written only on PHI4_OK.
  * - Strings are NUL-terminated UTF-8. Pointers passed in are read during the call only.
- * - Handles: phi4_model_load / phi4_session_new create them, the matching *_free releases them
- *   (NULL is accepted). A session keeps its model alive.
+ * - Handles: phi4_model_load / phi4_scheduler_new / phi4_session_new(_on) create them, the
+ *   matching *_free releases them (NULL is accepted). A session keeps its model (and its
+ *   scheduler) alive; a scheduler keeps its model alive.
  * - Params structs carry their own size: always start from phi4_*_default_params(), so that a
  *   program built against this header keeps working with later versions of the library.
  *
@@ -15,6 +16,9 @@
  *   taking a non-const handle needs the handle to itself for the call.
  * - A phi4_model is immutable: load, tokenize, detokenize and open sessions on it from any
  *   number of threads at once.
+ * - A phi4_scheduler is shared: open sessions on it from any number of threads at once.
+ *   Sessions opened on it that decode at the same time, each on its own thread, are advanced
+ *   together (one step for all); a call on one of them may wait for the step in progress.
  * - A phi4_session is used by one thread at a time; a second concurrent call on it returns
  *   PHI4_ERR_BUSY. phi4_session_cancel, phi4_session_last_result and phi4_session_last_error
  *   may be called from any thread at any time.
@@ -250,8 +254,12 @@ const char *phi4_last_load_error(void);
 // header's). Static; never NULL.
 const char *phi4_version(void);
 
-// CPU features ggml uses on this machine, space-separated (e.g. "AVX AVX2 F16C FMA", or
-// "NEON ARM_FMA DOTPROD"). Static; never NULL.
+// The CPU kernel variant that runs: the best one of this build that the CPU and OS support
+// (e.g. "avx2", "avx512_vnni", "armv8-a", "dotprod", "i8mm"). Static; never NULL.
+const char *phi4_cpu_variant(void);
+
+// CPU features ggml uses on this machine (those of `phi4_cpu_variant()`), space-separated
+// (e.g. "AVX AVX2 F16C FMA AVX512", or "NEON ARM_FMA DOTPROD"). Static; never NULL.
 const char *phi4_cpu_features(void);
 
 // Fill `*out` with the defaults (and its struct_size).

@@ -10,19 +10,19 @@
 //! The governor watches the CPU time the process gets against what its threads would get if
 //! each had a core. While that holds, every step runs on all threads and nothing is tried. When
 //! it falls short, one thread fewer is tried for a window and kept if its steps are faster; the
-//! full count is tried again after a pause that doubles (up to a minute) each time it loses, so
+//! full count is tried again after a pause (4 s) that doubles, up to a minute, each time it loses, so
 //! a machine that turns quiet again gets all its threads back.
 
 use std::time::{Duration, Instant};
 
 /// Measurements are taken over windows of at least this long (and `MIN_STEPS` steps).
 const WINDOW: Duration = Duration::from_millis(400);
-const MIN_STEPS: usize = 3;
+const MIN_STEPS: usize = 2;
 /// Below this share of the CPU time its threads should get, the process is contended.
 const CONTENDED: f64 = 0.85;
 /// A count must be this much faster per step to replace another.
 const GAIN: f64 = 0.97;
-const FIRST_PAUSE: Duration = Duration::from_secs(2);
+const FIRST_PAUSE: Duration = Duration::from_secs(4);
 const LONGEST_PAUSE: Duration = Duration::from_secs(64);
 
 /// What the governor is doing.
@@ -173,42 +173,48 @@ mod tests {
         assert_eq!(g.threads(), 4);
     }
 
+    /// `t` plus `s` seconds.
+    fn at(t: Instant, s: f64) -> Instant {
+        t + Duration::from_secs_f64(s)
+    }
+
     #[test]
     fn contention_sheds_threads_while_it_pays_and_gets_them_back() {
-        let (mut g, t) = (Governor::new(2), Instant::now());
+        let (mut g, t, p) = (Governor::new(2), Instant::now(), FIRST_PAUSE.as_secs_f64());
         step(&mut g, 0.66, 0.75, t);
         assert_eq!(g.threads(), 1, "contended: one thread fewer is tried");
-        step(&mut g, 0.49, 1.0, t + Duration::from_millis(500));
+        step(&mut g, 0.49, 1.0, at(t, 0.5));
         assert_eq!(g.threads(), 1, "and kept, being faster");
-        step(&mut g, 0.49, 1.0, t + Duration::from_secs(1));
+        step(&mut g, 0.49, 1.0, at(t, 0.5 + p - 0.1));
         assert_eq!(g.threads(), 1, "no trial of all threads before the pause");
-        step(&mut g, 0.49, 1.0, t + Duration::from_secs(3));
+        step(&mut g, 0.49, 1.0, at(t, 0.5 + p));
         assert_eq!(g.threads(), 2, "all threads tried again after it");
-        step(&mut g, 0.66, 0.75, t + Duration::from_millis(3500));
+        let lost = 1.0 + p;
+        step(&mut g, 0.66, 0.75, at(t, lost));
         assert_eq!(g.threads(), 1, "still contended: back to fewer");
-        step(&mut g, 0.49, 1.0, t + Duration::from_secs(5));
-        step(&mut g, 0.49, 1.0, t + Duration::from_secs(6));
-        assert_eq!(g.threads(), 1, "the pause doubled (4 s): no trial yet");
-        step(&mut g, 0.49, 1.0, t + Duration::from_secs(8));
+        step(&mut g, 0.49, 1.0, at(t, lost + p));
+        step(&mut g, 0.49, 1.0, at(t, lost + 2.0 * p - 0.1));
+        assert_eq!(g.threads(), 1, "the pause doubled: no trial yet");
+        step(&mut g, 0.49, 1.0, at(t, lost + 2.0 * p));
         assert_eq!(g.threads(), 2, "trial after the doubled pause");
-        step(&mut g, 0.30, 0.98, t + Duration::from_millis(8500));
+        step(&mut g, 0.30, 0.98, at(t, lost + 2.0 * p + 0.5));
         assert_eq!(g.threads(), 2, "the machine is quiet again: all threads win and stay");
-        for i in 9..20 {
-            step(&mut g, 0.30, 0.98, t + Duration::from_secs(i));
+        for i in 0..20 {
+            step(&mut g, 0.30, 0.98, at(t, lost + 3.0 * p + i as f64));
         }
         assert_eq!(g.threads(), 2);
     }
 
     #[test]
     fn fewer_threads_that_lose_are_dropped_with_a_growing_pause() {
-        let (mut g, t) = (Governor::new(2), Instant::now());
+        let (mut g, t, p) = (Governor::new(2), Instant::now(), FIRST_PAUSE.as_secs_f64());
         step(&mut g, 0.40, 0.8, t);
         assert_eq!(g.threads(), 1);
-        step(&mut g, 0.60, 1.0, t + Duration::from_millis(500));
+        step(&mut g, 0.60, 1.0, at(t, 0.5));
         assert_eq!(g.threads(), 2, "one thread was slower: all threads again");
-        step(&mut g, 0.40, 0.8, t + Duration::from_secs(4));
-        assert_eq!(g.threads(), 2, "no new trial during the pause (doubled: 4 s)");
-        step(&mut g, 0.40, 0.8, t + Duration::from_secs(5));
+        step(&mut g, 0.40, 0.8, at(t, 0.5 + 2.0 * p - 0.1));
+        assert_eq!(g.threads(), 2, "no new trial during the pause (doubled)");
+        step(&mut g, 0.40, 0.8, at(t, 0.5 + 2.0 * p));
         assert_eq!(g.threads(), 1, "trial after it");
     }
 
