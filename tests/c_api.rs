@@ -30,8 +30,9 @@ fn c_api_tests_pass_and_are_clean_under_valgrind() {
     // The kernels in use: ggml repacks Q4_K for its AVX2 and its ARM dotprod kernels, and has
     // no repacked Q4_K layout for plain NEON (Raspberry Pi 4).
     let line = |key: &str| stdout.lines().find_map(|l| l.strip_prefix(key)).unwrap_or_else(|| panic!("no {key} in {stdout}")).to_string();
-    let (features, repacked) = (line("cpu features: "), line("repacked: "));
-    eprintln!("cpu features: {features}; repacked: {repacked}");
+    let (features, repacked, kernels) = (line("cpu features: "), line("repacked: "), line("cpu kernels: "));
+    eprintln!("cpu kernels: {kernels} ({features}); repacked: {repacked}");
+    assert_eq!(kernels, phi4::cpu_variant(), "a C program gets the kernels this process chose");
     let fast_q4_k = features.split(' ').any(|f| f == "AVX2" || f == "DOTPROD");
     assert_eq!(repacked.contains("q4_K tensors into CPU_REPACK"), fast_q4_k, "{features}: {repacked}");
 

@@ -527,6 +527,9 @@ static void test_what_runs(const char *quantized) {
     const char *features = phi4_cpu_features();
     CHECK(features != NULL && strlen(features) > 0, "cpu features");
     printf("cpu features: %s\n", features);
+    const char *variant = phi4_cpu_variant();
+    CHECK(variant != NULL && strlen(variant) > 0 && variant == phi4_cpu_variant(), "cpu kernels, one static string");
+    printf("cpu kernels: %s\n", variant);
     phi4_model_params p;
     phi4_model_default_params(&p);
     for (int repack = 1; repack >= 0; repack--) {
