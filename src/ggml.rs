@@ -138,15 +138,19 @@ macro_rules! kernels {
 }
 
 /// Whether this CPU, and the OS (which must save the registers), support every feature named.
+/// (Unused in a build without variants.)
 #[cfg(target_arch = "x86_64")]
+#[allow(unused_macros)]
 macro_rules! detected {
     ($($f:tt),*) => { true $(&& std::arch::is_x86_feature_detected!($f))* };
 }
 #[cfg(target_arch = "aarch64")]
+#[allow(unused_macros)]
 macro_rules! detected {
     ($($f:tt),*) => { true $(&& std::arch::is_aarch64_feature_detected!($f))* };
 }
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+#[allow(unused_macros)]
 macro_rules! detected {
     ($($f:tt),*) => { false };
 }
