@@ -74,8 +74,12 @@ fn main() {
         ("aarch64", "linux", _) => AARCH64,
         _ => &[],
     };
+    let target_features = env::var("CARGO_CFG_TARGET_FEATURE").unwrap_or_default();
+    let has = |f: &str| target_features.split(',').any(|t| t == f);
     let baseline = match arch.as_str() {
-        "x86_64" if env::var("CARGO_CFG_TARGET_FEATURE").unwrap_or_default().split(',').any(|f| f == "avx2") => "avx2".to_string(),
+        "x86_64" if has("avx512f") => "avx512".to_string(),
+        "x86_64" if has("avx2") => "avx2".to_string(),
+        "x86_64" => "x86-64".to_string(),
         "aarch64" => env::var("PHI4_ARM_ARCH").ok().filter(|a| !a.is_empty()).unwrap_or_else(|| "armv8-a".into()),
         other => other.to_string(),
     };

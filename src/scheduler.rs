@@ -7,7 +7,7 @@
 //! - a session puts its work in the queue and waits: a token while it decodes, a micro-batch
 //!   of its prompt while it prefills;
 //! - the first waiting session whose work is still queued leads a step once every decoding
-//!   session has queued a token (or `GATHER` after the oldest came): it takes up to `max_batch`
+//!   session has queued a token (or a quarter of a step after the oldest came): it takes up to `max_batch`
 //!   of them, at most one a prompt's micro-batch, runs one graph over their caches, hands each
 //!   its logits and wakes them. A new request's prompt thus joins the running decodes instead
 //!   of waiting for them (or stopping them) — and the cores never run two graphs at once.
@@ -29,8 +29,11 @@ use crate::session::{cpu_count, SessionError, MAX_THREADS};
 
 /// The most sessions a step may take.
 pub const MAX_BATCH: usize = 64;
-/// How long a queued token waits for the other decoding sessions' before a step goes without them.
-const GATHER: Duration = Duration::from_millis(3);
+/// How long a queued token waits for the other decoding sessions' before a step goes without
+/// them: a quarter of the last step (their sampling takes a small part of a step), within these
+/// bounds.
+const GATHER_MIN: Duration = Duration::from_millis(2);
+const GATHER_MAX: Duration = Duration::from_millis(50);
 
 /// A shared engine that advances the sessions made on it ([`crate::Session::with_scheduler`])
 /// together. Cloning it is cheap (the clones share the engine); it lives as long as a clone or
@@ -68,6 +71,8 @@ struct Queue {
     stepping: bool,
     /// When the oldest waiting request was queued.
     since: Option<Instant>,
+    /// How long the last step took.
+    last_step: Duration,
 }
 
 struct Request {
@@ -187,7 +192,7 @@ impl Scheduler {
                 sh.wake.wait(&mut q);
                 continue;
             }
-            let deadline = q.since.unwrap_or_else(Instant::now) + GATHER;
+            let deadline = q.since.unwrap_or_else(Instant::now) + (q.last_step / 4).clamp(GATHER_MIN, GATHER_MAX);
             if q.waiting.len() < q.decoding.min(sh.max_batch) && Instant::now() < deadline {
                 sh.wake.wait_until(&mut q, deadline);
                 continue;
@@ -215,8 +220,10 @@ impl Scheduler {
         q.since = if q.waiting.is_empty() { None } else { Some(Instant::now()) };
         q.stepping = true;
         let tickets: Vec<u64> = batch.iter().map(|r| r.ticket).collect();
+        let started = Instant::now();
         let outcome = MutexGuard::unlocked(q, || panic::catch_unwind(AssertUnwindSafe(|| self.step(&mut batch))));
         q.stepping = false;
+        q.last_step = started.elapsed();
         match outcome {
             Ok(result) => {
                 q.done.extend(batch.into_iter().map(|r| Done { ticket: r.ticket, result: result.clone(), tokens: r.tokens, logits: r.logits }));
