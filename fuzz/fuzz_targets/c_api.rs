@@ -59,6 +59,9 @@ extern "C" {
     fn phi4_generate_default_params(out: *mut GenerateParams) -> u32;
     fn phi4_session_new(model: *const Opaque, params: *const SessionParams, out: *mut *mut Opaque) -> u32;
     fn phi4_session_free(s: *mut Opaque);
+    fn phi4_scheduler_new(model: *const Opaque, n_threads: u32, max_batch: u32, out: *mut *mut Opaque) -> u32;
+    fn phi4_scheduler_free(s: *mut Opaque);
+    fn phi4_session_new_on(s: *const Opaque, params: *const SessionParams, out: *mut *mut Opaque) -> u32;
     fn phi4_session_chat(s: *mut Opaque, m: *const Msg, n: usize, p: *const GenerateParams, cb: StreamFn, ud: *mut c_void) -> u32;
     fn phi4_session_generate(s: *mut Opaque, t: *const u32, n: usize, p: *const GenerateParams, cb: StreamFn, ud: *mut c_void) -> u32;
     fn phi4_session_cancel(s: *const Opaque) -> u32;
@@ -147,6 +150,9 @@ fuzz_target!(|data: &[u8]| {
     let m = model();
     let mut input = Input(data);
     let mut sessions: Vec<*mut Opaque> = Vec::new();
+    // A scheduler some sessions are opened on (made on first need; freed at any time: its
+    // sessions keep it alive).
+    let mut sched: *mut Opaque = std::ptr::null_mut();
     let mut ops = 0;
     while !input.0.is_empty() && ops < 24 {
         ops += 1;
@@ -167,7 +173,11 @@ fuzz_target!(|data: &[u8]| {
                         p.struct_size = input.u32() as usize % 64;
                     }
                     let mut out = std::ptr::null_mut();
-                    let st = phi4_session_new(m, &p, &mut out);
+                    let on_scheduler = input.byte() % 3 == 0;
+                    if on_scheduler && sched.is_null() && phi4_scheduler_new(m, input.u32() % 3, input.u32() % 6, &mut sched) != 0 {
+                        sched = std::ptr::null_mut();
+                    }
+                    let st = if on_scheduler { phi4_session_new_on(sched, &p, &mut out) } else { phi4_session_new(m, &p, &mut out) };
                     if st == 0 {
                         sessions.push(out);
                     }
@@ -229,6 +239,10 @@ fuzz_target!(|data: &[u8]| {
                         phi4_session_free(s);
                         sessions.retain(|&x| x != s);
                     }
+                    if input.byte() % 4 == 0 {
+                        phi4_scheduler_free(sched);
+                        sched = std::ptr::null_mut();
+                    }
                     0
                 }
             }
@@ -239,4 +253,6 @@ fuzz_target!(|data: &[u8]| {
         // SAFETY: live handles, freed once.
         unsafe { phi4_session_free(s) };
     }
+    // SAFETY: NULL or a live handle, freed once.
+    unsafe { phi4_scheduler_free(sched) };
 });
