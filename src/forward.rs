@@ -143,19 +143,6 @@ impl Engine {
         Ok(())
     }
 
-    /// Evaluate `tokens` of `kv` at positions `n_past..`, in micro-batches of `n_batch`;
-    /// afterwards `self.logits` holds the logits of the last token. `abort` is checked by ggml
-    /// between ops.
-    pub fn eval(&mut self, model: &Model, kv: &KvCache, tokens: &[u32], n_past: usize, n_batch: usize, abort: &AtomicBool) -> Result<(), EvalError> {
-        Segment { kv, tokens, n_past }.check(model.config.n_vocab)?;
-        let mut past = n_past;
-        for chunk in tokens.chunks(n_batch.max(1)) {
-            self.step(model, &[Segment { kv, tokens: chunk, n_past: past }], abort)?;
-            past += chunk.len();
-        }
-        Ok(())
-    }
-
     /// Evaluate every segment in one graph (each checked by the caller); afterwards
     /// `self.logits` holds the logits of each segment's last token, in order.
     pub fn step(&mut self, model: &Model, segments: &[Segment<'_>], abort: &AtomicBool) -> Result<(), EvalError> {

@@ -16,7 +16,7 @@
 //! matrix products differ from a lone step's only in summation order (the batch's kernels).
 
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -146,33 +146,16 @@ impl Scheduler {
         Ok(self.0.engine.lock().reserve(&self.0.model, kv, n_batch)?)
     }
 
-    /// Evaluate `tokens` of `kv` at `n_past..`, one micro-batch of `n_batch` per step (a
-    /// prompt: it joins the decoding sessions' steps); `logits` gets the last token's. `abort`
-    /// is checked between micro-batches. `buf` is the session's token buffer.
-    pub(crate) fn eval(&self, kv: &Arc<Mutex<KvCache>>, tokens: &[u32], n_past: usize, n_batch: usize, abort: &AtomicBool, buf: &mut Vec<u32>, logits: &mut Vec<f32>) -> Result<(), EvalError> {
-        Segment { kv: &kv.lock(), tokens, n_past }.check(self.0.model.config.n_vocab)?;
-        let mut past = n_past;
-        for chunk in tokens.chunks(n_batch.max(1)) {
-            if abort.load(Ordering::Relaxed) {
-                return Err(EvalError::Cancelled);
-            }
-            buf.clear();
-            buf.extend_from_slice(chunk);
-            self.submit(kv, buf, past, logits)?;
-            past += chunk.len();
-        }
-        Ok(())
-    }
-
     /// Count the caller as decoding until the guard drops: steps wait for its tokens.
     pub(crate) fn decoding(&self) -> Decoding<'_> {
         self.0.queue.lock().decoding += 1;
         Decoding(&self.0)
     }
 
-    /// Queue `tokens` (in the session's buffer) of `kv` at `n_past`, and wait for the step that
-    /// evaluates them — leading it if no one else does; `logits` gets the last token's.
-    fn submit(&self, kv: &Arc<Mutex<KvCache>>, tokens: &mut Vec<u32>, n_past: usize, logits: &mut Vec<f32>) -> Result<(), EvalError> {
+    /// Queue `tokens` (in the session's buffer: a decode token, or a micro-batch of a prompt,
+    /// checked by the caller) of `kv` at `n_past`, and wait for the step that evaluates them —
+    /// leading it if no one else does; `logits` gets the last token's.
+    pub(crate) fn submit(&self, kv: &Arc<Mutex<KvCache>>, tokens: &mut Vec<u32>, n_past: usize, logits: &mut Vec<f32>) -> Result<(), EvalError> {
         let sh = &*self.0;
         let mut q = sh.queue.lock();
         let ticket = q.next_ticket;

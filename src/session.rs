@@ -15,7 +15,7 @@ use std::time::Instant;
 use crate::chat::{self, Markers, Message, Role};
 use crate::constrain::{Constraint, Guide};
 pub use crate::forward::EvalError;
-use crate::forward::Engine;
+use crate::forward::{Engine, Segment};
 use crate::hash::{Map, Set};
 use crate::kv_cache::KvCache;
 use crate::model::Model;
@@ -329,16 +329,29 @@ impl Session {
         (self.model.config.kv_bytes_per_token() * self.n_ctx() as u64, compute)
     }
 
-    /// Evaluate `tokens` at positions `n_past..`: afterwards `self.logits` holds the last one's.
+    /// Evaluate `tokens` at positions `n_past..`, a micro-batch of `n_batch` at a time:
+    /// afterwards `self.logits` holds the last one's. Cancelling takes effect within a
+    /// micro-batch on an own engine (ggml checks between ops), between them on a scheduler's
+    /// (its steps carry other sessions' tokens too).
     fn eval(&mut self, tokens: &[u32], n_past: usize) -> Result<(), EvalError> {
-        match &mut self.runner {
-            Runner::Own(e) => {
-                e.eval(&self.model, &self.kv.lock(), tokens, n_past, self.n_batch, &self.cancel)?;
-                std::mem::swap(&mut e.logits, &mut self.logits);
-                Ok(())
+        Segment { kv: &self.kv.lock(), tokens, n_past }.check(self.model.config.n_vocab)?;
+        let mut past = n_past;
+        for chunk in tokens.chunks(self.n_batch) {
+            match &mut self.runner {
+                Runner::Own(e) => {
+                    e.step(&self.model, &[Segment { kv: &self.kv.lock(), tokens: chunk, n_past: past }], &self.cancel)?;
+                    std::mem::swap(&mut e.logits, &mut self.logits);
+                }
+                Runner::Shared(_) if self.cancel.load(Ordering::Relaxed) => return Err(EvalError::Cancelled),
+                Runner::Shared(s) => {
+                    self.queued.clear();
+                    self.queued.extend_from_slice(chunk);
+                    s.submit(&self.kv, &mut self.queued, past, &mut self.logits)?;
+                }
             }
-            Runner::Shared(s) => s.eval(&self.kv, tokens, n_past, self.n_batch, &self.cancel, &mut self.queued, &mut self.logits),
+            past += chunk.len();
         }
+        Ok(())
     }
 
     /// Forget everything in the cache.
