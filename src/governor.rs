@@ -62,9 +62,16 @@ pub struct Governor {
 
 struct Window {
     start: Instant,
-    cpu: Duration,
+    /// The process's CPU time at `start` (None: not reported).
+    cpu: Option<Duration>,
     busy: Duration,
     steps: usize,
+}
+
+impl Window {
+    fn new(start: Instant) -> Window {
+        Window { start, cpu: process_cpu_time(), busy: Duration::ZERO, steps: 0 }
+    }
 }
 
 impl Governor {
@@ -83,10 +90,10 @@ impl Governor {
         if self.max == 1 {
             return;
         }
-        let Some(cpu) = process_cpu_time() else { return };
+        // (The process's CPU time is read at the windows' edges only, not per step.)
         let now = Instant::now();
         let Some(w) = &mut self.window else {
-            self.window = Some(Window { start: now, cpu, busy: Duration::ZERO, steps: 0 });
+            self.window = Some(Window::new(now));
             return;
         };
         w.busy += took;
@@ -95,9 +102,14 @@ impl Governor {
         if elapsed < WINDOW || w.steps < MIN_STEPS {
             return;
         }
+        let next = Window::new(now);
+        let (Some(cpu), Some(start_cpu)) = (next.cpu, w.cpu) else {
+            self.window = Some(next);
+            return;
+        };
         let expected = w.busy.as_secs_f64() * self.cur as f64 + elapsed.saturating_sub(w.busy).as_secs_f64();
-        let sample = Sample { per_step: w.busy.as_secs_f64() / w.steps as f64, share: cpu.saturating_sub(w.cpu).as_secs_f64() / expected };
-        self.window = Some(Window { start: now, cpu, busy: Duration::ZERO, steps: 0 });
+        let sample = Sample { per_step: w.busy.as_secs_f64() / w.steps as f64, share: cpu.saturating_sub(start_cpu).as_secs_f64() / expected };
+        self.window = Some(next);
         self.observe(sample, now);
     }
 

@@ -202,21 +202,16 @@ impl Scheduler {
         }
         q.since = if q.waiting.is_empty() { None } else { Some(Instant::now()) };
         q.stepping = true;
-        let tickets: Vec<u64> = batch.iter().map(|r| r.ticket).collect();
         let started = Instant::now();
         let outcome = MutexGuard::unlocked(q, || panic::catch_unwind(AssertUnwindSafe(|| self.step(&mut batch))));
         q.stepping = false;
         q.last_step = started.elapsed();
-        match outcome {
-            Ok(result) => {
-                q.done.extend(batch.into_iter().map(|r| Done { ticket: r.ticket, result: result.clone(), tokens: r.tokens, logits: r.logits }));
-                sh.wake.notify_all();
-            }
-            Err(p) => {
-                q.done.extend(tickets.iter().filter(|&&t| t != mine).map(|&ticket| Done { ticket, result: Err(EvalError::StepFailed), tokens: Vec::new(), logits: Vec::new() }));
-                sh.wake.notify_all();
-                panic::resume_unwind(p);
-            }
+        let result = outcome.as_ref().map_or(Err(EvalError::StepFailed), Clone::clone);
+        let posted = batch.into_iter().filter(|r| outcome.is_ok() || r.ticket != mine);
+        q.done.extend(posted.map(|r| Done { ticket: r.ticket, result: result.clone(), tokens: r.tokens, logits: r.logits }));
+        sh.wake.notify_all();
+        if let Err(p) = outcome {
+            panic::resume_unwind(p);
         }
     }
 
