@@ -26,34 +26,98 @@ struct Variant {
     arm_arch: Option<&'static str>,
 }
 
-const AVX512: [&str; 5] = ["-mavx512f", "-mavx512cd", "-mavx512vl", "-mavx512dq", "-mavx512bw"];
+const AVX512: [&str; 5] = [
+    "-mavx512f",
+    "-mavx512cd",
+    "-mavx512vl",
+    "-mavx512dq",
+    "-mavx512bw",
+];
 
 /// Best first. (No AMX variant: its tiles need the OS's permission per process, and a kernel
 /// that lacks it faults.)
 const X86_64: &[Variant] = &[
     Variant {
         name: "avx512_bf16",
-        features: &["avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw", "avx512vbmi", "avx512vnni", "avx512bf16"],
-        flags: &[AVX512[0], AVX512[1], AVX512[2], AVX512[3], AVX512[4], "-mavx512vbmi", "-mavx512vnni", "-mavx512bf16", "-DGGML_AVX512", "-DGGML_AVX512_VBMI", "-DGGML_AVX512_VNNI", "-DGGML_AVX512_BF16"],
+        features: &[
+            "avx512f",
+            "avx512cd",
+            "avx512vl",
+            "avx512dq",
+            "avx512bw",
+            "avx512vbmi",
+            "avx512vnni",
+            "avx512bf16",
+        ],
+        flags: &[
+            AVX512[0],
+            AVX512[1],
+            AVX512[2],
+            AVX512[3],
+            AVX512[4],
+            "-mavx512vbmi",
+            "-mavx512vnni",
+            "-mavx512bf16",
+            "-DGGML_AVX512",
+            "-DGGML_AVX512_VBMI",
+            "-DGGML_AVX512_VNNI",
+            "-DGGML_AVX512_BF16",
+        ],
         arm_arch: None,
     },
     Variant {
         name: "avx512_vnni",
-        features: &["avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw", "avx512vbmi", "avx512vnni"],
-        flags: &[AVX512[0], AVX512[1], AVX512[2], AVX512[3], AVX512[4], "-mavx512vbmi", "-mavx512vnni", "-DGGML_AVX512", "-DGGML_AVX512_VBMI", "-DGGML_AVX512_VNNI"],
+        features: &[
+            "avx512f",
+            "avx512cd",
+            "avx512vl",
+            "avx512dq",
+            "avx512bw",
+            "avx512vbmi",
+            "avx512vnni",
+        ],
+        flags: &[
+            AVX512[0],
+            AVX512[1],
+            AVX512[2],
+            AVX512[3],
+            AVX512[4],
+            "-mavx512vbmi",
+            "-mavx512vnni",
+            "-DGGML_AVX512",
+            "-DGGML_AVX512_VBMI",
+            "-DGGML_AVX512_VNNI",
+        ],
         arm_arch: None,
     },
     Variant {
         name: "avx512",
         features: &["avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"],
-        flags: &[AVX512[0], AVX512[1], AVX512[2], AVX512[3], AVX512[4], "-DGGML_AVX512"],
+        flags: &[
+            AVX512[0],
+            AVX512[1],
+            AVX512[2],
+            AVX512[3],
+            AVX512[4],
+            "-DGGML_AVX512",
+        ],
         arm_arch: None,
     },
 ];
 
 const AARCH64: &[Variant] = &[
-    Variant { name: "i8mm", features: &["dotprod", "fp16", "i8mm"], flags: &[], arm_arch: Some("armv8.6-a+dotprod+fp16+i8mm") },
-    Variant { name: "dotprod", features: &["dotprod", "fp16"], flags: &[], arm_arch: Some("armv8.2-a+dotprod+fp16") },
+    Variant {
+        name: "i8mm",
+        features: &["dotprod", "fp16", "i8mm"],
+        flags: &[],
+        arm_arch: Some("armv8.6-a+dotprod+fp16+i8mm"),
+    },
+    Variant {
+        name: "dotprod",
+        features: &["dotprod", "fp16"],
+        flags: &[],
+        arm_arch: Some("armv8.2-a+dotprod+fp16"),
+    },
 ];
 
 fn main() {
@@ -68,7 +132,11 @@ fn main() {
 
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
     let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
-    let variants: &[Variant] = match (arch.as_str(), target_os.as_str(), env::var("PHI4_CPU_VARIANTS").as_deref()) {
+    let variants: &[Variant] = match (
+        arch.as_str(),
+        target_os.as_str(),
+        env::var("PHI4_CPU_VARIANTS").as_deref(),
+    ) {
         (_, _, Ok("none")) => &[],
         ("x86_64", "linux", _) => X86_64,
         ("aarch64", "linux", _) => AARCH64,
@@ -80,14 +148,26 @@ fn main() {
         "x86_64" if has("avx512f") => "avx512".to_string(),
         "x86_64" if has("avx2") => "avx2".to_string(),
         "x86_64" => "x86-64".to_string(),
-        "aarch64" => env::var("PHI4_ARM_ARCH").ok().filter(|a| !a.is_empty()).unwrap_or_else(|| "armv8-a".into()),
+        "aarch64" => env::var("PHI4_ARM_ARCH")
+            .ok()
+            .filter(|a| !a.is_empty())
+            .unwrap_or_else(|| "armv8-a".into()),
         other => other.to_string(),
     };
-    let built = if variants.is_empty() { Vec::new() } else { build_variants(variants, &out) };
+    let built = if variants.is_empty() {
+        Vec::new()
+    } else {
+        build_variants(variants, &out)
+    };
     // The table src/ggml.rs includes: the baseline's name, then each variant built.
     let mut table = format!("cpu_variants! {{ baseline: {baseline:?};\n");
     for v in &built {
-        let features = v.features.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>().join(", ");
+        let features = v
+            .features
+            .iter()
+            .map(|f| format!("{f:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         table += &format!("    {}: {:?}, [{features}];\n", v.name, v.name);
     }
     table += "}\n";
@@ -103,24 +183,42 @@ fn build_variants<'a>(variants: &'a [Variant], out: &Path) -> Vec<&'a Variant> {
     };
     let commands_file = Path::new(&cmake_dir).join("../../build/compile_commands.json");
     println!("cargo:rerun-if-changed={}", commands_file.display());
-    let commands: Vec<serde_json::Value> = match fs::read(&commands_file).map(|b| serde_json::from_slice(&b)) {
-        Ok(Ok(c)) => c,
-        _ => panic!("cannot read {} (llama-cpp-sys-2's compile commands)", commands_file.display()),
-    };
+    let commands: Vec<serde_json::Value> =
+        match fs::read(&commands_file).map(|b| serde_json::from_slice(&b)) {
+            Ok(Ok(c)) => c,
+            _ => panic!(
+                "cannot read {} (llama-cpp-sys-2's compile commands)",
+                commands_file.display()
+            ),
+        };
     // The CPU backend's sources: the commands of CMake's ggml-cpu target.
     let cpu: Vec<(String, String)> = commands
         .iter()
-        .filter_map(|c| Some((c["directory"].as_str()?.to_string(), c["command"].as_str()?.to_string())))
+        .filter_map(|c| {
+            Some((
+                c["directory"].as_str()?.to_string(),
+                c["command"].as_str()?.to_string(),
+            ))
+        })
         .filter(|(_, cmd)| cmd.contains(" CMakeFiles/ggml-cpu.dir/"))
         .collect();
-    assert!(cpu.len() >= 10, "unexpected compile commands in {}: {} for ggml-cpu", commands_file.display(), cpu.len());
+    assert!(
+        cpu.len() >= 10,
+        "unexpected compile commands in {}: {} for ggml-cpu",
+        commands_file.display(),
+        cpu.len()
+    );
 
     let tools = Tools::new();
     let mut objects = Vec::new();
     for v in variants {
         let dir = out.join(format!("cpu-{}", v.name));
         fs::create_dir_all(&dir).unwrap();
-        let jobs: Vec<(Command, PathBuf)> = cpu.iter().enumerate().map(|(i, (cwd, cmd))| variant_command(v, cwd, cmd, &dir, i)).collect();
+        let jobs: Vec<(Command, PathBuf)> = cpu
+            .iter()
+            .enumerate()
+            .map(|(i, (cwd, cmd))| variant_command(v, cwd, cmd, &dir, i))
+            .collect();
         let objs = run_parallel(jobs);
         rename_symbols(&tools, v, &objs, &dir);
         objects.extend(objs);
@@ -140,9 +238,16 @@ fn variant_command(v: &Variant, cwd: &str, cmd: &str, dir: &Path, i: usize) -> (
     let mut words: Vec<String> = cmd.split_whitespace().map(str::to_string).collect();
     // No debug info: smaller, faster to build (the shipped library is stripped anyway).
     words.retain(|w| w != "-g");
-    let o = words.iter().position(|w| w == "-o").expect("a compile command has -o");
+    let o = words
+        .iter()
+        .position(|w| w == "-o")
+        .expect("a compile command has -o");
     let source = words.last().unwrap().clone();
-    let stem = Path::new(&source).file_name().unwrap().to_string_lossy().into_owned();
+    let stem = Path::new(&source)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     let obj = dir.join(format!("{}-{i}-{stem}.o", v.name));
     words[o + 1] = obj.to_string_lossy().into_owned();
     let mut extra: Vec<String> = v.flags.iter().map(|f| f.to_string()).collect();
@@ -161,7 +266,11 @@ fn variant_command(v: &Variant, cwd: &str, cmd: &str, dir: &Path, i: usize) -> (
 
 /// Run the commands, as many at once as cargo allows; their outputs.
 fn run_parallel(jobs: Vec<(Command, PathBuf)>) -> Vec<PathBuf> {
-    let n = env::var("NUM_JOBS").ok().and_then(|n| n.parse().ok()).unwrap_or(2usize).max(1);
+    let n = env::var("NUM_JOBS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2usize)
+        .max(1);
     let outputs: Vec<PathBuf> = jobs.iter().map(|(_, o)| o.clone()).collect();
     let queue = std::sync::Mutex::new(jobs.into_iter());
     std::thread::scope(|s| {
@@ -177,9 +286,15 @@ fn run_parallel(jobs: Vec<(Command, PathBuf)>) -> Vec<PathBuf> {
 }
 
 fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     if !out.status.success() {
-        panic!("{cmd:?} failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        panic!(
+            "{cmd:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -188,8 +303,15 @@ fn run(cmd: &mut Command) {
 fn rename_symbols(tools: &Tools, v: &Variant, objs: &[PathBuf], dir: &Path) {
     let mut nm = Command::new(&tools.nm);
     nm.args(["--defined-only", "--format=posix"]).args(objs);
-    let listing = nm.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", tools.nm));
-    assert!(listing.status.success(), "{} failed: {}", tools.nm, String::from_utf8_lossy(&listing.stderr));
+    let listing = nm
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", tools.nm));
+    assert!(
+        listing.status.success(),
+        "{} failed: {}",
+        tools.nm,
+        String::from_utf8_lossy(&listing.stderr)
+    );
     let mut names: Vec<&str> = std::str::from_utf8(&listing.stdout)
         .unwrap()
         .lines()
@@ -205,12 +327,16 @@ fn rename_symbols(tools: &Tools, v: &Variant, objs: &[PathBuf], dir: &Path) {
         .collect();
     names.sort_unstable();
     names.dedup();
-    let map: String = names.iter().map(|n| format!("{n} phi4_{}_{n}\n", v.name)).collect();
+    let map: String = names
+        .iter()
+        .map(|n| format!("{n} phi4_{}_{n}\n", v.name))
+        .collect();
     let map_file = dir.join("rename.map");
     fs::write(&map_file, map).unwrap();
     for o in objs {
         let mut c = Command::new(&tools.objcopy);
-        c.arg(format!("--redefine-syms={}", map_file.display())).arg(o);
+        c.arg(format!("--redefine-syms={}", map_file.display()))
+            .arg(o);
         run(&mut c);
     }
 }
@@ -224,12 +350,24 @@ struct Tools {
 
 impl Tools {
     fn new() -> Tools {
-        let (target, host) = (env::var("TARGET").unwrap_or_default(), env::var("HOST").unwrap_or_default());
-        let prefix = if target != host && target.starts_with("aarch64-") && target.ends_with("-linux-gnu") { "aarch64-linux-gnu-" } else { "" };
+        let (target, host) = (
+            env::var("TARGET").unwrap_or_default(),
+            env::var("HOST").unwrap_or_default(),
+        );
+        let prefix =
+            if target != host && target.starts_with("aarch64-") && target.ends_with("-linux-gnu") {
+                "aarch64-linux-gnu-"
+            } else {
+                ""
+            };
         let tool = |var: &str, name: &str| {
             println!("cargo:rerun-if-env-changed={var}");
             env::var(var).unwrap_or_else(|_| format!("{prefix}{name}"))
         };
-        Tools { nm: tool("NM", "nm"), objcopy: tool("OBJCOPY", "objcopy"), ar: tool("AR", "ar") }
+        Tools {
+            nm: tool("NM", "nm"),
+            objcopy: tool("OBJCOPY", "objcopy"),
+            ar: tool("AR", "ar"),
+        }
     }
 }

@@ -13,10 +13,10 @@
 //! figure is the best round. Figures are taken over the window where every stream is decoding
 //! (after the last stream's first token, before the first stream's end).
 
-#[path = "../tests/common/reference.rs"]
-mod reference;
 #[path = "common/options.rs"]
 mod options;
+#[path = "../tests/common/reference.rs"]
+mod reference;
 
 use std::process::Command;
 use std::sync::{Arc, Barrier, Mutex};
@@ -30,7 +30,9 @@ const USAGE: &str = "cargo bench --bench batch -- --model FILE [--threads 2] [--
 const ENGINES: [&str; 3] = ["phi4", "phi4-alone", "llama.cpp"];
 
 fn prompt(stream: usize, n: usize, n_vocab: usize) -> Vec<u32> {
-    (0..n).map(|i| ((i * 7919 + stream * 104_729 + 13) % n_vocab.min(100_000)) as u32).collect()
+    (0..n)
+        .map(|i| ((i * 7919 + stream * 104_729 + 13) % n_vocab.min(100_000)) as u32)
+        .collect()
 }
 
 /// Aggregate tok/s and mean per-stream tok/s from each stream's token times.
@@ -40,14 +42,31 @@ fn figures(times: &[Vec<Instant>]) -> (f64, f64) {
     let window = (end - start).as_secs_f64();
     let inside = |t: &Vec<Instant>| t.iter().filter(|&&x| x > start && x <= end).count();
     let total: usize = times.iter().map(inside).sum();
-    let per_stream = times.iter().map(|t| inside(t) as f64 / window).sum::<f64>() / times.len() as f64;
+    let per_stream =
+        times.iter().map(|t| inside(t) as f64 / window).sum::<f64>() / times.len() as f64;
     (total as f64 / window, per_stream)
 }
 
 /// phi4: every stream on its own thread, on one scheduler or each on an engine of its own.
-fn phi4_streams(model: &Arc<Model>, scheduler: Option<&Scheduler>, n: usize, threads: usize, p: usize, gen: usize) -> (f64, f64) {
-    let sp = SessionParams { n_ctx: p + gen + 8, n_batch: p, n_threads: (threads / n).max(1), ..Default::default() };
-    let gp = GenerateParams { sampling: SamplingParams::greedy(), max_tokens: gen, ..Default::default() };
+fn phi4_streams(
+    model: &Arc<Model>,
+    scheduler: Option<&Scheduler>,
+    n: usize,
+    threads: usize,
+    p: usize,
+    gen: usize,
+) -> (f64, f64) {
+    let sp = SessionParams {
+        n_ctx: p + gen + 8,
+        n_batch: p,
+        n_threads: (threads / n).max(1),
+        ..Default::default()
+    };
+    let gp = GenerateParams {
+        sampling: SamplingParams::greedy(),
+        max_tokens: gen,
+        ..Default::default()
+    };
     let start = Barrier::new(n);
     let times = Mutex::new(Vec::new());
     std::thread::scope(|sc| {
@@ -78,7 +97,9 @@ fn phi4_streams(model: &Arc<Model>, scheduler: Option<&Scheduler>, n: usize, thr
 
 fn llama_streams(rf: &mut reference::Reference, n: usize, p: usize, gen: usize) -> (f64, f64) {
     rf.clear();
-    let mut next: Vec<u32> = (0..n).map(|k| argmax(&rf.eval_seq(k as i32, &prompt(k, p, rf.n_vocab), 0))).collect();
+    let mut next: Vec<u32> = (0..n)
+        .map(|k| argmax(&rf.eval_seq(k as i32, &prompt(k, p, rf.n_vocab), 0)))
+        .collect();
     let mut times = vec![Vec::with_capacity(gen); n];
     times.iter_mut().for_each(|t| t.push(Instant::now()));
     for step in 0..gen - 1 {
@@ -95,20 +116,36 @@ fn llama_streams(rf: &mut reference::Reference, n: usize, p: usize, gen: usize) 
 
 /// One engine over every stream count; prints "n aggregate per_stream" lines.
 fn child(o: &Options, engine: &str, streams: &[usize]) {
-    let (path, threads, p, gen) = (o.path("model"), o.get("threads", 2usize), o.get("prompt", 16usize), o.get("gen", 24usize));
+    let (path, threads, p, gen) = (
+        o.path("model"),
+        o.get("threads", 2usize),
+        o.get("prompt", 16usize),
+        o.get("gen", 24usize),
+    );
     let max = *streams.iter().max().unwrap();
     match engine {
         "llama.cpp" => {
-            let mut rf = reference::Reference::load_seqs(&path, p + gen + 8, p, threads, max, o.get("repack", true));
+            let mut rf = reference::Reference::load_seqs(
+                &path,
+                p + gen + 8,
+                p,
+                threads,
+                max,
+                o.get("repack", true),
+            );
             for &n in streams {
                 let (agg, per) = llama_streams(&mut rf, n, p, gen);
                 println!("{n} {agg} {per}");
             }
         }
         _ => {
-            let lp = phi4::LoadParams { repack: o.get("repack", true), ..Default::default() };
+            let lp = phi4::LoadParams {
+                repack: o.get("repack", true),
+                ..Default::default()
+            };
             let model = Arc::new(Model::load(&path, lp).unwrap());
-            let scheduler = (engine == "phi4").then(|| Scheduler::new(model.clone(), threads, max).unwrap());
+            let scheduler =
+                (engine == "phi4").then(|| Scheduler::new(model.clone(), threads, max).unwrap());
             for &n in streams {
                 let (agg, per) = phi4_streams(&model, scheduler.as_ref(), n, threads, p, gen);
                 println!("{n} {agg} {per}");
@@ -119,15 +156,31 @@ fn child(o: &Options, engine: &str, streams: &[usize]) {
 
 fn main() {
     let o = Options::parse(USAGE);
-    let streams: Vec<usize> = o.get("streams", "1,2,4".to_string()).split(',').map(|s| s.trim().parse().expect("--streams N,N,…")).collect();
-    if let Some(engine) = o.get::<String>("engine", String::new()).split_whitespace().next() {
+    let streams: Vec<usize> = o
+        .get("streams", "1,2,4".to_string())
+        .split(',')
+        .map(|s| s.trim().parse().expect("--streams N,N,…"))
+        .collect();
+    if let Some(engine) = o
+        .get::<String>("engine", String::new())
+        .split_whitespace()
+        .next()
+    {
         return child(&o, engine, &streams);
     }
     let me = std::env::current_exe().unwrap();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let run = |engine: &str| -> Vec<(f64, f64)> {
-        let out = Command::new(&me).args(&args).args(["--engine", engine]).output().unwrap();
-        assert!(out.status.success(), "{engine} failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(&me)
+            .args(&args)
+            .args(["--engine", engine])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{engine} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(|l| {
@@ -140,20 +193,55 @@ fn main() {
     let mut best: Vec<Vec<(f64, f64)>> = vec![vec![(0.0, 0.0); streams.len()]; ENGINES.len()];
     for r in 0..rounds {
         // Alternate the order, so that no engine always runs first.
-        let order: Vec<usize> = if r % 2 == 0 { (0..ENGINES.len()).collect() } else { (0..ENGINES.len()).rev().collect() };
+        let order: Vec<usize> = if r % 2 == 0 {
+            (0..ENGINES.len()).collect()
+        } else {
+            (0..ENGINES.len()).rev().collect()
+        };
         for e in order {
             for (b, v) in best[e].iter_mut().zip(run(ENGINES[e])) {
                 *b = (b.0.max(v.0), b.1.max(v.1));
             }
         }
     }
-    let size = std::fs::metadata(o.path("model")).map(|m| m.len()).unwrap_or(0);
-    println!("model {} ({:.2} GB), {} threads, best of {rounds} rounds", o.path("model").display(), size as f64 / 1e9, o.get("threads", 2usize));
-    println!("{:<8} {:>22} {:>22} {:>22} {:>9} {:>9}", "streams", "phi4 agg / stream", "phi4-alone agg / stream", "llama.cpp agg / stream", "vs alone", "vs llama");
+    let size = std::fs::metadata(o.path("model"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    println!(
+        "model {} ({:.2} GB), {} threads, best of {rounds} rounds",
+        o.path("model").display(),
+        size as f64 / 1e9,
+        o.get("threads", 2usize)
+    );
+    println!(
+        "{:<8} {:>22} {:>22} {:>22} {:>9} {:>9}",
+        "streams",
+        "phi4 agg / stream",
+        "phi4-alone agg / stream",
+        "llama.cpp agg / stream",
+        "vs alone",
+        "vs llama"
+    );
     let one = best[0][0].0;
     for (i, n) in streams.iter().enumerate() {
         let cell = |e: usize| format!("{:>9.3} / {:>8.3}", best[e][i].0, best[e][i].1);
-        println!("{:<8} {:>22} {:>22} {:>22} {:>9.3} {:>9.3}", n, cell(0), cell(1), cell(2), best[0][i].0 / best[1][i].0, best[0][i].0 / best[2][i].0);
+        println!(
+            "{:<8} {:>22} {:>22} {:>22} {:>9.3} {:>9.3}",
+            n,
+            cell(0),
+            cell(1),
+            cell(2),
+            best[0][i].0 / best[1][i].0,
+            best[0][i].0 / best[2][i].0
+        );
     }
-    println!("phi4 aggregate decode vs one stream: {}", streams.iter().enumerate().map(|(i, n)| format!("{n}: {:.2}x", best[0][i].0 / one)).collect::<Vec<_>>().join(", "));
+    println!(
+        "phi4 aggregate decode vs one stream: {}",
+        streams
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("{n}: {:.2}x", best[0][i].0 / one))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
 }

@@ -57,31 +57,55 @@ fn main() {
         }
     }
     let model = model.expect("--model FILE");
-    let s = Server::start_with(&model, &["--parallel", "2", "--threads", &threads.to_string()]);
+    let s = Server::start_with(
+        &model,
+        &["--parallel", "2", "--threads", &threads.to_string()],
+    );
     let question = |i: usize| json!([{ "role": "user", "content": format!("Question {i}: how do I read a file line by line?") }]);
     chat(&s, &question(999), 4); // load and warm up
 
-    println!("phi4 serve on {} ({threads} threads per generation, --parallel 2)", model.display());
-    println!("{:>8} {:>10} {:>12} {:>14}", "clients", "requests", "requests/s", "tokens/s");
+    println!(
+        "phi4 serve on {} ({threads} threads per generation, --parallel 2)",
+        model.display()
+    );
+    println!(
+        "{:>8} {:>10} {:>12} {:>14}",
+        "clients", "requests", "requests/s", "tokens/s"
+    );
     for clients in [1, 2] {
         let t = Instant::now();
         let tokens: u64 = std::thread::scope(|sc| {
             let handles: Vec<_> = (0..clients)
                 .map(|c| {
                     let (s, question) = (&s, &question);
-                    sc.spawn(move || (0..requests / clients).map(|i| chat(s, &question(1000 * clients + 100 * c + i), gen)["eval_count"].as_u64().unwrap()).sum::<u64>())
+                    sc.spawn(move || {
+                        (0..requests / clients)
+                            .map(|i| {
+                                chat(s, &question(1000 * clients + 100 * c + i), gen)["eval_count"]
+                                    .as_u64()
+                                    .unwrap()
+                            })
+                            .sum::<u64>()
+                    })
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).sum()
         });
         let secs = t.elapsed().as_secs_f64();
-        println!("{clients:>8} {requests:>10} {:>12.3} {:>14.2}", requests as f64 / secs, tokens as f64 / secs);
+        println!(
+            "{clients:>8} {requests:>10} {:>12.3} {:>14.2}",
+            requests as f64 / secs,
+            tokens as f64 / secs
+        );
     }
 
     let first = json!([{ "role": "system", "content": "You answer questions about Python." }, { "role": "user", "content": "How do I open a file and read every line of it?" }]);
     let (t1, a) = first_token(&s, &first, gen);
     let mut second = first.as_array().unwrap().clone();
-    let reply = chat(&s, &first, gen)["message"]["content"].as_str().unwrap().to_string();
+    let reply = chat(&s, &first, gen)["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
     second.push(json!({ "role": "assistant", "content": reply }));
     second.push(json!({ "role": "user", "content": "And how do I close it?" }));
     let (t2, b) = first_token(&s, &Value::Array(second), gen);

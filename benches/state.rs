@@ -21,19 +21,39 @@ use options::Options;
 fn drop_cache(path: &std::path::Path) {
     let st = std::process::Command::new("dd")
         .arg(format!("of={}", path.display()))
-        .args(["oflag=nocache", "conv=notrunc,fdatasync", "count=0", "status=none"])
+        .args([
+            "oflag=nocache",
+            "conv=notrunc,fdatasync",
+            "count=0",
+            "status=none",
+        ])
         .status()
         .unwrap();
-    assert!(st.success(), "dd could not drop the page cache of {}", path.display());
+    assert!(
+        st.success(),
+        "dd could not drop the page cache of {}",
+        path.display()
+    );
 }
 
 fn main() {
     let o = Options::parse("cargo bench --bench state -- --model FILE [--threads N] [--prompt N] [--dir DIR] [--rounds N]");
-    let (model, threads, prompt, dir): (PathBuf, usize, usize, PathBuf) = (o.path("model"), o.get("threads", 2), o.get("prompt", 2048), o.get("dir", std::env::temp_dir()));
+    let (model, threads, prompt, dir): (PathBuf, usize, usize, PathBuf) = (
+        o.path("model"),
+        o.get("threads", 2),
+        o.get("prompt", 2048),
+        o.get("dir", std::env::temp_dir()),
+    );
     let rounds = o.get("rounds", 3usize).max(1);
     let m = Arc::new(Model::load(&model, Default::default()).unwrap());
-    let params = SessionParams { n_ctx: prompt + 16, n_threads: threads, ..Default::default() };
-    let tokens: Vec<u32> = (0..prompt).map(|i| ((i * 7919 + 13) % (m.config.n_vocab - 8)) as u32).collect();
+    let params = SessionParams {
+        n_ctx: prompt + 16,
+        n_threads: threads,
+        ..Default::default()
+    };
+    let tokens: Vec<u32> = (0..prompt)
+        .map(|i| ((i * 7919 + 13) % (m.config.n_vocab - 8)) as u32)
+        .collect();
     let mut s = Session::new(m.clone(), &params).unwrap();
     let t = Instant::now();
     s.warm(&tokens).unwrap();
@@ -63,9 +83,26 @@ fn main() {
         }
     }
     let _ = std::fs::remove_file(&file);
-    println!("model {}, {threads} threads, a {prompt}-token prompt", model.display());
-    println!("  evaluate            {eval:8.2} s  ({:.1} tok/s)", prompt as f64 / eval);
-    println!("  saved state         {:8.1} MiB ({} bytes, {:.1} KiB per token), saved in {save:.2} s", bytes as f64 / 1048576.0, bytes, bytes as f64 / 1024.0 / prompt as f64);
-    println!("  restore, warm       {warm:8.3} s  ({:.0}x faster than evaluating)", eval / warm);
-    println!("  restore, cold       {cold:8.3} s  ({:.0}x faster than evaluating)", eval / cold);
+    println!(
+        "model {}, {threads} threads, a {prompt}-token prompt",
+        model.display()
+    );
+    println!(
+        "  evaluate            {eval:8.2} s  ({:.1} tok/s)",
+        prompt as f64 / eval
+    );
+    println!(
+        "  saved state         {:8.1} MiB ({} bytes, {:.1} KiB per token), saved in {save:.2} s",
+        bytes as f64 / 1048576.0,
+        bytes,
+        bytes as f64 / 1024.0 / prompt as f64
+    );
+    println!(
+        "  restore, warm       {warm:8.3} s  ({:.0}x faster than evaluating)",
+        eval / warm
+    );
+    println!(
+        "  restore, cold       {cold:8.3} s  ({:.0}x faster than evaluating)",
+        eval / cold
+    );
 }

@@ -43,7 +43,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: Role, content: impl Into<String>) -> Message {
-        Message { role, content: content.into() }
+        Message {
+            role,
+            content: content.into(),
+        }
     }
 }
 
@@ -79,14 +82,29 @@ pub struct Markers {
 
 impl Markers {
     pub fn of(tok: &Tokenizer) -> Result<Markers, String> {
-        let id = |t: &str| tok.token_id(t).ok_or_else(|| format!("the vocabulary has no {t} token, so it cannot chat"));
-        Ok(Markers { im_start: id(IM_START)?, im_sep: id(IM_SEP)?, im_end: id(IM_END)? })
+        let id = |t: &str| {
+            tok.token_id(t)
+                .ok_or_else(|| format!("the vocabulary has no {t} token, so it cannot chat"))
+        };
+        Ok(Markers {
+            im_start: id(IM_START)?,
+            im_sep: id(IM_SEP)?,
+            im_end: id(IM_END)?,
+        })
     }
 }
 
 /// The conversation as token ids.
-pub fn tokens(tok: &Tokenizer, m: Markers, messages: &[Message], add_generation_prompt: bool) -> Vec<u32> {
-    let mut out: Vec<u32> = messages.iter().flat_map(|msg| turn(tok, m, msg.role, Some(tok.encode(&msg.content, false)))).collect();
+pub fn tokens(
+    tok: &Tokenizer,
+    m: Markers,
+    messages: &[Message],
+    add_generation_prompt: bool,
+) -> Vec<u32> {
+    let mut out: Vec<u32> = messages
+        .iter()
+        .flat_map(|msg| turn(tok, m, msg.role, Some(tok.encode(&msg.content, false))))
+        .collect();
     if add_generation_prompt {
         out.extend(turn(tok, m, Role::Assistant, None));
     }
@@ -115,7 +133,12 @@ pub fn messages(tok: &Tokenizer, m: Markers, ids: &[u32]) -> Vec<Message> {
     let mut rest = ids;
     while let Some(start) = rest.iter().position(|&t| t == m.im_start) {
         rest = &rest[start + 1..];
-        let (Some(sep), Some(end)) = (rest.iter().position(|&t| t == m.im_sep), rest.iter().position(|&t| t == m.im_end)) else { break };
+        let (Some(sep), Some(end)) = (
+            rest.iter().position(|&t| t == m.im_sep),
+            rest.iter().position(|&t| t == m.im_end),
+        ) else {
+            break;
+        };
         if sep < end {
             if let Some(role) = Role::parse(&tok.decode(&rest[..sep], false)) {
                 out.push(Message::new(role, tok.decode(&rest[sep + 1..end], false)));

@@ -45,7 +45,9 @@ impl Constraint {
 
     fn grammar(&self) -> Result<TopLevelGrammar, String> {
         Ok(match self {
-            Constraint::Json => TopLevelGrammar::from_json_schema(json_schema(r#"{"type": "object"}"#)?),
+            Constraint::Json => {
+                TopLevelGrammar::from_json_schema(json_schema(r#"{"type": "object"}"#)?)
+            }
             Constraint::JsonSchema(text) => TopLevelGrammar::from_json_schema(json_schema(text)?),
             Constraint::Regex(rx) => TopLevelGrammar::from_regex(rx),
             Constraint::Lark(text) => TopLevelGrammar::from_lark(text.clone()),
@@ -57,12 +59,21 @@ impl Constraint {
 /// output unless the schema sets its own (`x-guidance`): `{"a": 1, "b": [2, 3]}` — the spacing
 /// models write, and no room for the runs of whitespace a free layout lets a small model loop in.
 fn json_schema(text: &str) -> Result<Value, String> {
-    let mut schema: Value = serde_json::from_str(text).map_err(|e| format!("the JSON schema is not JSON: {e}"))?;
+    let mut schema: Value =
+        serde_json::from_str(text).map_err(|e| format!("the JSON schema is not JSON: {e}"))?;
     tighten(&mut schema);
     if let Some(obj) = schema.as_object_mut() {
         if !obj.contains_key("x-guidance") {
-            let layout = JsonCompileOptions { item_separator: ", ".into(), key_separator: ": ".into(), whitespace_flexible: false, ..Default::default() };
-            obj.insert("x-guidance".into(), serde_json::to_value(layout).map_err(|e| e.to_string())?);
+            let layout = JsonCompileOptions {
+                item_separator: ", ".into(),
+                key_separator: ": ".into(),
+                whitespace_flexible: false,
+                ..Default::default()
+            };
+            obj.insert(
+                "x-guidance".into(),
+                serde_json::to_value(layout).map_err(|e| e.to_string())?,
+            );
         }
     } else if !schema.is_boolean() {
         return Err("the JSON schema must be an object (or true / false)".into());
@@ -75,8 +86,12 @@ fn json_schema(text: &str) -> Result<Value, String> {
 /// `patternProperties`) has no other keys unless `additionalProperties` allows them, and an
 /// integer has at most 16 digits (within JSON's safe integers, ±(2^53 - 1)).
 fn tighten(schema: &mut Value) {
-    let Some(obj) = schema.as_object_mut() else { return };
-    if (obj.contains_key("properties") || obj.contains_key("patternProperties")) && !obj.contains_key("additionalProperties") {
+    let Some(obj) = schema.as_object_mut() else {
+        return;
+    };
+    if (obj.contains_key("properties") || obj.contains_key("patternProperties"))
+        && !obj.contains_key("additionalProperties")
+    {
         obj.insert("additionalProperties".into(), Value::Bool(false));
     }
     if obj.get("type").and_then(Value::as_str) == Some("integer") {
@@ -88,9 +103,25 @@ fn tighten(schema: &mut Value) {
     // Every place a subschema can be.
     for (key, sub) in obj.iter_mut() {
         match (key.as_str(), sub) {
-            ("properties" | "patternProperties" | "$defs" | "definitions" | "dependentSchemas", Value::Object(m)) => m.values_mut().for_each(tighten),
-            ("anyOf" | "oneOf" | "allOf" | "prefixItems" | "items", Value::Array(a)) => a.iter_mut().for_each(tighten),
-            ("items" | "additionalProperties" | "not" | "if" | "then" | "else" | "contains" | "additionalItems" | "propertyNames", s) => tighten(s),
+            (
+                "properties" | "patternProperties" | "$defs" | "definitions" | "dependentSchemas",
+                Value::Object(m),
+            ) => m.values_mut().for_each(tighten),
+            ("anyOf" | "oneOf" | "allOf" | "prefixItems" | "items", Value::Array(a)) => {
+                a.iter_mut().for_each(tighten)
+            }
+            (
+                "items"
+                | "additionalProperties"
+                | "not"
+                | "if"
+                | "then"
+                | "else"
+                | "contains"
+                | "additionalItems"
+                | "propertyNames",
+                s,
+            ) => tighten(s),
             _ => {}
         }
     }
@@ -119,20 +150,39 @@ pub(crate) struct Compiler(OnceLock<Result<ParserFactory, String>>);
 
 impl Compiler {
     fn factory(&self, tokenizer: &Arc<Tokenizer>) -> Result<&ParserFactory, String> {
-        self.0.get_or_init(|| build_factory(tokenizer)).as_ref().map_err(Clone::clone)
+        self.0
+            .get_or_init(|| build_factory(tokenizer))
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     /// The guide of one generation, or why the constraint does not compile.
-    pub(crate) fn compile(&self, tokenizer: &Arc<Tokenizer>, c: &Constraint) -> Result<Guide, String> {
+    pub(crate) fn compile(
+        &self,
+        tokenizer: &Arc<Tokenizer>,
+        c: &Constraint,
+    ) -> Result<Guide, String> {
         let factory = self.factory(tokenizer)?;
         let grammar = c.grammar()?;
         // llguidance reports bad grammars as errors; a panic inside it is one too.
-        let parser = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory.create_parser(grammar)))
-            .map_err(|_| format!("the {} could not be compiled", c.kind()))?
-            .map_err(|e| format!("the {} does not compile: {}", c.kind(), one_line(&e.to_string())))?;
+        let parser = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            factory.create_parser(grammar)
+        }))
+        .map_err(|_| format!("the {} could not be compiled", c.kind()))?
+        .map_err(|e| {
+            format!(
+                "the {} does not compile: {}",
+                c.kind(),
+                one_line(&e.to_string())
+            )
+        })?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
-            return Err(format!("the {} does not compile: {}", c.kind(), one_line(&e)));
+            return Err(format!(
+                "the {} does not compile: {}",
+                c.kind(),
+                one_line(&e)
+            ));
         }
         Ok(Guide { matcher })
     }
@@ -140,25 +190,44 @@ impl Compiler {
 
 /// llguidance's multi-line error (with a caret under the spot) as one line.
 fn one_line(e: &str) -> String {
-    let context = |l: &&str| l.chars().all(|c| c == '^' || c == ' ') || l.split_once(" | ").is_some_and(|(n, _)| n.trim().parse::<u32>().is_ok());
-    e.lines().map(str::trim).filter(|l| !l.is_empty()).filter(|l| !context(l)).collect::<Vec<_>>().join(" ")
+    let context = |l: &&str| {
+        l.chars().all(|c| c == '^' || c == ' ')
+            || l.split_once(" | ")
+                .is_some_and(|(n, _)| n.trim().parse::<u32>().is_ok())
+    };
+    e.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .filter(|l| !context(l))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn build_factory(tokenizer: &Arc<Tokenizer>) -> Result<ParserFactory, String> {
     let n = tokenizer.n_vocab();
     let ends = &tokenizer.end_of_generation;
-    let &eos = ends.first().ok_or("the vocabulary has no end-of-text token, which a constraint needs to end the reply")?;
+    let &eos = ends.first().ok_or(
+        "the vocabulary has no end-of-text token, which a constraint needs to end the reply",
+    )?;
     // Control and placeholder tokens are special: their text behind llguidance's marker byte.
     let words: Vec<Vec<u8>> = (0..n as u32)
         .map(|id| match tokenizer.token_type(id) {
             Some(TokenType::Normal | TokenType::Byte) => tokenizer.piece(id, false).to_vec(),
-            _ => [&[TokTrie::SPECIAL_TOKEN_MARKER][..], tokenizer.piece(id, true)].concat(),
+            _ => [
+                &[TokTrie::SPECIAL_TOKEN_MARKER][..],
+                tokenizer.piece(id, true),
+            ]
+            .concat(),
         })
         .collect();
     // The reply may end (when the constraint is complete) with any of the model's end tokens.
     let trie = TokTrie::from(&TokRxInfo::new(n as u32, eos), &words).with_eos_tokens(ends);
-    let env = Arc::new(Vocab { trie, tokenizer: tokenizer.clone() });
-    let mut factory = ParserFactory::new_simple(&(env as llguidance::toktrie::TokEnv)).map_err(|e| e.to_string())?;
+    let env = Arc::new(Vocab {
+        trie,
+        tokenizer: tokenizer.clone(),
+    });
+    let mut factory = ParserFactory::new_simple(&(env as llguidance::toktrie::TokEnv))
+        .map_err(|e| e.to_string())?;
     factory.quiet();
     Ok(factory)
 }
@@ -172,7 +241,10 @@ impl Guide {
     /// Give every token the constraint does not allow next a logit of -inf. Fails when no
     /// token is allowed (the constraint is broken or exhausted its limits).
     pub(crate) fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
-        let allowed = self.matcher.compute_mask().map_err(|e| format!("the constraint failed: {e}"))?;
+        let allowed = self
+            .matcher
+            .compute_mask()
+            .map_err(|e| format!("the constraint failed: {e}"))?;
         if allowed.is_zero() {
             return Err("the constraint allows no token here".into());
         }
@@ -183,7 +255,9 @@ impl Guide {
 
     /// Follow the token chosen (from the mask: always allowed).
     pub(crate) fn accept(&mut self, id: u32) -> Result<(), String> {
-        self.matcher.consume_token(id).map_err(|e| format!("the constraint failed: {e}"))
+        self.matcher
+            .consume_token(id)
+            .map_err(|e| format!("the constraint failed: {e}"))
     }
 
     /// The reply is complete and nothing may follow it.

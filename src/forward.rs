@@ -62,7 +62,10 @@ impl Segment<'_> {
         }
         let needed = self.n_past + self.tokens.len();
         if needed > self.kv.n_ctx {
-            return Err(EvalError::ContextFull { needed, n_ctx: self.kv.n_ctx });
+            return Err(EvalError::ContextFull {
+                needed,
+                n_ctx: self.kv.n_ctx,
+            });
         }
         Ok(())
     }
@@ -90,10 +93,18 @@ pub struct Engine {
 impl Engine {
     /// An engine on `n_threads` threads for graphs of up to `max_segments` caches; its compute
     /// buffer is sized by [`Engine::reserve`].
-    pub fn new(model: &Model, n_threads: usize, max_segments: usize) -> Result<Engine, ggml::AllocError> {
+    pub fn new(
+        model: &Model,
+        n_threads: usize,
+        max_segments: usize,
+    ) -> Result<Engine, ggml::AllocError> {
         let c = &model.config;
-        assert!(n_threads >= 1 && max_segments >= 1, "validated by the caller");
-        let capacity = TENSORS_OUTSIDE_LAYERS + (TENSORS_PER_LAYER + TENSORS_PER_SEGMENT * max_segments) * c.n_layer;
+        assert!(
+            n_threads >= 1 && max_segments >= 1,
+            "validated by the caller"
+        );
+        let capacity = TENSORS_OUTSIDE_LAYERS
+            + (TENSORS_PER_LAYER + TENSORS_PER_SEGMENT * max_segments) * c.n_layer;
         // Every node or leaf is a tensor of the graph context, a weight, or a cache tensor.
         let graph_size = capacity + model.gguf.tensors.len() + 2 * c.n_layer * max_segments;
         Ok(Engine {
@@ -123,12 +134,27 @@ impl Engine {
     /// Size the compute buffer and work buffer once for the worst graphs on `kv`: a micro-batch
     /// of `n_batch` tokens against a full cache beside `max_segments - 1` decoding caches that
     /// full, and `max_segments` decoding caches. Later graphs on caches no larger never allocate.
-    pub fn reserve(&mut self, model: &Model, kv: &KvCache, n_batch: usize) -> Result<(), ggml::AllocError> {
+    pub fn reserve(
+        &mut self,
+        model: &Model,
+        kv: &KvCache,
+        n_batch: usize,
+    ) -> Result<(), ggml::AllocError> {
         let n_batch = n_batch.clamp(1, kv.n_ctx);
         let worst = vec![0u32; n_batch];
-        let prompt = Segment { kv, tokens: &worst, n_past: kv.n_ctx - n_batch };
-        let decode = || Segment { kv, tokens: &worst[..1], n_past: kv.n_ctx - 1 };
-        let mixed: Vec<_> = std::iter::once(prompt).chain((1..self.max_segments).map(|_| decode())).collect();
+        let prompt = Segment {
+            kv,
+            tokens: &worst,
+            n_past: kv.n_ctx - n_batch,
+        };
+        let decode = || Segment {
+            kv,
+            tokens: &worst[..1],
+            n_past: kv.n_ctx - 1,
+        };
+        let mixed: Vec<_> = std::iter::once(prompt)
+            .chain((1..self.max_segments).map(|_| decode()))
+            .collect();
         let step: Vec<_> = (0..self.max_segments).map(|_| decode()).collect();
         for segments in [&mixed, &step] {
             let built = build(&mut self.graph_ctx, self.graph_size, model, segments);
@@ -145,8 +171,16 @@ impl Engine {
 
     /// Evaluate every segment in one graph (each checked by the caller); afterwards
     /// `self.logits` holds the logits of each segment's last token, in order.
-    pub fn step(&mut self, model: &Model, segments: &[Segment<'_>], abort: &AtomicBool) -> Result<(), EvalError> {
-        assert!((1..=self.max_segments).contains(&segments.len()) && segments.iter().all(|s| !s.tokens.is_empty()));
+    pub fn step(
+        &mut self,
+        model: &Model,
+        segments: &[Segment<'_>],
+        abort: &AtomicBool,
+    ) -> Result<(), EvalError> {
+        assert!(
+            (1..=self.max_segments).contains(&segments.len())
+                && segments.iter().all(|s| !s.tokens.is_empty())
+        );
         let built = build(&mut self.graph_ctx, self.graph_size, model, segments);
         self.alloc.alloc(built.graph)?;
 
@@ -155,7 +189,8 @@ impl Engine {
         self.out_ids.clear();
         for s in segments {
             self.ids.extend(s.tokens.iter().map(|&t| t as i32));
-            self.pos.extend((s.n_past..s.n_past + s.tokens.len()).map(|p| p as i32));
+            self.pos
+                .extend((s.n_past..s.n_past + s.tokens.len()).map(|p| p as i32));
             self.out_ids.push(self.ids.len() as i32 - 1);
         }
         ggml::tensor_write(built.tokens, 0, &self.ids);
@@ -175,7 +210,11 @@ impl Engine {
 
         // One token per cache is a decode step: governed. Prompts run on every thread.
         let decode = self.ids.len() == segments.len();
-        let threads = if decode { self.governor.threads() } else { self.compute.n_threads() };
+        let threads = if decode {
+            self.governor.threads()
+        } else {
+            self.compute.n_threads()
+        };
         let t = std::time::Instant::now();
         match self.compute.compute(built.graph, threads, abort) {
             Ok(()) if decode => self.governor.record(t.elapsed()),
@@ -191,16 +230,21 @@ impl Engine {
 /// A built graph and the tensors to fill before computing it / read after.
 struct Built<'g> {
     graph: ggml::GraphRef<'g>,
-    tokens: Tensor<'g>,      // i32 [n]: every segment's tokens, one after the other
-    pos: Tensor<'g>,         // i32 [n]
-    out_ids: Tensor<'g>,     // i32 [n_seg]: the row of each segment's last token
-    masks: Vec<Tensor<'g>>,  // per segment f16 [n_kv, n_tokens]
-    logits: Tensor<'g>,      // f32 [n_vocab, n_seg]
+    tokens: Tensor<'g>,     // i32 [n]: every segment's tokens, one after the other
+    pos: Tensor<'g>,        // i32 [n]
+    out_ids: Tensor<'g>,    // i32 [n_seg]: the row of each segment's last token
+    masks: Vec<Tensor<'g>>, // per segment f16 [n_kv, n_tokens]
+    logits: Tensor<'g>,     // f32 [n_vocab, n_seg]
 }
 
 /// Build the graph for `segments`: the weight matrices multiply every token at once, attention
 /// runs per segment over its own cache.
-fn build<'g>(ctx: &'g mut Context, graph_size: usize, model: &'g Model, segments: &[Segment<'g>]) -> Built<'g> {
+fn build<'g>(
+    ctx: &'g mut Context,
+    graph_size: usize,
+    model: &'g Model,
+    segments: &[Segment<'g>],
+) -> Built<'g> {
     let c = &model.config;
     let w = &model.weights;
     let wt = |id| w.ctx.get(id);
@@ -215,7 +259,16 @@ fn build<'g>(ctx: &'g mut Context, graph_size: usize, model: &'g Model, segments
     let tokens = g.input(Type::I32, &[n_t], "inp_tokens");
     let pos = g.input(Type::I32, &[n_t], "inp_pos");
     let out_ids = g.input(Type::I32, &[segments.len() as i64], "inp_out_ids");
-    let masks: Vec<_> = segments.iter().map(|s| g.input(Type::F16, &[(s.n_past + s.tokens.len()) as i64, s.tokens.len() as i64], "inp_mask")).collect();
+    let masks: Vec<_> = segments
+        .iter()
+        .map(|s| {
+            g.input(
+                Type::F16,
+                &[(s.n_past + s.tokens.len()) as i64, s.tokens.len() as i64],
+                "inp_mask",
+            )
+        })
+        .collect();
 
     let mut x = g.get_rows(wt(w.tok_embd), tokens); // [n_embd, n]
     for (il, l) in w.layers.iter().enumerate() {
@@ -226,8 +279,18 @@ fn build<'g>(ctx: &'g mut Context, graph_size: usize, model: &'g Model, segments
         let qkv = g.mul_mat(wt(l.attn_qkv), h); // [n_embd + 2*n_embd_kv, n]
         let row = qkv.nb()[1];
         let q = g.view(qkv, &[hd, n_head, n_t], &[hd as usize * f32s, row], 0);
-        let k = g.view(qkv, &[hd, n_head_kv, n_t], &[hd as usize * f32s, row], n_embd as usize * f32s);
-        let v = g.view(qkv, &[hd, n_head_kv, n_t], &[hd as usize * f32s, row], (n_embd + n_embd_kv) as usize * f32s);
+        let k = g.view(
+            qkv,
+            &[hd, n_head_kv, n_t],
+            &[hd as usize * f32s, row],
+            n_embd as usize * f32s,
+        );
+        let v = g.view(
+            qkv,
+            &[hd, n_head_kv, n_t],
+            &[hd as usize * f32s, row],
+            (n_embd + n_embd_kv) as usize * f32s,
+        );
         let q = g.rope_neox(q, pos, c.n_rot as i32, c.n_ctx_orig as i32, c.rope_theta);
         let k = g.rope_neox(k, pos, c.n_rot as i32, c.n_ctx_orig as i32, c.rope_theta);
         let q = g.scale(q, 1.0 / (hd as f32).sqrt());
@@ -239,8 +302,19 @@ fn build<'g>(ctx: &'g mut Context, graph_size: usize, model: &'g Model, segments
             let (n, n_kv) = (s.tokens.len(), s.n_past + s.tokens.len());
             let (kc, vc) = (s.kv.ctx.get(s.kv.k[il]), s.kv.ctx.get(s.kv.v[il]));
             let kv_row = n_embd_kv as usize * f16s;
-            let part = |g: &mut ggml::Graph<'g>, t: Tensor<'g>, heads: i64| g.view(t, &[hd, heads, n as i64], &[t.nb()[1], t.nb()[2]], first * t.nb()[2]);
-            let (qs, ks, vs) = (part(&mut g, q, n_head), part(&mut g, k, n_head_kv), part(&mut g, v, n_head_kv));
+            let part = |g: &mut ggml::Graph<'g>, t: Tensor<'g>, heads: i64| {
+                g.view(
+                    t,
+                    &[hd, heads, n as i64],
+                    &[t.nb()[1], t.nb()[2]],
+                    first * t.nb()[2],
+                )
+            };
+            let (qs, ks, vs) = (
+                part(&mut g, q, n_head),
+                part(&mut g, k, n_head_kv),
+                part(&mut g, v, n_head_kv),
+            );
             let k_dst = g.view(kc, &[n_embd_kv, n as i64], &[kv_row], s.n_past * kv_row);
             let v_dst = g.view(vc, &[n_embd_kv, n as i64], &[kv_row], s.n_past * kv_row);
             let k_store = g.cpy(ks, k_dst);
@@ -248,8 +322,18 @@ fn build<'g>(ctx: &'g mut Context, graph_size: usize, model: &'g Model, segments
             g.expand(k_store);
             g.expand(v_store);
 
-            let k_all = g.view(kc, &[hd, n_head_kv, n_kv as i64], &[hd as usize * f16s, kv_row], 0);
-            let v_all = g.view(vc, &[hd, n_head_kv, n_kv as i64], &[hd as usize * f16s, kv_row], 0);
+            let k_all = g.view(
+                kc,
+                &[hd, n_head_kv, n_kv as i64],
+                &[hd as usize * f16s, kv_row],
+                0,
+            );
+            let v_all = g.view(
+                vc,
+                &[hd, n_head_kv, n_kv as i64],
+                &[hd as usize * f16s, kv_row],
+                0,
+            );
             let k_all = g.permute(k_all, [0, 2, 1, 3]); // [hd, n_kv, n_head_kv]
             let v_all = g.permute(v_all, [0, 2, 1, 3]);
             let qs = g.permute(qs, [0, 2, 1, 3]); // [hd, n, n_head]
@@ -282,5 +366,12 @@ fn build<'g>(ctx: &'g mut Context, graph_size: usize, model: &'g Model, segments
     let h = g.mul(h, wt(w.output_norm));
     let logits = g.mul_mat(wt(w.output), h); // [n_vocab, n_seg]
     g.expand(logits);
-    Built { graph: g.raw_graph(), tokens, pos, out_ids, masks, logits }
+    Built {
+        graph: g.raw_graph(),
+        tokens,
+        pos,
+        out_ids,
+        masks,
+        logits,
+    }
 }

@@ -49,7 +49,8 @@ impl Type {
         // SAFETY: id < GGML_TYPE_COUNT, the bound ggml_get_type_traits asserts; it returns a
         // pointer into a static table.
         let traits = unsafe { &*sys::ggml_get_type_traits(id) };
-        (traits.blck_size > 0 && traits.type_size > 0 && !traits.type_name.is_null()).then_some(Type(id))
+        (traits.blck_size > 0 && traits.type_size > 0 && !traits.type_name.is_null())
+            .then_some(Type(id))
     }
 
     pub fn raw(self) -> u32 {
@@ -63,7 +64,9 @@ impl Type {
 
     pub fn name(self) -> &'static str {
         // SAFETY: type_name is a static NUL-terminated string (checked non-null in from_raw).
-        unsafe { CStr::from_ptr(self.traits().type_name) }.to_str().unwrap_or("?")
+        unsafe { CStr::from_ptr(self.traits().type_name) }
+            .to_str()
+            .unwrap_or("?")
     }
 
     /// Elements per block.
@@ -98,9 +101,15 @@ struct Kernels {
     init: unsafe extern "C" fn(),
     reg: unsafe extern "C" fn() -> sys::ggml_backend_reg_t,
     type_traits: unsafe extern "C" fn(sys::ggml_type) -> *const sys::ggml_type_traits_cpu,
-    graph_plan: unsafe extern "C" fn(*const sys::ggml_cgraph, c_int, *mut sys::ggml_threadpool) -> sys::ggml_cplan,
-    graph_compute: unsafe extern "C" fn(*mut sys::ggml_cgraph, *mut sys::ggml_cplan) -> sys::ggml_status,
-    threadpool_new: unsafe extern "C" fn(*mut sys::ggml_threadpool_params) -> *mut sys::ggml_threadpool,
+    graph_plan: unsafe extern "C" fn(
+        *const sys::ggml_cgraph,
+        c_int,
+        *mut sys::ggml_threadpool,
+    ) -> sys::ggml_cplan,
+    graph_compute:
+        unsafe extern "C" fn(*mut sys::ggml_cgraph, *mut sys::ggml_cplan) -> sys::ggml_status,
+    threadpool_new:
+        unsafe extern "C" fn(*mut sys::ggml_threadpool_params) -> *mut sys::ggml_threadpool,
     threadpool_free: unsafe extern "C" fn(*mut sys::ggml_threadpool),
     /// ggml's feature names, and whether this build uses each.
     has: [(&'static str, unsafe extern "C" fn() -> c_int); 13],
@@ -152,7 +161,9 @@ macro_rules! detected {
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 #[allow(unused_macros)]
 macro_rules! detected {
-    ($($f:tt),*) => { false };
+    ($($f:tt),*) => {
+        false
+    };
 }
 
 /// From build.rs's table: the baseline's name; per variant built, a module declaring its
@@ -206,11 +217,17 @@ fn kernels() -> &'static Kernels {
     static CHOSEN: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
     CHOSEN.get_or_init(|| {
         let asked = std::env::var("PHI4_CPU_VARIANT").ok();
-        let runnable: Vec<Kernels> = variants().into_iter().filter(|(_, ok)| *ok).map(|(k, _)| k).collect();
+        let runnable: Vec<Kernels> = variants()
+            .into_iter()
+            .filter(|(_, ok)| *ok)
+            .map(|(k, _)| k)
+            .collect();
         let baseline = kernels!(BASELINE, sys);
         match asked {
             Some(a) if a == BASELINE => baseline,
-            Some(a) if runnable.iter().any(|k| k.name == a) => runnable.into_iter().find(|k| k.name == a).unwrap(),
+            Some(a) if runnable.iter().any(|k| k.name == a) => {
+                runnable.into_iter().find(|k| k.name == a).unwrap()
+            }
             _ => runnable.into_iter().next().unwrap_or(baseline),
         }
     })
@@ -224,14 +241,23 @@ pub fn cpu_variant() -> &'static str {
 /// Every CPU kernel variant of this build, best first, with whether this machine runs it (the
 /// baseline always does).
 pub fn cpu_variants() -> Vec<(&'static str, bool)> {
-    variants().iter().map(|(k, ok)| (k.name, *ok)).chain([(BASELINE, true)]).collect()
+    variants()
+        .iter()
+        .map(|(k, ok)| (k.name, *ok))
+        .chain([(BASELINE, true)])
+        .collect()
 }
 
 /// Route ggml's own log lines away from the host process's stderr (ggml logs only through
 /// this global hook; phi4 reports problems through its own errors).
 fn silence_ggml_log() {
     static ONCE: Once = Once::new();
-    unsafe extern "C" fn quiet(_level: sys::ggml_log_level, _text: *const c_char, _user: *mut c_void) {}
+    unsafe extern "C" fn quiet(
+        _level: sys::ggml_log_level,
+        _text: *const c_char,
+        _user: *mut c_void,
+    ) {
+    }
     ONCE.call_once(|| {
         // SAFETY: `quiet` is a valid callback for the whole program's life; no user data.
         unsafe { sys::ggml_log_set(Some(quiet), std::ptr::null_mut()) };
@@ -318,21 +344,37 @@ impl Context {
             size += unsafe { sys::ggml_graph_overhead_custom(graph_size, false) };
         }
         let mut pool = vec![0u8; size + 1024];
-        let params = sys::ggml_init_params { mem_size: pool.len(), mem_buffer: pool.as_mut_ptr().cast(), no_alloc: true };
+        let params = sys::ggml_init_params {
+            mem_size: pool.len(),
+            mem_buffer: pool.as_mut_ptr().cast(),
+            no_alloc: true,
+        };
         // SAFETY: the pool is ours, large enough, and outlives the context (dropped after it).
         let ctx = unsafe { sys::ggml_init(params) };
         let ctx = NonNull::new(ctx).expect("ggml_init with a caller-provided pool cannot fail");
-        Context { ctx, tensors: Vec::new(), capacity: max_tensors, _pool: pool }
+        Context {
+            ctx,
+            tensors: Vec::new(),
+            capacity: max_tensors,
+            _pool: pool,
+        }
     }
 
     fn room(&self) {
-        assert!(self.tensors.len() < self.capacity, "ggml context full ({} tensors)", self.capacity);
+        assert!(
+            self.tensors.len() < self.capacity,
+            "ggml context full ({} tensors)",
+            self.capacity
+        );
     }
 
     fn push(&mut self, p: *mut sys::ggml_tensor) -> Tensor<'_> {
         let ptr = NonNull::new(p).expect("ggml returned a null tensor");
         self.tensors.push(ptr);
-        Tensor { ptr, _ctx: PhantomData }
+        Tensor {
+            ptr,
+            _ctx: PhantomData,
+        }
     }
 
     /// Forget every tensor (and graph) made in this context, keeping its pool.
@@ -343,7 +385,10 @@ impl Context {
     }
 
     pub fn get(&self, id: TensorId) -> Tensor<'_> {
-        Tensor { ptr: self.tensors[id.0], _ctx: PhantomData }
+        Tensor {
+            ptr: self.tensors[id.0],
+            _ctx: PhantomData,
+        }
     }
 
     pub fn id_of_last(&self) -> TensorId {
@@ -354,11 +399,20 @@ impl Context {
     /// block size), named `name` (at most 63 bytes).
     pub fn new_tensor(&mut self, ty: Type, ne: &[i64], name: &str) -> TensorId {
         self.room();
-        assert!((1..=4).contains(&ne.len()) && ne.iter().all(|&d| d >= 1), "bad shape {ne:?}");
-        assert!(ne[0] as u64 % ty.block_size() == 0, "row length {} not a multiple of {:?} blocks", ne[0], ty);
+        assert!(
+            (1..=4).contains(&ne.len()) && ne.iter().all(|&d| d >= 1),
+            "bad shape {ne:?}"
+        );
+        assert!(
+            ne[0] as u64 % ty.block_size() == 0,
+            "row length {} not a multiple of {:?} blocks",
+            ne[0],
+            ty
+        );
         assert!(name.len() < MAX_NAME, "tensor name too long");
         // SAFETY: valid context with room (checked); shape checked above; ne outlives the call.
-        let p = unsafe { sys::ggml_new_tensor(self.ctx.as_ptr(), ty.0, ne.len() as i32, ne.as_ptr()) };
+        let p =
+            unsafe { sys::ggml_new_tensor(self.ctx.as_ptr(), ty.0, ne.len() as i32, ne.as_ptr()) };
         let t = self.push(p);
         set_name(t, name);
         self.id_of_last()
@@ -370,7 +424,11 @@ impl Context {
         // checked by ggml_graph_overhead_custom sizing in `new`).
         let g = unsafe { sys::ggml_new_graph_custom(self.ctx.as_ptr(), size, false) };
         let g = NonNull::new(g).expect("ggml_new_graph_custom returned null");
-        Graph { ctx: self, graph: g, size }
+        Graph {
+            ctx: self,
+            graph: g,
+            size,
+        }
     }
 }
 
@@ -401,7 +459,10 @@ impl<'ctx> Graph<'ctx> {
     fn op(&mut self, p: *mut sys::ggml_tensor) -> Tensor<'ctx> {
         let ptr = NonNull::new(p).expect("ggml returned a null tensor");
         self.ctx.tensors.push(ptr);
-        Tensor { ptr, _ctx: PhantomData }
+        Tensor {
+            ptr,
+            _ctx: PhantomData,
+        }
     }
 
     /// A tensor made here (inputs of the graph: token ids, positions, the mask).
@@ -410,7 +471,10 @@ impl<'ctx> Graph<'ctx> {
         let t = self.ctx.get(id);
         // SAFETY: valid tensor; marks it so the allocator gives it its own memory.
         unsafe { sys::ggml_set_input(t.ptr()) };
-        Tensor { ptr: t.ptr, _ctx: PhantomData }
+        Tensor {
+            ptr: t.ptr,
+            _ctx: PhantomData,
+        }
     }
 
     pub fn get_rows(&mut self, a: Tensor<'ctx>, rows: Tensor<'ctx>) -> Tensor<'ctx> {
@@ -430,7 +494,12 @@ impl<'ctx> Graph<'ctx> {
     /// Element-wise a * b, b broadcast over a.
     pub fn mul(&mut self, a: Tensor<'ctx>, b: Tensor<'ctx>) -> Tensor<'ctx> {
         self.ctx.room();
-        assert!(can_repeat(&b, &a), "mul: {:?} does not broadcast over {:?}", b.ne(), a.ne());
+        assert!(
+            can_repeat(&b, &a),
+            "mul: {:?} does not broadcast over {:?}",
+            b.ne(),
+            a.ne()
+        );
         // SAFETY: valid tensors; ggml_can_repeat(b, a) checked above.
         self.op(unsafe { sys::ggml_mul(self.ctx(), a.ptr(), b.ptr()) })
     }
@@ -438,7 +507,12 @@ impl<'ctx> Graph<'ctx> {
     /// Element-wise a + b, b broadcast over a.
     pub fn add(&mut self, a: Tensor<'ctx>, b: Tensor<'ctx>) -> Tensor<'ctx> {
         self.ctx.room();
-        assert!(can_repeat(&b, &a), "add: {:?} does not broadcast over {:?}", b.ne(), a.ne());
+        assert!(
+            can_repeat(&b, &a),
+            "add: {:?} does not broadcast over {:?}",
+            b.ne(),
+            a.ne()
+        );
         // SAFETY: valid tensors; ggml_can_repeat(b, a) checked above.
         self.op(unsafe { sys::ggml_add(self.ctx(), a.ptr(), b.ptr()) })
     }
@@ -447,7 +521,10 @@ impl<'ctx> Graph<'ctx> {
     pub fn mul_mat(&mut self, w: Tensor<'ctx>, x: Tensor<'ctx>) -> Tensor<'ctx> {
         self.ctx.room();
         let (a, b) = (w.ne(), x.ne());
-        assert!(a[0] == b[0] && b[2] % a[2] == 0 && b[3] % a[3] == 0, "mul_mat: {a:?} · {b:?}");
+        assert!(
+            a[0] == b[0] && b[2] % a[2] == 0 && b[3] % a[3] == 0,
+            "mul_mat: {a:?} · {b:?}"
+        );
         assert!(w.nb()[0] <= w.nb()[1], "mul_mat: transposed weight");
         // SAFETY: valid tensors; ggml_can_mul_mat and !ggml_is_transposed checked above.
         self.op(unsafe { sys::ggml_mul_mat(self.ctx(), w.ptr(), x.ptr()) })
@@ -468,7 +545,14 @@ impl<'ctx> Graph<'ctx> {
     }
 
     /// NEOX-style RoPE over the first `n_rot` dims of a [head_dim, n_head, n_tokens] tensor.
-    pub fn rope_neox(&mut self, a: Tensor<'ctx>, pos: Tensor<'ctx>, n_rot: i32, n_ctx_orig: i32, theta: f32) -> Tensor<'ctx> {
+    pub fn rope_neox(
+        &mut self,
+        a: Tensor<'ctx>,
+        pos: Tensor<'ctx>,
+        n_rot: i32,
+        n_ctx_orig: i32,
+        theta: f32,
+    ) -> Tensor<'ctx> {
         self.ctx.room();
         assert!(pos.ty() == Type::I32 && pos.ne()[1..] == [1, 1, 1] && a.ne()[2] == pos.ne()[0]);
         assert!(n_rot > 0 && n_rot % 2 == 0 && i64::from(n_rot) <= a.ne()[0]);
@@ -477,30 +561,66 @@ impl<'ctx> Graph<'ctx> {
         // ggml's defaults and unused then.
         self.op(unsafe {
             sys::ggml_rope_ext(
-                self.ctx(), a.ptr(), pos.ptr(), std::ptr::null_mut(), n_rot, ROPE_TYPE_NEOX,
-                n_ctx_orig, theta, 1.0, 0.0, 1.0, 32.0, 1.0,
+                self.ctx(),
+                a.ptr(),
+                pos.ptr(),
+                std::ptr::null_mut(),
+                n_rot,
+                ROPE_TYPE_NEOX,
+                n_ctx_orig,
+                theta,
+                1.0,
+                0.0,
+                1.0,
+                32.0,
+                1.0,
             )
         })
     }
 
     /// A strided view of `a`: shape `ne` (2 or 3 dims), strides `nb[1..]` in bytes, starting
     /// `offset` bytes in.
-    pub fn view(&mut self, a: Tensor<'ctx>, ne: &[i64], nb: &[usize], offset: usize) -> Tensor<'ctx> {
+    pub fn view(
+        &mut self,
+        a: Tensor<'ctx>,
+        ne: &[i64],
+        nb: &[usize],
+        offset: usize,
+    ) -> Tensor<'ctx> {
         self.ctx.room();
-        assert!(ne.len() == nb.len() + 1 && (2..=3).contains(&ne.len()) && ne.iter().all(|&d| d >= 1));
+        assert!(
+            ne.len() == nb.len() + 1 && (2..=3).contains(&ne.len()) && ne.iter().all(|&d| d >= 1)
+        );
         let ty = a.ty();
         assert!(ne[0] as u64 % ty.block_size() == 0);
         // ggml's own check: the contiguous size from `offset` fits in a.
-        let contiguous = ty.row_size(ne[0] as u64) as usize * ne[1..].iter().product::<i64>() as usize;
+        let contiguous =
+            ty.row_size(ne[0] as u64) as usize * ne[1..].iter().product::<i64>() as usize;
         // And the real extent: the last byte the strides reach.
         let extent = ty.row_size(ne[0] as u64) as usize
-            + ne[1..].iter().zip(nb).map(|(&n, &s)| (n as usize - 1) * s).sum::<usize>();
-        assert!(offset + contiguous.max(extent) <= a.nbytes(), "view out of bounds");
+            + ne[1..]
+                .iter()
+                .zip(nb)
+                .map(|(&n, &s)| (n as usize - 1) * s)
+                .sum::<usize>();
+        assert!(
+            offset + contiguous.max(extent) <= a.nbytes(),
+            "view out of bounds"
+        );
         // SAFETY: valid tensor; the view lies inside it (checked above).
         let p = unsafe {
             match ne.len() {
                 2 => sys::ggml_view_2d(self.ctx(), a.ptr(), ne[0], ne[1], nb[0], offset),
-                _ => sys::ggml_view_3d(self.ctx(), a.ptr(), ne[0], ne[1], ne[2], nb[0], nb[1], offset),
+                _ => sys::ggml_view_3d(
+                    self.ctx(),
+                    a.ptr(),
+                    ne[0],
+                    ne[1],
+                    ne[2],
+                    nb[0],
+                    nb[1],
+                    offset,
+                ),
             }
         };
         self.op(p)
@@ -510,9 +630,14 @@ impl<'ctx> Graph<'ctx> {
         self.ctx.room();
         let mut seen = [false; 4];
         axes.iter().for_each(|&x| seen[x as usize] = true);
-        assert!(seen.iter().all(|&s| s), "permute: {axes:?} is not a permutation");
+        assert!(
+            seen.iter().all(|&s| s),
+            "permute: {axes:?} is not a permutation"
+        );
         // SAFETY: valid tensor; axes are a permutation of 0..4.
-        self.op(unsafe { sys::ggml_permute(self.ctx(), a.ptr(), axes[0], axes[1], axes[2], axes[3]) })
+        self.op(unsafe {
+            sys::ggml_permute(self.ctx(), a.ptr(), axes[0], axes[1], axes[2], axes[3])
+        })
     }
 
     pub fn reshape_2d(&mut self, a: Tensor<'ctx>, ne0: i64, ne1: i64) -> Tensor<'ctx> {
@@ -526,7 +651,10 @@ impl<'ctx> Graph<'ctx> {
     pub fn concat(&mut self, a: Tensor<'ctx>, b: Tensor<'ctx>, dim: usize) -> Tensor<'ctx> {
         self.ctx.room();
         let (an, bn) = (a.ne(), b.ne());
-        assert!(dim < 4 && a.ty() == b.ty() && (0..4).all(|i| i == dim || an[i] == bn[i]), "concat: {an:?} and {bn:?} along {dim}");
+        assert!(
+            dim < 4 && a.ty() == b.ty() && (0..4).all(|i| i == dim || an[i] == bn[i]),
+            "concat: {an:?} and {bn:?} along {dim}"
+        );
         // SAFETY: valid tensors of one type whose other dimensions match (ggml_concat's asserts).
         self.op(unsafe { sys::ggml_concat(self.ctx(), a.ptr(), b.ptr(), dim as i32) })
     }
@@ -542,14 +670,38 @@ impl<'ctx> Graph<'ctx> {
     /// softmax(q·kᵀ·scale + mask)·v with f32 accumulation.
     /// q [d, n_tokens, n_head], k/v [d, n_kv, n_head_kv] (f16), mask f16 [n_kv, n_tokens]
     /// → [d, n_head, n_tokens].
-    pub fn flash_attn(&mut self, q: Tensor<'ctx>, k: Tensor<'ctx>, v: Tensor<'ctx>, mask: Tensor<'ctx>, scale: f32) -> Tensor<'ctx> {
+    pub fn flash_attn(
+        &mut self,
+        q: Tensor<'ctx>,
+        k: Tensor<'ctx>,
+        v: Tensor<'ctx>,
+        mask: Tensor<'ctx>,
+        scale: f32,
+    ) -> Tensor<'ctx> {
         self.ctx.room();
         let (qn, kn, vn, mn) = (q.ne(), k.ne(), v.ne(), mask.ne());
         assert!(kn[0] == qn[0] && qn[2] % kn[2] == 0 && qn[3] == 1 && kn[3] == 1 && vn[3] == 1);
         assert!(vn[1] == kn[1] && vn[2] == kn[2] && k.ty() == Type::F16 && v.ty() == Type::F16);
-        assert!(mask.ty() == Type::F16 && mask.is_contiguous() && mn[0] == kn[1] && mn[1] >= qn[1] && mn[2..] == [1, 1]);
+        assert!(
+            mask.ty() == Type::F16
+                && mask.is_contiguous()
+                && mn[0] == kn[1]
+                && mn[1] >= qn[1]
+                && mn[2..] == [1, 1]
+        );
         // SAFETY: shapes and types as ggml_flash_attn_ext asserts (checked above).
-        let t = self.op(unsafe { sys::ggml_flash_attn_ext(self.ctx(), q.ptr(), k.ptr(), v.ptr(), mask.ptr(), scale, 0.0, 0.0) });
+        let t = self.op(unsafe {
+            sys::ggml_flash_attn_ext(
+                self.ctx(),
+                q.ptr(),
+                k.ptr(),
+                v.ptr(),
+                mask.ptr(),
+                scale,
+                0.0,
+                0.0,
+            )
+        });
         // SAFETY: t is a flash_attn_ext node.
         unsafe { sys::ggml_prec_set_acc(t.ptr(), sys::GGML_PREC_F32) };
         t
@@ -567,7 +719,10 @@ impl<'ctx> Graph<'ctx> {
     }
 
     pub fn raw_graph(&self) -> GraphRef<'ctx> {
-        GraphRef { graph: self.graph, _ctx: PhantomData }
+        GraphRef {
+            graph: self.graph,
+            _ctx: PhantomData,
+        }
     }
 }
 
@@ -595,19 +750,25 @@ impl BufferType {
 
     pub fn name(self) -> String {
         // SAFETY: static NUL-terminated name.
-        unsafe { CStr::from_ptr(sys::ggml_backend_buft_name(self.0)) }.to_string_lossy().into_owned()
+        unsafe { CStr::from_ptr(sys::ggml_backend_buft_name(self.0)) }
+            .to_string_lossy()
+            .into_owned()
     }
 
     /// The CPU device's extra buffer types: weight layouts ggml repacks for faster kernels
     /// (e.g. "CPU_REPACK"), in ggml's order of preference.
     pub fn cpu_extra() -> Vec<BufferType> {
         silence_ggml_log();
-        type GetExtra = unsafe extern "C" fn(sys::ggml_backend_dev_t) -> *mut sys::ggml_backend_buffer_type_t;
+        type GetExtra =
+            unsafe extern "C" fn(sys::ggml_backend_dev_t) -> *mut sys::ggml_backend_buffer_type_t;
         // SAFETY: the CPU registry and its device 0 are static; the proc name is NUL-terminated.
         unsafe {
             let reg = (kernels().reg)();
             let dev = sys::ggml_backend_reg_dev_get(reg, 0);
-            let f = sys::ggml_backend_reg_get_proc_address(reg, c"ggml_backend_dev_get_extra_bufts".as_ptr());
+            let f = sys::ggml_backend_reg_get_proc_address(
+                reg,
+                c"ggml_backend_dev_get_extra_bufts".as_ptr(),
+            );
             if f.is_null() {
                 return Vec::new();
             }
@@ -690,18 +851,34 @@ impl Buffer {
     pub fn from_host_memory(owner: Arc<dyn AsRef<[u8]> + Send + Sync>) -> Buffer {
         silence_ggml_log();
         let bytes = (*owner).as_ref();
-        assert!(bytes.as_ptr() as usize % 64 == 0, "host memory must be 64-byte aligned");
+        assert!(
+            bytes.as_ptr() as usize % 64 == 0,
+            "host memory must be 64-byte aligned"
+        );
         // SAFETY: the memory is valid for bytes.len() and outlives the buffer (owner is kept in
         // it). ggml never writes to weights placed here; tensors are only read.
-        let buf = unsafe { sys::ggml_backend_cpu_buffer_from_ptr(bytes.as_ptr() as *mut c_void, bytes.len()) };
-        Buffer { buf: NonNull::new(buf).expect("cpu_buffer_from_ptr cannot fail"), _borrowed: Some(owner) }
+        let buf = unsafe {
+            sys::ggml_backend_cpu_buffer_from_ptr(bytes.as_ptr() as *mut c_void, bytes.len())
+        };
+        Buffer {
+            buf: NonNull::new(buf).expect("cpu_buffer_from_ptr cannot fail"),
+            _borrowed: Some(owner),
+        }
     }
 
     /// A new buffer of `size` bytes of `buft`.
     pub fn alloc(buft: BufferType, size: usize, what: &str) -> Result<Buffer, AllocError> {
         // SAFETY: buft is a valid buffer type; a null return is handled.
         let buf = unsafe { sys::ggml_backend_buft_alloc_buffer(buft.0, size.max(1)) };
-        let b = NonNull::new(buf).map(|buf| Buffer { buf, _borrowed: None }).ok_or(AllocError { what: what.into(), bytes: size })?;
+        let b = NonNull::new(buf)
+            .map(|buf| Buffer {
+                buf,
+                _borrowed: None,
+            })
+            .ok_or(AllocError {
+                what: what.into(),
+                bytes: size,
+            })?;
         b.advise_huge_pages();
         Ok(b)
     }
@@ -723,13 +900,35 @@ impl Buffer {
         }
     }
 
-
     /// Give every tensor of `ctx` memory in one new buffer of `buft`.
-    pub fn alloc_context(ctx: &Context, buft: BufferType, what: &str) -> Result<Buffer, AllocError> {
+    pub fn alloc_context(
+        ctx: &Context,
+        buft: BufferType,
+        what: &str,
+    ) -> Result<Buffer, AllocError> {
         // SAFETY: valid context and buffer type; null (allocation failure) is handled.
-        let buf = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(ctx.ctx.as_ptr(), buft.0) };
-        let bytes = ctx.tensors.iter().map(|t| Tensor { ptr: *t, _ctx: PhantomData }.nbytes()).sum();
-        let b = NonNull::new(buf).map(|buf| Buffer { buf, _borrowed: None }).ok_or(AllocError { what: what.into(), bytes })?;
+        let buf =
+            unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(ctx.ctx.as_ptr(), buft.0) };
+        let bytes = ctx
+            .tensors
+            .iter()
+            .map(|t| {
+                Tensor {
+                    ptr: *t,
+                    _ctx: PhantomData,
+                }
+                .nbytes()
+            })
+            .sum();
+        let b = NonNull::new(buf)
+            .map(|buf| Buffer {
+                buf,
+                _borrowed: None,
+            })
+            .ok_or(AllocError {
+                what: what.into(),
+                bytes,
+            })?;
         b.advise_huge_pages();
         Ok(b)
     }
@@ -751,14 +950,34 @@ impl Buffer {
 
     /// Place tensor `t` (not yet placed) at `offset` bytes into this buffer.
     pub fn place(&self, t: Tensor<'_>, offset: usize) {
-        assert!(t.raw().buffer.is_null() && t.raw().data.is_null(), "tensor already placed");
+        assert!(
+            t.raw().buffer.is_null() && t.raw().data.is_null(),
+            "tensor already placed"
+        );
         // SAFETY: valid buffer.
         let align = unsafe { sys::ggml_backend_buffer_get_alignment(self.buf.as_ptr()) };
-        assert!((self.base() + offset) % align == 0, "misaligned tensor data");
-        assert!(offset.checked_add(self.alloc_size(t)).is_some_and(|end| end <= self.size()), "tensor outside buffer");
+        assert!(
+            (self.base() + offset) % align == 0,
+            "misaligned tensor data"
+        );
+        assert!(
+            offset
+                .checked_add(self.alloc_size(t))
+                .is_some_and(|end| end <= self.size()),
+            "tensor outside buffer"
+        );
         // SAFETY: the tensor fits inside the buffer at an aligned address (checked above).
-        let st = unsafe { sys::ggml_backend_tensor_alloc(self.buf.as_ptr(), t.ptr(), (self.base() + offset) as *mut c_void) };
-        assert!(st == sys::GGML_STATUS_SUCCESS, "ggml_backend_tensor_alloc failed");
+        let st = unsafe {
+            sys::ggml_backend_tensor_alloc(
+                self.buf.as_ptr(),
+                t.ptr(),
+                (self.base() + offset) as *mut c_void,
+            )
+        };
+        assert!(
+            st == sys::GGML_STATUS_SUCCESS,
+            "ggml_backend_tensor_alloc failed"
+        );
     }
 
     /// Bytes a tensor needs in this buffer type (repacked layouts may differ from ggml_nbytes).
@@ -777,7 +996,12 @@ impl Buffer {
 /// where the layout is converted.
 pub fn tensor_set(t: Tensor<'_>, data: &[u8]) {
     assert!(t.has_data(), "tensor has no memory");
-    assert!(data.len() == t.nbytes(), "tensor_set: {} bytes for a {}-byte tensor", data.len(), t.nbytes());
+    assert!(
+        data.len() == t.nbytes(),
+        "tensor_set: {} bytes for a {}-byte tensor",
+        data.len(),
+        t.nbytes()
+    );
     // SAFETY: the tensor has memory of nbytes; data has exactly that many bytes.
     unsafe { sys::ggml_backend_tensor_set(t.ptr(), data.as_ptr().cast(), 0, data.len()) }
 }
@@ -786,7 +1010,10 @@ pub fn tensor_set(t: Tensor<'_>, data: &[u8]) {
 pub fn tensor_write<T: Copy>(t: Tensor<'_>, at_bytes: usize, data: &[T]) {
     let n = std::mem::size_of_val(data);
     assert!(t.has_data() && t.is_contiguous());
-    assert!(at_bytes.checked_add(n).is_some_and(|end| end <= t.nbytes()), "tensor_write out of bounds");
+    assert!(
+        at_bytes.checked_add(n).is_some_and(|end| end <= t.nbytes()),
+        "tensor_write out of bounds"
+    );
     // SAFETY: the range lies inside the tensor's memory (checked above); T is plain data.
     unsafe { sys::ggml_backend_tensor_set(t.ptr(), data.as_ptr().cast(), at_bytes, n) }
 }
@@ -794,7 +1021,12 @@ pub fn tensor_write<T: Copy>(t: Tensor<'_>, at_bytes: usize, data: &[T]) {
 /// Read `out.len()` bytes of a contiguous tensor's data, from byte `at_bytes`.
 pub fn tensor_read_bytes(t: Tensor<'_>, at_bytes: usize, out: &mut [u8]) {
     assert!(t.has_data() && t.is_contiguous());
-    assert!(at_bytes.checked_add(out.len()).is_some_and(|end| end <= t.nbytes()), "tensor_read_bytes out of bounds");
+    assert!(
+        at_bytes
+            .checked_add(out.len())
+            .is_some_and(|end| end <= t.nbytes()),
+        "tensor_read_bytes out of bounds"
+    );
     // SAFETY: the range lies inside the tensor's memory (checked above); out has out.len() bytes.
     unsafe { sys::ggml_backend_tensor_get(t.ptr(), out.as_mut_ptr().cast(), at_bytes, out.len()) }
 }
@@ -841,8 +1073,19 @@ impl Allocator {
         // The size it needed, for the message (planned again without allocating).
         let mut bytes = 0usize;
         // SAFETY: one buffer type, so one size is written; NULL ids mean "all in buffer 0".
-        unsafe { sys::ggml_gallocr_reserve_n_size(self.0.as_ptr(), g.graph.as_ptr(), std::ptr::null(), std::ptr::null(), &mut bytes) };
-        Err(AllocError { what: "the compute buffer".into(), bytes })
+        unsafe {
+            sys::ggml_gallocr_reserve_n_size(
+                self.0.as_ptr(),
+                g.graph.as_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                &mut bytes,
+            )
+        };
+        Err(AllocError {
+            what: "the compute buffer".into(),
+            bytes,
+        })
     }
 
     pub fn alloc(&mut self, g: GraphRef<'_>) -> Result<(), AllocError> {
@@ -850,7 +1093,10 @@ impl Allocator {
         if unsafe { sys::ggml_gallocr_alloc_graph(self.0.as_ptr(), g.graph.as_ptr()) } {
             Ok(())
         } else {
-            Err(AllocError { what: "the compute buffer".into(), bytes: self.size() })
+            Err(AllocError {
+                what: "the compute buffer".into(),
+                bytes: self.size(),
+            })
         }
     }
 
@@ -888,11 +1134,18 @@ unsafe extern "C" fn abort_trampoline(data: *mut c_void) -> bool {
 /// Whether `n` more threads can exist at once now: each is started and held until all are, so
 /// a thread or address-space limit shows here as an error instead of in ggml's assert.
 fn probe_threads(n: usize) -> Result<(), AllocError> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes the struct it is given.
     let ok = unsafe { libc::getrlimit(libc::RLIMIT_STACK, &mut lim) } == 0;
     // ggml's threads get the default pthread stack, which glibc takes from RLIMIT_STACK.
-    let stack = if ok && lim.rlim_cur != libc::RLIM_INFINITY { (lim.rlim_cur as usize).clamp(1 << 16, 64 << 20) } else { 8 << 20 };
+    let stack = if ok && lim.rlim_cur != libc::RLIM_INFINITY {
+        (lim.rlim_cur as usize).clamp(1 << 16, 64 << 20)
+    } else {
+        8 << 20
+    };
     let go = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
     let mut started = Vec::with_capacity(n);
     let mut error = None;
@@ -919,7 +1172,10 @@ fn probe_threads(n: usize) -> Result<(), AllocError> {
     started.into_iter().for_each(|h| drop(h.join()));
     match error {
         None => Ok(()),
-        Some(e) => Err(AllocError { what: format!("worker threads ({n}): {e}"), bytes: 0 }),
+        Some(e) => Err(AllocError {
+            what: format!("worker threads ({n}): {e}"),
+            bytes: 0,
+        }),
     }
 }
 
@@ -932,8 +1188,15 @@ impl Compute {
         let mut params = unsafe { sys::ggml_threadpool_params_default(n_threads as i32) };
         // SAFETY: valid params; the probe showed the threads can be made (ggml asserts otherwise).
         let pool = unsafe { (kernels().threadpool_new)(&mut params) };
-        let pool = NonNull::new(pool).ok_or(AllocError { what: "the thread pool".into(), bytes: 0 })?;
-        Ok(Compute { pool, n_threads, work: Vec::new() })
+        let pool = NonNull::new(pool).ok_or(AllocError {
+            what: "the thread pool".into(),
+            bytes: 0,
+        })?;
+        Ok(Compute {
+            pool,
+            n_threads,
+            work: Vec::new(),
+        })
     }
 
     pub fn n_threads(&self) -> usize {
@@ -943,11 +1206,16 @@ impl Compute {
     /// Plan `g` and make sure the work buffer holds it.
     fn plan(&mut self, g: GraphRef<'_>) -> Result<sys::ggml_cplan, AllocError> {
         // SAFETY: valid graph and pool; planning only reads the graph.
-        let mut plan = unsafe { (kernels().graph_plan)(g.graph.as_ptr(), self.n_threads as i32, self.pool.as_ptr()) };
+        let mut plan = unsafe {
+            (kernels().graph_plan)(g.graph.as_ptr(), self.n_threads as i32, self.pool.as_ptr())
+        };
         let need = plan.work_size + 64;
         if plan.work_size > 0 && self.work.len() < need {
             self.work.clear();
-            self.work.try_reserve_exact(need).map_err(|_| AllocError { what: "the compute work buffer".into(), bytes: need })?;
+            self.work.try_reserve_exact(need).map_err(|_| AllocError {
+                what: "the compute work buffer".into(),
+                bytes: need,
+            })?;
             self.work.resize(need, 0);
         }
         if plan.work_size > 0 {
@@ -965,7 +1233,12 @@ impl Compute {
 
     /// Run the graph (already allocated) on `n_threads` of the pool's threads (at least one, at
     /// most all). `abort` is polled by ggml's threads between ops.
-    pub fn compute(&mut self, g: GraphRef<'_>, n_threads: usize, abort: &AtomicBool) -> Result<(), ComputeError> {
+    pub fn compute(
+        &mut self,
+        g: GraphRef<'_>,
+        n_threads: usize,
+        abort: &AtomicBool,
+    ) -> Result<(), ComputeError> {
         let mut plan = self.plan(g)?;
         // The plan's work buffer is sized for all threads, which fewer threads fit in.
         plan.n_threads = n_threads.clamp(1, self.n_threads) as i32;
@@ -999,22 +1272,47 @@ impl From<AllocError> for ComputeError {
 /// an importance matrix), as they are stored in a GGUF file.
 pub fn quantize(ty: Type, src: &[f32], n_per_row: usize) -> Result<Vec<u8>, String> {
     if n_per_row == 0 || src.len() % n_per_row != 0 || n_per_row as u64 % ty.block_size() != 0 {
-        return Err(format!("{} values in rows of {n_per_row} do not make whole {ty:?} blocks of {}", src.len(), ty.block_size()));
+        return Err(format!(
+            "{} values in rows of {n_per_row} do not make whole {ty:?} blocks of {}",
+            src.len(),
+            ty.block_size()
+        ));
     }
     let nrows = src.len() / n_per_row;
     let mut out = vec![0u8; ty.row_size(n_per_row as u64) as usize * nrows];
     if ty == Type::F32 {
-        out.iter_mut().zip(src.iter().flat_map(|v| v.to_le_bytes())).for_each(|(o, b)| *o = b);
+        out.iter_mut()
+            .zip(src.iter().flat_map(|v| v.to_le_bytes()))
+            .for_each(|(o, b)| *o = b);
         return Ok(out);
     }
     // ggml_quantize_chunk aborts on a type it has no quantizer for: only these are passed on.
-    if ![Type::F16, Type::Q4_0, Type::Q8_0, Type::Q4_K, Type::Q5_K, Type::Q6_K].contains(&ty) {
-        return Err(format!("{ty:?} cannot be written here (f32, f16, q4_0, q8_0, q4_K, q5_K, q6_K)"));
+    if ![
+        Type::F16,
+        Type::Q4_0,
+        Type::Q8_0,
+        Type::Q4_K,
+        Type::Q5_K,
+        Type::Q6_K,
+    ]
+    .contains(&ty)
+    {
+        return Err(format!(
+            "{ty:?} cannot be written here (f32, f16, q4_0, q8_0, q4_K, q5_K, q6_K)"
+        ));
     }
     // SAFETY: src holds nrows*n_per_row floats, out holds nrows rows of ty; no imatrix needed.
     unsafe {
         sys::ggml_quantize_init(ty.0);
-        sys::ggml_quantize_chunk(ty.0, src.as_ptr(), out.as_mut_ptr().cast(), 0, nrows as i64, n_per_row as i64, std::ptr::null());
+        sys::ggml_quantize_chunk(
+            ty.0,
+            src.as_ptr(),
+            out.as_mut_ptr().cast(),
+            0,
+            nrows as i64,
+            n_per_row as i64,
+            std::ptr::null(),
+        );
     }
     Ok(out)
 }
@@ -1023,7 +1321,11 @@ pub fn quantize(ty: Type, src: &[f32], n_per_row: usize) -> Result<Vec<u8>, Stri
 pub fn cpu_features() -> Vec<&'static str> {
     silence_ggml_log();
     let checks = &kernels().has;
-    checks.iter().filter(|(_, f)| unsafe { f() } != 0).map(|(n, _)| *n).collect()
+    checks
+        .iter()
+        .filter(|(_, f)| unsafe { f() } != 0)
+        .map(|(n, _)| *n)
+        .collect()
 }
 
 /// f32 → f16 bits (ggml's conversion).
@@ -1037,9 +1339,15 @@ pub fn f32_to_f16(v: f32) -> u16 {
 /// is checked on the open file.
 pub fn map_path(path: &std::path::Path) -> std::io::Result<memmap2::Mmap> {
     use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
     if !file.metadata()?.is_file() {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
     }
     map_file(&file)
 }
@@ -1060,7 +1368,14 @@ pub fn prefault(map: &memmap2::Mmap, offset: usize, len: usize) {
     let start = offset / page * page;
     let end = (offset + len).min(map.len());
     // SAFETY: advisory call on a range inside our read-only mapping.
-    let ok = end > start && unsafe { libc::madvise(map.as_ptr().add(start) as *mut c_void, end - start, libc::MADV_POPULATE_READ) } == 0;
+    let ok = end > start
+        && unsafe {
+            libc::madvise(
+                map.as_ptr().add(start) as *mut c_void,
+                end - start,
+                libc::MADV_POPULATE_READ,
+            )
+        } == 0;
     if !ok {
         let mut acc = 0u8;
         for i in (offset..end).step_by(page) {
@@ -1080,6 +1395,8 @@ pub fn drop_pages(map: &memmap2::Mmap, offset: usize, len: usize) {
         // SAFETY: MADV_DONTNEED on a read-only file-backed private mapping only discards
         // clean pages; a later read would fetch them from the file again. No Rust reference
         // into this range is held across this call by the loader.
-        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+        let _ = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+        };
     }
 }

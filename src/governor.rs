@@ -70,14 +70,27 @@ struct Window {
 
 impl Window {
     fn new(start: Instant) -> Window {
-        Window { start, cpu: process_cpu_time(), busy: Duration::ZERO, steps: 0 }
+        Window {
+            start,
+            cpu: process_cpu_time(),
+            busy: Duration::ZERO,
+            steps: 0,
+        }
     }
 }
 
 impl Governor {
     pub fn new(max: usize) -> Governor {
         let now = Instant::now();
-        Governor { max: max.max(1), cur: max.max(1), kept: max.max(1), phase: Phase::Full, pause: FIRST_PAUSE, next_trial: now, window: None }
+        Governor {
+            max: max.max(1),
+            cur: max.max(1),
+            kept: max.max(1),
+            phase: Phase::Full,
+            pause: FIRST_PAUSE,
+            next_trial: now,
+            window: None,
+        }
     }
 
     /// Threads the next decode step should run on.
@@ -107,8 +120,12 @@ impl Governor {
             self.window = Some(next);
             return;
         };
-        let expected = w.busy.as_secs_f64() * self.cur as f64 + elapsed.saturating_sub(w.busy).as_secs_f64();
-        let sample = Sample { per_step: w.busy.as_secs_f64() / w.steps as f64, share: cpu.saturating_sub(start_cpu).as_secs_f64() / expected };
+        let expected =
+            w.busy.as_secs_f64() * self.cur as f64 + elapsed.saturating_sub(w.busy).as_secs_f64();
+        let sample = Sample {
+            per_step: w.busy.as_secs_f64() / w.steps as f64,
+            share: cpu.saturating_sub(start_cpu).as_secs_f64() / expected,
+        };
         self.window = Some(next);
         self.observe(sample, now);
     }
@@ -139,7 +156,11 @@ impl Governor {
             Phase::TrialDown { .. } | Phase::TrialUp { .. } => {
                 // The trial lost: back to the count kept, and no trial for a longer while.
                 self.cur = self.kept;
-                self.phase = if self.kept == self.max { Phase::Full } else { Phase::Reduced };
+                self.phase = if self.kept == self.max {
+                    Phase::Full
+                } else {
+                    Phase::Reduced
+                };
                 self.pause = (self.pause * 2).min(LONGEST_PAUSE);
                 self.next_trial = now + self.pause;
             }
@@ -211,7 +232,11 @@ mod tests {
         step(&mut g, 0.49, 1.0, at(t, lost + 2.0 * p));
         assert_eq!(g.threads(), 2, "trial after the doubled pause");
         step(&mut g, 0.30, 0.98, at(t, lost + 2.0 * p + 0.5));
-        assert_eq!(g.threads(), 2, "the machine is quiet again: all threads win and stay");
+        assert_eq!(
+            g.threads(),
+            2,
+            "the machine is quiet again: all threads win and stay"
+        );
         for i in 0..20 {
             step(&mut g, 0.30, 0.98, at(t, lost + 3.0 * p + i as f64));
         }
@@ -237,7 +262,11 @@ mod tests {
         step(&mut g, 1.0, 0.6, t);
         assert_eq!(g.threads(), 7);
         step(&mut g, 0.9, 0.7, t + Duration::from_millis(500));
-        assert_eq!(g.threads(), 6, "faster but still contended: one fewer again");
+        assert_eq!(
+            g.threads(),
+            6,
+            "faster but still contended: one fewer again"
+        );
         step(&mut g, 0.95, 0.9, t + Duration::from_secs(1));
         assert_eq!(g.threads(), 7, "slower: back to the last count that won");
     }
@@ -259,7 +288,10 @@ mod tests {
             }
             // qemu-user writes zeros for the times in its /proc/self/stat: no information,
             // so the governor keeps every thread.
-            None => assert!(std::env::var_os("PHI4_TEST_RUNNER").is_some(), "no CPU time on a native run"),
+            None => assert!(
+                std::env::var_os("PHI4_TEST_RUNNER").is_some(),
+                "no CPU time on a native run"
+            ),
         }
     }
 }

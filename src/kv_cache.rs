@@ -21,7 +21,17 @@ impl KvCache {
             k.push(ctx.new_tensor(Type::F16, &shape, &format!("cache_k_l{l}")));
             v.push(ctx.new_tensor(Type::F16, &shape, &format!("cache_v_l{l}")));
         }
-        let buf = Buffer::alloc_context(&ctx, BufferType::cpu(), &format!("the KV cache ({n_ctx} positions)"))?;
-        Ok(KvCache { ctx, k, v, n_ctx, _buf: buf })
+        let buf = Buffer::alloc_context(
+            &ctx,
+            BufferType::cpu(),
+            &format!("the KV cache ({n_ctx} positions)"),
+        )?;
+        Ok(KvCache {
+            ctx,
+            k,
+            v,
+            n_ctx,
+            _buf: buf,
+        })
     }
 }

@@ -40,8 +40,10 @@ pub use constrain::Constraint;
 pub use model::{Config, LoadError, LoadParams, Model};
 pub use sample::SamplingParams;
 pub use scheduler::Scheduler;
+pub use session::{
+    DoneReason, GenerateParams, Outcome, Overflow, Session, SessionError, SessionParams,
+};
 pub use state::StateError;
-pub use session::{DoneReason, GenerateParams, Outcome, Overflow, Session, SessionError, SessionParams};
 
 /// CPU features ggml uses on this machine, by name (e.g. `["SSE3", "AVX", "AVX2", "F16C", "FMA"]`):
 /// those of the kernel variant that runs ([`cpu_variant`]).

@@ -7,10 +7,10 @@
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
+use crate::constrain::Compiler;
 use crate::ggml::{self, Buffer, BufferType, Context, TensorId, Type};
 use crate::gguf::{self, Gguf, GgufError, TensorInfo};
 use crate::hash::Map;
-use crate::constrain::Compiler;
 use crate::tokenizer::{Tokenizer, VocabError};
 
 pub use crate::ggml::AllocError;
@@ -19,7 +19,10 @@ pub use crate::ggml::AllocError;
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Gguf(#[from] GgufError),
     #[error("not a Phi-4 model: {0}")]
@@ -72,12 +75,16 @@ impl Config {
         let n_embd = u("embedding_length")?;
         let n_layer = u("block_count")?;
         let n_head = u("attention.head_count")?;
-        let n_head_kv = g.opt_u32("phi3.attention.head_count_kv")?.map_or(n_head, |v| v as usize);
+        let n_head_kv = g
+            .opt_u32("phi3.attention.head_count_kv")?
+            .map_or(n_head, |v| v as usize);
         let n_ff = u("feed_forward_length")?;
         let n_ctx_train = u("context_length")?;
         let rms_eps = g.f32("phi3.attention.layer_norm_rms_epsilon")?;
         let rope_theta = g.opt_f32("phi3.rope.freq_base")?.unwrap_or(10000.0);
-        let n_ctx_orig = g.opt_u32("phi3.rope.scaling.original_context_length")?.map_or(n_ctx_train, |v| v as usize);
+        let n_ctx_orig = g
+            .opt_u32("phi3.rope.scaling.original_context_length")?
+            .map_or(n_ctx_train, |v| v as usize);
 
         let bad = |msg: String| Err(LoadError::NotPhi4(msg));
         // Bounds keep every later product far from overflow and reject nonsense early.
@@ -94,23 +101,33 @@ impl Config {
             }
         }
         if n_embd % n_head != 0 {
-            return bad(format!("embedding_length {n_embd} is not a multiple of head_count {n_head}"));
+            return bad(format!(
+                "embedding_length {n_embd} is not a multiple of head_count {n_head}"
+            ));
         }
         if n_head % n_head_kv != 0 {
-            return bad(format!("head_count {n_head} is not a multiple of head_count_kv {n_head_kv}"));
+            return bad(format!(
+                "head_count {n_head} is not a multiple of head_count_kv {n_head_kv}"
+            ));
         }
         let head_dim = n_embd / n_head;
-        let n_rot = g.opt_u32("phi3.rope.dimension_count")?.map_or(head_dim, |v| v as usize);
+        let n_rot = g
+            .opt_u32("phi3.rope.dimension_count")?
+            .map_or(head_dim, |v| v as usize);
         if n_rot != head_dim || n_rot % 2 != 0 {
             return bad(format!(
                 "rope.dimension_count {n_rot} must equal the head size {head_dim} (full rotary) and be even"
             ));
         }
         if !(rms_eps.is_finite() && rms_eps > 0.0 && rms_eps < 1.0) {
-            return bad(format!("attention.layer_norm_rms_epsilon {rms_eps} is not in (0, 1)"));
+            return bad(format!(
+                "attention.layer_norm_rms_epsilon {rms_eps} is not in (0, 1)"
+            ));
         }
         if !(rope_theta.is_finite() && rope_theta > 0.0) {
-            return bad(format!("rope.freq_base {rope_theta} is not a positive number"));
+            return bad(format!(
+                "rope.freq_base {rope_theta} is not a positive number"
+            ));
         }
         if n_ctx_orig == 0 {
             return bad("rope.scaling.original_context_length is 0".into());
@@ -119,11 +136,19 @@ impl Config {
         // token list by the tokenizer).
         let n_vocab = match g.tensor("token_embd.weight") {
             Some(t) if t.n_dims == 2 => t.dims[1] as usize,
-            Some(t) => return bad(format!("token_embd.weight has shape {:?}, expected [{n_embd}, n_vocab]", t.shape())),
+            Some(t) => {
+                return bad(format!(
+                    "token_embd.weight has shape {:?}, expected [{n_embd}, n_vocab]",
+                    t.shape()
+                ))
+            }
             None => return bad("tensor token_embd.weight is missing".into()),
         };
         if n_vocab == 0 || n_vocab > 1 << 22 {
-            return bad(format!("vocabulary of {n_vocab} tokens is outside 1..={}", 1 << 22));
+            return bad(format!(
+                "vocabulary of {n_vocab} tokens is outside 1..={}",
+                1 << 22
+            ));
         }
         Ok(Config {
             n_vocab,
@@ -177,7 +202,11 @@ pub struct LoadParams<'a> {
 
 impl Default for LoadParams<'_> {
     fn default() -> Self {
-        LoadParams { repack: true, prefetch: true, progress: None }
+        LoadParams {
+            repack: true,
+            prefetch: true,
+            progress: None,
+        }
     }
 }
 
@@ -246,7 +275,14 @@ pub enum Role {
 
 impl Role {
     /// The weights of every block, in file order.
-    pub const LAYER: [Role; 6] = [Role::AttnNorm, Role::AttnQkv, Role::AttnOutput, Role::FfnNorm, Role::FfnUp, Role::FfnDown];
+    pub const LAYER: [Role; 6] = [
+        Role::AttnNorm,
+        Role::AttnQkv,
+        Role::AttnOutput,
+        Role::FfnNorm,
+        Role::FfnUp,
+        Role::FfnDown,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -264,7 +300,12 @@ impl Role {
 
     /// Shape in ggml order ([row length, rows]) for a model of configuration `c`.
     pub fn shape(self, c: &Config) -> Vec<u64> {
-        let (e, kv, ff, v) = (c.n_embd as u64, c.n_embd_kv() as u64, c.n_ff as u64, c.n_vocab as u64);
+        let (e, kv, ff, v) = (
+            c.n_embd as u64,
+            c.n_embd_kv() as u64,
+            c.n_ff as u64,
+            c.n_vocab as u64,
+        );
         match self {
             Role::TokenEmbd | Role::Output => vec![e, v],
             Role::AttnNorm | Role::FfnNorm | Role::OutputNorm => vec![e],
@@ -303,7 +344,12 @@ impl Config {
     /// Every tensor a Phi-4 file of this configuration holds, in file order. `output.weight` may
     /// be absent from a file (then the embedding is used as the output matrix).
     pub fn tensors(&self) -> Vec<TensorSpec> {
-        let spec = |role: Role, layer: Option<usize>| TensorSpec { name: role.tensor_name(layer), role, layer, shape: role.shape(self) };
+        let spec = |role: Role, layer: Option<usize>| TensorSpec {
+            name: role.tensor_name(layer),
+            role,
+            layer,
+            shape: role.shape(self),
+        };
         let mut t = vec![spec(Role::TokenEmbd, None)];
         for i in 0..self.n_layer {
             t.extend(Role::LAYER.iter().map(|&r| spec(r, Some(i))));
@@ -319,25 +365,49 @@ fn check_tensors(g: &Gguf, c: &Config) -> Result<(), LoadError> {
     let expected = c.tensors();
     for t in &g.tensors {
         let Some(spec) = expected.iter().find(|s| s.name == t.name) else {
-            let hint = if t.name.contains("rope_factors") { " (LongRoPE files are not Phi-4)" } else { "" };
-            return Err(LoadError::NotPhi4(format!("unexpected tensor {:?}{hint}", t.name)));
+            let hint = if t.name.contains("rope_factors") {
+                " (LongRoPE files are not Phi-4)"
+            } else {
+                ""
+            };
+            return Err(LoadError::NotPhi4(format!(
+                "unexpected tensor {:?}{hint}",
+                t.name
+            )));
         };
         if t.shape() != spec.shape.as_slice() {
-            return Err(LoadError::NotPhi4(format!("tensor {:?} has shape {:?}, expected {:?}", t.name, t.shape(), spec.shape)));
+            return Err(LoadError::NotPhi4(format!(
+                "tensor {:?} has shape {:?}, expected {:?}",
+                t.name,
+                t.shape(),
+                spec.shape
+            )));
         }
         if t.file_offset % 32 != 0 {
-            return Err(LoadError::NotPhi4(format!("tensor {:?} data is not 32-byte aligned (ggml's CPU kernels need it)", t.name)));
+            return Err(LoadError::NotPhi4(format!(
+                "tensor {:?} data is not 32-byte aligned (ggml's CPU kernels need it)",
+                t.name
+            )));
         }
         if spec.role.is_norm() && t.ggml_type != Type::F32 {
-            return Err(LoadError::NotPhi4(format!("tensor {:?} is {:?}; norms must be f32", t.name, t.ggml_type)));
+            return Err(LoadError::NotPhi4(format!(
+                "tensor {:?} is {:?}; norms must be f32",
+                t.name, t.ggml_type
+            )));
         }
         if !t.ggml_type.cpu_supported() {
-            return Err(LoadError::NotPhi4(format!("tensor {:?} has type {:?}, which ggml's CPU backend cannot multiply", t.name, t.ggml_type)));
+            return Err(LoadError::NotPhi4(format!(
+                "tensor {:?} has type {:?}, which ggml's CPU backend cannot multiply",
+                t.name, t.ggml_type
+            )));
         }
     }
     for spec in &expected {
         if g.tensor(&spec.name).is_none() && spec.role != Role::Output {
-            return Err(LoadError::NotPhi4(format!("tensor {:?} is missing", spec.name)));
+            return Err(LoadError::NotPhi4(format!(
+                "tensor {:?} is missing",
+                spec.name
+            )));
         }
     }
     Ok(())
@@ -350,7 +420,9 @@ fn plan_repack<'g>(g: &'g Gguf, extra: &[BufferType]) -> Map<&'g str, BufferType
         .iter()
         .filter(|t| t.n_dims == 2 && t.name != "token_embd.weight")
         .filter_map(|t| {
-            let b = extra.iter().find(|b| b.accelerates_mul_mat(t.ggml_type, t.dims[0] as i64, t.dims[1] as i64))?;
+            let b = extra
+                .iter()
+                .find(|b| b.accelerates_mul_mat(t.ggml_type, t.dims[0] as i64, t.dims[1] as i64))?;
             Some((t.name.as_str(), *b))
         })
         .collect()
@@ -358,7 +430,14 @@ fn plan_repack<'g>(g: &'g Gguf, extra: &[BufferType]) -> Map<&'g str, BufferType
 
 /// One buffer of `buft` holding `tensors`, converted by ggml from the mapping into its layout;
 /// the mapping's pages of those tensors are dropped afterwards, so they are resident once.
-fn repack_into(buft: BufferType, tensors: &[&TensorInfo], ctx: &Context, ids: &Map<String, TensorId>, map: &memmap2::Mmap, progress: &mut Progress<'_, '_>) -> Result<Buffer, LoadError> {
+fn repack_into(
+    buft: BufferType,
+    tensors: &[&TensorInfo],
+    ctx: &Context,
+    ids: &Map<String, TensorId>,
+    map: &memmap2::Mmap,
+    progress: &mut Progress<'_, '_>,
+) -> Result<Buffer, LoadError> {
     let align = Buffer::alignment_of(buft);
     let mut offsets = Vec::with_capacity(tensors.len());
     let mut size = 0usize;
@@ -382,7 +461,12 @@ fn repack_into(buft: BufferType, tensors: &[&TensorInfo], ctx: &Context, ids: &M
 impl Weights {
     /// Name the placed tensors for the forward pass (`output` falls back to the embedding when
     /// the file ties them).
-    fn assemble(c: &Config, ctx: Context, ids: &Map<String, TensorId>, buffers: Vec<Buffer>) -> Weights {
+    fn assemble(
+        c: &Config,
+        ctx: Context,
+        ids: &Map<String, TensorId>,
+        buffers: Vec<Buffer>,
+    ) -> Weights {
         let id = |role: Role, layer: Option<usize>| ids[&role.tensor_name(layer)];
         let layers = (0..c.n_layer)
             .map(|i| Layer {
@@ -395,8 +479,18 @@ impl Weights {
             })
             .collect();
         let tok_embd = id(Role::TokenEmbd, None);
-        let output = ids.get(&Role::Output.tensor_name(None)).copied().unwrap_or(tok_embd);
-        Weights { tok_embd, output_norm: id(Role::OutputNorm, None), output, layers, ctx, _buffers: buffers }
+        let output = ids
+            .get(&Role::Output.tensor_name(None))
+            .copied()
+            .unwrap_or(tok_embd);
+        Weights {
+            tok_embd,
+            output_norm: id(Role::OutputNorm, None),
+            output,
+            layers,
+            ctx,
+            _buffers: buffers,
+        }
     }
 }
 
@@ -425,7 +519,10 @@ impl Model {
     /// mapping, or repacked into a buffer of a faster layout → name them for the forward pass.
     pub fn load(path: &Path, mut params: LoadParams<'_>) -> Result<Model, LoadError> {
         let started = std::time::Instant::now();
-        let io = |source| LoadError::Io { path: path.display().to_string(), source };
+        let io = |source| LoadError::Io {
+            path: path.display().to_string(),
+            source,
+        };
         let map = Arc::new(ggml::map_path(path).map_err(io)?);
         let gguf = gguf::parse(&map[..])?;
         let config = Config::from_gguf(&gguf)?;
@@ -441,14 +538,26 @@ impl Model {
                 (t.name.clone(), ctx.new_tensor(t.ggml_type, &ne, &t.name))
             })
             .collect();
-        let extra = if params.repack { BufferType::cpu_extra() } else { Vec::new() };
+        let extra = if params.repack {
+            BufferType::cpu_extra()
+        } else {
+            Vec::new()
+        };
         let repack = plan_repack(&gguf, &extra);
         let total = gguf.tensors.iter().map(|t| t.size).sum();
-        let mut progress = Progress { callback: &mut params.progress, done: 0, total };
+        let mut progress = Progress {
+            callback: &mut params.progress,
+            done: 0,
+            total,
+        };
         progress.advance(0)?;
 
         let mapped = Buffer::from_host_memory(map.clone());
-        for t in gguf.tensors.iter().filter(|t| !repack.contains_key(t.name.as_str())) {
+        for t in gguf
+            .tensors
+            .iter()
+            .filter(|t| !repack.contains_key(t.name.as_str()))
+        {
             mapped.place(ctx.get(ids[&t.name]), t.file_offset as usize);
             if params.prefetch {
                 ggml::prefault(&map, t.file_offset as usize, t.size as usize);
@@ -458,7 +567,11 @@ impl Model {
         let mut buffers = vec![mapped];
         let mut repacked = Vec::new();
         for buft in &extra {
-            let mine: Vec<&TensorInfo> = gguf.tensors.iter().filter(|t| repack.get(t.name.as_str()) == Some(buft)).collect();
+            let mine: Vec<&TensorInfo> = gguf
+                .tensors
+                .iter()
+                .filter(|t| repack.get(t.name.as_str()) == Some(buft))
+                .collect();
             if !mine.is_empty() {
                 buffers.push(repack_into(*buft, &mine, &ctx, &ids, &map, &mut progress)?);
                 repacked.extend(mine.iter().map(|t| (t.name.clone(), buft.name())));
@@ -467,7 +580,18 @@ impl Model {
 
         let weights = Weights::assemble(&config, ctx, &ids, buffers);
         let load_duration = started.elapsed().as_nanos() as u64;
-        Ok(Model { config, gguf, weights, file_size: map.len() as u64, repacked, tokenizer, load_duration, constraints: Compiler::default(), map, fingerprint: OnceLock::new() })
+        Ok(Model {
+            config,
+            gguf,
+            weights,
+            file_size: map.len() as u64,
+            repacked,
+            tokenizer,
+            load_duration,
+            constraints: Compiler::default(),
+            map,
+            fingerprint: OnceLock::new(),
+        })
     }
 
     /// 16 bytes that tell this model from others, for saved session states: a hash of the file's
@@ -499,6 +623,10 @@ impl Model {
         if counts.is_empty() {
             return "none".into();
         }
-        counts.iter().map(|((layout, ty), n)| format!("{n} {ty} tensors into {layout}")).collect::<Vec<_>>().join("; ")
+        counts
+            .iter()
+            .map(|((layout, ty), n)| format!("{n} {ty} tensors into {layout}"))
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 }

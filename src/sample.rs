@@ -75,7 +75,9 @@ trait OptionValue: Sized {
 
 impl OptionValue for f32 {
     fn parse(name: &str, v: &str) -> Result<f32, String> {
-        v.trim().parse().map_err(|_| format!("{name} takes a number, not {v:?}"))
+        v.trim()
+            .parse()
+            .map_err(|_| format!("{name} takes a number, not {v:?}"))
     }
     fn show(&self) -> String {
         self.to_string()
@@ -84,7 +86,9 @@ impl OptionValue for f32 {
 
 impl OptionValue for usize {
     fn parse(name: &str, v: &str) -> Result<usize, String> {
-        v.trim().parse().map_err(|_| format!("{name} takes a whole number >= 0, not {v:?}"))
+        v.trim()
+            .parse()
+            .map_err(|_| format!("{name} takes a whole number >= 0, not {v:?}"))
     }
     fn show(&self) -> String {
         self.to_string()
@@ -95,7 +99,10 @@ impl OptionValue for Option<u64> {
     fn parse(name: &str, v: &str) -> Result<Option<u64>, String> {
         match v.trim() {
             "random" => Ok(None),
-            v => v.parse().map(Some).map_err(|_| format!("{name} takes a whole number >= 0 or \"random\", not {v:?}")),
+            v => v
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("{name} takes a whole number >= 0 or \"random\", not {v:?}")),
         }
     }
     fn show(&self) -> String {
@@ -107,16 +114,26 @@ impl OptionValue for Option<u64> {
 /// and a counter, mixed; no thread-local state, so it works while a thread exits).
 pub(crate) fn fresh_seed() -> u64 {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut r = Rng::new(nanos ^ (std::process::id() as u64) << 40 ^ n.wrapping_mul(0xA076_1D64_78BD_642F));
+    let mut r =
+        Rng::new(nanos ^ (std::process::id() as u64) << 40 ^ n.wrapping_mul(0xA076_1D64_78BD_642F));
     r.next_u64()
 }
 
 impl SamplingParams {
     /// Greedy decoding with no penalties.
     pub fn greedy() -> SamplingParams {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repeat_penalty: 1.0, ..Default::default() }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            ..Default::default()
+        }
     }
 
     /// Every value in its range, or the name of the first that is not.
@@ -132,7 +149,10 @@ impl SamplingParams {
             return Err(format!("min_p {} must be in [0, 1]", self.min_p));
         }
         if !(finite(self.repeat_penalty) && self.repeat_penalty > 0.0) {
-            return Err(format!("repeat_penalty {} must be > 0", self.repeat_penalty));
+            return Err(format!(
+                "repeat_penalty {} must be > 0",
+                self.repeat_penalty
+            ));
         }
         if !finite(self.frequency_penalty) || !finite(self.presence_penalty) {
             return Err("frequency_penalty and presence_penalty must be finite".into());
@@ -174,7 +194,12 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(p: SamplingParams) -> Sampler {
         let rng = Rng::new(p.seed.unwrap_or_else(fresh_seed));
-        Sampler { p, rng, cand: Vec::new(), window: Vec::new() }
+        Sampler {
+            p,
+            rng,
+            cand: Vec::new(),
+            window: Vec::new(),
+        }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -185,9 +210,17 @@ impl Sampler {
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = &self.p;
         self.cand.clear();
-        self.cand.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
+        self.cand
+            .extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
         let window = &history[history.len().saturating_sub(p.repeat_last_n)..];
-        apply_penalties(&mut self.cand, window, &mut self.window, p.repeat_penalty, p.frequency_penalty, p.presence_penalty);
+        apply_penalties(
+            &mut self.cand,
+            window,
+            &mut self.window,
+            p.repeat_penalty,
+            p.frequency_penalty,
+            p.presence_penalty,
+        );
         if p.temperature <= 0.0 {
             return argmax_cand(&self.cand);
         }
@@ -232,7 +265,14 @@ impl Sampler {
 
 /// Penalize each distinct token of `window` once (its count for the frequency penalty); `sorted`
 /// is scratch space.
-fn apply_penalties(cand: &mut [(u32, f32)], window: &[u32], sorted: &mut Vec<u32>, repeat: f32, freq: f32, presence: f32) {
+fn apply_penalties(
+    cand: &mut [(u32, f32)],
+    window: &[u32],
+    sorted: &mut Vec<u32>,
+    repeat: f32,
+    freq: f32,
+    presence: f32,
+) {
     if window.is_empty() || (repeat == 1.0 && freq == 0.0 && presence == 0.0) {
         return;
     }

@@ -99,12 +99,20 @@ static NEVER: AtomicBool = AtomicBool::new(false);
 impl Scheduler {
     /// A scheduler for sessions on `model`, stepping up to `max_batch` (1..=[`MAX_BATCH`]) of
     /// them at once on `n_threads` threads (1..=[`MAX_THREADS`], at most the CPUs).
-    pub fn new(model: Arc<Model>, n_threads: usize, max_batch: usize) -> Result<Scheduler, SessionError> {
+    pub fn new(
+        model: Arc<Model>,
+        n_threads: usize,
+        max_batch: usize,
+    ) -> Result<Scheduler, SessionError> {
         if !(1..=MAX_THREADS).contains(&n_threads) {
-            return Err(SessionError::BadParams(format!("n_threads {n_threads} must be at least 1 and at most {MAX_THREADS}")));
+            return Err(SessionError::BadParams(format!(
+                "n_threads {n_threads} must be at least 1 and at most {MAX_THREADS}"
+            )));
         }
         if !(1..=MAX_BATCH).contains(&max_batch) {
-            return Err(SessionError::BadParams(format!("max_batch {max_batch} must be in 1..={MAX_BATCH}")));
+            return Err(SessionError::BadParams(format!(
+                "max_batch {max_batch} must be in 1..={MAX_BATCH}"
+            )));
         }
         let n_threads = n_threads.min(cpu_count());
         let engine = Engine::new(&model, n_threads, max_batch).map_err(EvalError::from)?;
@@ -155,12 +163,24 @@ impl Scheduler {
     /// Queue `tokens` (in the session's buffer: a decode token, or a micro-batch of a prompt,
     /// checked by the caller) of `kv` at `n_past`, and wait for the step that evaluates them —
     /// leading it if no one else does; `logits` gets the last token's.
-    pub(crate) fn submit(&self, kv: &Arc<Mutex<KvCache>>, tokens: &mut Vec<u32>, n_past: usize, logits: &mut Vec<f32>) -> Result<(), EvalError> {
+    pub(crate) fn submit(
+        &self,
+        kv: &Arc<Mutex<KvCache>>,
+        tokens: &mut Vec<u32>,
+        n_past: usize,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), EvalError> {
         let sh = &*self.0;
         let mut q = sh.queue.lock();
         let ticket = q.next_ticket;
         q.next_ticket += 1;
-        q.waiting.push(Request { ticket, kv: kv.clone(), tokens: std::mem::take(tokens), n_past, logits: std::mem::take(logits) });
+        q.waiting.push(Request {
+            ticket,
+            kv: kv.clone(),
+            tokens: std::mem::take(tokens),
+            n_past,
+            logits: std::mem::take(logits),
+        });
         q.since.get_or_insert_with(Instant::now);
         sh.wake.notify_all();
         loop {
@@ -175,7 +195,8 @@ impl Scheduler {
                 sh.wake.wait(&mut q);
                 continue;
             }
-            let deadline = q.since.unwrap_or_else(Instant::now) + (q.last_step / 4).clamp(GATHER_MIN, GATHER_MAX);
+            let deadline = q.since.unwrap_or_else(Instant::now)
+                + (q.last_step / 4).clamp(GATHER_MIN, GATHER_MAX);
             if q.waiting.len() < q.decoding.min(sh.max_batch) && Instant::now() < deadline {
                 sh.wake.wait_until(&mut q, deadline);
                 continue;
@@ -200,15 +221,30 @@ impl Scheduler {
             prompt |= is_prompt;
             batch.push(q.waiting.remove(i));
         }
-        q.since = if q.waiting.is_empty() { None } else { Some(Instant::now()) };
+        q.since = if q.waiting.is_empty() {
+            None
+        } else {
+            Some(Instant::now())
+        };
         q.stepping = true;
         let started = Instant::now();
-        let outcome = MutexGuard::unlocked(q, || panic::catch_unwind(AssertUnwindSafe(|| self.step(&mut batch))));
+        let outcome = MutexGuard::unlocked(q, || {
+            panic::catch_unwind(AssertUnwindSafe(|| self.step(&mut batch)))
+        });
         q.stepping = false;
         q.last_step = started.elapsed();
-        let result = outcome.as_ref().map_or(Err(EvalError::StepFailed), Clone::clone);
-        let posted = batch.into_iter().filter(|r| outcome.is_ok() || r.ticket != mine);
-        q.done.extend(posted.map(|r| Done { ticket: r.ticket, result: result.clone(), tokens: r.tokens, logits: r.logits }));
+        let result = outcome
+            .as_ref()
+            .map_or(Err(EvalError::StepFailed), Clone::clone);
+        let posted = batch
+            .into_iter()
+            .filter(|r| outcome.is_ok() || r.ticket != mine);
+        q.done.extend(posted.map(|r| Done {
+            ticket: r.ticket,
+            result: result.clone(),
+            tokens: r.tokens,
+            logits: r.logits,
+        }));
         sh.wake.notify_all();
         if let Err(p) = outcome {
             panic::resume_unwind(p);
@@ -220,7 +256,15 @@ impl Scheduler {
         let sh = &*self.0;
         let mut engine = sh.engine.lock();
         let caches: Vec<_> = batch.iter().map(|r| r.kv.lock()).collect();
-        let segments: Vec<_> = batch.iter().zip(&caches).map(|(r, kv)| Segment { kv, tokens: &r.tokens, n_past: r.n_past }).collect();
+        let segments: Vec<_> = batch
+            .iter()
+            .zip(&caches)
+            .map(|(r, kv)| Segment {
+                kv,
+                tokens: &r.tokens,
+                n_past: r.n_past,
+            })
+            .collect();
         engine.step(&sh.model, &segments, &NEVER)?;
         drop(segments);
         drop(caches);

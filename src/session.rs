@@ -76,7 +76,10 @@ impl SessionParams {
             return Err("n_batch must be at least 1".into());
         }
         if self.n_threads == 0 || self.n_threads > MAX_THREADS {
-            return Err(format!("n_threads {} must be at least 1 and at most {MAX_THREADS}", self.n_threads));
+            return Err(format!(
+                "n_threads {} must be at least 1 and at most {MAX_THREADS}",
+                self.n_threads
+            ));
         }
         Ok(())
     }
@@ -87,7 +90,9 @@ impl SessionParams {
         match self.n_ctx {
             0 => Ok(max.min(DEFAULT_CONTEXT)),
             n if n <= max => Ok(n),
-            n => Err(format!("n_ctx {n} must be in 1..={max} (0 for the default)")),
+            n => Err(format!(
+                "n_ctx {n} must be in 1..={max} (0 for the default)"
+            )),
         }
     }
 }
@@ -109,8 +114,14 @@ impl GenerateParams {
     /// Options of the reply itself (Ollama's names); the sampling ones are
     /// [`SamplingParams::OPTIONS`].
     pub const OPTIONS: &'static [(&'static str, &'static str)] = &[
-        ("num_predict", "Tokens to generate at most; 0 means until the context is full."),
-        ("stop", "Stop before this string (setting it again adds another)."),
+        (
+            "num_predict",
+            "Tokens to generate at most; 0 means until the context is full.",
+        ),
+        (
+            "stop",
+            "Stop before this string (setting it again adds another).",
+        ),
     ];
 
     /// Every option by name, with its help: the reply's, then the sampler's.
@@ -123,7 +134,12 @@ impl GenerateParams {
     pub fn set(&mut self, name: &str, value: &str) -> Result<(), String> {
         let mut next = self.clone();
         match name {
-            "num_predict" => next.max_tokens = value.trim().parse().map_err(|_| format!("num_predict takes a whole number >= 0, not {value:?}"))?,
+            "num_predict" => {
+                next.max_tokens = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("num_predict takes a whole number >= 0, not {value:?}"))?
+            }
             "stop" => next.stop.push(value.to_string()),
             _ => next.sampling.set(name, value)?,
         }
@@ -242,11 +258,18 @@ impl Session {
     /// A session whose graphs run on `scheduler`'s engine: while other sessions on it decode,
     /// their tokens and this one's are evaluated in one step. `p.n_threads` is not used (the
     /// scheduler's threads run everything).
-    pub fn with_scheduler(scheduler: &Scheduler, p: &SessionParams) -> Result<Session, SessionError> {
+    pub fn with_scheduler(
+        scheduler: &Scheduler,
+        p: &SessionParams,
+    ) -> Result<Session, SessionError> {
         Session::make(scheduler.model().clone(), p, Some(scheduler))
     }
 
-    fn make(model: Arc<Model>, p: &SessionParams, scheduler: Option<&Scheduler>) -> Result<Session, SessionError> {
+    fn make(
+        model: Arc<Model>,
+        p: &SessionParams,
+        scheduler: Option<&Scheduler>,
+    ) -> Result<Session, SessionError> {
         p.check().map_err(SessionError::BadParams)?;
         let n_ctx = p.context_for(&model).map_err(SessionError::BadParams)?;
         // The largest allocation first: the KV cache, then the threads, then the compute buffer.
@@ -257,8 +280,11 @@ impl Session {
                 Runner::Shared(s.clone())
             }
             None => {
-                let mut engine = Engine::new(&model, p.n_threads.min(cpu_count()), 1).map_err(EvalError::from)?;
-                engine.reserve(&model, &kv, p.n_batch).map_err(EvalError::from)?;
+                let mut engine = Engine::new(&model, p.n_threads.min(cpu_count()), 1)
+                    .map_err(EvalError::from)?;
+                engine
+                    .reserve(&model, &kv, p.n_batch)
+                    .map_err(EvalError::from)?;
                 Runner::Own(Box::new(engine))
             }
         };
@@ -310,7 +336,11 @@ impl Session {
     /// How many leading tokens of `tokens` the cache already holds (what a generation from
     /// them reuses).
     pub fn common_prefix(&self, tokens: &[u32]) -> usize {
-        self.history.iter().zip(tokens).take_while(|(a, b)| a == b).count()
+        self.history
+            .iter()
+            .zip(tokens)
+            .take_while(|(a, b)| a == b)
+            .count()
     }
 
     /// A flag that, once set (from any thread), cancels the running generation within one
@@ -326,7 +356,10 @@ impl Session {
             Runner::Own(e) => e.compute_buffer_size(),
             Runner::Shared(_) => 0,
         };
-        (self.model.config.kv_bytes_per_token() * self.n_ctx() as u64, compute)
+        (
+            self.model.config.kv_bytes_per_token() * self.n_ctx() as u64,
+            compute,
+        )
     }
 
     /// Evaluate `tokens` at positions `n_past..`, a micro-batch of `n_batch` at a time:
@@ -334,15 +367,30 @@ impl Session {
     /// micro-batch on an own engine (ggml checks between ops), between them on a scheduler's
     /// (its steps carry other sessions' tokens too).
     fn eval(&mut self, tokens: &[u32], n_past: usize) -> Result<(), EvalError> {
-        Segment { kv: &self.kv.lock(), tokens, n_past }.check(self.model.config.n_vocab)?;
+        Segment {
+            kv: &self.kv.lock(),
+            tokens,
+            n_past,
+        }
+        .check(self.model.config.n_vocab)?;
         let mut past = n_past;
         for chunk in tokens.chunks(self.n_batch) {
             match &mut self.runner {
                 Runner::Own(e) => {
-                    e.step(&self.model, &[Segment { kv: &self.kv.lock(), tokens: chunk, n_past: past }], &self.cancel)?;
+                    e.step(
+                        &self.model,
+                        &[Segment {
+                            kv: &self.kv.lock(),
+                            tokens: chunk,
+                            n_past: past,
+                        }],
+                        &self.cancel,
+                    )?;
                     std::mem::swap(&mut e.logits, &mut self.logits);
                 }
-                Runner::Shared(_) if self.cancel.load(Ordering::Relaxed) => return Err(EvalError::Cancelled),
+                Runner::Shared(_) if self.cancel.load(Ordering::Relaxed) => {
+                    return Err(EvalError::Cancelled)
+                }
                 Runner::Shared(s) => {
                     self.queued.clear();
                     self.queued.extend_from_slice(chunk);
@@ -390,13 +438,20 @@ impl Session {
     /// atomically (a temporary file renamed into place). Returns the bytes written.
     pub fn save(&self, path: &Path, n: usize) -> Result<u64, StateError> {
         let tokens = &self.history[..n.min(self.history.len())];
-        state::save_file(path, |w| state::write(&self.model, &self.kv.lock(), tokens, w))?;
+        state::save_file(path, |w| {
+            state::write(&self.model, &self.kv.lock(), tokens, w)
+        })?;
         Ok(state::size(&self.model, tokens.len()))
     }
 
     /// The saved state of the first `n` cached tokens, written to `w`.
     pub fn save_to(&self, w: &mut dyn std::io::Write, n: usize) -> std::io::Result<()> {
-        state::write(&self.model, &self.kv.lock(), &self.history[..n.min(self.history.len())], w)
+        state::write(
+            &self.model,
+            &self.kv.lock(),
+            &self.history[..n.min(self.history.len())],
+            w,
+        )
     }
 
     /// Restore a state saved from a session of this model: the cache becomes its tokens (the
@@ -432,7 +487,9 @@ impl Session {
     /// copied.
     pub fn copy_from(&mut self, other: &Session) -> Result<usize, StateError> {
         if self.model.fingerprint() != other.model.fingerprint() {
-            return Err(StateError::Invalid("the sessions are of different models".into()));
+            return Err(StateError::Invalid(
+                "the sessions are of different models".into(),
+            ));
         }
         let n = other.history.len().min(self.n_ctx());
         state::copy(&self.model, &other.kv.lock(), &self.kv.lock(), n);
@@ -462,7 +519,12 @@ impl Session {
     ///
     /// Chat = tokenize each message once (cancellable) → fit the context (drop the oldest turns
     /// if the policy allows) → generate.
-    pub fn chat(&mut self, messages: &[Message], gp: &GenerateParams, on_token: &mut OnToken<'_>) -> Result<Outcome, SessionError> {
+    pub fn chat(
+        &mut self,
+        messages: &[Message],
+        gp: &GenerateParams,
+        on_token: &mut OnToken<'_>,
+    ) -> Result<Outcome, SessionError> {
         self.cancel.store(false, Ordering::Relaxed);
         let markers = Markers::of(&self.model.tokenizer).map_err(SessionError::BadParams)?;
         let Some(turns) = self.tokenize_turns(messages, markers) else {
@@ -484,7 +546,11 @@ impl Session {
         messages
             .iter()
             .map(|m| {
-                let known = if m.role == Role::Assistant { self.replies.get(&m.content).cloned() } else { None };
+                let known = if m.role == Role::Assistant {
+                    self.replies.get(&m.content).cloned()
+                } else {
+                    None
+                };
                 let content = match known {
                     Some(ids) => ids,
                     None => tok.encode_cancellable(&m.content, false, &self.cancel)?,
@@ -496,13 +562,21 @@ impl Session {
 
     /// The prompt: every turn, or (drop-oldest) without the oldest turns after the system
     /// message until it fits with room for one token. Returns it and the number dropped.
-    fn fit(&self, messages: &[Message], turns: &[Vec<u32>], reply_start: &[u32]) -> Result<(Vec<u32>, usize), SessionError> {
+    fn fit(
+        &self,
+        messages: &[Message],
+        turns: &[Vec<u32>],
+        reply_start: &[u32],
+    ) -> Result<(Vec<u32>, usize), SessionError> {
         let first = usize::from(messages.first().is_some_and(|m| m.role == Role::System));
         let mut needed = turns.iter().map(Vec::len).sum::<usize>() + reply_start.len() + 1;
         let mut dropped = 0;
         while needed > self.n_ctx() {
             if self.overflow == Overflow::Error || turns.len() <= first + dropped + 1 {
-                return Err(SessionError::ContextOverflow { needed, n_ctx: self.n_ctx() });
+                return Err(SessionError::ContextOverflow {
+                    needed,
+                    n_ctx: self.n_ctx(),
+                });
             }
             needed -= turns[first + dropped].len();
             dropped += 1;
@@ -516,12 +590,19 @@ impl Session {
     /// a stop string, which cuts the text short). Only replies of this conversation are kept, so
     /// the record never outgrows the conversation.
     fn remember_reply(&mut self, messages: &[Message], start: usize, out: &Outcome) {
-        let in_conversation: Set<&str> = messages.iter().filter(|m| m.role == Role::Assistant).map(|m| m.content.as_str()).collect();
-        self.replies.retain(|text, _| in_conversation.contains(text.as_str()));
+        let in_conversation: Set<&str> = messages
+            .iter()
+            .filter(|m| m.role == Role::Assistant)
+            .map(|m| m.content.as_str())
+            .collect();
+        self.replies
+            .retain(|text, _| in_conversation.contains(text.as_str()));
         let mut ids = self.history.get(start..).unwrap_or_default().to_vec();
         ids.extend(self.last_token);
-        if matches!(out.reason, DoneReason::Stop | DoneReason::Length | DoneReason::ContextFull)
-            && self.model.tokenizer.decode(&ids, false) == out.text
+        if matches!(
+            out.reason,
+            DoneReason::Stop | DoneReason::Length | DoneReason::ContextFull
+        ) && self.model.tokenizer.decode(&ids, false) == out.text
             && !out.text.is_empty()
         {
             self.replies.insert(out.text.clone(), ids);
@@ -529,18 +610,31 @@ impl Session {
     }
 
     fn timings(&self) -> Timings {
-        Timings { load_duration: self.model.load_duration, ..Default::default() }
+        Timings {
+            load_duration: self.model.load_duration,
+            ..Default::default()
+        }
     }
 
     /// Continue from `prompt` (token ids, no template), generating a reply; `on_token` as for
     /// [`Session::chat`]. Generate = check → prefill (only what the cache lacks) → decode → flush.
-    pub fn generate(&mut self, prompt: &[u32], gp: &GenerateParams, on_token: &mut OnToken<'_>) -> Result<Outcome, SessionError> {
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        gp: &GenerateParams,
+        on_token: &mut OnToken<'_>,
+    ) -> Result<Outcome, SessionError> {
         self.cancel.store(false, Ordering::Relaxed);
         self.run(prompt, gp, on_token)
     }
 
     /// `generate` without clearing the cancel flag (a cancel during `chat`'s preparation holds).
-    fn run(&mut self, prompt: &[u32], gp: &GenerateParams, on_token: &mut OnToken<'_>) -> Result<Outcome, SessionError> {
+    fn run(
+        &mut self,
+        prompt: &[u32],
+        gp: &GenerateParams,
+        on_token: &mut OnToken<'_>,
+    ) -> Result<Outcome, SessionError> {
         self.check_prompt(prompt, gp)?;
         let mut guide = self.guide(gp)?;
         self.last_token = None;
@@ -571,15 +665,24 @@ impl Session {
             return Err(EvalError::BadToken { id, n_vocab }.into());
         }
         if needed > self.n_ctx() {
-            return Err(SessionError::ContextOverflow { needed, n_ctx: self.n_ctx() });
+            return Err(SessionError::ContextOverflow {
+                needed,
+                n_ctx: self.n_ctx(),
+            });
         }
         Ok(())
     }
 
     /// The constraint of `gp` compiled for this generation, or why it does not compile.
     fn guide(&self, gp: &GenerateParams) -> Result<Option<Guide>, SessionError> {
-        let Some(c) = &gp.constraint else { return Ok(None) };
-        self.model.constraints.compile(&self.model.tokenizer, c).map(Some).map_err(SessionError::Constraint)
+        let Some(c) = &gp.constraint else {
+            return Ok(None);
+        };
+        self.model
+            .constraints
+            .compile(&self.model.tokenizer, c)
+            .map(Some)
+            .map_err(SessionError::Constraint)
     }
 
     /// Evaluate what the cache lacks of `prompt` (its last token always: its logits are needed).
@@ -602,7 +705,14 @@ impl Session {
 
     /// Sample, emit and evaluate one token at a time until a reason to stop.
     /// With a guide, the logits are masked first, and the reply ends when it is complete.
-    fn decode(&mut self, gp: &GenerateParams, mut guide: Option<&mut Guide>, timings: &mut Timings, text: &mut Text, on_token: &mut OnToken<'_>) -> Result<DoneReason, SessionError> {
+    fn decode(
+        &mut self,
+        gp: &GenerateParams,
+        mut guide: Option<&mut Guide>,
+        timings: &mut Timings,
+        text: &mut Text,
+        on_token: &mut OnToken<'_>,
+    ) -> Result<DoneReason, SessionError> {
         let model = self.model.clone();
         let tok = &model.tokenizer;
         let mut sampler = Sampler::new(gp.sampling.clone());
@@ -660,7 +770,11 @@ struct Text {
 
 impl Text {
     fn new(stop: &[String]) -> Text {
-        Text { utf8: StreamDecoder::default(), stops: StopMatcher::new(stop), text: String::new() }
+        Text {
+            utf8: StreamDecoder::default(),
+            stops: StopMatcher::new(stop),
+            text: String::new(),
+        }
     }
 
     /// A token's bytes in; the text that can be emitted now out, and whether a stop string ended it.
@@ -674,7 +788,9 @@ impl Text {
     /// Text held back (an unfinished character, a partial stop string) is emitted unless the
     /// generation ended on a stop string or was cancelled.
     fn flush(&mut self, reason: DoneReason, on_token: &mut OnToken<'_>) {
-        if matches!(reason, DoneReason::Length | DoneReason::ContextFull) || (reason == DoneReason::Stop && !self.stops.stopped) {
+        if matches!(reason, DoneReason::Length | DoneReason::ContextFull)
+            || (reason == DoneReason::Stop && !self.stops.stopped)
+        {
             let tail = self.stops.finish(&self.utf8.finish());
             if !tail.is_empty() {
                 self.text.push_str(&tail);
@@ -684,7 +800,12 @@ impl Text {
     }
 
     fn outcome(self, reason: DoneReason, timings: Timings) -> Outcome {
-        Outcome { reason, timings, dropped_messages: 0, text: self.text }
+        Outcome {
+            reason,
+            timings,
+            dropped_messages: 0,
+            text: self.text,
+        }
     }
 }
 
@@ -698,14 +819,23 @@ pub struct StopMatcher {
 
 impl StopMatcher {
     pub fn new(stops: &[String]) -> StopMatcher {
-        StopMatcher { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), held: String::new(), stopped: false }
+        StopMatcher {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            held: String::new(),
+            stopped: false,
+        }
     }
 
     /// Add text; returns what can be emitted now and whether a stop string was found (the text
     /// before it is emitted, the stop string and anything after it are not).
     pub fn push(&mut self, text: &str) -> (String, bool) {
         self.held.push_str(text);
-        if let Some(pos) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+        if let Some(pos) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
             self.stopped = true;
             let out = self.held[..pos].to_string();
             self.held.clear();

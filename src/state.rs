@@ -62,7 +62,10 @@ struct Layout {
 
 impl Layout {
     fn of(model: &Model) -> Layout {
-        Layout { n_layer: model.config.n_layer, row: Type::F16.row_size(model.config.n_embd_kv() as u64) as usize }
+        Layout {
+            n_layer: model.config.n_layer,
+            row: Type::F16.row_size(model.config.n_embd_kv() as u64) as usize,
+        }
     }
 
     /// Bytes of a state of `n` tokens.
@@ -77,17 +80,29 @@ pub(crate) fn size(model: &Model, n: usize) -> u64 {
 }
 
 /// Write the state of the first `tokens.len()` positions of `kv`.
-pub(crate) fn write(model: &Model, kv: &KvCache, tokens: &[u32], w: &mut dyn Write) -> io::Result<()> {
+pub(crate) fn write(
+    model: &Model,
+    kv: &KvCache,
+    tokens: &[u32],
+    w: &mut dyn Write,
+) -> io::Result<()> {
     let layout = Layout::of(model);
     let mut head = Vec::with_capacity(HEADER + 4 * tokens.len());
     head.extend_from_slice(MAGIC);
     head.extend_from_slice(&VERSION.to_le_bytes());
     head.extend_from_slice(&[0; 4]); // the header crc, below
     head.extend_from_slice(&model.fingerprint());
-    for v in [Type::F16.raw(), layout.n_layer as u32, layout.row as u32, tokens.len() as u32] {
+    for v in [
+        Type::F16.raw(),
+        layout.n_layer as u32,
+        layout.row as u32,
+        tokens.len() as u32,
+    ] {
         head.extend_from_slice(&v.to_le_bytes());
     }
-    tokens.iter().for_each(|t| head.extend_from_slice(&t.to_le_bytes()));
+    tokens
+        .iter()
+        .for_each(|t| head.extend_from_slice(&t.to_le_bytes()));
     let crc = crc32fast::hash(&head[16..]);
     head[12..16].copy_from_slice(&crc.to_le_bytes());
     w.write_all(&head)?;
@@ -106,7 +121,11 @@ pub(crate) fn write(model: &Model, kv: &KvCache, tokens: &[u32], w: &mut dyn Wri
 }
 
 /// Call `f(offset, len)` over `total` bytes in pieces of at most `chunk`.
-fn for_chunks<E>(total: usize, chunk: usize, mut f: impl FnMut(usize, usize) -> Result<(), E>) -> Result<(), E> {
+fn for_chunks<E>(
+    total: usize,
+    chunk: usize,
+    mut f: impl FnMut(usize, usize) -> Result<(), E>,
+) -> Result<(), E> {
     let mut at = 0;
     while at < total {
         let n = chunk.min(total - at);
@@ -117,16 +136,29 @@ fn for_chunks<E>(total: usize, chunk: usize, mut f: impl FnMut(usize, usize) -> 
 }
 
 /// Save atomically: a temporary file in the same directory, synced, renamed over `path`.
-pub(crate) fn save_file(path: &Path, write_state: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> Result<(), StateError> {
-    let name = path.file_name().ok_or_else(|| StateError::Io(format!("{}: not a file name", path.display())))?;
+pub(crate) fn save_file(
+    path: &Path,
+    write_state: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> Result<(), StateError> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| StateError::Io(format!("{}: not a file name", path.display())))?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let io_err = |what: &Path, e: io::Error| StateError::Io(format!("{}: {e}", what.display()));
     let result = (|| {
-        let file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
         let mut w = io::BufWriter::with_capacity(1 << 20, &file);
         write_state(&mut w)?;
         w.flush()?;
@@ -151,9 +183,16 @@ pub(crate) fn save_file(path: &Path, write_state: impl FnOnce(&mut dyn Write) ->
 pub(crate) fn open(path: &Path) -> Result<File, StateError> {
     use std::os::unix::fs::OpenOptionsExt;
     let err = |e: io::Error| StateError::Io(format!("{}: {e}", path.display()));
-    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(err)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(err)?;
     if !file.metadata().map_err(err)?.is_file() {
-        return Err(StateError::Io(format!("{}: not a regular file", path.display())));
+        return Err(StateError::Io(format!(
+            "{}: not a regular file",
+            path.display()
+        )));
     }
     Ok(file)
 }
@@ -179,7 +218,9 @@ impl Source for [u8] {
     }
     fn read_at(&self, at: u64, buf: &mut [u8]) -> io::Result<()> {
         let at = usize::try_from(at).map_err(|_| io::ErrorKind::UnexpectedEof)?;
-        let src = self.get(at..at + buf.len()).ok_or(io::ErrorKind::UnexpectedEof)?;
+        let src = self
+            .get(at..at + buf.len())
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
         buf.copy_from_slice(src);
         Ok(())
     }
@@ -225,15 +266,24 @@ pub(crate) fn check(model: &Model, src: &(impl Source + ?Sized)) -> Result<Check
     if crc.finalize() != rows_crc {
         return Err(invalid("the K/V rows are damaged (checksum mismatch)"));
     }
-    Ok(Checked { tokens, layout: want, rows_crc })
+    Ok(Checked {
+        tokens,
+        layout: want,
+        rows_crc,
+    })
 }
 
 /// The header of a state, checked: its tokens and layout.
-fn check_header(model: &Model, src: &(impl Source + ?Sized)) -> Result<(Vec<u32>, Layout), StateError> {
+fn check_header(
+    model: &Model,
+    src: &(impl Source + ?Sized),
+) -> Result<(Vec<u32>, Layout), StateError> {
     let io = |e: io::Error| StateError::Io(format!("reading the state: {e}"));
     let len = src.len().map_err(io)?;
     if len < HEADER as u64 {
-        return Err(invalid(format!("truncated: {len} bytes, less than a state's {HEADER}-byte header")));
+        return Err(invalid(format!(
+            "truncated: {len} bytes, less than a state's {HEADER}-byte header"
+        )));
     }
     let mut head = [0u8; HEADER];
     src.read_at(0, &mut head).map_err(io)?;
@@ -242,21 +292,41 @@ fn check_header(model: &Model, src: &(impl Source + ?Sized)) -> Result<(Vec<u32>
     }
     match u32_at(&head, 8) {
         VERSION => {}
-        v => return Err(invalid(format!("state version {v}; this build reads version {VERSION}"))),
+        v => {
+            return Err(invalid(format!(
+                "state version {v}; this build reads version {VERSION}"
+            )))
+        }
     }
     let want = Layout::of(model);
-    let (kv_type, n_layer, row, n) = (u32_at(&head, 32), u32_at(&head, 36) as usize, u32_at(&head, 40) as usize, u32_at(&head, 44) as usize);
+    let (kv_type, n_layer, row, n) = (
+        u32_at(&head, 32),
+        u32_at(&head, 36) as usize,
+        u32_at(&head, 40) as usize,
+        u32_at(&head, 44) as usize,
+    );
     if kv_type != Type::F16.raw() {
-        return Err(invalid(format!("rows of ggml type {kv_type}; this build keeps f16 ({})", Type::F16.raw())));
+        return Err(invalid(format!(
+            "rows of ggml type {kv_type}; this build keeps f16 ({})",
+            Type::F16.raw()
+        )));
     }
     if n_layer != want.n_layer || row != want.row {
-        return Err(invalid(format!("made for a model of {n_layer} layers of {row}-byte rows; this one has {} of {}", want.n_layer, want.row)));
+        return Err(invalid(format!(
+            "made for a model of {n_layer} layers of {row}-byte rows; this one has {} of {}",
+            want.n_layer, want.row
+        )));
     }
     if n > MAX_CONTEXT {
-        return Err(invalid(format!("{n} tokens; a state holds at most {MAX_CONTEXT}")));
+        return Err(invalid(format!(
+            "{n} tokens; a state holds at most {MAX_CONTEXT}"
+        )));
     }
     if len != want.len(n) {
-        return Err(invalid(format!("{len} bytes; a state of {n} tokens has {} (truncated or extended)", want.len(n))));
+        return Err(invalid(format!(
+            "{len} bytes; a state of {n} tokens has {} (truncated or extended)",
+            want.len(n)
+        )));
     }
     let mut rest = vec![0u8; 4 * n];
     src.read_at(HEADER as u64, &mut rest).map_err(io)?;
@@ -269,7 +339,10 @@ fn check_header(model: &Model, src: &(impl Source + ?Sized)) -> Result<(Vec<u32>
     if head[16..32] != model.fingerprint() {
         return Err(invalid("made for another model (fingerprint mismatch)"));
     }
-    let tokens: Vec<u32> = rest.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+    let tokens: Vec<u32> = rest
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .collect();
     if let Some(t) = tokens.iter().find(|&&t| t as usize >= model.config.n_vocab) {
         return Err(invalid(format!("token {t} is outside the vocabulary")));
     }
@@ -279,7 +352,12 @@ fn check_header(model: &Model, src: &(impl Source + ?Sized)) -> Result<(Vec<u32>
 /// Copy the rows of the first `n` tokens of a checked state into `kv`. The rows are checked
 /// again as they are copied; Err means the source changed after `check` and `kv`'s first `n`
 /// positions hold a mix (the caller forgets them).
-pub(crate) fn restore(checked: &Checked, src: &(impl Source + ?Sized), kv: &KvCache, n: usize) -> Result<(), StateError> {
+pub(crate) fn restore(
+    checked: &Checked,
+    src: &(impl Source + ?Sized),
+    kv: &KvCache,
+    n: usize,
+) -> Result<(), StateError> {
     let Layout { n_layer, row } = checked.layout;
     let total = checked.tokens.len();
     assert!(n <= total && n <= kv.n_ctx);

@@ -76,7 +76,12 @@ pub struct Tokenizer {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tokenizer({} tokens, {} merges)", self.pieces.len(), self.merges.len())
+        write!(
+            f,
+            "Tokenizer({} tokens, {} merges)",
+            self.pieces.len(),
+            self.merges.len()
+        )
     }
 }
 
@@ -90,20 +95,33 @@ impl Tokenizer {
         }
         let pre = g.opt_str("tokenizer.ggml.pre")?.unwrap_or("default");
         if !CL100K_PRE.contains(&pre) {
-            return Err(bad(format!("tokenizer.ggml.pre {pre:?} is not supported (phi4 implements Phi-4's \"dbrx\")")));
+            return Err(bad(format!(
+                "tokenizer.ggml.pre {pre:?} is not supported (phi4 implements Phi-4's \"dbrx\")"
+            )));
         }
         let tokens = g.strings("tokenizer.ggml.tokens")?;
         if tokens.len() != n_vocab {
-            return Err(bad(format!("{} tokens for a model with {n_vocab} embedding rows", tokens.len())));
+            return Err(bad(format!(
+                "{} tokens for a model with {n_vocab} embedding rows",
+                tokens.len()
+            )));
         }
         let types: Vec<TokenType> = match g.get("tokenizer.ggml.token_type") {
             None => vec![TokenType::Normal; tokens.len()],
             Some(_) => {
                 let raw = g.i32s("tokenizer.ggml.token_type")?;
                 if raw.len() != tokens.len() {
-                    return Err(bad(format!("{} token types for {} tokens", raw.len(), tokens.len())));
+                    return Err(bad(format!(
+                        "{} token types for {} tokens",
+                        raw.len(),
+                        tokens.len()
+                    )));
                 }
-                raw.iter().map(|&t| TokenType::from_i32(t).ok_or_else(|| bad(format!("unknown token type {t}")))).collect::<Result<_, _>>()?
+                raw.iter()
+                    .map(|&t| {
+                        TokenType::from_i32(t).ok_or_else(|| bad(format!("unknown token type {t}")))
+                    })
+                    .collect::<Result<_, _>>()?
             }
         };
 
@@ -116,15 +134,23 @@ impl Tokenizer {
         let mut pieces = Vec::with_capacity(tokens.len());
         let mut specials = Vec::new();
         for (id, (t, ty)) in tokens.iter().zip(&types).enumerate() {
-            let text = String::from_utf8(t.to_vec()).map_err(|_| bad(format!("token {id} is not valid UTF-8")))?;
+            let text = String::from_utf8(t.to_vec())
+                .map_err(|_| bad(format!("token {id} is not valid UTF-8")))?;
             let piece = match ty {
-                TokenType::Control | TokenType::UserDefined | TokenType::Unknown | TokenType::Unused => text.clone().into_bytes(),
+                TokenType::Control
+                | TokenType::UserDefined
+                | TokenType::Unknown
+                | TokenType::Unused => text.clone().into_bytes(),
                 // Normal and byte tokens are spelled in the byte-to-unicode alphabet.
                 _ => text
                     .chars()
                     .map(|c| u2b.get(&c).copied())
                     .collect::<Option<Vec<u8>>>()
-                    .ok_or_else(|| bad(format!("token {id} {text:?} is not in the byte-level alphabet")))?,
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "token {id} {text:?} is not in the byte-level alphabet"
+                        ))
+                    })?,
             };
             if matches!(ty, TokenType::Control | TokenType::UserDefined) && !text.is_empty() {
                 specials.push((text.clone().into_bytes(), id as u32, *ty));
@@ -137,35 +163,66 @@ impl Tokenizer {
 
         let mut byte_token = [0u32; 256];
         for (b, c) in b2u.iter().enumerate() {
-            byte_token[b] = *by_text.get(&c.to_string()).ok_or_else(|| bad(format!("no token for byte {b:#04x}")))?;
+            byte_token[b] = *by_text
+                .get(&c.to_string())
+                .ok_or_else(|| bad(format!("no token for byte {b:#04x}")))?;
         }
 
         let mut merges = Map::default();
         for (rank, m) in g.strings("tokenizer.ggml.merges")?.iter().enumerate() {
-            let m = std::str::from_utf8(m).map_err(|_| bad(format!("merge {rank} is not valid UTF-8")))?;
-            let split = m.char_indices().skip(1).find(|(_, c)| *c == ' ').map(|(i, _)| i);
-            let Some(split) = split else { return Err(bad(format!("merge {rank} {m:?} has no space"))) };
+            let m = std::str::from_utf8(m)
+                .map_err(|_| bad(format!("merge {rank} is not valid UTF-8")))?;
+            let split = m
+                .char_indices()
+                .skip(1)
+                .find(|(_, c)| *c == ' ')
+                .map(|(i, _)| i);
+            let Some(split) = split else {
+                return Err(bad(format!("merge {rank} {m:?} has no space")));
+            };
             let (l, r) = (&m[..split], &m[split + 1..]);
             let id = |s: &str| by_text.get(s).copied();
             match (id(l), id(r), by_text.get(&format!("{l}{r}")).copied()) {
                 (Some(a), Some(b), Some(ab)) => {
                     merges.entry((a, b)).or_insert((rank as u32, ab));
                 }
-                _ => return Err(bad(format!("merge {rank} {m:?} names a token the vocabulary lacks"))),
+                _ => {
+                    return Err(bad(format!(
+                        "merge {rank} {m:?} names a token the vocabulary lacks"
+                    )))
+                }
             }
         }
 
-        let end_of_generation = ["<|endoftext|>", "<|im_end|>"].iter().filter_map(|t| by_text.get(*t).copied()).collect();
+        let end_of_generation = ["<|endoftext|>", "<|im_end|>"]
+            .iter()
+            .filter_map(|t| by_text.get(*t).copied())
+            .collect();
         let pre = Regex::new(CL100K_PATTERN).expect("the pattern is valid");
         let mut special_start = [false; 256];
-        specials.iter().for_each(|(text, _, _)| special_start[text[0] as usize] = true);
-        Ok(Tokenizer { pieces, types, by_text, merges, byte_token, specials, special_start, pre, end_of_generation })
+        specials
+            .iter()
+            .for_each(|(text, _, _)| special_start[text[0] as usize] = true);
+        Ok(Tokenizer {
+            pieces,
+            types,
+            by_text,
+            merges,
+            byte_token,
+            specials,
+            special_start,
+            pre,
+            end_of_generation,
+        })
     }
 
     /// The tokenizer of the GGUF file at `path`, reading only its header (not the weights).
     pub fn load(path: &std::path::Path) -> Result<Tokenizer, crate::model::LoadError> {
         let g = crate::gguf::parse_file(path)?;
-        let n_vocab = g.strings("tokenizer.ggml.tokens").map_err(VocabError::from)?.len();
+        let n_vocab = g
+            .strings("tokenizer.ggml.tokens")
+            .map_err(VocabError::from)?
+            .len();
         Ok(Tokenizer::from_gguf(&g, n_vocab)?)
     }
 
@@ -185,7 +242,8 @@ impl Tokenizer {
     /// Token ids of `text`. With `special`, control tokens written in the text (`<|im_end|>`)
     /// become their ids; without, they are plain text. User-defined tokens are always matched.
     pub fn encode(&self, text: &str, special: bool) -> Vec<u32> {
-        self.encode_cancellable(text, special, &AtomicBool::new(false)).expect("never cancelled")
+        self.encode_cancellable(text, special, &AtomicBool::new(false))
+            .expect("never cancelled")
     }
 
     /// Token ids of arbitrary bytes (no special tokens): the valid UTF-8 runs as
@@ -201,7 +259,12 @@ impl Tokenizer {
 
     /// As [`Tokenizer::encode`], giving up (`None`) soon after `cancel` is set: it is checked
     /// between pieces of the text, so a cancel reaches even megabytes of input.
-    pub fn encode_cancellable(&self, text: &str, special: bool, cancel: &AtomicBool) -> Option<Vec<u32>> {
+    pub fn encode_cancellable(
+        &self,
+        text: &str,
+        special: bool,
+        cancel: &AtomicBool,
+    ) -> Option<Vec<u32>> {
         let mut out = Vec::new();
         let bytes = text.as_bytes();
         let mut start = 0;
@@ -271,12 +334,20 @@ impl Tokenizer {
         // when the pair now at its position has another rank (ranks are unique per pair).
         let rank_at = |tok: &[u32], next: &[usize], i: usize| -> Option<(u32, u32)> {
             let j = next[i];
-            (j != NONE).then(|| self.merges.get(&(tok[i], tok[j])).copied()).flatten()
+            (j != NONE)
+                .then(|| self.merges.get(&(tok[i], tok[j])).copied())
+                .flatten()
         };
-        let mut heap: BinaryHeap<Reverse<u64>> = (0..n - 1).filter_map(|i| rank_at(&tok, &next, i).map(|(r, _)| Reverse((r as u64) << 32 | i as u64))).collect();
+        let mut heap: BinaryHeap<Reverse<u64>> = (0..n - 1)
+            .filter_map(|i| {
+                rank_at(&tok, &next, i).map(|(r, _)| Reverse((r as u64) << 32 | i as u64))
+            })
+            .collect();
         while let Some(Reverse(c)) = heap.pop() {
             let (rank, i) = ((c >> 32) as u32, (c & 0xFFFF_FFFF) as usize);
-            let Some((r, merged)) = rank_at(&tok, &next, i) else { continue };
+            let Some((r, merged)) = rank_at(&tok, &next, i) else {
+                continue;
+            };
             if r != rank || tok[i] == u32::MAX {
                 continue;
             }
@@ -311,7 +382,10 @@ impl Tokenizer {
 
     /// Text of a whole token sequence (invalid UTF-8 replaced).
     pub fn decode(&self, ids: &[u32], special: bool) -> String {
-        let bytes: Vec<u8> = ids.iter().flat_map(|&i| self.piece(i, special).iter().copied()).collect();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&i| self.piece(i, special).iter().copied())
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
 }
@@ -321,7 +395,8 @@ pub fn byte_to_unicode() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut n = 0u32;
     for b in 0..256u32 {
-        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable =
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         table[b as usize] = if printable {
             char::from_u32(b).unwrap()
         } else {
@@ -355,7 +430,9 @@ impl StreamDecoder {
                 }
                 Err(e) => {
                     let valid = e.valid_up_to();
-                    out.push_str(std::str::from_utf8(&self.pending[..valid]).expect("valid up to here"));
+                    out.push_str(
+                        std::str::from_utf8(&self.pending[..valid]).expect("valid up to here"),
+                    );
                     match e.error_len() {
                         None => {
                             self.pending.drain(..valid);

@@ -18,8 +18,8 @@ use std::process::Command;
 use std::sync::Arc;
 
 use phi4::model::{LoadParams, Model};
-use phi4::session::{Session, SessionParams};
 use phi4::sample::argmax;
+use phi4::session::{Session, SessionParams};
 
 /// How far apart two logits may be for either token to count. Logits differ across architectures
 /// by rounding, not only in the last bits: each architecture's kernels round activations
@@ -58,7 +58,11 @@ fn other_cli() -> Command {
 
 fn run(mut c: Command, what: &str) -> String {
     let out = c.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -67,13 +71,41 @@ fn run(mut c: Command, what: &str) -> String {
 fn other_greedy(model: &Path, prompt: &[u32], n: usize) -> (Vec<u32>, bool) {
     let ids: Vec<String> = prompt.iter().map(|t| t.to_string()).collect();
     let mut c = other_cli();
-    c.args(["run", "--raw", "--json", "--temperature", "0", "--repeat-penalty", "1"])
-        .args(["--threads", &THREADS.to_string(), "--batch", &N_BATCH.to_string(), "--ctx-size", &N_CTX.to_string()])
-        .args(["-n", &n.to_string(), "--prompt-ids", &ids.join(","), "--model"])
-        .arg(model);
+    c.args([
+        "run",
+        "--raw",
+        "--json",
+        "--temperature",
+        "0",
+        "--repeat-penalty",
+        "1",
+    ])
+    .args([
+        "--threads",
+        &THREADS.to_string(),
+        "--batch",
+        &N_BATCH.to_string(),
+        "--ctx-size",
+        &N_CTX.to_string(),
+    ])
+    .args([
+        "-n",
+        &n.to_string(),
+        "--prompt-ids",
+        &ids.join(","),
+        "--model",
+    ])
+    .arg(model);
     let out = run(c, "other build's phi4 run");
-    let events: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let tokens: Vec<u32> = events.iter().filter_map(|v| v.get("token")?.as_u64()).map(|t| t as u32).collect();
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let tokens: Vec<u32> = events
+        .iter()
+        .filter_map(|v| v.get("token")?.as_u64())
+        .map(|t| t as u32)
+        .collect();
     let stopped = events.last().and_then(|v| v.get("done_reason")?.as_str()) == Some("stop");
     assert!(tokens.len() == n || (stopped && tokens.len() >= 8), "{out}");
     (tokens, stopped)
@@ -88,7 +120,16 @@ fn agree(name: &str, model: &Path, prompt: impl FnOnce(&Model) -> Vec<u32>, n: u
     let m = Arc::new(Model::load(model, LoadParams::default()).unwrap());
     let prompt = &prompt(&m);
     let (theirs, stopped) = other_greedy(model, prompt, n);
-    let mut st = Session::new(m.clone(), &SessionParams { n_ctx: N_CTX, n_batch: N_BATCH, n_threads: THREADS, ..Default::default() }).unwrap();
+    let mut st = Session::new(
+        m.clone(),
+        &SessionParams {
+            n_ctx: N_CTX,
+            n_batch: N_BATCH,
+            n_threads: THREADS,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let mut logits = st.evaluate(prompt).unwrap().to_vec();
     let tol = tolerance(name);
     let (mut same, mut ties, mut worst) = (0, 0, 0f32);
@@ -107,9 +148,17 @@ fn agree(name: &str, model: &Path, prompt: impl FnOnce(&Model) -> Vec<u32>, n: u
     if stopped {
         // The other build chose an end token next: so must this one, ties aside.
         let ours = argmax(&logits);
-        let best_end = m.tokenizer.end_of_generation.iter().map(|&e| logits[e as usize]).fold(f32::MIN, f32::max);
+        let best_end = m
+            .tokenizer
+            .end_of_generation
+            .iter()
+            .map(|&e| logits[e as usize])
+            .fold(f32::MIN, f32::max);
         let gap = logits[ours as usize] - best_end;
-        assert!(gap <= tol, "{name}: other build ended, this one continues with {ours}, {gap} above the end tokens");
+        assert!(
+            gap <= tol,
+            "{name}: other build ended, this one continues with {ours}, {gap} above the end tokens"
+        );
     }
     let n = theirs.len();
     eprintln!("{name}: {same}/{n} same greedy token, {ties} near ties (widest {worst:.4}, tolerance {tol}); cpu: {}", phi4::cpu_features().join(" "));
@@ -118,7 +167,21 @@ fn agree(name: &str, model: &Path, prompt: impl FnOnce(&Model) -> Vec<u32>, n: u
 fn synth(dir: &Path, ftype: &str, seed: u64) -> std::path::PathBuf {
     let p = dir.join(format!("{ftype}.gguf"));
     let mut c = other_cli();
-    c.args(["synth", "--layers", "3", "--heads", "8", "--kv-heads", "2", "--ftype", ftype, "--seed", &seed.to_string(), "-o"]).arg(&p);
+    c.args([
+        "synth",
+        "--layers",
+        "3",
+        "--heads",
+        "8",
+        "--kv-heads",
+        "2",
+        "--ftype",
+        ftype,
+        "--seed",
+        &seed.to_string(),
+        "-o",
+    ])
+    .arg(&p);
     run(c, "other build's phi4 synth");
     p
 }
@@ -126,7 +189,9 @@ fn synth(dir: &Path, ftype: &str, seed: u64) -> std::path::PathBuf {
 /// A synthetic model written by the other build, and a fixed prompt of 24 ids.
 fn synthetic(ftype: &str, model_seed: u64, prompt_seed: u32) {
     let dir = common::tmpdir();
-    let prompt: Vec<u32> = (0..24).map(|i| (i * 37 + prompt_seed * 101 + 11) % 1000).collect();
+    let prompt: Vec<u32> = (0..24)
+        .map(|i| (i * 37 + prompt_seed * 101 + 11) % 1000)
+        .collect();
     agree(ftype, &synth(dir.path(), ftype, model_seed), |_| prompt, 48);
 }
 
@@ -149,5 +214,10 @@ fn f16() {
 #[test]
 fn demo_model() {
     let text = "Python's open() function returns a file object. To read a file";
-    agree("demo", &common::fixture("phi4-tiny-docs.gguf"), |m| m.tokenizer.encode(text, false), 48);
+    agree(
+        "demo",
+        &common::fixture("phi4-tiny-docs.gguf"),
+        |m| m.tokenizer.encode(text, false),
+        48,
+    );
 }

@@ -16,11 +16,20 @@ use phi4::Scheduler;
 use phi4_synth::Spec;
 
 fn params(n_ctx: usize) -> SessionParams {
-    SessionParams { n_ctx, n_batch: 16, n_threads: 2, ..Default::default() }
+    SessionParams {
+        n_ctx,
+        n_batch: 16,
+        n_threads: 2,
+        ..Default::default()
+    }
 }
 
 fn greedy(max_tokens: usize) -> GenerateParams {
-    GenerateParams { sampling: SamplingParams::greedy(), max_tokens, ..Default::default() }
+    GenerateParams {
+        sampling: SamplingParams::greedy(),
+        max_tokens,
+        ..Default::default()
+    }
 }
 
 /// Greedy tokens of `prompt` on a session of its own (up to `n`, or to an end token, which is
@@ -80,7 +89,13 @@ fn same_as_alone(model: &Arc<Model>, prompts: &[Vec<u32>], got: &[Vec<u32>], n: 
         let want = alone(model, p, n);
         let same = |w: u32, g: u32| w == g || (ends.contains(&w) && ends.contains(&g));
         match want.iter().zip(got).position(|(&(w, _), &g)| !same(w, g)) {
-            Some(i) => assert!(want[i].1 < tol, "step {i}: batched {} vs alone {} with a top-2 gap of {}", got[i], want[i].0, want[i].1),
+            Some(i) => assert!(
+                want[i].1 < tol,
+                "step {i}: batched {} vs alone {} with a top-2 gap of {}",
+                got[i],
+                want[i].0,
+                want[i].1
+            ),
             None => assert_eq!(got.len(), want.len()),
         }
     }
@@ -91,10 +106,16 @@ fn same_as_alone(model: &Arc<Model>, prompts: &[Vec<u32>], got: &[Vec<u32>], n: 
 /// sessions per step; under qemu-user, whose emulated sampling is slow next to a step, 1.6.)
 fn assert_batched(s: &Scheduler, prompts: &[Vec<u32>], decoded: usize, at_least: f64) {
     let st = s.steps();
-    let (prompt_tokens, decoded) = (prompts.iter().map(Vec::len).sum::<usize>() as u64, decoded as u64);
+    let (prompt_tokens, decoded) = (
+        prompts.iter().map(Vec::len).sum::<usize>() as u64,
+        decoded as u64,
+    );
     eprintln!("{st:?} for {prompt_tokens} prompt and {decoded} decoded tokens");
     assert_eq!(st.tokens, prompt_tokens + decoded);
-    assert!(st.widest >= 2 && (decoded as f64) >= at_least * (st.steps as f64 - prompts.len() as f64), "{st:?}");
+    assert!(
+        st.widest >= 2 && (decoded as f64) >= at_least * (st.steps as f64 - prompts.len() as f64),
+        "{st:?}"
+    );
 }
 
 /// Tokens evaluated by decode steps: each generated token but the last (and an end token, which
@@ -104,12 +125,22 @@ fn decoded(got: &[Vec<u32>]) -> usize {
 }
 
 fn prompts(n: usize, len: usize) -> Vec<Vec<u32>> {
-    (0..n as u32).map(|k| (0..len as u32).map(|i| (i * 37 + k * 101 + 11) % 1000).collect()).collect()
+    (0..n as u32)
+        .map(|k| {
+            (0..len as u32)
+                .map(|i| (i * 37 + k * 101 + 11) % 1000)
+                .collect()
+        })
+        .collect()
 }
 
 fn synthetic(ftype: &str, seed: u64) {
     let dir = common::tmpdir();
-    let path = common::synth_model(dir.path(), "m.gguf", &Spec::small(2, common::ftype(ftype), seed));
+    let path = common::synth_model(
+        dir.path(),
+        "m.gguf",
+        &Spec::small(2, common::ftype(ftype), seed),
+    );
     let model = Arc::new(Model::load(&path, LoadParams::default()).unwrap());
     let scheduler = Scheduler::new(model.clone(), 2, 4).unwrap();
     let ps = prompts(4, 20);
@@ -117,7 +148,13 @@ fn synthetic(ftype: &str, seed: u64) {
     // Batching changes summation order at most: the parity tests' tolerance for quantized
     // weights (tests/parity.rs); f16 products over several columns take another kernel on ARM
     // (differences up to 1.2e-4 measured under qemu), hence 1e-3.
-    same_as_alone(&model, &ps, &got, 24, if ftype == "f16" { 1e-3 } else { 2e-2 });
+    same_as_alone(
+        &model,
+        &ps,
+        &got,
+        24,
+        if ftype == "f16" { 1e-3 } else { 2e-2 },
+    );
     assert_batched(&scheduler, &ps, decoded(&got), 1.25);
 }
 
@@ -137,19 +174,36 @@ fn f16_sessions_decode_together_as_alone() {
 }
 
 fn demo() -> Arc<Model> {
-    Arc::new(Model::load(&common::fixture("phi4-tiny-docs.gguf"), LoadParams::default()).unwrap())
+    Arc::new(
+        Model::load(
+            &common::fixture("phi4-tiny-docs.gguf"),
+            LoadParams::default(),
+        )
+        .unwrap(),
+    )
 }
 
 /// A user turn in Phi-4's chat format, ready for the reply.
 fn chat_prompt(model: &Model, text: &str) -> Vec<u32> {
     let markers = Markers::of(&model.tokenizer).unwrap();
-    chat::tokens(&model.tokenizer, markers, &[Message::new(Role::User, text)], true)
+    chat::tokens(
+        &model.tokenizer,
+        markers,
+        &[Message::new(Role::User, text)],
+        true,
+    )
 }
 
 #[test]
 fn demo_chats_on_a_scheduler_are_the_lone_replies() {
     let model = demo();
-    let texts = ["How do I open a file?", "What is a list comprehension?", "Explain the with statement.", "How do I sort a dictionary by value?", "What does yield do?"];
+    let texts = [
+        "How do I open a file?",
+        "What is a list comprehension?",
+        "Explain the with statement.",
+        "How do I sort a dictionary by value?",
+        "What does yield do?",
+    ];
     let ps: Vec<Vec<u32>> = texts.iter().map(|t| chat_prompt(&model, t)).collect();
     let scheduler = Scheduler::new(model.clone(), 2, 8).unwrap();
     let got = together(&scheduler, &ps, 40);
@@ -180,7 +234,11 @@ fn sessions_come_and_go_while_others_decode() {
         let got = t.join().unwrap();
         same_as_alone(&model, &ps[k..=k], &[got], 10 + 6 * k, 1e-4);
     }
-    assert_eq!(scheduler.steps().widest, 2, "steps take at most max_batch sessions, and took that many");
+    assert_eq!(
+        scheduler.steps().widest,
+        2,
+        "steps take at most max_batch sessions, and took that many"
+    );
 }
 
 #[test]
@@ -207,7 +265,10 @@ fn cancel_and_drop_mid_batch_leave_the_others_going() {
         true
     });
     assert_eq!(out.unwrap().reason, DoneReason::Cancelled);
-    assert!(seen <= 6, "cancel takes effect within a step ({seen} tokens)");
+    assert!(
+        seen <= 6,
+        "cancel takes effect within a step ({seen} tokens)"
+    );
     drop(doomed);
     drop(scheduler);
     // The other session still holds the scheduler and finishes its reply, as it would alone.
@@ -219,7 +280,12 @@ fn cancel_and_drop_mid_batch_leave_the_others_going() {
 #[test]
 fn bad_scheduler_parameters_are_errors() {
     let model = demo();
-    for (threads, batch) in [(0, 4), (2, 0), (2, phi4::scheduler::MAX_BATCH + 1), (100_000, 4)] {
+    for (threads, batch) in [
+        (0, 4),
+        (2, 0),
+        (2, phi4::scheduler::MAX_BATCH + 1),
+        (100_000, 4),
+    ] {
         match Scheduler::new(model.clone(), threads, batch) {
             Err(SessionError::BadParams(m)) => assert!(m.contains("must be"), "{m}"),
             Err(e) => panic!("{threads}/{batch}: {e}"),
@@ -227,10 +293,19 @@ fn bad_scheduler_parameters_are_errors() {
         }
     }
     let s = Scheduler::new(model.clone(), 2, 4).unwrap();
-    let bad = SessionParams { n_ctx: 1 << 20, ..params(0) };
-    assert!(matches!(Session::with_scheduler(&s, &bad), Err(SessionError::BadParams(_))));
+    let bad = SessionParams {
+        n_ctx: 1 << 20,
+        ..params(0)
+    };
+    assert!(matches!(
+        Session::with_scheduler(&s, &bad),
+        Err(SessionError::BadParams(_))
+    ));
     let ok = Session::with_scheduler(&s, &params(64)).unwrap();
-    assert!(std::ptr::eq(ok.scheduler().unwrap().model().as_ref(), model.as_ref()));
+    assert!(std::ptr::eq(
+        ok.scheduler().unwrap().model().as_ref(),
+        model.as_ref()
+    ));
     assert_eq!(ok.memory().1, 0, "the compute buffer is the scheduler's");
     assert!(s.compute_buffer_size() > 0);
 }

@@ -21,20 +21,51 @@ fn c_api_tests_pass_and_are_clean_under_valgrind() {
     let exe = common::build_c(dir.path(), "api_test.c", "api_test", &[]);
     let bad = malformed(dir.path());
     let demo = common::fixture("phi4-tiny-docs.gguf");
-    let quantized = common::synth_model(dir.path(), "q.gguf", &Spec::small(1, common::ftype("q4_k_m"), 3));
+    let quantized = common::synth_model(
+        dir.path(),
+        "q.gguf",
+        &Spec::small(1, common::ftype("q4_k_m"), 3),
+    );
 
-    let out = common::target_command(&exe).arg(&demo).arg(&bad).arg(&quantized).output().unwrap();
+    let out = common::target_command(&exe)
+        .arg(&demo)
+        .arg(&bad)
+        .arg(&quantized)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.trim_end().ends_with(" passed, 0 failed"), "{stdout}");
     // The kernels in use: ggml repacks Q4_K for its AVX2 and its ARM dotprod kernels, and has
     // no repacked Q4_K layout for plain NEON (Raspberry Pi 4).
-    let line = |key: &str| stdout.lines().find_map(|l| l.strip_prefix(key)).unwrap_or_else(|| panic!("no {key} in {stdout}")).to_string();
-    let (features, repacked, kernels) = (line("cpu features: "), line("repacked: "), line("cpu kernels: "));
+    let line = |key: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in {stdout}"))
+            .to_string()
+    };
+    let (features, repacked, kernels) = (
+        line("cpu features: "),
+        line("repacked: "),
+        line("cpu kernels: "),
+    );
     eprintln!("cpu kernels: {kernels} ({features}); repacked: {repacked}");
-    assert_eq!(kernels, phi4::cpu_variant(), "a C program gets the kernels this process chose");
+    assert_eq!(
+        kernels,
+        phi4::cpu_variant(),
+        "a C program gets the kernels this process chose"
+    );
     let fast_q4_k = features.split(' ').any(|f| f == "AVX2" || f == "DOTPROD");
-    assert_eq!(repacked.contains("q4_K tensors into CPU_REPACK"), fast_q4_k, "{features}: {repacked}");
+    assert_eq!(
+        repacked.contains("q4_K tensors into CPU_REPACK"),
+        fast_q4_k,
+        "{features}: {repacked}"
+    );
 
     if common::runner().is_some() {
         eprintln!("under an emulator: valgrind runs in the native test run");
@@ -44,7 +75,12 @@ fn c_api_tests_pass_and_are_clean_under_valgrind() {
         panic!("valgrind is not installed (the README's set-up installs it)");
     }
     let out = Command::new("valgrind")
-        .args(["--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite", "--show-leak-kinds=definite"])
+        .args([
+            "--error-exitcode=99",
+            "--leak-check=full",
+            "--errors-for-leak-kinds=definite",
+            "--show-leak-kinds=definite",
+        ])
         .arg(&exe)
         .arg(&demo)
         .arg(&bad)
@@ -52,7 +88,14 @@ fn c_api_tests_pass_and_are_clean_under_valgrind() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "valgrind: {}", &err[err.len().saturating_sub(4000)..]);
+    assert!(
+        out.status.success(),
+        "valgrind: {}",
+        &err[err.len().saturating_sub(4000)..]
+    );
     assert!(err.contains("ERROR SUMMARY: 0 errors"), "{err}");
-    assert!(err.contains("definitely lost: 0 bytes") || err.contains("no leaks are possible"), "{err}");
+    assert!(
+        err.contains("definitely lost: 0 bytes") || err.contains("no leaks are possible"),
+        "{err}"
+    );
 }

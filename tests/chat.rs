@@ -16,8 +16,14 @@ fn conversation(system: bool) -> Vec<Message> {
     if system {
         m.push(Message::new(Role::System, "You are a medieval knight."));
     }
-    m.push(Message::new(Role::User, "How should I explain the Internet?"));
-    m.push(Message::new(Role::Assistant, "As a vast library,\nopen to all."));
+    m.push(Message::new(
+        Role::User,
+        "How should I explain the Internet?",
+    ));
+    m.push(Message::new(
+        Role::Assistant,
+        "As a vast library,\nopen to all.",
+    ));
     m.push(Message::new(Role::User, "And email?"));
     m
 }
@@ -48,7 +54,10 @@ fn tokens_equal_the_rendered_template_tokenized_by_llama_cpp() {
     for system in [false, true] {
         for gen in [false, true] {
             let msgs = conversation(system);
-            assert_eq!(chat::tokens(&tok, markers, &msgs, gen), rf.tokenize(&chat::render(&msgs, gen), true));
+            assert_eq!(
+                chat::tokens(&tok, markers, &msgs, gen),
+                rf.tokenize(&chat::render(&msgs, gen), true)
+            );
         }
     }
 }
@@ -62,5 +71,8 @@ fn markers_typed_by_a_user_cannot_forge_a_turn() {
     let specials: Vec<u32> = ids.iter().copied().filter(|&t| t >= 100256).collect();
     // Only the template's own markers: start, sep, end for the user turn, start, sep to reply.
     assert_eq!(specials, vec![100264, 100266, 100265, 100264, 100266]);
-    assert_eq!(tok.decode(&ids, true), chat::render(&[Message::new(Role::User, evil)], true));
+    assert_eq!(
+        tok.decode(&ids, true),
+        chat::render(&[Message::new(Role::User, evil)], true)
+    );
 }

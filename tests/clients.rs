@@ -8,9 +8,15 @@ mod common;
 use std::process::Command;
 
 fn run(what: &str, mut c: Command) {
-    let out = c.output().unwrap_or_else(|e| panic!("{what}: {e} (run .ci/setup)"));
+    let out = c
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: {e} (run .ci/setup)"));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{what}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{what}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     eprint!("{stdout}");
 }
 
@@ -24,9 +30,11 @@ fn official_clients_work_unchanged() {
     let base = s.url("");
     let python = common::root().join("target/clients/venv/bin/python");
     let mut py = Command::new(&python);
-    py.arg(common::root().join("tests/clients/python_clients.py")).arg(&base);
+    py.arg(common::root().join("tests/clients/python_clients.py"))
+        .arg(&base);
     run("python clients", py);
     let mut js = Command::new("node");
-    js.arg(common::root().join("tests/clients/js_clients.mjs")).arg(&base);
+    js.arg(common::root().join("tests/clients/js_clients.mjs"))
+        .arg(&base);
     run("ollama-js", js);
 }

@@ -16,13 +16,22 @@ use phi4_synth::{Spec, Vocab};
 use serde_json::{json, Value};
 
 fn demo() -> Arc<Model> {
-    Arc::new(Model::load(&common::fixture("phi4-tiny-docs.gguf"), LoadParams::default()).unwrap())
+    Arc::new(
+        Model::load(
+            &common::fixture("phi4-tiny-docs.gguf"),
+            LoadParams::default(),
+        )
+        .unwrap(),
+    )
 }
 
 /// Two small layers over Phi-4's own vocabulary (kept in memory; the file is removed).
 fn real_vocab() -> Arc<Model> {
     let dir = common::tmpdir();
-    let spec = Spec { vocab: Vocab::From(common::fixture("phi4-vocab.gguf")), ..Spec::small(2, common::ftype("q8_0"), 7) };
+    let spec = Spec {
+        vocab: Vocab::From(common::fixture("phi4-vocab.gguf")),
+        ..Spec::small(2, common::ftype("q8_0"), 7)
+    };
     let path = common::synth_model(dir.path(), "vocab.gguf", &spec);
     Arc::new(Model::load(&path, LoadParams::default()).unwrap())
 }
@@ -40,17 +49,39 @@ fn models() -> Vec<(&'static str, Arc<Model>)> {
 
 /// Temperatures and seeds: fewer under an emulator.
 fn draws(all: &[(f32, u64)]) -> Vec<(f32, u64)> {
-    let n = if common::runner().is_some() { 2 } else { all.len() };
+    let n = if common::runner().is_some() {
+        2
+    } else {
+        all.len()
+    };
     all[..n].to_vec()
 }
 
 fn session(m: &Arc<Model>) -> Session {
-    Session::new(m.clone(), &SessionParams { n_ctx: 1024, n_batch: 64, n_threads: 2, ..Default::default() }).unwrap()
+    Session::new(
+        m.clone(),
+        &SessionParams {
+            n_ctx: 1024,
+            n_batch: 64,
+            n_threads: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 fn params(c: Constraint, temperature: f32, seed: u64, max_tokens: usize) -> GenerateParams {
-    let sampling = SamplingParams { temperature, seed: Some(seed), ..SamplingParams::default() };
-    GenerateParams { sampling, max_tokens, constraint: Some(c), ..Default::default() }
+    let sampling = SamplingParams {
+        temperature,
+        seed: Some(seed),
+        ..SamplingParams::default()
+    };
+    GenerateParams {
+        sampling,
+        max_tokens,
+        constraint: Some(c),
+        ..Default::default()
+    }
 }
 
 /// A chat turn; the streamed pieces joined must be the outcome's text.
@@ -104,11 +135,25 @@ fn replies_validate_against_their_schema() {
         for schema in schemas() {
             let validator = jsonschema::validator_for(&schema).unwrap();
             for (temperature, seed) in draws(&[(0.0, 0), (1.0, 2), (0.7, 1), (1.5, 3)]) {
-                let gp = params(Constraint::JsonSchema(schema.to_string()), temperature, seed, 400);
+                let gp = params(
+                    Constraint::JsonSchema(schema.to_string()),
+                    temperature,
+                    seed,
+                    400,
+                );
                 let out = ask(&mut s, "Report the sensor state as JSON.", &gp).unwrap();
-                assert_eq!(out.reason, DoneReason::Stop, "{name}, t={temperature}: {:?}", out.text);
-                let v: Value = serde_json::from_str(&out.text).unwrap_or_else(|e| panic!("{name}, t={temperature}: {e}: {:?}", out.text));
-                assert!(validator.is_valid(&v), "{name}, t={temperature}, {schema}: {v}");
+                assert_eq!(
+                    out.reason,
+                    DoneReason::Stop,
+                    "{name}, t={temperature}: {:?}",
+                    out.text
+                );
+                let v: Value = serde_json::from_str(&out.text)
+                    .unwrap_or_else(|e| panic!("{name}, t={temperature}: {e}: {:?}", out.text));
+                assert!(
+                    validator.is_valid(&v),
+                    "{name}, t={temperature}, {schema}: {v}"
+                );
                 eprintln!("{name}, t={temperature}: {v}");
             }
         }
@@ -120,9 +165,15 @@ fn json_mode_gives_an_object() {
     let m = demo();
     let mut s = session(&m);
     for (temperature, seed) in [(0.0, 0), (0.8, 5)] {
-        let out = ask(&mut s, "Describe a Python list as JSON.", &params(Constraint::Json, temperature, seed, 300)).unwrap();
+        let out = ask(
+            &mut s,
+            "Describe a Python list as JSON.",
+            &params(Constraint::Json, temperature, seed, 300),
+        )
+        .unwrap();
         if out.reason == DoneReason::Stop {
-            let v: Value = serde_json::from_str(&out.text).unwrap_or_else(|e| panic!("{e}: {:?}", out.text));
+            let v: Value =
+                serde_json::from_str(&out.text).unwrap_or_else(|e| panic!("{e}: {:?}", out.text));
             assert!(v.is_object(), "{v}");
         } else {
             // Cut at max_tokens: a prefix of an object.
@@ -139,7 +190,12 @@ fn regex_replies_match() {
     for (_, m) in models() {
         let mut s = session(&m);
         for (temperature, seed) in draws(&[(0.0, 0), (1.0, 1), (1.5, 2)]) {
-            let out = ask(&mut s, "A phone number?", &params(Constraint::Regex(rx.into()), temperature, seed, 100)).unwrap();
+            let out = ask(
+                &mut s,
+                "A phone number?",
+                &params(Constraint::Regex(rx.into()), temperature, seed, 100),
+            )
+            .unwrap();
             assert_eq!(out.reason, DoneReason::Stop);
             assert!(check.is_match(&out.text), "{:?}", out.text);
         }
@@ -202,7 +258,12 @@ fn grammar_replies_parse() {
         let mut s = session(&m);
         let mut finished = 0;
         for (temperature, seed) in [(0.0, 0), (0.8, 1), (1.0, 2), (1.2, 3)] {
-            let out = ask(&mut s, "Write a sum.", &params(Constraint::Lark(ARITHMETIC.into()), temperature, seed, 60)).unwrap();
+            let out = ask(
+                &mut s,
+                "Write a sum.",
+                &params(Constraint::Lark(ARITHMETIC.into()), temperature, seed, 60),
+            )
+            .unwrap();
             // The grammar allows endless sums, so the reply ends when the model ends it (or at
             // max_tokens, as a prefix of a valid one).
             if out.reason == DoneReason::Stop {
@@ -210,7 +271,13 @@ fn grammar_replies_parse() {
                 assert!(arithmetic(&out.text), "{:?}", out.text);
             } else {
                 assert_eq!(out.reason, DoneReason::Length);
-                assert!(out.text.bytes().all(|c| c.is_ascii_digit() || b"+-*()".contains(&c)), "{:?}", out.text);
+                assert!(
+                    out.text
+                        .bytes()
+                        .all(|c| c.is_ascii_digit() || b"+-*()".contains(&c)),
+                    "{:?}",
+                    out.text
+                );
             }
         }
         assert!(finished > 0, "no reply ended by itself");
@@ -230,34 +297,63 @@ fn unicode_in_json_strings_stays_valid() {
     let validator = jsonschema::validator_for(&schema).unwrap();
     let mut split = 0;
     for (temperature, seed) in draws(&[(1.0, 1), (2.0, 3), (0.0, 0), (1.5, 2)]) {
-        let gp = params(Constraint::JsonSchema(schema.to_string()), temperature, seed, 200);
+        let gp = params(
+            Constraint::JsonSchema(schema.to_string()),
+            temperature,
+            seed,
+            200,
+        );
         let mut pieces = Vec::new();
-        let out = s.chat(&[Message::new(Role::User, "Say hello.")], &gp, &mut |id, piece| {
-            pieces.push((id, piece.to_string()));
-            true
-        }).unwrap();
+        let out = s
+            .chat(
+                &[Message::new(Role::User, "Say hello.")],
+                &gp,
+                &mut |id, piece| {
+                    pieces.push((id, piece.to_string()));
+                    true
+                },
+            )
+            .unwrap();
         assert_eq!(out.reason, DoneReason::Stop, "{:?}", out.text);
         let v: Value = serde_json::from_str(&out.text).unwrap();
         assert!(validator.is_valid(&v), "{v}");
         // A token that ends inside a character streams nothing; the next one brings it whole.
-        split += pieces.iter().filter(|(id, p)| id.is_some() && p.is_empty()).count();
+        split += pieces
+            .iter()
+            .filter(|(id, p)| id.is_some() && p.is_empty())
+            .count();
     }
-    assert!(split > 0, "no character was split across tokens: the test did not test that");
+    assert!(
+        split > 0,
+        "no character was split across tokens: the test did not test that"
+    );
 }
 
 #[test]
 fn a_bad_constraint_is_an_error_before_any_work() {
     let m = demo();
     let mut s = session(&m);
-    let ok = GenerateParams { sampling: SamplingParams::greedy(), max_tokens: 8, ..Default::default() };
+    let ok = GenerateParams {
+        sampling: SamplingParams::greedy(),
+        max_tokens: 8,
+        ..Default::default()
+    };
     ask(&mut s, "What is a list?", &ok).unwrap();
     let before = s.history().to_vec();
     let bad = [
         (Constraint::JsonSchema("{\"type\": ".into()), "not JSON"),
-        (Constraint::JsonSchema(json!({ "type": "integer", "minimum": 5, "maximum": 1 }).to_string()), "JSON schema"),
+        (
+            Constraint::JsonSchema(
+                json!({ "type": "integer", "minimum": 5, "maximum": 1 }).to_string(),
+            ),
+            "JSON schema",
+        ),
         (Constraint::JsonSchema("[1, 2]".into()), "must be an object"),
         (Constraint::Regex("(unclosed".into()), "regex"),
-        (Constraint::Lark("start: undefined_rule".into()), "undefined_rule"),
+        (
+            Constraint::Lark("start: undefined_rule".into()),
+            "undefined_rule",
+        ),
         (Constraint::Lark("this is not lark".into()), "grammar"),
     ];
     for (c, says) in bad {
@@ -267,7 +363,12 @@ fn a_bad_constraint_is_an_error_before_any_work() {
         assert_eq!(s.history(), before, "the session is untouched");
     }
     // And the session goes on, constrained or not.
-    let out = ask(&mut s, "What is a list?", &params(Constraint::Regex("(yes|no)".into()), 0.0, 0, 8)).unwrap();
+    let out = ask(
+        &mut s,
+        "What is a list?",
+        &params(Constraint::Regex("(yes|no)".into()), 0.0, 0, 8),
+    )
+    .unwrap();
     assert!(out.text == "yes" || out.text == "no", "{:?}", out.text);
     ask(&mut s, "What is a list?", &ok).unwrap();
 }
@@ -281,20 +382,41 @@ fn open_schemas_are_read_as_ollama_reads_them() {
     let mut s = session(&m);
     let schema = json!({ "type": "object", "properties": { "n": { "type": "integer" }, "items": { "type": "array", "items": { "type": "object", "properties": { "k": { "type": "boolean" } } }, "maxItems": 2 } }, "required": ["n", "items"] });
     for seed in 0..4 {
-        let out = ask(&mut s, "Numbers.", &params(Constraint::JsonSchema(schema.to_string()), 1.0, seed, 300)).unwrap();
+        let out = ask(
+            &mut s,
+            "Numbers.",
+            &params(Constraint::JsonSchema(schema.to_string()), 1.0, seed, 300),
+        )
+        .unwrap();
         assert_eq!(out.reason, DoneReason::Stop, "{:?}", out.text);
         let v: Value = serde_json::from_str(&out.text).unwrap();
         let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
         assert_eq!(keys, ["n", "items"], "{v}");
-        assert!(v["n"].as_i64().is_some_and(|n| n.unsigned_abs() < 1 << 53), "{v}");
-        assert!(v["items"].as_array().unwrap().iter().all(|i| i.as_object().unwrap().keys().all(|k| k == "k")), "{v}");
+        assert!(
+            v["n"].as_i64().is_some_and(|n| n.unsigned_abs() < 1 << 53),
+            "{v}"
+        );
+        assert!(
+            v["items"].as_array().unwrap().iter().all(|i| i
+                .as_object()
+                .unwrap()
+                .keys()
+                .all(|k| k == "k")),
+            "{v}"
+        );
     }
     // Keys a schema allows by pattern stay allowed.
     let open = json!({ "type": "object", "properties": { "a": { "type": "boolean" } }, "patternProperties": { "^x[0-9]$": { "type": "integer", "minimum": 0, "maximum": 9 } }, "required": ["a"] });
     let validator = jsonschema::validator_for(&open).unwrap();
     let extra = (0..6).any(|seed| {
-        let out = ask(&mut s, "More.", &params(Constraint::JsonSchema(open.to_string()), 1.0, seed, 300)).unwrap();
-        let v: Value = serde_json::from_str(&out.text).unwrap_or_else(|e| panic!("{e}: {:?}", out.text));
+        let out = ask(
+            &mut s,
+            "More.",
+            &params(Constraint::JsonSchema(open.to_string()), 1.0, seed, 300),
+        )
+        .unwrap();
+        let v: Value =
+            serde_json::from_str(&out.text).unwrap_or_else(|e| panic!("{e}: {:?}", out.text));
         assert!(validator.is_valid(&v), "{v}");
         v.as_object().unwrap().len() > 1
     });
@@ -307,10 +429,22 @@ fn max_tokens_cuts_a_valid_prefix() {
     let m = demo();
     let mut s = session(&m);
     let schema = json!({ "type": "object", "properties": { "items": { "type": "array", "items": { "type": "integer" }, "minItems": 20 } }, "required": ["items"] });
-    let out = ask(&mut s, "Count.", &params(Constraint::JsonSchema(schema.to_string()), 0.0, 0, 16)).unwrap();
-    assert_eq!((out.reason, out.timings.eval_count), (DoneReason::Length, 16));
+    let out = ask(
+        &mut s,
+        "Count.",
+        &params(Constraint::JsonSchema(schema.to_string()), 0.0, 0, 16),
+    )
+    .unwrap();
+    assert_eq!(
+        (out.reason, out.timings.eval_count),
+        (DoneReason::Length, 16)
+    );
     let (t, head) = (out.text.as_str(), "{\"items\": [");
-    let valid = head.starts_with(t) || t.strip_prefix(head).is_some_and(|rest| rest.chars().all(|c| c.is_ascii_digit() || ", -".contains(c)));
+    let valid = head.starts_with(t)
+        || t.strip_prefix(head).is_some_and(|rest| {
+            rest.chars()
+                .all(|c| c.is_ascii_digit() || ", -".contains(c))
+        });
     assert!(valid, "{t:?}");
     eprintln!("cut after 16 tokens: {t:?}");
 }

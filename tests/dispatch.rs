@@ -14,16 +14,30 @@ pub const AVX2_ONLY_CPU: &str = "Haswell-v4";
 /// What `phi4 info` says of the kernels, run by `c`.
 fn kernels_line(mut c: Command) -> String {
     let out = c.arg("info").output().expect("phi4 info");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
-    text.lines().find_map(|l| l.strip_prefix("cpu kernels: ")).unwrap_or_else(|| panic!("{text}")).to_string()
+    text.lines()
+        .find_map(|l| l.strip_prefix("cpu kernels: "))
+        .unwrap_or_else(|| panic!("{text}"))
+        .to_string()
 }
 
 #[test]
 fn the_best_variant_the_machine_runs_is_chosen() {
     let all = phi4::cpu_variants();
-    eprintln!("variants: {all:?}; chosen: {} ({})", phi4::cpu_variant(), phi4::cpu_features().join(" "));
-    assert!(all.last().is_some_and(|(_, ok)| *ok), "the baseline always runs: {all:?}");
+    eprintln!(
+        "variants: {all:?}; chosen: {} ({})",
+        phi4::cpu_variant(),
+        phi4::cpu_features().join(" ")
+    );
+    assert!(
+        all.last().is_some_and(|(_, ok)| *ok),
+        "the baseline always runs: {all:?}"
+    );
     let best = all.iter().find(|(_, ok)| *ok).unwrap().0;
     assert_eq!(phi4::cpu_variant(), best);
     if let Ok(want) = std::env::var("PHI4_EXPECT_CPU_VARIANT") {
@@ -42,7 +56,11 @@ fn a_variant_the_machine_runs_may_be_asked_for_and_others_are_not_taken() {
         if ok {
             assert_eq!(got, name);
         } else {
-            assert_eq!(got, phi4::cpu_variant(), "{name} is not supported here: the best one runs");
+            assert_eq!(
+                got,
+                phi4::cpu_variant(),
+                "{name} is not supported here: the best one runs"
+            );
         }
     }
 }

@@ -9,7 +9,12 @@ use std::process::Command;
 fn generate() -> String {
     let config = cbindgen::Config::from_file(common::root().join("cbindgen.toml")).unwrap();
     let mut out = Vec::new();
-    cbindgen::Builder::new().with_src(common::root().join("src/ffi/mod.rs")).with_config(config).generate().expect("cbindgen").write(&mut out);
+    cbindgen::Builder::new()
+        .with_src(common::root().join("src/ffi/mod.rs"))
+        .with_config(config)
+        .generate()
+        .expect("cbindgen")
+        .write(&mut out);
     String::from_utf8(out).unwrap()
 }
 
@@ -34,10 +39,22 @@ fn header_compiles_as_c99_and_cpp() {
         let lang: &[&str] = if cc == "c++" { &["-x", "c++"] } else { &[] };
         let out = Command::new(cc)
             .args(lang)
-            .args([std, "-Wall", "-Wextra", "-Wpedantic", "-Werror", "-fsyntax-only", &inc])
+            .args([
+                std,
+                "-Wall",
+                "-Wextra",
+                "-Wpedantic",
+                "-Werror",
+                "-fsyntax-only",
+                &inc,
+            ])
             .arg(&src)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{cc} {std}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{cc} {std}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

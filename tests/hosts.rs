@@ -7,14 +7,23 @@ mod common;
 use std::process::{Command, Output};
 
 fn ok(out: Output, what: &str) -> String {
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "{what}: {text}");
     text
 }
 
 fn link_args() -> Vec<String> {
     let d = common::dist();
-    vec![format!("-I{}", common::root().join("include").display()), format!("-L{}", d.display()), format!("-Wl,-rpath,{}", d.display()), "-lphi4".into()]
+    vec![
+        format!("-I{}", common::root().join("include").display()),
+        format!("-L{}", d.display()),
+        format!("-Wl,-rpath,{}", d.display()),
+        "-lphi4".into(),
+    ]
 }
 
 #[test]
@@ -23,14 +32,31 @@ fn cpp_wrapper_program() {
     let exe = dir.path().join("chat");
     let src = common::root().join("examples/cpp/chat.cpp");
     ok(
-        Command::new(common::tool("c++")).args(["-std=c++17", "-Wall", "-Wextra", "-Wpedantic", "-Werror"]).arg(&src).args(link_args()).arg("-o").arg(&exe).output().unwrap(),
+        Command::new(common::tool("c++"))
+            .args(["-std=c++17", "-Wall", "-Wextra", "-Wpedantic", "-Werror"])
+            .arg(&src)
+            .args(link_args())
+            .arg("-o")
+            .arg(&exe)
+            .output()
+            .unwrap(),
         "c++",
     );
-    let out = common::target_command(&exe).arg(common::fixture("phi4-tiny-docs.gguf")).arg("How do I open a file?").output().unwrap();
+    let out = common::target_command(&exe)
+        .arg(common::fixture("phi4-tiny-docs.gguf"))
+        .arg("How do I open a file?")
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let text = ok(out, "chat");
-    assert!(stdout.split_whitespace().count() >= 3, "a streamed reply: {stdout:?}");
-    assert!(text.contains("done reason 1") && text.contains("expected error (3)"), "{text}");
+    assert!(
+        stdout.split_whitespace().count() >= 3,
+        "a streamed reply: {stdout:?}"
+    );
+    assert!(
+        text.contains("done reason 1") && text.contains("expected error (3)"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -45,14 +71,22 @@ fn go_package_tests() {
             Some("aarch64") => "arm64",
             other => panic!("no Go architecture for {other:?}"),
         };
-        go.env("GOARCH", arch).env("CGO_ENABLED", "1").env("CC", common::tool("cc"));
+        go.env("GOARCH", arch)
+            .env("CGO_ENABLED", "1")
+            .env("CC", common::tool("cc"));
         go.arg(format!("-exec={}", runner.join(" ")));
     }
     let out = go
         .arg("./...")
         .current_dir(common::root().join("examples/go"))
-        .env("CGO_CFLAGS", format!("-I{}", common::root().join("include").display()))
-        .env("CGO_LDFLAGS", format!("-L{} -Wl,-rpath,{}", d.display(), d.display()))
+        .env(
+            "CGO_CFLAGS",
+            format!("-I{}", common::root().join("include").display()),
+        )
+        .env(
+            "CGO_LDFLAGS",
+            format!("-L{} -Wl,-rpath,{}", d.display(), d.display()),
+        )
         .env("GOCACHE", cache.path().join("cache"))
         .env("GOPATH", cache.path().join("path"))
         .env("GOFLAGS", "-mod=mod")
@@ -76,7 +110,10 @@ fn swift_module_map_imports_with_clang_modules() {
     ok(
         clang
             .arg("-fmodules")
-            .arg(format!("-fmodules-cache-path={}", dir.path().join("mc").display()))
+            .arg(format!(
+                "-fmodules-cache-path={}",
+                dir.path().join("mc").display()
+            ))
             .arg(format!("-fmodule-map-file={}", map.display()))
             .args(["-Wall", "-Werror"])
             .arg(common::root().join("tests/c/module_import.c"))
@@ -87,6 +124,12 @@ fn swift_module_map_imports_with_clang_modules() {
             .unwrap(),
         "clang -fmodules",
     );
-    let text = ok(common::target_command(&exe).arg(common::fixture("phi4-tiny-docs.gguf")).output().unwrap(), "module_import");
+    let text = ok(
+        common::target_command(&exe)
+            .arg(common::fixture("phi4-tiny-docs.gguf"))
+            .output()
+            .unwrap(),
+        "module_import",
+    );
     assert!(text.contains("via module CPhi4: load ok"), "{text}");
 }

@@ -46,7 +46,16 @@ fn decoding_does_not_grow_memory() {
     let spec = Spec::small(2, common::ftype("q4_0"), 9);
     let path = common::synth_model(dir.path(), "m.gguf", &spec);
     let model = Arc::new(Model::load(&path, LoadParams::default()).unwrap());
-    let mut st = Session::new(model, &SessionParams { n_ctx: 1024, n_batch: 64, n_threads: 2, ..Default::default() }).unwrap();
+    let mut st = Session::new(
+        model,
+        &SessionParams {
+            n_ctx: 1024,
+            n_batch: 64,
+            n_threads: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let buffer = st.memory().1;
 
     let prompt: Vec<u32> = (0..100).collect();
@@ -67,7 +76,11 @@ fn decoding_does_not_grow_memory() {
     }
     let (heap1, rss1) = (LIVE.load(Ordering::Relaxed), rss_bytes());
     assert_eq!(heap1, heap0, "Rust heap grew while decoding");
-    assert_eq!(st.memory().1, buffer, "the compute buffer was re-planned larger");
+    assert_eq!(
+        st.memory().1,
+        buffer,
+        "the compute buffer was re-planned larger"
+    );
     if common::runner().is_some() {
         // Under qemu-user /proc/self/statm is the emulator's, whose translated code grows.
         eprintln!("under an emulator: RSS is checked in the native test run");
@@ -76,7 +89,12 @@ fn decoding_does_not_grow_memory() {
     // The only memory allowed to become resident: the KV cache rows just written
     // (2 layers x K and V x 128 f16 per token), plus a few pages of slack.
     let kv_written = (pos - pos0) as i64 * 2 * 2 * 128 * 2;
-    assert!(rss1 - rss0 <= kv_written + 64 * 4096, "RSS grew {} bytes for {} bytes of cache", rss1 - rss0, kv_written);
+    assert!(
+        rss1 - rss0 <= kv_written + 64 * 4096,
+        "RSS grew {} bytes for {} bytes of cache",
+        rss1 - rss0,
+        kv_written
+    );
 }
 
 /// Many conversations on one session do not accumulate: what the session keeps of its replies
@@ -85,21 +103,59 @@ fn decoding_does_not_grow_memory() {
 fn finished_replies_do_not_accumulate() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     use phi4::chat::{Message, Role};
-    let model = Arc::new(Model::load(&common::fixture("phi4-tiny-docs.gguf"), LoadParams::default()).unwrap());
-    let mut s = Session::new(model, &SessionParams { n_ctx: 512, n_batch: 64, n_threads: 2, ..Default::default() }).unwrap();
-    let gp = phi4::GenerateParams { sampling: phi4::SamplingParams { seed: Some(1), ..Default::default() }, max_tokens: 24, ..Default::default() };
+    let model = Arc::new(
+        Model::load(
+            &common::fixture("phi4-tiny-docs.gguf"),
+            LoadParams::default(),
+        )
+        .unwrap(),
+    );
+    let mut s = Session::new(
+        model,
+        &SessionParams {
+            n_ctx: 512,
+            n_batch: 64,
+            n_threads: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let gp = phi4::GenerateParams {
+        sampling: phi4::SamplingParams {
+            seed: Some(1),
+            ..Default::default()
+        },
+        max_tokens: 24,
+        ..Default::default()
+    };
     let mut turn = |i: usize| {
-        let q = Message::new(Role::User, format!("Question {i}: what does module number {i} do?"));
-        let out = s.chat(std::slice::from_ref(&q), &gp, &mut |_, _| true).unwrap();
+        let q = Message::new(
+            Role::User,
+            format!("Question {i}: what does module number {i} do?"),
+        );
+        let out = s
+            .chat(std::slice::from_ref(&q), &gp, &mut |_, _| true)
+            .unwrap();
         // A second turn that uses the reply, as a chat client does.
-        let msgs = [q, Message::new(Role::Assistant, out.text), Message::new(Role::User, "And then?")];
+        let msgs = [
+            q,
+            Message::new(Role::Assistant, out.text),
+            Message::new(Role::User, "And then?"),
+        ];
         s.chat(&msgs, &gp, &mut |_, _| true).unwrap();
     };
     // (Fewer under an emulator, where each conversation is slow.)
-    let (warm, n) = if common::runner().is_some() { (5, 25) } else { (20, 100) };
+    let (warm, n) = if common::runner().is_some() {
+        (5, 25)
+    } else {
+        (20, 100)
+    };
     (0..warm).for_each(&mut turn);
     let heap0 = LIVE.load(Ordering::Relaxed);
     (warm..warm + n).for_each(&mut turn);
     let grown = LIVE.load(Ordering::Relaxed) - heap0;
-    assert!(grown < 16 * 1024, "the heap grew {grown} bytes over {n} conversations");
+    assert!(
+        grown < 16 * 1024,
+        "the heap grew {grown} bytes over {n} conversations"
+    );
 }

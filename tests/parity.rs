@@ -6,8 +6,8 @@ use common::reference::{top2_gap, Reference};
 use std::sync::Arc;
 
 use phi4::model::{LoadParams, Model};
-use phi4::session::{Session, SessionParams};
 use phi4::sample::argmax;
+use phi4::session::{Session, SessionParams};
 use phi4_synth::Spec;
 
 /// Both engines run the same ggml kernels on the same micro-batches, so the logits are expected to
@@ -30,7 +30,16 @@ fn parity(ft: &str, seed: u64) {
     let path = common::synth_model(dir.path(), "m.gguf", &spec);
     let (n_ctx, n_batch, threads) = (256, 16, 2);
     let model = Arc::new(Model::load(&path, LoadParams::default()).unwrap());
-    let mut s = Session::new(model, &SessionParams { n_ctx, n_batch, n_threads: threads, ..Default::default() }).unwrap();
+    let mut s = Session::new(
+        model,
+        &SessionParams {
+            n_ctx,
+            n_batch,
+            n_threads: threads,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let mut rf = Reference::load(&path, n_ctx, n_batch, threads);
 
     let prompt: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 1000).collect();
@@ -38,25 +47,46 @@ fn parity(ft: &str, seed: u64) {
     let mut want = rf.eval(&prompt);
     let mut max_diff = 0f32;
     for step in 0..32 {
-        let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let d = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         max_diff = max_diff.max(d);
         let (g, w) = (argmax(&got), argmax(&want));
-        assert!(g == w || top2_gap(&want) < 1e-3, "{ft}: step {step}: phi4 {g}, llama.cpp {w}");
+        assert!(
+            g == w || top2_gap(&want) < 1e-3,
+            "{ft}: step {step}: phi4 {g}, llama.cpp {w}"
+        );
         // Teacher-forced: both continue with llama.cpp's token.
         got = s.evaluate(&[w]).unwrap().to_vec();
         want = rf.eval(&[w]);
     }
     eprintln!("{ft}: max |logit diff| {max_diff:e}");
-    assert!(max_diff <= tolerance(ft), "{ft}: logits differ by {max_diff} (tolerance {})", tolerance(ft));
+    assert!(
+        max_diff <= tolerance(ft),
+        "{ft}: logits differ by {max_diff} (tolerance {})",
+        tolerance(ft)
+    );
 }
 
 #[test]
-fn f32() { parity("f32", 1) }
+fn f32() {
+    parity("f32", 1)
+}
 #[test]
-fn f16() { parity("f16", 2) }
+fn f16() {
+    parity("f16", 2)
+}
 #[test]
-fn q8_0() { parity("q8_0", 3) }
+fn q8_0() {
+    parity("q8_0", 3)
+}
 #[test]
-fn q4_0() { parity("q4_0", 4) }
+fn q4_0() {
+    parity("q4_0", 4)
+}
 #[test]
-fn q4_k_m() { parity("q4_k_m", 5) }
+fn q4_k_m() {
+    parity("q4_k_m", 5)
+}

@@ -13,14 +13,20 @@ fn logits() -> Vec<f32> {
 fn draws(p: SamplingParams, logits: &[f32], history: &[u32], n: usize) -> Vec<usize> {
     let mut counts = vec![0; logits.len()];
     for seed in 0..n as u64 {
-        let mut s = Sampler::new(SamplingParams { seed: Some(seed), ..p.clone() });
+        let mut s = Sampler::new(SamplingParams {
+            seed: Some(seed),
+            ..p.clone()
+        });
         counts[s.sample(logits, history) as usize] += 1;
     }
     counts
 }
 
 fn plain(t: f32) -> SamplingParams {
-    SamplingParams { temperature: t, ..SamplingParams::greedy() }
+    SamplingParams {
+        temperature: t,
+        ..SamplingParams::greedy()
+    }
 }
 
 #[test]
@@ -48,31 +54,65 @@ fn low_temperature_sharpens_high_flattens() {
 
 #[test]
 fn top_k_keeps_k() {
-    let c = draws(SamplingParams { top_k: 2, ..plain(1.0) }, &logits(), &[], 2000);
-    assert!(c[0] > 0 && c[1] > 0 && c[2..].iter().all(|&n| n == 0), "{c:?}");
+    let c = draws(
+        SamplingParams {
+            top_k: 2,
+            ..plain(1.0)
+        },
+        &logits(),
+        &[],
+        2000,
+    );
+    assert!(
+        c[0] > 0 && c[1] > 0 && c[2..].iter().all(|&n| n == 0),
+        "{c:?}"
+    );
 }
 
 #[test]
 fn top_p_keeps_the_smallest_covering_set() {
     // 0.5 + 0.3 = 0.8 >= 0.75: tokens 0 and 1 only.
-    let c = draws(SamplingParams { top_p: 0.75, ..plain(1.0) }, &logits(), &[], 2000);
-    assert!(c[0] > 0 && c[1] > 0 && c[2..].iter().all(|&n| n == 0), "{c:?}");
+    let c = draws(
+        SamplingParams {
+            top_p: 0.75,
+            ..plain(1.0)
+        },
+        &logits(),
+        &[],
+        2000,
+    );
+    assert!(
+        c[0] > 0 && c[1] > 0 && c[2..].iter().all(|&n| n == 0),
+        "{c:?}"
+    );
 }
 
 #[test]
 fn min_p_drops_the_unlikely() {
     // min_p 0.25: keep p >= 0.125, i.e. tokens 0, 1, 2.
-    let c = draws(SamplingParams { min_p: 0.25, ..plain(1.0) }, &logits(), &[], 3000);
+    let c = draws(
+        SamplingParams {
+            min_p: 0.25,
+            ..plain(1.0)
+        },
+        &logits(),
+        &[],
+        3000,
+    );
     assert!(c[2] > 0 && c[3..].iter().all(|&n| n == 0), "{c:?}");
 }
 
 #[test]
 fn repeat_penalty_moves_away_from_recent_tokens() {
     let l = vec![2.0, 1.9, 0.0];
-    let mut s = Sampler::new(SamplingParams { repeat_penalty: 1.5, repeat_last_n: 4, ..plain(0.0) });
+    let mut s = Sampler::new(SamplingParams {
+        repeat_penalty: 1.5,
+        repeat_last_n: 4,
+        ..plain(0.0)
+    });
     assert_eq!(s.sample(&l, &[]), 0);
     assert_eq!(s.sample(&l, &[0]), 1); // 2.0 / 1.5 < 1.9
-    // Outside the window, no penalty.
+                                       // Outside the window, no penalty.
     assert_eq!(s.sample(&l, &[0, 2, 2, 2, 2]), 0);
     // Negative logits are multiplied, i.e. pushed further down.
     let neg = vec![-1.0, -1.2];
@@ -82,10 +122,18 @@ fn repeat_penalty_moves_away_from_recent_tokens() {
 #[test]
 fn frequency_and_presence_penalties() {
     let l = vec![2.0, 1.5];
-    let mut f = Sampler::new(SamplingParams { frequency_penalty: 0.2, repeat_last_n: 64, ..plain(0.0) });
+    let mut f = Sampler::new(SamplingParams {
+        frequency_penalty: 0.2,
+        repeat_last_n: 64,
+        ..plain(0.0)
+    });
     assert_eq!(f.sample(&l, &[0, 0]), 0); // 2.0 - 0.4 = 1.6 > 1.5
     assert_eq!(f.sample(&l, &[0, 0, 0]), 1); // 2.0 - 0.6 < 1.5
-    let mut p = Sampler::new(SamplingParams { presence_penalty: 0.6, repeat_last_n: 64, ..plain(0.0) });
+    let mut p = Sampler::new(SamplingParams {
+        presence_penalty: 0.6,
+        repeat_last_n: 64,
+        ..plain(0.0)
+    });
     assert_eq!(p.sample(&l, &[0]), 1);
     assert_eq!(p.sample(&l, &[1]), 0);
 }
@@ -94,7 +142,10 @@ fn frequency_and_presence_penalties() {
 fn same_seed_same_tokens() {
     let l: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
     let run = |seed| {
-        let mut s = Sampler::new(SamplingParams { seed, ..SamplingParams::default() });
+        let mut s = Sampler::new(SamplingParams {
+            seed,
+            ..SamplingParams::default()
+        });
         (0..64).map(|_| s.sample(&l, &[])).collect::<Vec<_>>()
     };
     assert_eq!(run(Some(7)), run(Some(7)));
@@ -110,14 +161,21 @@ fn options_by_name_follow_the_struct() {
         let v = p.get(name).unwrap();
         p.set(name, &v).unwrap();
     }
-    assert_eq!(p, SamplingParams::default(), "the text form of every default reads back as itself");
+    assert_eq!(
+        p,
+        SamplingParams::default(),
+        "the text form of every default reads back as itself"
+    );
     p.set("top_k", "7").unwrap();
     p.set("seed", "42").unwrap();
     assert_eq!((p.top_k, p.seed), (7, Some(42)));
     assert!(p.set("top_k", "-1").unwrap_err().contains("top_k"));
     assert!(p.set("bogus", "1").unwrap_err().contains("bogus"));
     let mut g = phi4::GenerateParams::default();
-    assert!(g.set("temperature", "-1").is_err() && g == phi4::GenerateParams::default(), "a bad value changes nothing");
+    assert!(
+        g.set("temperature", "-1").is_err() && g == phi4::GenerateParams::default(),
+        "a bad value changes nothing"
+    );
     g.set("num_predict", "5").unwrap();
     g.set("stop", "END").unwrap();
     assert_eq!((g.max_tokens, g.stop.clone()), (5, vec!["END".to_string()]));
@@ -126,11 +184,26 @@ fn options_by_name_follow_the_struct() {
 #[test]
 fn invalid_parameters_are_rejected() {
     for p in [
-        SamplingParams { temperature: -1.0, ..Default::default() },
-        SamplingParams { top_p: 0.0, ..Default::default() },
-        SamplingParams { min_p: 1.5, ..Default::default() },
-        SamplingParams { repeat_penalty: 0.0, ..Default::default() },
-        SamplingParams { temperature: f32::NAN, ..Default::default() },
+        SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        },
+        SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        },
+        SamplingParams {
+            min_p: 1.5,
+            ..Default::default()
+        },
+        SamplingParams {
+            repeat_penalty: 0.0,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: f32::NAN,
+            ..Default::default()
+        },
     ] {
         assert!(p.validate().is_err(), "{p:?}");
     }

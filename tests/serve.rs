@@ -11,7 +11,14 @@ use std::time::{Duration, Instant};
 use common::server::Server;
 use serde_json::{json, Value};
 
-const TIMINGS: [&str; 6] = ["total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration"];
+const TIMINGS: [&str; 6] = [
+    "total_duration",
+    "load_duration",
+    "prompt_eval_count",
+    "prompt_eval_duration",
+    "eval_count",
+    "eval_duration",
+];
 
 fn chat_body(messages: Value, stream: bool, num_predict: i64) -> Value {
     json!({ "model": "phi4", "messages": messages, "stream": stream, "options": { "num_predict": num_predict, "temperature": 0 } })
@@ -21,7 +28,10 @@ fn chat_body(messages: Value, stream: bool, num_predict: i64) -> Value {
 fn ollama_endpoints_field_for_field() {
     let s = Server::start(&[]);
     let (status, _, body) = s.get("/");
-    assert_eq!((status, body.as_slice()), (200, b"Ollama is running".as_slice()));
+    assert_eq!(
+        (status, body.as_slice()),
+        (200, b"Ollama is running".as_slice())
+    );
     assert_eq!(s.request("HEAD", "/", None, &[]).0, 200);
     let (status, _, body) = s.get("/api/version");
     let v: Value = serde_json::from_slice(&body).unwrap();
@@ -31,61 +41,132 @@ fn ollama_endpoints_field_for_field() {
     let msgs = json!([{ "role": "user", "content": "How do I open a file in Python?" }]);
     let (status, ctype, lines) = s.post_lines("/api/chat", &chat_body(msgs.clone(), true, 24));
     assert_eq!((status, ctype.as_str()), (200, "application/x-ndjson"));
-    let events: Vec<Value> = lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let events: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let (last, pieces) = events.split_last().unwrap();
     assert!(!pieces.is_empty());
     for e in pieces {
-        assert_eq!((e["model"].as_str(), e["done"].as_bool(), e["message"]["role"].as_str()), (Some("phi4"), Some(false), Some("assistant")), "{e}");
-        assert!(e["created_at"].as_str().is_some_and(|t| t.ends_with('Z') && t.len() > 20), "{e}");
+        assert_eq!(
+            (
+                e["model"].as_str(),
+                e["done"].as_bool(),
+                e["message"]["role"].as_str()
+            ),
+            (Some("phi4"), Some(false), Some("assistant")),
+            "{e}"
+        );
+        assert!(
+            e["created_at"]
+                .as_str()
+                .is_some_and(|t| t.ends_with('Z') && t.len() > 20),
+            "{e}"
+        );
     }
-    assert_eq!((last["done"].as_bool(), last["message"]["role"].as_str()), (Some(true), Some("assistant")), "{last}");
-    assert!(matches!(last["done_reason"].as_str(), Some("stop" | "length")), "{last}");
+    assert_eq!(
+        (last["done"].as_bool(), last["message"]["role"].as_str()),
+        (Some(true), Some("assistant")),
+        "{last}"
+    );
+    assert!(
+        matches!(last["done_reason"].as_str(), Some("stop" | "length")),
+        "{last}"
+    );
     for k in TIMINGS {
         assert!(last[k].as_u64().is_some(), "{k} in {last}");
     }
-    assert_eq!(last["eval_count"].as_u64().unwrap() as usize, pieces.len(), "one chunk per generated token here");
-    let streamed: String = pieces.iter().map(|e| e["message"]["content"].as_str().unwrap()).collect();
+    assert_eq!(
+        last["eval_count"].as_u64().unwrap() as usize,
+        pieces.len(),
+        "one chunk per generated token here"
+    );
+    let streamed: String = pieces
+        .iter()
+        .map(|e| e["message"]["content"].as_str().unwrap())
+        .collect();
 
     // The same request without streaming: one object with the whole (greedy, so equal) reply.
     let (status, v) = s.post("/api/chat", &chat_body(msgs, false, 24));
     assert_eq!(status, 200);
-    assert_eq!(v["message"]["content"].as_str(), Some(streamed.as_str()), "{v}");
-    assert_eq!((v["done"].as_bool(), v["message"]["role"].as_str()), (Some(true), Some("assistant")));
+    assert_eq!(
+        v["message"]["content"].as_str(),
+        Some(streamed.as_str()),
+        "{v}"
+    );
+    assert_eq!(
+        (v["done"].as_bool(), v["message"]["role"].as_str()),
+        (Some(true), Some("assistant"))
+    );
 
     // Generate: `response` chunks, the final one with `context`; a second call continues from it.
     let (status, ctype, lines) = s.post_lines("/api/generate", &json!({ "model": "phi4:latest", "prompt": "What is a list?", "options": { "num_predict": 8 } }));
     assert_eq!((status, ctype.as_str()), (200, "application/x-ndjson"));
     let last: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
-    assert!(lines[..lines.len() - 1].iter().all(|l| serde_json::from_str::<Value>(l).unwrap()["response"].is_string()));
+    assert!(lines[..lines.len() - 1]
+        .iter()
+        .all(|l| serde_json::from_str::<Value>(l).unwrap()["response"].is_string()));
     let context = last["context"].as_array().unwrap().clone();
     assert!(context.len() > 8 && last["done"] == true, "{last}");
     let (status, v) = s.post("/api/generate", &json!({ "model": "phi4", "prompt": "And a tuple?", "context": context, "stream": false, "options": { "num_predict": 4 } }));
     assert_eq!(status, 200, "{v}");
-    assert!(v["response"].is_string() && v["context"].as_array().unwrap().len() > context.len(), "{v}");
+    assert!(
+        v["response"].is_string() && v["context"].as_array().unwrap().len() > context.len(),
+        "{v}"
+    );
 
     // Empty requests load the model, and with keep_alive 0 unload it.
     let (_, v) = s.post("/api/generate", &json!({ "model": "phi4" }));
     assert_eq!(v["done_reason"], "load", "{v}");
-    let (_, v) = s.post("/api/chat", &json!({ "model": "phi4", "messages": [], "keep_alive": 0 }));
+    let (_, v) = s.post(
+        "/api/chat",
+        &json!({ "model": "phi4", "messages": [], "keep_alive": 0 }),
+    );
     assert_eq!(v["done_reason"], "unload", "{v}");
     let (_, _, ps) = s.get("/api/ps");
-    assert_eq!(serde_json::from_slice::<Value>(&ps).unwrap()["models"], json!([]), "unloaded");
-    let (status, v) = s.post("/api/chat", &chat_body(json!([{ "role": "user", "content": "hi" }]), false, 2));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&ps).unwrap()["models"],
+        json!([]),
+        "unloaded"
+    );
+    let (status, v) = s.post(
+        "/api/chat",
+        &chat_body(json!([{ "role": "user", "content": "hi" }]), false, 2),
+    );
     assert_eq!(status, 200, "loaded again on demand: {v}");
 
     let (_, _, tags) = s.get("/api/tags");
     let tags: Value = serde_json::from_slice(&tags).unwrap();
     let m = &tags["models"][0];
-    assert_eq!((m["name"].as_str(), m["details"]["family"].as_str(), m["details"]["format"].as_str()), (Some("phi4:latest"), Some("phi3"), Some("gguf")), "{tags}");
-    assert!(m["size"].as_u64().unwrap() > 1_000_000 && m["modified_at"].is_string() && m["digest"].is_string());
+    assert_eq!(
+        (
+            m["name"].as_str(),
+            m["details"]["family"].as_str(),
+            m["details"]["format"].as_str()
+        ),
+        (Some("phi4:latest"), Some("phi3"), Some("gguf")),
+        "{tags}"
+    );
+    assert!(
+        m["size"].as_u64().unwrap() > 1_000_000
+            && m["modified_at"].is_string()
+            && m["digest"].is_string()
+    );
     let (_, _, ps) = s.get("/api/ps");
     let ps: Value = serde_json::from_slice(&ps).unwrap();
-    assert!(ps["models"][0]["expires_at"].is_string() && ps["models"][0]["size_vram"] == 0, "{ps}");
+    assert!(
+        ps["models"][0]["expires_at"].is_string() && ps["models"][0]["size_vram"] == 0,
+        "{ps}"
+    );
     let (status, show) = s.post("/api/show", &json!({ "model": "phi4" }));
     assert_eq!(status, 200);
     assert_eq!(show["model_info"]["general.architecture"], "phi3", "{show}");
     assert_eq!(show["model_info"]["phi3.block_count"], 4);
-    assert!(show["template"].as_str().unwrap().contains("<|im_start|>") && show["parameters"].is_string() && show["capabilities"] == json!(["completion"]));
+    assert!(
+        show["template"].as_str().unwrap().contains("<|im_start|>")
+            && show["parameters"].is_string()
+            && show["capabilities"] == json!(["completion"])
+    );
 }
 
 /// Ollama's `format` and OpenAI's `response_format`: the reply, streamed or not, is JSON valid
@@ -96,16 +177,29 @@ fn structured_output_over_both_apis() {
     let schema = json!({ "type": "object", "properties": { "state": { "enum": ["ok", "failed"] }, "count": { "type": "integer", "minimum": 0, "maximum": 9 } }, "required": ["state", "count"] });
     let valid = |text: &str| {
         let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
-        assert!(v["state"].is_string() && v["count"].as_u64().is_some_and(|c| c <= 9) && v.as_object().unwrap().len() == 2, "{v}");
+        assert!(
+            v["state"].is_string()
+                && v["count"].as_u64().is_some_and(|c| c <= 9)
+                && v.as_object().unwrap().len() == 2,
+            "{v}"
+        );
     };
     let msgs = json!([{ "role": "user", "content": "Status?" }]);
     let mut body = chat_body(msgs.clone(), true, 100);
     body["format"] = schema.clone();
     let (status, _, lines) = s.post_lines("/api/chat", &body);
     assert_eq!(status, 200);
-    let events: Vec<Value> = lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let events: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(events.last().unwrap()["done_reason"], "stop");
-    valid(&events.iter().map(|e| e["message"]["content"].as_str().unwrap()).collect::<String>());
+    valid(
+        &events
+            .iter()
+            .map(|e| e["message"]["content"].as_str().unwrap())
+            .collect::<String>(),
+    );
     body["stream"] = json!(false);
     let (_, v) = s.post("/api/chat", &body);
     valid(v["message"]["content"].as_str().unwrap());
@@ -115,7 +209,10 @@ fn structured_output_over_both_apis() {
     valid(v["response"].as_str().unwrap());
 
     let rf = json!({ "type": "json_schema", "json_schema": { "name": "status", "strict": true, "schema": schema } });
-    let (status, v) = s.post("/v1/chat/completions", &json!({ "model": "phi4", "messages": msgs, "response_format": rf, "max_tokens": 100 }));
+    let (status, v) = s.post(
+        "/v1/chat/completions",
+        &json!({ "model": "phi4", "messages": msgs, "response_format": rf, "max_tokens": 100 }),
+    );
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     valid(v["choices"][0]["message"]["content"].as_str().unwrap());
@@ -128,37 +225,89 @@ fn openai_endpoints_field_for_field() {
                        "messages": [{ "role": "system", "content": "Short answers." }, { "role": "user", "content": [{ "type": "text", "text": "What is a dict?" }] }] });
     let (status, ctype, lines) = s.post_lines("/v1/chat/completions", &body);
     assert_eq!((status, ctype.as_str()), (200, "text/event-stream"));
-    let data: Vec<&str> = lines.iter().filter(|l| !l.is_empty()).map(|l| l.strip_prefix("data: ").unwrap_or_else(|| panic!("{l}"))).collect();
+    let data: Vec<&str> = lines
+        .iter()
+        .filter(|l| !l.is_empty())
+        .map(|l| l.strip_prefix("data: ").unwrap_or_else(|| panic!("{l}")))
+        .collect();
     assert_eq!(data.last(), Some(&"[DONE]"));
-    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
     let usage = chunks.last().unwrap();
     assert_eq!(usage["choices"], json!([]));
-    assert_eq!(usage["usage"]["total_tokens"].as_u64(), Some(usage["usage"]["prompt_tokens"].as_u64().unwrap() + usage["usage"]["completion_tokens"].as_u64().unwrap()));
+    assert_eq!(
+        usage["usage"]["total_tokens"].as_u64(),
+        Some(
+            usage["usage"]["prompt_tokens"].as_u64().unwrap()
+                + usage["usage"]["completion_tokens"].as_u64().unwrap()
+        )
+    );
     let finish = &chunks[chunks.len() - 2];
-    assert_eq!((finish["choices"][0]["delta"].clone(), finish["choices"][0]["finish_reason"].as_str()), (json!({}), Some("length")), "{finish}");
-    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(
+        (
+            finish["choices"][0]["delta"].clone(),
+            finish["choices"][0]["finish_reason"].as_str()
+        ),
+        (json!({}), Some("length")),
+        "{finish}"
+    );
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
 
     let mut body = body;
     body["stream"] = json!(false);
     let (status, v) = s.post("/v1/chat/completions", &body);
     assert_eq!(status, 200);
-    assert_eq!((v["object"].as_str(), v["choices"][0]["message"]["role"].as_str()), (Some("chat.completion"), Some("assistant")));
-    assert_eq!(v["choices"][0]["message"]["content"].as_str(), Some(text.as_str()));
+    assert_eq!(
+        (
+            v["object"].as_str(),
+            v["choices"][0]["message"]["role"].as_str()
+        ),
+        (Some("chat.completion"), Some("assistant"))
+    );
+    assert_eq!(
+        v["choices"][0]["message"]["content"].as_str(),
+        Some(text.as_str())
+    );
     assert_eq!(v["usage"]["completion_tokens"], 6);
 
-    let (status, v) = s.post("/v1/completions", &json!({ "model": "phi4", "prompt": "Lists are", "max_tokens": 4, "temperature": 0 }));
-    assert_eq!((status, v["object"].as_str()), (200, Some("text_completion")), "{v}");
+    let (status, v) = s.post(
+        "/v1/completions",
+        &json!({ "model": "phi4", "prompt": "Lists are", "max_tokens": 4, "temperature": 0 }),
+    );
+    assert_eq!(
+        (status, v["object"].as_str()),
+        (200, Some("text_completion")),
+        "{v}"
+    );
     assert!(v["choices"][0]["text"].is_string());
 
     let (_, _, models) = s.get("/v1/models");
     let models: Value = serde_json::from_slice(&models).unwrap();
-    assert_eq!((models["object"].as_str(), models["data"][0]["id"].as_str(), models["data"][0]["object"].as_str()), (Some("list"), Some("phi4:latest"), Some("model")));
+    assert_eq!(
+        (
+            models["object"].as_str(),
+            models["data"][0]["id"].as_str(),
+            models["data"][0]["object"].as_str()
+        ),
+        (Some("list"), Some("phi4:latest"), Some("model"))
+    );
     assert_eq!(s.get("/v1/models/phi4").0, 200);
     let (status, _, b) = s.get("/v1/models/gpt-4");
     let e: Value = serde_json::from_slice(&b).unwrap();
-    assert_eq!((status, e["error"]["type"].as_str()), (404, Some("not_found_error")), "{e}");
+    assert_eq!(
+        (status, e["error"]["type"].as_str()),
+        (404, Some("not_found_error")),
+        "{e}"
+    );
 }
 
 /// A client that re-sends the whole conversation pays only for the new turn.
@@ -172,10 +321,16 @@ fn second_turn_evaluates_only_the_new_turn() {
     second.push(json!({ "role": "assistant", "content": reply }));
     second.push(json!({ "role": "user", "content": "And close it?" }));
     let (_, b) = s.post("/api/chat", &chat_body(Value::Array(second), false, 16));
-    let (p1, p2) = (a["prompt_eval_count"].as_u64().unwrap(), b["prompt_eval_count"].as_u64().unwrap());
+    let (p1, p2) = (
+        a["prompt_eval_count"].as_u64().unwrap(),
+        b["prompt_eval_count"].as_u64().unwrap(),
+    );
     eprintln!("first turn evaluated {p1} prompt tokens, the second {p2}");
     // (All of it would be the first turn's, the reply's and the new one's: over 60 tokens.)
-    assert!(p2 <= 24 && p2 < p1, "second turn evaluated {p2} tokens (first: {p1})");
+    assert!(
+        p2 <= 24 && p2 < p1,
+        "second turn evaluated {p2} tokens (first: {p1})"
+    );
 }
 
 /// A client that hangs up mid-stream stops its generation; the next request is served at once.
@@ -197,13 +352,27 @@ fn disconnect_cancels_the_generation() {
     conn.shutdown(std::net::Shutdown::Both).unwrap();
     drop(conn);
     let t = Instant::now();
-    let (status, v) = s.post("/api/chat", &chat_body(json!([{ "role": "user", "content": "hi" }]), false, 4));
+    let (status, v) = s.post(
+        "/api/chat",
+        &chat_body(json!([{ "role": "user", "content": "hi" }]), false, 4),
+    );
     let waited = t.elapsed();
     assert_eq!(status, 200, "{v}");
     // The cancelled generation's own report: far fewer tokens than the 2,000 it was allowed.
     let log = s.log();
-    let cancelled = log.lines().find(|l| l.starts_with("POST /api/generate 200 tokens in") && l.contains(", cancelled")).unwrap_or_else(|| panic!("no cancelled generation in {log}"));
-    let out: u64 = cancelled.split("out ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    let cancelled = log
+        .lines()
+        .find(|l| l.starts_with("POST /api/generate 200 tokens in") && l.contains(", cancelled"))
+        .unwrap_or_else(|| panic!("no cancelled generation in {log}"));
+    let out: u64 = cancelled
+        .split("out ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     eprintln!("cancelled after {out} tokens; the next request waited {waited:?}");
     assert!(out < 1000, "{cancelled}");
     assert!(waited < Duration::from_secs(10), "{waited:?}");
@@ -220,7 +389,12 @@ fn parallel_requests_reply_as_they_do_one_at_a_time() {
         assert_eq!(status, 200, "{v}");
         v["message"]["content"].as_str().unwrap().to_string()
     };
-    let questions = ["What is a module?", "How do I read a file?", "What is a tuple?", "How do I sort a list?"];
+    let questions = [
+        "What is a module?",
+        "How do I read a file?",
+        "What is a tuple?",
+        "How do I sort a list?",
+    ];
     let alone: Vec<String> = questions.iter().map(|q| ask(q)).collect();
     let together: Vec<String> = std::thread::scope(|sc| {
         let hs: Vec<_> = questions.iter().map(|q| sc.spawn(move || ask(q))).collect();
@@ -231,7 +405,13 @@ fn parallel_requests_reply_as_they_do_one_at_a_time() {
 
 fn rss_kb(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").parse().unwrap()
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .parse()
+        .unwrap()
 }
 
 /// 50 requests at once on 2 sessions with a queue of 8: each completes or gets Ollama's 503, none
@@ -239,7 +419,16 @@ fn rss_kb(pid: u32) -> u64 {
 #[test]
 fn concurrent_requests_complete_or_are_refused() {
     let s = Server::start(&["--parallel", "2", "--queue", "8"]);
-    let warm = |i: usize| s.post("/api/chat", &chat_body(json!([{ "role": "user", "content": format!("Question {i}: what is a module?") }]), false, 12));
+    let warm = |i: usize| {
+        s.post(
+            "/api/chat",
+            &chat_body(
+                json!([{ "role": "user", "content": format!("Question {i}: what is a module?") }]),
+                false,
+                12,
+            ),
+        )
+    };
     let burst = |n: usize| -> Vec<(u16, Value)> {
         std::thread::scope(|sc| {
             let handles: Vec<_> = (0..n).map(|i| sc.spawn(move || warm(i))).collect();
@@ -251,10 +440,24 @@ fn concurrent_requests_complete_or_are_refused() {
     let pid = s.pid();
     let before = rss_kb(pid);
     let results = burst(50);
-    let ok = results.iter().filter(|r| r.0 == 200 && r.1["done"] == true).count();
-    let busy = results.iter().filter(|r| r.0 == 503 && r.1["error"].as_str().is_some_and(|e| e.contains("busy"))).count();
+    let ok = results
+        .iter()
+        .filter(|r| r.0 == 200 && r.1["done"] == true)
+        .count();
+    let busy = results
+        .iter()
+        .filter(|r| r.0 == 503 && r.1["error"].as_str().is_some_and(|e| e.contains("busy")))
+        .count();
     eprintln!("50 concurrent requests: {ok} completed, {busy} refused with 503");
-    assert_eq!(ok + busy, 50, "{:?}", results.iter().filter(|r| r.0 != 200 && r.0 != 503).collect::<Vec<_>>());
+    assert_eq!(
+        ok + busy,
+        50,
+        "{:?}",
+        results
+            .iter()
+            .filter(|r| r.0 != 200 && r.0 != 503)
+            .collect::<Vec<_>>()
+    );
     assert!(ok >= 10, "at least parallel + queue complete: {ok}");
     for i in 0..4 {
         assert_eq!(warm(i).0, 200);
@@ -265,7 +468,10 @@ fn concurrent_requests_complete_or_are_refused() {
         eprintln!("under an emulator the RSS is the emulator's; checked natively");
         return;
     }
-    assert!(after as f64 <= before as f64 * 1.05, "RSS {before} kB -> {after} kB");
+    assert!(
+        after as f64 <= before as f64 * 1.05,
+        "RSS {before} kB -> {after} kB"
+    );
 }
 
 /// Every kind of bad input gets its status and a message, and the server goes on.
@@ -274,41 +480,185 @@ fn bad_input_is_answered_and_the_server_goes_on() {
     let s = Server::start(&[]);
     let user = json!([{ "role": "user", "content": "hi" }]);
     let cases: Vec<(&str, Value, u16, &str)> = vec![
-        ("/api/chat", json!({ "model": "nope", "messages": user }), 404, "model 'nope' not found"),
-        ("/api/generate", json!({ "model": "llama3", "prompt": "x" }), 404, "model 'llama3' not found"),
-        ("/api/chat", json!({ "model": "phi4", "messages": "hi" }), 400, "invalid request body"),
-        ("/api/chat", json!({ "model": 7, "messages": user }), 400, "invalid request body"),
-        ("/api/chat", json!({ "model": "phi4", "messages": [{ "role": "wizard", "content": "x" }] }), 400, "role \"wizard\""),
-        ("/api/chat", json!({ "model": "phi4", "messages": user, "options": { "temperature": -1 } }), 400, "temperature"),
-        ("/api/chat", json!({ "model": "phi4", "messages": user, "options": { "top_p": "high" } }), 400, "must be a number"),
-        ("/api/chat", json!({ "model": "phi4", "messages": user, "options": { "num_predict": -3 } }), 400, "num_predict"),
-        ("/api/chat", json!({ "model": "phi4", "messages": user, "options": { "num_ctx": 1_000_000 } }), 400, "n_ctx 1000000 must be in 1..=2048"),
-        ("/api/chat", json!({ "model": "phi4", "messages": user, "options": { "num_ctx": -1 } }), 400, "num_ctx"),
-        ("/api/chat", json!({ "model": "phi4", "messages": user, "options": { "top_k": 1e300 } }), 400, "top_k"),
-        ("/api/chat", json!({ "model": "phi4", "messages": user, "options": { "bogus": 1 } }), 400, "unknown option"),
-        ("/api/chat", json!({ "model": "phi4", "messages": user, "keep_alive": "soon" }), 400, "keep_alive"),
-        ("/api/chat", json!({ "model": "phi4", "messages": [{ "role": "user", "content": "x", "images": ["aGk="] }] }), 400, "images"),
-        ("/api/chat", json!({ "model": "phi4", "messages": user, "tools": [{ "type": "function" }] }), 400, "tools"),
-        ("/api/chat", json!({ "model": "phi4", "messages": user, "think": true }), 400, "thinking"),
-        ("/api/chat", json!({ "model": "phi4", "messages": user, "format": "yaml" }), 400, "format must be \"json\" or a JSON schema"),
-        ("/api/chat", json!({ "model": "phi4", "messages": user, "format": 42 }), 400, "format must be"),
-        ("/api/chat", json!({ "model": "phi4", "messages": user, "format": { "type": "string", "pattern": "(" } }), 400, "format: the JSON schema does not compile"),
-        ("/api/generate", json!({ "model": "phi4", "prompt": "x", "format": { "type": "integer", "minimum": 5, "maximum": 1 } }), 400, "JSON schema"),
-        ("/api/chat", json!({ "model": "phi4", "messages": [{ "role": "user", "content": "word ".repeat(3000) }] }), 400, "needs"),
-        ("/api/generate", json!({ "model": "phi4", "prompt": "x", "context": [99999999] }), 400, "outside the vocabulary"),
-        ("/api/pull", json!({ "model": "phi4" }), 400, "not supported"),
-        ("/api/delete", json!({ "model": "phi4" }), 400, "not supported"),
-        ("/api/create", json!({ "model": "x", "from": "/etc/passwd" }), 400, "not supported"),
-        ("/v1/chat/completions", json!({ "model": "phi4", "messages": user, "max_tokens": 0 }), 400, "max_tokens"),
-        ("/v1/chat/completions", json!({ "model": "phi4", "messages": user, "response_format": { "type": "xml" } }), 400, "response_format.type"),
-        ("/v1/chat/completions", json!({ "model": "phi4", "messages": user, "response_format": { "type": "json_schema", "json_schema": { "name": "x" } } }), 400, "json_schema.schema"),
+        (
+            "/api/chat",
+            json!({ "model": "nope", "messages": user }),
+            404,
+            "model 'nope' not found",
+        ),
+        (
+            "/api/generate",
+            json!({ "model": "llama3", "prompt": "x" }),
+            404,
+            "model 'llama3' not found",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": "phi4", "messages": "hi" }),
+            400,
+            "invalid request body",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": 7, "messages": user }),
+            400,
+            "invalid request body",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": "phi4", "messages": [{ "role": "wizard", "content": "x" }] }),
+            400,
+            "role \"wizard\"",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": "phi4", "messages": user, "options": { "temperature": -1 } }),
+            400,
+            "temperature",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": "phi4", "messages": user, "options": { "top_p": "high" } }),
+            400,
+            "must be a number",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": "phi4", "messages": user, "options": { "num_predict": -3 } }),
+            400,
+            "num_predict",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": "phi4", "messages": user, "options": { "num_ctx": 1_000_000 } }),
+            400,
+            "n_ctx 1000000 must be in 1..=2048",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": "phi4", "messages": user, "options": { "num_ctx": -1 } }),
+            400,
+            "num_ctx",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": "phi4", "messages": user, "options": { "top_k": 1e300 } }),
+            400,
+            "top_k",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": "phi4", "messages": user, "options": { "bogus": 1 } }),
+            400,
+            "unknown option",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": "phi4", "messages": user, "keep_alive": "soon" }),
+            400,
+            "keep_alive",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": "phi4", "messages": [{ "role": "user", "content": "x", "images": ["aGk="] }] }),
+            400,
+            "images",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": "phi4", "messages": user, "tools": [{ "type": "function" }] }),
+            400,
+            "tools",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": "phi4", "messages": user, "think": true }),
+            400,
+            "thinking",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": "phi4", "messages": user, "format": "yaml" }),
+            400,
+            "format must be \"json\" or a JSON schema",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": "phi4", "messages": user, "format": 42 }),
+            400,
+            "format must be",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": "phi4", "messages": user, "format": { "type": "string", "pattern": "(" } }),
+            400,
+            "format: the JSON schema does not compile",
+        ),
+        (
+            "/api/generate",
+            json!({ "model": "phi4", "prompt": "x", "format": { "type": "integer", "minimum": 5, "maximum": 1 } }),
+            400,
+            "JSON schema",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": "phi4", "messages": [{ "role": "user", "content": "word ".repeat(3000) }] }),
+            400,
+            "needs",
+        ),
+        (
+            "/api/generate",
+            json!({ "model": "phi4", "prompt": "x", "context": [99999999] }),
+            400,
+            "outside the vocabulary",
+        ),
+        (
+            "/api/pull",
+            json!({ "model": "phi4" }),
+            400,
+            "not supported",
+        ),
+        (
+            "/api/delete",
+            json!({ "model": "phi4" }),
+            400,
+            "not supported",
+        ),
+        (
+            "/api/create",
+            json!({ "model": "x", "from": "/etc/passwd" }),
+            400,
+            "not supported",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({ "model": "phi4", "messages": user, "max_tokens": 0 }),
+            400,
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({ "model": "phi4", "messages": user, "response_format": { "type": "xml" } }),
+            400,
+            "response_format.type",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({ "model": "phi4", "messages": user, "response_format": { "type": "json_schema", "json_schema": { "name": "x" } } }),
+            400,
+            "json_schema.schema",
+        ),
     ];
     for (path, body, want, text) in cases {
         let (status, _, b) = s.request("POST", path, Some(body.to_string().as_bytes()), &[]);
-        let b: Value = serde_json::from_slice(&b).unwrap_or_else(|_| panic!("{path} {body}: {}", String::from_utf8_lossy(&b)));
+        let b: Value = serde_json::from_slice(&b)
+            .unwrap_or_else(|_| panic!("{path} {body}: {}", String::from_utf8_lossy(&b)));
         assert_eq!(status, want, "{path} {body}: {b}");
         // Ollama's {"error": "..."}, or OpenAI's {"error": {"message": "..."}} on /v1.
-        let message = b["error"].as_str().or(b["error"]["message"].as_str()).unwrap_or_else(|| panic!("{b}"));
+        let message = b["error"]
+            .as_str()
+            .or(b["error"]["message"].as_str())
+            .unwrap_or_else(|| panic!("{b}"));
         assert!(message.contains(text), "{path} {body}: {message}");
         assert_eq!(s.get("/").0, 200, "alive after {body}");
     }
@@ -340,8 +690,18 @@ fn num_thread_and_num_batch_apply() {
     assert_eq!(status, 400, "{v}");
     // One log line per request, with the token counts of the generations.
     let log = s.log();
-    assert!(log.lines().any(|l| l.starts_with("POST /api/chat 200 tokens in ") && l.contains("out 4, length")), "{log}");
-    assert_eq!(log.lines().filter(|l| l.starts_with("POST /api/chat 400")).count(), 2, "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("POST /api/chat 200 tokens in ") && l.contains("out 4, length")),
+        "{log}"
+    );
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.starts_with("POST /api/chat 400"))
+            .count(),
+        2,
+        "{log}"
+    );
 }
 
 /// With --drop-oldest a conversation that outgrows the context loses its oldest turns instead.
@@ -358,10 +718,40 @@ fn drop_oldest_is_an_option() {
 fn api_key_is_required_when_set() {
     let s = Server::start(&["--api-key", "sesame"]);
     let body = chat_body(json!([{ "role": "user", "content": "hi" }]), false, 2).to_string();
-    assert_eq!(s.request("POST", "/api/chat", Some(body.as_bytes()), &[]).0, 401);
-    assert_eq!(s.request("POST", "/api/chat", Some(body.as_bytes()), &[("Authorization", "Bearer wrong")]).0, 401);
-    assert_eq!(s.request("POST", "/api/chat", Some(body.as_bytes()), &[("Authorization", "Bearer sesame")]).0, 200);
-    assert_eq!(s.request("GET", "/v1/models", None, &[("Authorization", "Bearer sesame")]).0, 200);
+    assert_eq!(
+        s.request("POST", "/api/chat", Some(body.as_bytes()), &[]).0,
+        401
+    );
+    assert_eq!(
+        s.request(
+            "POST",
+            "/api/chat",
+            Some(body.as_bytes()),
+            &[("Authorization", "Bearer wrong")]
+        )
+        .0,
+        401
+    );
+    assert_eq!(
+        s.request(
+            "POST",
+            "/api/chat",
+            Some(body.as_bytes()),
+            &[("Authorization", "Bearer sesame")]
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        s.request(
+            "GET",
+            "/v1/models",
+            None,
+            &[("Authorization", "Bearer sesame")]
+        )
+        .0,
+        200
+    );
 }
 
 /// `--prompt-cache-dir`: a system prompt evaluated by one server is restored by the next (after
@@ -377,7 +767,18 @@ fn system_prompts_survive_a_restart() {
         assert_eq!(status, 200, "{v}");
         v["prompt_eval_count"].as_u64().unwrap()
     };
-    let files = || std::fs::read_dir(dir.path()).unwrap().filter(|f| f.as_ref().unwrap().path().extension().is_some_and(|e| e == "kv")).count();
+    let files = || {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|f| {
+                f.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|e| e == "kv")
+            })
+            .count()
+    };
     let full = {
         let s = Server::start(&["--prompt-cache-dir", cache]);
         let n = chat(&s, "What is a list?");
@@ -387,23 +788,42 @@ fn system_prompts_survive_a_restart() {
     let s = Server::start(&["--prompt-cache-dir", cache]);
     let rest = chat(&s, "How do I sort a dict?");
     eprintln!("first server evaluated {full} prompt tokens; after the restart, {rest}");
-    assert!(rest + 30 < full, "the system turn was restored: {rest} of {full}");
+    assert!(
+        rest + 30 < full,
+        "the system turn was restored: {rest} of {full}"
+    );
     assert_eq!(files(), 1, "one state per system prompt");
     drop(s);
     // A bound of 1 MiB holds one state of 300-odd tokens (2 KiB each on the demo model): a
     // second system prompt replaces the first.
     let small = common::tmpdir();
-    let s = Server::start(&["--prompt-cache-dir", small.path().to_str().unwrap(), "--prompt-cache-max-mib", "1"]);
+    let s = Server::start(&[
+        "--prompt-cache-dir",
+        small.path().to_str().unwrap(),
+        "--prompt-cache-max-mib",
+        "1",
+    ]);
     let mut kept: Vec<std::path::PathBuf> = Vec::new();
     let mut first = None;
     for topic in ["lists", "files"] {
         let system = format!("You answer questions about {topic}. ").repeat(30);
-        let msgs = json!([{ "role": "system", "content": system }, { "role": "user", "content": "hi" }]);
+        let msgs =
+            json!([{ "role": "system", "content": system }, { "role": "user", "content": "hi" }]);
         assert_eq!(s.post("/api/chat", &chat_body(msgs, false, 2)).0, 200);
-        kept = std::fs::read_dir(small.path()).unwrap().map(|f| f.unwrap().path()).collect();
+        kept = std::fs::read_dir(small.path())
+            .unwrap()
+            .map(|f| f.unwrap().path())
+            .collect();
         assert_eq!(kept.len(), 1, "{}", s.log());
-        assert_ne!(first.replace(kept[0].clone()).as_ref(), Some(&kept[0]), "the newer state is kept");
+        assert_ne!(
+            first.replace(kept[0].clone()).as_ref(),
+            Some(&kept[0]),
+            "the newer state is kept"
+        );
     }
     let size = std::fs::metadata(&kept[0]).unwrap().len();
-    assert!(size > 512 << 10 && size < 1 << 20, "a state of {size} bytes: the test needs one that fits alone, not twice");
+    assert!(
+        size > 512 << 10 && size < 1 << 20,
+        "a state of {size} bytes: the test needs one that fits alone, not twice"
+    );
 }

@@ -11,23 +11,48 @@ use phi4::sample::SamplingParams;
 use phi4::session::{DoneReason, GenerateParams, Overflow, Session, SessionError, SessionParams};
 
 fn demo() -> Arc<Model> {
-    Arc::new(Model::load(&common::fixture("phi4-tiny-docs.gguf"), LoadParams::default()).unwrap())
+    Arc::new(
+        Model::load(
+            &common::fixture("phi4-tiny-docs.gguf"),
+            LoadParams::default(),
+        )
+        .unwrap(),
+    )
 }
 
 fn session(model: &Arc<Model>, n_ctx: usize, overflow: Overflow) -> Session {
-    Session::new(model.clone(), &SessionParams { n_ctx, n_batch: 32, n_threads: 2, overflow }).unwrap()
+    Session::new(
+        model.clone(),
+        &SessionParams {
+            n_ctx,
+            n_batch: 32,
+            n_threads: 2,
+            overflow,
+        },
+    )
+    .unwrap()
 }
 
 fn greedy(max_tokens: usize) -> GenerateParams {
-    GenerateParams { sampling: SamplingParams::greedy(), max_tokens, ..Default::default() }
+    GenerateParams {
+        sampling: SamplingParams::greedy(),
+        max_tokens,
+        ..Default::default()
+    }
 }
 
-fn collect(s: &mut Session, msgs: &[Message], gp: &GenerateParams) -> (phi4::session::Outcome, String) {
+fn collect(
+    s: &mut Session,
+    msgs: &[Message],
+    gp: &GenerateParams,
+) -> (phi4::session::Outcome, String) {
     let mut text = String::new();
-    let out = s.chat(msgs, gp, &mut |_, p| {
-        text.push_str(p);
-        true
-    }).unwrap();
+    let out = s
+        .chat(msgs, gp, &mut |_, p| {
+            text.push_str(p);
+            true
+        })
+        .unwrap();
     (out, text)
 }
 
@@ -42,9 +67,15 @@ fn replies_in_english_and_stops_at_im_end() {
     let words = text.split_whitespace().count();
     assert!(words >= 5, "{text:?}");
     // Mostly ASCII letters and spaces: real (if simple) English, not noise.
-    let letters = text.chars().filter(|c| c.is_ascii_alphabetic() || *c == ' ').count();
+    let letters = text
+        .chars()
+        .filter(|c| c.is_ascii_alphabetic() || *c == ' ')
+        .count();
     assert!(letters * 10 >= text.chars().count() * 7, "{text:?}");
-    assert!(!text.contains("<|"), "control tokens are never printed: {text:?}");
+    assert!(
+        !text.contains("<|"),
+        "control tokens are never printed: {text:?}"
+    );
 }
 
 #[test]
@@ -52,17 +83,31 @@ fn second_turn_evaluates_only_its_new_tokens() {
     let m = demo();
     let markers = Markers::of(&m.tokenizer).unwrap();
     let mut s = session(&m, 2048, Overflow::Error);
-    let mut msgs = vec![Message::new(Role::System, "You answer questions about Python."), Message::new(Role::User, "What is a list?")];
+    let mut msgs = vec![
+        Message::new(Role::System, "You answer questions about Python."),
+        Message::new(Role::User, "What is a list?"),
+    ];
     let (first, reply) = collect(&mut s, &msgs, &greedy(200));
-    assert_eq!(first.timings.prompt_eval_count, chat::tokens(&m.tokenizer, markers, &msgs, true).len());
+    assert_eq!(
+        first.timings.prompt_eval_count,
+        chat::tokens(&m.tokenizer, markers, &msgs, true).len()
+    );
     let cached = s.history().len();
     msgs.push(Message::new(Role::Assistant, reply));
     msgs.push(Message::new(Role::User, "And a tuple?"));
     let (second, _) = collect(&mut s, &msgs, &greedy(20));
     let all = chat::tokens(&m.tokenizer, markers, &msgs, true);
-    assert_eq!(&all[..cached], &s.history()[..cached], "the first turn is reused as it is in the cache");
+    assert_eq!(
+        &all[..cached],
+        &s.history()[..cached],
+        "the first turn is reused as it is in the cache"
+    );
     assert_eq!(second.timings.prompt_eval_count, all.len() - cached);
-    assert!(second.timings.prompt_eval_count < 20, "{}", second.timings.prompt_eval_count);
+    assert!(
+        second.timings.prompt_eval_count < 20,
+        "{}",
+        second.timings.prompt_eval_count
+    );
 }
 
 #[test]
@@ -94,10 +139,14 @@ fn overflow_is_an_error_before_any_work() {
     let before = s.history().to_vec();
     let long = "word ".repeat(200);
     let mut called = false;
-    let e = s.chat(&[Message::new(Role::User, long)], &greedy(5), &mut |_, _| {
-        called = true;
-        true
-    });
+    let e = s.chat(
+        &[Message::new(Role::User, long)],
+        &greedy(5),
+        &mut |_, _| {
+            called = true;
+            true
+        },
+    );
     match e {
         Err(SessionError::ContextOverflow { needed, n_ctx }) => assert!(needed > 64 && n_ctx == 64),
         other => panic!("{other:?}"),
@@ -112,39 +161,87 @@ fn drop_oldest_keeps_the_system_message_and_reports() {
     let mut s = session(&m, 128, Overflow::DropOldest);
     let mut msgs = vec![Message::new(Role::System, "Be brief.")];
     for i in 0..6 {
-        msgs.push(Message::new(Role::User, format!("Question number {i} about modules and packages?")));
-        msgs.push(Message::new(Role::Assistant, "Modules are files and packages are directories of them."));
+        msgs.push(Message::new(
+            Role::User,
+            format!("Question number {i} about modules and packages?"),
+        ));
+        msgs.push(Message::new(
+            Role::Assistant,
+            "Modules are files and packages are directories of them.",
+        ));
     }
     msgs.push(Message::new(Role::User, "And imports?"));
     let (out, _) = collect(&mut s, &msgs, &greedy(8));
     assert!(out.dropped_messages > 0);
     let markers = Markers::of(&m.tokenizer).unwrap();
-    let kept: Vec<Message> = std::iter::once(msgs[0].clone()).chain(msgs[1 + out.dropped_messages..].iter().cloned()).collect();
+    let kept: Vec<Message> = std::iter::once(msgs[0].clone())
+        .chain(msgs[1 + out.dropped_messages..].iter().cloned())
+        .collect();
     let kept_tokens = chat::tokens(&m.tokenizer, markers, &kept, true);
     assert!(kept_tokens.len() < 128);
-    assert_eq!(&s.history()[..kept_tokens.len()], kept_tokens.as_slice(), "system message first, then the newest turns");
+    assert_eq!(
+        &s.history()[..kept_tokens.len()],
+        kept_tokens.as_slice(),
+        "system message first, then the newest turns"
+    );
 }
 
 #[test]
 fn max_tokens_context_full_and_cancel() {
     let m = demo();
-    let msgs = [Message::new(Role::User, "Describe the standard library in detail.")];
+    let msgs = [Message::new(
+        Role::User,
+        "Describe the standard library in detail.",
+    )];
     let mut s = session(&m, 1024, Overflow::Error);
-    let (out, _) = collect(&mut s, &msgs, &GenerateParams { max_tokens: 5, ..greedy(5) });
-    assert_eq!((out.reason, out.timings.eval_count), (DoneReason::Length, 5));
+    let (out, _) = collect(
+        &mut s,
+        &msgs,
+        &GenerateParams {
+            max_tokens: 5,
+            ..greedy(5)
+        },
+    );
+    assert_eq!(
+        (out.reason, out.timings.eval_count),
+        (DoneReason::Length, 5)
+    );
 
-    let prompt_len = chat::tokens(&m.tokenizer, Markers::of(&m.tokenizer).unwrap(), &msgs, true).len();
+    let prompt_len = chat::tokens(
+        &m.tokenizer,
+        Markers::of(&m.tokenizer).unwrap(),
+        &msgs,
+        true,
+    )
+    .len();
     let mut s = session(&m, prompt_len + 4, Overflow::Error);
-    let (out, _) = collect(&mut s, &msgs, &GenerateParams { sampling: SamplingParams { temperature: 1.0, seed: Some(3), ..SamplingParams::greedy() }, ..greedy(0) });
-    assert!(matches!(out.reason, DoneReason::ContextFull | DoneReason::Stop), "{:?}", out.reason);
+    let (out, _) = collect(
+        &mut s,
+        &msgs,
+        &GenerateParams {
+            sampling: SamplingParams {
+                temperature: 1.0,
+                seed: Some(3),
+                ..SamplingParams::greedy()
+            },
+            ..greedy(0)
+        },
+    );
+    assert!(
+        matches!(out.reason, DoneReason::ContextFull | DoneReason::Stop),
+        "{:?}",
+        out.reason
+    );
     assert!(s.history().len() <= prompt_len + 4);
 
     let mut s = session(&m, 1024, Overflow::Error);
     let mut n = 0;
-    let out = s.chat(&msgs, &greedy(100), &mut |id, _| {
-        n += usize::from(id.is_some());
-        n < 3
-    }).unwrap();
+    let out = s
+        .chat(&msgs, &greedy(100), &mut |id, _| {
+            n += usize::from(id.is_some());
+            n < 3
+        })
+        .unwrap();
     assert_eq!(out.reason, DoneReason::Cancelled);
     assert_eq!(n, 3);
 
@@ -162,7 +259,10 @@ fn stop_strings_end_generation_unprinted() {
     let (full, _) = collect(&mut session(&m, 1024, Overflow::Error), &msgs, &greedy(300));
     // Stop at the second word of the greedy reply: the reply must end right before it.
     let word = full.text.split_whitespace().nth(1).unwrap().to_string();
-    let gp = GenerateParams { stop: vec![word.clone()], ..greedy(300) };
+    let gp = GenerateParams {
+        stop: vec![word.clone()],
+        ..greedy(300)
+    };
     let (out, text) = collect(&mut session(&m, 1024, Overflow::Error), &msgs, &gp);
     assert_eq!(out.reason, DoneReason::Stop);
     assert_eq!(text, full.text[..full.text.find(&word).unwrap()]);
@@ -172,7 +272,14 @@ fn stop_strings_end_generation_unprinted() {
 fn seeded_sampling_repeats() {
     let m = demo();
     let msgs = [Message::new(Role::User, "What is a dictionary?")];
-    let gp = GenerateParams { sampling: SamplingParams { seed: Some(42), ..Default::default() }, max_tokens: 40, ..Default::default() };
+    let gp = GenerateParams {
+        sampling: SamplingParams {
+            seed: Some(42),
+            ..Default::default()
+        },
+        max_tokens: 40,
+        ..Default::default()
+    };
     let (a, _) = collect(&mut session(&m, 512, Overflow::Error), &msgs, &gp);
     let (b, _) = collect(&mut session(&m, 512, Overflow::Error), &msgs, &gp);
     assert_eq!(a.text, b.text);
@@ -193,10 +300,23 @@ fn cancel_during_tokenization_holds() {
     let t = std::time::Instant::now();
     let out = s.chat(&[huge], &greedy(8), &mut |_, _| true).unwrap();
     canceller.join().unwrap();
-    assert_eq!(out.reason, DoneReason::Cancelled, "{:?} after {:?}", out.reason, t.elapsed());
-    assert_eq!((out.timings.prompt_eval_count, out.timings.eval_count), (0, 0));
+    assert_eq!(
+        out.reason,
+        DoneReason::Cancelled,
+        "{:?} after {:?}",
+        out.reason,
+        t.elapsed()
+    );
+    assert_eq!(
+        (out.timings.prompt_eval_count, out.timings.eval_count),
+        (0, 0)
+    );
     // The next call starts afresh.
-    let (next, _) = collect(&mut s, &[Message::new(Role::User, "What is a tuple?")], &greedy(4));
+    let (next, _) = collect(
+        &mut s,
+        &[Message::new(Role::User, "What is a tuple?")],
+        &greedy(4),
+    );
     assert_ne!(next.reason, DoneReason::Cancelled);
 }
 
@@ -206,15 +326,29 @@ fn cancel_during_tokenization_holds() {
 fn drop_oldest_is_linear_in_messages() {
     let m = demo();
     let mut s = session(&m, 256, Overflow::DropOldest);
-    let mut msgs = vec![Message::new(Role::System, "You answer questions about Python.")];
+    let mut msgs = vec![Message::new(
+        Role::System,
+        "You answer questions about Python.",
+    )];
     for i in 0..4000 {
-        let role = if i % 2 == 0 { Role::User } else { Role::Assistant };
-        msgs.push(Message::new(role, format!("message number {i} about lists and dictionaries")));
+        let role = if i % 2 == 0 {
+            Role::User
+        } else {
+            Role::Assistant
+        };
+        msgs.push(Message::new(
+            role,
+            format!("message number {i} about lists and dictionaries"),
+        ));
     }
     msgs.push(Message::new(Role::User, "What is a list?"));
     let t = std::time::Instant::now();
     let (out, _) = collect(&mut s, &msgs, &greedy(4));
-    assert!(out.dropped_messages > 3900, "dropped {}", out.dropped_messages);
+    assert!(
+        out.dropped_messages > 3900,
+        "dropped {}",
+        out.dropped_messages
+    );
     assert!(t.elapsed().as_secs_f32() < 20.0, "took {:?}", t.elapsed());
 }
 
@@ -222,6 +356,13 @@ fn drop_oldest_is_linear_in_messages() {
 #[test]
 fn threads_above_the_cpus_are_clamped() {
     let m = demo();
-    let s = Session::new(m, &SessionParams { n_threads: phi4::session::MAX_THREADS, ..Default::default() }).unwrap();
+    let s = Session::new(
+        m,
+        &SessionParams {
+            n_threads: phi4::session::MAX_THREADS,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(s.n_threads(), phi4::session::cpu_count());
 }

@@ -16,11 +16,22 @@ fn load(path: &std::path::Path) -> Arc<Model> {
 }
 
 fn session(m: &Arc<Model>, n_ctx: usize) -> Session {
-    Session::new(m.clone(), &SessionParams { n_ctx, n_batch: 16, n_threads: 2, ..Default::default() }).unwrap()
+    Session::new(
+        m.clone(),
+        &SessionParams {
+            n_ctx,
+            n_batch: 16,
+            n_threads: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 fn prompt(n: usize, n_vocab: usize, salt: usize) -> Vec<u32> {
-    (0..n).map(|i| ((i * 7919 + salt * 104_729 + 13) % (n_vocab - 8)) as u32).collect()
+    (0..n)
+        .map(|i| ((i * 7919 + salt * 104_729 + 13) % (n_vocab - 8)) as u32)
+        .collect()
 }
 
 fn bits(l: &[f32]) -> Vec<u32> {
@@ -41,7 +52,11 @@ fn continues_bit_identically(path: &std::path::Path) {
     assert_eq!(written, a.state_size(usize::MAX));
     let mut bytes = Vec::new();
     a.save_to(&mut bytes, usize::MAX).unwrap();
-    assert_eq!(bytes, std::fs::read(&file).unwrap(), "the file and the bytes are one format");
+    assert_eq!(
+        bytes,
+        std::fs::read(&file).unwrap(),
+        "the file and the bytes are one format"
+    );
     let mut copied = session(&m, 256);
     assert_eq!(copied.copy_from(&a).unwrap(), p.len());
 
@@ -56,8 +71,17 @@ fn continues_bit_identically(path: &std::path::Path) {
     let again = load(path);
     let mut other = session(&again, 256);
     other.load(&file).unwrap();
-    for (what, s) in [("file", &mut from_file), ("bytes", &mut from_bytes), ("copy", &mut copied), ("file, model loaded again", &mut other)] {
-        assert_eq!(bits(s.evaluate(&next).unwrap()), want, "restored from {what}");
+    for (what, s) in [
+        ("file", &mut from_file),
+        ("bytes", &mut from_bytes),
+        ("copy", &mut copied),
+        ("file, model loaded again", &mut other),
+    ] {
+        assert_eq!(
+            bits(s.evaluate(&next).unwrap()),
+            want,
+            "restored from {what}"
+        );
         assert_eq!(s.history(), a.history());
     }
 }
@@ -67,7 +91,11 @@ fn restored_sessions_continue_bit_identically() {
     let dir = common::tmpdir();
     continues_bit_identically(&common::fixture("phi4-tiny-docs.gguf"));
     for (i, ft) in ["f16", "q8_0", "q4_0", "q4_k_m"].iter().enumerate() {
-        continues_bit_identically(&common::synth_model(dir.path(), &format!("{ft}.gguf"), &Spec::small(2, common::ftype(ft), 40 + i as u64)));
+        continues_bit_identically(&common::synth_model(
+            dir.path(),
+            &format!("{ft}.gguf"),
+            &Spec::small(2, common::ftype(ft), 40 + i as u64),
+        ));
     }
 }
 
@@ -92,8 +120,15 @@ fn a_partial_match_evaluates_only_the_rest() {
     // (Not bit-identical: the two caches' rows were computed in different micro-batches, which
     // some kernels sum in another order: close, as tests/parity.rs states for such orders.)
     let next = [q[0]];
-    let (lb, lf) = (b.evaluate(&next).unwrap().to_vec(), fresh.evaluate(&next).unwrap().to_vec());
-    let diff = lb.iter().zip(&lf).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    let (lb, lf) = (
+        b.evaluate(&next).unwrap().to_vec(),
+        fresh.evaluate(&next).unwrap().to_vec(),
+    );
+    let diff = lb
+        .iter()
+        .zip(&lf)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
     assert!(diff < 1e-2, "restored vs fresh logits differ by {diff}");
     // A state larger than the session's context: its first n_ctx tokens.
     let mut small = session(&m, 16);
@@ -106,7 +141,9 @@ fn a_partial_match_evaluates_only_the_rest() {
 
 fn expect_invalid(s: &mut Session, bytes: &[u8], says: &str, before: &[u32]) {
     match s.load_bytes(bytes) {
-        Err(StateError::Invalid(m)) => assert!(says.is_empty() || m.contains(says), "{m:?} lacks {says:?}"),
+        Err(StateError::Invalid(m)) => {
+            assert!(says.is_empty() || m.contains(says), "{m:?} lacks {says:?}")
+        }
         other => panic!("expected an invalid state ({says}), got {other:?}"),
     }
     assert_eq!(s.history(), before, "the session is untouched");
@@ -149,13 +186,21 @@ fn damaged_or_foreign_states_are_refused() {
     expect_invalid(&mut b, &field(40, 7), "rows", &before);
     expect_invalid(&mut b, &field(32, 0), "ggml type 0", &before);
     expect_invalid(&mut b, &field(44, 8), "", &before);
-    expect_invalid(&mut b, b"GGUF and more bytes than a state's header has, still not a state", "bad magic", &before);
+    expect_invalid(
+        &mut b,
+        b"GGUF and more bytes than a state's header has, still not a state",
+        "bad magic",
+        &before,
+    );
 
     // Another model of another shape; and one of the same shape, other weights: its
     // fingerprint differs.
     let dir = common::tmpdir();
     let spec = |seed| Spec::small(2, common::ftype("q8_0"), seed);
-    let (x, y) = (load(&common::synth_model(dir.path(), "x.gguf", &spec(9))), load(&common::synth_model(dir.path(), "y.gguf", &spec(10))));
+    let (x, y) = (
+        load(&common::synth_model(dir.path(), "x.gguf", &spec(9))),
+        load(&common::synth_model(dir.path(), "y.gguf", &spec(10))),
+    );
     let mut sx = session(&x, 128);
     sx.evaluate(&[1, 2, 3]).unwrap();
     let mut foreign = Vec::new();
@@ -168,13 +213,23 @@ fn damaged_or_foreign_states_are_refused() {
         other => panic!("{other:?}"),
     }
     assert_eq!(sy.history(), [4]);
-    assert!(matches!(sy.copy_from(&sx), Err(StateError::Invalid(_))), "no copying across models");
+    assert!(
+        matches!(sy.copy_from(&sx), Err(StateError::Invalid(_))),
+        "no copying across models"
+    );
 
     // Files: missing, a directory, a FIFO: errors, never a wait.
-    assert!(matches!(b.load(&dir.path().join("missing.kv")), Err(StateError::Io(_))));
+    assert!(matches!(
+        b.load(&dir.path().join("missing.kv")),
+        Err(StateError::Io(_))
+    ));
     assert!(matches!(b.load(dir.path()), Err(StateError::Io(_))));
     let fifo = dir.path().join("fifo");
-    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
     assert!(matches!(b.load(&fifo), Err(StateError::Io(m)) if m.contains("not a regular file")));
 
     // After all that, the session works and loads a good state.
@@ -191,6 +246,8 @@ fn a_failed_save_is_an_error() {
     let dir = common::tmpdir();
     let mut a = session(&m, 64);
     a.evaluate(&[1, 2, 3]).unwrap();
-    assert!(matches!(a.save(&dir.path().join("no/such/dir.kv"), usize::MAX), Err(StateError::Io(m)) if m.contains("no/such/dir.kv")));
+    assert!(
+        matches!(a.save(&dir.path().join("no/such/dir.kv"), usize::MAX), Err(StateError::Io(m)) if m.contains("no/such/dir.kv"))
+    );
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }

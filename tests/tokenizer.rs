@@ -71,7 +71,11 @@ fn equals_llama_cpp_on_the_phi4_vocabulary() {
     let rf = Reference::vocab_only(&common::fixture("phi4-vocab.gguf"));
     for s in corpus() {
         for special in [false, true] {
-            assert_eq!(tok.encode(&s, special), rf.tokenize(&s, special), "{s:?} (special: {special})");
+            assert_eq!(
+                tok.encode(&s, special),
+                rf.tokenize(&s, special),
+                "{s:?} (special: {special})"
+            );
         }
     }
 }
@@ -82,7 +86,9 @@ fn random_texts(n: usize, seed: u64) -> Vec<String> {
         &['a', 'b', 'e', 'o', 'T', 'Q', 'z', 'é', 'ß', 'ø'],
         &[' ', ' ', ' ', '\n', '\t', '\r', '\u{a0}', '\u{3000}'],
         &['0', '1', '5', '9', '٣', '²'],
-        &['.', ',', '!', '?', '\'', '"', '(', ')', '<', '|', '>', '_', '-', '#', '{', '}'],
+        &[
+            '.', ',', '!', '?', '\'', '"', '(', ')', '<', '|', '>', '_', '-', '#', '{', '}',
+        ],
         &['ж', 'д', 'Ω', 'λ', 'ש', 'ع', 'क', 'ा', 'ก', 'ั'],
         &['中', '文', '日', 'の', 'カ', '한', '글'],
         &['😀', '👍', '🏽', '\u{200d}', '❤', '\u{fe0f}', '🇫', '🇷'],
@@ -164,7 +170,10 @@ fn streaming_holds_back_split_characters() {
     // Characters that cl100k splits across several byte tokens.
     for s in ["😀👍🏽", "𝕳𝖊𝖑𝖑𝖔", "日本語", "ฬฮ"] {
         let ids = tok.encode(s, false);
-        assert!(ids.len() > s.chars().count(), "{s:?} should split characters across tokens: {ids:?}");
+        assert!(
+            ids.len() > s.chars().count(),
+            "{s:?} should split characters across tokens: {ids:?}"
+        );
         let mut d = StreamDecoder::default();
         let mut pieces = Vec::new();
         for &id in &ids {
@@ -175,7 +184,10 @@ fn streaming_holds_back_split_characters() {
         }
         pieces.push(d.finish());
         assert_eq!(pieces.concat(), s);
-        assert!(pieces.iter().any(|p| p.is_empty()), "something was held back for {s:?}");
+        assert!(
+            pieces.iter().any(|p| p.is_empty()),
+            "something was held back for {s:?}"
+        );
     }
 }
 
@@ -195,15 +207,35 @@ fn unsupported_tokenizers_are_load_errors() {
     let g = phi4::gguf::parse(&bytes).unwrap();
     let retyped = |key: &str, v: &str| {
         let mut g = g.clone();
-        let kv: Vec<_> = g.metadata.iter().map(|(k, x)| if k == key { (k.clone(), phi4::gguf::Value::String(v.as_bytes().to_vec())) } else { (k.clone(), x.clone()) }).collect();
+        let kv: Vec<_> = g
+            .metadata
+            .iter()
+            .map(|(k, x)| {
+                if k == key {
+                    (k.clone(), phi4::gguf::Value::String(v.as_bytes().to_vec()))
+                } else {
+                    (k.clone(), x.clone())
+                }
+            })
+            .collect();
         g.metadata = kv;
         // Rebuild the index through a round trip of parse (metadata is only read through get()).
         rebuild(&g)
     };
-    let e = Tokenizer::from_gguf(&retyped("tokenizer.ggml.model", "llama"), 100352).unwrap_err().to_string();
-    assert!(e.contains("tokenizer.ggml.model \"llama\" is not supported"), "{e}");
-    let e = Tokenizer::from_gguf(&retyped("tokenizer.ggml.pre", "qwen2"), 100352).unwrap_err().to_string();
-    assert!(e.contains("tokenizer.ggml.pre \"qwen2\" is not supported"), "{e}");
+    let e = Tokenizer::from_gguf(&retyped("tokenizer.ggml.model", "llama"), 100352)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tokenizer.ggml.model \"llama\" is not supported"),
+        "{e}"
+    );
+    let e = Tokenizer::from_gguf(&retyped("tokenizer.ggml.pre", "qwen2"), 100352)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tokenizer.ggml.pre \"qwen2\" is not supported"),
+        "{e}"
+    );
     let e = Tokenizer::from_gguf(&g, 1000).unwrap_err().to_string();
     assert!(e.contains("100352 tokens for a model with 1000"), "{e}");
 }
@@ -232,7 +264,11 @@ fn long_runs_tokenize_in_near_linear_time() {
         let took = t.elapsed();
         assert!(took.as_secs_f32() < 10.0, "{unit:?} x 1 MB took {took:?}");
         assert_eq!(tok.decode(&ids, false), text, "{unit:?}: round trip");
-        eprintln!("{unit:?} x 1 MB: {} tokens in {:.0} ms", ids.len(), took.as_secs_f64() * 1e3);
+        eprintln!(
+            "{unit:?} x 1 MB: {} tokens in {:.0} ms",
+            ids.len(),
+            took.as_secs_f64() * 1e3
+        );
     }
 }
 
@@ -241,7 +277,12 @@ fn long_runs_tokenize_in_near_linear_time() {
 fn tokenizing_is_cancellable() {
     let tok = phi4_vocab();
     let cancel = std::sync::atomic::AtomicBool::new(true);
-    assert_eq!(tok.encode_cancellable(&"word ".repeat(100_000), false, &cancel), None);
+    assert_eq!(
+        tok.encode_cancellable(&"word ".repeat(100_000), false, &cancel),
+        None
+    );
     cancel.store(false, std::sync::atomic::Ordering::Relaxed);
-    assert!(tok.encode_cancellable("word word", false, &cancel).is_some());
+    assert!(tok
+        .encode_cancellable("word word", false, &cancel)
+        .is_some());
 }

@@ -17,7 +17,11 @@ impl Options {
         while let Some(k) = it.next() {
             match (k.strip_prefix("--"), it.next()) {
                 (Some(name), Some(v)) => pairs.push((name.to_string(), v)),
-                _ => Options { pairs: vec![], usage }.fail(&format!("{k} needs a value")),
+                _ => Options {
+                    pairs: vec![],
+                    usage,
+                }
+                .fail(&format!("{k} needs a value")),
             }
         }
         Options { pairs, usage }
@@ -32,7 +36,9 @@ impl Options {
     pub fn get<T: FromStr>(&self, name: &str, default: T) -> T {
         match self.pairs.iter().rev().find(|(n, _)| n == name) {
             None => default,
-            Some((_, v)) => v.parse().unwrap_or_else(|_| self.fail(&format!("--{name} {v:?} is not valid"))),
+            Some((_, v)) => v
+                .parse()
+                .unwrap_or_else(|_| self.fail(&format!("--{name} {v:?} is not valid"))),
         }
     }
 

@@ -7,15 +7,34 @@ use phi4::Model;
 pub fn describe(m: &Model, path: &std::path::Path) -> Vec<(String, String)> {
     let c = &m.config;
     let mut lines = vec![
-        ("model".to_string(), format!("{} ({:.2} GB)", path.display(), m.file_size as f64 / 1e9)),
+        (
+            "model".to_string(),
+            format!("{} ({:.2} GB)", path.display(), m.file_size as f64 / 1e9),
+        ),
         (
             "shape".to_string(),
-            format!("{} layers x {}, heads {}/{} of {}, FFN {}, vocabulary {}, context {}", c.n_layer, c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.n_ff, c.n_vocab, c.n_ctx_train),
+            format!(
+                "{} layers x {}, heads {}/{} of {}, FFN {}, vocabulary {}, context {}",
+                c.n_layer,
+                c.n_embd,
+                c.n_head,
+                c.n_head_kv,
+                c.head_dim,
+                c.n_ff,
+                c.n_vocab,
+                c.n_ctx_train
+            ),
         ),
     ];
     let kv = c.kv_bytes_per_token();
     let n_max = c.n_ctx_train.min(MAX_CONTEXT);
-    lines.push(("kv cache".into(), format!("{kv} bytes per token ({:.2} GiB at {n_max})", (kv * n_max as u64) as f64 / (1u64 << 30) as f64)));
+    lines.push((
+        "kv cache".into(),
+        format!(
+            "{kv} bytes per token ({:.2} GiB at {n_max})",
+            (kv * n_max as u64) as f64 / (1u64 << 30) as f64
+        ),
+    ));
     let mut types: std::collections::BTreeMap<&str, (usize, u64)> = Default::default();
     for t in &m.gguf.tensors {
         let e = types.entry(t.ggml_type.name()).or_default();
@@ -23,7 +42,10 @@ pub fn describe(m: &Model, path: &std::path::Path) -> Vec<(String, String)> {
         e.1 += t.size;
     }
     for (ty, (n, bytes)) in types {
-        lines.push((format!("weights {ty}"), format!("{n} tensors, {:.1} MB", bytes as f64 / 1e6)));
+        lines.push((
+            format!("weights {ty}"),
+            format!("{n} tensors, {:.1} MB", bytes as f64 / 1e6),
+        ));
     }
     let repacked = match m.repacked_summary().as_str() {
         "none" => "none (all weights used in place from the file mapping)".to_string(),

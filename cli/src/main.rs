@@ -107,7 +107,11 @@ fn main() -> ExitCode {
     // Errors are reported as one line; a bug (panic) too, never a backtrace or a signal.
     std::panic::set_hook(Box::new(|info| {
         let p = info.payload();
-        let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
+        let msg = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
         eprintln!("phi4: internal error: {msg}");
     }));
     let cli = Cli::parse();

@@ -19,7 +19,8 @@ impl GenerateArgs {
     pub fn params(&self) -> Result<GenerateParams, String> {
         let mut gp = GenerateParams::default();
         for (name, value) in &self.0 {
-            gp.set(name, value).map_err(|e| format!("--{}: {e}", flag(name)))?;
+            gp.set(name, value)
+                .map_err(|e| format!("--{}: {e}", flag(name)))?;
         }
         Ok(gp)
     }
@@ -29,8 +30,16 @@ impl Args for GenerateArgs {
     fn augment_args(mut cmd: Command) -> Command {
         let defaults = GenerateParams::default();
         for &(name, help) in GenerateParams::options() {
-            let help = format!("{} [default: {}]", help.trim(), defaults.get(name).unwrap_or_default());
-            let mut arg = Arg::new(name).long(flag(name)).help(help).value_name("VALUE").allow_negative_numbers(true);
+            let help = format!(
+                "{} [default: {}]",
+                help.trim(),
+                defaults.get(name).unwrap_or_default()
+            );
+            let mut arg = Arg::new(name)
+                .long(flag(name))
+                .help(help)
+                .value_name("VALUE")
+                .allow_negative_numbers(true);
             arg = match name {
                 "stop" => arg.action(ArgAction::Append),
                 "num_predict" => arg.short('n'),
@@ -50,12 +59,15 @@ impl FromArgMatches for GenerateArgs {
     fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
         let mut given: Vec<(usize, &'static str, String)> = Vec::new();
         for &(name, _) in GenerateParams::options() {
-            if let (Some(values), Some(indices)) = (m.get_many::<String>(name), m.indices_of(name)) {
+            if let (Some(values), Some(indices)) = (m.get_many::<String>(name), m.indices_of(name))
+            {
                 given.extend(indices.zip(values).map(|(i, v)| (i, name, v.clone())));
             }
         }
         given.sort_by_key(|g| g.0);
-        Ok(GenerateArgs(given.into_iter().map(|(_, n, v)| (n, v)).collect()))
+        Ok(GenerateArgs(
+            given.into_iter().map(|(_, n, v)| (n, v)).collect(),
+        ))
     }
 
     fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
@@ -84,11 +96,20 @@ pub struct FormatArgs {
 
 impl FormatArgs {
     pub fn constraint(&self) -> Result<Option<Constraint>, String> {
-        let read = |flag: &str, p: &std::path::Path| std::fs::read_to_string(p).map_err(|e| format!("--{flag} {}: {e}", p.display()));
+        let read = |flag: &str, p: &std::path::Path| {
+            std::fs::read_to_string(p).map_err(|e| format!("--{flag} {}: {e}", p.display()))
+        };
         Ok(match self {
-            FormatArgs { format: Some(f), .. } => parse_format(f).map_err(|e| format!("--format: {e}"))?,
-            FormatArgs { format_schema: Some(p), .. } => Some(Constraint::JsonSchema(read("format-schema", p)?)),
-            FormatArgs { grammar: Some(p), .. } => Some(Constraint::Lark(read("grammar", p)?)),
+            FormatArgs {
+                format: Some(f), ..
+            } => parse_format(f).map_err(|e| format!("--format: {e}"))?,
+            FormatArgs {
+                format_schema: Some(p),
+                ..
+            } => Some(Constraint::JsonSchema(read("format-schema", p)?)),
+            FormatArgs {
+                grammar: Some(p), ..
+            } => Some(Constraint::Lark(read("grammar", p)?)),
             FormatArgs { regex: Some(r), .. } => Some(Constraint::Regex(r.clone())),
             _ => None,
         })
@@ -100,7 +121,9 @@ pub fn parse_format(s: &str) -> Result<Option<Constraint>, String> {
     match s.trim() {
         "json" => Ok(Some(Constraint::Json)),
         schema if schema.starts_with('{') => Ok(Some(Constraint::JsonSchema(schema.to_string()))),
-        other => Err(format!("{other:?} is neither json nor a JSON Schema ({{...}})")),
+        other => Err(format!(
+            "{other:?} is neither json nor a JSON Schema ({{...}})"
+        )),
     }
 }
 
@@ -112,7 +135,15 @@ pub fn describe_format(c: Option<&Constraint>) -> String {
         Some(c @ (Constraint::JsonSchema(s) | Constraint::Regex(s) | Constraint::Lark(s))) => {
             let one_line: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
             let short: String = one_line.chars().take(60).collect();
-            format!("{} {short}{}", c.kind(), if short.len() < one_line.len() { "…" } else { "" })
+            format!(
+                "{} {short}{}",
+                c.kind(),
+                if short.len() < one_line.len() {
+                    "…"
+                } else {
+                    ""
+                }
+            )
         }
     }
 }

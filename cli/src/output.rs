@@ -80,12 +80,27 @@ impl Sink for Ndjson {
 /// Ollama's `--verbose` block, on stderr.
 pub fn print_timings(o: &Outcome) {
     let t = &o.timings;
-    let rate = |n: usize, ns: u64| if ns > 0 { n as f64 / (ns as f64 / 1e9) } else { 0.0 };
+    let rate = |n: usize, ns: u64| {
+        if ns > 0 {
+            n as f64 / (ns as f64 / 1e9)
+        } else {
+            0.0
+        }
+    };
     eprintln!("load duration:        {:.3}s", t.load_duration as f64 / 1e9);
     eprintln!("prompt eval count:    {} token(s)", t.prompt_eval_count);
-    eprintln!("prompt eval duration: {:.3}s", t.prompt_eval_duration as f64 / 1e9);
-    eprintln!("prompt eval rate:     {:.2} tokens/s", rate(t.prompt_eval_count, t.prompt_eval_duration));
+    eprintln!(
+        "prompt eval duration: {:.3}s",
+        t.prompt_eval_duration as f64 / 1e9
+    );
+    eprintln!(
+        "prompt eval rate:     {:.2} tokens/s",
+        rate(t.prompt_eval_count, t.prompt_eval_duration)
+    );
     eprintln!("eval count:           {} token(s)", t.eval_count);
     eprintln!("eval duration:        {:.3}s", t.eval_duration as f64 / 1e9);
-    eprintln!("eval rate:            {:.2} tokens/s", rate(t.eval_count, t.eval_duration));
+    eprintln!(
+        "eval rate:            {:.2} tokens/s",
+        rate(t.eval_count, t.eval_duration)
+    );
 }

@@ -37,7 +37,14 @@ struct State<'a> {
     verbose: bool,
 }
 
-pub fn run(session: &mut Session, model_path: &Path, messages: Vec<Message>, gp: GenerateParams, mut sink: Box<dyn Sink>, verbose: bool) -> Res {
+pub fn run(
+    session: &mut Session,
+    model_path: &Path,
+    messages: Vec<Message>,
+    gp: GenerateParams,
+    mut sink: Box<dyn Sink>,
+    verbose: bool,
+) -> Res {
     // Ctrl-C cancels the reply being generated, never the program.
     let generating = Arc::new(AtomicBool::new(false));
     {
@@ -52,7 +59,13 @@ pub fn run(session: &mut Session, model_path: &Path, messages: Vec<Message>, gp:
         })
         .map_err(|e| format!("cannot handle Ctrl-C: {e}"))?;
     }
-    let mut st = State { session, model_path, messages, gp, verbose };
+    let mut st = State {
+        session,
+        model_path,
+        messages,
+        gp,
+        verbose,
+    };
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     loop {
@@ -99,10 +112,15 @@ pub fn run(session: &mut Session, model_path: &Path, messages: Vec<Message>, gp:
         generating.store(false, Ordering::Relaxed);
         match result {
             Ok(out) => {
-                st.messages.push(Message::new(Role::Assistant, out.text.clone()));
+                st.messages
+                    .push(Message::new(Role::Assistant, out.text.clone()));
                 if out.dropped_messages > 0 {
-                    eprintln!("(dropped the {} oldest message(s) to fit the context)", out.dropped_messages);
-                    let first = usize::from(st.messages.first().is_some_and(|m| m.role == Role::System));
+                    eprintln!(
+                        "(dropped the {} oldest message(s) to fit the context)",
+                        out.dropped_messages
+                    );
+                    let first =
+                        usize::from(st.messages.first().is_some_and(|m| m.role == Role::System));
                     st.messages.drain(first..first + out.dropped_messages);
                 }
                 if st.verbose {
@@ -154,7 +172,11 @@ fn command(line: &str, st: &mut State<'_>) -> Flow {
         ["/save", _, ..] => {
             let path = argument(line, 1);
             match st.session.save(path.as_ref(), usize::MAX) {
-                Ok(bytes) => eprintln!("Saved the session ({} tokens, {:.1} MiB) to {path}.", st.session.history().len(), bytes as f64 / 1048576.0),
+                Ok(bytes) => eprintln!(
+                    "Saved the session ({} tokens, {:.1} MiB) to {path}.",
+                    st.session.history().len(),
+                    bytes as f64 / 1048576.0
+                ),
                 Err(e) => eprintln!("error: {e}"),
             }
         }
@@ -163,8 +185,13 @@ fn command(line: &str, st: &mut State<'_>) -> Flow {
             match st.session.load(path.as_ref()) {
                 Ok(n) => {
                     let tok = st.session.model().tokenizer.clone();
-                    st.messages = Markers::of(&tok).map(|m| chat::messages(&tok, m, st.session.history())).unwrap_or_default();
-                    eprintln!("Loaded {n} tokens: a conversation of {} messages.", st.messages.len());
+                    st.messages = Markers::of(&tok)
+                        .map(|m| chat::messages(&tok, m, st.session.history()))
+                        .unwrap_or_default();
+                    eprintln!(
+                        "Loaded {n} tokens: a conversation of {} messages.",
+                        st.messages.len()
+                    );
                 }
                 Err(e) => eprintln!("error: {e}"),
             }
@@ -180,21 +207,35 @@ fn command(line: &str, st: &mut State<'_>) -> Flow {
             st.gp.constraint = None;
             eprintln!("Disabled format.");
         }
-        ["/set", "parameter", name, value @ ..] if !value.is_empty() => match st.gp.set(name, &value.join(" ")) {
-            Ok(()) => eprintln!("Set parameter '{name}' to '{}'", value.join(" ")),
-            Err(e) => eprintln!("error: {e}"),
-        },
+        ["/set", "parameter", name, value @ ..] if !value.is_empty() => {
+            match st.gp.set(name, &value.join(" ")) {
+                Ok(()) => eprintln!("Set parameter '{name}' to '{}'", value.join(" ")),
+                Err(e) => eprintln!("error: {e}"),
+            }
+        }
         ["/show", "info"] => {
             for (label, value) in describe(st.session.model(), st.model_path) {
                 eprintln!("  {label:<18} {value}");
             }
-            eprintln!("  {:<18} {} positions", "session context", st.session.n_ctx());
+            eprintln!(
+                "  {:<18} {} positions",
+                "session context",
+                st.session.n_ctx()
+            );
         }
         ["/show", "parameters"] => {
             for (name, help) in GenerateParams::options() {
-                eprintln!("  {name:<18} {:<10} {}", st.gp.get(name).unwrap_or_default(), help.trim());
+                eprintln!(
+                    "  {name:<18} {:<10} {}",
+                    st.gp.get(name).unwrap_or_default(),
+                    help.trim()
+                );
             }
-            eprintln!("  {:<18} {}", "format", describe_format(st.gp.constraint.as_ref()));
+            eprintln!(
+                "  {:<18} {}",
+                "format",
+                describe_format(st.gp.constraint.as_ref())
+            );
         }
         ["/show", "system"] => match st.messages.iter().find(|m| m.role == Role::System) {
             Some(m) => eprintln!("{}", m.content),

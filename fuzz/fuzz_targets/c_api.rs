@@ -57,21 +57,64 @@ extern "C" {
     fn phi4_model_load(path: *const c_char, params: *const c_void, out: *mut *mut Opaque) -> u32;
     fn phi4_session_default_params(out: *mut SessionParams) -> u32;
     fn phi4_generate_default_params(out: *mut GenerateParams) -> u32;
-    fn phi4_session_new(model: *const Opaque, params: *const SessionParams, out: *mut *mut Opaque) -> u32;
+    fn phi4_session_new(
+        model: *const Opaque,
+        params: *const SessionParams,
+        out: *mut *mut Opaque,
+    ) -> u32;
     fn phi4_session_free(s: *mut Opaque);
-    fn phi4_scheduler_new(model: *const Opaque, n_threads: u32, max_batch: u32, out: *mut *mut Opaque) -> u32;
+    fn phi4_scheduler_new(
+        model: *const Opaque,
+        n_threads: u32,
+        max_batch: u32,
+        out: *mut *mut Opaque,
+    ) -> u32;
     fn phi4_scheduler_free(s: *mut Opaque);
-    fn phi4_session_new_on(s: *const Opaque, params: *const SessionParams, out: *mut *mut Opaque) -> u32;
-    fn phi4_session_chat(s: *mut Opaque, m: *const Msg, n: usize, p: *const GenerateParams, cb: StreamFn, ud: *mut c_void) -> u32;
-    fn phi4_session_generate(s: *mut Opaque, t: *const u32, n: usize, p: *const GenerateParams, cb: StreamFn, ud: *mut c_void) -> u32;
+    fn phi4_session_new_on(
+        s: *const Opaque,
+        params: *const SessionParams,
+        out: *mut *mut Opaque,
+    ) -> u32;
+    fn phi4_session_chat(
+        s: *mut Opaque,
+        m: *const Msg,
+        n: usize,
+        p: *const GenerateParams,
+        cb: StreamFn,
+        ud: *mut c_void,
+    ) -> u32;
+    fn phi4_session_generate(
+        s: *mut Opaque,
+        t: *const u32,
+        n: usize,
+        p: *const GenerateParams,
+        cb: StreamFn,
+        ud: *mut c_void,
+    ) -> u32;
     fn phi4_session_cancel(s: *const Opaque) -> u32;
     fn phi4_session_reset(s: *mut Opaque) -> u32;
     fn phi4_session_rewind(s: *mut Opaque, n: usize) -> u32;
     fn phi4_session_n_cached(s: *mut Opaque, n: *mut usize) -> u32;
     fn phi4_session_last_result(s: *const Opaque, out: *mut u8) -> u32;
     fn phi4_session_last_error(s: *const Opaque) -> *const c_char;
-    fn phi4_tokenize(m: *const Opaque, text: *const c_char, len: usize, special: bool, tokens: *mut u32, cap: usize, n: *mut usize) -> u32;
-    fn phi4_detokenize(m: *const Opaque, tokens: *const u32, n: usize, special: bool, text: *mut c_char, cap: usize, len: *mut usize) -> u32;
+    fn phi4_tokenize(
+        m: *const Opaque,
+        text: *const c_char,
+        len: usize,
+        special: bool,
+        tokens: *mut u32,
+        cap: usize,
+        n: *mut usize,
+    ) -> u32;
+    fn phi4_detokenize(
+        m: *const Opaque,
+        tokens: *const u32,
+        n: usize,
+        special: bool,
+        text: *mut c_char,
+        cap: usize,
+        len: *mut usize,
+    ) -> u32;
 }
 
 const INTERNAL: u32 = 10;
@@ -84,10 +127,17 @@ unsafe impl Sync for Model {}
 fn model() -> *mut Opaque {
     static M: OnceLock<Model> = OnceLock::new();
     M.get_or_init(|| {
-        let path = CString::new(concat!(env!("CARGO_MANIFEST_DIR"), "/corpus/model_load/tiny-q4_0.gguf")).unwrap();
+        let path = CString::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/corpus/model_load/tiny-q4_0.gguf"
+        ))
+        .unwrap();
         let mut m = std::ptr::null_mut();
         // SAFETY: valid path and out pointer.
-        assert_eq!(unsafe { phi4_model_load(path.as_ptr(), std::ptr::null(), &mut m) }, 0);
+        assert_eq!(
+            unsafe { phi4_model_load(path.as_ptr(), std::ptr::null(), &mut m) },
+            0
+        );
         Model(m)
     })
     .0
@@ -114,8 +164,22 @@ unsafe extern "C" fn on_piece(ud: *mut c_void, piece: *const c_char, len: usize)
                 true
             }
             3 => {
-                let m = Msg { role: c"user".as_ptr(), content: c"x".as_ptr() };
-                assert_eq!(phi4_session_chat(cb.session, &m, 1, std::ptr::null(), None, std::ptr::null_mut()), 7, "re-entry is BUSY");
+                let m = Msg {
+                    role: c"user".as_ptr(),
+                    content: c"x".as_ptr(),
+                };
+                assert_eq!(
+                    phi4_session_chat(
+                        cb.session,
+                        &m,
+                        1,
+                        std::ptr::null(),
+                        None,
+                        std::ptr::null_mut()
+                    ),
+                    7,
+                    "re-entry is BUSY"
+                );
                 true
             }
             4 => {
@@ -132,7 +196,9 @@ struct Input<'a>(&'a [u8]);
 
 impl Input<'_> {
     fn byte(&mut self) -> u8 {
-        let Some((&b, rest)) = self.0.split_first() else { return 0 };
+        let Some((&b, rest)) = self.0.split_first() else {
+            return 0;
+        };
         self.0 = rest;
         b
     }
@@ -158,7 +224,11 @@ fuzz_target!(|data: &[u8]| {
         ops += 1;
         let op = input.byte() % 12;
         let pick = input.byte() as usize;
-        let s = if sessions.is_empty() { std::ptr::null_mut() } else { sessions[pick % sessions.len()] };
+        let s = if sessions.is_empty() {
+            std::ptr::null_mut()
+        } else {
+            sessions[pick % sessions.len()]
+        };
         // SAFETY: every pointer passed is NULL, a live handle, or points to what the call reads.
         let st = unsafe {
             match op {
@@ -174,10 +244,17 @@ fuzz_target!(|data: &[u8]| {
                     }
                     let mut out = std::ptr::null_mut();
                     let on_scheduler = input.byte() % 3 == 0;
-                    if on_scheduler && sched.is_null() && phi4_scheduler_new(m, input.u32() % 3, input.u32() % 6, &mut sched) != 0 {
+                    if on_scheduler
+                        && sched.is_null()
+                        && phi4_scheduler_new(m, input.u32() % 3, input.u32() % 6, &mut sched) != 0
+                    {
                         sched = std::ptr::null_mut();
                     }
-                    let st = if on_scheduler { phi4_session_new_on(sched, &p, &mut out) } else { phi4_session_new(m, &p, &mut out) };
+                    let st = if on_scheduler {
+                        phi4_session_new_on(sched, &p, &mut out)
+                    } else {
+                        phi4_session_new(m, &p, &mut out)
+                    };
                     if st == 0 {
                         sessions.push(out);
                     }
@@ -185,16 +262,39 @@ fuzz_target!(|data: &[u8]| {
                 }
                 2 | 3 | 4 => {
                     let roles = [c"system", c"user", c"assistant", c"robot"];
-                    let texts: Vec<(CString, CString)> = (0..1 + input.byte() % 3).map(|_| (roles[(input.byte() % 4) as usize].into(), input.text())).collect();
-                    let msgs: Vec<Msg> = texts.iter().map(|(r, c)| Msg { role: r.as_ptr(), content: c.as_ptr() }).collect();
+                    let texts: Vec<(CString, CString)> = (0..1 + input.byte() % 3)
+                        .map(|_| (roles[(input.byte() % 4) as usize].into(), input.text()))
+                        .collect();
+                    let msgs: Vec<Msg> = texts
+                        .iter()
+                        .map(|(r, c)| Msg {
+                            role: r.as_ptr(),
+                            content: c.as_ptr(),
+                        })
+                        .collect();
                     let mut g = std::mem::zeroed::<GenerateParams>();
                     phi4_generate_default_params(&mut g);
                     g.max_tokens = 1 + input.u32() % 4;
                     g.temperature = f32::from_bits(input.u32() & 0x407F_FFFF);
                     g.top_p = (input.byte() as f32) / 200.0;
                     g.seed = input.u32() as u64;
-                    let mut cb = Callback { session: s, action: input.byte(), pieces: 0 };
-                    let st = phi4_session_chat(s, msgs.as_ptr(), if input.byte() % 16 == 0 { 0 } else { msgs.len() }, &g, Some(on_piece), &mut cb as *mut _ as *mut c_void);
+                    let mut cb = Callback {
+                        session: s,
+                        action: input.byte(),
+                        pieces: 0,
+                    };
+                    let st = phi4_session_chat(
+                        s,
+                        msgs.as_ptr(),
+                        if input.byte() % 16 == 0 {
+                            0
+                        } else {
+                            msgs.len()
+                        },
+                        &g,
+                        Some(on_piece),
+                        &mut cb as *mut _ as *mut c_void,
+                    );
                     if cb.session.is_null() {
                         sessions.retain(|&x| x != s);
                     }
@@ -202,11 +302,22 @@ fuzz_target!(|data: &[u8]| {
                 }
                 5 => {
                     let ids: Vec<u32> = (0..input.byte() % 6).map(|_| input.u32() % 300).collect();
-                    let mut cb = Callback { session: s, action: input.byte(), pieces: 0 };
+                    let mut cb = Callback {
+                        session: s,
+                        action: input.byte(),
+                        pieces: 0,
+                    };
                     let mut g = std::mem::zeroed::<GenerateParams>();
                     phi4_generate_default_params(&mut g);
                     g.max_tokens = 1 + input.u32() % 3;
-                    let st = phi4_session_generate(s, ids.as_ptr(), ids.len(), &g, Some(on_piece), &mut cb as *mut _ as *mut c_void);
+                    let st = phi4_session_generate(
+                        s,
+                        ids.as_ptr(),
+                        ids.len(),
+                        &g,
+                        Some(on_piece),
+                        &mut cb as *mut _ as *mut c_void,
+                    );
                     if cb.session.is_null() {
                         sessions.retain(|&x| x != s);
                     }
@@ -227,12 +338,32 @@ fuzz_target!(|data: &[u8]| {
                     let cap = input.byte() as usize % 16;
                     let mut toks = [0u32; 16];
                     let mut n = 0usize;
-                    let st = phi4_tokenize(m, text.as_ptr(), text.as_bytes().len(), input.byte() % 2 == 0, toks.as_mut_ptr(), cap, &mut n);
+                    let st = phi4_tokenize(
+                        m,
+                        text.as_ptr(),
+                        text.as_bytes().len(),
+                        input.byte() % 2 == 0,
+                        toks.as_mut_ptr(),
+                        cap,
+                        &mut n,
+                    );
                     let mut out = [0 as c_char; 64];
                     let mut len = 0usize;
                     let ids: Vec<u32> = (0..input.byte() % 5).map(|_| input.u32() % 400).collect();
-                    let st2 = phi4_detokenize(m, ids.as_ptr(), ids.len(), true, out.as_mut_ptr(), input.byte() as usize % 64, &mut len);
-                    if st == INTERNAL { st } else { st2 }
+                    let st2 = phi4_detokenize(
+                        m,
+                        ids.as_ptr(),
+                        ids.len(),
+                        true,
+                        out.as_mut_ptr(),
+                        input.byte() as usize % 64,
+                        &mut len,
+                    );
+                    if st == INTERNAL {
+                        st
+                    } else {
+                        st2
+                    }
                 }
                 _ => {
                     if !s.is_null() {

@@ -10,7 +10,16 @@ use phi4::tokenizer::Tokenizer;
 
 fn vocab() -> &'static Tokenizer {
     static T: OnceLock<Tokenizer> = OnceLock::new();
-    T.get_or_init(|| Tokenizer::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/phi4-vocab.gguf").as_ref()).unwrap())
+    T.get_or_init(|| {
+        Tokenizer::load(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../tests/fixtures/phi4-vocab.gguf"
+            )
+            .as_ref(),
+        )
+        .unwrap()
+    })
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -12,7 +12,9 @@ use phi4::session::{GenerateParams, SessionError};
 use phi4::Constraint;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&kind, rest)) = data.split_first() else { return };
+    let Some((&kind, rest)) = data.split_first() else {
+        return;
+    };
     let text = String::from_utf8_lossy(rest).into_owned();
     let constraint = match kind % 4 {
         0 => Constraint::JsonSchema(text),
@@ -20,7 +22,15 @@ fuzz_target!(|data: &[u8]| {
         2 => Constraint::Lark(text),
         _ => Constraint::Json,
     };
-    let gp = GenerateParams { sampling: SamplingParams { seed: Some(kind as u64), ..Default::default() }, max_tokens: 6, constraint: Some(constraint), ..Default::default() };
+    let gp = GenerateParams {
+        sampling: SamplingParams {
+            seed: Some(kind as u64),
+            ..Default::default()
+        },
+        max_tokens: 6,
+        constraint: Some(constraint),
+        ..Default::default()
+    };
     let mut s = session().lock().unwrap();
     match s.generate(&[1, 2, 3], &gp, &mut |_, _| true) {
         Ok(_) | Err(SessionError::Constraint(_)) => {}

@@ -8,8 +8,21 @@ use phi4::session::{Session, SessionParams};
 pub fn session() -> &'static Mutex<Session> {
     static S: OnceLock<Mutex<Session>> = OnceLock::new();
     S.get_or_init(|| {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/phi4-tiny-docs.gguf");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/phi4-tiny-docs.gguf"
+        );
         let model = Arc::new(Model::load(path.as_ref(), LoadParams::default()).unwrap());
-        Mutex::new(Session::new(model, &SessionParams { n_ctx: 64, n_threads: 1, ..Default::default() }).unwrap())
+        Mutex::new(
+            Session::new(
+                model,
+                &SessionParams {
+                    n_ctx: 64,
+                    n_threads: 1,
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        )
     })
 }

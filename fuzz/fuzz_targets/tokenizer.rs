@@ -12,7 +12,14 @@ use phi4::tokenizer::Tokenizer;
 fn vocab() -> &'static Tokenizer {
     static T: OnceLock<Tokenizer> = OnceLock::new();
     T.get_or_init(|| {
-        let t = Tokenizer::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/phi4-vocab.gguf").as_ref()).unwrap();
+        let t = Tokenizer::load(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../tests/fixtures/phi4-vocab.gguf"
+            )
+            .as_ref(),
+        )
+        .unwrap();
         t.encode("warm up the pre-tokenizer's caches <|im_start|>", true);
         t
     })
@@ -24,7 +31,9 @@ fn budget(len: usize) -> Duration {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else { return };
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
     let text = String::from_utf8_lossy(rest);
     let special = mode & 1 == 1;
     let tok = vocab();
@@ -40,6 +49,10 @@ fuzz_target!(|data: &[u8]| {
         tok.encode(&text, special);
         best.min(t.elapsed())
     });
-    assert!(took <= budget(text.len()), "{} bytes took {took:?} (best of 3)", text.len());
+    assert!(
+        took <= budget(text.len()),
+        "{} bytes took {took:?} (best of 3)",
+        text.len()
+    );
     assert_eq!(tok.decode(&ids, special), text, "round trip");
 });

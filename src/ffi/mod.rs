@@ -102,13 +102,22 @@ pub(crate) use ffi_boundary;
 
 /// Run `f` under the boundary, turning its error (or a panic, with its message) into a status;
 /// `record` keeps the message where the caller can read it.
-pub(crate) fn guard(record: impl FnOnce(&Error), f: impl FnOnce() -> Result<(), Error>) -> phi4_status {
+pub(crate) fn guard(
+    record: impl FnOnce(&Error),
+    f: impl FnOnce() -> Result<(), Error>,
+) -> phi4_status {
     let e = match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => return PHI4_OK,
         Ok(Err(e)) => e,
         Err(p) => {
-            let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
-            Error::new(PHI4_ERR_INTERNAL, format!("internal error: {}", msg.unwrap_or_default()))
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned());
+            Error::new(
+                PHI4_ERR_INTERNAL,
+                format!("internal error: {}", msg.unwrap_or_default()),
+            )
         }
     };
     // Recording must not unwind either (it takes locks, writes buffers).
@@ -164,7 +173,12 @@ pub(crate) fn non_null<T>(p: *const T, what: &str) -> Result<*const T, Error> {
 pub(crate) unsafe fn c_str<'a>(p: *const c_char, what: &str) -> Result<&'a str, Error> {
     non_null(p, what)?;
     // SAFETY: non-null and NUL-terminated per the caller's contract.
-    unsafe { CStr::from_ptr(p) }.to_str().map_err(|_| Error::new(PHI4_ERR_INVALID_ARGUMENT, format!("{what} is not valid UTF-8")))
+    unsafe { CStr::from_ptr(p) }.to_str().map_err(|_| {
+        Error::new(
+            PHI4_ERR_INVALID_ARGUMENT,
+            format!("{what} is not valid UTF-8"),
+        )
+    })
 }
 
 /// Copy `s` into the caller's `text` buffer (`capacity` bytes, NUL-terminated), its length in
@@ -172,12 +186,20 @@ pub(crate) unsafe fn c_str<'a>(p: *const c_char, what: &str) -> Result<&'a str, 
 ///
 /// # Safety
 /// `len` is NULL or writable; `text` is NULL or points to `capacity` writable bytes.
-pub(crate) unsafe fn write_text(s: &str, text: *mut c_char, capacity: usize, len: *mut usize) -> Result<(), Error> {
+pub(crate) unsafe fn write_text(
+    s: &str,
+    text: *mut c_char,
+    capacity: usize,
+    len: *mut usize,
+) -> Result<(), Error> {
     non_null(len, "len")?;
     // SAFETY: len is non-null and writable per the caller's contract.
     unsafe { len.write(s.len()) };
     if s.len() + 1 > capacity {
-        return Err(Error::new(PHI4_ERR_BUFFER_TOO_SMALL, "text buffer too small"));
+        return Err(Error::new(
+            PHI4_ERR_BUFFER_TOO_SMALL,
+            "text buffer too small",
+        ));
     }
     non_null(text, "text")?;
     // SAFETY: text has room for capacity >= s.len() + 1 bytes.
@@ -197,8 +219,14 @@ pub(crate) unsafe fn array<'a, T>(p: *const T, len: usize, what: &str) -> Result
         return Ok(&[]);
     }
     non_null(p, what)?;
-    if len.checked_mul(std::mem::size_of::<T>()).map_or(true, |b| b > isize::MAX as usize) {
-        return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, format!("{what}: {len} items is impossibly many")));
+    if len
+        .checked_mul(std::mem::size_of::<T>())
+        .map_or(true, |b| b > isize::MAX as usize)
+    {
+        return Err(Error::new(
+            PHI4_ERR_INVALID_ARGUMENT,
+            format!("{what}: {len} items is impossibly many"),
+        ));
     }
     // SAFETY: p is non-null and points to len items per the caller's contract.
     Ok(unsafe { std::slice::from_raw_parts(p, len) })
@@ -209,12 +237,15 @@ pub(crate) unsafe fn array<'a, T>(p: *const T, len: usize, what: &str) -> Result
 /// # Safety
 /// `out` is NULL or points to a writable `T`.
 pub(crate) unsafe fn write_out<T>(out: *mut T, value: T) -> phi4_status {
-    guard(|_| (), || {
-        non_null(out, "out")?;
-        // SAFETY: non-null and writable per the contract.
-        unsafe { out.write(value) };
-        Ok(())
-    })
+    guard(
+        |_| (),
+        || {
+            non_null(out, "out")?;
+            // SAFETY: non-null and writable per the contract.
+            unsafe { out.write(value) };
+            Ok(())
+        },
+    )
 }
 
 /// Write the first `min(size, size_of::<T>())` bytes of `value` (a params struct starting with
@@ -223,19 +254,27 @@ pub(crate) unsafe fn write_out<T>(out: *mut T, value: T) -> phi4_status {
 /// # Safety
 /// `out` is NULL or points to `size` writable bytes.
 pub(crate) unsafe fn write_prefix<T: Copy>(out: *mut T, value: T, size: usize) -> phi4_status {
-    guard(|_| (), || {
-        non_null(out, "out")?;
-        if size < std::mem::size_of::<usize>() {
-            return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, format!("size {size} is smaller than the struct_size field")));
-        }
-        let n = size.min(std::mem::size_of::<T>());
-        let mut v = value;
-        // SAFETY: T starts with a usize (struct_size) per the contract.
-        unsafe { (&mut v as *mut T as *mut usize).write(n) };
-        // SAFETY: out has `size` >= n writable bytes; v is n readable bytes.
-        unsafe { std::ptr::copy_nonoverlapping(&v as *const T as *const u8, out as *mut u8, n) };
-        Ok(())
-    })
+    guard(
+        |_| (),
+        || {
+            non_null(out, "out")?;
+            if size < std::mem::size_of::<usize>() {
+                return Err(Error::new(
+                    PHI4_ERR_INVALID_ARGUMENT,
+                    format!("size {size} is smaller than the struct_size field"),
+                ));
+            }
+            let n = size.min(std::mem::size_of::<T>());
+            let mut v = value;
+            // SAFETY: T starts with a usize (struct_size) per the contract.
+            unsafe { (&mut v as *mut T as *mut usize).write(n) };
+            // SAFETY: out has `size` >= n writable bytes; v is n readable bytes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(&v as *const T as *const u8, out as *mut u8, n)
+            };
+            Ok(())
+        },
+    )
 }
 
 /// Read a versioned params struct: start from `defaults` and take the first
@@ -245,7 +284,11 @@ pub(crate) unsafe fn write_prefix<T: Copy>(out: *mut T, value: T, size: usize) -
 /// # Safety
 /// `p` is NULL (use the defaults) or points to a struct whose first field is a `size_t`
 /// `struct_size` holding the number of readable bytes.
-pub(crate) unsafe fn read_params<T: Copy>(p: *const T, defaults: T, what: &str) -> Result<T, Error> {
+pub(crate) unsafe fn read_params<T: Copy>(
+    p: *const T,
+    defaults: T,
+    what: &str,
+) -> Result<T, Error> {
     if p.is_null() {
         return Ok(defaults);
     }
@@ -253,11 +296,20 @@ pub(crate) unsafe fn read_params<T: Copy>(p: *const T, defaults: T, what: &str) 
     let size = unsafe { *(p as *const usize) };
     let ours = std::mem::size_of::<T>();
     if size < std::mem::size_of::<usize>() || size > 1 << 16 {
-        return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, format!("{what}.struct_size {size} is invalid (use the *_default_params function)")));
+        return Err(Error::new(
+            PHI4_ERR_INVALID_ARGUMENT,
+            format!("{what}.struct_size {size} is invalid (use the *_default_params function)"),
+        ));
     }
     let mut out = defaults;
     // SAFETY: the caller's struct has `size` readable bytes; we copy at most `ours` into a T.
-    unsafe { std::ptr::copy_nonoverlapping(p as *const u8, &mut out as *mut T as *mut u8, size.min(ours)) };
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            p as *const u8,
+            &mut out as *mut T as *mut u8,
+            size.min(ours),
+        )
+    };
     // Our struct_size field now holds the caller's; that is fine, it is not read again.
     Ok(out)
 }
@@ -272,7 +324,10 @@ fn store_message(buf: &mut MessageBuf, msg: &str) {
         end -= 1;
     }
     buf[..end].copy_from_slice(&msg.as_bytes()[..end]);
-    buf[..end].iter_mut().filter(|b| **b == 0).for_each(|b| *b = b'?');
+    buf[..end]
+        .iter_mut()
+        .filter(|b| **b == 0)
+        .for_each(|b| *b = b'?');
     buf[end] = 0;
 }
 
@@ -362,7 +417,13 @@ pub extern "C" fn phi4_cpu_features() -> *const c_char {
 mod tests {
     #[test]
     fn version_macros_match_the_package() {
-        let v = [super::PHI4_VERSION_MAJOR, super::PHI4_VERSION_MINOR, super::PHI4_VERSION_PATCH].map(|n| n.to_string()).join(".");
+        let v = [
+            super::PHI4_VERSION_MAJOR,
+            super::PHI4_VERSION_MINOR,
+            super::PHI4_VERSION_PATCH,
+        ]
+        .map(|n| n.to_string())
+        .join(".");
         assert_eq!(v, env!("CARGO_PKG_VERSION"));
     }
 }

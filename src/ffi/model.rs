@@ -15,10 +15,13 @@ pub enum phi4_log_level {
 }
 
 /// Progress of loading, 0..1. Return false to cancel the load.
-pub type phi4_progress_fn = Option<unsafe extern "C" fn(user_data: *mut c_void, progress: f32) -> bool>;
+pub type phi4_progress_fn =
+    Option<unsafe extern "C" fn(user_data: *mut c_void, progress: f32) -> bool>;
 
 /// A log line of one model (NUL-terminated, valid during the call).
-pub type phi4_log_fn = Option<unsafe extern "C" fn(user_data: *mut c_void, level: phi4_log_level, message: *const c_char)>;
+pub type phi4_log_fn = Option<
+    unsafe extern "C" fn(user_data: *mut c_void, level: phi4_log_level, message: *const c_char),
+>;
 
 /// How to load a model. Get one from `phi4_model_default_params`, then change fields.
 #[repr(C)]
@@ -99,7 +102,9 @@ fn default_model_params() -> phi4_model_params {
 
 fn load_status(e: &LoadError) -> phi4_status {
     match e {
-        LoadError::Io { source, .. } if source.kind() == std::io::ErrorKind::OutOfMemory => PHI4_ERR_OUT_OF_MEMORY,
+        LoadError::Io { source, .. } if source.kind() == std::io::ErrorKind::OutOfMemory => {
+            PHI4_ERR_OUT_OF_MEMORY
+        }
         LoadError::Io { .. } => PHI4_ERR_IO,
         LoadError::Alloc(_) => PHI4_ERR_OUT_OF_MEMORY,
         LoadError::Cancelled => PHI4_ERR_CANCELLED,
@@ -113,25 +118,39 @@ fn load_status(e: &LoadError) -> phi4_status {
 ///
 /// Thread-safe: models may be loaded on several threads at once.
 #[no_mangle]
-pub unsafe extern "C" fn phi4_model_load(path: *const c_char, params: *const phi4_model_params, out: *mut *mut phi4_model) -> phi4_status {
+pub unsafe extern "C" fn phi4_model_load(
+    path: *const c_char,
+    params: *const phi4_model_params,
+    out: *mut *mut phi4_model,
+) -> phi4_status {
     set_load_error("");
-    guard(|e| set_load_error(&e.1), || {
-        non_null(out, "out")?;
-        // SAFETY: NULL or a NUL-terminated string, per the header's contract.
-        let path = unsafe { c_str(path, "path") }?;
-        // SAFETY: NULL or a params struct from phi4_model_default_params.
-        let p = unsafe { read_params(params, default_model_params(), "params") }?;
-        let mut progress = |f: f32| match p.progress {
-            // SAFETY: the caller's callback with the caller's user data.
-            Some(cb) => unsafe { cb(p.progress_user_data, f) },
-            None => true,
-        };
-        let lp = LoadParams { repack: p.repack, prefetch: p.prefetch, progress: Some(&mut progress) };
-        let model = Model::load(std::path::Path::new(path), lp).map_err(|e| Error::new(load_status(&e), e.to_string()))?;
-        let log = Log { f: p.log, user_data: p.log_user_data };
-        log.write(
-            phi4_log_level::PHI4_LOG_INFO,
-            &format!(
+    guard(
+        |e| set_load_error(&e.1),
+        || {
+            non_null(out, "out")?;
+            // SAFETY: NULL or a NUL-terminated string, per the header's contract.
+            let path = unsafe { c_str(path, "path") }?;
+            // SAFETY: NULL or a params struct from phi4_model_default_params.
+            let p = unsafe { read_params(params, default_model_params(), "params") }?;
+            let mut progress = |f: f32| match p.progress {
+                // SAFETY: the caller's callback with the caller's user data.
+                Some(cb) => unsafe { cb(p.progress_user_data, f) },
+                None => true,
+            };
+            let lp = LoadParams {
+                repack: p.repack,
+                prefetch: p.prefetch,
+                progress: Some(&mut progress),
+            };
+            let model = Model::load(std::path::Path::new(path), lp)
+                .map_err(|e| Error::new(load_status(&e), e.to_string()))?;
+            let log = Log {
+                f: p.log,
+                user_data: p.log_user_data,
+            };
+            log.write(
+                phi4_log_level::PHI4_LOG_INFO,
+                &format!(
                 "loaded {path}: {} layers x {}, vocabulary {}; cpu kernels {} ({}); repacked: {}",
                 model.config.n_layer,
                 model.config.n_embd,
@@ -140,12 +159,17 @@ pub unsafe extern "C" fn phi4_model_load(path: *const c_char, params: *const phi
                 crate::ggml::cpu_features().join(" "),
                 model.repacked_summary()
             ),
-        );
-        let m = phi4_model { inner: Arc::new(model), log }.into_raw();
-        // SAFETY: out is non-null (checked).
-        unsafe { out.write(m) };
-        Ok(())
-    })
+            );
+            let m = phi4_model {
+                inner: Arc::new(model),
+                log,
+            }
+            .into_raw();
+            // SAFETY: out is non-null (checked).
+            unsafe { out.write(m) };
+            Ok(())
+        },
+    )
 }
 
 /// Release a model. NULL is allowed. Sessions opened on it keep it alive until they are freed,
@@ -163,27 +187,42 @@ pub unsafe extern "C" fn phi4_model_free(model: *mut phi4_model) {
 ///
 /// Thread-safe.
 #[no_mangle]
-pub unsafe extern "C" fn phi4_tokenize(model: *const phi4_model, text: *const c_char, len: usize, special: bool, tokens: *mut u32, capacity: usize, n_tokens: *mut usize) -> phi4_status {
-    guard(|_| (), || {
-        // SAFETY: NULL or a live handle.
-        let m = unsafe { borrow(model) }?;
-        non_null(n_tokens, "n_tokens")?;
-        // SAFETY: text points to len readable bytes (caller's contract).
-        let text: &[u8] = unsafe { array(text.cast(), len, "text") }?;
-        let text = std::str::from_utf8(text).map_err(|_| Error::new(PHI4_ERR_INVALID_ARGUMENT, "text is not valid UTF-8"))?;
-        let ids = m.inner.tokenizer.encode(text, special);
-        // SAFETY: n_tokens is non-null.
-        unsafe { n_tokens.write(ids.len()) };
-        if ids.len() > capacity {
-            return Err(Error::new(PHI4_ERR_BUFFER_TOO_SMALL, "token buffer too small"));
-        }
-        if !ids.is_empty() {
-            non_null(tokens, "tokens")?;
-            // SAFETY: tokens has room for capacity >= ids.len() ids.
-            unsafe { std::ptr::copy_nonoverlapping(ids.as_ptr(), tokens, ids.len()) };
-        }
-        Ok(())
-    })
+pub unsafe extern "C" fn phi4_tokenize(
+    model: *const phi4_model,
+    text: *const c_char,
+    len: usize,
+    special: bool,
+    tokens: *mut u32,
+    capacity: usize,
+    n_tokens: *mut usize,
+) -> phi4_status {
+    guard(
+        |_| (),
+        || {
+            // SAFETY: NULL or a live handle.
+            let m = unsafe { borrow(model) }?;
+            non_null(n_tokens, "n_tokens")?;
+            // SAFETY: text points to len readable bytes (caller's contract).
+            let text: &[u8] = unsafe { array(text.cast(), len, "text") }?;
+            let text = std::str::from_utf8(text)
+                .map_err(|_| Error::new(PHI4_ERR_INVALID_ARGUMENT, "text is not valid UTF-8"))?;
+            let ids = m.inner.tokenizer.encode(text, special);
+            // SAFETY: n_tokens is non-null.
+            unsafe { n_tokens.write(ids.len()) };
+            if ids.len() > capacity {
+                return Err(Error::new(
+                    PHI4_ERR_BUFFER_TOO_SMALL,
+                    "token buffer too small",
+                ));
+            }
+            if !ids.is_empty() {
+                non_null(tokens, "tokens")?;
+                // SAFETY: tokens has room for capacity >= ids.len() ids.
+                unsafe { std::ptr::copy_nonoverlapping(ids.as_ptr(), tokens, ids.len()) };
+            }
+            Ok(())
+        },
+    )
 }
 
 /// The text of `n` token ids (control tokens only with `special`), written to `text` (at most
@@ -193,21 +232,35 @@ pub unsafe extern "C" fn phi4_tokenize(model: *const phi4_model, text: *const c_
 ///
 /// Thread-safe.
 #[no_mangle]
-pub unsafe extern "C" fn phi4_detokenize(model: *const phi4_model, tokens: *const u32, n: usize, special: bool, text: *mut c_char, capacity: usize, len: *mut usize) -> phi4_status {
-    guard(|_| (), || {
-        // SAFETY: handle and buffers as documented.
-        let m = unsafe { borrow(model) }?;
-        non_null(len, "len")?;
-        // SAFETY: tokens points to n ids (caller's contract).
-        let ids = unsafe { array(tokens, n, "tokens") }?;
-        let n_vocab = m.inner.config.n_vocab;
-        if let Some(bad) = ids.iter().find(|&&t| t as usize >= n_vocab) {
-            return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, format!("token id {bad} is outside the vocabulary")));
-        }
-        let s = m.inner.tokenizer.decode(ids, special);
-        // SAFETY: text and len as documented.
-        unsafe { write_text(&s, text, capacity, len) }
-    })
+pub unsafe extern "C" fn phi4_detokenize(
+    model: *const phi4_model,
+    tokens: *const u32,
+    n: usize,
+    special: bool,
+    text: *mut c_char,
+    capacity: usize,
+    len: *mut usize,
+) -> phi4_status {
+    guard(
+        |_| (),
+        || {
+            // SAFETY: handle and buffers as documented.
+            let m = unsafe { borrow(model) }?;
+            non_null(len, "len")?;
+            // SAFETY: tokens points to n ids (caller's contract).
+            let ids = unsafe { array(tokens, n, "tokens") }?;
+            let n_vocab = m.inner.config.n_vocab;
+            if let Some(bad) = ids.iter().find(|&&t| t as usize >= n_vocab) {
+                return Err(Error::new(
+                    PHI4_ERR_INVALID_ARGUMENT,
+                    format!("token id {bad} is outside the vocabulary"),
+                ));
+            }
+            let s = m.inner.tokenizer.decode(ids, special);
+            // SAFETY: text and len as documented.
+            unsafe { write_text(&s, text, capacity, len) }
+        },
+    )
 }
 
 /// The model's training context length (16384 for Phi-4), or 0 if `model` is NULL.
@@ -232,11 +285,19 @@ pub unsafe extern "C" fn phi4_model_n_repacked(model: *const phi4_model) -> u32 
 ///
 /// Thread-safe.
 #[no_mangle]
-pub unsafe extern "C" fn phi4_model_repacked(model: *const phi4_model, text: *mut c_char, capacity: usize, len: *mut usize) -> phi4_status {
-    guard(|_| (), || {
-        // SAFETY: NULL or a live handle.
-        let m = unsafe { borrow(model) }?;
-        // SAFETY: text and len as documented.
-        unsafe { write_text(&m.inner.repacked_summary(), text, capacity, len) }
-    })
+pub unsafe extern "C" fn phi4_model_repacked(
+    model: *const phi4_model,
+    text: *mut c_char,
+    capacity: usize,
+    len: *mut usize,
+) -> phi4_status {
+    guard(
+        |_| (),
+        || {
+            // SAFETY: NULL or a live handle.
+            let m = unsafe { borrow(model) }?;
+            // SAFETY: text and len as documented.
+            unsafe { write_text(&m.inner.repacked_summary(), text, capacity, len) }
+        },
+    )
 }

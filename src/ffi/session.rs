@@ -16,7 +16,9 @@ use crate::forward::EvalError;
 use crate::model::Model;
 use crate::sample::SamplingParams;
 use crate::scheduler::Scheduler;
-use crate::session::{DoneReason, GenerateParams, Outcome, Overflow, Session, SessionError, SessionParams};
+use crate::session::{
+    DoneReason, GenerateParams, Outcome, Overflow, Session, SessionError, SessionParams,
+};
 use crate::state::StateError;
 
 /// What to do when a conversation outgrows the context (the values of
@@ -119,7 +121,8 @@ pub struct phi4_message {
 
 /// Receives each piece of generated text: `len` bytes of complete UTF-8 (also NUL-terminated),
 /// valid during the call only. Return true to go on, false to cancel the generation.
-pub type phi4_stream_fn = Option<unsafe extern "C" fn(user_data: *mut c_void, piece: *const c_char, len: usize) -> bool>;
+pub type phi4_stream_fn =
+    Option<unsafe extern "C" fn(user_data: *mut c_void, piece: *const c_char, len: usize) -> bool>;
 
 /// Why the last generation ended.
 #[repr(C)]
@@ -235,7 +238,10 @@ const GENERATE_PARAMS_0_1: usize = std::mem::offset_of!(phi4_generate_params, fo
 /// struct_size is set to what was written, so a program built against an older header keeps
 /// working. Thread-safe.
 #[no_mangle]
-pub unsafe extern "C" fn phi4_generate_params_init(out: *mut phi4_generate_params, size: usize) -> phi4_status {
+pub unsafe extern "C" fn phi4_generate_params_init(
+    out: *mut phi4_generate_params,
+    size: usize,
+) -> phi4_status {
     // SAFETY: out is NULL or points to `size` writable bytes (caller's contract).
     unsafe { write_prefix(out, default_generate_params(), size) }
 }
@@ -244,7 +250,9 @@ pub unsafe extern "C" fn phi4_generate_params_init(out: *mut phi4_generate_param
 /// writes that struct's bytes only. (The header's `phi4_generate_default_params` is a macro
 /// over phi4_generate_params_init; this symbol stays for those programs.)
 #[export_name = "phi4_generate_default_params"]
-pub unsafe extern "C" fn generate_default_params_0_1(out: *mut phi4_generate_params) -> phi4_status {
+pub unsafe extern "C" fn generate_default_params_0_1(
+    out: *mut phi4_generate_params,
+) -> phi4_status {
     // SAFETY: programs of 0.1.0 pass a struct of that version's size.
     unsafe { write_prefix(out, default_generate_params(), GENERATE_PARAMS_0_1) }
 }
@@ -269,22 +277,45 @@ fn serr(e: SessionError) -> Error {
 ///
 /// # Safety
 /// `params` is NULL or points to a params struct of its `struct_size`.
-pub(crate) unsafe fn open_session(model: &Arc<Model>, log: Log, params: *const phi4_session_params, scheduler: Option<&Scheduler>) -> Result<phi4_session, Error> {
+pub(crate) unsafe fn open_session(
+    model: &Arc<Model>,
+    log: Log,
+    params: *const phi4_session_params,
+    scheduler: Option<&Scheduler>,
+) -> Result<phi4_session, Error> {
     // SAFETY: NULL or a struct from phi4_session_default_params (caller's contract).
     let p = unsafe { read_params(params, default_session_params(), "params") }?;
     let overflow = match p.overflow {
         v if v == phi4_overflow::PHI4_OVERFLOW_ERROR as u32 => Overflow::Error,
         v if v == phi4_overflow::PHI4_OVERFLOW_DROP_OLDEST as u32 => Overflow::DropOldest,
-        v => return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, format!("overflow {v} is not a phi4_overflow"))),
+        v => {
+            return Err(Error::new(
+                PHI4_ERR_INVALID_ARGUMENT,
+                format!("overflow {v} is not a phi4_overflow"),
+            ))
+        }
     };
-    let sp = SessionParams { n_ctx: p.n_ctx as usize, n_batch: p.n_batch as usize, n_threads: p.n_threads as usize, overflow };
+    let sp = SessionParams {
+        n_ctx: p.n_ctx as usize,
+        n_batch: p.n_batch as usize,
+        n_threads: p.n_threads as usize,
+        overflow,
+    };
     let s = match scheduler {
         Some(sched) => Session::with_scheduler(sched, &sp),
         None => Session::new(model.clone(), &sp),
     }
     .map_err(serr)?;
     if scheduler.is_none() && s.n_threads() < sp.n_threads {
-        log.write(phi4_log_level::PHI4_LOG_WARN, &format!("n_threads {} is more than the {} CPUs this process may use: using {}", sp.n_threads, s.n_threads(), s.n_threads()));
+        log.write(
+            phi4_log_level::PHI4_LOG_WARN,
+            &format!(
+                "n_threads {} is more than the {} CPUs this process may use: using {}",
+                sp.n_threads,
+                s.n_threads(),
+                s.n_threads()
+            ),
+        );
     }
     Ok(phi4_session {
         cancel: s.cancel_flag(),
@@ -302,17 +333,24 @@ pub(crate) unsafe fn open_session(model: &Arc<Model>, log: Log, params: *const p
 ///
 /// Thread-safe: sessions may be opened on one model from many threads at once.
 #[no_mangle]
-pub unsafe extern "C" fn phi4_session_new(model: *const phi4_model, params: *const phi4_session_params, out: *mut *mut phi4_session) -> phi4_status {
-    guard(|e| set_load_error(&e.1), || {
-        non_null(out, "out")?;
-        // SAFETY: a live model handle (caller's contract).
-        let m = unsafe { borrow(model) }?;
-        // SAFETY: NULL or a struct from phi4_session_default_params (caller's contract).
-        let h = unsafe { open_session(&m.inner, m.log, params, None) }?;
-        // SAFETY: out is non-null.
-        unsafe { out.write(h.into_raw()) };
-        Ok(())
-    })
+pub unsafe extern "C" fn phi4_session_new(
+    model: *const phi4_model,
+    params: *const phi4_session_params,
+    out: *mut *mut phi4_session,
+) -> phi4_status {
+    guard(
+        |e| set_load_error(&e.1),
+        || {
+            non_null(out, "out")?;
+            // SAFETY: a live model handle (caller's contract).
+            let m = unsafe { borrow(model) }?;
+            // SAFETY: NULL or a struct from phi4_session_default_params (caller's contract).
+            let h = unsafe { open_session(&m.inner, m.log, params, None) }?;
+            // SAFETY: out is non-null.
+            unsafe { out.write(h.into_raw()) };
+            Ok(())
+        },
+    )
 }
 
 /// Free a session (NULL allowed). Must not race with a call on the same session from another
@@ -321,7 +359,9 @@ pub unsafe extern "C" fn phi4_session_new(model: *const phi4_model, params: *con
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_free(session: *mut phi4_session) {
     // SAFETY: NULL or a live handle from phi4_session_new (caller's contract).
-    let Ok(h) = (unsafe { borrow(session) }) else { return };
+    let Ok(h) = (unsafe { borrow(session) }) else {
+        return;
+    };
     ffi_boundary! {
         if h.inner.is_locked() {
             // Called from a callback of a call running on this session: that call frees it.
@@ -340,7 +380,10 @@ pub unsafe extern "C" fn phi4_session_free(session: *mut phi4_session) {
 ///
 /// # Safety
 /// `session` is NULL or a live handle from phi4_session_new.
-unsafe fn with_session(session: *const phi4_session, f: impl FnOnce(&phi4_session, &mut Session) -> Result<(), Error>) -> phi4_status {
+unsafe fn with_session(
+    session: *const phi4_session,
+    f: impl FnOnce(&phi4_session, &mut Session) -> Result<(), Error>,
+) -> phi4_status {
     // SAFETY: NULL or a live handle (caller's contract).
     let h = match unsafe { borrow(session) } {
         Ok(h) => h,
@@ -384,10 +427,17 @@ unsafe fn generate_params(p: *const phi4_generate_params) -> Result<GeneratePara
         presence_penalty: p.presence_penalty,
         seed: (p.seed != PHI4_SEED_RANDOM).then_some(p.seed),
     };
-    sampling.validate().map_err(|m| Error::new(PHI4_ERR_INVALID_ARGUMENT, m))?;
+    sampling
+        .validate()
+        .map_err(|m| Error::new(PHI4_ERR_INVALID_ARGUMENT, m))?;
     // SAFETY: format_text is NULL or a NUL-terminated string (caller's contract).
     let constraint = unsafe { constraint(p.format, p.format_text) }?;
-    Ok(GenerateParams { sampling, max_tokens: p.max_tokens as usize, stop, constraint })
+    Ok(GenerateParams {
+        sampling,
+        max_tokens: p.max_tokens as usize,
+        stop,
+        constraint,
+    })
 }
 
 /// # Safety
@@ -398,19 +448,35 @@ unsafe fn constraint(format: u32, text: *const c_char) -> Result<Option<Constrai
     Ok(match format {
         v if v == phi4_format::PHI4_FORMAT_TEXT as u32 => None,
         v if v == phi4_format::PHI4_FORMAT_JSON as u32 => Some(Constraint::Json),
-        v if v == phi4_format::PHI4_FORMAT_JSON_SCHEMA as u32 => Some(Constraint::JsonSchema(text()?)),
+        v if v == phi4_format::PHI4_FORMAT_JSON_SCHEMA as u32 => {
+            Some(Constraint::JsonSchema(text()?))
+        }
         v if v == phi4_format::PHI4_FORMAT_REGEX as u32 => Some(Constraint::Regex(text()?)),
         v if v == phi4_format::PHI4_FORMAT_GRAMMAR as u32 => Some(Constraint::Lark(text()?)),
-        v => return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, format!("params.format {v} is not a phi4_format"))),
+        v => {
+            return Err(Error::new(
+                PHI4_ERR_INVALID_ARGUMENT,
+                format!("params.format {v} is not a phi4_format"),
+            ))
+        }
     })
 }
 
 fn store_result(h: &phi4_session, o: &Outcome) {
     if o.dropped_messages > 0 {
-        h.log.write(phi4_log_level::PHI4_LOG_WARN, &format!("dropped the {} oldest message(s) to fit the context", o.dropped_messages));
+        h.log.write(
+            phi4_log_level::PHI4_LOG_WARN,
+            &format!(
+                "dropped the {} oldest message(s) to fit the context",
+                o.dropped_messages
+            ),
+        );
     }
     if o.reason == DoneReason::ContextFull {
-        h.log.write(phi4_log_level::PHI4_LOG_WARN, "the reply filled the context and was cut short");
+        h.log.write(
+            phi4_log_level::PHI4_LOG_WARN,
+            "the reply filled the context and was cut short",
+        );
     }
     let reason = match o.reason {
         DoneReason::Stop => phi4_done_reason::PHI4_DONE_STOP,
@@ -454,11 +520,25 @@ fn stream(cb: phi4_stream_fn, user_data: *mut c_void) -> impl FnMut(Option<u32>,
 ///
 /// One thread at a time per session (PHI4_ERR_BUSY otherwise).
 #[no_mangle]
-pub unsafe extern "C" fn phi4_session_chat(session: *mut phi4_session, messages: *const phi4_message, n_messages: usize, params: *const phi4_generate_params, on_piece: phi4_stream_fn, user_data: *mut c_void) -> phi4_status {
+pub unsafe extern "C" fn phi4_session_chat(
+    session: *mut phi4_session,
+    messages: *const phi4_message,
+    n_messages: usize,
+    params: *const phi4_generate_params,
+    on_piece: phi4_stream_fn,
+    user_data: *mut c_void,
+) -> phi4_status {
     let call = |h: &phi4_session, s: &mut Session| {
         // SAFETY: messages points to n_messages messages; params as documented.
-        let (msgs, gp) = unsafe { (read_messages(messages, n_messages)?, generate_params(params)?) };
-        let out = s.chat(&msgs, &gp, &mut stream(on_piece, user_data)).map_err(serr)?;
+        let (msgs, gp) = unsafe {
+            (
+                read_messages(messages, n_messages)?,
+                generate_params(params)?,
+            )
+        };
+        let out = s
+            .chat(&msgs, &gp, &mut stream(on_piece, user_data))
+            .map_err(serr)?;
         store_result(h, &out);
         Ok(())
     };
@@ -478,7 +558,12 @@ unsafe fn read_messages(messages: *const phi4_message, n: usize) -> Result<Vec<M
         .map(|m| {
             // SAFETY: NUL-terminated strings (caller's contract).
             let (role, content) = unsafe { (c_str(m.role, "role")?, c_str(m.content, "content")?) };
-            let role = Role::parse(role).ok_or_else(|| Error::new(PHI4_ERR_INVALID_ARGUMENT, format!("role {role:?} is not system, user or assistant")))?;
+            let role = Role::parse(role).ok_or_else(|| {
+                Error::new(
+                    PHI4_ERR_INVALID_ARGUMENT,
+                    format!("role {role:?} is not system, user or assistant"),
+                )
+            })?;
             Ok(Message::new(role, content))
         })
         .collect()
@@ -489,14 +574,24 @@ unsafe fn read_messages(messages: *const phi4_message, n: usize) -> Result<Vec<M
 ///
 /// One thread at a time per session (PHI4_ERR_BUSY otherwise).
 #[no_mangle]
-pub unsafe extern "C" fn phi4_session_generate(session: *mut phi4_session, tokens: *const u32, n_tokens: usize, params: *const phi4_generate_params, on_piece: phi4_stream_fn, user_data: *mut c_void) -> phi4_status {
+pub unsafe extern "C" fn phi4_session_generate(
+    session: *mut phi4_session,
+    tokens: *const u32,
+    n_tokens: usize,
+    params: *const phi4_generate_params,
+    on_piece: phi4_stream_fn,
+    user_data: *mut c_void,
+) -> phi4_status {
     let call = |h: &phi4_session, s: &mut Session| {
         if n_tokens == 0 {
             return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, "no tokens"));
         }
         // SAFETY: tokens points to n_tokens ids; params as documented.
-        let (prompt, gp) = unsafe { (array(tokens, n_tokens, "tokens")?, generate_params(params)?) };
-        let out = s.generate(prompt, &gp, &mut stream(on_piece, user_data)).map_err(serr)?;
+        let (prompt, gp) =
+            unsafe { (array(tokens, n_tokens, "tokens")?, generate_params(params)?) };
+        let out = s
+            .generate(prompt, &gp, &mut stream(on_piece, user_data))
+            .map_err(serr)?;
         store_result(h, &out);
         Ok(())
     };
@@ -535,7 +630,10 @@ pub unsafe extern "C" fn phi4_session_reset(session: *mut phi4_session) -> phi4_
 
 /// Keep only the first `n_tokens` tokens of the session's cache (no effect if it holds fewer).
 #[no_mangle]
-pub unsafe extern "C" fn phi4_session_rewind(session: *mut phi4_session, n_tokens: usize) -> phi4_status {
+pub unsafe extern "C" fn phi4_session_rewind(
+    session: *mut phi4_session,
+    n_tokens: usize,
+) -> phi4_status {
     let call = |_: &phi4_session, s: &mut Session| {
         s.rewind(n_tokens);
         Ok(())
@@ -546,7 +644,10 @@ pub unsafe extern "C" fn phi4_session_rewind(session: *mut phi4_session, n_token
 
 /// Number of tokens in the session's cache, written to `*n`.
 #[no_mangle]
-pub unsafe extern "C" fn phi4_session_n_cached(session: *mut phi4_session, n: *mut usize) -> phi4_status {
+pub unsafe extern "C" fn phi4_session_n_cached(
+    session: *mut phi4_session,
+    n: *mut usize,
+) -> phi4_status {
     let call = |_: &phi4_session, s: &mut Session| {
         non_null(n, "n")?;
         // SAFETY: n is non-null and writable (caller's contract).
@@ -571,7 +672,10 @@ fn state_err(e: StateError) -> Error {
 ///
 /// One thread at a time per session (PHI4_ERR_BUSY otherwise).
 #[no_mangle]
-pub unsafe extern "C" fn phi4_session_save_file(session: *mut phi4_session, path: *const c_char) -> phi4_status {
+pub unsafe extern "C" fn phi4_session_save_file(
+    session: *mut phi4_session,
+    path: *const c_char,
+) -> phi4_status {
     let call = |_: &phi4_session, s: &mut Session| {
         // SAFETY: path is a NUL-terminated string (caller's contract).
         let path = unsafe { c_str(path, "path") }?;
@@ -590,7 +694,10 @@ pub unsafe extern "C" fn phi4_session_save_file(session: *mut phi4_session, path
 ///
 /// One thread at a time per session (PHI4_ERR_BUSY otherwise).
 #[no_mangle]
-pub unsafe extern "C" fn phi4_session_load_file(session: *mut phi4_session, path: *const c_char) -> phi4_status {
+pub unsafe extern "C" fn phi4_session_load_file(
+    session: *mut phi4_session,
+    path: *const c_char,
+) -> phi4_status {
     let call = |_: &phi4_session, s: &mut Session| {
         // SAFETY: path is a NUL-terminated string (caller's contract).
         let path = unsafe { c_str(path, "path") }?;
@@ -607,19 +714,29 @@ pub unsafe extern "C" fn phi4_session_load_file(session: *mut phi4_session, path
 ///
 /// One thread at a time per session (PHI4_ERR_BUSY otherwise).
 #[no_mangle]
-pub unsafe extern "C" fn phi4_session_save_buffer(session: *mut phi4_session, buf: *mut u8, capacity: usize, len: *mut usize) -> phi4_status {
+pub unsafe extern "C" fn phi4_session_save_buffer(
+    session: *mut phi4_session,
+    buf: *mut u8,
+    capacity: usize,
+    len: *mut usize,
+) -> phi4_status {
     let call = |_: &phi4_session, s: &mut Session| {
         non_null(len, "len")?;
-        let size = usize::try_from(s.state_size(usize::MAX)).map_err(|_| Error::new(PHI4_ERR_OUT_OF_MEMORY, "the state does not fit in memory"))?;
+        let size = usize::try_from(s.state_size(usize::MAX))
+            .map_err(|_| Error::new(PHI4_ERR_OUT_OF_MEMORY, "the state does not fit in memory"))?;
         // SAFETY: len is non-null and writable (caller's contract).
         unsafe { len.write(size) };
         if size > capacity {
-            return Err(Error::new(PHI4_ERR_BUFFER_TOO_SMALL, format!("the state needs {size} bytes")));
+            return Err(Error::new(
+                PHI4_ERR_BUFFER_TOO_SMALL,
+                format!("the state needs {size} bytes"),
+            ));
         }
         non_null(buf, "buf")?;
         // SAFETY: buf points to capacity >= size writable bytes (caller's contract).
         let mut out = unsafe { std::slice::from_raw_parts_mut(buf, size) };
-        s.save_to(&mut out, usize::MAX).map_err(|e| Error::new(PHI4_ERR_INTERNAL, format!("writing the state: {e}")))?;
+        s.save_to(&mut out, usize::MAX)
+            .map_err(|e| Error::new(PHI4_ERR_INTERNAL, format!("writing the state: {e}")))?;
         Ok(())
     };
     // SAFETY: NULL or a live handle (caller's contract).
@@ -630,7 +747,11 @@ pub unsafe extern "C" fn phi4_session_save_buffer(session: *mut phi4_session, bu
 ///
 /// One thread at a time per session (PHI4_ERR_BUSY otherwise).
 #[no_mangle]
-pub unsafe extern "C" fn phi4_session_load_buffer(session: *mut phi4_session, buf: *const u8, len: usize) -> phi4_status {
+pub unsafe extern "C" fn phi4_session_load_buffer(
+    session: *mut phi4_session,
+    buf: *const u8,
+    len: usize,
+) -> phi4_status {
     let call = |_: &phi4_session, s: &mut Session| {
         // SAFETY: buf points to len readable bytes (caller's contract).
         let bytes = unsafe { array(buf, len, "buf") }?;
@@ -646,14 +767,20 @@ pub unsafe extern "C" fn phi4_session_load_buffer(session: *mut phi4_session, bu
 /// Both sessions must be free (PHI4_ERR_BUSY otherwise); copying a session onto itself does
 /// nothing.
 #[no_mangle]
-pub unsafe extern "C" fn phi4_session_copy(to: *mut phi4_session, from: *mut phi4_session) -> phi4_status {
+pub unsafe extern "C" fn phi4_session_copy(
+    to: *mut phi4_session,
+    from: *mut phi4_session,
+) -> phi4_status {
     if std::ptr::eq(to, from) && !to.is_null() {
         return PHI4_OK;
     }
     let call = |_: &phi4_session, s: &mut Session| {
         // SAFETY: NULL or a live handle (caller's contract).
         let f = unsafe { borrow(from as *const phi4_session) }?;
-        let src = f.inner.try_lock().ok_or_else(|| Error::new(PHI4_ERR_BUSY, BUSY_MESSAGE))?;
+        let src = f
+            .inner
+            .try_lock()
+            .ok_or_else(|| Error::new(PHI4_ERR_BUSY, BUSY_MESSAGE))?;
         s.copy_from(&src).map_err(state_err)?;
         Ok(())
     };
@@ -665,25 +792,40 @@ pub unsafe extern "C" fn phi4_session_copy(to: *mut phi4_session, from: *mut phi
 /// most that many bytes are written. Thread-safe (does not wait for a running generation; it
 /// reports the last finished one).
 #[no_mangle]
-pub unsafe extern "C" fn phi4_session_last_result(session: *const phi4_session, out: *mut phi4_result) -> phi4_status {
+pub unsafe extern "C" fn phi4_session_last_result(
+    session: *const phi4_session,
+    out: *mut phi4_result,
+) -> phi4_status {
     // SAFETY: NULL or a live handle; out checked and sized by the caller.
     let h = match unsafe { borrow(session) } {
         Ok(h) => h,
         Err(e) => return e.0,
     };
-    guard(|_| (), || {
-        non_null(out, "out")?;
-        // SAFETY: out is non-null and its first field is its size.
-        let size = unsafe { *(out as *const usize) };
-        if size < std::mem::size_of::<usize>() {
-            return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, "out->struct_size is not set"));
-        }
-        let mut r = *h.last_result.lock();
-        r.struct_size = size.min(std::mem::size_of::<phi4_result>());
-        // SAFETY: the caller's struct has `size` writable bytes; we write at most ours.
-        unsafe { std::ptr::copy_nonoverlapping(&r as *const phi4_result as *const u8, out as *mut u8, r.struct_size) };
-        Ok(())
-    })
+    guard(
+        |_| (),
+        || {
+            non_null(out, "out")?;
+            // SAFETY: out is non-null and its first field is its size.
+            let size = unsafe { *(out as *const usize) };
+            if size < std::mem::size_of::<usize>() {
+                return Err(Error::new(
+                    PHI4_ERR_INVALID_ARGUMENT,
+                    "out->struct_size is not set",
+                ));
+            }
+            let mut r = *h.last_result.lock();
+            r.struct_size = size.min(std::mem::size_of::<phi4_result>());
+            // SAFETY: the caller's struct has `size` writable bytes; we write at most ours.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    &r as *const phi4_result as *const u8,
+                    out as *mut u8,
+                    r.struct_size,
+                )
+            };
+            Ok(())
+        },
+    )
 }
 
 /// The message of the last failed call on this session ("" if none). A PHI4_ERR_BUSY's message

@@ -13,7 +13,6 @@
 mod read;
 mod write;
 
-
 use crate::hash::Map;
 
 pub use read::parse;
@@ -26,7 +25,10 @@ pub use crate::ggml::quantize;
 /// Parse the header of the GGUF file at `path`. The file is mapped, not read: only the pages of
 /// the header are touched, however large the file.
 pub fn parse_file(path: &std::path::Path) -> Result<Gguf, crate::model::LoadError> {
-    let io = |source| crate::model::LoadError::Io { path: path.display().to_string(), source };
+    let io = |source| crate::model::LoadError::Io {
+        path: path.display().to_string(),
+        source,
+    };
     let map = crate::ggml::map_path(path).map_err(io)?;
     Ok(parse(&map)?)
 }
@@ -45,9 +47,21 @@ pub enum GgufError {
     #[error("unsupported GGUF version {0} (phi4 reads versions 2 and 3)")]
     BadVersion(u32),
     #[error("file truncated: {what} needs {need} bytes at offset {at}, but the file has {len}")]
-    Truncated { what: String, at: u64, need: u64, len: u64 },
-    #[error("{what} count {count} is impossible: the {left} bytes left in the file hold at most {max}")]
-    CountTooLarge { what: String, count: u64, left: u64, max: u64 },
+    Truncated {
+        what: String,
+        at: u64,
+        need: u64,
+        len: u64,
+    },
+    #[error(
+        "{what} count {count} is impossible: the {left} bytes left in the file hold at most {max}"
+    )]
+    CountTooLarge {
+        what: String,
+        count: u64,
+        left: u64,
+        max: u64,
+    },
     #[error("{what}: size overflows ({detail})")]
     Overflow { what: String, detail: String },
     #[error("metadata key {key:?}: {msg}")]
@@ -61,7 +75,11 @@ pub enum GgufError {
     #[error("general.alignment: {0}")]
     BadAlignment(String),
     #[error("tensor {name:?}: data offset {offset}: {msg}")]
-    BadOffset { name: String, offset: u64, msg: String },
+    BadOffset {
+        name: String,
+        offset: u64,
+        msg: String,
+    },
 }
 
 /// Metadata value types, numbered as in the GGUF specification.
@@ -257,7 +275,10 @@ pub struct Strings {
 
 impl Strings {
     pub fn with_capacity(n: usize) -> Strings {
-        Strings { bytes: Vec::new(), ends: Vec::with_capacity(n) }
+        Strings {
+            bytes: Vec::new(),
+            ends: Vec::with_capacity(n),
+        }
     }
 
     pub fn push(&mut self, s: &[u8]) {
@@ -342,20 +363,31 @@ impl Gguf {
     }
 
     fn wrong(key: &str, want: &str, v: &Value) -> GgufError {
-        GgufError::BadValue { key: key.into(), msg: format!("must be {want}, found {}", v.value_type().name()) }
+        GgufError::BadValue {
+            key: key.into(),
+            msg: format!("must be {want}, found {}", v.value_type().name()),
+        }
     }
 
     fn missing(key: &str) -> GgufError {
-        GgufError::BadValue { key: key.into(), msg: "missing".into() }
+        GgufError::BadValue {
+            key: key.into(),
+            msg: "missing".into(),
+        }
     }
 
     /// An integer in `0..=u32::MAX`; `Ok(None)` when the key is absent.
     pub fn opt_u32(&self, key: &str) -> Result<Option<u32>, GgufError> {
-        let Some(v) = self.get(key) else { return Ok(None) };
-        let i = v.as_int().ok_or_else(|| Self::wrong(key, "an integer", v))?;
-        u32::try_from(i)
-            .map(Some)
-            .map_err(|_| GgufError::BadValue { key: key.into(), msg: format!("{i} is out of range") })
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let i = v
+            .as_int()
+            .ok_or_else(|| Self::wrong(key, "an integer", v))?;
+        u32::try_from(i).map(Some).map_err(|_| GgufError::BadValue {
+            key: key.into(),
+            msg: format!("{i} is out of range"),
+        })
     }
 
     pub fn u32(&self, key: &str) -> Result<u32, GgufError> {
@@ -378,9 +410,14 @@ impl Gguf {
     pub fn opt_str(&self, key: &str) -> Result<Option<&str>, GgufError> {
         match self.get(key) {
             None => Ok(None),
-            Some(Value::String(s)) => std::str::from_utf8(s)
-                .map(Some)
-                .map_err(|_| GgufError::BadValue { key: key.into(), msg: "not valid UTF-8".into() }),
+            Some(Value::String(s)) => {
+                std::str::from_utf8(s)
+                    .map(Some)
+                    .map_err(|_| GgufError::BadValue {
+                        key: key.into(),
+                        msg: "not valid UTF-8".into(),
+                    })
+            }
             Some(v) => Err(Self::wrong(key, "a string", v)),
         }
     }
@@ -396,7 +433,11 @@ impl Gguf {
             Some(Value::Array(a)) if a.elem_type() == elem => Ok(a),
             Some(Value::Array(a)) => Err(GgufError::BadValue {
                 key: key.into(),
-                msg: format!("must be an array of {}, found an array of {}", elem.name(), a.elem_type().name()),
+                msg: format!(
+                    "must be an array of {}, found an array of {}",
+                    elem.name(),
+                    a.elem_type().name()
+                ),
             }),
             Some(v) => Err(Self::wrong(key, &format!("an array of {}", elem.name()), v)),
         }

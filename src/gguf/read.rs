@@ -2,7 +2,9 @@
 //! Every count is bounded by the bytes left before anything is allocated for it, and all
 //! arithmetic on sizes and offsets is checked.
 
-use super::{Array, Gguf, GgufError, Strings, TensorInfo, Value, ValueType, DEFAULT_ALIGNMENT, MAGIC};
+use super::{
+    Array, Gguf, GgufError, Strings, TensorInfo, Value, ValueType, DEFAULT_ALIGNMENT, MAGIC,
+};
 use crate::ggml;
 use crate::hash::{Map, Set};
 
@@ -29,7 +31,12 @@ impl<'a> Reader<'a> {
 
     fn take(&mut self, n: u64, what: &dyn Fn() -> String) -> Result<&'a [u8], GgufError> {
         if n > self.left() {
-            return Err(GgufError::Truncated { what: what(), at: self.pos as u64, need: n, len: self.bytes.len() as u64 });
+            return Err(GgufError::Truncated {
+                what: what(),
+                at: self.pos as u64,
+                need: n,
+                len: self.bytes.len() as u64,
+            });
         }
         let s = &self.bytes[self.pos..self.pos + n as usize];
         self.pos += n as usize;
@@ -58,10 +65,20 @@ impl<'a> Reader<'a> {
     }
 
     /// `count` items of at least `min_item` bytes must fit in what is left.
-    fn bound(&self, count: u64, min_item: u64, what: &dyn Fn() -> String) -> Result<u64, GgufError> {
+    fn bound(
+        &self,
+        count: u64,
+        min_item: u64,
+        what: &dyn Fn() -> String,
+    ) -> Result<u64, GgufError> {
         let max = self.left() / min_item.max(1);
         if count > max {
-            return Err(GgufError::CountTooLarge { what: what(), count, left: self.left(), max });
+            return Err(GgufError::CountTooLarge {
+                what: what(),
+                count,
+                left: self.left(),
+                max,
+            });
         }
         Ok(count)
     }
@@ -80,7 +97,15 @@ pub fn parse(bytes: &[u8]) -> Result<Gguf, GgufError> {
     let alignment = alignment(index.get("general.alignment").map(|&i| &metadata[i].1))?;
     let mut tensors = tensor_infos(&mut r, n_tensors)?;
     let data_offset = place_data(&mut tensors, r.pos as u64, alignment, bytes.len() as u64)?;
-    Ok(Gguf { version, alignment, metadata, index, tensors, data_offset, file_len: bytes.len() as u64 })
+    Ok(Gguf {
+        version,
+        alignment,
+        metadata,
+        index,
+        tensors,
+        data_offset,
+        file_len: bytes.len() as u64,
+    })
 }
 
 /// Magic, version and the two counts (each bounded by the bytes that must follow).
@@ -97,9 +122,17 @@ fn header(r: &mut Reader<'_>) -> Result<(u32, u64, u64), GgufError> {
     let n_kv = r.count(MIN_KV_BYTES, &|| "metadata key/value".into())?;
     // Checked after the KV count is read, against what is left then.
     let n_tensors = r.bound(n_tensors, MIN_TENSOR_INFO_BYTES, &|| "tensor".into())?;
-    for (what, count, max) in [("metadata key/value", n_kv, MAX_KV), ("tensor", n_tensors, MAX_TENSORS)] {
+    for (what, count, max) in [
+        ("metadata key/value", n_kv, MAX_KV),
+        ("tensor", n_tensors, MAX_TENSORS),
+    ] {
         if count > max {
-            return Err(GgufError::CountTooLarge { what: what.into(), count, left: r.left(), max });
+            return Err(GgufError::CountTooLarge {
+                what: what.into(),
+                count,
+                left: r.left(),
+                max,
+            });
         }
     }
     Ok((version, n_tensors, n_kv))
@@ -114,10 +147,16 @@ fn metadata(r: &mut Reader<'_>, n_kv: u64) -> Result<Metadata, GgufError> {
     for i in 0..n_kv {
         let key = r.string(&|| format!("metadata key #{i}"))?;
         let key = std::str::from_utf8(key)
-            .map_err(|_| GgufError::BadValue { key: String::from_utf8_lossy(key).into_owned(), msg: "key is not valid UTF-8".into() })?
+            .map_err(|_| GgufError::BadValue {
+                key: String::from_utf8_lossy(key).into_owned(),
+                msg: "key is not valid UTF-8".into(),
+            })?
             .to_owned();
         if key.is_empty() {
-            return Err(GgufError::BadValue { key, msg: "empty key".into() });
+            return Err(GgufError::BadValue {
+                key,
+                msg: "empty key".into(),
+            });
         }
         let ty = r.u32(&|| format!("type of metadata key {key:?}"))?;
         let value = read_value(r, &key, ty)?;
@@ -134,8 +173,13 @@ fn alignment(v: Option<&Value>) -> Result<u64, GgufError> {
     match v {
         None => Ok(DEFAULT_ALIGNMENT),
         Some(Value::U32(a)) if *a != 0 && a.is_power_of_two() => Ok(u64::from(*a)),
-        Some(Value::U32(a)) => Err(GgufError::BadAlignment(format!("{a} is not a power of two"))),
-        Some(v) => Err(GgufError::BadAlignment(format!("must be u32, found {}", v.value_type().name()))),
+        Some(Value::U32(a)) => Err(GgufError::BadAlignment(format!(
+            "{a} is not a power of two"
+        ))),
+        Some(v) => Err(GgufError::BadAlignment(format!(
+            "must be u32, found {}",
+            v.value_type().name()
+        ))),
     }
 }
 
@@ -165,7 +209,10 @@ fn tensor_info(r: &mut Reader<'_>, i: u64) -> Result<TensorInfo, GgufError> {
             })
         }
     };
-    let bad = |msg: String| GgufError::BadTensor { name: name.clone(), msg };
+    let bad = |msg: String| GgufError::BadTensor {
+        name: name.clone(),
+        msg,
+    };
     let n_dims = r.u32(&|| format!("tensor {name:?} dimension count"))? as usize;
     if !(1..=4).contains(&n_dims) {
         return Err(bad(format!("{n_dims} dimensions (ggml supports 1 to 4)")));
@@ -178,10 +225,14 @@ fn tensor_info(r: &mut Reader<'_>, i: u64) -> Result<TensorInfo, GgufError> {
         }
     }
     let raw_type = r.u32(&|| format!("tensor {name:?} type"))?;
-    let ggml_type = ggml::Type::from_raw(raw_type).ok_or_else(|| bad(format!("unknown ggml type {}", raw_type as i32)))?;
+    let ggml_type = ggml::Type::from_raw(raw_type)
+        .ok_or_else(|| bad(format!("unknown ggml type {}", raw_type as i32)))?;
     let offset = r.u64(&|| format!("tensor {name:?} offset"))?;
 
-    let overflow = |detail: String| GgufError::Overflow { what: format!("tensor {name:?}"), detail };
+    let overflow = |detail: String| GgufError::Overflow {
+        what: format!("tensor {name:?}"),
+        detail,
+    };
     let n_elements = dims
         .iter()
         .try_fold(1u64, |acc, &d| acc.checked_mul(d))
@@ -189,42 +240,78 @@ fn tensor_info(r: &mut Reader<'_>, i: u64) -> Result<TensorInfo, GgufError> {
         .ok_or_else(|| overflow(format!("element count of {:?}", &dims[..n_dims])))?;
     let blck = ggml_type.block_size();
     if dims[0] % blck != 0 {
-        return Err(bad(format!("row length {} is not a multiple of {}'s block size {blck}", dims[0], ggml_type.name())));
+        return Err(bad(format!(
+            "row length {} is not a multiple of {}'s block size {blck}",
+            dims[0],
+            ggml_type.name()
+        )));
     }
     let size = (n_elements / blck)
         .checked_mul(ggml_type.type_size())
         .filter(|&n| n <= i64::MAX as u64)
-        .ok_or_else(|| overflow(format!("byte count of {n_elements} {} elements", ggml_type.name())))?;
-    Ok(TensorInfo { name, dims, n_dims, ggml_type, file_offset: offset, size })
+        .ok_or_else(|| {
+            overflow(format!(
+                "byte count of {n_elements} {} elements",
+                ggml_type.name()
+            ))
+        })?;
+    Ok(TensorInfo {
+        name,
+        dims,
+        n_dims,
+        ggml_type,
+        file_offset: offset,
+        size,
+    })
 }
 
 /// Make tensor offsets absolute and prove each data range aligned, in order, non-overlapping and
 /// inside the file. Returns the data section's offset.
-fn place_data(tensors: &mut [TensorInfo], header_end: u64, alignment: u64, file_len: u64) -> Result<u64, GgufError> {
-    let data_offset = align_up(header_end, alignment)
-        .ok_or_else(|| GgufError::Overflow { what: "data section".into(), detail: "aligned start".into() })?;
+fn place_data(
+    tensors: &mut [TensorInfo],
+    header_end: u64,
+    alignment: u64,
+    file_len: u64,
+) -> Result<u64, GgufError> {
+    let data_offset = align_up(header_end, alignment).ok_or_else(|| GgufError::Overflow {
+        what: "data section".into(),
+        detail: "aligned start".into(),
+    })?;
     let mut next_free = 0u64;
     for t in tensors.iter_mut() {
         let rel = t.file_offset;
-        let err = |msg: String| GgufError::BadOffset { name: t.name.clone(), offset: rel, msg };
+        let err = |msg: String| GgufError::BadOffset {
+            name: t.name.clone(),
+            offset: rel,
+            msg,
+        };
         if rel % alignment != 0 {
             return Err(err(format!("not a multiple of the alignment {alignment}")));
         }
         if rel < next_free {
-            return Err(err(format!("out of order or overlapping: the previous tensor ends at {next_free}")));
+            return Err(err(format!(
+                "out of order or overlapping: the previous tensor ends at {next_free}"
+            )));
         }
         let end = rel
             .checked_add(t.size)
             .and_then(|e| e.checked_add(data_offset))
             .ok_or_else(|| err(format!("offset + size {} overflows", t.size)))?;
         if end > file_len {
-            return Err(err(format!("data ends at byte {end}, past the end of the file ({file_len} bytes)")));
+            return Err(err(format!(
+                "data ends at byte {end}, past the end of the file ({file_len} bytes)"
+            )));
         }
         next_free = rel + t.size;
         t.file_offset = data_offset + rel;
     }
     if !tensors.is_empty() && data_offset > file_len {
-        return Err(GgufError::Truncated { what: "tensor data section".into(), at: data_offset, need: 0, len: file_len });
+        return Err(GgufError::Truncated {
+            what: "tensor data section".into(),
+            at: data_offset,
+            need: 0,
+            len: file_len,
+        });
     }
     Ok(data_offset)
 }
@@ -234,8 +321,12 @@ pub(super) fn align_up(v: u64, a: u64) -> Option<u64> {
 }
 
 fn read_value(r: &mut Reader<'_>, key: &str, ty: u32) -> Result<Value, GgufError> {
-    let bad = |msg: String| GgufError::BadValue { key: key.to_owned(), msg };
-    let ty = ValueType::from_u32(ty).ok_or_else(|| bad(format!("unknown value type {}", ty as i32)))?;
+    let bad = |msg: String| GgufError::BadValue {
+        key: key.to_owned(),
+        msg,
+    };
+    let ty =
+        ValueType::from_u32(ty).ok_or_else(|| bad(format!("unknown value type {}", ty as i32)))?;
     let what = || format!("value of {key:?}");
     Ok(match ty {
         ValueType::U8 => Value::U8(r.array::<1>(&what)?[0]),
@@ -264,11 +355,17 @@ fn bool_byte(b: u8) -> Result<bool, String> {
 
 /// An array: element type, count (bounded by the bytes left), elements stored by type.
 fn read_array(r: &mut Reader<'_>, key: &str) -> Result<Array, GgufError> {
-    let bad = |msg: String| GgufError::BadValue { key: key.to_owned(), msg };
+    let bad = |msg: String| GgufError::BadValue {
+        key: key.to_owned(),
+        msg,
+    };
     let elem_raw = r.u32(&|| format!("element type of {key:?}"))?;
-    let elem = ValueType::from_u32(elem_raw).ok_or_else(|| bad(format!("unknown array element type {}", elem_raw as i32)))?;
+    let elem = ValueType::from_u32(elem_raw)
+        .ok_or_else(|| bad(format!("unknown array element type {}", elem_raw as i32)))?;
     if elem == ValueType::Array {
-        return Err(bad("arrays of arrays (nested arrays) are not supported".into()));
+        return Err(bad(
+            "arrays of arrays (nested arrays) are not supported".into()
+        ));
     }
     let n = r.count(elem.min_size(), &|| format!("array {key:?} element"))? as usize;
     // The count is proven: n elements of at least min_size bytes each are in the file.
@@ -276,7 +373,12 @@ fn read_array(r: &mut Reader<'_>, key: &str) -> Result<Array, GgufError> {
     macro_rules! fixed {
         ($variant:ident, $t:ty) => {{
             let bytes = r.take((n * std::mem::size_of::<$t>()) as u64, &what)?;
-            Array::$variant(bytes.chunks_exact(std::mem::size_of::<$t>()).map(|c| <$t>::from_le_bytes(c.try_into().expect("chunk size"))).collect())
+            Array::$variant(
+                bytes
+                    .chunks_exact(std::mem::size_of::<$t>())
+                    .map(|c| <$t>::from_le_bytes(c.try_into().expect("chunk size")))
+                    .collect(),
+            )
         }};
     }
     Ok(match elem {
@@ -290,7 +392,13 @@ fn read_array(r: &mut Reader<'_>, key: &str) -> Result<Array, GgufError> {
         ValueType::U64 => fixed!(U64, u64),
         ValueType::I64 => fixed!(I64, i64),
         ValueType::F64 => fixed!(F64, f64),
-        ValueType::Bool => Array::Bool(r.take(n as u64, &what)?.iter().map(|&b| bool_byte(b)).collect::<Result<_, _>>().map_err(bad)?),
+        ValueType::Bool => Array::Bool(
+            r.take(n as u64, &what)?
+                .iter()
+                .map(|&b| bool_byte(b))
+                .collect::<Result<_, _>>()
+                .map_err(bad)?,
+        ),
         ValueType::String => {
             let mut s = Strings::with_capacity(n);
             for _ in 0..n {

@@ -22,11 +22,19 @@ fn pad_to(out: &mut impl Write, pos: u64) -> io::Result<u64> {
 impl Writer {
     pub fn create(path: &Path) -> io::Result<Writer> {
         let out = BufWriter::with_capacity(1 << 22, std::fs::File::create(path)?);
-        Ok(Writer { out, sizes: Vec::new(), next: 0 })
+        Ok(Writer {
+            out,
+            sizes: Vec::new(),
+            next: 0,
+        })
     }
 
     /// Write the header: metadata, then tensor infos (name, shape in ggml order, type).
-    pub fn header<'a>(&mut self, kv: &[(String, Value)], tensors: impl Iterator<Item = (&'a str, &'a [u64], TensorType)>) -> io::Result<()> {
+    pub fn header<'a>(
+        &mut self,
+        kv: &[(String, Value)],
+        tensors: impl Iterator<Item = (&'a str, &'a [u64], TensorType)>,
+    ) -> io::Result<()> {
         let tensors: Vec<_> = tensors.collect();
         let o = &mut self.out;
         o.write_all(MAGIC)?;
@@ -61,7 +69,11 @@ impl Writer {
         match self.sizes.get(self.next) {
             Some(&size) if size == data.len() as u64 => {}
             want => {
-                let msg = format!("tensor #{}: {} bytes of data, the header declared {want:?}", self.next, data.len());
+                let msg = format!(
+                    "tensor #{}: {} bytes of data, the header declared {want:?}",
+                    self.next,
+                    data.len()
+                );
                 return Err(io::Error::new(io::ErrorKind::InvalidInput, msg));
             }
         }
@@ -74,7 +86,11 @@ impl Writer {
     /// Flush; returns the file size. Every declared tensor's data must have been written.
     pub fn finish(mut self) -> io::Result<u64> {
         if self.next != self.sizes.len() {
-            let msg = format!("{} of {} tensors' data written", self.next, self.sizes.len());
+            let msg = format!(
+                "{} of {} tensors' data written",
+                self.next,
+                self.sizes.len()
+            );
             return Err(io::Error::new(io::ErrorKind::InvalidInput, msg));
         }
         self.out.flush()?;

@@ -33,7 +33,11 @@ impl std::str::FromStr for Ftype {
             "q5_k" => Ftype::Uniform(Type::Q5_K),
             "q6_k" => Ftype::Uniform(Type::Q6_K),
             "q4_k_m" => Ftype::Q4KM,
-            _ => return Err(format!("unknown type {s:?} (f32, f16, q8_0, q4_0, q4_k, q5_k, q6_k, q4_k_m)")),
+            _ => {
+                return Err(format!(
+                    "unknown type {s:?} (f32, f16, q8_0, q4_0, q4_k, q5_k, q6_k, q4_k_m)"
+                ))
+            }
         })
     }
 }
@@ -66,12 +70,34 @@ pub struct Spec {
 impl Spec {
     /// Phi-4 14B: 40 layers of 5120, FFN 17920, 40 heads over 10 KV heads, vocabulary 100352.
     pub fn phi4(ftype: Ftype, vocab: Vocab) -> Spec {
-        Spec { n_layer: 40, n_embd: 5120, n_ff: 17920, n_head: 40, n_head_kv: 10, n_ctx: 16384, rope_theta: 250000.0, ftype, vocab, seed: 1 }
+        Spec {
+            n_layer: 40,
+            n_embd: 5120,
+            n_ff: 17920,
+            n_head: 40,
+            n_head_kv: 10,
+            n_ctx: 16384,
+            rope_theta: 250000.0,
+            ftype,
+            vocab,
+            seed: 1,
+        }
     }
 
     /// Phi-4's proportions at a small scale: head_dim 128, 4 query heads per KV head.
     pub fn small(n_layer: usize, ftype: Ftype, seed: u64) -> Spec {
-        Spec { n_layer, n_embd: 512, n_ff: 1536, n_head: 4, n_head_kv: 1, n_ctx: 4096, rope_theta: 250000.0, ftype, vocab: Vocab::Tiny(1024), seed }
+        Spec {
+            n_layer,
+            n_embd: 512,
+            n_ff: 1536,
+            n_head: 4,
+            n_head_kv: 1,
+            n_ctx: 4096,
+            rope_theta: 250000.0,
+            ftype,
+            vocab: Vocab::Tiny(1024),
+            seed,
+        }
     }
 }
 
@@ -140,7 +166,10 @@ fn plan(s: &Spec, n_vocab: usize) -> Vec<TensorPlan> {
 fn tiny_vocab(n_vocab: usize) -> io::Result<Vec<(String, Value)>> {
     const SPECIAL: [&str; 4] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|im_sep|>"];
     if n_vocab < 256 + SPECIAL.len() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("a tiny vocabulary needs at least 260 tokens, not {n_vocab}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("a tiny vocabulary needs at least 260 tokens, not {n_vocab}"),
+        ));
     }
     let b2u = byte_to_unicode();
     let mut tokens: Vec<String> = b2u.iter().map(|c| c.to_string()).collect();
@@ -168,10 +197,16 @@ fn tiny_vocab(n_vocab: usize) -> io::Result<Vec<(String, Value)>> {
     let eos = (n_vocab - 4) as u32;
     let strings = |v: Vec<String>| Value::Array(Array::String(v.iter().collect()));
     Ok(vec![
-        ("tokenizer.ggml.model".into(), Value::String(b"gpt2".to_vec())),
+        (
+            "tokenizer.ggml.model".into(),
+            Value::String(b"gpt2".to_vec()),
+        ),
         ("tokenizer.ggml.pre".into(), Value::String(b"dbrx".to_vec())),
         ("tokenizer.ggml.tokens".into(), strings(tokens)),
-        ("tokenizer.ggml.token_type".into(), Value::Array(Array::I32(types))),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(Array::I32(types)),
+        ),
         ("tokenizer.ggml.merges".into(), strings(merges)),
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(eos)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(eos)),
@@ -180,15 +215,30 @@ fn tiny_vocab(n_vocab: usize) -> io::Result<Vec<(String, Value)>> {
 }
 
 fn vocab_from(path: &Path) -> io::Result<Vec<(String, Value)>> {
-    let g = gguf::parse_file(path).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))?;
-    Ok(g.metadata.into_iter().filter(|(k, _)| k.starts_with("tokenizer.")).collect())
+    let g = gguf::parse_file(path).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {e}", path.display()),
+        )
+    })?;
+    Ok(g.metadata
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("tokenizer."))
+        .collect())
 }
 
 /// Write a synthetic model to `path`. Returns the file size.
 pub fn write(spec: &Spec, path: &Path) -> io::Result<u64> {
     let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
-    if spec.n_head == 0 || spec.n_head_kv == 0 || spec.n_embd % spec.n_head != 0 || spec.n_head % spec.n_head_kv != 0 {
-        return Err(invalid(format!("heads {}/{} do not divide width {}", spec.n_head, spec.n_head_kv, spec.n_embd)));
+    if spec.n_head == 0
+        || spec.n_head_kv == 0
+        || spec.n_embd % spec.n_head != 0
+        || spec.n_head % spec.n_head_kv != 0
+    {
+        return Err(invalid(format!(
+            "heads {}/{} do not divide width {}",
+            spec.n_head, spec.n_head_kv, spec.n_embd
+        )));
     }
     let mut meta = match &spec.vocab {
         Vocab::Tiny(n) => tiny_vocab(*n)?,
@@ -196,12 +246,22 @@ pub fn write(spec: &Spec, path: &Path) -> io::Result<u64> {
     };
     let n_vocab = match meta.iter().find(|(k, _)| k == "tokenizer.ggml.tokens") {
         Some((_, Value::Array(Array::String(t)))) => t.len(),
-        _ => return Err(invalid("the vocabulary has no tokenizer.ggml.tokens".into())),
+        _ => {
+            return Err(invalid(
+                "the vocabulary has no tokenizer.ggml.tokens".into(),
+            ))
+        }
     };
     let tensors = plan(spec, n_vocab);
     for t in &tensors {
         if t.ne[0] % t.ty.block_size() != 0 {
-            return Err(invalid(format!("{}: row length {} is not a multiple of {:?}'s block of {}", t.name, t.ne[0], t.ty, t.ty.block_size())));
+            return Err(invalid(format!(
+                "{}: row length {} is not a multiple of {:?}'s block of {}",
+                t.name,
+                t.ne[0],
+                t.ty,
+                t.ty.block_size()
+            )));
         }
     }
     let file_type: u32 = match spec.ftype {
@@ -218,28 +278,49 @@ pub fn write(spec: &Spec, path: &Path) -> io::Result<u64> {
     };
     let u32v = |v: usize| Value::U32(v as u32);
     let mut kv: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), Value::String(b"phi3".to_vec())),
-        ("general.name".into(), Value::String(b"phi4-synthetic".to_vec())),
+        (
+            "general.architecture".into(),
+            Value::String(b"phi3".to_vec()),
+        ),
+        (
+            "general.name".into(),
+            Value::String(b"phi4-synthetic".to_vec()),
+        ),
         ("general.file_type".into(), Value::U32(file_type)),
         ("general.quantization_version".into(), Value::U32(2)),
         ("phi3.context_length".into(), u32v(spec.n_ctx)),
-        ("phi3.rope.scaling.original_context_length".into(), u32v(spec.n_ctx)),
+        (
+            "phi3.rope.scaling.original_context_length".into(),
+            u32v(spec.n_ctx),
+        ),
         ("phi3.embedding_length".into(), u32v(spec.n_embd)),
         ("phi3.feed_forward_length".into(), u32v(spec.n_ff)),
         ("phi3.block_count".into(), u32v(spec.n_layer)),
         ("phi3.attention.head_count".into(), u32v(spec.n_head)),
         ("phi3.attention.head_count_kv".into(), u32v(spec.n_head_kv)),
-        ("phi3.attention.layer_norm_rms_epsilon".into(), Value::F32(1e-5)),
-        ("phi3.rope.dimension_count".into(), u32v(spec.n_embd / spec.n_head)),
+        (
+            "phi3.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(1e-5),
+        ),
+        (
+            "phi3.rope.dimension_count".into(),
+            u32v(spec.n_embd / spec.n_head),
+        ),
         ("phi3.rope.freq_base".into(), Value::F32(spec.rope_theta)),
         ("phi3.attention.sliding_window".into(), Value::U32(0)),
     ];
     kv.append(&mut meta);
 
     let mut w = gguf::Writer::create(path)?;
-    w.header(&kv, tensors.iter().map(|t| (t.name.as_str(), t.ne.as_slice(), t.ty)))?;
+    w.header(
+        &kv,
+        tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.ne.as_slice(), t.ty)),
+    )?;
     // (Rng::new mixes in a constant of its own: undone here, so files stay as they were.)
-    let mut rng = Rng::new(spec.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0x5EED ^ 0x9E37_79B9_7F4A_7C15);
+    let mut rng =
+        Rng::new(spec.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0x5EED ^ 0x9E37_79B9_7F4A_7C15);
     for t in &tensors {
         let data = tensor_data(t, &mut rng).map_err(invalid)?;
         w.tensor_data(&data)?;
@@ -264,7 +345,9 @@ fn tensor_data(t: &TensorPlan, rng: &mut Rng) -> Result<Vec<u8>, String> {
     let blck = t.ty.block_size() as usize;
     let n_blocks = n / blck;
     let pool_blocks = n_blocks.min(POOL_BLOCKS);
-    let v: Vec<f32> = (0..pool_blocks * blck).map(|_| t.std * normal(rng)).collect();
+    let v: Vec<f32> = (0..pool_blocks * blck)
+        .map(|_| t.std * normal(rng))
+        .collect();
     let pool = quantize(t.ty, &v, blck)?;
     if pool_blocks == n_blocks {
         return Ok(pool);

@@ -9,7 +9,10 @@ use phi4_synth::{Ftype, Spec};
 
 /// A directory for test files, removed at the end of the test.
 pub fn tmpdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("phi4-test").tempdir().unwrap()
+    tempfile::Builder::new()
+        .prefix("phi4-test")
+        .tempdir()
+        .unwrap()
 }
 
 /// Write a synthetic model and return its path.
@@ -59,7 +62,9 @@ pub fn target_command(program: impl AsRef<std::ffi::OsStr>) -> std::process::Com
 
 /// The target's GNU toolchain prefix, if it is not the host.
 pub fn cross() -> Option<String> {
-    std::env::var("PHI4_TEST_CROSS").ok().filter(|s| !s.is_empty())
+    std::env::var("PHI4_TEST_CROSS")
+        .ok()
+        .filter(|s| !s.is_empty())
 }
 
 /// A target tool: `cc`, `c++`, `nm`, `readelf` (Debian's cross tools are `<prefix>-gcc`, …).
@@ -78,7 +83,15 @@ pub fn build_c(dir: &Path, source: &str, name: &str, flags: &[&str]) -> PathBuf 
     let dist = dist();
     let exe = dir.join(name);
     let out = std::process::Command::new(tool("cc"))
-        .args(["-std=c99", "-D_DEFAULT_SOURCE", "-Wall", "-Wextra", "-Werror", "-O1", "-g"])
+        .args([
+            "-std=c99",
+            "-D_DEFAULT_SOURCE",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-O1",
+            "-g",
+        ])
         .args(flags)
         .arg(format!("-I{}", root().join("include").display()))
         .arg(root().join("tests/c").join(source))
@@ -88,7 +101,11 @@ pub fn build_c(dir: &Path, source: &str, name: &str, flags: &[&str]) -> PathBuf 
         .arg(&exe)
         .output()
         .unwrap();
-    assert!(out.status.success(), "cc {source}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "cc {source}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     exe
 }
 
@@ -101,7 +118,11 @@ pub fn cli() -> PathBuf {
 pub fn dist() -> PathBuf {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let st = std::process::Command::new("make").args(["-s", "dist"]).current_dir(root()).status().unwrap();
+        let st = std::process::Command::new("make")
+            .args(["-s", "dist"])
+            .current_dir(root())
+            .status()
+            .unwrap();
         assert!(st.success(), "make dist");
     });
     root().join(std::env::var("DIST").unwrap_or_else(|_| "dist".into()))

@@ -16,7 +16,12 @@ pub struct Reference {
     pub n_past: usize,
 }
 
-unsafe extern "C" fn quiet(_l: sys::ggml_log_level, _t: *const std::ffi::c_char, _u: *mut std::ffi::c_void) {}
+unsafe extern "C" fn quiet(
+    _l: sys::ggml_log_level,
+    _t: *const std::ffi::c_char,
+    _u: *mut std::ffi::c_void,
+) {
+}
 
 impl Reference {
     /// Load `path` with llama.cpp: mmap, CPU, F16 KV cache, flash attention, micro-batches of
@@ -25,13 +30,26 @@ impl Reference {
         Self::load_opts(path, n_ctx, n_batch, n_threads, true)
     }
 
-    pub fn load_opts(path: &Path, n_ctx: usize, n_batch: usize, n_threads: usize, repack: bool) -> Reference {
+    pub fn load_opts(
+        path: &Path,
+        n_ctx: usize,
+        n_batch: usize,
+        n_threads: usize,
+        repack: bool,
+    ) -> Reference {
         Self::load_seqs(path, n_ctx, n_batch, n_threads, 1, repack)
     }
 
     /// As `load_opts`, with `n_seq` sequences of `n_ctx` positions each (as llama-server's
     /// parallel slots): see `eval_seq` and `decode_seqs`.
-    pub fn load_seqs(path: &Path, n_ctx: usize, n_batch: usize, n_threads: usize, n_seq: usize, repack: bool) -> Reference {
+    pub fn load_seqs(
+        path: &Path,
+        n_ctx: usize,
+        n_batch: usize,
+        n_threads: usize,
+        n_seq: usize,
+        repack: bool,
+    ) -> Reference {
         let model = load_model(path, |mp| mp.use_extra_bufts = repack);
         // SAFETY: test-only FFI with valid arguments; pointers checked for null.
         unsafe {
@@ -49,7 +67,13 @@ impl Reference {
             assert!(!ctx.is_null(), "llama.cpp failed to make a context");
             let vocab = sys::llama_model_get_vocab(model);
             let n_vocab = sys::llama_vocab_n_tokens(vocab) as usize;
-            Reference { model, ctx, n_vocab, n_batch, n_past: 0 }
+            Reference {
+                model,
+                ctx,
+                n_vocab,
+                n_batch,
+                n_past: 0,
+            }
         }
     }
 
@@ -59,7 +83,13 @@ impl Reference {
         // SAFETY: valid model pointer.
         unsafe {
             let n_vocab = sys::llama_vocab_n_tokens(sys::llama_model_get_vocab(model)) as usize;
-            Reference { model, ctx: std::ptr::null_mut(), n_vocab, n_batch: 1, n_past: 0 }
+            Reference {
+                model,
+                ctx: std::ptr::null_mut(),
+                n_vocab,
+                n_batch: 1,
+                n_past: 0,
+            }
         }
     }
 
@@ -68,17 +98,29 @@ impl Reference {
         let mut toks: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         for chunk in toks.chunks_mut(self.n_batch) {
             // SAFETY: the batch points into `chunk`, alive for the call.
-            let rc = unsafe { sys::llama_decode(self.ctx, sys::llama_batch_get_one(chunk.as_mut_ptr(), chunk.len() as i32)) };
+            let rc = unsafe {
+                sys::llama_decode(
+                    self.ctx,
+                    sys::llama_batch_get_one(chunk.as_mut_ptr(), chunk.len() as i32),
+                )
+            };
             assert_eq!(rc, 0, "llama_decode failed");
         }
         self.n_past += tokens.len();
         // SAFETY: the last decode produced logits for its last token (n_vocab floats).
-        unsafe { std::slice::from_raw_parts(sys::llama_get_logits_ith(self.ctx, -1), self.n_vocab).to_vec() }
+        unsafe {
+            std::slice::from_raw_parts(sys::llama_get_logits_ith(self.ctx, -1), self.n_vocab)
+                .to_vec()
+        }
     }
 
     /// Evaluate `tokens` of sequence `seq` at positions `n_past..`; returns the last one's logits.
     pub fn eval_seq(&mut self, seq: i32, tokens: &[u32], n_past: usize) -> Vec<f32> {
-        let items: Vec<_> = tokens.iter().enumerate().map(|(i, &t)| (seq, t, n_past + i)).collect();
+        let items: Vec<_> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| (seq, t, n_past + i))
+            .collect();
         let mut last = Vec::new();
         for chunk in items.chunks(self.n_batch) {
             last = self.decode_seqs(chunk).pop().unwrap();
@@ -103,7 +145,15 @@ impl Reference {
             let mut batch = b;
             batch.n_tokens = items.len() as i32;
             let rc = sys::llama_decode(self.ctx, batch);
-            let out = (0..items.len()).map(|i| std::slice::from_raw_parts(sys::llama_get_logits_ith(self.ctx, i as i32), self.n_vocab).to_vec()).collect();
+            let out = (0..items.len())
+                .map(|i| {
+                    std::slice::from_raw_parts(
+                        sys::llama_get_logits_ith(self.ctx, i as i32),
+                        self.n_vocab,
+                    )
+                    .to_vec()
+                })
+                .collect();
             sys::llama_batch_free(b);
             assert_eq!(rc, 0, "llama_decode failed");
             out
@@ -123,10 +173,26 @@ impl Reference {
         unsafe {
             let vocab = sys::llama_model_get_vocab(self.model);
             let mut out = vec![0i32; text.len() + 8];
-            let mut n = sys::llama_tokenize(vocab, text.as_ptr().cast(), text.len() as i32, out.as_mut_ptr(), out.len() as i32, false, special);
+            let mut n = sys::llama_tokenize(
+                vocab,
+                text.as_ptr().cast(),
+                text.len() as i32,
+                out.as_mut_ptr(),
+                out.len() as i32,
+                false,
+                special,
+            );
             if n < 0 {
                 out.resize((-n) as usize, 0);
-                n = sys::llama_tokenize(vocab, text.as_ptr().cast(), text.len() as i32, out.as_mut_ptr(), out.len() as i32, false, special);
+                n = sys::llama_tokenize(
+                    vocab,
+                    text.as_ptr().cast(),
+                    text.len() as i32,
+                    out.as_mut_ptr(),
+                    out.len() as i32,
+                    false,
+                    special,
+                );
             }
             assert!(n >= 0);
             out.truncate(n as usize);
@@ -136,7 +202,10 @@ impl Reference {
 }
 
 /// Load a model with llama.cpp's default parameters as adjusted by `adjust`.
-fn load_model(path: &Path, adjust: impl FnOnce(&mut sys::llama_model_params)) -> *mut sys::llama_model {
+fn load_model(
+    path: &Path,
+    adjust: impl FnOnce(&mut sys::llama_model_params),
+) -> *mut sys::llama_model {
     let c = CString::new(path.to_str().unwrap()).unwrap();
     // SAFETY: test-only FFI with valid arguments; the result is checked for null.
     unsafe {
@@ -145,7 +214,11 @@ fn load_model(path: &Path, adjust: impl FnOnce(&mut sys::llama_model_params)) ->
         let mut mp = sys::llama_model_default_params();
         adjust(&mut mp);
         let model = sys::llama_model_load_from_file(c.as_ptr(), mp);
-        assert!(!model.is_null(), "llama.cpp failed to load {}", path.display());
+        assert!(
+            !model.is_null(),
+            "llama.cpp failed to load {}",
+            path.display()
+        );
         model
     }
 }

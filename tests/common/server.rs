@@ -27,12 +27,20 @@ impl Server {
     pub fn start_with(model: &std::path::Path, extra: &[&str]) -> Server {
         let dir = super::tmpdir();
         let log = dir.path().join("serve.log");
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = super::target_command(super::cli())
             .args(["serve", "--model"])
             .arg(model)
             .args(["--port", &port.to_string()])
-            .args(if extra.contains(&"--threads") { &[][..] } else { &["--threads", "2"][..] })
+            .args(if extra.contains(&"--threads") {
+                &[][..]
+            } else {
+                &["--threads", "2"][..]
+            })
             .args(extra)
             .env_remove("OLLAMA_HOST")
             .env_remove("PHI4_API_KEY")
@@ -40,10 +48,19 @@ impl Server {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let s = Server { child, port, log, _dir: dir };
+        let s = Server {
+            child,
+            port,
+            log,
+            _dir: dir,
+        };
         let t = Instant::now();
         while s.get("/").0 == 0 {
-            assert!(t.elapsed() < Duration::from_secs(60), "the server did not start: {}", s.log());
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "the server did not start: {}",
+                s.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         s
@@ -62,21 +79,34 @@ impl Server {
     }
 
     /// One request; returns status, content type and the whole (de-chunked) body.
-    pub fn request(&self, method: &str, path: &str, body: Option<&[u8]>, headers: &[(&str, &str)]) -> (u16, String, Vec<u8>) {
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> (u16, String, Vec<u8>) {
         let mut conn = match TcpStream::connect(("127.0.0.1", self.port)) {
             Ok(c) => c,
             Err(_) => return (0, String::new(), Vec::new()),
         };
-        conn.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+        conn.set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        let mut head =
+            format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
         for (k, v) in headers {
             head += &format!("{k}: {v}\r\n");
         }
         if let Some(b) = body {
-            head += &format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len());
+            head += &format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            );
         }
         head += "\r\n";
-        if conn.write_all(head.as_bytes()).is_err() || body.is_some_and(|b| conn.write_all(b).is_err()) {
+        if conn.write_all(head.as_bytes()).is_err()
+            || body.is_some_and(|b| conn.write_all(b).is_err())
+        {
             return (0, String::new(), Vec::new());
         }
         let mut r = BufReader::new(conn);
@@ -104,7 +134,15 @@ impl Server {
     /// A POST whose streamed body is returned as lines.
     pub fn post_lines(&self, path: &str, body: &Value) -> (u16, String, Vec<String>) {
         let (status, ctype, b) = self.request("POST", path, Some(body.to_string().as_bytes()), &[]);
-        (status, ctype, String::from_utf8(b).unwrap().lines().map(String::from).collect())
+        (
+            status,
+            ctype,
+            String::from_utf8(b)
+                .unwrap()
+                .lines()
+                .map(String::from)
+                .collect(),
+        )
     }
 }
 
@@ -120,7 +158,11 @@ fn read_head(r: &mut BufReader<TcpStream>) -> (u16, String, bool) {
     if r.read_line(&mut line).unwrap_or(0) == 0 {
         return (0, String::new(), false);
     }
-    let status = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let (mut ctype, mut chunked) = (String::new(), false);
     loop {
         line.clear();
@@ -148,4 +190,3 @@ fn read_chunk(r: &mut BufReader<TcpStream>) -> Option<Vec<u8>> {
     buf.truncate(n);
     Some(buf)
 }
-

@@ -22,11 +22,23 @@ pub fn load(path: &Path, repack: bool) -> Res<Arc<Model>> {
         if tty && pct != last && f < 1.0 {
             last = pct;
             let n = (pct / 5) as usize;
-            eprint!("\rloading {} [{}{}] {pct:3}%", path.display(), "#".repeat(n), " ".repeat(20 - n));
+            eprint!(
+                "\rloading {} [{}{}] {pct:3}%",
+                path.display(),
+                "#".repeat(n),
+                " ".repeat(20 - n)
+            );
         }
         true
     };
-    let model = Model::load(path, LoadParams { repack, prefetch: true, progress: Some(&mut bar) });
+    let model = Model::load(
+        path,
+        LoadParams {
+            repack,
+            prefetch: true,
+            progress: Some(&mut bar),
+        },
+    );
     if tty && last >= 0 {
         eprint!("\r\x1b[2K");
     }
@@ -36,7 +48,16 @@ pub fn load(path: &Path, repack: bool) -> Res<Arc<Model>> {
 pub fn info(a: InfoArgs) -> Res {
     println!("phi4 {}", env!("CARGO_PKG_VERSION"));
     println!("cpu kernels: {}", phi4::cpu_variant());
-    let variants: Vec<String> = phi4::cpu_variants().iter().map(|(v, ok)| if *ok { v.to_string() } else { format!("{v} (not on this cpu)") }).collect();
+    let variants: Vec<String> = phi4::cpu_variants()
+        .iter()
+        .map(|(v, ok)| {
+            if *ok {
+                v.to_string()
+            } else {
+                format!("{v} (not on this cpu)")
+            }
+        })
+        .collect();
     println!("cpu kernels built: {}", variants.join(", "));
     println!("cpu features: {}", phi4::cpu_features().join(" "));
     let Some(path) = a.model else { return Ok(()) };
@@ -50,8 +71,14 @@ pub fn info(a: InfoArgs) -> Res {
 pub fn tokenize(a: TokenizeArgs) -> Res {
     let tok = Tokenizer::load(&a.model)?;
     let mut text = String::new();
-    std::io::stdin().read_to_string(&mut text).map_err(|e| format!("stdin: {e}"))?;
-    let ids: Vec<String> = tok.encode(&text, a.special).iter().map(|i| i.to_string()).collect();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .map_err(|e| format!("stdin: {e}"))?;
+    let ids: Vec<String> = tok
+        .encode(&text, a.special)
+        .iter()
+        .map(|i| i.to_string())
+        .collect();
     println!("{}", ids.join(" "));
     Ok(())
 }

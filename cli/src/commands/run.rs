@@ -18,20 +18,33 @@ pub fn run(a: RunArgs) -> Res {
             return Err("--raw needs --prompt-ids".into());
         }
         // Raw mode is for comparing engines: plain greedy/temperature sampling, no penalties.
-        gp.sampling = SamplingParams { temperature: gp.sampling.temperature, seed: gp.sampling.seed, ..SamplingParams::greedy() };
+        gp.sampling = SamplingParams {
+            temperature: gp.sampling.temperature,
+            seed: gp.sampling.seed,
+            ..SamplingParams::greedy()
+        };
     }
     let d = SessionParams::default();
     let sp = SessionParams {
         n_ctx: a.ctx_size.unwrap_or(d.n_ctx),
         n_batch: a.batch.unwrap_or(d.n_batch),
         n_threads: a.threads.unwrap_or(d.n_threads),
-        overflow: if a.drop_oldest { Overflow::DropOldest } else { Overflow::Error },
+        overflow: if a.drop_oldest {
+            Overflow::DropOldest
+        } else {
+            Overflow::Error
+        },
     };
     sp.check()?;
     let model = super::load(&a.model, !a.no_repack)?;
     let mut session = Session::new(model, &sp)?;
     if session.n_threads() < sp.n_threads {
-        eprintln!("phi4: --threads {} is more than the {} CPUs here: using {}", sp.n_threads, session.n_threads(), session.n_threads());
+        eprintln!(
+            "phi4: --threads {} is more than the {} CPUs here: using {}",
+            sp.n_threads,
+            session.n_threads(),
+            session.n_threads()
+        );
     }
     let mut sink = output::sink(a.json);
     let cache = a.prompt_cache.as_deref();
@@ -43,7 +56,13 @@ pub fn run(a: RunArgs) -> Res {
         let mut on_token = |id: Option<u32>, _: &str| id.map_or(true, |id| sink.token(id).is_ok());
         let outcome = session.generate(&a.prompt_ids, &gp, &mut on_token)?;
         if let Some(file) = cache {
-            save_prompt(&session, a.prompt_ids.len(), outcome.timings.prompt_eval_count, file, a.verbose);
+            save_prompt(
+                &session,
+                a.prompt_ids.len(),
+                outcome.timings.prompt_eval_count,
+                file,
+                a.verbose,
+            );
         }
         sink.done(&outcome)?;
         return Ok(());
@@ -57,7 +76,10 @@ pub fn run(a: RunArgs) -> Res {
         Some(p) => Some(p.clone()),
         None if !stdin.is_terminal() => {
             let mut s = String::new();
-            stdin.lock().read_to_string(&mut s).map_err(|e| format!("stdin: {e}"))?;
+            stdin
+                .lock()
+                .read_to_string(&mut s)
+                .map_err(|e| format!("stdin: {e}"))?;
             Some(s)
         }
         None => None,
@@ -96,7 +118,10 @@ fn restore(session: &mut Session, file: &Path, verbose: bool) {
         return;
     }
     match session.load(file) {
-        Ok(n) if verbose => eprintln!("phi4: --prompt-cache: restored {n} tokens from {}", file.display()),
+        Ok(n) if verbose => eprintln!(
+            "phi4: --prompt-cache: restored {n} tokens from {}",
+            file.display()
+        ),
         Ok(_) => {}
         Err(e) => eprintln!("phi4: --prompt-cache: not used: {e}"),
     }
@@ -110,14 +135,23 @@ fn save_prompt(session: &Session, n: usize, evaluated: usize, file: &Path, verbo
         return;
     }
     match session.save(file, n) {
-        Ok(bytes) if verbose => eprintln!("phi4: --prompt-cache: saved {n} tokens ({:.1} MiB) to {}", bytes as f64 / 1048576.0, file.display()),
+        Ok(bytes) if verbose => eprintln!(
+            "phi4: --prompt-cache: saved {n} tokens ({:.1} MiB) to {}",
+            bytes as f64 / 1048576.0,
+            file.display()
+        ),
         Ok(_) => {}
         Err(e) => eprintln!("phi4: --prompt-cache: not saved: {e}"),
     }
 }
 
 /// Generate one reply, streaming it to `sink`.
-pub fn reply(session: &mut Session, messages: &[Message], gp: &GenerateParams, sink: &mut dyn Sink) -> Res<Outcome> {
+pub fn reply(
+    session: &mut Session,
+    messages: &[Message],
+    gp: &GenerateParams,
+    sink: &mut dyn Sink,
+) -> Res<Outcome> {
     let mut on_piece = |_: Option<u32>, piece: &str| piece.is_empty() || sink.piece(piece).is_ok();
     let outcome = session.chat(messages, gp, &mut on_piece)?;
     sink.done(&outcome)?;

@@ -46,12 +46,30 @@ pub fn synth(a: SynthArgs) -> Res {
         None => synth::Vocab::Tiny(a.vocab),
     };
     let spec = if a.full {
-        synth::Spec { seed: a.seed, ..synth::Spec::phi4(a.ftype, vocab) }
+        synth::Spec {
+            seed: a.seed,
+            ..synth::Spec::phi4(a.ftype, vocab)
+        }
     } else {
-        synth::Spec { n_layer: a.layers, n_embd: a.embd, n_ff: a.ff, n_head: a.heads, n_head_kv: a.kv_heads, n_ctx: a.ctx, rope_theta: 250000.0, ftype: a.ftype, vocab, seed: a.seed }
+        synth::Spec {
+            n_layer: a.layers,
+            n_embd: a.embd,
+            n_ff: a.ff,
+            n_head: a.heads,
+            n_head_kv: a.kv_heads,
+            n_ctx: a.ctx,
+            rope_theta: 250000.0,
+            ftype: a.ftype,
+            vocab,
+            seed: a.seed,
+        }
     };
     let t = Instant::now();
     let size = synth::write(&spec, &a.out)?;
-    eprintln!("wrote {} ({size} bytes) in {:.1}s", a.out.display(), t.elapsed().as_secs_f32());
+    eprintln!(
+        "wrote {} ({size} bytes) in {:.1}s",
+        a.out.display(),
+        t.elapsed().as_secs_f32()
+    );
     Ok(())
 }

@@ -84,16 +84,28 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn bad(m: impl Into<String>) -> ApiError {
-        ApiError { status: StatusCode::BAD_REQUEST, message: m.into() }
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: m.into(),
+        }
     }
     pub fn not_found(m: impl Into<String>) -> ApiError {
-        ApiError { status: StatusCode::NOT_FOUND, message: m.into() }
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: m.into(),
+        }
     }
     pub fn busy() -> ApiError {
-        ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: "server busy, please try again.  maximum pending requests exceeded".into() }
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "server busy, please try again.  maximum pending requests exceeded".into(),
+        }
     }
     pub fn internal(m: impl Into<String>) -> ApiError {
-        ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: m.into() }
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: m.into(),
+        }
     }
 }
 
@@ -120,18 +132,40 @@ impl App {
 /// else 127.0.0.1:11434.
 fn address(a: &ServeArgs) -> Result<SocketAddr, String> {
     let env = std::env::var("OLLAMA_HOST").ok().filter(|s| !s.is_empty());
-    let env = env.as_deref().map(|s| s.trim_start_matches("http://").trim_start_matches("https://").trim_end_matches('/'));
+    let env = env.as_deref().map(|s| {
+        s.trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+    });
     let (env_host, env_port) = match env {
         Some(s) => match s.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (Some(h.to_string()), Some(p.parse::<u16>().map_err(|_| format!("OLLAMA_HOST {s:?}: bad port"))?)),
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+                Some(h.to_string()),
+                Some(
+                    p.parse::<u16>()
+                        .map_err(|_| format!("OLLAMA_HOST {s:?}: bad port"))?,
+                ),
+            ),
             _ => (Some(s.to_string()), None),
         },
         None => (None, None),
     };
-    let host = a.host.clone().or(env_host).unwrap_or_else(|| "127.0.0.1".into());
-    let host = if host.is_empty() { "127.0.0.1".to_string() } else { host };
+    let host = a
+        .host
+        .clone()
+        .or(env_host)
+        .unwrap_or_else(|| "127.0.0.1".into());
+    let host = if host.is_empty() {
+        "127.0.0.1".to_string()
+    } else {
+        host
+    };
     let port = a.port.or(env_port).unwrap_or(11434);
-    let ip: std::net::IpAddr = host.trim_start_matches('[').trim_end_matches(']').parse().map_err(|_| format!("{host:?} is not an IP address"))?;
+    let ip: std::net::IpAddr = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .map_err(|_| format!("{host:?} is not an IP address"))?;
     Ok(SocketAddr::new(ip, port))
 }
 
@@ -141,17 +175,43 @@ pub fn serve(a: ServeArgs) -> Res {
     }
     let addr = address(&a)?;
     let d = phi4::SessionParams::default();
-    let overflow = if a.drop_oldest { phi4::Overflow::DropOldest } else { phi4::Overflow::Error };
-    let session = phi4::SessionParams { n_threads: a.threads.unwrap_or(d.n_threads), overflow, ..d };
-    let cache = a.prompt_cache_dir.map(|dir| prompt_cache::PromptCache::new(dir, a.prompt_cache_max_mib << 20)).transpose()?;
+    let overflow = if a.drop_oldest {
+        phi4::Overflow::DropOldest
+    } else {
+        phi4::Overflow::Error
+    };
+    let session = phi4::SessionParams {
+        n_threads: a.threads.unwrap_or(d.n_threads),
+        overflow,
+        ..d
+    };
+    let cache = a
+        .prompt_cache_dir
+        .map(|dir| prompt_cache::PromptCache::new(dir, a.prompt_cache_max_mib << 20))
+        .transpose()?;
     let pool = Pool::new(a.model.clone(), a.parallel, a.queue, session, cache);
     // Load now: a bad file is reported at start, not at the first request.
     pool.model()?;
-    let app = Arc::new(App { pool, name: a.name.clone(), api_key: a.api_key.clone().filter(|k| !k.is_empty()), verbose: a.verbose });
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let app = Arc::new(App {
+        pool,
+        name: a.name.clone(),
+        api_key: a.api_key.clone().filter(|k| !k.is_empty()),
+        verbose: a.verbose,
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        eprintln!("phi4: serving {} as '{}' on http://{}", a.model.display(), a.name, listener.local_addr()?);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        eprintln!(
+            "phi4: serving {} as '{}' on http://{}",
+            a.model.display(),
+            a.name,
+            listener.local_addr()?
+        );
         let expiry = app.pool.clone();
         tokio::spawn(async move {
             loop {
@@ -160,14 +220,17 @@ pub fn serve(a: ServeArgs) -> Res {
                 let _ = tokio::task::spawn_blocking(move || p.expire()).await;
             }
         });
-        axum::serve(listener, router(app)).with_graceful_shutdown(shutdown()).await?;
+        axum::serve(listener, router(app))
+            .with_graceful_shutdown(shutdown())
+            .await?;
         Ok(())
     })
 }
 
 async fn shutdown() {
     let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = ctrl_c => {}
         _ = term.recv() => {}
@@ -178,7 +241,11 @@ async fn shutdown() {
 const MAX_BODY: usize = 16 << 20;
 
 fn router(app: Arc<App>) -> Router {
-    let refused = |what: &'static str| any(move || async move { ApiError::bad(format!("{what} is not supported: this server runs one model, from a file given at its start")) });
+    let refused = |what: &'static str| {
+        any(move || async move {
+            ApiError::bad(format!("{what} is not supported: this server runs one model, from a file given at its start"))
+        })
+    };
     Router::new()
         .route("/", get(|| async { "Ollama is running" }).head(|| async {}))
         .route("/api/version", get(ollama::version).head(|| async {}))
@@ -208,32 +275,74 @@ fn router(app: Arc<App>) -> Router {
 /// Every request: the API key when one is set, then one log line (method, path, status,
 /// duration; token counts are logged by the generation handlers).
 async fn gate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
-    let (method, path, t) = (req.method().clone(), req.uri().path().to_string(), Instant::now());
+    let (method, path, t) = (
+        req.method().clone(),
+        req.uri().path().to_string(),
+        Instant::now(),
+    );
     if app.verbose {
-        let agent = req.headers().get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or("-");
-        let length = req.headers().get("content-length").and_then(|v| v.to_str().ok()).unwrap_or("-");
+        let agent = req
+            .headers()
+            .get("user-agent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        let length = req
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
         eprintln!("{method} {path} from {agent}, {length} bytes");
     }
     if let Some(key) = &app.api_key {
-        let given = req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let given = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
         if given != Some(key.as_str()) {
-            eprintln!("{method} {path} 401 {:.1}ms", t.elapsed().as_secs_f64() * 1e3);
-            let mut r = ApiError { status: StatusCode::UNAUTHORIZED, message: "unauthorized".into() }.into_response();
-            r.headers_mut().insert("www-authenticate", HeaderValue::from_static("Bearer"));
+            eprintln!(
+                "{method} {path} 401 {:.1}ms",
+                t.elapsed().as_secs_f64() * 1e3
+            );
+            let mut r = ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                message: "unauthorized".into(),
+            }
+            .into_response();
+            r.headers_mut()
+                .insert("www-authenticate", HeaderValue::from_static("Bearer"));
             return r;
         }
     }
     // A body declared too large is refused before any of it is read.
-    let declared = req.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
-        eprintln!("{method} {path} 413 {:.1}ms", t.elapsed().as_secs_f64() * 1e3);
-        return ApiError { status: StatusCode::PAYLOAD_TOO_LARGE, message: format!("request body over {} MiB", MAX_BODY >> 20) }.into_response();
+        eprintln!(
+            "{method} {path} 413 {:.1}ms",
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        return ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!("request body over {} MiB", MAX_BODY >> 20),
+        }
+        .into_response();
     }
     let resp = next.run(req).await;
     // A generation that started logs its own line when it ends, with its token counts.
-    let generating = matches!(path.as_str(), "/api/chat" | "/api/generate" | "/v1/chat/completions" | "/v1/completions");
+    let generating = matches!(
+        path.as_str(),
+        "/api/chat" | "/api/generate" | "/v1/chat/completions" | "/v1/completions"
+    );
     if !(generating && resp.status().is_success()) {
-        eprintln!("{method} {path} {} {:.1}ms", resp.status().as_u16(), t.elapsed().as_secs_f64() * 1e3);
+        eprintln!(
+            "{method} {path} {} {:.1}ms",
+            resp.status().as_u16(),
+            t.elapsed().as_secs_f64() * 1e3
+        );
     }
     resp
 }

@@ -43,7 +43,12 @@ pub fn rfc3339(t: std::time::SystemTime) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z", rem / 3600, rem / 60 % 60, rem % 60)
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 pub fn done_reason(r: DoneReason) -> &'static str {
@@ -76,7 +81,9 @@ fn merge(mut a: Value, b: Value) -> Value {
 /// What Phi-4 cannot do gets Ollama's kind of answer: a 400 naming the reason.
 fn unsupported(images: bool, tools: bool, think: Option<&Value>) -> Result<(), ApiError> {
     if images {
-        return Err(ApiError::bad("phi4 does not support images (it reads text only)"));
+        return Err(ApiError::bad(
+            "phi4 does not support images (it reads text only)",
+        ));
     }
     if tools {
         return Err(ApiError::bad("phi4 does not support tools"));
@@ -88,7 +95,8 @@ fn unsupported(images: bool, tools: bool, think: Option<&Value>) -> Result<(), A
 }
 
 fn non_empty(v: &Option<Value>) -> bool {
-    v.as_ref().is_some_and(|v| !(v.is_null() || v.as_array().is_some_and(|a| a.is_empty())))
+    v.as_ref()
+        .is_some_and(|v| !(v.is_null() || v.as_array().is_some_and(|a| a.is_empty())))
 }
 
 #[derive(Deserialize)]
@@ -114,8 +122,15 @@ struct ChatRequest {
 }
 
 /// Options, format, context and keep-alive of a request.
-fn job_params(options: Option<&Value>, format: Option<&Value>, keep_alive: Option<&Value>) -> Result<(GenerateParams, Shape, KeepAlive), ApiError> {
-    let mut gp = GenerateParams { constraint: run::format(format)?, ..Default::default() };
+fn job_params(
+    options: Option<&Value>,
+    format: Option<&Value>,
+    keep_alive: Option<&Value>,
+) -> Result<(GenerateParams, Shape, KeepAlive), ApiError> {
+    let mut gp = GenerateParams {
+        constraint: run::format(format)?,
+        ..Default::default()
+    };
     let mut shape = Shape::default();
     run::options(options, &mut gp, &mut shape)?;
     Ok((gp, shape, run::keep_alive(keep_alive)?))
@@ -127,7 +142,11 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
     let images = req.messages.iter().any(|m| non_empty(&m.images));
     let tools = non_empty(&req.tools) || req.messages.iter().any(|m| non_empty(&m.tool_calls));
     unsupported(images, tools, req.think.as_ref())?;
-    let (params, shape, keep_alive) = job_params(req.options.as_ref(), req.format.as_ref(), req.keep_alive.as_ref())?;
+    let (params, shape, keep_alive) = job_params(
+        req.options.as_ref(),
+        req.format.as_ref(),
+        req.keep_alive.as_ref(),
+    )?;
     let model = req.model.clone();
     if req.messages.is_empty() {
         return load_or_unload(&app, keep_alive, json!({ "model": model, "created_at": now_rfc3339(), "message": { "role": "assistant", "content": "" } })).await;
@@ -135,9 +154,24 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
     let messages = req
         .messages
         .into_iter()
-        .map(|m| Role::parse(&m.role).map(|r| Message::new(r, m.content)).ok_or_else(|| ApiError::bad(format!("role {:?} is not system, user or assistant", m.role))))
+        .map(|m| {
+            Role::parse(&m.role)
+                .map(|r| Message::new(r, m.content))
+                .ok_or_else(|| {
+                    ApiError::bad(format!(
+                        "role {:?} is not system, user or assistant",
+                        m.role
+                    ))
+                })
+        })
         .collect::<Result<Vec<_>, _>>()?;
-    let job = Job { prompt: Prompt::Chat(messages), params, shape, keep_alive, label: "POST /api/chat".into() };
+    let job = Job {
+        prompt: Prompt::Chat(messages),
+        params,
+        shape,
+        keep_alive,
+        label: "POST /api/chat".into(),
+    };
     let chunk = move |piece: &str| json!({ "model": model, "created_at": now_rfc3339(), "message": { "role": "assistant", "content": piece }, "done": false });
     respond(&app, job, req.stream.unwrap_or(true), chunk, |model, text, out, total, _| {
         merge(json!({ "model": model, "created_at": now_rfc3339(), "message": { "role": "assistant", "content": text }, "done": true, "done_reason": done_reason(out.reason) }), timings(out, total))
@@ -167,15 +201,39 @@ pub async fn generate(State(app): State<Arc<App>>, body: Bytes) -> Result<Respon
     app.check_model(&req.model)?;
     unsupported(non_empty(&req.images), false, req.think.as_ref())?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::bad("phi4 does not support suffix (fill-in-the-middle)"));
+        return Err(ApiError::bad(
+            "phi4 does not support suffix (fill-in-the-middle)",
+        ));
     }
-    let (params, shape, keep_alive) = job_params(req.options.as_ref(), req.format.as_ref(), req.keep_alive.as_ref())?;
+    let (params, shape, keep_alive) = job_params(
+        req.options.as_ref(),
+        req.format.as_ref(),
+        req.keep_alive.as_ref(),
+    )?;
     let model = req.model.clone();
     if req.prompt.is_empty() && req.context.as_ref().map_or(true, |c| c.is_empty()) {
-        return load_or_unload(&app, keep_alive, json!({ "model": model, "created_at": now_rfc3339(), "response": "" })).await;
+        return load_or_unload(
+            &app,
+            keep_alive,
+            json!({ "model": model, "created_at": now_rfc3339(), "response": "" }),
+        )
+        .await;
     }
-    let ids = prompt_ids(&app, req.prompt, req.system, req.context.unwrap_or_default(), req.raw.unwrap_or(false)).await?;
-    let job = Job { prompt: Prompt::Raw(ids), params, shape, keep_alive, label: "POST /api/generate".into() };
+    let ids = prompt_ids(
+        &app,
+        req.prompt,
+        req.system,
+        req.context.unwrap_or_default(),
+        req.raw.unwrap_or(false),
+    )
+    .await?;
+    let job = Job {
+        prompt: Prompt::Raw(ids),
+        params,
+        shape,
+        keep_alive,
+        label: "POST /api/generate".into(),
+    };
     let chunk = move |piece: &str| json!({ "model": model, "created_at": now_rfc3339(), "response": piece, "done": false });
     respond(&app, job, req.stream.unwrap_or(true), chunk, |model, text, out, total, history| {
         merge(json!({ "model": model, "created_at": now_rfc3339(), "response": text, "done": true, "done_reason": done_reason(out.reason), "context": history }), timings(out, total))
@@ -185,13 +243,24 @@ pub async fn generate(State(app): State<Arc<App>>, body: Bytes) -> Result<Respon
 
 /// The token ids of a generate request: the earlier `context`, then the prompt, templated as a
 /// user turn (with the system message) unless `raw`.
-async fn prompt_ids(app: &Arc<App>, prompt: String, system: Option<String>, context: Vec<u32>, raw: bool) -> Result<Vec<u32>, ApiError> {
+async fn prompt_ids(
+    app: &Arc<App>,
+    prompt: String,
+    system: Option<String>,
+    context: Vec<u32>,
+    raw: bool,
+) -> Result<Vec<u32>, ApiError> {
     let pool = app.pool.clone();
     let work = move || -> Result<Vec<u32>, ApiError> {
         let model = pool.model().map_err(ApiError::internal)?;
         let tok = &model.tokenizer;
-        if let Some(bad) = context.iter().find(|&&t| t as usize >= model.config.n_vocab) {
-            return Err(ApiError::bad(format!("context holds token {bad}, outside the vocabulary")));
+        if let Some(bad) = context
+            .iter()
+            .find(|&&t| t as usize >= model.config.n_vocab)
+        {
+            return Err(ApiError::bad(format!(
+                "context holds token {bad}, outside the vocabulary"
+            )));
         }
         let mut ids = context;
         if raw {
@@ -207,19 +276,38 @@ async fn prompt_ids(app: &Arc<App>, prompt: String, system: Option<String>, cont
         }
         Ok(ids)
     };
-    tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::internal(e.to_string()))?
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
 }
 
 /// An empty request loads the model (or, with keep_alive 0, unloads it), as Ollama's does.
-async fn load_or_unload(app: &Arc<App>, keep_alive: KeepAlive, base: Value) -> Result<Response, ApiError> {
+async fn load_or_unload(
+    app: &Arc<App>,
+    keep_alive: KeepAlive,
+    base: Value,
+) -> Result<Response, ApiError> {
     let pool = app.pool.clone();
     let unload = keep_alive == KeepAlive::For(std::time::Duration::ZERO);
-    tokio::task::spawn_blocking(move || if unload { pool.unload() } else { pool.model().map(|_| ()) })
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(ApiError::internal)?;
+    tokio::task::spawn_blocking(move || {
+        if unload {
+            pool.unload()
+        } else {
+            pool.model().map(|_| ())
+        }
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(ApiError::internal)?;
     let reason = if unload { "unload" } else { "load" };
-    eprintln!("POST {} 200 {reason}", if base.get("message").is_some() { "/api/chat" } else { "/api/generate" });
+    eprintln!(
+        "POST {} 200 {reason}",
+        if base.get("message").is_some() {
+            "/api/chat"
+        } else {
+            "/api/generate"
+        }
+    );
     Ok(Json(merge(base, json!({ "done": true, "done_reason": reason }))).into_response())
 }
 
@@ -227,7 +315,14 @@ type Final = fn(&str, &str, &Outcome, u64, &[u32]) -> Value;
 
 /// Run the job and answer: an NDJSON stream of `chunk`s ending with `last`, or one object. An
 /// error before the first piece is an HTTP error; one after it is an `{"error"}` line.
-async fn respond(app: &Arc<App>, job: Job, stream: bool, chunk: impl Fn(&str) -> Value + Send + 'static, last: Final, model: String) -> Result<Response, ApiError> {
+async fn respond(
+    app: &Arc<App>,
+    job: Job,
+    stream: bool,
+    chunk: impl Fn(&str) -> Value + Send + 'static,
+    last: Final,
+    model: String,
+) -> Result<Response, ApiError> {
     let (first, rx) = run::begin(&app.pool, job).await?;
     if !stream {
         let r = run::collect(first, rx).await?;
@@ -241,11 +336,19 @@ async fn respond(app: &Arc<App>, job: Job, stream: bool, chunk: impl Fn(&str) ->
         };
         format!("{v}\n")
     });
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(lines)).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(lines),
+    )
+        .into_response())
 }
 
 /// The events as NDJSON lines, `first` included.
-pub fn async_stream(first: Event, rx: tokio::sync::mpsc::Receiver<Event>, mut line: impl FnMut(Event) -> String + Send + 'static) -> impl tokio_stream::Stream<Item = Result<Bytes, std::convert::Infallible>> {
+pub fn async_stream(
+    first: Event,
+    rx: tokio::sync::mpsc::Receiver<Event>,
+    mut line: impl FnMut(Event) -> String + Send + 'static,
+) -> impl tokio_stream::Stream<Item = Result<Bytes, std::convert::Infallible>> {
     let rest = tokio_stream::wrappers::ReceiverStream::new(rx);
     let all = tokio_stream::StreamExt::chain(tokio_stream::once(first), rest);
     tokio_stream::StreamExt::map(all, move |e| Ok(Bytes::from(line(e))))
@@ -257,7 +360,10 @@ pub async fn version() -> Json<Value> {
 
 /// The model as /api/tags and /api/ps describe it.
 fn describe(app: &App, size: u64) -> Value {
-    let quant = app.pool.loaded().map(|(m, _)| m.gguf.opt_u32("general.file_type").ok().flatten());
+    let quant = app
+        .pool
+        .loaded()
+        .map(|(m, _)| m.gguf.opt_u32("general.file_type").ok().flatten());
     json!({
         "name": format!("{}:latest", app.name),
         "model": format!("{}:latest", app.name),
@@ -277,7 +383,15 @@ fn describe(app: &App, size: u64) -> Value {
 /// llama.cpp's names of `general.file_type`.
 fn file_type_name(t: u32) -> String {
     match t {
-        0 => "F32", 1 => "F16", 2 => "Q4_0", 7 => "Q8_0", 14 => "Q4_K_S", 15 => "Q4_K_M", 16 => "Q5_K_S", 17 => "Q5_K_M", 18 => "Q6_K",
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        7 => "Q8_0",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
         _ => return format!("type {t}"),
     }
     .to_string()
@@ -288,7 +402,11 @@ fn file_size(app: &App) -> u64 {
 }
 
 fn modified(app: &App) -> String {
-    rfc3339(std::fs::metadata(app.pool.path()).and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH))
+    rfc3339(
+        std::fs::metadata(app.pool.path())
+            .and_then(|m| m.modified())
+            .unwrap_or(std::time::UNIX_EPOCH),
+    )
 }
 
 pub async fn tags(State(app): State<Arc<App>>) -> Json<Value> {
@@ -304,7 +422,10 @@ pub async fn ps(State(app): State<Arc<App>>) -> Json<Value> {
             let mut m = describe(&app, model.file_size);
             let until = expires.map(|t| t.saturating_duration_since(std::time::Instant::now()));
             // (Ollama's "forever" is a date far ahead.)
-            m["expires_at"] = json!(rfc3339(std::time::SystemTime::now() + until.unwrap_or(std::time::Duration::from_secs(100 * 365 * 86400))));
+            m["expires_at"] = json!(rfc3339(
+                std::time::SystemTime::now()
+                    + until.unwrap_or(std::time::Duration::from_secs(100 * 365 * 86400))
+            ));
             m["size_vram"] = json!(0);
             m["context_length"] = json!(model.config.n_ctx_train);
             vec![m]
@@ -321,10 +442,16 @@ struct ShowRequest {
 
 pub async fn show(State(app): State<Arc<App>>, body: Bytes) -> Result<Json<Value>, ApiError> {
     let req: ShowRequest = parse(&body)?;
-    let name = req.model.or(req.name).ok_or_else(|| ApiError::bad("model is required"))?;
+    let name = req
+        .model
+        .or(req.name)
+        .ok_or_else(|| ApiError::bad("model is required"))?;
     app.check_model(&name)?;
     let pool = app.pool.clone();
-    let model = tokio::task::spawn_blocking(move || pool.model()).await.map_err(|e| ApiError::internal(e.to_string()))?.map_err(ApiError::internal)?;
+    let model = tokio::task::spawn_blocking(move || pool.model())
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(ApiError::internal)?;
     let c = &model.config;
     let info = json!({
         "general.architecture": "phi3",
@@ -341,9 +468,16 @@ pub async fn show(State(app): State<Arc<App>>, body: Bytes) -> Result<Json<Value
         "tokenizer.ggml.model": "gpt2",
     });
     let d = GenerateParams::default();
-    let parameters: Vec<String> = ["temperature", "top_k", "top_p", "repeat_penalty"].iter().map(|n| format!("{n:<16}{}", d.get(n).unwrap_or_default())).chain(["stop            \"<|im_end|>\"".to_string()]).collect();
+    let parameters: Vec<String> = ["temperature", "top_k", "top_p", "repeat_penalty"]
+        .iter()
+        .map(|n| format!("{n:<16}{}", d.get(n).unwrap_or_default()))
+        .chain(["stop            \"<|im_end|>\"".to_string()])
+        .collect();
     let mut details = describe(&app, model.file_size)["details"].clone();
-    details["parameter_size"] = json!(format!("{:.1}B", info["general.parameter_count"].as_u64().unwrap_or(0) as f64 / 1e9));
+    details["parameter_size"] = json!(format!(
+        "{:.1}B",
+        info["general.parameter_count"].as_u64().unwrap_or(0) as f64 / 1e9
+    ));
     Ok(Json(json!({
         "license": "MIT",
         "modelfile": format!("FROM {}\n", app.pool.path().display()),

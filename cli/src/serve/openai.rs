@@ -38,13 +38,18 @@ impl IntoResponse for OpenAiError {
 }
 
 fn created() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn id(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    format!("{prefix}-{}", N.fetch_add(1, Ordering::Relaxed) + created() % 100_000 * 1000)
+    format!(
+        "{prefix}-{}",
+        N.fetch_add(1, Ordering::Relaxed) + created() % 100_000 * 1000
+    )
 }
 
 fn finish_reason(o: &Outcome) -> &'static str {
@@ -100,20 +105,39 @@ fn content(v: Option<Value>) -> Result<String, ApiError> {
         Some(Value::String(s)) => Ok(s),
         Some(Value::Array(parts)) => parts
             .iter()
-            .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
-                (Some("text"), Some(t)) => Ok(t.to_string()),
-                (Some("image_url"), _) => Err(ApiError::bad("phi4 does not support images (it reads text only)")),
-                _ => Err(ApiError::bad("a content part must be {\"type\": \"text\", \"text\": ...}")),
+            .map(|p| {
+                match (
+                    p.get("type").and_then(Value::as_str),
+                    p.get("text").and_then(Value::as_str),
+                ) {
+                    (Some("text"), Some(t)) => Ok(t.to_string()),
+                    (Some("image_url"), _) => Err(ApiError::bad(
+                        "phi4 does not support images (it reads text only)",
+                    )),
+                    _ => Err(ApiError::bad(
+                        "a content part must be {\"type\": \"text\", \"text\": ...}",
+                    )),
+                }
             })
             .collect::<Result<Vec<_>, _>>()
             .map(|t| t.join("")),
-        Some(_) => Err(ApiError::bad("content must be a string or an array of parts")),
+        Some(_) => Err(ApiError::bad(
+            "content must be a string or an array of parts",
+        )),
     }
 }
 
 /// The OpenAI sampling fields onto the options (OpenAI's defaults: temperature and top_p 1).
 fn params(s: Sampling, max_tokens: Option<i64>) -> Result<(GenerateParams, run::Shape), ApiError> {
-    let Sampling { temperature, top_p, seed, stop, frequency_penalty: freq, presence_penalty: presence, .. } = s;
+    let Sampling {
+        temperature,
+        top_p,
+        seed,
+        stop,
+        frequency_penalty: freq,
+        presence_penalty: presence,
+        ..
+    } = s;
     let mut opts = serde_json::Map::new();
     opts.insert("temperature".into(), json!(temperature.unwrap_or(1.0)));
     opts.insert("top_p".into(), json!(top_p.unwrap_or(1.0)));
@@ -123,7 +147,12 @@ fn params(s: Sampling, max_tokens: Option<i64>) -> Result<(GenerateParams, run::
         }
         opts.insert("num_predict".into(), json!(n));
     }
-    for (k, v) in [("seed", seed.map(|s| json!(s))), ("stop", stop.filter(|s| !s.is_null())), ("frequency_penalty", freq.map(|f| json!(f))), ("presence_penalty", presence.map(|f| json!(f)))] {
+    for (k, v) in [
+        ("seed", seed.map(|s| json!(s))),
+        ("stop", stop.filter(|s| !s.is_null())),
+        ("frequency_penalty", freq.map(|f| json!(f))),
+        ("presence_penalty", presence.map(|f| json!(f))),
+    ] {
         if let Some(v) = v {
             opts.insert(k.into(), v);
         }
@@ -138,7 +167,11 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
     let req: ChatRequest = parse(&body)?;
     app.check_model(&req.model)?;
     let constraint = run::response_format(req.response_format.as_ref())?;
-    if req.tools.as_ref().is_some_and(|t| !t.is_null() && t.as_array().map_or(true, |a| !a.is_empty())) {
+    if req
+        .tools
+        .as_ref()
+        .is_some_and(|t| !t.is_null() && t.as_array().map_or(true, |a| !a.is_empty()))
+    {
         return Err(ApiError::bad("phi4 does not support tools").into());
     }
     if req.n.is_some_and(|n| n != 1) {
@@ -148,7 +181,17 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
         .messages
         .into_iter()
         .map(|m| {
-            let role = Role::parse(if m.role == "developer" { "system" } else { &m.role }).ok_or_else(|| ApiError::bad(format!("role {:?} is not system, user or assistant", m.role)))?;
+            let role = Role::parse(if m.role == "developer" {
+                "system"
+            } else {
+                &m.role
+            })
+            .ok_or_else(|| {
+                ApiError::bad(format!(
+                    "role {:?} is not system, user or assistant",
+                    m.role
+                ))
+            })?;
             Ok(Message::new(role, content(m.content)?))
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
@@ -158,12 +201,23 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
     let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
     let (mut params, shape) = params(req.sampling, max_tokens)?;
     params.constraint = constraint;
-    let job = Job { prompt: Prompt::Chat(messages), params, shape, keep_alive: run::keep_alive(None)?, label: "POST /v1/chat/completions".into() };
-    let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
+    let job = Job {
+        prompt: Prompt::Chat(messages),
+        params,
+        shape,
+        keep_alive: run::keep_alive(None)?,
+        label: "POST /v1/chat/completions".into(),
+    };
+    let include_usage = req
+        .stream_options
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
     let head = json!({ "id": id("chatcmpl"), "object": "chat.completion.chunk", "created": created(), "model": req.model, "system_fingerprint": "fp_phi4" });
     let (first, rx) = run::begin(&app.pool, job).await?;
     if !req.stream.unwrap_or(false) {
-        let run::Reply { text, outcome: out, .. } = run::collect(first, rx).await?;
+        let run::Reply {
+            text, outcome: out, ..
+        } = run::collect(first, rx).await?;
         let mut v = head;
         v["object"] = json!("chat.completion");
         v["choices"] = json!([{ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": finish_reason(&out) }]);
@@ -179,7 +233,11 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
         };
         match event {
             Event::Piece(p) => {
-                let delta = if said_role { json!({ "content": p }) } else { json!({ "role": "assistant", "content": p }) };
+                let delta = if said_role {
+                    json!({ "content": p })
+                } else {
+                    json!({ "role": "assistant", "content": p })
+                };
                 said_role = true;
                 chunk(delta, Value::Null)
             }
@@ -197,10 +255,20 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
                 }
                 s + "data: [DONE]\n\n"
             }
-            Event::Failed(e) => format!("data: {}\n\ndata: [DONE]\n\n", json!({ "error": { "message": e.message, "type": "api_error", "param": null, "code": null } })),
+            Event::Failed(e) => format!(
+                "data: {}\n\ndata: [DONE]\n\n",
+                json!({ "error": { "message": e.message, "type": "api_error", "param": null, "code": null } })
+            ),
         }
     });
-    Ok(([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], Body::from_stream(lines)).into_response())
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(lines),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -213,7 +281,10 @@ struct CompletionRequest {
     suffix: Option<String>,
 }
 
-pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, OpenAiError> {
+pub async fn completions(
+    State(app): State<Arc<App>>,
+    body: Bytes,
+) -> Result<Response, OpenAiError> {
     let req: CompletionRequest = parse(&body)?;
     app.check_model(&req.model)?;
     let prompt = match req.prompt {
@@ -225,11 +296,19 @@ pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Result<Res
     }
     let max_tokens = req.sampling.max_tokens;
     let (params, shape) = params(req.sampling, max_tokens)?;
-    let job = Job { prompt: Prompt::Chat(vec![Message::new(Role::User, prompt)]), params, shape, keep_alive: run::keep_alive(None)?, label: "POST /v1/completions".into() };
+    let job = Job {
+        prompt: Prompt::Chat(vec![Message::new(Role::User, prompt)]),
+        params,
+        shape,
+        keep_alive: run::keep_alive(None)?,
+        label: "POST /v1/completions".into(),
+    };
     let head = json!({ "id": id("cmpl"), "object": "text_completion", "created": created(), "model": req.model, "system_fingerprint": "fp_phi4" });
     let (first, rx) = run::begin(&app.pool, job).await?;
     if !req.stream.unwrap_or(false) {
-        let run::Reply { text, outcome: out, .. } = run::collect(first, rx).await?;
+        let run::Reply {
+            text, outcome: out, ..
+        } = run::collect(first, rx).await?;
         let mut v = head;
         v["choices"] = json!([{ "text": text, "index": 0, "finish_reason": finish_reason(&out) }]);
         v["usage"] = usage(&out);
@@ -244,10 +323,20 @@ pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Result<Res
         match event {
             Event::Piece(p) => chunk(&p, Value::Null),
             Event::Done(out, _, _) => chunk("", json!(finish_reason(&out))) + "data: [DONE]\n\n",
-            Event::Failed(e) => format!("data: {}\n\ndata: [DONE]\n\n", json!({ "error": { "message": e.message, "type": "api_error", "param": null, "code": null } })),
+            Event::Failed(e) => format!(
+                "data: {}\n\ndata: [DONE]\n\n",
+                json!({ "error": { "message": e.message, "type": "api_error", "param": null, "code": null } })
+            ),
         }
     });
-    Ok(([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], Body::from_stream(lines)).into_response())
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(lines),
+    )
+        .into_response())
 }
 
 fn model_object(app: &App) -> Value {
@@ -258,7 +347,10 @@ pub async fn models(State(app): State<Arc<App>>) -> Json<Value> {
     Json(json!({ "object": "list", "data": [model_object(&app)] }))
 }
 
-pub async fn model(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<Value>, OpenAiError> {
+pub async fn model(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, OpenAiError> {
     app.check_model(&id)?;
     Ok(Json(model_object(&app)))
 }

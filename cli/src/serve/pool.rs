@@ -72,14 +72,25 @@ pub struct Lease {
 }
 
 impl Pool {
-    pub fn new(path: PathBuf, parallel: usize, max_queue: usize, session: SessionParams, cache: Option<PromptCache>) -> Arc<Pool> {
+    pub fn new(
+        path: PathBuf,
+        parallel: usize,
+        max_queue: usize,
+        session: SessionParams,
+        cache: Option<PromptCache>,
+    ) -> Arc<Pool> {
         Arc::new(Pool {
             path,
             session,
             parallel: Arc::new(Semaphore::new(parallel)),
             max_queue,
             waiting: AtomicUsize::new(0),
-            state: Mutex::new(State { model: None, scheduler: None, slots: (0..parallel).map(|_| Slot::Empty).collect(), expires: None }),
+            state: Mutex::new(State {
+                model: None,
+                scheduler: None,
+                slots: (0..parallel).map(|_| Slot::Empty).collect(),
+                expires: None,
+            }),
             cache,
         })
     }
@@ -98,19 +109,25 @@ impl Pool {
         if let Some(m) = &self.state().model {
             return Ok(m.clone());
         }
-        let loaded = Arc::new(Model::load(&self.path, LoadParams::default()).map_err(|e| e.to_string())?);
+        let loaded =
+            Arc::new(Model::load(&self.path, LoadParams::default()).map_err(|e| e.to_string())?);
         Ok(self.state().model.get_or_insert(loaded).clone())
     }
 
     /// A conversation's tokens (to choose the session that holds most of them).
-    pub async fn chat_tokens(self: &Arc<Self>, msgs: Vec<phi4::chat::Message>) -> Result<Vec<u32>, String> {
+    pub async fn chat_tokens(
+        self: &Arc<Self>,
+        msgs: Vec<phi4::chat::Message>,
+    ) -> Result<Vec<u32>, String> {
         let pool = self.clone();
         let work = move || {
             let model = pool.model()?;
             let markers = phi4::chat::Markers::of(&model.tokenizer)?;
             Ok(phi4::chat::tokens(&model.tokenizer, markers, &msgs, true))
         };
-        tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| Err(e.to_string()))
+        tokio::task::spawn_blocking(work)
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()))
     }
 
     /// The loaded model and when it will be unloaded (None: never), if it is loaded.
@@ -136,11 +153,21 @@ impl Pool {
             .unwrap_or_else(|e| Err(Refusal::Failed(e.to_string())))
     }
 
-    fn take(&self, prompt: &[u32], shape: Shape, permit: OwnedSemaphorePermit) -> Result<Lease, Refusal> {
+    fn take(
+        &self,
+        prompt: &[u32],
+        shape: Shape,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<Lease, Refusal> {
         let model = self.model().map_err(Refusal::Failed)?;
         let d = &self.session;
         let or = |v: usize, default: usize| if v == 0 { default } else { v };
-        let mut want = SessionParams { n_ctx: shape.n_ctx, n_threads: or(shape.n_threads, d.n_threads), n_batch: or(shape.n_batch, d.n_batch), ..d.clone() };
+        let mut want = SessionParams {
+            n_ctx: shape.n_ctx,
+            n_threads: or(shape.n_threads, d.n_threads),
+            n_batch: or(shape.n_batch, d.n_batch),
+            ..d.clone()
+        };
         want.n_ctx = want.context_for(&model).map_err(Refusal::Invalid)?;
         want.check().map_err(Refusal::Invalid)?;
         let mut st = self.state();
@@ -148,7 +175,8 @@ impl Pool {
             _ if st.slots.len() == 1 => None,
             Some(s) => Some(s.clone()),
             None => {
-                let s = Scheduler::new(model.clone(), d.n_threads, st.slots.len()).map_err(|e| Refusal::Failed(e.to_string()))?;
+                let s = Scheduler::new(model.clone(), d.n_threads, st.slots.len())
+                    .map_err(|e| Refusal::Failed(e.to_string()))?;
                 Some(st.scheduler.insert(s).clone())
             }
         };
@@ -169,7 +197,10 @@ impl Pool {
         drop(st);
         let mut session = match existing {
             Slot::Idle(s, p) if p == want => *s,
-            _ => match scheduler.map_or_else(|| Session::new(model, &want), |s| Session::with_scheduler(&s, &want)) {
+            _ => match scheduler.map_or_else(
+                || Session::new(model, &want),
+                |s| Session::with_scheduler(&s, &want),
+            ) {
                 Ok(s) => s,
                 Err(e) => {
                     self.state().slots[slot] = Slot::Empty;
@@ -180,7 +211,12 @@ impl Pool {
         if let Some(cache) = &self.cache {
             cache.restore(&mut session, prompt);
         }
-        Ok(Lease { session, params: want, slot, _permit: permit })
+        Ok(Lease {
+            session,
+            params: want,
+            slot,
+            _permit: permit,
+        })
     }
 
     /// Take a session back after its request; the model stays loaded for `keep_alive`.

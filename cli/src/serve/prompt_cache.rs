@@ -27,8 +27,13 @@ pub struct PromptCache {
 
 impl PromptCache {
     pub fn new(dir: PathBuf, max_bytes: u64) -> Result<PromptCache, String> {
-        std::fs::create_dir_all(&dir).map_err(|e| format!("--prompt-cache-dir {}: {e}", dir.display()))?;
-        Ok(PromptCache { dir, max_bytes, entries: Mutex::new(None) })
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("--prompt-cache-dir {}: {e}", dir.display()))?;
+        Ok(PromptCache {
+            dir,
+            max_bytes,
+            entries: Mutex::new(None),
+        })
     }
 
     /// The index, read from the directory on first use: every state of this model (others,
@@ -42,7 +47,12 @@ impl PromptCache {
                 .filter_map(|f| {
                     let meta = f.metadata().ok()?;
                     let tokens = phi4::state::tokens(model, &f.path()).ok()?;
-                    Some(Entry { path: f.path(), tokens, bytes: meta.len(), used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH) })
+                    Some(Entry {
+                        path: f.path(),
+                        tokens,
+                        bytes: meta.len(),
+                        used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    })
                 })
                 .collect()
         });
@@ -55,7 +65,10 @@ impl PromptCache {
         let model = session.model().clone();
         let have = session.common_prefix(prompt);
         let best = self.with_entries(&model, |entries| {
-            let e = entries.iter_mut().filter(|e| e.tokens.len() > have && prompt.starts_with(&e.tokens)).max_by_key(|e| e.tokens.len())?;
+            let e = entries
+                .iter_mut()
+                .filter(|e| e.tokens.len() > have && prompt.starts_with(&e.tokens))
+                .max_by_key(|e| e.tokens.len())?;
             e.used = SystemTime::now();
             Some(e.path.clone())
         });
@@ -74,17 +87,27 @@ impl PromptCache {
     /// tokens is kept already; then remove the least recently used states beyond the bound.
     pub fn keep(&self, session: &Session, n: usize) {
         let model = session.model().clone();
-        let Some(tokens) = session.history().get(..n) else { return };
+        let Some(tokens) = session.history().get(..n) else {
+            return;
+        };
         if self.with_entries(&model, |entries| entries.iter().any(|e| e.tokens == tokens)) {
             return;
         }
         let path = self.dir.join(format!("{:016x}.kv", hash(tokens)));
         match session.save(&path, n) {
             Ok(bytes) => {
-                eprintln!("prompt cache: saved a {n}-token prefix ({:.1} MiB)", bytes as f64 / 1048576.0);
+                eprintln!(
+                    "prompt cache: saved a {n}-token prefix ({:.1} MiB)",
+                    bytes as f64 / 1048576.0
+                );
                 self.with_entries(&model, |entries| {
                     entries.retain(|e| e.path != path);
-                    entries.push(Entry { path: path.clone(), tokens: tokens.to_vec(), bytes, used: SystemTime::now() });
+                    entries.push(Entry {
+                        path: path.clone(),
+                        tokens: tokens.to_vec(),
+                        bytes,
+                        used: SystemTime::now(),
+                    });
                     evict(entries, self.max_bytes);
                 });
             }
@@ -109,5 +132,10 @@ fn evict(entries: &mut Vec<Entry>, max_bytes: u64) {
 
 /// FNV-1a over the tokens: a stable file name for a prefix.
 fn hash(tokens: &[u32]) -> u64 {
-    tokens.iter().flat_map(|t| t.to_le_bytes()).fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    tokens
+        .iter()
+        .flat_map(|t| t.to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        })
 }

@@ -47,16 +47,37 @@ pub enum Event {
 
 /// Ollama's `options` (and the OpenAI fields mapped onto them) into generation parameters and a
 /// context size. Every value is checked; Ollama's special values keep their meaning.
-pub fn options(opts: Option<&Value>, gp: &mut GenerateParams, shape: &mut Shape) -> Result<(), ApiError> {
+pub fn options(
+    opts: Option<&Value>,
+    gp: &mut GenerateParams,
+    shape: &mut Shape,
+) -> Result<(), ApiError> {
     let Some(opts) = opts else { return Ok(()) };
-    let Some(map) = opts.as_object() else { return Err(ApiError::bad("options must be an object")) };
+    let Some(map) = opts.as_object() else {
+        return Err(ApiError::bad("options must be an object"));
+    };
     for (name, v) in map {
         let bad = |why: &str| ApiError::bad(format!("option {name}: {why}"));
         let int = || v.as_i64().ok_or_else(|| bad("must be a whole number"));
         match name.as_str() {
-            "num_ctx" => shape.n_ctx = usize::try_from(int()?).ok().filter(|&n| n >= 1).ok_or_else(|| bad("must be at least 1"))?,
-            "num_thread" => shape.n_threads = usize::try_from(int()?).ok().filter(|&n| n <= phi4::session::MAX_THREADS).ok_or_else(|| bad("must be in 0..=512"))?,
-            "num_batch" => shape.n_batch = usize::try_from(int()?).ok().filter(|&n| n <= 1 << 16).ok_or_else(|| bad("must be in 0..=65536"))?,
+            "num_ctx" => {
+                shape.n_ctx = usize::try_from(int()?)
+                    .ok()
+                    .filter(|&n| n >= 1)
+                    .ok_or_else(|| bad("must be at least 1"))?
+            }
+            "num_thread" => {
+                shape.n_threads = usize::try_from(int()?)
+                    .ok()
+                    .filter(|&n| n <= phi4::session::MAX_THREADS)
+                    .ok_or_else(|| bad("must be in 0..=512"))?
+            }
+            "num_batch" => {
+                shape.n_batch = usize::try_from(int()?)
+                    .ok()
+                    .filter(|&n| n <= 1 << 16)
+                    .ok_or_else(|| bad("must be in 0..=65536"))?
+            }
             "num_predict" => {
                 gp.max_tokens = match int()? {
                     // -1: no limit, -2: until the context is full (both: until the context is full here)
@@ -66,19 +87,29 @@ pub fn options(opts: Option<&Value>, gp: &mut GenerateParams, shape: &mut Shape)
                 }
             }
             // Ollama's GPU and memory-mapping options: nothing to do on a CPU, mmap always.
-            "use_mmap" | "num_gpu" | "main_gpu" | "use_mlock" | "numa" | "num_keep" | "low_vram" | "vocab_only" => {}
+            "use_mmap" | "num_gpu" | "main_gpu" | "use_mlock" | "numa" | "num_keep"
+            | "low_vram" | "vocab_only" => {}
             "stop" => {
                 let stops = match v {
                     Value::String(s) => vec![s.clone()],
-                    Value::Array(a) => a.iter().map(|s| s.as_str().map(String::from).ok_or_else(|| bad("must be strings"))).collect::<Result<_, _>>()?,
+                    Value::Array(a) => a
+                        .iter()
+                        .map(|s| {
+                            s.as_str()
+                                .map(String::from)
+                                .ok_or_else(|| bad("must be strings"))
+                        })
+                        .collect::<Result<_, _>>()?,
                     _ => return Err(bad("must be a string or an array of strings")),
                 };
                 gp.stop.extend(stops);
             }
-            "seed" => gp.sampling.seed = match int()? {
-                n if n < 0 => None,
-                n => Some(n as u64),
-            },
+            "seed" => {
+                gp.sampling.seed = match int()? {
+                    n if n < 0 => None,
+                    n => Some(n as u64),
+                }
+            }
             _ if GenerateParams::options().any(|(n, _)| n == name) => {
                 let text = match v {
                     Value::Number(n) => n.to_string(),
@@ -100,22 +131,30 @@ pub fn format(v: Option<&Value>) -> Result<Option<Constraint>, ApiError> {
         Some(Value::String(s)) if s.is_empty() => Ok(None),
         Some(Value::String(s)) if s == "json" => Ok(Some(Constraint::Json)),
         Some(schema @ Value::Object(_)) => Ok(Some(Constraint::JsonSchema(schema.to_string()))),
-        Some(other) => Err(ApiError::bad(format!("format must be \"json\" or a JSON schema object, not {other}"))),
+        Some(other) => Err(ApiError::bad(format!(
+            "format must be \"json\" or a JSON schema object, not {other}"
+        ))),
     }
 }
 
 /// OpenAI's `response_format`: `text`, `json_object`, or `json_schema` with its `schema` (a
 /// strict schema or not, the reply always matches it).
 pub fn response_format(v: Option<&Value>) -> Result<Option<Constraint>, ApiError> {
-    let Some(v) = v.filter(|v| !v.is_null()) else { return Ok(None) };
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
     match v.get("type").and_then(Value::as_str) {
         Some("text") => Ok(None),
         Some("json_object") => Ok(Some(Constraint::Json)),
         Some("json_schema") => match v.get("json_schema").and_then(|j| j.get("schema")) {
             Some(schema @ Value::Object(_)) => Ok(Some(Constraint::JsonSchema(schema.to_string()))),
-            _ => Err(ApiError::bad("response_format json_schema needs json_schema.schema, an object")),
+            _ => Err(ApiError::bad(
+                "response_format json_schema needs json_schema.schema, an object",
+            )),
         },
-        _ => Err(ApiError::bad("response_format.type must be text, json_object or json_schema")),
+        _ => Err(ApiError::bad(
+            "response_format.type must be text, json_object or json_schema",
+        )),
     }
 }
 
@@ -123,14 +162,25 @@ pub fn response_format(v: Option<&Value>) -> Result<Option<Constraint>, ApiError
 pub fn keep_alive(v: Option<&Value>) -> Result<KeepAlive, ApiError> {
     let secs = match v {
         None | Some(Value::Null) => return Ok(KeepAlive::For(std::time::Duration::from_secs(300))),
-        Some(Value::Number(n)) => n.as_f64().ok_or_else(|| ApiError::bad("keep_alive is not a number"))?,
-        Some(Value::String(s)) => go_duration(s).ok_or_else(|| ApiError::bad(format!("keep_alive {s:?} is not a duration")))?,
-        Some(_) => return Err(ApiError::bad("keep_alive must be a number of seconds or a duration")),
+        Some(Value::Number(n)) => n
+            .as_f64()
+            .ok_or_else(|| ApiError::bad("keep_alive is not a number"))?,
+        Some(Value::String(s)) => go_duration(s)
+            .ok_or_else(|| ApiError::bad(format!("keep_alive {s:?} is not a duration")))?,
+        Some(_) => {
+            return Err(ApiError::bad(
+                "keep_alive must be a number of seconds or a duration",
+            ))
+        }
     };
     if !secs.is_finite() {
         return Err(ApiError::bad("keep_alive must be finite"));
     }
-    Ok(if secs < 0.0 { KeepAlive::Forever } else { KeepAlive::For(std::time::Duration::from_secs_f64(secs.min(1e9))) })
+    Ok(if secs < 0.0 {
+        KeepAlive::Forever
+    } else {
+        KeepAlive::For(std::time::Duration::from_secs_f64(secs.min(1e9)))
+    })
 }
 
 /// "300", "5m", "1h30m", "1.5s", "-1m" → seconds.
@@ -147,7 +197,9 @@ fn go_duration(s: &str) -> Option<f64> {
         let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
         let n: f64 = rest[..num_end].parse().ok()?;
         rest = &rest[num_end..];
-        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let scale = match &rest[..unit_end] {
             "ns" => 1e-9,
             "us" | "µs" => 1e-6,
@@ -212,7 +264,12 @@ pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
     let cache_pool = pool.clone();
     let generation = tokio::task::spawn_blocking(move || {
         let mut lease = lease;
-        let mut on_token = |_: Option<u32>, piece: &str| piece.is_empty() || pieces.blocking_send(Event::Piece(piece.to_string())).is_ok();
+        let mut on_token = |_: Option<u32>, piece: &str| {
+            piece.is_empty()
+                || pieces
+                    .blocking_send(Event::Piece(piece.to_string()))
+                    .is_ok()
+        };
         let result = match &job.prompt {
             Prompt::Chat(msgs) => lease.session.chat(msgs, &job.params, &mut on_token),
             Prompt::Raw(ids) => lease.session.generate(ids, &job.params, &mut on_token),
@@ -221,11 +278,22 @@ pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
             Ok(out) => {
                 // The request's log line, now that its token counts are known.
                 let t = &out.timings;
-                eprintln!("{} 200 tokens in {} (new), out {}, {} {:.1}ms", job.label, t.prompt_eval_count, t.eval_count, out.reason.as_str(), started.elapsed().as_secs_f64() * 1e3);
+                eprintln!(
+                    "{} 200 tokens in {} (new), out {}, {} {:.1}ms",
+                    job.label,
+                    t.prompt_eval_count,
+                    t.eval_count,
+                    out.reason.as_str(),
+                    started.elapsed().as_secs_f64() * 1e3
+                );
                 if let (Some(cache), Prompt::Chat(msgs)) = (&cache_pool.cache, &job.prompt) {
                     keep_system_turn(cache, &lease.session, msgs);
                 }
-                Event::Done(Box::new(out), lease.session.history().to_vec(), started.elapsed().as_nanos() as u64)
+                Event::Done(
+                    Box::new(out),
+                    lease.session.history().to_vec(),
+                    started.elapsed().as_nanos() as u64,
+                )
             }
             Err(e) => Event::Failed(session_error(e)),
         };
@@ -243,7 +311,11 @@ pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
                 let _ = tx.send(event).await;
             }
             Err(e) => {
-                let _ = tx.send(Event::Failed(ApiError::internal(format!("the generation failed: {e}")))).await;
+                let _ = tx
+                    .send(Event::Failed(ApiError::internal(format!(
+                        "the generation failed: {e}"
+                    ))))
+                    .await;
             }
         }
     });
@@ -276,19 +348,38 @@ pub async fn collect(first: Event, mut rx: mpsc::Receiver<Event>) -> Result<Repl
     loop {
         match event {
             Event::Piece(p) => text.push_str(&p),
-            Event::Done(outcome, history, total) => return Ok(Reply { text, outcome, history, total }),
+            Event::Done(outcome, history, total) => {
+                return Ok(Reply {
+                    text,
+                    outcome,
+                    history,
+                    total,
+                })
+            }
             Event::Failed(e) => return Err(e),
         }
-        event = rx.recv().await.ok_or_else(|| ApiError::internal("the generation ended without a result"))?;
+        event = rx
+            .recv()
+            .await
+            .ok_or_else(|| ApiError::internal("the generation ended without a result"))?;
     }
 }
 
 /// Save the state of the conversation's system turn (when it has one and the session holds it).
 fn keep_system_turn(cache: &PromptCache, session: &Session, msgs: &[Message]) {
-    let Some(system) = msgs.first().filter(|m| m.role == Role::System) else { return };
+    let Some(system) = msgs.first().filter(|m| m.role == Role::System) else {
+        return;
+    };
     let tok = &session.model().tokenizer;
-    let Ok(markers) = Markers::of(tok) else { return };
-    let turn = chat::turn(tok, markers, Role::System, Some(tok.encode(&system.content, false)));
+    let Ok(markers) = Markers::of(tok) else {
+        return;
+    };
+    let turn = chat::turn(
+        tok,
+        markers,
+        Role::System,
+        Some(tok.encode(&system.content, false)),
+    );
     if session.history().starts_with(&turn) {
         cache.keep(session, turn.len());
     }
