@@ -21,25 +21,11 @@
 
 use std::sync::atomic::AtomicBool;
 
+use crate::error::EvalError;
 use crate::ggml::{self, Allocator, Compute, ComputeError, Context, Tensor, Type};
 use crate::governor::Governor;
 use crate::kv_cache::KvCache;
 use crate::model::Model;
-
-/// Why an evaluation did not complete.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum EvalError {
-    #[error("context full: {needed} positions needed, the session holds {n_ctx}")]
-    ContextFull { needed: usize, n_ctx: usize },
-    #[error("token id {id} is outside the vocabulary (0..{n_vocab})")]
-    BadToken { id: u32, n_vocab: usize },
-    #[error("cancelled")]
-    Cancelled,
-    #[error("a batched decode step failed (see the error of the session that ran it)")]
-    StepFailed,
-    #[error("{0}")]
-    Alloc(#[from] ggml::AllocError),
-}
 
 /// Tensors per layer in the graph, with headroom (the graph context's capacity is derived from
 /// them): those of the layer's matrices, and those of each segment's attention.
@@ -71,9 +57,8 @@ impl Segment<'_> {
     }
 }
 
-/// Compute state: thread pool, compute buffer, graph context, and the inputs of a graph. One
-/// per session, or one shared by the sessions of a [`crate::Scheduler`], whose graphs take a
-/// token of each (up to `max_segments` caches per graph).
+/// Compute state: thread pool, compute buffer, graph context, and the inputs of a graph. One per
+/// [`crate::Scheduler`], whose graphs take the tokens of up to `max_segments` caches.
 pub struct Engine {
     compute: Compute,
     /// How many of the threads a decode step runs on (all of them unless cores are contended).
@@ -120,10 +105,6 @@ impl Engine {
             out_ids: Vec::new(),
             mask_row: Vec::new(),
         })
-    }
-
-    pub fn n_threads(&self) -> usize {
-        self.compute.n_threads()
     }
 
     /// Bytes of the compute buffer.

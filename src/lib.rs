@@ -21,7 +21,9 @@
 
 pub mod chat;
 pub mod constrain;
+pub mod error;
 pub mod gguf;
+pub mod limits;
 pub mod model;
 pub mod sample;
 pub mod scheduler;
@@ -37,12 +39,11 @@ mod hash;
 mod kv_cache;
 
 pub use constrain::Constraint;
+pub use error::{EvalError, SessionError};
 pub use model::{Config, LoadError, LoadParams, Model};
 pub use sample::SamplingParams;
 pub use scheduler::Scheduler;
-pub use session::{
-    DoneReason, GenerateParams, Outcome, Overflow, Session, SessionError, SessionParams,
-};
+pub use session::{DoneReason, GenerateParams, Outcome, Overflow, Session, SessionParams};
 pub use state::StateError;
 
 /// CPU features ggml uses on this machine, by name (e.g. `["SSE3", "AVX", "AVX2", "F16C", "FMA"]`):

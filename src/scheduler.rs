@@ -1,4 +1,6 @@
-//! Batched decode: sessions on one model that decode at the same time advance together.
+//! Where every session's graphs run: a [`Scheduler`] owns one [`Engine`] (threads, compute
+//! buffer) and steps the sessions made on it. A lone session has a private one of batch size 1;
+//! sessions that share one decode in the same steps.
 //!
 //! Decoding reads every weight once per step, whatever the number of tokens the step takes, so
 //! N sessions each stepping alone read the weights N times per token; stepped together, once.
@@ -16,26 +18,26 @@
 //! matrix products differ from a lone step's only in summation order (the batch's kernels).
 
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
-use crate::forward::{Engine, EvalError, Segment};
+use crate::error::{EvalError, SessionError};
+use crate::forward::{Engine, Segment};
 use crate::kv_cache::KvCache;
+use crate::limits::{self, cpu_count};
 use crate::model::Model;
-use crate::session::{cpu_count, SessionError, MAX_THREADS};
 
-/// The most sessions a step may take.
-pub const MAX_BATCH: usize = 64;
+pub use crate::limits::MAX_BATCH;
 /// How long a queued token waits for the other decoding sessions' before a step goes without
 /// them: a quarter of the last step (their sampling takes a small part of a step), within these
 /// bounds.
 const GATHER_MIN: Duration = Duration::from_millis(2);
 const GATHER_MAX: Duration = Duration::from_millis(50);
 
-/// A shared engine that advances the sessions made on it ([`crate::Session::with_scheduler`])
+/// An engine that advances the sessions made on it ([`crate::Session::with_scheduler`])
 /// together. Cloning it is cheap (the clones share the engine); it lives as long as a clone or
 /// a session on it does. All its methods may be called from any thread.
 #[derive(Clone)]
@@ -83,6 +85,8 @@ struct Request {
     n_past: usize,
     /// The session's logits buffer, filled by the step and handed back.
     logits: Vec<f32>,
+    /// The session's cancel flag: it aborts a step that carries this request alone.
+    cancel: Arc<AtomicBool>,
 }
 
 struct Done {
@@ -92,8 +96,8 @@ struct Done {
     logits: Vec<f32>,
 }
 
-/// Steps are never aborted: a session's cancel flag takes effect after the step (one token, or
-/// one micro-batch of a prompt).
+/// A step of several sessions is never aborted: a session's cancel flag takes effect after it
+/// (one token, or one micro-batch of a prompt). A step of one session aborts on its flag.
 static NEVER: AtomicBool = AtomicBool::new(false);
 
 impl Scheduler {
@@ -104,16 +108,8 @@ impl Scheduler {
         n_threads: usize,
         max_batch: usize,
     ) -> Result<Scheduler, SessionError> {
-        if !(1..=MAX_THREADS).contains(&n_threads) {
-            return Err(SessionError::BadParams(format!(
-                "n_threads {n_threads} must be at least 1 and at most {MAX_THREADS}"
-            )));
-        }
-        if !(1..=MAX_BATCH).contains(&max_batch) {
-            return Err(SessionError::BadParams(format!(
-                "max_batch {max_batch} must be in 1..={MAX_BATCH}"
-            )));
-        }
+        limits::check_threads(n_threads).map_err(SessionError::BadParams)?;
+        limits::check_max_batch(max_batch).map_err(SessionError::BadParams)?;
         let n_threads = n_threads.min(cpu_count());
         let engine = Engine::new(&model, n_threads, max_batch).map_err(EvalError::from)?;
         Ok(Scheduler(Arc::new(Shared {
@@ -162,14 +158,19 @@ impl Scheduler {
 
     /// Queue `tokens` (in the session's buffer: a decode token, or a micro-batch of a prompt,
     /// checked by the caller) of `kv` at `n_past`, and wait for the step that evaluates them —
-    /// leading it if no one else does; `logits` gets the last token's.
+    /// leading it if no one else does; `logits` gets the last token's. `cancel` aborts the step
+    /// if it carries this request alone (else it takes effect after the step).
     pub(crate) fn submit(
         &self,
         kv: &Arc<Mutex<KvCache>>,
         tokens: &mut Vec<u32>,
         n_past: usize,
         logits: &mut Vec<f32>,
+        cancel: &Arc<AtomicBool>,
     ) -> Result<(), EvalError> {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(EvalError::Cancelled);
+        }
         let sh = &*self.0;
         let mut q = sh.queue.lock();
         let ticket = q.next_ticket;
@@ -180,6 +181,7 @@ impl Scheduler {
             tokens: std::mem::take(tokens),
             n_past,
             logits: std::mem::take(logits),
+            cancel: cancel.clone(),
         });
         q.since.get_or_insert_with(Instant::now);
         sh.wake.notify_all();
@@ -265,7 +267,11 @@ impl Scheduler {
                 n_past: r.n_past,
             })
             .collect();
-        engine.step(&sh.model, &segments, &NEVER)?;
+        let abort = match &*batch {
+            [alone] => &*alone.cancel,
+            _ => &NEVER,
+        };
+        engine.step(&sh.model, &segments, abort)?;
         drop(segments);
         drop(caches);
         let n_vocab = sh.model.config.n_vocab;

@@ -14,10 +14,11 @@ use std::time::Instant;
 
 use crate::chat::{self, Markers, Message, Role};
 use crate::constrain::{Constraint, Guide};
-pub use crate::forward::EvalError;
-use crate::forward::{Engine, Segment};
+use crate::error::{EvalError, SessionError};
+use crate::forward::Segment;
 use crate::hash::{Map, Set};
 use crate::kv_cache::KvCache;
+use crate::limits::{self, cpu_count, DEFAULT_BATCH, DEFAULT_CONTEXT, MAX_CONTEXT};
 use crate::model::Model;
 use crate::sample::{Sampler, SamplingParams};
 use crate::scheduler::Scheduler;
@@ -31,19 +32,6 @@ pub enum Overflow {
     Error,
     /// Drop the oldest messages after the system message until the prompt fits.
     DropOldest,
-}
-
-/// The largest context a session may have (Phi-4's 16K), whatever a file claims.
-pub const MAX_CONTEXT: usize = 16384;
-/// The context of a session that asks for none (`n_ctx: 0`), if the model's is not smaller.
-pub const DEFAULT_CONTEXT: usize = 4096;
-/// The most threads a session may ask for. More than [`cpu_count`] are accepted and clamped to
-/// it ([`Session::n_threads`] says how many run): threads beyond the CPUs only wait for each other.
-pub const MAX_THREADS: usize = 512;
-
-/// CPUs this process may run on (its affinity mask and CPU quota considered).
-pub fn cpu_count() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// How a session is made.
@@ -62,7 +50,7 @@ impl Default for SessionParams {
     fn default() -> Self {
         SessionParams {
             n_ctx: 0,
-            n_batch: 512,
+            n_batch: DEFAULT_BATCH,
             n_threads: cpu_count(),
             overflow: Overflow::Error,
         }
@@ -75,13 +63,7 @@ impl SessionParams {
         if self.n_batch == 0 {
             return Err("n_batch must be at least 1".into());
         }
-        if self.n_threads == 0 || self.n_threads > MAX_THREADS {
-            return Err(format!(
-                "n_threads {} must be at least 1 and at most {MAX_THREADS}",
-                self.n_threads
-            ));
-        }
-        Ok(())
+        limits::check_threads(self.n_threads)
     }
 
     /// The context these parameters give on `model`, or why they give none.
@@ -205,31 +187,23 @@ pub struct Outcome {
     pub text: String,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SessionError {
-    #[error("the prompt needs {needed} positions but the context holds {n_ctx}")]
-    ContextOverflow { needed: usize, n_ctx: usize },
-    #[error("{0}")]
-    BadParams(String),
-    /// The constraint does not compile, or failed during the generation.
-    #[error("format: {0}")]
-    Constraint(String),
-    #[error("{0}")]
-    Eval(#[from] EvalError),
-}
-
 /// The streaming callback: `(Some(token id) | None for a final flush, complete text) -> go on?`
 pub type OnToken<'a> = dyn FnMut(Option<u32>, &str) -> bool + 'a;
 
 pub struct Session {
     model: Arc<Model>,
-    /// The cache (locked by a scheduler's step while this session waits in it).
+    /// Where this session's graphs run: its own (batch size 1), or one shared with other
+    /// sessions, whose decode steps then take a token of each.
+    scheduler: Scheduler,
+    /// Whether `scheduler` was made for this session alone (its compute buffer is this
+    /// session's memory).
+    own_scheduler: bool,
+    /// The cache (locked by the step that evaluates this session's tokens).
     kv: Arc<parking_lot::Mutex<KvCache>>,
-    runner: Runner,
     n_batch: usize,
-    /// Logits of the last evaluated token.
+    /// Logits of the last evaluated token (filled by the scheduler's step).
     logits: Vec<f32>,
-    /// Tokens on their way to a scheduler's step.
+    /// The tokens of the step this session waits for (handed to the scheduler and back).
     queued: Vec<u32>,
     overflow: Overflow,
     /// Tokens whose K and V are in the cache, in order.
@@ -241,16 +215,8 @@ pub struct Session {
     cancel: Arc<AtomicBool>,
 }
 
-/// Where a session's graphs run.
-enum Runner {
-    /// Its own engine (threads, compute buffer).
-    Own(Box<Engine>),
-    /// A scheduler's, shared with the other sessions on it: decode steps batched.
-    Shared(Scheduler),
-}
-
 impl Session {
-    /// A session with its own threads and compute buffer.
+    /// A session with its own threads and compute buffer (a scheduler of its own, batch size 1).
     pub fn new(model: Arc<Model>, p: &SessionParams) -> Result<Session, SessionError> {
         Session::make(model, p, None)
     }
@@ -268,32 +234,24 @@ impl Session {
     fn make(
         model: Arc<Model>,
         p: &SessionParams,
-        scheduler: Option<&Scheduler>,
+        shared: Option<&Scheduler>,
     ) -> Result<Session, SessionError> {
         p.check().map_err(SessionError::BadParams)?;
         let n_ctx = p.context_for(&model).map_err(SessionError::BadParams)?;
         // The largest allocation first: the KV cache, then the threads, then the compute buffer.
         let kv = KvCache::new(&model.config, n_ctx).map_err(EvalError::from)?;
-        let runner = match scheduler {
-            Some(s) => {
-                s.join(&kv, p.n_batch)?;
-                Runner::Shared(s.clone())
-            }
-            None => {
-                let mut engine = Engine::new(&model, p.n_threads.min(cpu_count()), 1)
-                    .map_err(EvalError::from)?;
-                engine
-                    .reserve(&model, &kv, p.n_batch)
-                    .map_err(EvalError::from)?;
-                Runner::Own(Box::new(engine))
-            }
+        let scheduler = match shared {
+            Some(s) => s.clone(),
+            None => Scheduler::new(model.clone(), p.n_threads.min(cpu_count()), 1)?,
         };
+        scheduler.join(&kv, p.n_batch)?;
         Ok(Session {
             logits: Vec::with_capacity(model.config.n_vocab),
             queued: Vec::with_capacity(p.n_batch.min(n_ctx)),
             model,
+            scheduler,
+            own_scheduler: shared.is_none(),
             kv: Arc::new(parking_lot::Mutex::new(kv)),
-            runner,
             n_batch: p.n_batch.min(n_ctx),
             overflow: p.overflow,
             history: Vec::with_capacity(n_ctx),
@@ -311,21 +269,15 @@ impl Session {
         self.kv.lock().n_ctx
     }
 
-    /// Threads the forward pass runs on (the requested number, at most [`cpu_count`]; a
-    /// scheduler's for a session on one).
+    /// Threads the forward pass runs on: the scheduler's (for a session's own, the requested
+    /// number, at most [`cpu_count`]).
     pub fn n_threads(&self) -> usize {
-        match &self.runner {
-            Runner::Own(e) => e.n_threads(),
-            Runner::Shared(s) => s.n_threads(),
-        }
+        self.scheduler.n_threads()
     }
 
-    /// The scheduler this session's graphs run on, if any.
-    pub fn scheduler(&self) -> Option<&Scheduler> {
-        match &self.runner {
-            Runner::Own(_) => None,
-            Runner::Shared(s) => Some(s),
-        }
+    /// The scheduler this session's graphs run on (its own, or the one it was made on).
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
     }
 
     /// Tokens currently in the cache.
@@ -350,11 +302,11 @@ impl Session {
     }
 
     /// Memory this session holds: its KV cache and its compute buffer (none of its own on a
-    /// scheduler), in bytes.
+    /// shared scheduler), in bytes.
     pub fn memory(&self) -> (u64, usize) {
-        let compute = match &self.runner {
-            Runner::Own(e) => e.compute_buffer_size(),
-            Runner::Shared(_) => 0,
+        let compute = match self.own_scheduler {
+            true => self.scheduler.compute_buffer_size(),
+            false => 0,
         };
         (
             self.model.config.kv_bytes_per_token() * self.n_ctx() as u64,
@@ -362,10 +314,10 @@ impl Session {
         )
     }
 
-    /// Evaluate `tokens` at positions `n_past..`, a micro-batch of `n_batch` at a time:
-    /// afterwards `self.logits` holds the last one's. Cancelling takes effect within a
-    /// micro-batch on an own engine (ggml checks between ops), between them on a scheduler's
-    /// (its steps carry other sessions' tokens too).
+    /// Evaluate `tokens` at positions `n_past..`, a micro-batch of `n_batch` at a time, each in
+    /// a step of the scheduler: afterwards `self.logits` holds the last one's. Cancelling takes
+    /// effect within a micro-batch when the step carries this session alone (ggml checks
+    /// between ops), else after it.
     fn eval(&mut self, tokens: &[u32], n_past: usize) -> Result<(), EvalError> {
         Segment {
             kv: &self.kv.lock(),
@@ -373,31 +325,17 @@ impl Session {
             n_past,
         }
         .check(self.model.config.n_vocab)?;
-        let mut past = n_past;
-        for chunk in tokens.chunks(self.n_batch) {
-            match &mut self.runner {
-                Runner::Own(e) => {
-                    e.step(
-                        &self.model,
-                        &[Segment {
-                            kv: &self.kv.lock(),
-                            tokens: chunk,
-                            n_past: past,
-                        }],
-                        &self.cancel,
-                    )?;
-                    std::mem::swap(&mut e.logits, &mut self.logits);
-                }
-                Runner::Shared(_) if self.cancel.load(Ordering::Relaxed) => {
-                    return Err(EvalError::Cancelled)
-                }
-                Runner::Shared(s) => {
-                    self.queued.clear();
-                    self.queued.extend_from_slice(chunk);
-                    s.submit(&self.kv, &mut self.queued, past, &mut self.logits)?;
-                }
-            }
-            past += chunk.len();
+        for (i, chunk) in tokens.chunks(self.n_batch).enumerate() {
+            self.queued.clear();
+            self.queued.extend_from_slice(chunk);
+            let past = n_past + i * self.n_batch;
+            self.scheduler.submit(
+                &self.kv,
+                &mut self.queued,
+                past,
+                &mut self.logits,
+                &self.cancel,
+            )?;
         }
         Ok(())
     }
@@ -716,8 +654,8 @@ impl Session {
         let model = self.model.clone();
         let tok = &model.tokenizer;
         let mut sampler = Sampler::new(gp.sampling.clone());
-        let scheduler = self.scheduler().cloned();
-        let _decoding = scheduler.as_ref().map(Scheduler::decoding);
+        let scheduler = self.scheduler.clone();
+        let _decoding = scheduler.decoding();
         loop {
             if self.cancel.load(Ordering::Relaxed) {
                 return Ok(DoneReason::Cancelled);

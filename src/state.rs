@@ -30,8 +30,8 @@ use std::path::{Path, PathBuf};
 
 use crate::ggml::{self, Type};
 use crate::kv_cache::KvCache;
+use crate::limits::MAX_CONTEXT;
 use crate::model::Model;
-use crate::session::MAX_CONTEXT;
 
 pub const MAGIC: &[u8; 8] = b"PHI4KV\r\n";
 pub const VERSION: u32 = 1;

@@ -217,13 +217,10 @@ impl Tokenizer {
     }
 
     /// The tokenizer of the GGUF file at `path`, reading only its header (not the weights).
-    pub fn load(path: &std::path::Path) -> Result<Tokenizer, crate::model::LoadError> {
+    pub fn load(path: &std::path::Path) -> Result<Tokenizer, VocabError> {
         let g = crate::gguf::parse_file(path)?;
-        let n_vocab = g
-            .strings("tokenizer.ggml.tokens")
-            .map_err(VocabError::from)?
-            .len();
-        Ok(Tokenizer::from_gguf(&g, n_vocab)?)
+        let n_vocab = g.strings("tokenizer.ggml.tokens")?.len();
+        Tokenizer::from_gguf(&g, n_vocab)
     }
 
     pub fn n_vocab(&self) -> usize {

@@ -11,8 +11,9 @@ use common::reference::top2_gap;
 use phi4::chat::{self, Markers, Message, Role};
 use phi4::model::{LoadParams, Model};
 use phi4::sample::{argmax, SamplingParams};
-use phi4::session::{DoneReason, GenerateParams, Session, SessionError, SessionParams};
+use phi4::session::{DoneReason, GenerateParams, Session, SessionParams};
 use phi4::Scheduler;
+use phi4::SessionError;
 use phi4_synth::Spec;
 
 fn params(n_ctx: usize) -> SessionParams {
@@ -283,7 +284,7 @@ fn bad_scheduler_parameters_are_errors() {
     for (threads, batch) in [
         (0, 4),
         (2, 0),
-        (2, phi4::scheduler::MAX_BATCH + 1),
+        (2, phi4::limits::MAX_BATCH + 1),
         (100_000, 4),
     ] {
         match Scheduler::new(model.clone(), threads, batch) {
@@ -303,7 +304,7 @@ fn bad_scheduler_parameters_are_errors() {
     ));
     let ok = Session::with_scheduler(&s, &params(64)).unwrap();
     assert!(std::ptr::eq(
-        ok.scheduler().unwrap().model().as_ref(),
+        ok.scheduler().model().as_ref(),
         model.as_ref()
     ));
     assert_eq!(ok.memory().1, 0, "the compute buffer is the scheduler's");

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use phi4::chat::{Message, Role};
 use phi4::model::{LoadParams, Model};
 use phi4::sample::SamplingParams;
-use phi4::session::{DoneReason, GenerateParams, Outcome, Session, SessionError, SessionParams};
+use phi4::session::{DoneReason, GenerateParams, Outcome, Session, SessionParams};
 use phi4::Constraint;
+use phi4::SessionError;
 use phi4_synth::{Spec, Vocab};
 use serde_json::{json, Value};
 

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use phi4::chat::{self, Markers, Message, Role};
 use phi4::model::{LoadParams, Model};
 use phi4::sample::SamplingParams;
-use phi4::session::{DoneReason, GenerateParams, Overflow, Session, SessionError, SessionParams};
+use phi4::session::{DoneReason, GenerateParams, Overflow, Session, SessionParams};
+use phi4::SessionError;
 
 fn demo() -> Arc<Model> {
     Arc::new(
@@ -359,10 +360,10 @@ fn threads_above_the_cpus_are_clamped() {
     let s = Session::new(
         m,
         &SessionParams {
-            n_threads: phi4::session::MAX_THREADS,
+            n_threads: phi4::limits::MAX_THREADS,
             ..Default::default()
         },
     )
     .unwrap();
-    assert_eq!(s.n_threads(), phi4::session::cpu_count());
+    assert_eq!(s.n_threads(), phi4::limits::cpu_count());
 }

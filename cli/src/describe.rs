@@ -1,6 +1,6 @@
 //! One description of a loaded model, for `phi4 info` and the REPL's `/show info`.
 
-use phi4::session::MAX_CONTEXT;
+use phi4::limits::MAX_CONTEXT;
 use phi4::Model;
 
 /// (label, value) lines: file, shape, KV cache cost, weight types, repacked layouts.

@@ -68,11 +68,12 @@ pub struct RunArgs {
     /// Threads for the forward pass [default: the number of CPUs].
     #[arg(long)]
     threads: Option<usize>,
-    /// Context size (positions in the KV cache), at most the model's [default: 4096].
-    #[arg(long)]
+    #[arg(long, help = format!(
+        "Context size (positions in the KV cache), at most the model's and {} [default: {}]",
+        phi4::limits::MAX_CONTEXT, phi4::limits::DEFAULT_CONTEXT
+    ))]
     ctx_size: Option<usize>,
-    /// Prompt micro-batch size [default: 512].
-    #[arg(long)]
+    #[arg(long, help = format!("Prompt micro-batch size [default: {}]", phi4::limits::DEFAULT_BATCH))]
     batch: Option<usize>,
     /// When the conversation outgrows the context, drop the oldest turns instead of failing.
     #[arg(long)]

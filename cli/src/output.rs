@@ -3,7 +3,8 @@
 
 use std::io::{self, Write};
 
-use phi4::Outcome;
+use phi4::chat::Message;
+use phi4::{GenerateParams, Outcome, Session};
 use serde_json::json;
 
 /// Where a reply goes as it is generated.
@@ -103,4 +104,17 @@ pub fn print_timings(o: &Outcome) {
         "eval rate:            {:.2} tokens/s",
         rate(t.eval_count, t.eval_duration)
     );
+}
+
+/// Generate one reply, streaming it to `sink`.
+pub fn reply(
+    session: &mut Session,
+    messages: &[Message],
+    gp: &GenerateParams,
+    sink: &mut dyn Sink,
+) -> crate::Res<Outcome> {
+    let mut on_piece = |_: Option<u32>, piece: &str| piece.is_empty() || sink.piece(piece).is_ok();
+    let outcome = session.chat(messages, gp, &mut on_piece)?;
+    sink.done(&outcome)?;
+    Ok(outcome)
 }

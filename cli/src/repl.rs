@@ -9,10 +9,9 @@ use std::path::Path;
 use phi4::chat::{self, Markers, Message, Role};
 use phi4::{GenerateParams, Session};
 
-use crate::commands::run::reply;
 use crate::describe::describe;
 use crate::options::{describe_format, parse_format};
-use crate::output::{print_timings, Sink};
+use crate::output::{print_timings, reply, Sink};
 use crate::Res;
 
 const HELP: &str = "Available commands:

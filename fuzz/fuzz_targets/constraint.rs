@@ -8,7 +8,8 @@ use demo_session::session;
 
 use libfuzzer_sys::fuzz_target;
 use phi4::sample::SamplingParams;
-use phi4::session::{GenerateParams, SessionError};
+use phi4::session::GenerateParams;
+use phi4::SessionError;
 use phi4::Constraint;
 
 fuzz_target!(|data: &[u8]| {

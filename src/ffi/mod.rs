@@ -100,9 +100,14 @@ macro_rules! ffi_boundary {
 }
 pub(crate) use ffi_boundary;
 
-/// Run `f` under the boundary, turning its error (or a panic, with its message) into a status;
-/// `record` keeps the message where the caller can read it.
-pub(crate) fn guard(
+/// Run `f` under the boundary, turning its error (or a panic, with its message) into a status
+/// whose message becomes the calling thread's [`phi4_last_error`].
+pub(crate) fn guard(f: impl FnOnce() -> Result<(), Error>) -> phi4_status {
+    guard_with(|_| (), f)
+}
+
+/// [`guard`], and `record` keeps the message elsewhere too (a session's, for other threads).
+pub(crate) fn guard_with(
     record: impl FnOnce(&Error),
     f: impl FnOnce() -> Result<(), Error>,
 ) -> phi4_status {
@@ -120,8 +125,16 @@ pub(crate) fn guard(
             )
         }
     };
-    // Recording must not unwind either (it takes locks, writes buffers).
-    let _ = catch_unwind(AssertUnwindSafe(|| record(&e)));
+    fail(e, record)
+}
+
+/// A failed call's status, its message recorded: this thread's, and by `record`. Recording
+/// must not unwind either (it takes locks, writes buffers).
+pub(crate) fn fail(e: Error, record: impl FnOnce(&Error)) -> phi4_status {
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        set_last_error(&e.1);
+        record(&e)
+    }));
     e.0
 }
 
@@ -181,8 +194,44 @@ pub(crate) unsafe fn c_str<'a>(p: *const c_char, what: &str) -> Result<&'a str, 
     })
 }
 
+/// The rule of every output with a size: `*len` gets `report` on success, and when `capacity`
+/// is less than the `needed` items (PHI4_ERR_BUFFER_TOO_SMALL: `report` is then what to ask
+/// for); `fill` writes `buf` (checked non-NULL) only when it fits. Nothing is written on any
+/// other error.
+///
+/// # Safety
+/// `len` is NULL or writable.
+pub(crate) unsafe fn sized_output<T>(
+    needed: usize,
+    report: usize,
+    capacity: usize,
+    buf: *mut T,
+    len: (*mut usize, &str),
+    fill: impl FnOnce(*mut T) -> Result<(), Error>,
+) -> Result<(), Error> {
+    non_null(len.0, len.1)?;
+    if needed > capacity {
+        // SAFETY: non-null and writable per the contract.
+        unsafe { len.0.write(report) };
+        return Err(Error::new(
+            PHI4_ERR_BUFFER_TOO_SMALL,
+            format!(
+                "the buffer holds {capacity} but {needed} are needed (written to {})",
+                len.1
+            ),
+        ));
+    }
+    if needed > 0 {
+        non_null(buf, "the buffer")?;
+        fill(buf)?;
+    }
+    // SAFETY: as above.
+    unsafe { len.0.write(report) };
+    Ok(())
+}
+
 /// Copy `s` into the caller's `text` buffer (`capacity` bytes, NUL-terminated), its length in
-/// `*len`; PHI4_ERR_BUFFER_TOO_SMALL (with the needed length in `*len`) when it does not fit.
+/// `*len`, by the rule of [`sized_output`].
 ///
 /// # Safety
 /// `len` is NULL or writable; `text` is NULL or points to `capacity` writable bytes.
@@ -192,22 +241,15 @@ pub(crate) unsafe fn write_text(
     capacity: usize,
     len: *mut usize,
 ) -> Result<(), Error> {
-    non_null(len, "len")?;
-    // SAFETY: len is non-null and writable per the caller's contract.
-    unsafe { len.write(s.len()) };
-    if s.len() + 1 > capacity {
-        return Err(Error::new(
-            PHI4_ERR_BUFFER_TOO_SMALL,
-            "text buffer too small",
-        ));
-    }
-    non_null(text, "text")?;
-    // SAFETY: text has room for capacity >= s.len() + 1 bytes.
+    // SAFETY: per this function's contract.
     unsafe {
-        std::ptr::copy_nonoverlapping(s.as_ptr(), text.cast(), s.len());
-        text.add(s.len()).write(0);
+        sized_output(s.len() + 1, s.len(), capacity, text, (len, "len"), |text| {
+            // SAFETY: text has room for capacity >= s.len() + 1 bytes.
+            std::ptr::copy_nonoverlapping(s.as_ptr(), text.cast(), s.len());
+            text.add(s.len()).write(0);
+            Ok(())
+        })
     }
-    Ok(())
 }
 
 /// An array argument of `len` items (NULL allowed when `len` is 0).
@@ -237,15 +279,12 @@ pub(crate) unsafe fn array<'a, T>(p: *const T, len: usize, what: &str) -> Result
 /// # Safety
 /// `out` is NULL or points to a writable `T`.
 pub(crate) unsafe fn write_out<T>(out: *mut T, value: T) -> phi4_status {
-    guard(
-        |_| (),
-        || {
-            non_null(out, "out")?;
-            // SAFETY: non-null and writable per the contract.
-            unsafe { out.write(value) };
-            Ok(())
-        },
-    )
+    guard(|| {
+        non_null(out, "out")?;
+        // SAFETY: non-null and writable per the contract.
+        unsafe { out.write(value) };
+        Ok(())
+    })
 }
 
 /// Write the first `min(size, size_of::<T>())` bytes of `value` (a params struct starting with
@@ -254,27 +293,22 @@ pub(crate) unsafe fn write_out<T>(out: *mut T, value: T) -> phi4_status {
 /// # Safety
 /// `out` is NULL or points to `size` writable bytes.
 pub(crate) unsafe fn write_prefix<T: Copy>(out: *mut T, value: T, size: usize) -> phi4_status {
-    guard(
-        |_| (),
-        || {
-            non_null(out, "out")?;
-            if size < std::mem::size_of::<usize>() {
-                return Err(Error::new(
-                    PHI4_ERR_INVALID_ARGUMENT,
-                    format!("size {size} is smaller than the struct_size field"),
-                ));
-            }
-            let n = size.min(std::mem::size_of::<T>());
-            let mut v = value;
-            // SAFETY: T starts with a usize (struct_size) per the contract.
-            unsafe { (&mut v as *mut T as *mut usize).write(n) };
-            // SAFETY: out has `size` >= n writable bytes; v is n readable bytes.
-            unsafe {
-                std::ptr::copy_nonoverlapping(&v as *const T as *const u8, out as *mut u8, n)
-            };
-            Ok(())
-        },
-    )
+    guard(|| {
+        non_null(out, "out")?;
+        if size < std::mem::size_of::<usize>() {
+            return Err(Error::new(
+                PHI4_ERR_INVALID_ARGUMENT,
+                format!("size {size} is smaller than the struct_size field"),
+            ));
+        }
+        let n = size.min(std::mem::size_of::<T>());
+        let mut v = value;
+        // SAFETY: T starts with a usize (struct_size) per the contract.
+        unsafe { (&mut v as *mut T as *mut usize).write(n) };
+        // SAFETY: out has `size` >= n writable bytes; v is n readable bytes.
+        unsafe { std::ptr::copy_nonoverlapping(&v as *const T as *const u8, out as *mut u8, n) };
+        Ok(())
+    })
 }
 
 /// Read a versioned params struct: start from `defaults` and take the first
@@ -335,22 +369,33 @@ thread_local! {
     // Messages handed to C, one buffer per thread each: a pointer stays valid for the thread's
     // life and no other thread writes to it. Plain arrays, constant-initialized: no destructor,
     // so they still work while the thread exits (a call from a TLS destructor or atexit handler).
-    /// The last failed load or session_new on this thread (there is no handle to hold it).
-    static LOAD_ERROR: RefCell<MessageBuf> = const { RefCell::new([0; MESSAGE_MAX]) };
+    /// The message of this thread's last failed call (phi4_last_error).
+    static LAST_ERROR: RefCell<MessageBuf> = const { RefCell::new([0; MESSAGE_MAX]) };
     /// The copy of a session's last error that phi4_session_last_error returned on this thread.
     static SESSION_ERROR: RefCell<MessageBuf> = const { RefCell::new([0; MESSAGE_MAX]) };
     /// The session (address) whose last call on this thread returned PHI4_ERR_BUSY, or 0.
     static BUSY_ON: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// That PHI4_ERR_BUSY's message.
+    static BUSY_TEXT: RefCell<MessageBuf> = const { RefCell::new([0; MESSAGE_MAX]) };
 }
 
-/// Note which session this thread's last call was on and whether it was busy.
-pub(crate) fn note_busy(session: usize, busy: bool) {
-    BUSY_ON.with(|b| b.set(if busy { session } else { 0 }));
+/// Note which session this thread's last call was on, and the message if it was busy.
+pub(crate) fn note_busy(session: usize, busy: Option<&str>) {
+    BUSY_ON.with(|b| b.set(if busy.is_some() { session } else { 0 }));
+    if let Some(msg) = busy {
+        BUSY_TEXT.with(|b| store_message(&mut b.borrow_mut(), msg));
+    }
 }
 
-/// Whether this thread's last call on `session` returned PHI4_ERR_BUSY.
-pub(crate) fn was_busy(session: usize) -> bool {
-    BUSY_ON.with(|b| b.get() == session)
+/// The message of the PHI4_ERR_BUSY this thread's last call on `session` returned, if it did.
+pub(crate) fn busy_message(session: usize) -> Option<String> {
+    (BUSY_ON.with(|b| b.get()) == session).then(|| {
+        BUSY_TEXT.with(|b| {
+            let b = b.borrow();
+            CStr::from_bytes_until_nul(&b[..])
+                .map_or_else(|_| String::new(), |s| s.to_string_lossy().into_owned())
+        })
+    })
 }
 
 /// Copy `msg` into this thread's buffer for session errors; returns the pointer for C.
@@ -366,31 +411,62 @@ pub(crate) fn to_cstring(s: &str) -> CString {
     CString::new(s.replace('\0', "\u{FFFD}")).expect("NULs replaced")
 }
 
-pub(crate) fn set_load_error(msg: &str) {
-    LOAD_ERROR.with(|e| store_message(&mut e.borrow_mut(), msg));
+pub(crate) fn set_last_error(msg: &str) {
+    LAST_ERROR.with(|e| store_message(&mut e.borrow_mut(), msg));
 }
 
 // The version as the header's macros (C reads them at compile time; phi4_version() is the
 // library's at run time). A unit test keeps them equal to the package version.
-/// The library's major version: a new one breaks the ABI.
+/// The library's major version, the N of its SONAME `libphi4.so.N`: a new one breaks the ABI.
 #[allow(dead_code)]
 pub const PHI4_VERSION_MAJOR: u32 = 0;
-/// The library's minor version: a new one adds to the ABI and keeps it.
+/// The library's minor version: it grows with the ABI (a function, a field at the end of a
+/// params struct, a value of an enum added) and keeps what was there, so a program can test
+/// for a feature at compile time (`#if PHI4_VERSION_MINOR >= 2`). 2: phi4_scheduler_*,
+/// phi4_session_new_on, phi4_session_{save,load}_*, phi4_session_copy, phi4_cpu_variant,
+/// phi4_last_error, phi4_generate_params.format, the PHI4_* limits.
 #[allow(dead_code)]
-pub const PHI4_VERSION_MINOR: u32 = 1;
+pub const PHI4_VERSION_MINOR: u32 = 2;
 /// The library's patch version.
 #[allow(dead_code)]
 pub const PHI4_VERSION_PATCH: u32 = 0;
 
-/// The message of the last `phi4_model_load` or `phi4_session_new` that failed on the calling
-/// thread ("" if none). The pointer stays valid for the thread's life; the text is replaced by
-/// the next such call on this thread.
+// The limits, for C (the library's own are in src/limits.rs; these must equal them).
+/// The largest context a session may have (`phi4_session_params.n_ctx`).
+pub const PHI4_MAX_CONTEXT: u32 = 16384;
+/// The context of a session whose `n_ctx` is 0 (or the model's, if smaller).
+pub const PHI4_DEFAULT_CONTEXT: u32 = 4096;
+/// `phi4_session_params.n_batch`'s default.
+pub const PHI4_DEFAULT_BATCH: u32 = 512;
+/// The most threads a session or scheduler may ask for.
+pub const PHI4_MAX_THREADS: u32 = 512;
+/// The most sessions a step of a scheduler may take (`phi4_scheduler_new`'s `max_batch`).
+pub const PHI4_MAX_BATCH: u32 = 64;
+const _: () = {
+    use crate::limits::*;
+    assert!(PHI4_MAX_CONTEXT as usize == MAX_CONTEXT);
+    assert!(PHI4_DEFAULT_CONTEXT as usize == DEFAULT_CONTEXT);
+    assert!(PHI4_DEFAULT_BATCH as usize == DEFAULT_BATCH);
+    assert!(PHI4_MAX_THREADS as usize == MAX_THREADS);
+    assert!(PHI4_MAX_BATCH as usize == MAX_BATCH);
+};
+
+/// The message of the last call on the calling thread that failed (returned a status other
+/// than PHI4_OK), whatever the function; "" if none has. Read it on the thread that made the
+/// call, before that thread's next failing call replaces it (a successful call leaves it). The
+/// pointer stays valid for the thread's life. Thread-safe.
 #[no_mangle]
-pub extern "C" fn phi4_last_load_error() -> *const c_char {
-    ffi_boundary! { LOAD_ERROR.with(|e| e.borrow().as_ptr().cast()) }
+pub extern "C" fn phi4_last_error() -> *const c_char {
+    ffi_boundary! { LAST_ERROR.with(|e| e.borrow().as_ptr().cast()) }
 }
 
-/// The version of the library linked at run time, e.g. "0.1.0" (PHI4_VERSION_* are the
+/// The older name of phi4_last_error (phi4 0.1 recorded only loads and new sessions there).
+#[no_mangle]
+pub extern "C" fn phi4_last_load_error() -> *const c_char {
+    phi4_last_error()
+}
+
+/// The version of the library linked at run time, e.g. "0.2.0" (PHI4_VERSION_* are the
 /// header's). Static; never NULL.
 #[no_mangle]
 pub extern "C" fn phi4_version() -> *const c_char {

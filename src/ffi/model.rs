@@ -123,34 +123,31 @@ pub unsafe extern "C" fn phi4_model_load(
     params: *const phi4_model_params,
     out: *mut *mut phi4_model,
 ) -> phi4_status {
-    set_load_error("");
-    guard(
-        |e| set_load_error(&e.1),
-        || {
-            non_null(out, "out")?;
-            // SAFETY: NULL or a NUL-terminated string, per the header's contract.
-            let path = unsafe { c_str(path, "path") }?;
-            // SAFETY: NULL or a params struct from phi4_model_default_params.
-            let p = unsafe { read_params(params, default_model_params(), "params") }?;
-            let mut progress = |f: f32| match p.progress {
-                // SAFETY: the caller's callback with the caller's user data.
-                Some(cb) => unsafe { cb(p.progress_user_data, f) },
-                None => true,
-            };
-            let lp = LoadParams {
-                repack: p.repack,
-                prefetch: p.prefetch,
-                progress: Some(&mut progress),
-            };
-            let model = Model::load(std::path::Path::new(path), lp)
-                .map_err(|e| Error::new(load_status(&e), e.to_string()))?;
-            let log = Log {
-                f: p.log,
-                user_data: p.log_user_data,
-            };
-            log.write(
-                phi4_log_level::PHI4_LOG_INFO,
-                &format!(
+    guard(|| {
+        non_null(out, "out")?;
+        // SAFETY: NULL or a NUL-terminated string, per the header's contract.
+        let path = unsafe { c_str(path, "path") }?;
+        // SAFETY: NULL or a params struct from phi4_model_default_params.
+        let p = unsafe { read_params(params, default_model_params(), "params") }?;
+        let mut progress = |f: f32| match p.progress {
+            // SAFETY: the caller's callback with the caller's user data.
+            Some(cb) => unsafe { cb(p.progress_user_data, f) },
+            None => true,
+        };
+        let lp = LoadParams {
+            repack: p.repack,
+            prefetch: p.prefetch,
+            progress: Some(&mut progress),
+        };
+        let model = Model::load(std::path::Path::new(path), lp)
+            .map_err(|e| Error::new(load_status(&e), e.to_string()))?;
+        let log = Log {
+            f: p.log,
+            user_data: p.log_user_data,
+        };
+        log.write(
+            phi4_log_level::PHI4_LOG_INFO,
+            &format!(
                 "loaded {path}: {} layers x {}, vocabulary {}; cpu kernels {} ({}); repacked: {}",
                 model.config.n_layer,
                 model.config.n_embd,
@@ -159,17 +156,16 @@ pub unsafe extern "C" fn phi4_model_load(
                 crate::ggml::cpu_features().join(" "),
                 model.repacked_summary()
             ),
-            );
-            let m = phi4_model {
-                inner: Arc::new(model),
-                log,
-            }
-            .into_raw();
-            // SAFETY: out is non-null (checked).
-            unsafe { out.write(m) };
-            Ok(())
-        },
-    )
+        );
+        let m = phi4_model {
+            inner: Arc::new(model),
+            log,
+        }
+        .into_raw();
+        // SAFETY: out is non-null (checked).
+        unsafe { out.write(m) };
+        Ok(())
+    })
 }
 
 /// Release a model. NULL is allowed. Sessions opened on it keep it alive until they are freed,
@@ -196,33 +192,23 @@ pub unsafe extern "C" fn phi4_tokenize(
     capacity: usize,
     n_tokens: *mut usize,
 ) -> phi4_status {
-    guard(
-        |_| (),
-        || {
-            // SAFETY: NULL or a live handle.
-            let m = unsafe { borrow(model) }?;
-            non_null(n_tokens, "n_tokens")?;
-            // SAFETY: text points to len readable bytes (caller's contract).
-            let text: &[u8] = unsafe { array(text.cast(), len, "text") }?;
-            let text = std::str::from_utf8(text)
-                .map_err(|_| Error::new(PHI4_ERR_INVALID_ARGUMENT, "text is not valid UTF-8"))?;
-            let ids = m.inner.tokenizer.encode(text, special);
-            // SAFETY: n_tokens is non-null.
-            unsafe { n_tokens.write(ids.len()) };
-            if ids.len() > capacity {
-                return Err(Error::new(
-                    PHI4_ERR_BUFFER_TOO_SMALL,
-                    "token buffer too small",
-                ));
-            }
-            if !ids.is_empty() {
-                non_null(tokens, "tokens")?;
-                // SAFETY: tokens has room for capacity >= ids.len() ids.
-                unsafe { std::ptr::copy_nonoverlapping(ids.as_ptr(), tokens, ids.len()) };
-            }
+    guard(|| {
+        // SAFETY: NULL or a live handle.
+        let m = unsafe { borrow(model) }?;
+        // SAFETY: text points to len readable bytes (caller's contract).
+        let text: &[u8] = unsafe { array(text.cast(), len, "text") }?;
+        let text = std::str::from_utf8(text)
+            .map_err(|_| Error::new(PHI4_ERR_INVALID_ARGUMENT, "text is not valid UTF-8"))?;
+        let ids = m.inner.tokenizer.encode(text, special);
+        let n = ids.len();
+        let copy = |tokens: *mut u32| {
+            // SAFETY: tokens has room for capacity >= n ids (caller's contract).
+            unsafe { std::ptr::copy_nonoverlapping(ids.as_ptr(), tokens, n) };
             Ok(())
-        },
-    )
+        };
+        // SAFETY: n_tokens is NULL or writable (caller's contract).
+        unsafe { sized_output(n, n, capacity, tokens, (n_tokens, "n_tokens"), copy) }
+    })
 }
 
 /// The text of `n` token ids (control tokens only with `special`), written to `text` (at most
@@ -241,26 +227,23 @@ pub unsafe extern "C" fn phi4_detokenize(
     capacity: usize,
     len: *mut usize,
 ) -> phi4_status {
-    guard(
-        |_| (),
-        || {
-            // SAFETY: handle and buffers as documented.
-            let m = unsafe { borrow(model) }?;
-            non_null(len, "len")?;
-            // SAFETY: tokens points to n ids (caller's contract).
-            let ids = unsafe { array(tokens, n, "tokens") }?;
-            let n_vocab = m.inner.config.n_vocab;
-            if let Some(bad) = ids.iter().find(|&&t| t as usize >= n_vocab) {
-                return Err(Error::new(
-                    PHI4_ERR_INVALID_ARGUMENT,
-                    format!("token id {bad} is outside the vocabulary"),
-                ));
-            }
-            let s = m.inner.tokenizer.decode(ids, special);
-            // SAFETY: text and len as documented.
-            unsafe { write_text(&s, text, capacity, len) }
-        },
-    )
+    guard(|| {
+        // SAFETY: handle and buffers as documented.
+        let m = unsafe { borrow(model) }?;
+        non_null(len, "len")?;
+        // SAFETY: tokens points to n ids (caller's contract).
+        let ids = unsafe { array(tokens, n, "tokens") }?;
+        let n_vocab = m.inner.config.n_vocab;
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(Error::new(
+                PHI4_ERR_INVALID_ARGUMENT,
+                format!("token id {bad} is outside the vocabulary"),
+            ));
+        }
+        let s = m.inner.tokenizer.decode(ids, special);
+        // SAFETY: text and len as documented.
+        unsafe { write_text(&s, text, capacity, len) }
+    })
 }
 
 /// The model's training context length (16384 for Phi-4), or 0 if `model` is NULL.
@@ -291,13 +274,10 @@ pub unsafe extern "C" fn phi4_model_repacked(
     capacity: usize,
     len: *mut usize,
 ) -> phi4_status {
-    guard(
-        |_| (),
-        || {
-            // SAFETY: NULL or a live handle.
-            let m = unsafe { borrow(model) }?;
-            // SAFETY: text and len as documented.
-            unsafe { write_text(&m.inner.repacked_summary(), text, capacity, len) }
-        },
-    )
+    guard(|| {
+        // SAFETY: NULL or a live handle.
+        let m = unsafe { borrow(model) }?;
+        // SAFETY: text and len as documented.
+        unsafe { write_text(&m.inner.repacked_summary(), text, capacity, len) }
+    })
 }

@@ -3,8 +3,8 @@
 use super::model::{phi4_model, Log};
 use super::session::{open_session, phi4_session, phi4_session_params};
 use super::*;
+use crate::limits::cpu_count;
 use crate::scheduler::Scheduler;
-use crate::session::cpu_count;
 
 /// A scheduler (opaque): threads and a compute buffer shared by the sessions opened on it.
 pub struct phi4_scheduler {
@@ -19,7 +19,7 @@ impl Handle for phi4_scheduler {
 /// Make a scheduler for sessions on `model`: while several of them decode at once (each driven
 /// by its own thread), one graph per step advances all of them, reading the weights once instead
 /// of once per session. `n_threads` runs every graph of its sessions (0: every CPU this process
-/// may use); `max_batch` (1..=64) is the most sessions a step takes. On success `*out` owns the
+/// may use); `max_batch` (1..=PHI4_MAX_BATCH) is the most sessions a step takes. On success `*out` owns the
 /// scheduler (free with `phi4_scheduler_free`); it keeps the model alive. On failure the message
 /// is in `phi4_last_load_error()`.
 ///
@@ -31,28 +31,25 @@ pub unsafe extern "C" fn phi4_scheduler_new(
     max_batch: u32,
     out: *mut *mut phi4_scheduler,
 ) -> phi4_status {
-    guard(
-        |e| set_load_error(&e.1),
-        || {
-            non_null(out, "out")?;
-            // SAFETY: a live model handle (caller's contract).
-            let m = unsafe { borrow(model) }?;
-            let n_threads = if n_threads == 0 {
-                cpu_count()
-            } else {
-                n_threads as usize
-            };
-            let s = Scheduler::new(m.inner.clone(), n_threads, max_batch as usize)
-                .map_err(|e| Error::new(PHI4_ERR_INVALID_ARGUMENT, e.to_string()))?;
-            let h = phi4_scheduler {
-                inner: s,
-                log: m.log,
-            };
-            // SAFETY: out is non-null.
-            unsafe { out.write(h.into_raw()) };
-            Ok(())
-        },
-    )
+    guard(|| {
+        non_null(out, "out")?;
+        // SAFETY: a live model handle (caller's contract).
+        let m = unsafe { borrow(model) }?;
+        let n_threads = if n_threads == 0 {
+            cpu_count()
+        } else {
+            n_threads as usize
+        };
+        let s = Scheduler::new(m.inner.clone(), n_threads, max_batch as usize)
+            .map_err(|e| Error::new(PHI4_ERR_INVALID_ARGUMENT, e.to_string()))?;
+        let h = phi4_scheduler {
+            inner: s,
+            log: m.log,
+        };
+        // SAFETY: out is non-null.
+        unsafe { out.write(h.into_raw()) };
+        Ok(())
+    })
 }
 
 /// Open a session whose graphs run on `scheduler` (on its model, with its threads;
@@ -64,19 +61,16 @@ pub unsafe extern "C" fn phi4_session_new_on(
     params: *const phi4_session_params,
     out: *mut *mut phi4_session,
 ) -> phi4_status {
-    guard(
-        |e| set_load_error(&e.1),
-        || {
-            non_null(out, "out")?;
-            // SAFETY: a live scheduler handle (caller's contract).
-            let s = unsafe { borrow(scheduler) }?;
-            // SAFETY: NULL or a struct from phi4_session_default_params (caller's contract).
-            let h = unsafe { open_session(s.inner.model(), s.log, params, Some(&s.inner)) }?;
-            // SAFETY: out is non-null.
-            unsafe { out.write(h.into_raw()) };
-            Ok(())
-        },
-    )
+    guard(|| {
+        non_null(out, "out")?;
+        // SAFETY: a live scheduler handle (caller's contract).
+        let s = unsafe { borrow(scheduler) }?;
+        // SAFETY: NULL or a struct from phi4_session_default_params (caller's contract).
+        let h = unsafe { open_session(s.inner.model(), s.log, params, Some(&s.inner)) }?;
+        // SAFETY: out is non-null.
+        unsafe { out.write(h.into_raw()) };
+        Ok(())
+    })
 }
 
 /// Release a scheduler (NULL allowed). Sessions opened on it keep it alive until they are freed.

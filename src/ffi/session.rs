@@ -12,13 +12,11 @@ use super::model::{phi4_log_level, phi4_model, Log};
 use super::*;
 use crate::chat::{Message, Role};
 use crate::constrain::Constraint;
-use crate::forward::EvalError;
+use crate::error::{EvalError, SessionError};
 use crate::model::Model;
 use crate::sample::SamplingParams;
 use crate::scheduler::Scheduler;
-use crate::session::{
-    DoneReason, GenerateParams, Outcome, Overflow, Session, SessionError, SessionParams,
-};
+use crate::session::{DoneReason, GenerateParams, Outcome, Overflow, Session, SessionParams};
 use crate::state::StateError;
 
 /// What to do when a conversation outgrows the context (the values of
@@ -54,13 +52,14 @@ pub enum phi4_format {
 pub struct phi4_session_params {
     /// sizeof(phi4_session_params) as the caller knows it; set by phi4_session_default_params.
     pub struct_size: usize,
-    /// Context size in tokens: 1 ..= min(model's, 16384); 0 (the default) means 4096, or the
-    /// model's context if that is smaller.
+    /// Context size in tokens: 1 ..= min(model's, PHI4_MAX_CONTEXT); 0 (the default) means
+    /// PHI4_DEFAULT_CONTEXT, or the model's context if that is smaller.
     pub n_ctx: u32,
-    /// Prompt tokens per micro-batch (also how often prefill checks for cancellation). Default 512.
+    /// Prompt tokens per micro-batch (also how often prefill checks for cancellation). Default
+    /// PHI4_DEFAULT_BATCH.
     pub n_batch: u32,
-    /// Threads for the forward pass, 1..=512; more than the CPUs are clamped to their number (a
-    /// warning is logged). Default: the number of CPUs.
+    /// Threads for the forward pass, 1..=PHI4_MAX_THREADS; more than the CPUs are clamped to
+    /// their number (a warning is logged). Default: the number of CPUs.
     pub n_threads: u32,
     /// A phi4_overflow value. Default PHI4_OVERFLOW_ERROR.
     pub overflow: u32,
@@ -146,7 +145,8 @@ pub enum phi4_done_reason {
 pub struct phi4_result {
     /// sizeof(phi4_result) as the caller knows it: set it before calling phi4_session_last_result.
     pub struct_size: usize,
-    pub done_reason: phi4_done_reason,
+    /// A phi4_done_reason value.
+    pub done_reason: u32,
     pub load_duration: u64,
     /// Prompt tokens evaluated (the part not already in the cache).
     pub prompt_eval_count: u64,
@@ -212,7 +212,7 @@ fn default_generate_params() -> phi4_generate_params {
 fn empty_result() -> phi4_result {
     phi4_result {
         struct_size: std::mem::size_of::<phi4_result>(),
-        done_reason: phi4_done_reason::PHI4_DONE_NONE,
+        done_reason: phi4_done_reason::PHI4_DONE_NONE as u32,
         load_duration: 0,
         prompt_eval_count: 0,
         prompt_eval_duration: 0,
@@ -338,19 +338,16 @@ pub unsafe extern "C" fn phi4_session_new(
     params: *const phi4_session_params,
     out: *mut *mut phi4_session,
 ) -> phi4_status {
-    guard(
-        |e| set_load_error(&e.1),
-        || {
-            non_null(out, "out")?;
-            // SAFETY: a live model handle (caller's contract).
-            let m = unsafe { borrow(model) }?;
-            // SAFETY: NULL or a struct from phi4_session_default_params (caller's contract).
-            let h = unsafe { open_session(&m.inner, m.log, params, None) }?;
-            // SAFETY: out is non-null.
-            unsafe { out.write(h.into_raw()) };
-            Ok(())
-        },
-    )
+    guard(|| {
+        non_null(out, "out")?;
+        // SAFETY: a live model handle (caller's contract).
+        let m = unsafe { borrow(model) }?;
+        // SAFETY: NULL or a struct from phi4_session_default_params (caller's contract).
+        let h = unsafe { open_session(&m.inner, m.log, params, None) }?;
+        // SAFETY: out is non-null.
+        unsafe { out.write(h.into_raw()) };
+        Ok(())
+    })
 }
 
 /// Free a session (NULL allowed). Must not race with a call on the same session from another
@@ -387,14 +384,19 @@ unsafe fn with_session(
     // SAFETY: NULL or a live handle (caller's contract).
     let h = match unsafe { borrow(session) } {
         Ok(h) => h,
-        Err(e) => return e.0,
+        Err(e) => return fail(e, |_| ()),
     };
     let Some(mut inner) = h.inner.try_lock() else {
-        note_busy(session as usize, true);
-        return PHI4_ERR_BUSY;
+        note_busy(session as usize, Some(BUSY_MESSAGE));
+        return fail(Error::new(PHI4_ERR_BUSY, BUSY_MESSAGE), |_| ());
     };
-    note_busy(session as usize, false);
-    let status = guard(|e| *h.last_error.lock() = e.1.clone(), || f(h, &mut inner));
+    note_busy(session as usize, None);
+    // A BUSY from inside (another session that `f` needs is busy) is this caller's alone too.
+    let record = |e: &Error| match e.0 {
+        PHI4_ERR_BUSY => note_busy(session as usize, Some(&e.1)),
+        _ => *h.last_error.lock() = e.1.clone(),
+    };
+    let status = guard_with(record, || f(h, &mut inner));
     drop(inner);
     if h.free_requested.load(Ordering::Acquire) {
         // SAFETY: phi4_session_free deferred the free to here, the end of the call it was made
@@ -486,7 +488,7 @@ fn store_result(h: &phi4_session, o: &Outcome) {
     };
     let t = &o.timings;
     *h.last_result.lock() = phi4_result {
-        done_reason: reason,
+        done_reason: reason as u32,
         load_duration: t.load_duration,
         prompt_eval_count: t.prompt_eval_count as u64,
         prompt_eval_duration: t.prompt_eval_duration,
@@ -604,17 +606,13 @@ pub unsafe extern "C" fn phi4_session_generate(
 /// when the next generation starts).
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_cancel(session: *const phi4_session) -> phi4_status {
-    // SAFETY: NULL or a live handle.
-    let h = unsafe { borrow(session) };
-    ffi_boundary! {
-        match h {
-            Ok(h) => {
-                h.cancel.store(true, Ordering::Relaxed);
-                PHI4_OK
-            }
-            Err(e) => e.0,
-        }
-    }
+    guard(|| {
+        // SAFETY: NULL or a live handle (caller's contract).
+        unsafe { borrow(session) }?
+            .cancel
+            .store(true, Ordering::Relaxed);
+        Ok(())
+    })
 }
 
 /// Forget the conversation held in the session's cache.
@@ -721,23 +719,16 @@ pub unsafe extern "C" fn phi4_session_save_buffer(
     len: *mut usize,
 ) -> phi4_status {
     let call = |_: &phi4_session, s: &mut Session| {
-        non_null(len, "len")?;
         let size = usize::try_from(s.state_size(usize::MAX))
             .map_err(|_| Error::new(PHI4_ERR_OUT_OF_MEMORY, "the state does not fit in memory"))?;
-        // SAFETY: len is non-null and writable (caller's contract).
-        unsafe { len.write(size) };
-        if size > capacity {
-            return Err(Error::new(
-                PHI4_ERR_BUFFER_TOO_SMALL,
-                format!("the state needs {size} bytes"),
-            ));
-        }
-        non_null(buf, "buf")?;
-        // SAFETY: buf points to capacity >= size writable bytes (caller's contract).
-        let mut out = unsafe { std::slice::from_raw_parts_mut(buf, size) };
-        s.save_to(&mut out, usize::MAX)
-            .map_err(|e| Error::new(PHI4_ERR_INTERNAL, format!("writing the state: {e}")))?;
-        Ok(())
+        let save = |buf: *mut u8| {
+            // SAFETY: buf points to capacity >= size writable bytes (caller's contract).
+            let mut out = unsafe { std::slice::from_raw_parts_mut(buf, size) };
+            s.save_to(&mut out, usize::MAX)
+                .map_err(|e| Error::new(PHI4_ERR_INTERNAL, format!("writing the state: {e}")))
+        };
+        // SAFETY: len is NULL or writable (caller's contract).
+        unsafe { sized_output(size, size, capacity, buf, (len, "len"), save) }
     };
     // SAFETY: NULL or a live handle (caller's contract).
     unsafe { with_session(session, call) }
@@ -777,10 +768,12 @@ pub unsafe extern "C" fn phi4_session_copy(
     let call = |_: &phi4_session, s: &mut Session| {
         // SAFETY: NULL or a live handle (caller's contract).
         let f = unsafe { borrow(from as *const phi4_session) }?;
-        let src = f
-            .inner
-            .try_lock()
-            .ok_or_else(|| Error::new(PHI4_ERR_BUSY, BUSY_MESSAGE))?;
+        let src = f.inner.try_lock().ok_or_else(|| {
+            Error::new(
+                PHI4_ERR_BUSY,
+                "`from`: another call is running on that session",
+            )
+        })?;
         s.copy_from(&src).map_err(state_err)?;
         Ok(())
     };
@@ -796,36 +789,30 @@ pub unsafe extern "C" fn phi4_session_last_result(
     session: *const phi4_session,
     out: *mut phi4_result,
 ) -> phi4_status {
-    // SAFETY: NULL or a live handle; out checked and sized by the caller.
-    let h = match unsafe { borrow(session) } {
-        Ok(h) => h,
-        Err(e) => return e.0,
-    };
-    guard(
-        |_| (),
-        || {
-            non_null(out, "out")?;
-            // SAFETY: out is non-null and its first field is its size.
-            let size = unsafe { *(out as *const usize) };
-            if size < std::mem::size_of::<usize>() {
-                return Err(Error::new(
-                    PHI4_ERR_INVALID_ARGUMENT,
-                    "out->struct_size is not set",
-                ));
-            }
-            let mut r = *h.last_result.lock();
-            r.struct_size = size.min(std::mem::size_of::<phi4_result>());
-            // SAFETY: the caller's struct has `size` writable bytes; we write at most ours.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    &r as *const phi4_result as *const u8,
-                    out as *mut u8,
-                    r.struct_size,
-                )
-            };
-            Ok(())
-        },
-    )
+    guard(|| {
+        // SAFETY: NULL or a live handle (caller's contract).
+        let h = unsafe { borrow(session) }?;
+        non_null(out, "out")?;
+        // SAFETY: out is non-null and its first field is its size.
+        let size = unsafe { *(out as *const usize) };
+        if size < std::mem::size_of::<usize>() {
+            return Err(Error::new(
+                PHI4_ERR_INVALID_ARGUMENT,
+                "out->struct_size is not set",
+            ));
+        }
+        let mut r = *h.last_result.lock();
+        r.struct_size = size.min(std::mem::size_of::<phi4_result>());
+        // SAFETY: the caller's struct has `size` writable bytes; we write at most ours.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                &r as *const phi4_result as *const u8,
+                out as *mut u8,
+                r.struct_size,
+            )
+        };
+        Ok(())
+    })
 }
 
 /// The message of the last failed call on this session ("" if none). A PHI4_ERR_BUSY's message
@@ -838,8 +825,10 @@ pub unsafe extern "C" fn phi4_session_last_error(session: *const phi4_session) -
     let h = unsafe { borrow(session) };
     ffi_boundary! {
         match h {
-            Ok(_) if was_busy(session as usize) => session_error_ptr(BUSY_MESSAGE),
-            Ok(h) => session_error_ptr(&h.last_error.lock()),
+            Ok(h) => match busy_message(session as usize) {
+                Some(busy) => session_error_ptr(&busy),
+                None => session_error_ptr(&h.last_error.lock()),
+            },
             Err(_) => c"session is NULL".as_ptr(),
         }
     }

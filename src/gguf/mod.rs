@@ -24,13 +24,12 @@ pub use crate::ggml::quantize;
 
 /// Parse the header of the GGUF file at `path`. The file is mapped, not read: only the pages of
 /// the header are touched, however large the file.
-pub fn parse_file(path: &std::path::Path) -> Result<Gguf, crate::model::LoadError> {
-    let io = |source| crate::model::LoadError::Io {
+pub fn parse_file(path: &std::path::Path) -> Result<Gguf, GgufError> {
+    let map = crate::ggml::map_path(path).map_err(|e| GgufError::Io {
         path: path.display().to_string(),
-        source,
-    };
-    let map = crate::ggml::map_path(path).map_err(io)?;
-    Ok(parse(&map)?)
+        msg: e.to_string(),
+    })?;
+    parse(&map)
 }
 
 /// A tensor's element type (ggml's type ids; the quantized types store blocks of elements).
@@ -42,6 +41,9 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 /// Why a file is not a usable GGUF file. Each message names the key, tensor or field at fault.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum GgufError {
+    /// The file could not be opened or mapped ([`parse_file`]).
+    #[error("{path}: {msg}")]
+    Io { path: String, msg: String },
     #[error("not a GGUF file (magic bytes {0:02x?})")]
     BadMagic([u8; 4]),
     #[error("unsupported GGUF version {0} (phi4 reads versions 2 and 3)")]

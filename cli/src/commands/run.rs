@@ -5,9 +5,9 @@ use std::io::{IsTerminal, Read};
 use std::path::Path;
 
 use phi4::chat::{self, Markers, Message, Role};
-use phi4::{GenerateParams, Outcome, Overflow, SamplingParams, Session, SessionParams};
+use phi4::{Overflow, SamplingParams, Session, SessionParams};
 
-use crate::output::{self, Sink};
+use crate::output::{self, reply};
 use crate::{repl, Res, RunArgs};
 
 pub fn run(a: RunArgs) -> Res {
@@ -143,17 +143,4 @@ fn save_prompt(session: &Session, n: usize, evaluated: usize, file: &Path, verbo
         Ok(_) => {}
         Err(e) => eprintln!("phi4: --prompt-cache: not saved: {e}"),
     }
-}
-
-/// Generate one reply, streaming it to `sink`.
-pub fn reply(
-    session: &mut Session,
-    messages: &[Message],
-    gp: &GenerateParams,
-    sink: &mut dyn Sink,
-) -> Res<Outcome> {
-    let mut on_piece = |_: Option<u32>, piece: &str| piece.is_empty() || sink.piece(piece).is_ok();
-    let outcome = session.chat(messages, gp, &mut on_piece)?;
-    sink.done(&outcome)?;
-    Ok(outcome)
 }

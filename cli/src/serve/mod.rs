@@ -3,6 +3,7 @@
 //! blocking threads, never on the runtime's workers (`run.rs`); sessions are pooled by cached
 //! prefix (`pool.rs`); the wire formats are `ollama.rs` and `openai.rs`.
 
+mod job;
 mod ollama;
 mod openai;
 mod pool;
@@ -39,8 +40,10 @@ pub struct ServeArgs {
     /// Port [default: OLLAMA_HOST's, else 11434].
     #[arg(long)]
     port: Option<u16>,
-    /// Requests that generate at once (each has a session of its own).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, help = format!(
+        "Requests that generate at once, 1..={} (each has a session of its own; above 1 they \
+         decode in the same steps)", phi4::limits::MAX_BATCH
+    ))]
     parallel: usize,
     /// Requests that may wait for a session; more get 503.
     #[arg(long, default_value_t = 64)]
@@ -170,9 +173,7 @@ fn address(a: &ServeArgs) -> Result<SocketAddr, String> {
 }
 
 pub fn serve(a: ServeArgs) -> Res {
-    if a.parallel == 0 || a.parallel > 64 {
-        return Err("--parallel must be in 1..=64".into());
-    }
+    phi4::limits::check_max_batch(a.parallel).map_err(|e| format!("--parallel: {e}"))?;
     let addr = address(&a)?;
     let d = phi4::SessionParams::default();
     let overflow = if a.drop_oldest {

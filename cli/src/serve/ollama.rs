@@ -10,18 +10,12 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use phi4::chat::{Message, Role};
 use phi4::{DoneReason, GenerateParams, Outcome};
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::pool::KeepAlive;
-use super::run::{self, Event, Job, Prompt, Shape};
+use super::job::{self, parse, Job, KeepAlive, Prompt, Shape};
+use super::run::{self, async_stream, Event};
 use super::{ApiError, App};
-
-/// The body as JSON of type T: malformed JSON and wrong types are 400s naming the problem.
-pub fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))
-}
 
 /// RFC 3339 time of now (UTC), as Ollama's `created_at`.
 pub fn now_rfc3339() -> String {
@@ -128,12 +122,12 @@ fn job_params(
     keep_alive: Option<&Value>,
 ) -> Result<(GenerateParams, Shape, KeepAlive), ApiError> {
     let mut gp = GenerateParams {
-        constraint: run::format(format)?,
+        constraint: job::format(format)?,
         ..Default::default()
     };
     let mut shape = Shape::default();
-    run::options(options, &mut gp, &mut shape)?;
-    Ok((gp, shape, run::keep_alive(keep_alive)?))
+    job::options(options, &mut gp, &mut shape)?;
+    Ok((gp, shape, job::keep_alive(keep_alive)?))
 }
 
 pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiError> {
@@ -341,17 +335,6 @@ async fn respond(
         Body::from_stream(lines),
     )
         .into_response())
-}
-
-/// The events as NDJSON lines, `first` included.
-pub fn async_stream(
-    first: Event,
-    rx: tokio::sync::mpsc::Receiver<Event>,
-    mut line: impl FnMut(Event) -> String + Send + 'static,
-) -> impl tokio_stream::Stream<Item = Result<Bytes, std::convert::Infallible>> {
-    let rest = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let all = tokio_stream::StreamExt::chain(tokio_stream::once(first), rest);
-    tokio_stream::StreamExt::map(all, move |e| Ok(Bytes::from(line(e))))
 }
 
 pub async fn version() -> Json<Value> {

@@ -13,8 +13,8 @@ use phi4::{GenerateParams, Outcome};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::ollama::{async_stream, parse};
-use super::run::{self, Event, Job, Prompt};
+use super::job::{self, parse, Job, Prompt, Shape};
+use super::run::{self, async_stream, Event};
 use super::{ApiError, App};
 
 /// OpenAI's error shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -128,7 +128,7 @@ fn content(v: Option<Value>) -> Result<String, ApiError> {
 }
 
 /// The OpenAI sampling fields onto the options (OpenAI's defaults: temperature and top_p 1).
-fn params(s: Sampling, max_tokens: Option<i64>) -> Result<(GenerateParams, run::Shape), ApiError> {
+fn params(s: Sampling, max_tokens: Option<i64>) -> Result<(GenerateParams, Shape), ApiError> {
     let Sampling {
         temperature,
         top_p,
@@ -158,15 +158,15 @@ fn params(s: Sampling, max_tokens: Option<i64>) -> Result<(GenerateParams, run::
         }
     }
     let mut gp = GenerateParams::default();
-    let mut shape = run::Shape::default();
-    run::options(Some(&Value::Object(opts)), &mut gp, &mut shape)?;
+    let mut shape = Shape::default();
+    job::options(Some(&Value::Object(opts)), &mut gp, &mut shape)?;
     Ok((gp, shape))
 }
 
 pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, OpenAiError> {
     let req: ChatRequest = parse(&body)?;
     app.check_model(&req.model)?;
-    let constraint = run::response_format(req.response_format.as_ref())?;
+    let constraint = job::response_format(req.response_format.as_ref())?;
     if req
         .tools
         .as_ref()
@@ -205,7 +205,7 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
         prompt: Prompt::Chat(messages),
         params,
         shape,
-        keep_alive: run::keep_alive(None)?,
+        keep_alive: job::keep_alive(None)?,
         label: "POST /v1/chat/completions".into(),
     };
     let include_usage = req
@@ -300,7 +300,7 @@ pub async fn completions(
         prompt: Prompt::Chat(vec![Message::new(Role::User, prompt)]),
         params,
         shape,
-        keep_alive: run::keep_alive(None)?,
+        keep_alive: job::keep_alive(None)?,
         label: "POST /v1/completions".into(),
     };
     let head = json!({ "id": id("cmpl"), "object": "text_completion", "created": created(), "model": req.model, "system_fingerprint": "fp_phi4" });

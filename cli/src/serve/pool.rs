@@ -12,20 +12,13 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use phi4::{LoadParams, Model, Scheduler, Session, SessionParams};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::job::{KeepAlive, Shape};
 use super::prompt_cache::PromptCache;
-use super::run::Shape;
-
-/// How long the model stays loaded after a request.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum KeepAlive {
-    For(Duration),
-    Forever,
-}
 
 pub struct Pool {
     path: PathBuf,

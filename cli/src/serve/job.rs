@@ -1,0 +1,217 @@
+//! A request, in either dialect, turned into a [`Job`]: its body parsed, its options, format and
+//! keep-alive checked. Nothing here touches a session; `run.rs` runs the job.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use phi4::chat::Message;
+use phi4::{Constraint, GenerateParams};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::ApiError;
+
+/// What a request asks for, checked.
+pub struct Job {
+    pub prompt: Prompt,
+    pub params: GenerateParams,
+    pub shape: Shape,
+    pub keep_alive: KeepAlive,
+    /// "POST /api/chat": the request, for the log line written when the generation ends.
+    pub label: String,
+}
+
+/// The session a request asks for (Ollama's num_ctx, num_thread, num_batch; 0: the server's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Shape {
+    pub n_ctx: usize,
+    pub n_threads: usize,
+    pub n_batch: usize,
+}
+
+pub enum Prompt {
+    Chat(Vec<Message>),
+    Raw(Vec<u32>),
+}
+
+/// How long the model stays loaded after a request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KeepAlive {
+    For(Duration),
+    Forever,
+}
+
+/// The body as JSON of type T: malformed JSON and wrong types are 400s naming the problem.
+pub fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))
+}
+
+/// Ollama's `options` (and the OpenAI fields mapped onto them) into generation parameters and a
+/// context size. Every value is checked; Ollama's special values keep their meaning.
+pub fn options(
+    opts: Option<&Value>,
+    gp: &mut GenerateParams,
+    shape: &mut Shape,
+) -> Result<(), ApiError> {
+    let Some(opts) = opts else { return Ok(()) };
+    let Some(map) = opts.as_object() else {
+        return Err(ApiError::bad("options must be an object"));
+    };
+    for (name, v) in map {
+        let bad = |why: &str| ApiError::bad(format!("option {name}: {why}"));
+        let int = || v.as_i64().ok_or_else(|| bad("must be a whole number"));
+        match name.as_str() {
+            "num_ctx" => {
+                shape.n_ctx = usize::try_from(int()?)
+                    .ok()
+                    .filter(|&n| n >= 1)
+                    .ok_or_else(|| bad("must be at least 1"))?
+            }
+            "num_thread" => {
+                shape.n_threads = usize::try_from(int()?)
+                    .ok()
+                    .filter(|&n| n <= phi4::limits::MAX_THREADS)
+                    .ok_or_else(|| bad(&format!("must be in 0..={}", phi4::limits::MAX_THREADS)))?
+            }
+            "num_batch" => {
+                shape.n_batch = usize::try_from(int()?)
+                    .ok()
+                    .filter(|&n| n <= 1 << 16)
+                    .ok_or_else(|| bad("must be in 0..=65536"))?
+            }
+            "num_predict" => {
+                gp.max_tokens = match int()? {
+                    // -1: no limit, -2: until the context is full (both: until the context is full here)
+                    -1 | -2 => 0,
+                    n if n >= 0 => n as usize,
+                    n => return Err(bad(&format!("{n} is neither a count nor -1 / -2"))),
+                }
+            }
+            // Ollama's GPU and memory-mapping options: nothing to do on a CPU, mmap always.
+            "use_mmap" | "num_gpu" | "main_gpu" | "use_mlock" | "numa" | "num_keep"
+            | "low_vram" | "vocab_only" => {}
+            "stop" => {
+                let stops = match v {
+                    Value::String(s) => vec![s.clone()],
+                    Value::Array(a) => a
+                        .iter()
+                        .map(|s| {
+                            s.as_str()
+                                .map(String::from)
+                                .ok_or_else(|| bad("must be strings"))
+                        })
+                        .collect::<Result<_, _>>()?,
+                    _ => return Err(bad("must be a string or an array of strings")),
+                };
+                gp.stop.extend(stops);
+            }
+            "seed" => {
+                gp.sampling.seed = match int()? {
+                    n if n < 0 => None,
+                    n => Some(n as u64),
+                }
+            }
+            _ if GenerateParams::options().any(|(n, _)| n == name) => {
+                let text = match v {
+                    Value::Number(n) => n.to_string(),
+                    _ => return Err(bad("must be a number")),
+                };
+                gp.set(name, &text).map_err(|e| bad(&e))?;
+            }
+            _ => return Err(bad("unknown option")),
+        }
+    }
+    gp.sampling.validate().map_err(ApiError::bad)
+}
+
+/// Ollama's `format`: absent, null or "" (free text), "json" (any JSON object), or a JSON
+/// Schema object.
+pub fn format(v: Option<&Value>) -> Result<Option<Constraint>, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) if s == "json" => Ok(Some(Constraint::Json)),
+        Some(schema @ Value::Object(_)) => Ok(Some(Constraint::JsonSchema(schema.to_string()))),
+        Some(other) => Err(ApiError::bad(format!(
+            "format must be \"json\" or a JSON schema object, not {other}"
+        ))),
+    }
+}
+
+/// OpenAI's `response_format`: `text`, `json_object`, or `json_schema` with its `schema` (a
+/// strict schema or not, the reply always matches it).
+pub fn response_format(v: Option<&Value>) -> Result<Option<Constraint>, ApiError> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    match v.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Constraint::Json)),
+        Some("json_schema") => match v.get("json_schema").and_then(|j| j.get("schema")) {
+            Some(schema @ Value::Object(_)) => Ok(Some(Constraint::JsonSchema(schema.to_string()))),
+            _ => Err(ApiError::bad(
+                "response_format json_schema needs json_schema.schema, an object",
+            )),
+        },
+        _ => Err(ApiError::bad(
+            "response_format.type must be text, json_object or json_schema",
+        )),
+    }
+}
+
+/// Ollama's `keep_alive`: seconds (a number) or a Go duration ("5m", "1h30m", "-1").
+pub fn keep_alive(v: Option<&Value>) -> Result<KeepAlive, ApiError> {
+    let secs = match v {
+        None | Some(Value::Null) => return Ok(KeepAlive::For(Duration::from_secs(300))),
+        Some(Value::Number(n)) => n
+            .as_f64()
+            .ok_or_else(|| ApiError::bad("keep_alive is not a number"))?,
+        Some(Value::String(s)) => go_duration(s)
+            .ok_or_else(|| ApiError::bad(format!("keep_alive {s:?} is not a duration")))?,
+        Some(_) => {
+            return Err(ApiError::bad(
+                "keep_alive must be a number of seconds or a duration",
+            ))
+        }
+    };
+    if !secs.is_finite() {
+        return Err(ApiError::bad("keep_alive must be finite"));
+    }
+    Ok(if secs < 0.0 {
+        KeepAlive::Forever
+    } else {
+        KeepAlive::For(Duration::from_secs_f64(secs.min(1e9)))
+    })
+}
+
+/// "300", "5m", "1h30m", "1.5s", "-1m" → seconds.
+fn go_duration(s: &str) -> Option<f64> {
+    if let Ok(n) = s.parse::<f64>() {
+        return Some(n);
+    }
+    let (neg, mut rest) = match s.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, s),
+    };
+    let mut total = 0.0;
+    while !rest.is_empty() {
+        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let n: f64 = rest[..num_end].parse().ok()?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_end] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        total += n * scale;
+        rest = &rest[unit_end..];
+    }
+    Some(if neg { -total } else { total })
+}

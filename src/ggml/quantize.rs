@@ -1,0 +1,54 @@
+//! Encoding f32 rows as a tensor type, as GGUF files store them.
+
+use llama_cpp_sys_2 as sys;
+
+use super::types::Type;
+
+/// Encode rows of `n_per_row` f32 values as `ty` (F32, F16, or a type ggml quantizes without
+/// an importance matrix), as they are stored in a GGUF file.
+pub fn quantize(ty: Type, src: &[f32], n_per_row: usize) -> Result<Vec<u8>, String> {
+    if n_per_row == 0 || src.len() % n_per_row != 0 || n_per_row as u64 % ty.block_size() != 0 {
+        return Err(format!(
+            "{} values in rows of {n_per_row} do not make whole {ty:?} blocks of {}",
+            src.len(),
+            ty.block_size()
+        ));
+    }
+    let nrows = src.len() / n_per_row;
+    let mut out = vec![0u8; ty.row_size(n_per_row as u64) as usize * nrows];
+    if ty == Type::F32 {
+        out.iter_mut()
+            .zip(src.iter().flat_map(|v| v.to_le_bytes()))
+            .for_each(|(o, b)| *o = b);
+        return Ok(out);
+    }
+    // ggml_quantize_chunk aborts on a type it has no quantizer for: only these are passed on.
+    if ![
+        Type::F16,
+        Type::Q4_0,
+        Type::Q8_0,
+        Type::Q4_K,
+        Type::Q5_K,
+        Type::Q6_K,
+    ]
+    .contains(&ty)
+    {
+        return Err(format!(
+            "{ty:?} cannot be written here (f32, f16, q4_0, q8_0, q4_K, q5_K, q6_K)"
+        ));
+    }
+    // SAFETY: src holds nrows*n_per_row floats, out holds nrows rows of ty; no imatrix needed.
+    unsafe {
+        sys::ggml_quantize_init(ty.0);
+        sys::ggml_quantize_chunk(
+            ty.0,
+            src.as_ptr(),
+            out.as_mut_ptr().cast(),
+            0,
+            nrows as i64,
+            n_per_row as i64,
+            std::ptr::null(),
+        );
+    }
+    Ok(out)
+}
