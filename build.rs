@@ -5,7 +5,7 @@
 //! x86_64, the board's -march on aarch64). Here the same sources are compiled again with each
 //! variant's flags (the compile commands are llama-cpp-sys-2's own, from its CMake build), every
 //! symbol they define is renamed with the variant's prefix (so the copies never meet, not even
-//! their C++ inline functions), and they go into one static archive. `src/ggml.rs` picks, at run
+//! their C++ inline functions), and they go into one static archive. `src/ggml/kernels.rs` picks, at run
 //! time, the best variant whose features the CPU and the OS support (std's feature detection),
 //! else the baseline. PHI4_CPU_VARIANTS=none builds the baseline only (a minimal single-ISA
 //! library, as the per-board profiles in ports/ ask for).
@@ -159,7 +159,7 @@ fn main() {
     } else {
         build_variants(variants, &out)
     };
-    // The table src/ggml.rs includes: the baseline's name, then each variant built.
+    // The table src/ggml/kernels.rs includes: the baseline's name, then each variant built.
     let mut table = format!("cpu_variants! {{ baseline: {baseline:?};\n");
     for v in &built {
         let features = v

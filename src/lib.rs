@@ -18,6 +18,8 @@
 //! ```
 //!
 //! See ARCHITECTURE.md for the map of the code.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod chat;
 pub mod constrain;

@@ -1,11 +1,14 @@
 //! The C ABI (`include/phi4.h`). One module per C type (`model`, `scheduler`, `session`); the plumbing —
 //! status codes, the panic boundary, pointer and string checks, versioned params structs — is
-//! here. This module and `ggml.rs` are the only places with `unsafe`.
+//! here. This module and `src/ggml/` are the only places with `unsafe`.
 //!
 //! Rules every exported function follows:
 //! - it never unwinds: the body runs under [`guard`], a panic becomes `PHI4_ERR_INTERNAL`;
 //! - every pointer is checked for NULL, every string for UTF-8, before use;
-//! - outputs are written only on success;
+//! - outputs are written only on success, except the size output of BUFFER_TOO_SMALL
+//!   ([`sized_output`]);
+//! - a failure's message is recorded for the calling thread ([`guard`], [`fail`]: what
+//!   `phi4_last_error` returns), and a session call's on the session too;
 //! - `*_free` accepts NULL.
 //!
 //! Each exported function's doc states its pointer contract in C terms (it becomes the header),

@@ -273,7 +273,7 @@ fn serr(e: SessionError) -> Error {
     Error::new(session_status(&e), e.to_string())
 }
 
-/// A session handle on `model` (own engine, or `scheduler`'s), from C params.
+/// A session handle on `model` (its own scheduler, or `scheduler`), from C params.
 ///
 /// # Safety
 /// `params` is NULL or points to a params struct of its `struct_size`.

@@ -215,3 +215,14 @@ fn go_duration(s: &str) -> Option<f64> {
     }
     Some(if neg { -total } else { total })
 }
+
+/// A completion's `suffix` (fill-in-the-middle), which Phi-4's chat format cannot express:
+/// absent or empty only.
+pub fn no_suffix(suffix: Option<&str>) -> Result<(), ApiError> {
+    match suffix {
+        Some(s) if !s.is_empty() => Err(ApiError::bad(
+            "phi4 does not support suffix (fill-in-the-middle)",
+        )),
+        _ => Ok(()),
+    }
+}

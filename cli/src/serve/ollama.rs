@@ -194,11 +194,7 @@ pub async fn generate(State(app): State<Arc<App>>, body: Bytes) -> Result<Respon
     let req: GenerateRequest = parse(&body)?;
     app.check_model(&req.model)?;
     unsupported(non_empty(&req.images), false, req.think.as_ref())?;
-    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::bad(
-            "phi4 does not support suffix (fill-in-the-middle)",
-        ));
-    }
+    job::no_suffix(req.suffix.as_deref())?;
     let (params, shape, keep_alive) = job_params(
         req.options.as_ref(),
         req.format.as_ref(),

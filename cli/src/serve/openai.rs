@@ -255,20 +255,10 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
                 }
                 s + "data: [DONE]\n\n"
             }
-            Event::Failed(e) => format!(
-                "data: {}\n\ndata: [DONE]\n\n",
-                json!({ "error": { "message": e.message, "type": "api_error", "param": null, "code": null } })
-            ),
+            Event::Failed(e) => sse_error(&e),
         }
     });
-    Ok((
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        Body::from_stream(lines),
-    )
-        .into_response())
+    Ok(sse(lines))
 }
 
 #[derive(Deserialize)]
@@ -291,9 +281,7 @@ pub async fn completions(
         Value::String(s) => s,
         _ => return Err(ApiError::bad("prompt must be a string").into()),
     };
-    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::bad("phi4 does not support suffix (fill-in-the-middle)").into());
-    }
+    job::no_suffix(req.suffix.as_deref())?;
     let max_tokens = req.sampling.max_tokens;
     let (params, shape) = params(req.sampling, max_tokens)?;
     let job = Job {
@@ -323,20 +311,10 @@ pub async fn completions(
         match event {
             Event::Piece(p) => chunk(&p, Value::Null),
             Event::Done(out, _, _) => chunk("", json!(finish_reason(&out))) + "data: [DONE]\n\n",
-            Event::Failed(e) => format!(
-                "data: {}\n\ndata: [DONE]\n\n",
-                json!({ "error": { "message": e.message, "type": "api_error", "param": null, "code": null } })
-            ),
+            Event::Failed(e) => sse_error(&e),
         }
     });
-    Ok((
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        Body::from_stream(lines),
-    )
-        .into_response())
+    Ok(sse(lines))
 }
 
 fn model_object(app: &App) -> Value {
@@ -353,4 +331,21 @@ pub async fn model(
 ) -> Result<Json<Value>, OpenAiError> {
     app.check_model(&id)?;
     Ok(Json(model_object(&app)))
+}
+
+/// A failure after the stream began: an error event, then the end of the stream.
+fn sse_error(e: &ApiError) -> String {
+    let error = json!({ "error": { "message": e.message, "type": "api_error", "param": null, "code": null } });
+    format!("data: {error}\n\ndata: [DONE]\n\n")
+}
+
+/// Server-sent events as a response.
+fn sse(
+    lines: impl tokio_stream::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static,
+) -> Response {
+    let headers = [
+        (header::CONTENT_TYPE, "text/event-stream"),
+        (header::CACHE_CONTROL, "no-cache"),
+    ];
+    (headers, Body::from_stream(lines)).into_response()
 }
