@@ -27,7 +27,7 @@ int main(int argc, char **argv) {
     }
     phi4_model *model = NULL;
     if (phi4_model_load(argv[1], NULL, &model) != PHI4_OK) {
-        fprintf(stderr, "cannot load %s: %s\n", argv[1], phi4_last_load_error());
+        fprintf(stderr, "cannot load %s: %s\n", argv[1], phi4_last_error());
         return 1;
     }
     phi4_session_params sp;
@@ -35,7 +35,7 @@ int main(int argc, char **argv) {
     sp.overflow = PHI4_OVERFLOW_DROP_OLDEST;
     phi4_session *session = NULL;
     if (phi4_session_new(model, &sp, &session) != PHI4_OK) {
-        fprintf(stderr, "cannot open a session: %s\n", phi4_last_load_error());
+        fprintf(stderr, "cannot open a session: %s\n", phi4_last_error());
         phi4_model_free(model);
         return 1;
     }

@@ -34,7 +34,7 @@ class Model {
   public:
     explicit Model(const std::string &path, const phi4_model_params *params = nullptr) {
         phi4_status st = phi4_model_load(path.c_str(), params, &m_);
-        if (st != PHI4_OK) throw Error(st, phi4_last_load_error());
+        if (st != PHI4_OK) throw Error(st, phi4_last_error());
     }
     ~Model() { phi4_model_free(m_); }
     Model(const Model &) = delete;
@@ -68,7 +68,7 @@ class Session {
   public:
     explicit Session(const Model &model, const phi4_session_params *params = nullptr) {
         phi4_status st = phi4_session_new(model.get(), params, &s_);
-        if (st != PHI4_OK) throw Error(st, phi4_last_load_error());
+        if (st != PHI4_OK) throw Error(st, phi4_last_error());
     }
     ~Session() { phi4_session_free(s_); }
     Session(const Session &) = delete;

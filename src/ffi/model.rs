@@ -114,7 +114,7 @@ fn load_status(e: &LoadError) -> phi4_status {
 
 /// Load the GGUF model at `path` (UTF-8). `params` may be NULL for the defaults. On success
 /// `*out` owns the model (free it with `phi4_model_free`); on failure `*out` is untouched and
-/// `phi4_last_load_error()` describes the problem.
+/// `phi4_last_error()` describes the problem.
 ///
 /// Thread-safe: models may be loaded on several threads at once.
 #[no_mangle]

@@ -21,7 +21,7 @@ impl Handle for phi4_scheduler {
 /// of once per session. `n_threads` runs every graph of its sessions (0: every CPU this process
 /// may use); `max_batch` (1..=PHI4_MAX_BATCH) is the most sessions a step takes. On success `*out` owns the
 /// scheduler (free with `phi4_scheduler_free`); it keeps the model alive. On failure the message
-/// is in `phi4_last_load_error()`.
+/// is in `phi4_last_error()`.
 ///
 /// Thread-safe: the scheduler (a const handle) may be used from any number of threads at once.
 #[no_mangle]

@@ -329,7 +329,7 @@ pub(crate) unsafe fn open_session(
 
 /// Open a session on `model`. `params` may be NULL for the defaults. On success `*out` owns the
 /// session (free with `phi4_session_free`); the session keeps the model alive. On failure the
-/// message is in `phi4_last_load_error()`.
+/// message is in `phi4_last_error()`.
 ///
 /// Thread-safe: sessions may be opened on one model from many threads at once.
 #[no_mangle]
@@ -616,6 +616,8 @@ pub unsafe extern "C" fn phi4_session_cancel(session: *const phi4_session) -> ph
 }
 
 /// Forget the conversation held in the session's cache.
+///
+/// One thread at a time per session (PHI4_ERR_BUSY otherwise).
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_reset(session: *mut phi4_session) -> phi4_status {
     let call = |_: &phi4_session, s: &mut Session| {
@@ -627,6 +629,8 @@ pub unsafe extern "C" fn phi4_session_reset(session: *mut phi4_session) -> phi4_
 }
 
 /// Keep only the first `n_tokens` tokens of the session's cache (no effect if it holds fewer).
+///
+/// One thread at a time per session (PHI4_ERR_BUSY otherwise).
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_rewind(
     session: *mut phi4_session,
@@ -641,6 +645,8 @@ pub unsafe extern "C" fn phi4_session_rewind(
 }
 
 /// Number of tokens in the session's cache, written to `*n`.
+///
+/// One thread at a time per session (PHI4_ERR_BUSY otherwise).
 #[no_mangle]
 pub unsafe extern "C" fn phi4_session_n_cached(
     session: *mut phi4_session,

@@ -522,6 +522,90 @@ static void test_tokenize(phi4_model *m) {
     CHECK(phi4_detokenize(m, &bad, 1, false, out, sizeof out, &len) == PHI4_ERR_INVALID_ARGUMENT, "bad id");
 }
 
+/* The header's contract: the version says what the ABI has; outputs are written only on PHI4_OK
+ * (the size output of PHI4_ERR_BUFFER_TOO_SMALL excepted); every failing call leaves its message
+ * in phi4_last_error(); a BUSY never replaces a session's message for others. */
+#if PHI4_VERSION_MAJOR != 0 || PHI4_VERSION_MINOR < 2
+#error "this test needs the 0.2 ABI"
+#endif
+typedef char done_reason_is_32_bits[sizeof(((phi4_result *)0)->done_reason) == 4 ? 1 : -1];
+
+static bool copy_while_busy(void *user, const char *piece, size_t len) {
+    (void)piece;
+    (void)len;
+    phi4_session **pair = user;
+    /* pair[1] runs this generation: copying it into pair[0] finds it busy. */
+    CHECK(phi4_session_copy(pair[0], pair[1]) == PHI4_ERR_BUSY, "copy from a session in a call");
+    CHECK(strstr(phi4_last_error(), "from") != NULL, "this thread reads why: %s", phi4_last_error());
+    CHECK(strstr(phi4_session_last_error(pair[0]), "from") != NULL, "and so does the session, for this thread: %s",
+          phi4_session_last_error(pair[0]));
+    return false;
+}
+
+static void *read_message(void *arg) {
+    static char seen[256];
+    snprintf(seen, sizeof seen, "%s", phi4_session_last_error(arg));
+    return seen;
+}
+
+static void test_contract(phi4_model *m) {
+    char v[32];
+    snprintf(v, sizeof v, "%d.%d.%d", PHI4_VERSION_MAJOR, PHI4_VERSION_MINOR, PHI4_VERSION_PATCH);
+    CHECK(strcmp(phi4_version(), v) == 0, "header %s, library %s", v, phi4_version());
+    CHECK(phi4_last_load_error() == phi4_last_error(), "the older name reads the same message");
+
+    /* Failures of every kind of function leave a message. */
+    CHECK(phi4_session_default_params(NULL) == PHI4_ERR_NULL && strstr(phi4_last_error(), "out") != NULL,
+          "params: %s", phi4_last_error());
+    uint32_t ids[4];
+    size_t n = 12345;
+    CHECK(phi4_tokenize(m, "\xc3", 1, false, ids, 4, &n) == PHI4_ERR_INVALID_ARGUMENT && strstr(phi4_last_error(), "UTF-8"),
+          "tokenize: %s", phi4_last_error());
+    CHECK(n == 12345, "n_tokens untouched on an error");
+    CHECK(phi4_tokenize(m, "hello", 5, false, NULL, 4, &n) == PHI4_ERR_NULL && n == 12345, "NULL ids with room: untouched");
+    CHECK(phi4_tokenize(m, "hello world and more", 20, false, ids, 1, &n) == PHI4_ERR_BUFFER_TOO_SMALL && n > 1,
+          "too small: the size needed (%zu)", n);
+    CHECK(strstr(phi4_last_error(), "n_tokens") != NULL, "says where the size is: %s", phi4_last_error());
+    uint32_t bad = 999999;
+    char text[16];
+    size_t len = 777;
+    CHECK(phi4_detokenize(m, &bad, 1, false, text, sizeof text, &len) == PHI4_ERR_INVALID_ARGUMENT && len == 777,
+          "detokenize: untouched");
+    CHECK(strstr(phi4_last_error(), "999999") != NULL, "detokenize: %s", phi4_last_error());
+    CHECK(phi4_model_repacked(m, NULL, 1000, &len) == PHI4_ERR_NULL && len == 777, "repacked: NULL text, untouched");
+    CHECK(phi4_session_cancel(NULL) == PHI4_ERR_NULL && strstr(phi4_last_error(), "session") != NULL, "cancel: %s",
+          phi4_last_error());
+    phi4_scheduler *sched = NULL;
+    CHECK(phi4_scheduler_new(m, 1, PHI4_MAX_BATCH + 1, &sched) == PHI4_ERR_INVALID_ARGUMENT && sched == NULL,
+          "max_batch above PHI4_MAX_BATCH");
+
+    phi4_session *a = NULL, *b = NULL;
+    phi4_session_new(m, NULL, &a);
+    phi4_session_new(m, NULL, &b);
+    len = 555;
+    CHECK(phi4_session_save_buffer(a, NULL, 1 << 30, &len) == PHI4_ERR_NULL && len == 555, "save: NULL buf, len untouched");
+    size_t need = 0;
+    CHECK(phi4_session_save_buffer(a, NULL, 0, &need) == PHI4_ERR_BUFFER_TOO_SMALL && need > 0, "save: size asked");
+
+    /* a's own message, then a BUSY answer on it from a callback: others still read a's. */
+    phi4_message bad_role[] = {{"wizard", "hi"}};
+    CHECK(phi4_session_chat(a, bad_role, 1, NULL, NULL, NULL) == PHI4_ERR_INVALID_ARGUMENT, "a fails");
+    char own[256];
+    snprintf(own, sizeof own, "%s", phi4_session_last_error(a));
+    CHECK(strstr(own, "wizard") != NULL, "a's message: %s", own);
+    phi4_session *pair[2] = {a, b};
+    phi4_message msgs[] = {{"user", "What is a list?"}};
+    phi4_generate_params g = greedy(4);
+    CHECK(phi4_session_chat(b, msgs, 1, &g, copy_while_busy, pair) == PHI4_OK, "b's chat");
+    pthread_t t;
+    char *seen = NULL;
+    pthread_create(&t, NULL, read_message, a);
+    pthread_join(t, (void **)&seen);
+    CHECK(strcmp(seen, own) == 0, "another thread still reads a's own message: %s", seen);
+    phi4_session_free(a);
+    phi4_session_free(b);
+}
+
 /* CPU features and repacked layouts: consistent with each other and with the load options. */
 static void test_what_runs(const char *quantized) {
     const char *features = phi4_cpu_features();
@@ -581,6 +665,7 @@ int main(int argc, char **argv) {
     test_many_sessions_many_threads(m);
     test_scheduler(m);
     test_tokenize(m);
+    test_contract(m);
     phi4_model_free(m);
     printf("%d passed, %d failed\n", passed, failed);
     return failed != 0;

@@ -37,7 +37,7 @@ func Load(path string) (*Model, error) {
 	defer C.free(unsafe.Pointer(cpath))
 	var m *C.phi4_model
 	if st := C.phi4_model_load(cpath, nil, &m); st != C.PHI4_OK {
-		return nil, &Error{int(st), C.GoString(C.phi4_last_load_error())}
+		return nil, &Error{int(st), C.GoString(C.phi4_last_error())}
 	}
 	return &Model{m}, nil
 }
@@ -55,7 +55,7 @@ func (m *Model) NewSession() (*Session, error) {
 	}
 	var s *C.phi4_session
 	if st := C.phi4_session_new(m.m, nil, &s); st != C.PHI4_OK {
-		return nil, &Error{int(st), C.GoString(C.phi4_last_load_error())}
+		return nil, &Error{int(st), C.GoString(C.phi4_last_error())}
 	}
 	return &Session{s}, nil
 }

@@ -15,7 +15,7 @@ public final class Model {
         var m: OpaquePointer?
         let st = phi4_model_load(path, nil, &m)
         guard st == PHI4_OK, let m = m else {
-            throw Phi4Error(status: st, message: String(cString: phi4_last_load_error()))
+            throw Phi4Error(status: st, message: String(cString: phi4_last_error()))
         }
         handle = m
     }
@@ -32,7 +32,7 @@ public final class Session {
         var s: OpaquePointer?
         let st = phi4_session_new(model.handle, nil, &s)
         guard st == PHI4_OK, let s = s else {
-            throw Phi4Error(status: st, message: String(cString: phi4_last_load_error()))
+            throw Phi4Error(status: st, message: String(cString: phi4_last_error()))
         }
         handle = s
         self.model = model
