@@ -505,7 +505,7 @@ impl Progress<'_, '_> {
     fn advance(&mut self, bytes: u64) -> Result<(), LoadError> {
         self.done += bytes;
         let fraction = self.done as f32 / self.total.max(1) as f32;
-        let go_on = self.callback.as_mut().map_or(true, |f| f(fraction));
+        let go_on = self.callback.as_mut().is_none_or(|f| f(fraction));
         if go_on {
             Ok(())
         } else {

@@ -59,7 +59,7 @@ fn generated(s: &mut Session, prompt: &[u32], n: usize) -> (Vec<u32>, DoneReason
     });
     let out = out.unwrap();
     if out.reason == DoneReason::Stop {
-        ids.push(*s.model().tokenizer.end_of_generation.iter().next().unwrap());
+        ids.push(*s.model().tokenizer.end_of_generation.first().unwrap());
     }
     (ids, out.reason)
 }

@@ -266,7 +266,7 @@ pub(crate) unsafe fn array<'a, T>(p: *const T, len: usize, what: &str) -> Result
     non_null(p, what)?;
     if len
         .checked_mul(std::mem::size_of::<T>())
-        .map_or(true, |b| b > isize::MAX as usize)
+        .is_none_or(|b| b > isize::MAX as usize)
     {
         return Err(Error::new(
             PHI4_ERR_INVALID_ARGUMENT,

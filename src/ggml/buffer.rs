@@ -130,7 +130,7 @@ impl Buffer {
         silence_ggml_log();
         let bytes = (*owner).as_ref();
         assert!(
-            bytes.as_ptr() as usize % 64 == 0,
+            (bytes.as_ptr() as usize).is_multiple_of(64),
             "host memory must be 64-byte aligned"
         );
         // SAFETY: the memory is valid for bytes.len() and outlives the buffer (owner is kept in
@@ -235,7 +235,7 @@ impl Buffer {
         // SAFETY: valid buffer.
         let align = unsafe { sys::ggml_backend_buffer_get_alignment(self.buf.as_ptr()) };
         assert!(
-            (self.base() + offset) % align == 0,
+            (self.base() + offset).is_multiple_of(align),
             "misaligned tensor data"
         );
         assert!(

@@ -148,7 +148,7 @@ impl Context {
             "bad shape {ne:?}"
         );
         assert!(
-            ne[0] as u64 % ty.block_size() == 0,
+            (ne[0] as u64).is_multiple_of(ty.block_size()),
             "row length {} not a multiple of {:?} blocks",
             ne[0],
             ty

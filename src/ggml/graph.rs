@@ -178,7 +178,7 @@ impl<'ctx> Graph<'ctx> {
             ne.len() == nb.len() + 1 && (2..=3).contains(&ne.len()) && ne.iter().all(|&d| d >= 1)
         );
         let ty = a.ty();
-        assert!(ne[0] as u64 % ty.block_size() == 0);
+        assert!((ne[0] as u64).is_multiple_of(ty.block_size()));
         // ggml's own check: the contiguous size from `offset` fits in a.
         let contiguous =
             ty.row_size(ne[0] as u64) as usize * ne[1..].iter().product::<i64>() as usize;

@@ -232,8 +232,8 @@ pub fn write(spec: &Spec, path: &Path) -> io::Result<u64> {
     let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
     if spec.n_head == 0
         || spec.n_head_kv == 0
-        || spec.n_embd % spec.n_head != 0
-        || spec.n_head % spec.n_head_kv != 0
+        || !spec.n_embd.is_multiple_of(spec.n_head)
+        || !spec.n_head.is_multiple_of(spec.n_head_kv)
     {
         return Err(invalid(format!(
             "heads {}/{} do not divide width {}",

@@ -53,7 +53,7 @@ pub fn run(a: RunArgs) -> Res {
     }
 
     if a.raw {
-        let mut on_token = |id: Option<u32>, _: &str| id.map_or(true, |id| sink.token(id).is_ok());
+        let mut on_token = |id: Option<u32>, _: &str| id.is_none_or(|id| sink.token(id).is_ok());
         let outcome = session.generate(&a.prompt_ids, &gp, &mut on_token)?;
         if let Some(file) = cache {
             save_prompt(

@@ -201,7 +201,7 @@ pub async fn generate(State(app): State<Arc<App>>, body: Bytes) -> Result<Respon
         req.keep_alive.as_ref(),
     )?;
     let model = req.model.clone();
-    if req.prompt.is_empty() && req.context.as_ref().map_or(true, |c| c.is_empty()) {
+    if req.prompt.is_empty() && req.context.as_ref().is_none_or(|c| c.is_empty()) {
         return load_or_unload(
             &app,
             keep_alive,

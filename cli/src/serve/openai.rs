@@ -170,7 +170,7 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
     if req
         .tools
         .as_ref()
-        .is_some_and(|t| !t.is_null() && t.as_array().map_or(true, |a| !a.is_empty()))
+        .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
     {
         return Err(ApiError::bad("phi4 does not support tools").into());
     }
