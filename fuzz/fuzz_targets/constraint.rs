@@ -9,8 +9,8 @@ use demo_session::session;
 use libfuzzer_sys::fuzz_target;
 use phi4::sample::SamplingParams;
 use phi4::session::GenerateParams;
-use phi4::SessionError;
 use phi4::Constraint;
+use phi4::SessionError;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&kind, rest)) = data.split_first() else {

@@ -7,7 +7,10 @@ use super::types::Type;
 /// Encode rows of `n_per_row` f32 values as `ty` (F32, F16, or a type ggml quantizes without
 /// an importance matrix), as they are stored in a GGUF file.
 pub fn quantize(ty: Type, src: &[f32], n_per_row: usize) -> Result<Vec<u8>, String> {
-    if n_per_row == 0 || !src.len().is_multiple_of(n_per_row) || !(n_per_row as u64).is_multiple_of(ty.block_size()) {
+    if n_per_row == 0
+        || !src.len().is_multiple_of(n_per_row)
+        || !(n_per_row as u64).is_multiple_of(ty.block_size())
+    {
         return Err(format!(
             "{} values in rows of {n_per_row} do not make whole {ty:?} blocks of {}",
             src.len(),
