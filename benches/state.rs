@@ -1,7 +1,8 @@
 //! Saved state on one model file: the time to evaluate a prompt, the size of its saved state,
 //! the time to save it, and the time to restore it with the file in the page cache (warm) and
 //! out of it (cold: the file's cached pages dropped first). The ratio of evaluating to restoring
-//! is the time-to-first-token gain of a prompt kept on disk.
+//! is the time-to-first-token gain of a prompt kept on disk. First, the one-time cost of the
+//! model's fingerprint (computed on the first save or load).
 //!
 //!     cargo bench --bench state -- --model FILE [--threads 2] [--prompt 2048] [--dir DIR] [--rounds 3]
 //!
@@ -46,6 +47,14 @@ fn main() {
     );
     let rounds = o.get("rounds", 3usize).max(1);
     let m = Arc::new(Model::load(&model, Default::default()).unwrap());
+    // What the first save or load of a model costs once: its fingerprint, a CRC of every byte.
+    let t = Instant::now();
+    m.fingerprint();
+    println!(
+        "fingerprint of the model ({:.2} GB, every CPU): {:.0} ms",
+        m.file_size as f64 / 1e9,
+        t.elapsed().as_secs_f64() * 1e3
+    );
     let params = SessionParams {
         n_ctx: prompt + 16,
         n_threads: threads,

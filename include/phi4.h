@@ -311,7 +311,7 @@ enum phi4_status phi4_model_default_params(struct phi4_model_params *out);
 
 // Load the GGUF model at `path` (UTF-8). `params` may be NULL for the defaults. On success
 // `*out` owns the model (free it with `phi4_model_free`); on failure `*out` is untouched and
-// `phi4_last_load_error()` describes the problem.
+// `phi4_last_error()` describes the problem.
 //
 // Thread-safe: models may be loaded on several threads at once.
 enum phi4_status phi4_model_load(const char *path,
@@ -373,7 +373,7 @@ enum phi4_status phi4_model_repacked(const struct phi4_model *model,
 // of once per session. `n_threads` runs every graph of its sessions (0: every CPU this process
 // may use); `max_batch` (1..=PHI4_MAX_BATCH) is the most sessions a step takes. On success `*out` owns the
 // scheduler (free with `phi4_scheduler_free`); it keeps the model alive. On failure the message
-// is in `phi4_last_load_error()`.
+// is in `phi4_last_error()`.
 //
 // Thread-safe: the scheduler (a const handle) may be used from any number of threads at once.
 enum phi4_status phi4_scheduler_new(const struct phi4_model *model,
@@ -407,7 +407,7 @@ enum phi4_status phi4_generate_default_params(struct phi4_generate_params *out);
 
 // Open a session on `model`. `params` may be NULL for the defaults. On success `*out` owns the
 // session (free with `phi4_session_free`); the session keeps the model alive. On failure the
-// message is in `phi4_last_load_error()`.
+// message is in `phi4_last_error()`.
 //
 // Thread-safe: sessions may be opened on one model from many threads at once.
 enum phi4_status phi4_session_new(const struct phi4_model *model,
@@ -449,12 +449,18 @@ enum phi4_status phi4_session_generate(struct phi4_session *session,
 enum phi4_status phi4_session_cancel(const struct phi4_session *session);
 
 // Forget the conversation held in the session's cache.
+//
+// One thread at a time per session (PHI4_ERR_BUSY otherwise).
 enum phi4_status phi4_session_reset(struct phi4_session *session);
 
 // Keep only the first `n_tokens` tokens of the session's cache (no effect if it holds fewer).
+//
+// One thread at a time per session (PHI4_ERR_BUSY otherwise).
 enum phi4_status phi4_session_rewind(struct phi4_session *session, size_t n_tokens);
 
 // Number of tokens in the session's cache, written to `*n`.
+//
+// One thread at a time per session (PHI4_ERR_BUSY otherwise).
 enum phi4_status phi4_session_n_cached(struct phi4_session *session, size_t *n);
 
 // Save the session's cache — its tokens and their K/V rows — to the file at `path` (UTF-8),

@@ -39,6 +39,7 @@ mod ggml;
 mod governor;
 mod hash;
 mod kv_cache;
+mod pretokenizer;
 
 pub use constrain::Constraint;
 pub use error::{EvalError, SessionError};

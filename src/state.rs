@@ -1,11 +1,11 @@
 //! Saved session state: the tokens in a session's cache and their K/V rows, so that a long
 //! prompt evaluated once is restored in the time it takes to read it back.
 //!
-//! The format (little-endian), version 1:
+//! The format (little-endian), version 2:
 //!
 //! ```text
 //!   0  magic       "PHI4KV\r\n"
-//!   8  version     u32 = 1
+//!   8  version     u32 = 2 (1: a fingerprint of sampled tensor bytes)
 //!  12  header crc  u32: CRC-32 of bytes 16 .. the end of the tokens
 //!  16  model       16 bytes: the model's fingerprint (Model::fingerprint)
 //!  32  kv type     u32: ggml type of the rows (1 = f16)
@@ -20,8 +20,9 @@
 //! A state is untrusted input. Every field is checked against the file's length and against the
 //! session before anything is read into the session, the rows' checksum included (a first pass
 //! over them); so a damaged file, one of another model or version, leaves the session as it was.
-//! Saving writes a temporary file beside the target, syncs it and renames it into place: a crash
-//! or a full disk never leaves a half-written state under the target's name.
+//! Saving writes a temporary file of its own beside the target (created exclusively, never
+//! through a link), syncs it and renames it into place: a crash or a full disk never leaves a
+//! half-written state under the target's name, and concurrent saves to one path each land whole.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -34,7 +35,7 @@ use crate::limits::MAX_CONTEXT;
 use crate::model::Model;
 
 pub const MAGIC: &[u8; 8] = b"PHI4KV\r\n";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 const HEADER: usize = 48;
 /// Rows move through a buffer of this size (not the whole state at once).
 const CHUNK: usize = 4 << 20;
@@ -135,11 +136,23 @@ fn for_chunks<E>(
     Ok(())
 }
 
-/// Save atomically: a temporary file in the same directory, synced, renamed over `path`.
+/// What a temporary file of a save is called: `.NAME.phi4-PID-RANDOM.tmp`, beside the target.
+/// The PID says whose it is (a save of a process that died is removed by the next save into
+/// that directory); the random part makes it unpredictable and unique per save.
+const TMP_TAG: &str = ".phi4-";
+const TMP_SUFFIX: &str = ".tmp";
+
+/// Save atomically: a temporary file of our own in the same directory (created exclusively,
+/// never through a link, mode 0600), synced, renamed over `path`. The target must be absent or
+/// a regular file: a link, a FIFO, a device or a directory there is refused (a link is not
+/// followed: save to the file it names instead). Concurrent saves to one path each land whole
+/// (the last rename wins); a crash leaves at most a temporary file, which the next save into
+/// the directory removes once its process is gone.
 pub(crate) fn save_file(
     path: &Path,
     write_state: impl FnOnce(&mut dyn Write) -> io::Result<()>,
 ) -> Result<(), StateError> {
+    let io_err = |what: &Path, e: io::Error| StateError::Io(format!("{}: {e}", what.display()));
     let name = path
         .file_name()
         .ok_or_else(|| StateError::Io(format!("{}: not a file name", path.display())))?;
@@ -147,18 +160,20 @@ pub(crate) fn save_file(
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let io_err = |what: &Path, e: io::Error| StateError::Io(format!("{}: {e}", what.display()));
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_file() => {
+            return Err(StateError::Io(format!(
+                "{}: not a regular file (saving never replaces a link, a FIFO, a device or a directory)",
+                path.display()
+            )))
+        }
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(path, e)),
+        _ => {}
+    }
+    sweep_temporaries(&dir);
+    let (tmp, file) =
+        create_temporary(&dir, &name.to_string_lossy()).map_err(|e| io_err(path, e))?;
     let result = (|| {
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
         let mut w = io::BufWriter::with_capacity(1 << 20, &file);
         write_state(&mut w)?;
         w.flush()?;
@@ -176,6 +191,83 @@ pub(crate) fn save_file(
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// A new temporary file for a save of `name` in `dir`: `O_CREAT | O_EXCL | O_NOFOLLOW`, mode
+/// 0600, a name no one can predict (a name that exists, a planted link included, is never
+/// opened: another is drawn).
+fn create_temporary(dir: &Path, name: &str) -> io::Result<(PathBuf, File)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut last = None;
+    for _ in 0..16 {
+        let tmp = dir.join(format!(
+            ".{name}{TMP_TAG}{}-{:016x}{TMP_SUFFIX}",
+            std::process::id(),
+            random_u64()?
+        ));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no temporary name")))
+}
+
+/// 64 bits from the kernel's random source.
+fn random_u64() -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    io::Read::read_exact(&mut File::open("/dev/urandom")?, &mut b)?;
+    Ok(u64::from_ne_bytes(b))
+}
+
+/// The process a save's temporary file belongs to, if `file_name` is one.
+pub fn temporary_owner(file_name: &str) -> Option<u32> {
+    let rest = file_name.strip_suffix(TMP_SUFFIX)?;
+    let (_, owner) = rest.rsplit_once(TMP_TAG)?;
+    let (pid, random) = owner.split_once('-')?;
+    (file_name.starts_with('.') && random.len() == 16).then_some(())?;
+    pid.parse().ok()
+}
+
+/// Bytes of saves' temporary files in a directory, after [`sweep_temporaries`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Temporaries {
+    /// Of saves whose process is gone (killed mid-save): removed.
+    pub removed: u64,
+    /// Of saves under way in live processes: left.
+    pub remaining: u64,
+}
+
+/// Remove the temporary files in `dir` left by saves whose process is gone, and count the
+/// bytes of those still being written.
+pub fn sweep_temporaries(dir: &Path) -> Temporaries {
+    let mut t = Temporaries::default();
+    // A process is gone when /proc no longer lists it (without /proc, none is known to be).
+    let proc_known = Path::new("/proc/self").exists();
+    let alive = |pid: u32| !proc_known || Path::new("/proc").join(pid.to_string()).exists();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(pid) = temporary_owner(&name.to_string_lossy()) else {
+            continue;
+        };
+        let Ok(meta) = entry.metadata() else { continue };
+        if !meta.is_file() {
+            continue;
+        }
+        if alive(pid) {
+            t.remaining += meta.len();
+        } else if std::fs::remove_file(entry.path()).is_ok() {
+            t.removed += meta.len();
+        }
+    }
+    t
 }
 
 /// Open a state file for reading (regular files only: a FIFO or a device is refused, never

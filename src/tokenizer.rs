@@ -8,10 +8,9 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use fancy_regex::Regex;
-
 use crate::gguf::{Gguf, GgufError};
 use crate::hash::Map;
+use crate::pretokenizer;
 
 /// Why a vocabulary cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -22,12 +21,7 @@ pub enum VocabError {
     Bad(String),
 }
 
-/// tiktoken's cl100k_base pattern, which llama.cpp calls `dbrx` (and `llama3`): contractions,
-/// letter runs with one leading non-letter, 1–3 digits, punctuation runs, newlines, and
-/// whitespace that leaves its last space to the next word (the look-ahead `(?!\S)`).
-const CL100K_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-
-/// `tokenizer.ggml.pre` values whose pre-tokenizer is exactly [`CL100K_PATTERN`].
+/// `tokenizer.ggml.pre` values whose pre-tokenizer is cl100k_base's ([`crate::pretokenizer`]).
 const CL100K_PRE: &[&str] = &["dbrx", "llama3", "llama-v3", "llama-bpe", "smaug-bpe"];
 
 /// Token types, numbered as llama.cpp writes them.
@@ -69,7 +63,6 @@ pub struct Tokenizer {
     specials: Vec<(Vec<u8>, u32, TokenType)>,
     /// Which bytes start some special token (most text is passed over with one look-up a byte).
     special_start: [bool; 256],
-    pre: Regex,
     /// `<|endoftext|>` and `<|im_end|>` when the vocabulary has them.
     pub end_of_generation: Vec<u32>,
 }
@@ -198,7 +191,6 @@ impl Tokenizer {
             .iter()
             .filter_map(|t| by_text.get(*t).copied())
             .collect();
-        let pre = Regex::new(CL100K_PATTERN).expect("the pattern is valid");
         let mut special_start = [false; 256];
         specials
             .iter()
@@ -211,7 +203,6 @@ impl Tokenizer {
             byte_token,
             specials,
             special_start,
-            pre,
             end_of_generation,
         })
     }
@@ -291,19 +282,11 @@ impl Tokenizer {
     }
 
     fn encode_plain(&self, text: &str, out: &mut Vec<u32>, cancel: &AtomicBool) -> Option<()> {
-        for m in self.pre.find_iter(text) {
+        for piece in pretokenizer::pieces(text) {
             if cancel.load(Ordering::Relaxed) {
                 return None;
             }
-            // The pattern cannot fail on valid UTF-8 within the backtrack limit for these
-            // short alternatives; a failure would skip a span, so fall back to bytes.
-            match m {
-                Ok(m) => self.bpe(m.as_str().as_bytes(), out),
-                Err(_) => {
-                    self.bpe(text.as_bytes(), out);
-                    return Some(());
-                }
-            }
+            self.bpe(piece.as_bytes(), out);
         }
         Some(())
     }

@@ -5,7 +5,7 @@
 //! runs the best ones of this machine; on other machines, this build's CLI asked for its
 //! baseline kernels (PHI4_CPU_VARIANT).
 //!
-//! The other build writes the synthetic model (so both read the same bytes) and decodes greedily;
+//! Both read the same synthetic model (written natively); the other build decodes greedily;
 //! this build then follows the same tokens (teacher forcing) and checks at every step that its own
 //! best token is the other's, or that the other's token is a near tie: within `tolerance` of this
 //! build's best logit, where either token counts.
@@ -40,6 +40,19 @@ fn tolerance(ftype: &str) -> f32 {
 const N_CTX: usize = 256;
 const N_BATCH: usize = 16;
 const THREADS: usize = 2;
+
+/// Greedy steps compared: 48, or 16 natively on x86_64, where the other build runs on an
+/// emulated CPU (qemu's AVX2 is slow: 48 steps there take minutes per model).
+fn steps() -> usize {
+    if std::env::var_os("PHI4_OTHER_CLI").is_none()
+        && cfg!(target_arch = "x86_64")
+        && common::runner().is_none()
+    {
+        16
+    } else {
+        48
+    }
+}
 
 /// The other build's `phi4` command (see the module's doc).
 fn other_cli() -> Command {
@@ -164,24 +177,27 @@ fn agree(name: &str, model: &Path, prompt: impl FnOnce(&Model) -> Vec<u32>, n: u
     eprintln!("{name}: {same}/{n} same greedy token, {ties} near ties (widest {worst:.4}, tolerance {tol}); cpu: {}", phi4::cpu_features().join(" "));
 }
 
+/// The synthetic model both builds read: written by whichever runs natively (the other build
+/// under ports/qemu-test; this process otherwise, where the other is emulated and slow).
 fn synth(dir: &Path, ftype: &str, seed: u64) -> std::path::PathBuf {
     let p = dir.join(format!("{ftype}.gguf"));
+    let spec = phi4_synth::Spec {
+        n_layer: 3,
+        n_head: 8,
+        n_head_kv: 2,
+        ..phi4_synth::Spec::small(3, common::ftype(ftype), seed)
+    };
+    if std::env::var_os("PHI4_OTHER_CLI").is_none() {
+        phi4_synth::write(&spec, &p).unwrap();
+        return p;
+    }
     let mut c = other_cli();
-    c.args([
-        "synth",
-        "--layers",
-        "3",
-        "--heads",
-        "8",
-        "--kv-heads",
-        "2",
-        "--ftype",
-        ftype,
-        "--seed",
-        &seed.to_string(),
-        "-o",
-    ])
-    .arg(&p);
+    c.arg("synth");
+    c.args(["--layers", &spec.n_layer.to_string()]);
+    c.args(["--heads", &spec.n_head.to_string()]);
+    c.args(["--kv-heads", &spec.n_head_kv.to_string()]);
+    c.args(["--ftype", ftype, "--seed", &seed.to_string(), "-o"]);
+    c.arg(&p);
     run(c, "other build's phi4 synth");
     p
 }
@@ -192,7 +208,12 @@ fn synthetic(ftype: &str, model_seed: u64, prompt_seed: u32) {
     let prompt: Vec<u32> = (0..24)
         .map(|i| (i * 37 + prompt_seed * 101 + 11) % 1000)
         .collect();
-    agree(ftype, &synth(dir.path(), ftype, model_seed), |_| prompt, 48);
+    agree(
+        ftype,
+        &synth(dir.path(), ftype, model_seed),
+        |_| prompt,
+        steps(),
+    );
 }
 
 #[test]
@@ -218,6 +239,6 @@ fn demo_model() {
         "demo",
         &common::fixture("phi4-tiny-docs.gguf"),
         |m| m.tokenizer.encode(text, false),
-        48,
+        steps(),
     );
 }

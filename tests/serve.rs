@@ -754,6 +754,28 @@ fn api_key_is_required_when_set() {
     );
 }
 
+/// An empty key (`--api-key ""`, or `PHI4_API_KEY=` as a mistaken script leaves it) would
+/// serve without authentication: the server refuses to start instead, saying why.
+#[test]
+fn an_empty_api_key_is_refused_at_start() {
+    for (args, env) in [(&["--api-key", ""][..], None), (&[][..], Some(" "))] {
+        let mut c = common::target_command(common::cli());
+        c.args(["serve", "--port", "1", "--model"])
+            .arg(common::fixture("phi4-tiny-docs.gguf"))
+            .args(args)
+            .env_remove("PHI4_API_KEY");
+        if let Some(v) = env {
+            c.env("PHI4_API_KEY", v);
+        }
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("empty"),
+            "{args:?} {env:?}: {err}"
+        );
+    }
+}
+
 /// `--prompt-cache-dir`: a system prompt evaluated by one server is restored by the next (after
 /// a restart), which evaluates only the rest of the prompt; the directory stays within its bound.
 #[test]

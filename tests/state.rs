@@ -180,7 +180,8 @@ fn damaged_or_foreign_states_are_refused() {
         bad[at..at + 4].copy_from_slice(&v.to_le_bytes());
         bad
     };
-    expect_invalid(&mut b, &field(8, 2), "state version 2", &before);
+    expect_invalid(&mut b, &field(8, 1), "state version 1", &before);
+    expect_invalid(&mut b, &field(8, 3), "state version 3", &before);
     expect_invalid(&mut b, &field(44, u32::MAX), "at most 16384", &before);
     expect_invalid(&mut b, &field(36, 1 << 30), "layers", &before);
     expect_invalid(&mut b, &field(40, 7), "rows", &before);
@@ -250,4 +251,204 @@ fn a_failed_save_is_an_error() {
         matches!(a.save(&dir.path().join("no/such/dir.kv"), usize::MAX), Err(StateError::Io(m)) if m.contains("no/such/dir.kv"))
     );
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+/// A small model and a session holding a prompt, for the save tests.
+fn saved_session() -> (Arc<Model>, Session) {
+    // The model stays mapped after its directory is gone.
+    let dir = common::tmpdir();
+    let spec = Spec::small(1, common::ftype("q8_0"), 3);
+    let m = load(&common::synth_model(dir.path(), "save", &spec));
+    let mut s = session(&m, 64);
+    s.evaluate(&prompt(9, m.config.n_vocab, 4)).unwrap();
+    (m, s)
+}
+
+/// Names a save's temporary file could have had before: beside the target, predictable.
+fn planted_names(dir: &std::path::Path, name: &str) -> Vec<std::path::PathBuf> {
+    let pid = std::process::id();
+    vec![
+        dir.join(format!(".{name}.{pid}.tmp")),
+        dir.join(format!(".{name}.tmp")),
+        dir.join(format!("{name}.tmp")),
+    ]
+}
+
+/// Someone who can write the directory plants links where a temporary file might go: the save
+/// never writes through them, and the file they point to keeps its bytes.
+#[test]
+fn a_save_never_follows_a_planted_link() {
+    let (_, s) = saved_session();
+    let dir = common::tmpdir();
+    let precious = dir.path().join("precious.txt");
+    std::fs::write(&precious, b"keep me").unwrap();
+    for link in planted_names(dir.path(), "state.kv") {
+        std::os::unix::fs::symlink(&precious, link).unwrap();
+    }
+    let target = dir.path().join("state.kv");
+    s.save(&target, usize::MAX).unwrap();
+    assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
+    assert!(std::fs::symlink_metadata(&target).unwrap().is_file());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&target).unwrap().permissions());
+    assert_eq!(mode & 0o077, 0, "a state is its owner's alone: {mode:o}");
+    // Only the state and what was planted are left: no temporary file.
+    let left = std::fs::read_dir(dir.path()).unwrap().count();
+    assert_eq!(left, 2 + planted_names(dir.path(), "state.kv").len());
+}
+
+/// A target that is not a regular file is refused, and stays what it was.
+#[test]
+fn a_save_replaces_only_a_regular_file() {
+    let (_, s) = saved_session();
+    let dir = common::tmpdir();
+    let precious = dir.path().join("precious.txt");
+    std::fs::write(&precious, b"keep me").unwrap();
+    let link = dir.path().join("link.kv");
+    std::os::unix::fs::symlink(&precious, &link).unwrap();
+    let fifo = dir.path().join("fifo.kv");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let sub = dir.path().join("dir.kv");
+    std::fs::create_dir(&sub).unwrap();
+    for target in [&link, &fifo, &sub] {
+        let err = s.save(target, usize::MAX).unwrap_err().to_string();
+        assert!(
+            err.contains("not a regular file"),
+            "{}: {err}",
+            target.display()
+        );
+    }
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    assert!(std::fs::metadata(&sub).unwrap().is_dir());
+    // A regular file is replaced.
+    let plain = dir.path().join("plain.kv");
+    std::fs::write(&plain, b"old").unwrap();
+    s.save(&plain, usize::MAX).unwrap();
+    assert_eq!(
+        std::fs::read(&plain).unwrap().len() as u64,
+        s.state_size(usize::MAX)
+    );
+}
+
+/// Sessions saving to one path at once: every save lands whole or fails, none fails for the
+/// others, and the file left is a whole state.
+#[test]
+fn concurrent_saves_to_one_path_each_land_whole() {
+    let (m, a) = saved_session();
+    let mut b = session(&m, 64);
+    b.evaluate(&prompt(13, m.config.n_vocab, 5)).unwrap();
+    let dir = common::tmpdir();
+    let target = dir.path().join("shared.kv");
+    std::thread::scope(|scope| {
+        for s in [&a, &b] {
+            let target = &target;
+            scope.spawn(move || {
+                for _ in 0..40 {
+                    s.save(target, usize::MAX)
+                        .expect("every concurrent save lands");
+                }
+            });
+        }
+    });
+    let mut c = session(&m, 64);
+    let n = c.load(&target).unwrap();
+    assert!(
+        n == 9 || n == 13,
+        "one of the two states, whole: {n} tokens"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "no temporary file left"
+    );
+}
+
+/// A save killed midway leaves its temporary file; the next save into the directory removes it
+/// once its process is gone (and never one of a live process).
+#[test]
+fn temporary_files_of_dead_saves_are_removed() {
+    let (_, s) = saved_session();
+    let dir = common::tmpdir();
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let stale = dir
+        .path()
+        .join(format!(".x.kv.phi4-{dead}-0123456789abcdef.tmp"));
+    let live = dir.path().join(format!(
+        ".x.kv.phi4-{}-0123456789abcdef.tmp",
+        std::process::id()
+    ));
+    let other = dir.path().join(".x.kv.notours.tmp");
+    for f in [&stale, &live, &other] {
+        std::fs::write(f, vec![0u8; 4096]).unwrap();
+    }
+    assert_eq!(
+        phi4::state::temporary_owner(&stale.file_name().unwrap().to_string_lossy()),
+        Some(dead)
+    );
+    assert_eq!(phi4::state::temporary_owner(".x.kv.notours.tmp"), None);
+    s.save(&dir.path().join("x.kv"), usize::MAX).unwrap();
+    let swept = phi4::state::sweep_temporaries(dir.path());
+    assert_eq!(
+        swept,
+        phi4::state::Temporaries {
+            removed: 0,
+            remaining: 4096
+        },
+        "the live one is counted"
+    );
+    assert!(!stale.exists(), "a dead save's temporary file is removed");
+    assert!(
+        live.exists() && other.exists(),
+        "a live process's and other files are not"
+    );
+}
+
+/// Two models that differ only in the middle of one tensor's data are two models: a state of
+/// one is refused by the other.
+#[test]
+fn a_model_differing_mid_tensor_refuses_the_others_state() {
+    let dir = common::tmpdir();
+    let a_path = common::synth_model(
+        dir.path(),
+        "a.gguf",
+        &Spec::small(1, common::ftype("q8_0"), 7),
+    );
+    let b_path = dir.path().join("b.gguf");
+    let mut bytes = std::fs::read(&a_path).unwrap();
+    let g = phi4::gguf::parse_file(&a_path).unwrap();
+    let t = g.tensors.iter().max_by_key(|t| t.size).unwrap();
+    let mid = (t.file_offset + t.size / 2) as usize;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&b_path, &bytes).unwrap();
+    let (a, b) = (load(&a_path), load(&b_path));
+    assert_ne!(
+        a.fingerprint(),
+        b.fingerprint(),
+        "{} differs at byte {mid}",
+        t.name
+    );
+    let mut sa = session(&a, 64);
+    sa.evaluate(&prompt(9, a.config.n_vocab, 4)).unwrap();
+    let mut state = Vec::new();
+    sa.save_to(&mut state, usize::MAX).unwrap();
+    let mut sb = session(&b, 64);
+    let err = sb.load_bytes(&state).unwrap_err().to_string();
+    assert!(err.contains("another model"), "{err}");
+    assert_eq!(
+        a.fingerprint(),
+        load(&a_path).fingerprint(),
+        "the same file, the same fingerprint"
+    );
 }

@@ -286,3 +286,49 @@ fn tokenizing_is_cancellable() {
         .encode_cancellable("word word", false, &cancel)
         .is_some());
 }
+
+/// Long runs of every kind of character, inside text, tokenize as tiktoken does: a backtracking
+/// pre-tokenizer gives up on long whitespace runs (phi4's once re-encoded the text it had
+/// already emitted: 'Hello world' twice).
+#[test]
+fn long_runs_of_every_class_equal_tiktoken() {
+    let tok = phi4_vocab();
+    let tt = tiktoken_rs::cl100k_base().unwrap();
+    let units = [
+        " ", "\t", "\n", "\r\n", " \n", "\u{a0}", "\u{3000}", "a", "é", "1", "٣", "!", "'", "中",
+        "😀",
+    ];
+    for unit in units {
+        for n in [1, 2, 3, 50, 3000] {
+            let run = unit.repeat(n);
+            for text in [
+                format!("Hello world{run}a"),
+                format!("x{run}"),
+                format!("{run}!? b"),
+                run.clone(),
+            ] {
+                let want: Vec<u32> = tt.encode_ordinary(&text);
+                assert_eq!(tok.encode(&text, false), want, "{unit:?} x {n}: {text:?}");
+            }
+        }
+    }
+}
+
+/// Two million spaces between words: the words once each, the run as its own pre-token.
+#[test]
+fn a_huge_whitespace_run_is_one_pre_token() {
+    let tok = phi4_vocab();
+    let spaces = " ".repeat(1_999_999);
+    let text = format!("Hello world{spaces} a");
+    let ids = tok.encode(&text, false);
+    let mut want = tok.encode("Hello world", false);
+    want.extend(tok.encode(&spaces, false));
+    want.extend(tok.encode(" a", false));
+    assert_eq!(ids, want);
+    assert!(
+        ids.len() < 100_000,
+        "spaces merge into long tokens: {} ids",
+        ids.len()
+    );
+    assert_eq!(tok.decode(&ids, false), text);
+}

@@ -174,6 +174,12 @@ fn address(a: &ServeArgs) -> Result<SocketAddr, String> {
 
 pub fn serve(a: ServeArgs) -> Res {
     phi4::limits::check_max_batch(a.parallel).map_err(|e| format!("--parallel: {e}"))?;
+    if a.api_key.as_ref().is_some_and(|k| k.trim().is_empty()) {
+        return Err(
+            "--api-key (or PHI4_API_KEY) is empty: give a key, or unset it to serve without one"
+                .into(),
+        );
+    }
     let addr = address(&a)?;
     let d = phi4::SessionParams::default();
     let overflow = if a.drop_oldest {
@@ -196,7 +202,7 @@ pub fn serve(a: ServeArgs) -> Res {
     let app = Arc::new(App {
         pool,
         name: a.name.clone(),
-        api_key: a.api_key.clone().filter(|k| !k.is_empty()),
+        api_key: a.api_key.clone(),
         verbose: a.verbose,
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -300,7 +306,7 @@ async fn gate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(key.as_str()) {
+        if !given.is_some_and(|g| same_secret(g.as_bytes(), key.as_bytes())) {
             eprintln!(
                 "{method} {path} 401 {:.1}ms",
                 t.elapsed().as_secs_f64() * 1e3
@@ -346,4 +352,14 @@ async fn gate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
         );
     }
     resp
+}
+
+/// Whether two secrets are equal, in time that depends on their lengths only (not on where
+/// they first differ): a client cannot find a key byte by byte by timing.
+fn same_secret(given: &[u8], key: &[u8]) -> bool {
+    let diff = given
+        .iter()
+        .zip(key)
+        .fold(given.len() ^ key.len(), |d, (a, b)| d | usize::from(a ^ b));
+    std::hint::black_box(diff) == 0
 }

@@ -2,8 +2,9 @@
 //! whose first message is a system message, the session's state up to the end of that turn is
 //! saved (once per distinct system turn); a session about to serve a prompt starts from the
 //! longest saved prefix of it when that is more than its own cache holds. The directory is
-//! bounded in bytes: the least recently used states are removed first. Files are named by the
-//! hash of their tokens; no request names a file.
+//! bounded in bytes (saves under way included): the least recently used states are removed
+//! first. Files are named by the hash of their tokens; no request names a file. Saves killed
+//! midway leave temporary files: removed at start and by every save.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -29,6 +30,13 @@ impl PromptCache {
     pub fn new(dir: PathBuf, max_bytes: u64) -> Result<PromptCache, String> {
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("--prompt-cache-dir {}: {e}", dir.display()))?;
+        let swept = phi4::state::sweep_temporaries(&dir);
+        if swept.removed > 0 {
+            eprintln!(
+                "prompt cache: removed {:.1} MiB of saves interrupted earlier",
+                swept.removed as f64 / 1048576.0
+            );
+        }
         Ok(PromptCache {
             dir,
             max_bytes,
@@ -108,7 +116,9 @@ impl PromptCache {
                         bytes,
                         used: SystemTime::now(),
                     });
-                    evict(entries, self.max_bytes);
+                    // Saves under way (another server's, on this directory) count too.
+                    let pending = phi4::state::sweep_temporaries(&self.dir).remaining;
+                    evict(entries, self.max_bytes.saturating_sub(pending));
                 });
             }
             Err(e) => eprintln!("prompt cache: not saved: {e}"),
