@@ -27,7 +27,7 @@ fn first_token(s: &Server, messages: &Value, gen: usize) -> (Duration, Value) {
     let body = json!({ "model": "phi4", "messages": messages, "options": { "num_predict": gen, "temperature": 0 } }).to_string();
     let t = Instant::now();
     let mut conn = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
-    write!(conn, "POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    write!(conn, "POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
     let mut r = BufReader::new(conn);
     let (mut ttft, mut last) = (None, Value::Null);
     let mut line = String::new();

@@ -1,9 +1,9 @@
 //! Greedy tokens of this build against another build, or other kernels, of phi4 on the same
 //! model. Under ports/qemu-test the other build is the x86_64 CLI (PHI4_OTHER_CLI) and this one
-//! the aarch64 library running under qemu. Natively on x86_64 the other is this build's own CLI
-//! on an AVX2-only CPU model (qemu-user), so running its baseline kernels while this process
-//! runs the best ones of this machine; on other machines, this build's CLI asked for its
-//! baseline kernels (PHI4_CPU_VARIANT).
+//! the aarch64 library running under qemu. Natively the other is this build's own CLI asked
+//! for its baseline kernels (PHI4_CPU_VARIANT: AVX2 on x86_64) while this process runs the best
+//! ones of this machine (tests/dispatch.rs checks that the baseline kernels on an emulated
+//! AVX2-only CPU give what they give natively).
 //!
 //! Both read the same synthetic model (written natively); the other build decodes greedily;
 //! this build then follows the same tokens (teacher forcing) and checks at every step that its own
@@ -41,28 +41,10 @@ const N_CTX: usize = 256;
 const N_BATCH: usize = 16;
 const THREADS: usize = 2;
 
-/// Greedy steps compared: 48, or 16 natively on x86_64, where the other build runs on an
-/// emulated CPU (qemu's AVX2 is slow: 48 steps there take minutes per model).
-fn steps() -> usize {
-    if std::env::var_os("PHI4_OTHER_CLI").is_none()
-        && cfg!(target_arch = "x86_64")
-        && common::runner().is_none()
-    {
-        16
-    } else {
-        48
-    }
-}
-
 /// The other build's `phi4` command (see the module's doc).
 fn other_cli() -> Command {
     if let Some(p) = std::env::var_os("PHI4_OTHER_CLI") {
         return Command::new(p);
-    }
-    if cfg!(target_arch = "x86_64") && common::runner().is_none() {
-        let mut c = Command::new("qemu-x86_64");
-        c.args(["-cpu", "Haswell-v4"]).arg(common::cli());
-        return c;
     }
     let mut c = common::target_command(common::cli());
     c.env("PHI4_CPU_VARIANT", phi4::cpu_variants().last().unwrap().0);
@@ -178,7 +160,7 @@ fn agree(name: &str, model: &Path, prompt: impl FnOnce(&Model) -> Vec<u32>, n: u
 }
 
 /// The synthetic model both builds read: written by whichever runs natively (the other build
-/// under ports/qemu-test; this process otherwise, where the other is emulated and slow).
+/// under ports/qemu-test, this process otherwise).
 fn synth(dir: &Path, ftype: &str, seed: u64) -> std::path::PathBuf {
     let p = dir.join(format!("{ftype}.gguf"));
     let spec = phi4_synth::Spec {
@@ -208,12 +190,7 @@ fn synthetic(ftype: &str, model_seed: u64, prompt_seed: u32) {
     let prompt: Vec<u32> = (0..24)
         .map(|i| (i * 37 + prompt_seed * 101 + 11) % 1000)
         .collect();
-    agree(
-        ftype,
-        &synth(dir.path(), ftype, model_seed),
-        |_| prompt,
-        steps(),
-    );
+    agree(ftype, &synth(dir.path(), ftype, model_seed), |_| prompt, 48);
 }
 
 #[test]
@@ -239,6 +216,6 @@ fn demo_model() {
         "demo",
         &common::fixture("phi4-tiny-docs.gguf"),
         |m| m.tokenizer.encode(text, false),
-        steps(),
+        48,
     );
 }

@@ -341,7 +341,7 @@ fn disconnect_cancels_the_generation() {
     let format = json!({ "type": "string", "pattern": "^[a-z ]{1500}$" });
     let body = json!({ "model": "phi4", "prompt": "The os module", "raw": true, "format": format, "options": { "num_predict": -2, "temperature": 1.0, "num_ctx": 2048 } }).to_string();
     let mut conn = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
-    write!(conn, "POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    write!(conn, "POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
     let mut r = BufReader::new(conn.try_clone().unwrap());
     let mut line = String::new();
     for _ in 0..12 {
@@ -412,6 +412,124 @@ fn rss_kb(pid: u32) -> u64 {
         .trim_end_matches(" kB")
         .parse()
         .unwrap()
+}
+
+/// Reads what `c` sends until the server closes it; panics if that takes longer than `limit`.
+fn read_until_closed(c: &mut TcpStream, limit: Duration) -> String {
+    let t = Instant::now();
+    c.set_read_timeout(Some(limit)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match std::io::Read::read(c, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("not closed after {:?}: {e}", t.elapsed()),
+        }
+        assert!(t.elapsed() < limit, "not closed within {limit:?}");
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Slow clients hold a connection for the read timeout at most: headers sent a byte at a time,
+/// a body held short of its last byte (408), an idle kept-alive connection — each is closed,
+/// and real requests are served meanwhile.
+#[test]
+fn slow_clients_are_cut_off_at_the_read_timeout() {
+    let s = Server::start(&["--read-timeout", "1"]);
+    let connect = || TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    let mut slow = connect();
+    slow.write_all(b"POST /api/chat HTTP/1.1\r\nHo").unwrap();
+    let mut short = connect();
+    write!(short, "POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{}", " ".repeat(99)).unwrap();
+    let mut idle = connect();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let t = Instant::now();
+    assert_eq!(s.get("/").0, 200, "served while slow clients wait");
+    let limit = Duration::from_secs(10);
+    assert!(read_until_closed(&mut short, limit).starts_with("HTTP/1.1 408"));
+    read_until_closed(&mut slow, limit);
+    let first = read_until_closed(&mut idle, limit);
+    assert!(
+        first.starts_with("HTTP/1.1 200") && first.ends_with("Ollama is running"),
+        "{first}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+}
+
+/// A process that may open 128 files, 150 connections opened on it and left silent: the
+/// connections over its bound are closed at once, the silent ones at the read timeout, and a
+/// real request is served (within the read timeout at worst), as is every one after.
+#[test]
+fn connections_stay_within_the_descriptor_limit() {
+    let s = Server::start_with_fd_limit(128, &["--read-timeout", "2"]);
+    let silent: Vec<TcpStream> = (0..150)
+        .filter_map(|_| TcpStream::connect(("127.0.0.1", s.port)).ok())
+        .collect();
+    let t = Instant::now();
+    let msgs = json!([{ "role": "user", "content": "What is a tuple?" }]);
+    let mut status = 0;
+    while status != 200 && t.elapsed() < Duration::from_secs(20) {
+        status = s.post("/api/chat", &chat_body(msgs.clone(), false, 4)).0;
+    }
+    assert_eq!(status, 200, "a request is served after {:?}", t.elapsed());
+    for _ in 0..5 {
+        assert_eq!(
+            s.post("/api/chat", &chat_body(msgs.clone(), false, 4)).0,
+            200
+        );
+    }
+    drop(silent);
+}
+
+/// With every place taken (one request generating, one queued), a request is refused with 503
+/// before its body is parsed or its prompt tokenized: a malformed body gets 503, not 400, and a
+/// 16 MB body of empty messages costs nothing. The places come back when the requests end.
+#[test]
+fn a_full_queue_refuses_before_any_work_on_the_body() {
+    let s = Server::start(&["--parallel", "1", "--queue", "1"]);
+    let malformed = || s.request("POST", "/api/chat", Some(b"{ not json"), &[]).0;
+    let empty = format!(
+        "{{\"model\": \"phi4\", \"messages\": [{}]}}",
+        vec!["{}"; 2_000_000].join(",")
+    );
+    assert!(empty.len() < 16 << 20);
+    // Two streams that are never read: the first generates a string too long to end before
+    // the context is full (seconds), the second waits for the session meanwhile.
+    let mut body = chat_body(
+        json!([{ "role": "user", "content": "Tell me about lists." }]),
+        true,
+        0,
+    );
+    body["format"] = json!({ "type": "string", "minLength": 100000 });
+    let body = body.to_string();
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut c = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+            write!(c, "POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+            c
+        })
+        .collect();
+    let until = |want: u16| {
+        let t = Instant::now();
+        while malformed() != want {
+            assert!(t.elapsed() < Duration::from_secs(30), "never {want}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    until(503);
+    let t = Instant::now();
+    let (status, _, reply) = s.request("POST", "/api/chat", Some(empty.as_bytes()), &[]);
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&reply));
+    eprintln!(
+        "a {} MB body refused in {:?}",
+        empty.len() >> 20,
+        t.elapsed()
+    );
+    drop(held);
+    until(400);
 }
 
 /// 50 requests at once on 2 sessions with a queue of 8: each completes or gets Ollama's 503, none
@@ -668,7 +786,7 @@ fn bad_input_is_answered_and_the_server_goes_on() {
     }
     // 100 MB: refused by its length, before it is read.
     let mut conn = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
-    write!(conn, "POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{{\"model\":", 100 << 20).unwrap();
+    write!(conn, "POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{{\"model\":", 100 << 20).unwrap();
     let mut reply = String::new();
     let _ = BufReader::new(conn).read_line(&mut reply);
     assert!(reply.contains("413"), "{reply}");
@@ -754,11 +872,127 @@ fn api_key_is_required_when_set() {
     );
 }
 
+/// With several API keys, each key's clients reuse only their own cached prefixes, in memory
+/// and in the prompt cache: the same prompt sent with another key is evaluated whole (its
+/// `prompt_eval_count` tells nothing of the other's), with its own key again only the new
+/// tokens. A `cache_salt` isolates likewise under one key.
+#[test]
+fn cached_prefixes_are_isolated_per_key_and_salt() {
+    let dir = common::tmpdir();
+    let cache = dir.path().to_str().unwrap();
+    let s = Server::start(&[
+        "--api-key",
+        "alpha",
+        "--api-key",
+        "beta",
+        "--prompt-cache-dir",
+        cache,
+    ]);
+    let msgs = json!([{ "role": "system", "content": "You are a careful assistant. ".repeat(20) }, { "role": "user", "content": "What is a set?" }]);
+    let ask = |key: &str, salt: Option<&str>| -> u64 {
+        let mut body = chat_body(msgs.clone(), false, 2);
+        if let Some(salt) = salt {
+            body["cache_salt"] = json!(salt);
+        }
+        let auth = format!("Bearer {key}");
+        let (status, _, reply) = s.request(
+            "POST",
+            "/api/chat",
+            Some(body.to_string().as_bytes()),
+            &[("Authorization", &auth)],
+        );
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&reply));
+        let v: Value = serde_json::from_slice(&reply).unwrap();
+        v["prompt_eval_count"].as_u64().unwrap()
+    };
+    let whole = ask("alpha", None);
+    assert!(whole > 100, "{whole}");
+    assert!(
+        ask("alpha", None) < whole / 2,
+        "the same key reuses its prefix"
+    );
+    assert_eq!(
+        ask("beta", None),
+        whole,
+        "another key's prefix is not reused"
+    );
+    assert_eq!(ask("alpha", Some("mine")), whole, "nor another salt's");
+    assert!(
+        ask("alpha", Some("mine")) < whole / 2,
+        "a salt reuses its own"
+    );
+    assert_eq!(
+        ask("beta", Some("mine")),
+        whole,
+        "the same salt under another key is another scope"
+    );
+}
+
+/// A web page's requests: on a loopback bind a foreign `Host` (DNS rebinding) is 403; a
+/// page of this machine (any port) gets the CORS headers and its preflight answered, a foreign
+/// page 403 unless `--origins` names it; `GET /` stays open without the key.
+#[test]
+fn browsers_reach_it_only_from_allowed_origins() {
+    let s = Server::start(&["--api-key", "k", "--origins", "https://app.example"]);
+    let get = |headers: &[(&str, &str)]| s.request("GET", "/api/version", None, headers);
+    let auth = ("Authorization", "Bearer k");
+    assert_eq!(get(&[auth]).0, 200);
+    for evil in [
+        "evil.example",
+        "evil.example:11434",
+        "127.0.0.1.evil.example",
+    ] {
+        let mut c = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        write!(c, "GET /api/version HTTP/1.1\r\nHost: {evil}\r\nConnection: close\r\nAuthorization: Bearer k\r\n\r\n").unwrap();
+        let reply = read_until_closed(&mut c, Duration::from_secs(10));
+        assert!(reply.starts_with("HTTP/1.1 403"), "{evil}: {reply}");
+    }
+    let preflight = |origin: &str| {
+        let mut c = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        write!(c, "OPTIONS /api/chat HTTP/1.1\r\nHost: localhost:{}\r\nConnection: close\r\nOrigin: {origin}\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type\r\n\r\n", s.port).unwrap();
+        read_until_closed(&mut c, Duration::from_secs(10)).to_ascii_lowercase()
+    };
+    for ok in [
+        "http://localhost:5173",
+        "http://127.0.0.1:3000",
+        "https://app.example",
+    ] {
+        let reply = preflight(ok);
+        assert!(reply.starts_with("http/1.1 204"), "{ok}: {reply}");
+        assert!(
+            reply.contains(&format!("access-control-allow-origin: {ok}")),
+            "{reply}"
+        );
+        assert!(
+            reply.contains("access-control-allow-headers: authorization, content-type"),
+            "{reply}"
+        );
+    }
+    assert!(preflight("https://evil.example").starts_with("http/1.1 403"));
+    let (status, _, _) = get(&[auth, ("Origin", "https://evil.example")]);
+    assert_eq!(status, 403);
+    let mut c = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    write!(c, "GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nOrigin: http://localhost:8080\r\nAuthorization: Bearer k\r\n\r\n").unwrap();
+    let reply = read_until_closed(&mut c, Duration::from_secs(10)).to_ascii_lowercase();
+    assert!(
+        reply.starts_with("http/1.1 200")
+            && reply.contains("access-control-allow-origin: http://localhost:8080"),
+        "{reply}"
+    );
+    assert_eq!(s.get("/").0, 200, "health checks need no key");
+    assert_eq!(s.request("HEAD", "/", None, &[]).0, 200);
+    assert_eq!(s.get("/api/tags").0, 401);
+}
+
 /// An empty key (`--api-key ""`, or `PHI4_API_KEY=` as a mistaken script leaves it) would
 /// serve without authentication: the server refuses to start instead, saying why.
 #[test]
 fn an_empty_api_key_is_refused_at_start() {
-    for (args, env) in [(&["--api-key", ""][..], None), (&[][..], Some(" "))] {
+    for (args, env) in [
+        (&["--api-key", ""][..], None),
+        (&[][..], Some("")),
+        (&[][..], Some(" ")),
+    ] {
         let mut c = common::target_command(common::cli());
         c.args(["serve", "--port", "1", "--model"])
             .arg(common::fixture("phi4-tiny-docs.gguf"))

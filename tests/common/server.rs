@@ -25,6 +25,16 @@ impl Server {
 
     /// A server of another model.
     pub fn start_with(model: &std::path::Path, extra: &[&str]) -> Server {
+        Server::launch(model, extra, None)
+    }
+
+    /// The demo model's server in a process that may open at most `n` files (natively; under
+    /// an emulator the emulator's own descriptors would count too, so no limit is set there).
+    pub fn start_with_fd_limit(n: u32, extra: &[&str]) -> Server {
+        Server::launch(&super::fixture("phi4-tiny-docs.gguf"), extra, Some(n))
+    }
+
+    fn launch(model: &std::path::Path, extra: &[&str], fd_limit: Option<u32>) -> Server {
         let dir = super::tmpdir();
         let log = dir.path().join("serve.log");
         let port = TcpListener::bind("127.0.0.1:0")
@@ -32,7 +42,17 @@ impl Server {
             .local_addr()
             .unwrap()
             .port();
-        let child = super::target_command(super::cli())
+        let mut command = match fd_limit.filter(|_| super::runner().is_none()) {
+            Some(n) => {
+                let mut c = std::process::Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(super::cli());
+                c
+            }
+            None => super::target_command(super::cli()),
+        };
+        let child = command
             .args(["serve", "--model"])
             .arg(model)
             .args(["--port", &port.to_string()])
@@ -44,6 +64,7 @@ impl Server {
             .args(extra)
             .env_remove("OLLAMA_HOST")
             .env_remove("PHI4_API_KEY")
+            .env_remove("OLLAMA_ORIGINS")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

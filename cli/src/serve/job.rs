@@ -1,6 +1,8 @@
 //! A request, in either dialect, turned into a [`Job`]: its body parsed, its options, format and
 //! keep-alive checked. Nothing here touches a session; `run.rs` runs the job.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -19,6 +21,58 @@ pub struct Job {
     pub keep_alive: KeepAlive,
     /// "POST /api/chat": the request, for the log line written when the generation ends.
     pub label: String,
+    /// The request's place among those let in (released when the job ends).
+    pub admission: Admission,
+    /// Whose cached prefixes it may reuse.
+    pub scope: Scope,
+}
+
+/// A request let in (`Pool::admit`): one of the places counted by `counter` until dropped.
+pub struct Admission(Arc<AtomicUsize>);
+
+impl Admission {
+    /// A place, if fewer than `limit` are taken.
+    pub fn within(counter: &Arc<AtomicUsize>, limit: usize) -> Option<Admission> {
+        if counter.fetch_add(1, Ordering::SeqCst) >= limit {
+            counter.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Admission(counter.clone()))
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The configured API key a request came with (its index among them), when keys are
+/// configured: set by the server's gate on every request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KeyId(pub Option<usize>);
+
+/// Whose cached prefixes a request may reuse: those of requests with the same API key (where
+/// several are configured) and the same `cache_salt`. Requests of different scopes never share
+/// a cached prefix, in memory or in the prompt cache, so neither `prompt_eval_count` nor the
+/// time to the first token tells one client how much of its prompt another sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Scope(pub u64);
+
+impl Scope {
+    /// The scope of a request with `key` and `cache_salt` (none of either: the shared one, 0).
+    pub fn of(key: KeyId, salt: Option<&str>) -> Scope {
+        let salt = salt.filter(|s| !s.is_empty());
+        if key.0.is_none_or(|k| k == 0) && salt.is_none() {
+            return Scope(0);
+        }
+        let bytes = key.0.map_or(u64::MAX, |k| k as u64).to_le_bytes();
+        let all = bytes.iter().chain(salt.unwrap_or("").as_bytes());
+        let h = all.fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        Scope(h.max(1))
+    }
 }
 
 /// The session a request asks for (Ollama's num_ctx, num_thread, num_batch; 0: the server's).

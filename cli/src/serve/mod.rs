@@ -1,11 +1,14 @@
 //! `phi4 serve`: Ollama's HTTP API (and OpenAI's, as Ollama serves it) over the library, so
 //! Ollama's and OpenAI's clients work unchanged. axum on tokio; the forward pass runs on
 //! blocking threads, never on the runtime's workers (`run.rs`); sessions are pooled by cached
-//! prefix (`pool.rs`); the wire formats are `ollama.rs` and `openai.rs`.
+//! prefix (`pool.rs`); the wire formats are `ollama.rs` and `openai.rs`; connections and their
+//! timeouts are `listen.rs`.
 
 mod job;
+mod listen;
 mod ollama;
 mod openai;
+mod origins;
 mod pool;
 mod prompt_cache;
 mod run;
@@ -16,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
@@ -55,9 +58,13 @@ pub struct ServeArgs {
     /// message) instead of answering 400.
     #[arg(long)]
     drop_oldest: bool,
-    /// Require `Authorization: Bearer KEY` (also PHI4_API_KEY).
+    /// Require `Authorization: Bearer KEY` (also PHI4_API_KEY). Repeatable: each key's
+    /// clients reuse only their own cached prefixes.
     #[arg(long, env = "PHI4_API_KEY", hide_env_values = true)]
-    api_key: Option<String>,
+    api_key: Vec<String>,
+    /// More keys, one per line (blank lines and lines starting with # are skipped).
+    #[arg(long, value_name = "FILE")]
+    api_keys_file: Option<PathBuf>,
     /// Keep evaluated system prompts in DIR across restarts: a conversation whose system prompt
     /// was seen before starts from its saved state instead of evaluating it again.
     #[arg(long, value_name = "DIR")]
@@ -65,6 +72,15 @@ pub struct ServeArgs {
     /// At most this many MiB of saved prompts (the least recently used are removed first).
     #[arg(long, value_name = "MIB", default_value_t = 4096)]
     prompt_cache_max_mib: u64,
+    /// Web pages that may call the server from a browser, beyond this machine's own
+    /// (`http://localhost:*`, …): origins like `https://app.example`, `*` a wildcard;
+    /// repeatable, or comma-separated in OLLAMA_ORIGINS.
+    #[arg(long, env = "OLLAMA_ORIGINS", value_delimiter = ',')]
+    origins: Vec<String>,
+    /// Seconds a client has to send a request's headers, its body, or its next request on a
+    /// kept-alive connection; then the connection is closed (a body: 408).
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    read_timeout: f64,
     /// Log more than one line per request.
     #[arg(long)]
     verbose: bool,
@@ -74,8 +90,11 @@ pub struct ServeArgs {
 pub struct App {
     pool: Arc<Pool>,
     name: String,
-    api_key: Option<String>,
+    /// The keys a request may bring (none: no authentication).
+    api_keys: Vec<String>,
     verbose: bool,
+    limits: listen::Limits,
+    origins: origins::Origins,
 }
 
 /// An error answer: the status and the message, shaped per API by the handler's module.
@@ -174,12 +193,7 @@ fn address(a: &ServeArgs) -> Result<SocketAddr, String> {
 
 pub fn serve(a: ServeArgs) -> Res {
     phi4::limits::check_max_batch(a.parallel).map_err(|e| format!("--parallel: {e}"))?;
-    if a.api_key.as_ref().is_some_and(|k| k.trim().is_empty()) {
-        return Err(
-            "--api-key (or PHI4_API_KEY) is empty: give a key, or unset it to serve without one"
-                .into(),
-        );
-    }
+    let api_keys = api_keys(&a)?;
     let addr = address(&a)?;
     let d = phi4::SessionParams::default();
     let overflow = if a.drop_oldest {
@@ -199,11 +213,17 @@ pub fn serve(a: ServeArgs) -> Res {
     let pool = Pool::new(a.model.clone(), a.parallel, a.queue, session, cache);
     // Load now: a bad file is reported at start, not at the first request.
     pool.model()?;
+    if !(a.read_timeout.is_finite() && a.read_timeout > 0.0) {
+        return Err("--read-timeout must be a number of seconds above 0".into());
+    }
+    let limits = listen::Limits::new(Duration::from_secs_f64(a.read_timeout.min(1e6)));
     let app = Arc::new(App {
         pool,
         name: a.name.clone(),
-        api_key: a.api_key.clone(),
+        api_keys,
         verbose: a.verbose,
+        limits,
+        origins: origins::Origins::new(addr.ip(), &a.origins),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -227,10 +247,8 @@ pub fn serve(a: ServeArgs) -> Res {
                 let _ = tokio::task::spawn_blocking(move || p.expire()).await;
             }
         });
-        axum::serve(listener, router(app))
-            .with_graceful_shutdown(shutdown())
-            .await?;
-        Ok(())
+        listen::serve(listener, router(app.clone()), &app.limits, shutdown()).await;
+        Ok::<(), Box<dyn std::error::Error>>(())
     })
 }
 
@@ -243,9 +261,6 @@ async fn shutdown() {
         _ = term.recv() => {}
     }
 }
-
-/// Request bodies above this are refused (413) before they are read whole.
-const MAX_BODY: usize = 16 << 20;
 
 fn router(app: Arc<App>) -> Router {
     let refused = |what: &'static str| {
@@ -274,13 +289,13 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/v1/models/{id}", get(openai::model))
         .route("/v1/embeddings", refused("embedding"))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(DefaultBodyLimit::max(listen::MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(app.clone(), gate))
         .with_state(app)
 }
 
-/// Every request: the API key when one is set, then one log line (method, path, status,
-/// duration; token counts are logged by the generation handlers).
+/// Every request: the checks of [`check`], then one log line (method, path, status, duration;
+/// a generation that started logs its own line when it ends, with its token counts).
 async fn gate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let (method, path, t) = (
         req.method().clone(),
@@ -288,58 +303,14 @@ async fn gate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
         Instant::now(),
     );
     if app.verbose {
-        let agent = req
-            .headers()
-            .get("user-agent")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-");
-        let length = req
-            .headers()
-            .get("content-length")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-");
+        let header = |name: &str| {
+            let v = req.headers().get(name).and_then(|v| v.to_str().ok());
+            v.unwrap_or("-").to_string()
+        };
+        let (agent, length) = (header("user-agent"), header("content-length"));
         eprintln!("{method} {path} from {agent}, {length} bytes");
     }
-    if let Some(key) = &app.api_key {
-        let given = req
-            .headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| same_secret(g.as_bytes(), key.as_bytes())) {
-            eprintln!(
-                "{method} {path} 401 {:.1}ms",
-                t.elapsed().as_secs_f64() * 1e3
-            );
-            let mut r = ApiError {
-                status: StatusCode::UNAUTHORIZED,
-                message: "unauthorized".into(),
-            }
-            .into_response();
-            r.headers_mut()
-                .insert("www-authenticate", HeaderValue::from_static("Bearer"));
-            return r;
-        }
-    }
-    // A body declared too large is refused before any of it is read.
-    let declared = req
-        .headers()
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY as u64) {
-        eprintln!(
-            "{method} {path} 413 {:.1}ms",
-            t.elapsed().as_secs_f64() * 1e3
-        );
-        return ApiError {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            message: format!("request body over {} MiB", MAX_BODY >> 20),
-        }
-        .into_response();
-    }
-    let resp = next.run(req).await;
-    // A generation that started logs its own line when it ends, with its token counts.
+    let resp = check(&app, req, next).await;
     let generating = matches!(
         path.as_str(),
         "/api/chat" | "/api/generate" | "/v1/chat/completions" | "/v1/completions"
@@ -354,6 +325,103 @@ async fn gate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
     resp
 }
 
+/// A request's way in, each step a refusal or the next: its `Host` and `Origin` (a page of an
+/// allowed origin gets the CORS headers on every answer; its preflight is answered here), its
+/// key (`GET /` and `HEAD /` need none: health checks), its declared size, its body.
+async fn check(app: &App, mut req: Request, next: Next) -> Response {
+    let header = |req: &Request, name: &str| {
+        let v = req.headers().get(name).and_then(|v| v.to_str().ok());
+        v.map(String::from)
+    };
+    let refuse = |status: StatusCode, message: String| ApiError { status, message }.into_response();
+    let host = header(&req, "host");
+    if !app.origins.host_allowed(host.as_deref()) {
+        let host = host.unwrap_or_default();
+        return refuse(
+            StatusCode::FORBIDDEN,
+            format!("host {host:?} is not this machine's"),
+        );
+    }
+    let cors = match header(&req, "origin") {
+        None => HeaderMap::new(),
+        Some(o) if app.origins.origin_allowed(&o) => {
+            app.origins.cors_headers(&o, req.method(), req.headers())
+        }
+        Some(o) => {
+            let why = format!("origin {o:?} is not allowed (see --origins)");
+            return refuse(StatusCode::FORBIDDEN, why);
+        }
+    };
+    let preflight = req.method() == Method::OPTIONS
+        && req.headers().contains_key("access-control-request-method");
+    let mut resp = if preflight && !cors.is_empty() {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        match authorize(app, &mut req) {
+            Some(refusal) => refusal,
+            None => read_and_run(app, req, next).await,
+        }
+    };
+    resp.headers_mut().extend(cors);
+    resp
+}
+
+/// The request's key among the configured ones (its [`job::KeyId`] goes with it), or the 401
+/// refusing it.
+fn authorize(app: &App, req: &mut Request) -> Option<Response> {
+    let open = req.uri().path() == "/" && matches!(*req.method(), Method::GET | Method::HEAD);
+    if app.api_keys.is_empty() || open {
+        req.extensions_mut().insert(job::KeyId(None));
+        return None;
+    }
+    let given = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Every key is compared (no early end): the time says nothing of which one matched.
+    let matched = given.and_then(|g| {
+        let hits = app
+            .api_keys
+            .iter()
+            .map(|k| same_secret(g.as_bytes(), k.as_bytes()));
+        hits.enumerate()
+            .fold(None, |found, (i, hit)| found.or(hit.then_some(i)))
+    });
+    if matched.is_none() {
+        let mut r = ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: "unauthorized".into(),
+        }
+        .into_response();
+        r.headers_mut()
+            .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+        return Some(r);
+    }
+    req.extensions_mut().insert(job::KeyId(matched));
+    None
+}
+
+/// The body (a declared size over the limit refused before any of it is read), then the handler.
+async fn read_and_run(app: &App, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > listen::MAX_BODY as u64) {
+        return ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!("request body over {} MiB", listen::MAX_BODY >> 20),
+        }
+        .into_response();
+    }
+    match app.limits.read_body(req, declared).await {
+        Ok(req) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
 /// Whether two secrets are equal, in time that depends on their lengths only (not on where
 /// they first differ): a client cannot find a key byte by byte by timing.
 fn same_secret(given: &[u8], key: &[u8]) -> bool {
@@ -362,4 +430,33 @@ fn same_secret(given: &[u8], key: &[u8]) -> bool {
         .zip(key)
         .fold(given.len() ^ key.len(), |d, (a, b)| d | usize::from(a ^ b));
     std::hint::black_box(diff) == 0
+}
+
+/// The keys of `--api-key` (or PHI4_API_KEY) and `--api-keys-file`; an empty one is an error (it
+/// would serve without authentication by mistake).
+fn api_keys(a: &ServeArgs) -> Res<Vec<String>> {
+    let mut keys = a.api_key.clone();
+    if let Some(file) = &a.api_keys_file {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| format!("--api-keys-file {}: {e}", file.display()))?;
+        let lines = text.lines().map(str::trim);
+        keys.extend(
+            lines
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from),
+        );
+        if keys.is_empty() {
+            return Err(format!("--api-keys-file {}: no key in it", file.display()).into());
+        }
+    }
+    // (clap takes an empty environment variable for an absent one: it is checked here.)
+    let empty_env =
+        std::env::var_os("PHI4_API_KEY").is_some_and(|v| v.to_string_lossy().trim().is_empty());
+    if keys.iter().any(|k| k.trim().is_empty()) || (a.api_key.is_empty() && empty_env) {
+        return Err(
+            "--api-key (or PHI4_API_KEY) is empty: give a key, or unset it to serve without one"
+                .into(),
+        );
+    }
+    Ok(keys)
 }

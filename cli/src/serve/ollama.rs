@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -13,7 +13,7 @@ use phi4::{DoneReason, GenerateParams, Outcome};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::job::{self, parse, Job, KeepAlive, Prompt, Shape};
+use super::job::{self, parse, Job, KeepAlive, KeyId, Prompt, Scope, Shape};
 use super::run::{self, async_stream, Event};
 use super::{ApiError, App};
 
@@ -105,6 +105,8 @@ struct ChatMessage {
 #[derive(Deserialize)]
 struct ChatRequest {
     model: String,
+    /// Requests with another salt never reuse this one's cached prefix (vLLM's field).
+    cache_salt: Option<String>,
     #[serde(default)]
     messages: Vec<ChatMessage>,
     stream: Option<bool>,
@@ -130,7 +132,13 @@ fn job_params(
     Ok((gp, shape, job::keep_alive(keep_alive)?))
 }
 
-pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn chat(
+    State(app): State<Arc<App>>,
+    Extension(key): Extension<KeyId>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    // Admitted (or refused: 503) before any work on the body.
+    let admission = app.pool.admit().ok_or_else(ApiError::busy)?;
     let req: ChatRequest = parse(&body)?;
     app.check_model(&req.model)?;
     let images = req.messages.iter().any(|m| non_empty(&m.images));
@@ -165,6 +173,8 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
         shape,
         keep_alive,
         label: "POST /api/chat".into(),
+        admission,
+        scope: Scope::of(key, req.cache_salt.as_deref()),
     };
     let chunk = move |piece: &str| json!({ "model": model, "created_at": now_rfc3339(), "message": { "role": "assistant", "content": piece }, "done": false });
     respond(&app, job, req.stream.unwrap_or(true), chunk, |model, text, out, total, _| {
@@ -176,6 +186,8 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
 #[derive(Deserialize)]
 struct GenerateRequest {
     model: String,
+    /// Requests with another salt never reuse this one's cached prefix (vLLM's field).
+    cache_salt: Option<String>,
     #[serde(default)]
     prompt: String,
     system: Option<String>,
@@ -190,7 +202,13 @@ struct GenerateRequest {
     suffix: Option<String>,
 }
 
-pub async fn generate(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn generate(
+    State(app): State<Arc<App>>,
+    Extension(key): Extension<KeyId>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    // Admitted (or refused: 503) before any work on the body.
+    let admission = app.pool.admit().ok_or_else(ApiError::busy)?;
     let req: GenerateRequest = parse(&body)?;
     app.check_model(&req.model)?;
     unsupported(non_empty(&req.images), false, req.think.as_ref())?;
@@ -223,6 +241,8 @@ pub async fn generate(State(app): State<Arc<App>>, body: Bytes) -> Result<Respon
         shape,
         keep_alive,
         label: "POST /api/generate".into(),
+        admission,
+        scope: Scope::of(key, req.cache_salt.as_deref()),
     };
     let chunk = move |piece: &str| json!({ "model": model, "created_at": now_rfc3339(), "response": piece, "done": false });
     respond(&app, job, req.stream.unwrap_or(true), chunk, |model, text, out, total, history| {

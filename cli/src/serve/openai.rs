@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -13,7 +13,7 @@ use phi4::{GenerateParams, Outcome};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::job::{self, parse, Job, Prompt, Shape};
+use super::job::{self, parse, Job, KeyId, Prompt, Scope, Shape};
 use super::run::{self, async_stream, Event};
 use super::{ApiError, App};
 
@@ -64,6 +64,8 @@ fn usage(o: &Outcome) -> Value {
 #[derive(Deserialize)]
 struct ChatRequest {
     model: String,
+    /// Requests with another salt never reuse this one's cached prefix (vLLM's field).
+    cache_salt: Option<String>,
     messages: Vec<ChatMessage>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
@@ -163,7 +165,13 @@ fn params(s: Sampling, max_tokens: Option<i64>) -> Result<(GenerateParams, Shape
     Ok((gp, shape))
 }
 
-pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, OpenAiError> {
+pub async fn chat(
+    State(app): State<Arc<App>>,
+    Extension(key): Extension<KeyId>,
+    body: Bytes,
+) -> Result<Response, OpenAiError> {
+    // Admitted (or refused: 503) before any work on the body.
+    let admission = app.pool.admit().ok_or_else(ApiError::busy)?;
     let req: ChatRequest = parse(&body)?;
     app.check_model(&req.model)?;
     let constraint = job::response_format(req.response_format.as_ref())?;
@@ -207,6 +215,8 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
         shape,
         keep_alive: job::keep_alive(None)?,
         label: "POST /v1/chat/completions".into(),
+        admission,
+        scope: Scope::of(key, req.cache_salt.as_deref()),
     };
     let include_usage = req
         .stream_options
@@ -264,6 +274,8 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, 
 #[derive(Deserialize)]
 struct CompletionRequest {
     model: String,
+    /// Requests with another salt never reuse this one's cached prefix (vLLM's field).
+    cache_salt: Option<String>,
     prompt: Value,
     stream: Option<bool>,
     #[serde(flatten)]
@@ -273,8 +285,11 @@ struct CompletionRequest {
 
 pub async fn completions(
     State(app): State<Arc<App>>,
+    Extension(key): Extension<KeyId>,
     body: Bytes,
 ) -> Result<Response, OpenAiError> {
+    // Admitted (or refused: 503) before any work on the body.
+    let admission = app.pool.admit().ok_or_else(ApiError::busy)?;
     let req: CompletionRequest = parse(&body)?;
     app.check_model(&req.model)?;
     let prompt = match req.prompt {
@@ -290,6 +305,8 @@ pub async fn completions(
         shape,
         keep_alive: job::keep_alive(None)?,
         label: "POST /v1/completions".into(),
+        admission,
+        scope: Scope::of(key, req.cache_salt.as_deref()),
     };
     let head = json!({ "id": id("cmpl"), "object": "text_completion", "created": created(), "model": req.model, "system_fingerprint": "fp_phi4" });
     let (first, rx) = run::begin(&app.pool, job).await?;

@@ -1,7 +1,8 @@
 //! The model and its sessions, shared by the requests: a request leases the free session whose
 //! cache shares the longest prefix with its prompt (so a chat client that re-sends the history
 //! pays for its new turn only), runs on it off the async runtime, and gives it back. At most
-//! `parallel` requests generate at once; up to `max_queue` more wait; the rest are refused.
+//! `parallel` requests generate at once; up to `max_queue` more wait; the rest are refused —
+//! when they arrive, before their bodies are parsed or their prompts tokenized ([`Pool::admit`]).
 //!
 //! With `parallel` above 1 the sessions share one scheduler: requests decoding at the same time
 //! are stepped together, reading the weights once per step for all of them (their threads are
@@ -10,14 +11,14 @@
 //! The model is loaded on demand and unloaded, with its sessions, when its keep-alive runs out.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use phi4::{LoadParams, Model, Scheduler, Session, SessionParams};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::job::{KeepAlive, Shape};
+use super::job::{Admission, KeepAlive, Scope, Shape};
 use super::prompt_cache::PromptCache;
 
 pub struct Pool {
@@ -26,7 +27,8 @@ pub struct Pool {
     session: SessionParams,
     parallel: Arc<Semaphore>,
     max_queue: usize,
-    waiting: AtomicUsize,
+    /// Requests admitted and not yet ended: generating, or waiting for a session.
+    admitted: Arc<AtomicUsize>,
     state: Mutex<State>,
     /// Saved system prompts (`--prompt-cache-dir`).
     pub cache: Option<PromptCache>,
@@ -34,7 +36,8 @@ pub struct Pool {
 
 enum Slot {
     Empty,
-    Idle(Box<Session>, SessionParams),
+    /// A session, how it was made, and the scope of the prefix its cache holds.
+    Idle(Box<Session>, SessionParams, Scope),
     Leased,
 }
 
@@ -48,8 +51,6 @@ struct State {
 
 /// Why a request got no session.
 pub enum Refusal {
-    /// The queue is full.
-    Busy,
     /// The request's parameters do not fit the model (its context, say).
     Invalid(String),
     /// The model could not be loaded, or a session not be made.
@@ -60,6 +61,7 @@ pub enum Refusal {
 pub struct Lease {
     pub session: Session,
     params: SessionParams,
+    scope: Scope,
     slot: usize,
     _permit: OwnedSemaphorePermit,
 }
@@ -77,7 +79,7 @@ impl Pool {
             session,
             parallel: Arc::new(Semaphore::new(parallel)),
             max_queue,
-            waiting: AtomicUsize::new(0),
+            admitted: Arc::default(),
             state: Mutex::new(State {
                 model: None,
                 scheduler: None,
@@ -129,19 +131,26 @@ impl Pool {
         st.model.clone().map(|m| (m, st.expires))
     }
 
-    /// Wait for a free session (the queue is bounded), then lease the one whose cache best
-    /// matches `prompt`, with context `n_ctx` (0: the default).
-    pub async fn lease(self: &Arc<Self>, prompt: Vec<u32>, shape: Shape) -> Result<Lease, Refusal> {
-        let limit = self.max_queue + self.state().slots.len();
-        if self.waiting.fetch_add(1, Ordering::SeqCst) >= limit {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(Refusal::Busy);
-        }
+    /// Let a request in, or not (None: answer 503) when `parallel + max_queue` are in already:
+    /// the first thing a generation request does, before any work on its body.
+    pub fn admit(&self) -> Option<Admission> {
+        Admission::within(&self.admitted, self.max_queue + self.state().slots.len())
+    }
+
+    /// Wait for a free session, then lease the one whose cache best matches `prompt` in
+    /// `scope` (a session of another scope starts empty), with context `n_ctx` (0: the
+    /// default). Only an admitted request waits.
+    pub async fn lease(
+        self: &Arc<Self>,
+        _admitted: &Admission,
+        prompt: Vec<u32>,
+        shape: Shape,
+        scope: Scope,
+    ) -> Result<Lease, Refusal> {
         let permit = self.parallel.clone().acquire_owned().await;
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
         let permit = permit.map_err(|_| Refusal::Failed("the server is shutting down".into()))?;
         let pool = self.clone();
-        tokio::task::spawn_blocking(move || pool.take(&prompt, shape, permit))
+        tokio::task::spawn_blocking(move || pool.take(&prompt, shape, scope, permit))
             .await
             .unwrap_or_else(|e| Err(Refusal::Failed(e.to_string())))
     }
@@ -150,6 +159,7 @@ impl Pool {
         &self,
         prompt: &[u32],
         shape: Shape,
+        scope: Scope,
         permit: OwnedSemaphorePermit,
     ) -> Result<Lease, Refusal> {
         let model = self.model().map_err(Refusal::Failed)?;
@@ -178,7 +188,8 @@ impl Pool {
             want.n_threads = s.n_threads();
         }
         let common = |slot: &Slot| match slot {
-            Slot::Idle(s, p) if *p == want => 1 + s.common_prefix(prompt),
+            Slot::Idle(s, p, sc) if *p == want && *sc == scope => 2 + s.common_prefix(prompt),
+            Slot::Idle(_, p, _) if *p == want => 1,
             _ => 0,
         };
         // A permit guarantees a slot that is not leased.
@@ -189,7 +200,13 @@ impl Pool {
         let existing = std::mem::replace(&mut st.slots[slot], Slot::Leased);
         drop(st);
         let mut session = match existing {
-            Slot::Idle(s, p) if p == want => *s,
+            // Another scope's prefix is never reused: its tokens are forgotten first.
+            Slot::Idle(mut s, p, sc) if p == want => {
+                if sc != scope {
+                    s.reset();
+                }
+                *s
+            }
             _ => match scheduler.map_or_else(
                 || Session::new(model, &want),
                 |s| Session::with_scheduler(&s, &want),
@@ -202,11 +219,12 @@ impl Pool {
             },
         };
         if let Some(cache) = &self.cache {
-            cache.restore(&mut session, prompt);
+            cache.restore(&mut session, prompt, scope);
         }
         Ok(Lease {
             session,
             params: want,
+            scope,
             slot,
             _permit: permit,
         })
@@ -215,7 +233,7 @@ impl Pool {
     /// Take a session back after its request; the model stays loaded for `keep_alive`.
     pub fn give_back(&self, lease: Lease, keep_alive: KeepAlive) {
         let mut st = self.state();
-        st.slots[lease.slot] = Slot::Idle(Box::new(lease.session), lease.params);
+        st.slots[lease.slot] = Slot::Idle(Box::new(lease.session), lease.params, lease.scope);
         st.expires = match keep_alive {
             KeepAlive::Forever => None,
             KeepAlive::For(d) => Some(Instant::now() + d),

@@ -3,8 +3,9 @@
 //! saved (once per distinct system turn); a session about to serve a prompt starts from the
 //! longest saved prefix of it when that is more than its own cache holds. The directory is
 //! bounded in bytes (saves under way included): the least recently used states are removed
-//! first. Files are named by the hash of their tokens; no request names a file. Saves killed
-//! midway leave temporary files: removed at start and by every save.
+//! first. Files are named by the hash of their tokens (and the scope they belong to: a state is
+//! restored only for requests of its scope); no request names a file. Saves killed midway leave
+//! temporary files: removed at start and by every save.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -12,8 +13,12 @@ use std::time::SystemTime;
 
 use phi4::{Model, Session};
 
+use super::job::Scope;
+
 struct Entry {
     path: PathBuf,
+    /// Whose it is: named in the file's name (`SCOPE-HASH.kv`; `HASH.kv` for the shared scope).
+    scope: Scope,
     tokens: Vec<u32>,
     bytes: u64,
     used: SystemTime,
@@ -56,6 +61,7 @@ impl PromptCache {
                     let meta = f.metadata().ok()?;
                     let tokens = phi4::state::tokens(model, &f.path()).ok()?;
                     Some(Entry {
+                        scope: scope_of(&f.file_name().to_string_lossy()),
                         path: f.path(),
                         tokens,
                         bytes: meta.len(),
@@ -67,15 +73,16 @@ impl PromptCache {
         f(entries)
     }
 
-    /// Start `session` from the longest saved prefix of `prompt`, if that is longer than what
-    /// its cache already shares with the prompt. Returns the tokens restored.
-    pub fn restore(&self, session: &mut Session, prompt: &[u32]) -> usize {
+    /// Start `session` from the longest saved prefix of `prompt` in `scope`, if that is longer
+    /// than what its cache already shares with the prompt. Returns the tokens restored.
+    pub fn restore(&self, session: &mut Session, prompt: &[u32], scope: Scope) -> usize {
         let model = session.model().clone();
         let have = session.common_prefix(prompt);
         let best = self.with_entries(&model, |entries| {
             let e = entries
                 .iter_mut()
-                .filter(|e| e.tokens.len() > have && prompt.starts_with(&e.tokens))
+                .filter(|e| e.scope == scope && e.tokens.len() > have)
+                .filter(|e| prompt.starts_with(&e.tokens))
                 .max_by_key(|e| e.tokens.len())?;
             e.used = SystemTime::now();
             Some(e.path.clone())
@@ -91,17 +98,23 @@ impl PromptCache {
         }
     }
 
-    /// Save the first `n` tokens of `session` (a system turn) unless a state of exactly those
-    /// tokens is kept already; then remove the least recently used states beyond the bound.
-    pub fn keep(&self, session: &Session, n: usize) {
+    /// Save the first `n` tokens of `session` (a system turn) in `scope` unless a state of
+    /// exactly those tokens is kept there already; then remove the least recently used states
+    /// beyond the bound.
+    pub fn keep(&self, session: &Session, n: usize, scope: Scope) {
         let model = session.model().clone();
         let Some(tokens) = session.history().get(..n) else {
             return;
         };
-        if self.with_entries(&model, |entries| entries.iter().any(|e| e.tokens == tokens)) {
+        let kept = |e: &Entry| e.scope == scope && e.tokens == tokens;
+        if self.with_entries(&model, |entries| entries.iter().any(kept)) {
             return;
         }
-        let path = self.dir.join(format!("{:016x}.kv", hash(tokens)));
+        let name = match scope {
+            Scope(0) => format!("{:016x}.kv", hash(tokens)),
+            Scope(s) => format!("{s:016x}-{:016x}.kv", hash(tokens)),
+        };
+        let path = self.dir.join(name);
         match session.save(&path, n) {
             Ok(bytes) => {
                 eprintln!(
@@ -111,6 +124,7 @@ impl PromptCache {
                 self.with_entries(&model, |entries| {
                     entries.retain(|e| e.path != path);
                     entries.push(Entry {
+                        scope,
                         path: path.clone(),
                         tokens: tokens.to_vec(),
                         bytes,
@@ -138,6 +152,16 @@ fn evict(entries: &mut Vec<Entry>, max_bytes: u64) {
         let _ = std::fs::remove_file(&e.path);
         false
     });
+}
+
+/// The scope a saved state's file name says it is of.
+fn scope_of(file_name: &str) -> Scope {
+    let scope = file_name.split_once('-').map(|(s, _)| s);
+    Scope(
+        scope
+            .and_then(|s| u64::from_str_radix(s, 16).ok())
+            .unwrap_or(0),
+    )
 }
 
 /// FNV-1a over the tokens: a stable file name for a prefix.

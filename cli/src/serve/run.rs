@@ -11,7 +11,7 @@ use phi4::chat::{self, Markers, Message, Role};
 use phi4::{Outcome, Session, SessionError};
 use tokio::sync::mpsc;
 
-use super::job::{Job, Prompt};
+use super::job::{Job, Prompt, Scope};
 use super::pool::{Pool, Refusal};
 use super::prompt_cache::PromptCache;
 use super::ApiError;
@@ -39,12 +39,11 @@ pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
             }
         },
     };
-    let lease = match pool.lease(lease_key, job.shape).await {
+    let lease = match pool
+        .lease(&job.admission, lease_key, job.shape, job.scope)
+        .await
+    {
         Ok(l) => l,
-        Err(Refusal::Busy) => {
-            let _ = tx.send(Event::Failed(ApiError::busy())).await;
-            return rx;
-        }
         Err(Refusal::Invalid(e)) => {
             let _ = tx.send(Event::Failed(ApiError::bad(e))).await;
             return rx;
@@ -70,6 +69,8 @@ pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
     let pool = pool.clone();
     let pieces = tx.clone();
     let cache_pool = pool.clone();
+    // The request keeps its place until its session is back in the pool.
+    let admission = job.admission;
     let generation = tokio::task::spawn_blocking(move || {
         let mut lease = lease;
         let mut on_token = |_: Option<u32>, piece: &str| {
@@ -95,7 +96,7 @@ pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
                     started.elapsed().as_secs_f64() * 1e3
                 );
                 if let (Some(cache), Prompt::Chat(msgs)) = (&cache_pool.cache, &job.prompt) {
-                    keep_system_turn(cache, &lease.session, msgs);
+                    keep_system_turn(cache, &lease.session, msgs, job.scope);
                 }
                 Event::Done(
                     Box::new(out),
@@ -116,6 +117,7 @@ pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
             // request (or an unload) finds it free.
             Ok((lease, event, keep_alive)) => {
                 pool.give_back(lease, keep_alive);
+                drop(admission);
                 let _ = tx.send(event).await;
             }
             Err(e) => {
@@ -174,7 +176,7 @@ pub async fn collect(first: Event, mut rx: mpsc::Receiver<Event>) -> Result<Repl
 }
 
 /// Save the state of the conversation's system turn (when it has one and the session holds it).
-fn keep_system_turn(cache: &PromptCache, session: &Session, msgs: &[Message]) {
+fn keep_system_turn(cache: &PromptCache, session: &Session, msgs: &[Message], scope: Scope) {
     let Some(system) = msgs.first().filter(|m| m.role == Role::System) else {
         return;
     };
@@ -189,7 +191,7 @@ fn keep_system_turn(cache: &PromptCache, session: &Session, msgs: &[Message]) {
         Some(tok.encode(&system.content, false)),
     );
     if session.history().starts_with(&turn) {
-        cache.keep(session, turn.len());
+        cache.keep(session, turn.len(), scope);
     }
 }
 
