@@ -616,6 +616,10 @@ impl Model {
             let work = || loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(crc) = crcs.get(i) else { break };
+                // Its pages mapped in one call, not one fault each (those of repacked weights
+                // were dropped at load).
+                let t = &tensors[i];
+                ggml::prefault(&self.map, t.file_offset as usize, t.size as usize);
                 crc.store(crc32fast::hash(data(i)), Ordering::Relaxed);
             };
             std::thread::scope(|scope| {
