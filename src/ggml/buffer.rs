@@ -148,15 +148,23 @@ impl Buffer {
     pub fn alloc(buft: BufferType, size: usize, what: &str) -> Result<Buffer, AllocError> {
         // SAFETY: buft is a valid buffer type; a null return is handled.
         let buf = unsafe { sys::ggml_backend_buft_alloc_buffer(buft.0, size.max(1)) };
-        let b = NonNull::new(buf)
-            .map(|buf| Buffer {
-                buf,
-                _borrowed: None,
-            })
-            .ok_or(AllocError {
-                what: what.into(),
-                bytes: size,
-            })?;
+        Buffer::allocated(buf, what, size)
+    }
+
+    /// The buffer ggml allocated for `what` (`bytes` long), or the error of its null.
+    fn allocated(
+        buf: sys::ggml_backend_buffer_t,
+        what: &str,
+        bytes: usize,
+    ) -> Result<Buffer, AllocError> {
+        let buf = NonNull::new(buf).ok_or(AllocError {
+            what: what.into(),
+            bytes,
+        })?;
+        let b = Buffer {
+            buf,
+            _borrowed: None,
+        };
         b.advise_huge_pages();
         Ok(b)
     }
@@ -198,17 +206,7 @@ impl Buffer {
                 .nbytes()
             })
             .sum();
-        let b = NonNull::new(buf)
-            .map(|buf| Buffer {
-                buf,
-                _borrowed: None,
-            })
-            .ok_or(AllocError {
-                what: what.into(),
-                bytes,
-            })?;
-        b.advise_huge_pages();
-        Ok(b)
+        Buffer::allocated(buf, what, bytes)
     }
 
     pub fn size(&self) -> usize {
