@@ -8,7 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
+use axum::body::{Body, HttpBody};
 use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::Router;
@@ -54,7 +54,7 @@ impl Limits {
         declared: Option<u64>,
     ) -> Result<Request, ApiError> {
         let (parts, body) = req.into_parts();
-        if declared == Some(0) {
+        if declared == Some(0) || body.size_hint().exact() == Some(0) {
             return Ok(Request::from_parts(parts, body));
         }
         let reserve = declared.map_or(MAX_BODY, |n| n as usize).min(MAX_BODY) as u32;
