@@ -1,17 +1,18 @@
 //! The `phi4` command line: arguments and dispatch. Each command is a module of `commands/`;
-//! what they print goes through `output.rs`; the interactive loop of `phi4 run` is `repl.rs`.
+//! what they print goes through `output.rs`; the interactive loop of `phi4 run` is `repl.rs`;
+//! `phi4 serve` is the crate's library (`lib.rs`, `serve/`).
 
 mod commands;
 mod describe;
 mod options;
 mod output;
 mod repl;
-mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use phi4_cli::{serve, Res};
 
 #[derive(Parser)]
 #[command(name = "phi4", version, about = "Run Phi-4 GGUF models on the CPU")]
@@ -101,8 +102,6 @@ pub struct TokenizeArgs {
     #[arg(long)]
     special: bool,
 }
-
-pub type Res<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
 fn main() -> ExitCode {
     // Errors are reported as one line; a bug (panic) too, never a backtrace or a signal.

@@ -107,6 +107,10 @@ static void test_load_cancel(void) {
     CHECK(m == NULL, "no model");
 }
 
+/* The length of the replies the multi-threaded tests compare (shorter under valgrind, which runs
+ * threads one at a time: `--short`). */
+static unsigned chat_tokens = 40;
+
 static phi4_generate_params greedy(unsigned max_tokens) {
     phi4_generate_params g;
     phi4_generate_default_params(&g);
@@ -437,7 +441,7 @@ static void *chat_thread(void *arg) {
     j->status = j->sched ? phi4_session_new_on(j->sched, &sp, &s) : phi4_session_new(j->m, &sp, &s);
     if (j->status != PHI4_OK) return NULL;
     phi4_message msgs[] = {{"user", j->question ? j->question : "What is a module?"}};
-    phi4_generate_params g = greedy(40);
+    phi4_generate_params g = greedy(chat_tokens);
     j->status = phi4_session_chat(s, msgs, 1, &g, append, j);
     phi4_session_free(s);
     return NULL;
@@ -497,7 +501,7 @@ static void test_scheduler(phi4_model *m) {
     phi4_scheduler_free(sched);
     phi4_scheduler_free(NULL);
     phi4_message msgs[] = {{"user", questions[0]}};
-    phi4_generate_params g = greedy(40);
+    phi4_generate_params g = greedy(chat_tokens);
     chat_job after = {0};
     CHECK(phi4_session_chat(s, msgs, 1, &g, append, &after) == PHI4_OK, "chat after the scheduler's free");
     CHECK(strcmp(after.text, alone[0].text) == 0, "same reply: %s", after.text);
@@ -642,8 +646,10 @@ static void test_what_runs(const char *quantized) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: %s DEMO_MODEL MALFORMED_FILE QUANTIZED_MODEL\n", argv[0]);
+    if (argc == 5 && strcmp(argv[4], "--short") == 0) {
+        chat_tokens = 8;
+    } else if (argc != 4) {
+        fprintf(stderr, "usage: %s DEMO_MODEL MALFORMED_FILE QUANTIZED_MODEL [--short]\n", argv[0]);
         return 2;
     }
     demo = argv[1];

@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
 use phi4::chat::Message;
 use phi4::{Constraint, GenerateParams};
 use serde::de::DeserializeOwned;
@@ -95,9 +94,51 @@ pub enum KeepAlive {
     Forever,
 }
 
+/// The body of a generation route, as its JSON reads: the model it names, and the rest checked
+/// into [`RequestBody::Checked`] without a model, a session or a place in the queue (so the
+/// request-layer fuzz target runs every route's checks on arbitrary bytes).
+pub trait RequestBody: DeserializeOwned {
+    type Checked;
+    /// The model the request names.
+    fn model(&self) -> &str;
+    /// Every field checked: 400 with what is wrong.
+    fn check(self) -> Result<Self::Checked, ApiError>;
+}
+
+/// What the generation routes share, checked: the job but its prompt.
+pub struct Spec {
+    pub model: String,
+    pub params: GenerateParams,
+    pub shape: Shape,
+    pub keep_alive: KeepAlive,
+    pub stream: bool,
+    /// Requests with another salt never reuse this one's cached prefix (vLLM's `cache_salt`).
+    pub salt: Option<String>,
+}
+
+impl Spec {
+    /// The job of a request let in (`admission`) with `key`.
+    pub fn job(self, prompt: Prompt, label: &str, admission: Admission, key: KeyId) -> Job {
+        Job {
+            prompt,
+            params: self.params,
+            shape: self.shape,
+            keep_alive: self.keep_alive,
+            label: label.into(),
+            admission,
+            scope: Scope::of(key, self.salt.as_deref()),
+        }
+    }
+}
+
 /// The body as JSON of type T: malformed JSON and wrong types are 400s naming the problem.
-pub fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))
+}
+
+/// A body of route `B` parsed and checked (but its model name).
+pub fn checked<B: RequestBody>(body: &[u8]) -> Result<B::Checked, ApiError> {
+    parse::<B>(body)?.check()
 }
 
 /// Ollama's `options` (and the OpenAI fields mapped onto them) into generation parameters and a

@@ -27,6 +27,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::Res;
+use job::Admission;
 use pool::Pool;
 
 #[derive(clap::Args)]
@@ -139,6 +140,18 @@ impl IntoResponse for ApiError {
 }
 
 impl App {
+    /// A generation request: let in (or refused, 503) before any work on its body, then its
+    /// body parsed, the model it names checked (404), and the rest (400).
+    pub fn admit<B: job::RequestBody>(
+        &self,
+        body: &[u8],
+    ) -> Result<(Admission, B::Checked), ApiError> {
+        let admission = self.pool.admit().ok_or_else(ApiError::busy)?;
+        let req: B = job::parse(body)?;
+        self.check_model(req.model())?;
+        Ok((admission, req.check()?))
+    }
+
     /// The model a request names: ours (with or without a tag), or 404.
     pub fn check_model(&self, name: &str) -> Result<(), ApiError> {
         let base = name.strip_suffix(":latest").unwrap_or(name);
@@ -148,6 +161,30 @@ impl App {
             Err(ApiError::not_found(format!("model '{name}' not found")))
         }
     }
+}
+
+/// The routes whose bodies [`check_body`] checks: every one that reads a body.
+pub const BODY_ROUTES: [&str; 5] = [
+    "/api/show",
+    "/api/chat",
+    "/api/generate",
+    "/v1/chat/completions",
+    "/v1/completions",
+];
+
+/// A body for the route `path` ([`BODY_ROUTES`]) parsed and checked as the server does before
+/// it runs the request (all but the model name; no model needed): `Err` with the message a
+/// client would get. For the request-layer fuzz target.
+pub fn check_body(path: &str, body: &[u8]) -> Result<(), String> {
+    let r = match path {
+        "/api/show" => ollama::show_name(body).map(drop),
+        "/api/chat" => job::checked::<ollama::ChatRequest>(body).map(drop),
+        "/api/generate" => job::checked::<ollama::GenerateRequest>(body).map(drop),
+        "/v1/chat/completions" => job::checked::<openai::ChatRequest>(body).map(drop),
+        "/v1/completions" => job::checked::<openai::CompletionRequest>(body).map(drop),
+        _ => return Err(format!("{path} reads no body")),
+    };
+    r.map_err(|e| e.message)
 }
 
 /// Where to listen: --host/--port, else OLLAMA_HOST ("host", "host:port", "http://host:port"),

@@ -13,7 +13,7 @@ use phi4::{DoneReason, GenerateParams, Outcome};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::job::{self, parse, Job, KeepAlive, KeyId, Prompt, Scope, Shape};
+use super::job::{self, parse, Job, KeepAlive, KeyId, Prompt, RequestBody, Shape, Spec};
 use super::run::{self, async_stream, Event};
 use super::{ApiError, App};
 
@@ -103,7 +103,7 @@ struct ChatMessage {
 }
 
 #[derive(Deserialize)]
-struct ChatRequest {
+pub struct ChatRequest {
     model: String,
     /// Requests with another salt never reuse this one's cached prefix (vLLM's field).
     cache_salt: Option<String>,
@@ -117,19 +117,66 @@ struct ChatRequest {
     think: Option<Value>,
 }
 
-/// Options, format, context and keep-alive of a request.
-fn job_params(
+/// The checked options, format, keep-alive and stream flag of a request.
+fn spec(
+    model: String,
+    salt: Option<String>,
     options: Option<&Value>,
     format: Option<&Value>,
     keep_alive: Option<&Value>,
-) -> Result<(GenerateParams, Shape, KeepAlive), ApiError> {
-    let mut gp = GenerateParams {
+    stream: Option<bool>,
+) -> Result<Spec, ApiError> {
+    let mut params = GenerateParams {
         constraint: job::format(format)?,
         ..Default::default()
     };
     let mut shape = Shape::default();
-    job::options(options, &mut gp, &mut shape)?;
-    Ok((gp, shape, job::keep_alive(keep_alive)?))
+    job::options(options, &mut params, &mut shape)?;
+    Ok(Spec {
+        model,
+        params,
+        shape,
+        keep_alive: job::keep_alive(keep_alive)?,
+        stream: stream.unwrap_or(true),
+        salt,
+    })
+}
+
+impl RequestBody for ChatRequest {
+    /// No messages: load (or unload) the model.
+    type Checked = (Spec, Vec<Message>);
+    fn model(&self) -> &str {
+        &self.model
+    }
+    fn check(self) -> Result<Self::Checked, ApiError> {
+        let images = self.messages.iter().any(|m| non_empty(&m.images));
+        let tools =
+            non_empty(&self.tools) || self.messages.iter().any(|m| non_empty(&m.tool_calls));
+        unsupported(images, tools, self.think.as_ref())?;
+        let spec = spec(
+            self.model,
+            self.cache_salt,
+            self.options.as_ref(),
+            self.format.as_ref(),
+            self.keep_alive.as_ref(),
+            self.stream,
+        )?;
+        let messages = self
+            .messages
+            .into_iter()
+            .map(|m| {
+                Role::parse(&m.role)
+                    .map(|r| Message::new(r, m.content))
+                    .ok_or_else(|| {
+                        ApiError::bad(format!(
+                            "role {:?} is not system, user or assistant",
+                            m.role
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((spec, messages))
+    }
 }
 
 pub async fn chat(
@@ -137,54 +184,23 @@ pub async fn chat(
     Extension(key): Extension<KeyId>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    // Admitted (or refused: 503) before any work on the body.
-    let admission = app.pool.admit().ok_or_else(ApiError::busy)?;
-    let req: ChatRequest = parse(&body)?;
-    app.check_model(&req.model)?;
-    let images = req.messages.iter().any(|m| non_empty(&m.images));
-    let tools = non_empty(&req.tools) || req.messages.iter().any(|m| non_empty(&m.tool_calls));
-    unsupported(images, tools, req.think.as_ref())?;
-    let (params, shape, keep_alive) = job_params(
-        req.options.as_ref(),
-        req.format.as_ref(),
-        req.keep_alive.as_ref(),
-    )?;
-    let model = req.model.clone();
-    if req.messages.is_empty() {
-        return load_or_unload(&app, keep_alive, json!({ "model": model, "created_at": now_rfc3339(), "message": { "role": "assistant", "content": "" } })).await;
+    let (admission, (spec, messages)) = app.admit::<ChatRequest>(&body)?;
+    let model = spec.model.clone();
+    if messages.is_empty() {
+        return load_or_unload(&app, spec.keep_alive, json!({ "model": model, "created_at": now_rfc3339(), "message": { "role": "assistant", "content": "" } })).await;
     }
-    let messages = req
-        .messages
-        .into_iter()
-        .map(|m| {
-            Role::parse(&m.role)
-                .map(|r| Message::new(r, m.content))
-                .ok_or_else(|| {
-                    ApiError::bad(format!(
-                        "role {:?} is not system, user or assistant",
-                        m.role
-                    ))
-                })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let job = Job {
-        prompt: Prompt::Chat(messages),
-        params,
-        shape,
-        keep_alive,
-        label: "POST /api/chat".into(),
-        admission,
-        scope: Scope::of(key, req.cache_salt.as_deref()),
-    };
-    let chunk = move |piece: &str| json!({ "model": model, "created_at": now_rfc3339(), "message": { "role": "assistant", "content": piece }, "done": false });
-    respond(&app, job, req.stream.unwrap_or(true), chunk, |model, text, out, total, _| {
+    let stream = spec.stream;
+    let job = spec.job(Prompt::Chat(messages), "POST /api/chat", admission, key);
+    let name = model.clone();
+    let chunk = move |piece: &str| json!({ "model": name, "created_at": now_rfc3339(), "message": { "role": "assistant", "content": piece }, "done": false });
+    respond(&app, job, stream, chunk, |model, text, out, total, _| {
         merge(json!({ "model": model, "created_at": now_rfc3339(), "message": { "role": "assistant", "content": text }, "done": true, "done_reason": done_reason(out.reason) }), timings(out, total))
-    }, req.model)
+    }, model)
     .await
 }
 
 #[derive(Deserialize)]
-struct GenerateRequest {
+pub struct GenerateRequest {
     model: String,
     /// Requests with another salt never reuse this one's cached prefix (vLLM's field).
     cache_salt: Option<String>,
@@ -202,64 +218,76 @@ struct GenerateRequest {
     suffix: Option<String>,
 }
 
+/// A generate request's text, tokenized when the model is at hand ([`prompt_ids`]).
+pub struct Text {
+    prompt: String,
+    system: Option<String>,
+    context: Vec<u32>,
+    raw: bool,
+}
+
+impl RequestBody for GenerateRequest {
+    /// An empty prompt and context: load (or unload) the model.
+    type Checked = (Spec, Text);
+    fn model(&self) -> &str {
+        &self.model
+    }
+    fn check(self) -> Result<Self::Checked, ApiError> {
+        unsupported(non_empty(&self.images), false, self.think.as_ref())?;
+        job::no_suffix(self.suffix.as_deref())?;
+        let spec = spec(
+            self.model,
+            self.cache_salt,
+            self.options.as_ref(),
+            self.format.as_ref(),
+            self.keep_alive.as_ref(),
+            self.stream,
+        )?;
+        let text = Text {
+            prompt: self.prompt,
+            system: self.system,
+            context: self.context.unwrap_or_default(),
+            raw: self.raw.unwrap_or(false),
+        };
+        Ok((spec, text))
+    }
+}
+
 pub async fn generate(
     State(app): State<Arc<App>>,
     Extension(key): Extension<KeyId>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    // Admitted (or refused: 503) before any work on the body.
-    let admission = app.pool.admit().ok_or_else(ApiError::busy)?;
-    let req: GenerateRequest = parse(&body)?;
-    app.check_model(&req.model)?;
-    unsupported(non_empty(&req.images), false, req.think.as_ref())?;
-    job::no_suffix(req.suffix.as_deref())?;
-    let (params, shape, keep_alive) = job_params(
-        req.options.as_ref(),
-        req.format.as_ref(),
-        req.keep_alive.as_ref(),
-    )?;
-    let model = req.model.clone();
-    if req.prompt.is_empty() && req.context.as_ref().is_none_or(|c| c.is_empty()) {
+    let (admission, (spec, text)) = app.admit::<GenerateRequest>(&body)?;
+    let model = spec.model.clone();
+    if text.prompt.is_empty() && text.context.is_empty() {
         return load_or_unload(
             &app,
-            keep_alive,
+            spec.keep_alive,
             json!({ "model": model, "created_at": now_rfc3339(), "response": "" }),
         )
         .await;
     }
-    let ids = prompt_ids(
-        &app,
-        req.prompt,
-        req.system,
-        req.context.unwrap_or_default(),
-        req.raw.unwrap_or(false),
-    )
-    .await?;
-    let job = Job {
-        prompt: Prompt::Raw(ids),
-        params,
-        shape,
-        keep_alive,
-        label: "POST /api/generate".into(),
-        admission,
-        scope: Scope::of(key, req.cache_salt.as_deref()),
-    };
-    let chunk = move |piece: &str| json!({ "model": model, "created_at": now_rfc3339(), "response": piece, "done": false });
-    respond(&app, job, req.stream.unwrap_or(true), chunk, |model, text, out, total, history| {
+    let ids = prompt_ids(&app, text).await?;
+    let stream = spec.stream;
+    let job = spec.job(Prompt::Raw(ids), "POST /api/generate", admission, key);
+    let name = model.clone();
+    let chunk = move |piece: &str| json!({ "model": name, "created_at": now_rfc3339(), "response": piece, "done": false });
+    respond(&app, job, stream, chunk, |model, text, out, total, history| {
         merge(json!({ "model": model, "created_at": now_rfc3339(), "response": text, "done": true, "done_reason": done_reason(out.reason), "context": history }), timings(out, total))
-    }, req.model)
+    }, model)
     .await
 }
 
 /// The token ids of a generate request: the earlier `context`, then the prompt, templated as a
 /// user turn (with the system message) unless `raw`.
-async fn prompt_ids(
-    app: &Arc<App>,
-    prompt: String,
-    system: Option<String>,
-    context: Vec<u32>,
-    raw: bool,
-) -> Result<Vec<u32>, ApiError> {
+async fn prompt_ids(app: &Arc<App>, text: Text) -> Result<Vec<u32>, ApiError> {
+    let Text {
+        prompt,
+        system,
+        context,
+        raw,
+    } = text;
     let pool = app.pool.clone();
     let work = move || -> Result<Vec<u32>, ApiError> {
         let model = pool.model().map_err(ApiError::internal)?;
@@ -439,13 +467,16 @@ struct ShowRequest {
     name: Option<String>,
 }
 
-pub async fn show(State(app): State<Arc<App>>, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let req: ShowRequest = parse(&body)?;
-    let name = req
-        .model
+/// The model a /api/show body names.
+pub fn show_name(body: &[u8]) -> Result<String, ApiError> {
+    let req: ShowRequest = parse(body)?;
+    req.model
         .or(req.name)
-        .ok_or_else(|| ApiError::bad("model is required"))?;
-    app.check_model(&name)?;
+        .ok_or_else(|| ApiError::bad("model is required"))
+}
+
+pub async fn show(State(app): State<Arc<App>>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    app.check_model(&show_name(&body)?)?;
     let pool = app.pool.clone();
     let model = tokio::task::spawn_blocking(move || pool.model())
         .await

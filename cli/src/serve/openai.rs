@@ -13,7 +13,7 @@ use phi4::{GenerateParams, Outcome};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::job::{self, parse, Job, KeyId, Prompt, Scope, Shape};
+use super::job::{self, KeyId, Prompt, RequestBody, Shape, Spec};
 use super::run::{self, async_stream, Event};
 use super::{ApiError, App};
 
@@ -62,7 +62,7 @@ fn usage(o: &Outcome) -> Value {
 }
 
 #[derive(Deserialize)]
-struct ChatRequest {
+pub struct ChatRequest {
     model: String,
     /// Requests with another salt never reuse this one's cached prefix (vLLM's field).
     cache_salt: Option<String>,
@@ -130,7 +130,13 @@ fn content(v: Option<Value>) -> Result<String, ApiError> {
 }
 
 /// The OpenAI sampling fields onto the options (OpenAI's defaults: temperature and top_p 1).
-fn params(s: Sampling, max_tokens: Option<i64>) -> Result<(GenerateParams, Shape), ApiError> {
+fn spec(
+    model: String,
+    salt: Option<String>,
+    s: Sampling,
+    max_tokens: Option<i64>,
+    stream: Option<bool>,
+) -> Result<Spec, ApiError> {
     let Sampling {
         temperature,
         top_p,
@@ -159,10 +165,73 @@ fn params(s: Sampling, max_tokens: Option<i64>) -> Result<(GenerateParams, Shape
             opts.insert(k.into(), v);
         }
     }
-    let mut gp = GenerateParams::default();
+    let mut params = GenerateParams::default();
     let mut shape = Shape::default();
-    job::options(Some(&Value::Object(opts)), &mut gp, &mut shape)?;
-    Ok((gp, shape))
+    job::options(Some(&Value::Object(opts)), &mut params, &mut shape)?;
+    Ok(Spec {
+        model,
+        params,
+        shape,
+        keep_alive: job::keep_alive(None)?,
+        stream: stream.unwrap_or(false),
+        salt,
+    })
+}
+
+impl RequestBody for ChatRequest {
+    /// With `stream_options.include_usage`.
+    type Checked = (Spec, Vec<Message>, bool);
+    fn model(&self) -> &str {
+        &self.model
+    }
+    fn check(self) -> Result<Self::Checked, ApiError> {
+        let constraint = job::response_format(self.response_format.as_ref())?;
+        if self
+            .tools
+            .as_ref()
+            .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
+        {
+            return Err(ApiError::bad("phi4 does not support tools"));
+        }
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::bad("n must be 1"));
+        }
+        let messages = self
+            .messages
+            .into_iter()
+            .map(|m| {
+                let role = Role::parse(if m.role == "developer" {
+                    "system"
+                } else {
+                    &m.role
+                })
+                .ok_or_else(|| {
+                    ApiError::bad(format!(
+                        "role {:?} is not system, user or assistant",
+                        m.role
+                    ))
+                })?;
+                Ok(Message::new(role, content(m.content)?))
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        if messages.is_empty() {
+            return Err(ApiError::bad("messages must not be empty"));
+        }
+        let max_tokens = self.max_completion_tokens.or(self.sampling.max_tokens);
+        let mut spec = spec(
+            self.model,
+            self.cache_salt,
+            self.sampling,
+            max_tokens,
+            self.stream,
+        )?;
+        spec.params.constraint = constraint;
+        let include_usage = self
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        Ok((spec, messages, include_usage))
+    }
 }
 
 pub async fn chat(
@@ -170,61 +239,17 @@ pub async fn chat(
     Extension(key): Extension<KeyId>,
     body: Bytes,
 ) -> Result<Response, OpenAiError> {
-    // Admitted (or refused: 503) before any work on the body.
-    let admission = app.pool.admit().ok_or_else(ApiError::busy)?;
-    let req: ChatRequest = parse(&body)?;
-    app.check_model(&req.model)?;
-    let constraint = job::response_format(req.response_format.as_ref())?;
-    if req
-        .tools
-        .as_ref()
-        .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
-    {
-        return Err(ApiError::bad("phi4 does not support tools").into());
-    }
-    if req.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::bad("n must be 1").into());
-    }
-    let messages = req
-        .messages
-        .into_iter()
-        .map(|m| {
-            let role = Role::parse(if m.role == "developer" {
-                "system"
-            } else {
-                &m.role
-            })
-            .ok_or_else(|| {
-                ApiError::bad(format!(
-                    "role {:?} is not system, user or assistant",
-                    m.role
-                ))
-            })?;
-            Ok(Message::new(role, content(m.content)?))
-        })
-        .collect::<Result<Vec<_>, ApiError>>()?;
-    if messages.is_empty() {
-        return Err(ApiError::bad("messages must not be empty").into());
-    }
-    let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
-    let (mut params, shape) = params(req.sampling, max_tokens)?;
-    params.constraint = constraint;
-    let job = Job {
-        prompt: Prompt::Chat(messages),
-        params,
-        shape,
-        keep_alive: job::keep_alive(None)?,
-        label: "POST /v1/chat/completions".into(),
+    let (admission, (spec, messages, include_usage)) = app.admit::<ChatRequest>(&body)?;
+    let (model, stream) = (spec.model.clone(), spec.stream);
+    let job = spec.job(
+        Prompt::Chat(messages),
+        "POST /v1/chat/completions",
         admission,
-        scope: Scope::of(key, req.cache_salt.as_deref()),
-    };
-    let include_usage = req
-        .stream_options
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
-    let head = json!({ "id": id("chatcmpl"), "object": "chat.completion.chunk", "created": created(), "model": req.model, "system_fingerprint": "fp_phi4" });
+        key,
+    );
+    let head = json!({ "id": id("chatcmpl"), "object": "chat.completion.chunk", "created": created(), "model": model, "system_fingerprint": "fp_phi4" });
     let (first, rx) = run::begin(&app.pool, job).await?;
-    if !req.stream.unwrap_or(false) {
+    if !stream {
         let run::Reply {
             text, outcome: out, ..
         } = run::collect(first, rx).await?;
@@ -272,7 +297,7 @@ pub async fn chat(
 }
 
 #[derive(Deserialize)]
-struct CompletionRequest {
+pub struct CompletionRequest {
     model: String,
     /// Requests with another salt never reuse this one's cached prefix (vLLM's field).
     cache_salt: Option<String>,
@@ -283,34 +308,41 @@ struct CompletionRequest {
     suffix: Option<String>,
 }
 
+impl RequestBody for CompletionRequest {
+    type Checked = (Spec, String);
+    fn model(&self) -> &str {
+        &self.model
+    }
+    fn check(self) -> Result<Self::Checked, ApiError> {
+        let prompt = match self.prompt {
+            Value::String(s) => s,
+            _ => return Err(ApiError::bad("prompt must be a string")),
+        };
+        job::no_suffix(self.suffix.as_deref())?;
+        let max_tokens = self.sampling.max_tokens;
+        let spec = spec(
+            self.model,
+            self.cache_salt,
+            self.sampling,
+            max_tokens,
+            self.stream,
+        )?;
+        Ok((spec, prompt))
+    }
+}
+
 pub async fn completions(
     State(app): State<Arc<App>>,
     Extension(key): Extension<KeyId>,
     body: Bytes,
 ) -> Result<Response, OpenAiError> {
-    // Admitted (or refused: 503) before any work on the body.
-    let admission = app.pool.admit().ok_or_else(ApiError::busy)?;
-    let req: CompletionRequest = parse(&body)?;
-    app.check_model(&req.model)?;
-    let prompt = match req.prompt {
-        Value::String(s) => s,
-        _ => return Err(ApiError::bad("prompt must be a string").into()),
-    };
-    job::no_suffix(req.suffix.as_deref())?;
-    let max_tokens = req.sampling.max_tokens;
-    let (params, shape) = params(req.sampling, max_tokens)?;
-    let job = Job {
-        prompt: Prompt::Chat(vec![Message::new(Role::User, prompt)]),
-        params,
-        shape,
-        keep_alive: job::keep_alive(None)?,
-        label: "POST /v1/completions".into(),
-        admission,
-        scope: Scope::of(key, req.cache_salt.as_deref()),
-    };
-    let head = json!({ "id": id("cmpl"), "object": "text_completion", "created": created(), "model": req.model, "system_fingerprint": "fp_phi4" });
+    let (admission, (spec, prompt)) = app.admit::<CompletionRequest>(&body)?;
+    let (model, stream) = (spec.model.clone(), spec.stream);
+    let prompt = Prompt::Chat(vec![Message::new(Role::User, prompt)]);
+    let job = spec.job(prompt, "POST /v1/completions", admission, key);
+    let head = json!({ "id": id("cmpl"), "object": "text_completion", "created": created(), "model": model, "system_fingerprint": "fp_phi4" });
     let (first, rx) = run::begin(&app.pool, job).await?;
-    if !req.stream.unwrap_or(false) {
+    if !stream {
         let run::Reply {
             text, outcome: out, ..
         } = run::collect(first, rx).await?;
