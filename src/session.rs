@@ -167,6 +167,8 @@ impl DoneReason {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Timings {
     pub load_duration: u64,
+    /// Tokens of the prompt, those found in the cache included.
+    pub prompt_tokens: usize,
     /// Tokens evaluated for the prompt (the part not already in the cache).
     pub prompt_eval_count: usize,
     pub prompt_eval_duration: u64,
@@ -636,6 +638,7 @@ impl Session {
             Err(e) => return Err(e.into()),
         }
         self.history.extend_from_slice(new);
+        timings.prompt_tokens = prompt.len();
         timings.prompt_eval_count = new.len();
         timings.prompt_eval_duration = t.elapsed().as_nanos() as u64;
         Ok(true)

@@ -333,6 +333,69 @@ fn second_turn_evaluates_only_the_new_turn() {
     );
 }
 
+/// What clients send as they are: LlamaIndex's `null` options, LangChain's options Ollama has
+/// and phi4 does not use (ignored, named once in the log), Ollama's tag and other cases of the
+/// model's name; and OpenAI usage counting the whole prompt, the cached part included.
+#[test]
+fn clients_as_they_are() {
+    let s = Server::start(&[]);
+    let user = json!([{ "role": "user", "content": "What is a list?" }]);
+    let body = json!({ "model": "phi4:14b", "stream": false, "messages": user, "options": {
+        "temperature": null, "top_p": null, "num_predict": 4, "seed": null, "stop": null,
+        "mirostat": 1, "mirostat_eta": 0.1, "mirostat_tau": 5.0, "tfs_z": 1.0, "typical_p": 1.0,
+        "penalize_newline": true, "num_keep": 4, "num_gpu": 99, "main_gpu": 0, "use_mmap": true,
+        "use_mlock": false, "numa": false, "low_vram": false, "f16_kv": true } });
+    let (status, v) = s.post("/api/chat", &body);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["eval_count"], 4, "{v}");
+    let log = s.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("options ignored"))
+        .unwrap_or_else(|| panic!("no log line of the ignored options: {log}"));
+    for name in [
+        "mirostat",
+        "tfs_z",
+        "typical_p",
+        "num_gpu",
+        "f16_kv",
+        "use_mmap",
+    ] {
+        assert!(line.contains(name), "{line}");
+    }
+    assert!(!line.contains("temperature"), "null is unset: {line}");
+    assert_eq!(log.matches("options ignored").count(), 1, "{log}");
+    for name in ["PHI4", "Phi4:Latest", "phi4:14B"] {
+        let (status, v) = s.post("/api/chat", &json!({ "model": name, "stream": false, "messages": user, "options": { "num_predict": 1 } }));
+        assert_eq!(status, 200, "{name}: {v}");
+    }
+    let (status, v) = s.post(
+        "/api/generate",
+        &json!({ "model": "phi4", "prompt": "x", "options": null, "stream": false }),
+    );
+    assert_eq!(status, 200, "options null: {v}");
+
+    // The same prompt twice: the second is a cache hit, and still counts every prompt token.
+    let chat = json!({ "model": "phi4", "max_tokens": 2, "messages": user });
+    let (_, a) = s.post("/v1/chat/completions", &chat);
+    let (_, b) = s.post("/v1/chat/completions", &chat);
+    assert_eq!(
+        a["usage"]["prompt_tokens"], b["usage"]["prompt_tokens"],
+        "{a}\n{b}"
+    );
+    let (total, cached) = (
+        b["usage"]["prompt_tokens"].as_u64().unwrap(),
+        b["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap(),
+    );
+    assert!(total > 8 && cached >= total - 1, "{b}");
+    assert_eq!(
+        b["usage"]["total_tokens"].as_u64().unwrap(),
+        total + b["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+}
+
 /// A client that hangs up mid-stream stops its generation; the next request is served at once.
 #[test]
 fn disconnect_cancels_the_generation() {
@@ -666,9 +729,15 @@ fn bad_input_is_answered_and_the_server_goes_on() {
         ),
         (
             "/api/chat",
-            json!({ "model": "phi4", "messages": user, "options": { "bogus": 1 } }),
+            json!({ "model": "phi4:mini", "messages": user }),
+            404,
+            "model 'phi4:mini' not found",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": "phi4", "messages": user, "options": { "num_keep": 5, "top_k": -2 } }),
             400,
-            "unknown option",
+            "top_k",
         ),
         (
             "/api/chat",

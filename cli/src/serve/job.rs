@@ -114,11 +114,19 @@ pub struct Spec {
     pub stream: bool,
     /// Requests with another salt never reuse this one's cached prefix (vLLM's `cache_salt`).
     pub salt: Option<String>,
+    /// The options phi4 has no use for, named in the log.
+    pub ignored: Vec<String>,
 }
 
 impl Spec {
     /// The job of a request let in (`admission`) with `key`.
     pub fn job(self, prompt: Prompt, label: &str, admission: Admission, key: KeyId) -> Job {
+        if !self.ignored.is_empty() {
+            eprintln!(
+                "{label}: options ignored (phi4 has no use for them): {}",
+                self.ignored.join(", ")
+            );
+        }
         Job {
             prompt,
             params: self.params,
@@ -142,17 +150,23 @@ pub fn checked<B: RequestBody>(body: &[u8]) -> Result<B::Checked, ApiError> {
 }
 
 /// Ollama's `options` (and the OpenAI fields mapped onto them) into generation parameters and a
-/// context size. Every value is checked; Ollama's special values keep their meaning.
+/// context size. Every value of an option phi4 uses is checked; Ollama's special values keep
+/// their meaning; `null` is unset. Returns the names of the options phi4 has no use for
+/// (Ollama's GPU, memory-mapping and other samplers' options, or unknown names), which, as
+/// Ollama does, are ignored rather than refused.
 pub fn options(
     opts: Option<&Value>,
     gp: &mut GenerateParams,
     shape: &mut Shape,
-) -> Result<(), ApiError> {
-    let Some(opts) = opts else { return Ok(()) };
+) -> Result<Vec<String>, ApiError> {
+    let mut ignored = Vec::new();
+    let Some(opts) = opts.filter(|o| !o.is_null()) else {
+        return Ok(ignored);
+    };
     let Some(map) = opts.as_object() else {
         return Err(ApiError::bad("options must be an object"));
     };
-    for (name, v) in map {
+    for (name, v) in map.iter().filter(|(_, v)| !v.is_null()) {
         let bad = |why: &str| ApiError::bad(format!("option {name}: {why}"));
         let int = || v.as_i64().ok_or_else(|| bad("must be a whole number"));
         match name.as_str() {
@@ -182,9 +196,6 @@ pub fn options(
                     n => return Err(bad(&format!("{n} is neither a count nor -1 / -2"))),
                 }
             }
-            // Ollama's GPU and memory-mapping options: nothing to do on a CPU, mmap always.
-            "use_mmap" | "num_gpu" | "main_gpu" | "use_mlock" | "numa" | "num_keep"
-            | "low_vram" | "vocab_only" => {}
             "stop" => {
                 let stops = match v {
                     Value::String(s) => vec![s.clone()],
@@ -213,10 +224,11 @@ pub fn options(
                 };
                 gp.set(name, &text).map_err(|e| bad(&e))?;
             }
-            _ => return Err(bad("unknown option")),
+            _ => ignored.push(name.clone()),
         }
     }
-    gp.sampling.validate().map_err(ApiError::bad)
+    gp.sampling.validate().map_err(ApiError::bad)?;
+    Ok(ignored)
 }
 
 /// Ollama's `format`: absent, null or "" (free text), "json" (any JSON object), or a JSON

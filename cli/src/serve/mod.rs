@@ -152,16 +152,24 @@ impl App {
         Ok((admission, req.check()?))
     }
 
-    /// The model a request names: ours (with or without a tag), or 404.
+    /// The model a request names: ours, in any case, with no tag or one of [`MODEL_TAGS`]
+    /// (`phi4`, `PHI4`, `phi4:latest`, `phi4:14b`), or 404.
     pub fn check_model(&self, name: &str) -> Result<(), ApiError> {
-        let base = name.strip_suffix(":latest").unwrap_or(name);
-        if base == self.name {
+        let (base, tag) = name.rsplit_once(':').unwrap_or((name, "latest"));
+        let ours = name.eq_ignore_ascii_case(&self.name)
+            || (base.eq_ignore_ascii_case(&self.name)
+                && MODEL_TAGS.iter().any(|t| t.eq_ignore_ascii_case(tag)));
+        if ours {
             Ok(())
         } else {
             Err(ApiError::not_found(format!("model '{name}' not found")))
         }
     }
 }
+
+/// The tags a request may give the model's name: Ollama's default tag, and its tag for Phi-4 by
+/// size (`phi4:14b`). Names compare without regard to case, as Ollama's do.
+pub const MODEL_TAGS: [&str; 2] = ["latest", "14b"];
 
 /// The routes whose bodies [`check_body`] checks: every one that reads a body.
 pub const BODY_ROUTES: [&str; 5] = [

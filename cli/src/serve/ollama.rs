@@ -131,7 +131,7 @@ fn spec(
         ..Default::default()
     };
     let mut shape = Shape::default();
-    job::options(options, &mut params, &mut shape)?;
+    let ignored = job::options(options, &mut params, &mut shape)?;
     Ok(Spec {
         model,
         params,
@@ -139,6 +139,7 @@ fn spec(
         keep_alive: job::keep_alive(keep_alive)?,
         stream: stream.unwrap_or(true),
         salt,
+        ignored,
     })
 }
 

@@ -57,8 +57,10 @@ fn finish_reason(o: &Outcome) -> &'static str {
 }
 
 fn usage(o: &Outcome) -> Value {
-    let (p, c) = (o.timings.prompt_eval_count, o.timings.eval_count);
-    json!({ "prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c })
+    let t = &o.timings;
+    let (p, c) = (t.prompt_tokens, t.eval_count);
+    let cached = t.prompt_tokens.saturating_sub(t.prompt_eval_count);
+    json!({ "prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c, "prompt_tokens_details": { "cached_tokens": cached } })
 }
 
 #[derive(Deserialize)]
@@ -167,7 +169,7 @@ fn spec(
     }
     let mut params = GenerateParams::default();
     let mut shape = Shape::default();
-    job::options(Some(&Value::Object(opts)), &mut params, &mut shape)?;
+    let ignored = job::options(Some(&Value::Object(opts)), &mut params, &mut shape)?;
     Ok(Spec {
         model,
         params,
@@ -175,6 +177,7 @@ fn spec(
         keep_alive: job::keep_alive(None)?,
         stream: stream.unwrap_or(false),
         salt,
+        ignored,
     })
 }
 
