@@ -64,45 +64,13 @@ fn run(mut c: Command, what: &str) -> String {
 /// The other build's greedy continuation of `prompt`, and whether it ended with an
 /// end-of-generation token (which is not printed) rather than after `n` tokens.
 fn other_greedy(model: &Path, prompt: &[u32], n: usize) -> (Vec<u32>, bool) {
-    let ids: Vec<String> = prompt.iter().map(|t| t.to_string()).collect();
-    let mut c = other_cli();
-    c.args([
-        "run",
-        "--raw",
-        "--json",
-        "--temperature",
-        "0",
-        "--repeat-penalty",
-        "1",
-    ])
-    .args([
-        "--threads",
-        &THREADS.to_string(),
-        "--batch",
-        &N_BATCH.to_string(),
-        "--ctx-size",
-        &N_CTX.to_string(),
-    ])
-    .args([
-        "-n",
-        &n.to_string(),
-        "--prompt-ids",
-        &ids.join(","),
-        "--model",
-    ])
-    .arg(model);
-    let out = run(c, "other build's phi4 run");
-    let events: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let tokens: Vec<u32> = events
-        .iter()
-        .filter_map(|v| v.get("token")?.as_u64())
-        .map(|t| t as u32)
-        .collect();
-    let stopped = events.last().and_then(|v| v.get("done_reason")?.as_str()) == Some("stop");
-    assert!(tokens.len() == n || (stopped && tokens.len() >= 8), "{out}");
+    let (threads, batch, ctx) = (THREADS.to_string(), N_BATCH.to_string(), N_CTX.to_string());
+    let flags = ["--threads", &threads, "--batch", &batch, "--ctx-size", &ctx];
+    let (tokens, stopped) = common::cli_greedy(other_cli(), model, prompt, n, &flags);
+    assert!(
+        tokens.len() == n || (stopped && tokens.len() >= 8),
+        "{tokens:?}"
+    );
     (tokens, stopped)
 }
 

@@ -67,37 +67,10 @@ fn a_variant_the_machine_runs_may_be_asked_for_and_others_are_not_taken() {
 
 /// Greedy tokens of `c` (a `phi4` command) on the demo model: a short raw generation.
 #[cfg(target_arch = "x86_64")]
-fn greedy_tokens(mut c: Command) -> String {
-    c.args([
-        "run",
-        "--raw",
-        "--json",
-        "--temperature",
-        "0",
-        "--repeat-penalty",
-        "1",
-    ])
-    .args([
-        "--threads",
-        "2",
-        "-n",
-        "6",
-        "--prompt-ids",
-        "13,100,200,300,400,500",
-    ])
-    .arg("--model")
-    .arg(common::fixture("phi4-tiny-docs.gguf"));
-    let out = c.output().expect("phi4 run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    text.lines()
-        .filter(|l| l.contains("\"token\""))
-        .collect::<Vec<_>>()
-        .join(",")
+fn greedy_tokens(c: Command) -> Vec<u32> {
+    let prompt = [13, 100, 200, 300, 400, 500];
+    let model = common::fixture("phi4-tiny-docs.gguf");
+    common::cli_greedy(c, &model, &prompt, 6, &["--threads", "2"]).0
 }
 
 /// On an AVX2-only CPU the x86_64 build chooses its AVX2 kernels and runs them through a

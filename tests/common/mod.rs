@@ -139,3 +139,54 @@ pub fn reference_kernels() -> &'static str {
     ONCE.call_once(|| std::env::set_var("PHI4_CPU_VARIANT", name));
     name
 }
+
+/// Greedy decoding by a `phi4` command `c` (a CLI build, maybe under an emulator): `phi4 run
+/// --raw --json` at temperature 0 without repeat penalty, `n` tokens after the token ids
+/// `prompt` of `model`, with `flags` (threads, batch, context). Returns the tokens and whether
+/// it ended with an end-of-generation token (not printed) rather than after `n`.
+#[allow(dead_code)]
+pub fn cli_greedy(
+    mut c: std::process::Command,
+    model: &Path,
+    prompt: &[u32],
+    n: usize,
+    flags: &[&str],
+) -> (Vec<u32>, bool) {
+    let ids: Vec<String> = prompt.iter().map(|t| t.to_string()).collect();
+    c.args([
+        "run",
+        "--raw",
+        "--json",
+        "--temperature",
+        "0",
+        "--repeat-penalty",
+        "1",
+    ])
+    .args(flags)
+    .args([
+        "-n",
+        &n.to_string(),
+        "--prompt-ids",
+        &ids.join(","),
+        "--model",
+    ])
+    .arg(model);
+    let out = c.output().expect("phi4 run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "phi4 run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let tokens = events
+        .iter()
+        .filter_map(|v| v.get("token")?.as_u64())
+        .map(|t| t as u32)
+        .collect();
+    let stopped = events.last().and_then(|v| v.get("done_reason")?.as_str()) == Some("stop");
+    (tokens, stopped)
+}
