@@ -9,8 +9,7 @@
 //! - `chat`: a non-streamed /api/chat of up to 16 tokens;
 //! - `generate-stream`: a streamed /api/generate;
 //! - `openai-stream`: a streamed /v1/chat/completions with usage;
-//! - `embed`: /api/embed and /v1/embeddings (refused with 400 while the server has no
-//!   embeddings; counted apart);
+//! - `embed`: /api/embed or /v1/embeddings of one text;
 //! - `cancel`: a streamed chat whose connection is dropped after its first chunk;
 //! - `hostile`: a malformed or invalid body (truncated JSON, wrong types, bad options, an
 //!   unknown role, random bytes), which must get a 4xx;

@@ -64,8 +64,8 @@
 // params struct, a value of an enum added) and keeps what was there, so a program can test
 // for a feature at compile time (`#if PHI4_VERSION_MINOR >= 2`). 2: phi4_scheduler_*,
 // phi4_session_new_on, phi4_session_{save,load}_*, phi4_session_copy, phi4_cpu_variant,
-// phi4_last_error, phi4_generate_params.format, the PHI4_* limits.
-#define PHI4_VERSION_MINOR 2
+// phi4_last_error, phi4_generate_params.format, the PHI4_* limits. 3: phi4_session_embed.
+#define PHI4_VERSION_MINOR 3
 
 // The library's patch version.
 #define PHI4_VERSION_PATCH 0
@@ -292,7 +292,7 @@ const char *phi4_last_error(void);
 // The older name of phi4_last_error (phi4 0.1 recorded only loads and new sessions there).
 const char *phi4_last_load_error(void);
 
-// The version of the library linked at run time, e.g. "0.2.0" (PHI4_VERSION_* are the
+// The version of the library linked at run time, e.g. "0.3.0" (PHI4_VERSION_* are the
 // header's). Static; never NULL.
 const char *phi4_version(void);
 
@@ -442,6 +442,23 @@ enum phi4_status phi4_session_generate(struct phi4_session *session,
                                        const struct phi4_generate_params *params,
                                        phi4_stream_fn on_piece,
                                        void *user_data);
+
+// The embedding of `n_tokens` token ids (phi4_tokenize makes them from text): the mean of
+// the model's final hidden states over them (llama.cpp's mean pooling), `n_embd` floats,
+// scaled to unit length if `normalize` (as Ollama's /api/embed returns them). Writes them to
+// `out` (room for `capacity` floats) and their count to `*n_out`; if `capacity` is too small,
+// returns PHI4_ERR_BUFFER_TOO_SMALL with the count needed in `*n_out` and computes nothing
+// (call with `out` NULL and `capacity` 0 to ask). The session's cache then holds the tokens;
+// what it held before is forgotten. Cancellable with phi4_session_cancel (PHI4_ERR_CANCELLED).
+//
+// One thread at a time per session (PHI4_ERR_BUSY otherwise).
+enum phi4_status phi4_session_embed(struct phi4_session *session,
+                                    const uint32_t *tokens,
+                                    size_t n_tokens,
+                                    bool normalize,
+                                    float *out,
+                                    size_t capacity,
+                                    size_t *n_out);
 
 // Ask the running generation on `session` to stop; it ends within one micro-batch with
 // PHI4_DONE_CANCELLED. Any thread, any time; no effect if nothing runs (the flag is cleared

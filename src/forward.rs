@@ -13,8 +13,11 @@
 //!     x   = x + attn_output · a
 //!     h   = rms_norm(x) * ffn_norm
 //!     x   = x + ffn_down · swiglu(ffn_up · h)          (gate rows first, then up)
-//! logits = output · (rms_norm(x) * output_norm)         (each segment's last position only)
+//! hidden = rms_norm(x) * output_norm                    (each segment's last position only,
+//!                                                        every position for embeddings)
+//! logits = output · hidden                               (each segment's last position)
 //! ```
+//! Embeddings are the mean of `hidden` over a text's tokens (as llama.cpp's mean pooling).
 //! Memory: the compute buffer is sized once for the worst graphs (`Engine::reserve`: a
 //! micro-batch against a full cache, a decode step of every segment against full caches), so
 //! decoding never allocates per token.
@@ -69,6 +72,9 @@ pub struct Engine {
     max_segments: usize,
     /// Logits of the last token of each segment of the last graph, one row after the other.
     pub logits: Vec<f32>,
+    /// The final hidden states (normed: `hidden` above), one row after the other: of the same
+    /// tokens as `logits`, or of every token of the graph when it was built `for_embeddings`.
+    pub hidden: Vec<f32>,
     ids: Vec<i32>,
     pos: Vec<i32>,
     out_ids: Vec<i32>,
@@ -100,6 +106,7 @@ impl Engine {
             graph_size,
             max_segments,
             logits: Vec::with_capacity(c.n_vocab * max_segments),
+            hidden: Vec::with_capacity(c.n_embd * max_segments),
             ids: Vec::new(),
             pos: Vec::new(),
             out_ids: Vec::new(),
@@ -137,8 +144,14 @@ impl Engine {
             .chain((1..self.max_segments).map(|_| decode()))
             .collect();
         let step: Vec<_> = (0..self.max_segments).map(|_| decode()).collect();
-        for segments in [&mixed, &step] {
-            let built = build(&mut self.graph_ctx, self.graph_size, model, segments);
+        for (segments, all_rows) in [(&mixed, false), (&mixed, true), (&step, false)] {
+            let built = build(
+                &mut self.graph_ctx,
+                self.graph_size,
+                model,
+                segments,
+                all_rows,
+            );
             self.alloc.reserve(built.graph)?;
             self.compute.reserve(built.graph)?;
         }
@@ -151,18 +164,27 @@ impl Engine {
     }
 
     /// Evaluate every segment in one graph (each checked by the caller); afterwards
-    /// `self.logits` holds the logits of each segment's last token, in order.
+    /// `self.logits` holds the logits of each segment's last token, in order, and
+    /// `self.hidden` the final hidden states of those tokens, or of every token if
+    /// `for_embeddings`.
     pub fn step(
         &mut self,
         model: &Model,
         segments: &[Segment<'_>],
+        for_embeddings: bool,
         abort: &AtomicBool,
     ) -> Result<(), EvalError> {
         assert!(
             (1..=self.max_segments).contains(&segments.len())
                 && segments.iter().all(|s| !s.tokens.is_empty())
         );
-        let built = build(&mut self.graph_ctx, self.graph_size, model, segments);
+        let built = build(
+            &mut self.graph_ctx,
+            self.graph_size,
+            model,
+            segments,
+            for_embeddings,
+        );
         self.alloc.alloc(built.graph)?;
 
         self.ids.clear();
@@ -204,6 +226,7 @@ impl Engine {
             Err(ComputeError::Alloc(e)) => return Err(e.into()),
         }
         ggml::tensor_read_f32(built.logits, &mut self.logits);
+        ggml::tensor_read_f32(built.hidden, &mut self.hidden);
         Ok(())
     }
 }
@@ -215,16 +238,19 @@ struct Built<'g> {
     pos: Tensor<'g>,        // i32 [n]
     out_ids: Tensor<'g>,    // i32 [n_seg]: the row of each segment's last token
     masks: Vec<Tensor<'g>>, // per segment f16 [n_kv, n_tokens]
+    hidden: Tensor<'g>,     // f32 [n_embd, n_seg] (or [n_embd, n] with all rows)
     logits: Tensor<'g>,     // f32 [n_vocab, n_seg]
 }
 
 /// Build the graph for `segments`: the weight matrices multiply every token at once, attention
-/// runs per segment over its own cache.
+/// runs per segment over its own cache. With `all_rows`, the final hidden state of every token
+/// is kept (for embeddings), else only of each segment's last.
 fn build<'g>(
     ctx: &'g mut Context,
     graph_size: usize,
     model: &'g Model,
     segments: &[Segment<'g>],
+    all_rows: bool,
 ) -> Built<'g> {
     let c = &model.config;
     let w = &model.weights;
@@ -329,7 +355,7 @@ fn build<'g>(
         let mut cur = g.mul_mat(wt(l.attn_output), a);
 
         let mut residual = residual;
-        if il == c.n_layer - 1 {
+        if il == c.n_layer - 1 && !all_rows {
             // Only each segment's last position's logits are wanted: drop the other rows here.
             cur = g.get_rows(cur, out_ids);
             residual = g.get_rows(residual, out_ids);
@@ -344,15 +370,21 @@ fn build<'g>(
         x = g.add(x1, down);
     }
     let h = g.rms_norm(x, c.rms_eps);
-    let h = g.mul(h, wt(w.output_norm));
-    let logits = g.mul_mat(wt(w.output), h); // [n_vocab, n_seg]
-    g.expand(logits);
+    let hidden = g.mul(h, wt(w.output_norm)); // [n_embd, n_seg] ([n_embd, n] with all rows)
+    let last = match all_rows {
+        true => g.get_rows(hidden, out_ids),
+        false => hidden,
+    };
+    let logits = g.mul_mat(wt(w.output), last); // [n_vocab, n_seg]
+    g.output(hidden);
+    g.output(logits);
     Built {
         graph: g.raw_graph(),
         tokens,
         pos,
         out_ids,
         masks,
+        hidden,
         logits,
     }
 }

@@ -77,14 +77,23 @@ struct Queue {
     last_step: Duration,
 }
 
+/// What a step hands back to a request: the logits of its last token, or the final hidden
+/// states of all its tokens (one row each: what embeddings pool).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Output {
+    Logits,
+    Hidden,
+}
+
 struct Request {
     ticket: u64,
     kv: Arc<Mutex<KvCache>>,
     /// A token, or a micro-batch of a prompt (the session's buffer, handed back with `logits`).
     tokens: Vec<u32>,
     n_past: usize,
-    /// The session's logits buffer, filled by the step and handed back.
-    logits: Vec<f32>,
+    /// The session's output buffer, filled by the step with `output` and handed back.
+    out: Vec<f32>,
+    output: Output,
     /// The session's cancel flag: it aborts a step that carries this request alone.
     cancel: Arc<AtomicBool>,
 }
@@ -93,7 +102,7 @@ struct Done {
     ticket: u64,
     result: Result<(), EvalError>,
     tokens: Vec<u32>,
-    logits: Vec<f32>,
+    out: Vec<f32>,
 }
 
 /// A step of several sessions is never aborted: a session's cancel flag takes effect after it
@@ -158,14 +167,14 @@ impl Scheduler {
 
     /// Queue `tokens` (in the session's buffer: a decode token, or a micro-batch of a prompt,
     /// checked by the caller) of `kv` at `n_past`, and wait for the step that evaluates them —
-    /// leading it if no one else does; `logits` gets the last token's. `cancel` aborts the step
-    /// if it carries this request alone (else it takes effect after the step).
+    /// leading it if no one else does; `out` gets the last token's `output`. `cancel` aborts
+    /// the step if it carries this request alone (else it takes effect after the step).
     pub(crate) fn submit(
         &self,
         kv: &Arc<Mutex<KvCache>>,
         tokens: &mut Vec<u32>,
         n_past: usize,
-        logits: &mut Vec<f32>,
+        (out, output): (&mut Vec<f32>, Output),
         cancel: &Arc<AtomicBool>,
     ) -> Result<(), EvalError> {
         if cancel.load(Ordering::Relaxed) {
@@ -180,7 +189,8 @@ impl Scheduler {
             kv: kv.clone(),
             tokens: std::mem::take(tokens),
             n_past,
-            logits: std::mem::take(logits),
+            out: std::mem::take(out),
+            output,
             cancel: cancel.clone(),
         });
         q.since.get_or_insert_with(Instant::now);
@@ -189,7 +199,7 @@ impl Scheduler {
             if let Some(i) = q.done.iter().position(|d| d.ticket == ticket) {
                 let done = q.done.swap_remove(i);
                 *tokens = done.tokens;
-                *logits = done.logits;
+                *out = done.out;
                 return done.result;
             }
             let queued = q.waiting.iter().any(|r| r.ticket == ticket);
@@ -245,7 +255,7 @@ impl Scheduler {
             ticket: r.ticket,
             result: result.clone(),
             tokens: r.tokens,
-            logits: r.logits,
+            out: r.out,
         }));
         sh.wake.notify_all();
         if let Err(p) = outcome {
@@ -253,7 +263,7 @@ impl Scheduler {
         }
     }
 
-    /// One graph over every request's cache; each request's logits filled from it.
+    /// One graph over every request's cache; each request's output filled from it.
     fn step(&self, batch: &mut [Request]) -> Result<(), EvalError> {
         let sh = &*self.0;
         let mut engine = sh.engine.lock();
@@ -271,13 +281,21 @@ impl Scheduler {
             [alone] => &*alone.cancel,
             _ => &NEVER,
         };
-        engine.step(&sh.model, &segments, abort)?;
+        let all_rows = batch.iter().any(|r| r.output == Output::Hidden);
+        engine.step(&sh.model, &segments, all_rows, abort)?;
         drop(segments);
         drop(caches);
-        let n_vocab = sh.model.config.n_vocab;
-        for (r, row) in batch.iter_mut().zip(engine.logits.chunks_exact(n_vocab)) {
-            r.logits.clear();
-            r.logits.extend_from_slice(row);
+        let (n_vocab, n_embd) = (sh.model.config.n_vocab, sh.model.config.n_embd);
+        let mut first = 0;
+        for (i, r) in batch.iter_mut().enumerate() {
+            let n = r.tokens.len();
+            let rows = match r.output {
+                Output::Logits => &engine.logits[i * n_vocab..(i + 1) * n_vocab],
+                Output::Hidden => &engine.hidden[first * n_embd..(first + n) * n_embd],
+            };
+            first += n;
+            r.out.clear();
+            r.out.extend_from_slice(rows);
         }
         let mut stats = sh.stats.lock();
         stats.steps += 1;

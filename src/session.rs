@@ -21,7 +21,7 @@ use crate::kv_cache::KvCache;
 use crate::limits::{self, cpu_count, DEFAULT_BATCH, DEFAULT_CONTEXT, MAX_CONTEXT};
 use crate::model::Model;
 use crate::sample::{Sampler, SamplingParams};
-use crate::scheduler::Scheduler;
+use crate::scheduler::{Output, Scheduler};
 use crate::state::{self, StateError};
 use crate::tokenizer::StreamDecoder;
 
@@ -189,6 +189,15 @@ pub struct Outcome {
     pub text: String,
 }
 
+/// Scale `v` to unit length (L2; a zero vector stays zero): embeddings as Ollama's /api/embed
+/// and OpenAI's return them, compared by dot product.
+pub fn normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x = (*x as f64 / norm) as f32);
+    }
+}
+
 /// The streaming callback: `(Some(token id) | None for a final flush, complete text) -> go on?`
 pub type OnToken<'a> = dyn FnMut(Option<u32>, &str) -> bool + 'a;
 
@@ -321,6 +330,18 @@ impl Session {
     /// effect within a micro-batch when the step carries this session alone (ggml checks
     /// between ops), else after it.
     fn eval(&mut self, tokens: &[u32], n_past: usize) -> Result<(), EvalError> {
+        self.eval_for(tokens, n_past, Output::Logits, |_| {})
+    }
+
+    /// [`Session::eval`], each step handing back `output` (`self.logits` is the buffer) to
+    /// `each` before the next.
+    fn eval_for(
+        &mut self,
+        tokens: &[u32],
+        n_past: usize,
+        output: Output,
+        mut each: impl FnMut(&[f32]),
+    ) -> Result<(), EvalError> {
         Segment {
             kv: &self.kv.lock(),
             tokens,
@@ -335,9 +356,10 @@ impl Session {
                 &self.kv,
                 &mut self.queued,
                 past,
-                &mut self.logits,
+                (&mut self.logits, output),
                 &self.cancel,
             )?;
+            each(&self.logits);
         }
         Ok(())
     }
@@ -450,6 +472,33 @@ impl Session {
         self.eval(tokens, self.history.len())?;
         self.history.extend_from_slice(tokens);
         Ok(&self.logits)
+    }
+
+    /// The embedding of `tokens`: the mean of their final hidden states (the model's normed
+    /// output before the vocabulary projection, as llama.cpp's mean pooling), `n_embd` numbers,
+    /// not normalised. The tokens are evaluated from the start of the cache (which then holds
+    /// them; a shared prefix with what it held is evaluated again, as every token's state is
+    /// needed).
+    pub fn embed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SessionError> {
+        if tokens.is_empty() {
+            return Err(SessionError::BadParams("no tokens to embed".into()));
+        }
+        self.cancel.store(false, Ordering::Relaxed);
+        self.check_fits(tokens, tokens.len())?;
+        self.history.clear();
+        self.last_token = None;
+        let n_embd = self.model.config.n_embd;
+        let mut sum = vec![0f64; n_embd];
+        self.eval_for(tokens, 0, Output::Hidden, |rows| {
+            for row in rows.chunks_exact(n_embd) {
+                sum.iter_mut().zip(row).for_each(|(s, &x)| *s += x as f64);
+            }
+        })?;
+        self.history.extend_from_slice(tokens);
+        Ok(sum
+            .iter()
+            .map(|s| (s / tokens.len() as f64) as f32)
+            .collect())
     }
 
     /// Reply to a conversation (the last message is usually the user's). `on_token` is called

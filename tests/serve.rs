@@ -8,6 +8,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use common::server::Server;
 use serde_json::{json, Value};
 
@@ -394,6 +395,153 @@ fn clients_as_they_are() {
         b["usage"]["total_tokens"].as_u64().unwrap(),
         total + b["usage"]["completion_tokens"].as_u64().unwrap()
     );
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn norm(v: &[f32]) -> f64 {
+    v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| x as f64 * y as f64)
+        .sum::<f64>()
+        / (norm(a) * norm(b))
+}
+
+/// Embeddings on the three routes: the library's (mean-pooled) embedding of each input,
+/// normalised on /api/embed and /v1/embeddings (floats or base64), as is on /api/embeddings;
+/// dimensions cut and renormalise; a text longer than the context is cut, or refused with
+/// truncate false.
+#[test]
+fn embeddings_on_every_route() {
+    let model = std::sync::Arc::new(
+        phi4::Model::load(
+            &common::fixture("phi4-tiny-docs.gguf"),
+            phi4::LoadParams::default(),
+        )
+        .unwrap(),
+    );
+    let mut session = phi4::Session::new(model.clone(), &Default::default()).unwrap();
+    let texts = ["What is a tuple?", "How do I open a file?"];
+    let want: Vec<Vec<f32>> = texts
+        .iter()
+        .map(|t| session.embed(&model.tokenizer.encode(t, false)).unwrap())
+        .collect();
+    let s = Server::start(&[]);
+
+    let (status, v) = s.post("/api/embed", &json!({ "model": "phi4", "input": texts }));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["model"], "phi4");
+    let got = v["embeddings"].as_array().unwrap();
+    assert_eq!(got.len(), 2);
+    for (g, w) in got.iter().zip(&want) {
+        let g = floats(g);
+        assert_eq!(g.len(), model.config.n_embd);
+        assert!((norm(&g) - 1.0).abs() < 1e-4 && cosine(&g, w) > 0.99999);
+    }
+    assert!(v["prompt_eval_count"].as_u64().unwrap() > 8, "{v}");
+    assert_ne!(got[0], got[1]);
+
+    let (_, v) = s.post(
+        "/api/embed",
+        &json!({ "model": "phi4", "input": texts[0], "dimensions": 8 }),
+    );
+    let cut = floats(&v["embeddings"][0]);
+    assert!(cut.len() == 8 && (norm(&cut) - 1.0).abs() < 1e-4);
+    assert!(cosine(&cut, &want[0][..8]) > 0.99999);
+
+    let (status, v) = s.post(
+        "/api/embeddings",
+        &json!({ "model": "phi4", "prompt": texts[1] }),
+    );
+    assert_eq!(status, 200, "{v}");
+    let raw = floats(&v["embedding"]);
+    assert!(cosine(&raw, &want[1]) > 0.99999);
+    assert!(
+        (norm(&raw) / norm(&want[1]) - 1.0).abs() < 1e-4,
+        "not normalised"
+    );
+
+    let body = |format: &str| json!({ "model": "phi4", "input": texts, "encoding_format": format });
+    let (status, f) = s.post("/v1/embeddings", &body("float"));
+    assert_eq!(status, 200, "{f}");
+    assert_eq!(f["object"], "list");
+    assert_eq!(f["data"][1]["index"], 1);
+    assert_eq!(f["data"][1]["object"], "embedding");
+    assert!(f["usage"]["prompt_tokens"].as_u64().unwrap() > 8);
+    let (_, b) = s.post("/v1/embeddings", &body("base64"));
+    let text = b["data"][0]["embedding"].as_str().unwrap();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .unwrap();
+    let decoded: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(decoded, floats(&f["data"][0]["embedding"]));
+
+    // Longer than a 16-token context: cut to it (the embedding of the first 16 tokens), or
+    // refused.
+    let long = "How do I read every line of a large file without loading it all at once?";
+    let ids = model.tokenizer.encode(long, false);
+    assert!(ids.len() > 16);
+    let first16 = session.embed(&ids[..16]).unwrap();
+    let opts = json!({ "num_ctx": 16 });
+    let (status, v) = s.post(
+        "/api/embed",
+        &json!({ "model": "phi4", "input": long, "options": opts }),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert!(cosine(&floats(&v["embeddings"][0]), &first16) > 0.99999);
+    assert_eq!(v["prompt_eval_count"], 16);
+    let (status, v) = s.post(
+        "/api/embed",
+        &json!({ "model": "phi4", "input": long, "options": opts, "truncate": false }),
+    );
+    assert_eq!(status, 400, "{v}");
+    for (path, bad, says) in [
+        (
+            "/api/embed",
+            json!({ "model": "phi4", "input": 5 }),
+            "input",
+        ),
+        (
+            "/api/embed",
+            json!({ "model": "phi4", "input": [""] }),
+            "empty",
+        ),
+        (
+            "/api/embed",
+            json!({ "model": "phi4", "input": "x", "dimensions": 0 }),
+            "dimensions",
+        ),
+        (
+            "/v1/embeddings",
+            json!({ "model": "phi4", "input": [] }),
+            "empty",
+        ),
+        (
+            "/v1/embeddings",
+            json!({ "model": "phi4", "input": "x", "encoding_format": "hex" }),
+            "encoding_format",
+        ),
+    ] {
+        let (status, v) = s.post(path, &bad);
+        assert_eq!(status, 400, "{bad}: {v}");
+        assert!(v.to_string().contains(says), "{bad}: {v}");
+    }
+    // No input: the model loaded, nothing embedded.
+    let (status, v) = s.post("/api/embed", &json!({ "model": "phi4" }));
+    assert_eq!((status, v["embeddings"].clone()), (200, json!([])));
 }
 
 /// A client that hangs up mid-stream stops its generation; the next request is served at once.

@@ -427,9 +427,9 @@ pub const PHI4_VERSION_MAJOR: u32 = 0;
 /// params struct, a value of an enum added) and keeps what was there, so a program can test
 /// for a feature at compile time (`#if PHI4_VERSION_MINOR >= 2`). 2: phi4_scheduler_*,
 /// phi4_session_new_on, phi4_session_{save,load}_*, phi4_session_copy, phi4_cpu_variant,
-/// phi4_last_error, phi4_generate_params.format, the PHI4_* limits.
+/// phi4_last_error, phi4_generate_params.format, the PHI4_* limits. 3: phi4_session_embed.
 #[allow(dead_code)]
-pub const PHI4_VERSION_MINOR: u32 = 2;
+pub const PHI4_VERSION_MINOR: u32 = 3;
 /// The library's patch version.
 #[allow(dead_code)]
 pub const PHI4_VERSION_PATCH: u32 = 0;
@@ -469,7 +469,7 @@ pub extern "C" fn phi4_last_load_error() -> *const c_char {
     phi4_last_error()
 }
 
-/// The version of the library linked at run time, e.g. "0.2.0" (PHI4_VERSION_* are the
+/// The version of the library linked at run time, e.g. "0.3.0" (PHI4_VERSION_* are the
 /// header's). Static; never NULL.
 #[no_mangle]
 pub extern "C" fn phi4_version() -> *const c_char {

@@ -601,6 +601,48 @@ pub unsafe extern "C" fn phi4_session_generate(
     unsafe { with_session(session, call) }
 }
 
+/// The embedding of `n_tokens` token ids (phi4_tokenize makes them from text): the mean of
+/// the model's final hidden states over them (llama.cpp's mean pooling), `n_embd` floats,
+/// scaled to unit length if `normalize` (as Ollama's /api/embed returns them). Writes them to
+/// `out` (room for `capacity` floats) and their count to `*n_out`; if `capacity` is too small,
+/// returns PHI4_ERR_BUFFER_TOO_SMALL with the count needed in `*n_out` and computes nothing
+/// (call with `out` NULL and `capacity` 0 to ask). The session's cache then holds the tokens;
+/// what it held before is forgotten. Cancellable with phi4_session_cancel (PHI4_ERR_CANCELLED).
+///
+/// One thread at a time per session (PHI4_ERR_BUSY otherwise).
+#[no_mangle]
+pub unsafe extern "C" fn phi4_session_embed(
+    session: *mut phi4_session,
+    tokens: *const u32,
+    n_tokens: usize,
+    normalize: bool,
+    out: *mut f32,
+    capacity: usize,
+    n_out: *mut usize,
+) -> phi4_status {
+    let call = |_: &phi4_session, s: &mut Session| {
+        if n_tokens == 0 {
+            return Err(Error::new(PHI4_ERR_INVALID_ARGUMENT, "no tokens"));
+        }
+        // SAFETY: tokens points to n_tokens ids (caller's contract).
+        let ids = unsafe { array(tokens, n_tokens, "tokens") }?;
+        let n = s.model().config.n_embd;
+        let embed = |out: *mut f32| {
+            let mut v = s.embed(ids).map_err(serr)?;
+            if normalize {
+                crate::session::normalize(&mut v);
+            }
+            // SAFETY: out has room for capacity >= n floats (caller's contract).
+            unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), out, n) };
+            Ok(())
+        };
+        // SAFETY: n_out is NULL or writable (caller's contract).
+        unsafe { sized_output(n, n, capacity, out, (n_out, "n_out"), embed) }
+    };
+    // SAFETY: NULL or a live handle (caller's contract).
+    unsafe { with_session(session, call) }
+}
+
 /// Ask the running generation on `session` to stop; it ends within one micro-batch with
 /// PHI4_DONE_CANCELLED. Any thread, any time; no effect if nothing runs (the flag is cleared
 /// when the next generation starts).

@@ -293,6 +293,14 @@ impl<'ctx> Graph<'ctx> {
         t
     }
 
+    /// Mark `t` as an output of the graph (read after computing it: the allocator never reuses
+    /// its memory) and add it ([`Graph::expand`]).
+    pub fn output(&mut self, t: Tensor<'ctx>) {
+        // SAFETY: valid tensor of this graph's context.
+        unsafe { sys::ggml_set_output(t.ptr()) };
+        self.expand(t);
+    }
+
     /// Add `t` and everything it depends on to the graph (in dependency order, after what is
     /// already there).
     pub fn expand(&mut self, t: Tensor<'ctx>) {

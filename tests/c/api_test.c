@@ -5,6 +5,7 @@
 #include "phi4.h"
 #include "check.h"
 
+#include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -526,6 +527,41 @@ static void test_tokenize(phi4_model *m) {
     CHECK(phi4_detokenize(m, &bad, 1, false, out, sizeof out, &len) == PHI4_ERR_INVALID_ARGUMENT, "bad id");
 }
 
+/* Embeddings: the size asked first, normalised or not (the same direction), an error for no
+ * tokens or a NULL session, and the session chats on afterwards. */
+static void test_embed(phi4_model *m) {
+    uint32_t ids[64];
+    size_t n_ids = 0, n = 0;
+    const char *text = "What is a tuple?";
+    CHECK(phi4_tokenize(m, text, strlen(text), false, ids, 64, &n_ids) == PHI4_OK, "tokenize");
+    phi4_session *s = NULL;
+    CHECK(phi4_session_new(m, NULL, &s) == PHI4_OK, "session");
+    CHECK(phi4_session_embed(s, ids, n_ids, true, NULL, 0, &n) == PHI4_ERR_BUFFER_TOO_SMALL && n > 0, "the size: %zu", n);
+    float *unit = calloc(n, sizeof *unit), *raw = calloc(n, sizeof *raw);
+    size_t got = 0;
+    CHECK(phi4_session_embed(s, ids, n_ids, true, unit, n, &got) == PHI4_OK && got == n, "embed: %s", phi4_last_error());
+    CHECK(phi4_session_embed(s, ids, n_ids, false, raw, n, &got) == PHI4_OK, "embed raw");
+    double dot = 0, norm_u = 0, norm_r = 0;
+    for (size_t i = 0; i < n; i++) {
+        dot += (double)unit[i] * raw[i];
+        norm_u += (double)unit[i] * unit[i];
+        norm_r += (double)raw[i] * raw[i];
+    }
+    CHECK(fabs(norm_u - 1) < 1e-4, "unit length: %f", norm_u);
+    CHECK(fabs(dot / sqrt(norm_r) - 1) < 1e-4, "the same direction: %f", dot / sqrt(norm_r));
+    CHECK(phi4_session_embed(s, ids, 0, true, unit, n, &got) == PHI4_ERR_INVALID_ARGUMENT, "no tokens");
+    CHECK(phi4_session_embed(NULL, ids, n_ids, true, unit, n, &got) == PHI4_ERR_NULL, "NULL session");
+    uint32_t bad = 999999;
+    CHECK(phi4_session_embed(s, &bad, 1, true, unit, n, &got) == PHI4_ERR_INVALID_ARGUMENT, "a token outside the vocabulary");
+    phi4_message msgs[] = {{"user", text}};
+    phi4_generate_params g = greedy(4);
+    chat_job after = {0};
+    CHECK(phi4_session_chat(s, msgs, 1, &g, append, &after) == PHI4_OK && strlen(after.text) > 0, "a chat after embedding");
+    free(unit);
+    free(raw);
+    phi4_session_free(s);
+}
+
 /* The header's contract: the version says what the ABI has; outputs are written only on PHI4_OK
  * (the size output of PHI4_ERR_BUFFER_TOO_SMALL excepted); every failing call leaves its message
  * in phi4_last_error(); a BUSY never replaces a session's message for others. */
@@ -671,6 +707,7 @@ int main(int argc, char **argv) {
     test_many_sessions_many_threads(m);
     test_scheduler(m);
     test_tokenize(m);
+    test_embed(m);
     test_contract(m);
     phi4_model_free(m);
     printf("%d passed, %d failed\n", passed, failed);

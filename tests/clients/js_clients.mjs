@@ -32,4 +32,7 @@ assert.equal(shown.model_info['general.architecture'], 'phi3')
 assert.ok((await client.version()).version)
 
 await assert.rejects(client.chat({ model: 'llama3', messages }), (e) => e.status_code === 404 && /not found/.test(e.error))
+const { embeddings } = await client.embed({ model: 'phi4', input: ['What is a tuple?', 'How do I open a file?'] })
+assert.equal(embeddings.length, 2)
+assert.ok(Math.abs(embeddings[0].reduce((s, x) => s + x * x, 0) - 1) < 1e-3)
 console.log('js client: ok')

@@ -98,4 +98,18 @@ print(f"openai response_format=<pydantic model>: {parsed.choices[0].message.pars
 obj = oa.chat.completions.create(model="phi4", messages=ask, response_format={"type": "json_object"}, temperature=0, max_tokens=200)
 if obj.choices[0].finish_reason == "stop":
     assert isinstance(json.loads(obj.choices[0].message.content), dict), obj
+# Embeddings through both clients (OpenAI's asks for base64 unless told otherwise).
+texts = ["What is a tuple?", "How do I open a file?"]
+emb = client.embed(model="phi4", input=texts).embeddings
+assert len(emb) == 2 and abs(sum(x * x for x in emb[0]) - 1) < 1e-3, len(emb)
+legacy = client.embeddings(model="phi4", prompt=texts[0]).embedding
+assert len(legacy) == len(emb[0])
+vectors = oa.embeddings.create(model="phi4", input=texts).data
+assert [v.index for v in vectors] == [0, 1]
+assert max(abs(a - b) for a, b in zip(vectors[0].embedding, emb[0])) < 1e-6
+floats = oa.embeddings.create(model="phi4", input=texts[1], encoding_format="float").data[0].embedding
+assert max(abs(a - b) for a, b in zip(floats, emb[1])) < 1e-6
+# LlamaIndex's Ollama client sends its unset options as null; LangChain's, options Ollama has.
+nulls = client.chat(model="phi4:14b", messages=question, options={"temperature": None, "num_predict": 2, "mirostat": 1})
+assert nulls.eval_count == 2, nulls
 print("python clients: ok")

@@ -97,7 +97,7 @@ pub fn build_c(dir: &Path, source: &str, name: &str, flags: &[&str]) -> PathBuf 
         .arg(root().join("tests/c").join(source))
         .arg(format!("-L{}", dist.display()))
         .arg(format!("-Wl,-rpath,{}", dist.display()))
-        .args(["-lphi4", "-lpthread", "-o"])
+        .args(["-lphi4", "-lpthread", "-lm", "-o"])
         .arg(&exe)
         .output()
         .unwrap();

@@ -201,6 +201,37 @@ impl Reference {
     }
 }
 
+/// llama.cpp's embedding of `tokens` with mean pooling (not normalised): the whole text in one
+/// micro-batch, `n_threads` threads, the repacked layouts as `repack` says.
+pub fn embed_mean(path: &Path, tokens: &[u32], n_threads: usize, repack: bool) -> Vec<f32> {
+    let model = load_model(path, |mp| mp.use_extra_bufts = repack);
+    let mut toks: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+    // SAFETY: test-only FFI with valid arguments; pointers checked for null; the embedding
+    // read is n_embd floats of sequence 0, which the decode made; both freed here.
+    unsafe {
+        let mut cp = sys::llama_context_default_params();
+        let n = tokens.len().next_multiple_of(256) as u32;
+        (cp.n_ctx, cp.n_batch, cp.n_ubatch) = (n, n, n);
+        cp.n_threads = n_threads as i32;
+        cp.n_threads_batch = n_threads as i32;
+        cp.flash_attn_type = sys::LLAMA_FLASH_ATTN_TYPE_ENABLED;
+        cp.embeddings = true;
+        cp.pooling_type = sys::LLAMA_POOLING_TYPE_MEAN;
+        cp.no_perf = true;
+        let ctx = sys::llama_init_from_model(model, cp);
+        assert!(!ctx.is_null(), "llama.cpp failed to make a context");
+        let batch = sys::llama_batch_get_one(toks.as_mut_ptr(), toks.len() as i32);
+        assert_eq!(sys::llama_decode(ctx, batch), 0, "llama_decode failed");
+        let n_embd = sys::llama_model_n_embd(model) as usize;
+        let p = sys::llama_get_embeddings_seq(ctx, 0);
+        assert!(!p.is_null(), "no pooled embedding");
+        let v = std::slice::from_raw_parts(p, n_embd).to_vec();
+        sys::llama_free(ctx);
+        sys::llama_model_free(model);
+        v
+    }
+}
+
 /// Load a model with llama.cpp's default parameters as adjusted by `adjust`.
 fn load_model(
     path: &Path,

@@ -139,6 +139,93 @@ impl Spec {
     }
 }
 
+/// What the embedding routes share, checked.
+pub struct EmbedSpec {
+    pub model: String,
+    pub texts: Vec<String>,
+    /// Cut a text longer than the context to fit (else 400).
+    pub truncate: bool,
+    /// Keep only the first `dims` numbers of each embedding (then normalised again).
+    pub dims: Option<usize>,
+    pub shape: Shape,
+    pub keep_alive: KeepAlive,
+    pub salt: Option<String>,
+}
+
+/// Texts to embed, let in: what an embedding route runs (`run::embed`).
+pub struct EmbedJob {
+    pub texts: Vec<String>,
+    pub truncate: bool,
+    pub shape: Shape,
+    pub keep_alive: KeepAlive,
+    pub label: String,
+    pub admission: Admission,
+    pub scope: Scope,
+}
+
+impl EmbedSpec {
+    /// A spec of `texts` (an `input`: a string or an array of strings) with the options of an
+    /// Ollama request (or none).
+    pub fn new(
+        model: String,
+        input: Option<Value>,
+        opts: Option<&Value>,
+        keep: Option<&Value>,
+        dimensions: Option<i64>,
+    ) -> Result<EmbedSpec, ApiError> {
+        let wrong = || ApiError::bad("input must be a string or an array of strings");
+        let texts = match input {
+            None | Some(Value::Null) => vec![],
+            Some(Value::String(s)) => vec![s],
+            Some(Value::Array(a)) => a
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s),
+                    _ => Err(wrong()),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(wrong()),
+        };
+        let dims = match dimensions {
+            None => None,
+            Some(d) if d >= 1 => Some(d as usize),
+            Some(d) => return Err(ApiError::bad(format!("dimensions {d} must be at least 1"))),
+        };
+        let mut shape = Shape::default();
+        // Sampling options mean nothing to an embedding; the context and threads do.
+        options(opts, &mut GenerateParams::default(), &mut shape)?;
+        Ok(EmbedSpec {
+            model,
+            texts,
+            truncate: true,
+            dims,
+            shape,
+            keep_alive: keep_alive(keep)?,
+            salt: None,
+        })
+    }
+
+    pub fn job(self, label: &str, admission: Admission, key: KeyId) -> EmbedJob {
+        EmbedJob {
+            texts: self.texts,
+            truncate: self.truncate,
+            shape: self.shape,
+            keep_alive: self.keep_alive,
+            label: label.into(),
+            admission,
+            scope: Scope::of(key, self.salt.as_deref()),
+        }
+    }
+}
+
+/// `v`'s first `dims` numbers (all without), scaled to unit length (L2), as Ollama's and
+/// OpenAI's embeddings are.
+pub fn normalized(mut v: Vec<f32>, dims: Option<usize>) -> Vec<f32> {
+    v.truncate(dims.unwrap_or(v.len()));
+    phi4::session::normalize(&mut v);
+    v
+}
+
 /// The body as JSON of type T: malformed JSON and wrong types are 400s naming the problem.
 pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))

@@ -172,12 +172,15 @@ impl App {
 pub const MODEL_TAGS: [&str; 2] = ["latest", "14b"];
 
 /// The routes whose bodies [`check_body`] checks: every one that reads a body.
-pub const BODY_ROUTES: [&str; 5] = [
+pub const BODY_ROUTES: [&str; 8] = [
     "/api/show",
     "/api/chat",
     "/api/generate",
+    "/api/embed",
+    "/api/embeddings",
     "/v1/chat/completions",
     "/v1/completions",
+    "/v1/embeddings",
 ];
 
 /// A body for the route `path` ([`BODY_ROUTES`]) parsed and checked as the server does before
@@ -190,6 +193,9 @@ pub fn check_body(path: &str, body: &[u8]) -> Result<(), String> {
         "/api/generate" => job::checked::<ollama::GenerateRequest>(body).map(drop),
         "/v1/chat/completions" => job::checked::<openai::ChatRequest>(body).map(drop),
         "/v1/completions" => job::checked::<openai::CompletionRequest>(body).map(drop),
+        "/api/embed" => job::checked::<ollama::EmbedRequest>(body).map(drop),
+        "/api/embeddings" => job::checked::<ollama::EmbeddingsRequest>(body).map(drop),
+        "/v1/embeddings" => job::checked::<openai::EmbeddingsRequest>(body).map(drop),
         _ => return Err(format!("{path} reads no body")),
     };
     r.map_err(|e| e.message)
@@ -321,8 +327,8 @@ fn router(app: Arc<App>) -> Router {
         .route("/api/show", post(ollama::show))
         .route("/api/chat", post(ollama::chat))
         .route("/api/generate", post(ollama::generate))
-        .route("/api/embed", refused("embedding"))
-        .route("/api/embeddings", refused("embedding"))
+        .route("/api/embed", post(ollama::embed))
+        .route("/api/embeddings", post(ollama::embeddings))
         .route("/api/pull", refused("pulling models"))
         .route("/api/push", refused("pushing models"))
         .route("/api/create", refused("creating models"))
@@ -333,7 +339,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
         .route("/v1/models/{id}", get(openai::model))
-        .route("/v1/embeddings", refused("embedding"))
+        .route("/v1/embeddings", post(openai::embeddings))
         .layer(DefaultBodyLimit::max(listen::MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(app.clone(), gate))
         .with_state(app)

@@ -1,5 +1,6 @@
 //! Ollama's endpoints, field for field as its server writes them: /api/chat and /api/generate
-//! (NDJSON streams or one object), /api/tags, /api/show, /api/ps, /api/version.
+//! (NDJSON streams or one object), /api/embed and /api/embeddings, /api/tags, /api/show,
+//! /api/ps, /api/version.
 
 use std::sync::Arc;
 
@@ -13,7 +14,7 @@ use phi4::{DoneReason, GenerateParams, Outcome};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::job::{self, parse, Job, KeepAlive, KeyId, Prompt, RequestBody, Shape, Spec};
+use super::job::{self, parse, EmbedSpec, Job, KeepAlive, KeyId, Prompt, RequestBody, Shape, Spec};
 use super::run::{self, async_stream, Event};
 use super::{ApiError, App};
 
@@ -278,6 +279,95 @@ pub async fn generate(
         merge(json!({ "model": model, "created_at": now_rfc3339(), "response": text, "done": true, "done_reason": done_reason(out.reason), "context": history }), timings(out, total))
     }, model)
     .await
+}
+
+#[derive(Deserialize)]
+pub struct EmbedRequest {
+    model: String,
+    input: Option<Value>,
+    truncate: Option<bool>,
+    dimensions: Option<i64>,
+    options: Option<Value>,
+    keep_alive: Option<Value>,
+    /// Requests with another salt never reuse this one's cached prefix (vLLM's field).
+    cache_salt: Option<String>,
+}
+
+impl RequestBody for EmbedRequest {
+    type Checked = EmbedSpec;
+    fn model(&self) -> &str {
+        &self.model
+    }
+    fn check(self) -> Result<EmbedSpec, ApiError> {
+        let mut spec = EmbedSpec::new(
+            self.model,
+            self.input,
+            self.options.as_ref(),
+            self.keep_alive.as_ref(),
+            self.dimensions,
+        )?;
+        spec.truncate = self.truncate.unwrap_or(true);
+        spec.salt = self.cache_salt;
+        Ok(spec)
+    }
+}
+
+/// /api/embed: each input's embedding, normalised (no input: the model loaded).
+pub async fn embed(
+    State(app): State<Arc<App>>,
+    Extension(key): Extension<KeyId>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (admission, spec) = app.admit::<EmbedRequest>(&body)?;
+    let (model, dims) = (spec.model.clone(), spec.dims);
+    let e = run::embed(&app.pool, spec.job("POST /api/embed", admission, key)).await?;
+    let embeddings: Vec<_> = e
+        .vectors
+        .into_iter()
+        .map(|v| job::normalized(v, dims))
+        .collect();
+    Ok(Json(json!({ "model": model, "embeddings": embeddings, "total_duration": e.total, "load_duration": 0, "prompt_eval_count": e.prompt_tokens })).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct EmbeddingsRequest {
+    model: String,
+    #[serde(default)]
+    prompt: String,
+    options: Option<Value>,
+    keep_alive: Option<Value>,
+}
+
+impl RequestBody for EmbeddingsRequest {
+    type Checked = EmbedSpec;
+    fn model(&self) -> &str {
+        &self.model
+    }
+    fn check(self) -> Result<EmbedSpec, ApiError> {
+        let input = Some(self.prompt)
+            .filter(|p| !p.is_empty())
+            .map(Value::String);
+        EmbedSpec::new(
+            self.model,
+            input,
+            self.options.as_ref(),
+            self.keep_alive.as_ref(),
+            None,
+        )
+    }
+}
+
+/// /api/embeddings (Ollama's older endpoint): the prompt's embedding as the model gives it, not
+/// normalised (an empty prompt: an empty one, the model loaded).
+pub async fn embeddings(
+    State(app): State<Arc<App>>,
+    Extension(key): Extension<KeyId>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (admission, spec) = app.admit::<EmbeddingsRequest>(&body)?;
+    let e = run::embed(&app.pool, spec.job("POST /api/embeddings", admission, key)).await?;
+    let embedding = e.vectors.into_iter().next().unwrap_or_default();
+    Ok(Json(json!({ "embedding": embedding })).into_response())
 }
 
 /// The token ids of a generate request: the earlier `context`, then the prompt, templated as a

@@ -1,5 +1,5 @@
 //! OpenAI's endpoints as Ollama serves them: /v1/chat/completions and /v1/completions (SSE
-//! streams ending with `data: [DONE]`, or one object), /v1/models. Errors in OpenAI's shape.
+//! streams ending with `data: [DONE]`, or one object), /v1/embeddings, /v1/models. Errors in OpenAI's shape.
 
 use std::sync::Arc;
 
@@ -13,7 +13,7 @@ use phi4::{GenerateParams, Outcome};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::job::{self, KeyId, Prompt, RequestBody, Shape, Spec};
+use super::job::{self, EmbedSpec, KeyId, Prompt, RequestBody, Shape, Spec};
 use super::run::{self, async_stream, Event};
 use super::{ApiError, App};
 
@@ -367,6 +367,71 @@ pub async fn completions(
         }
     });
     Ok(sse(lines))
+}
+
+#[derive(Deserialize)]
+pub struct EmbeddingsRequest {
+    model: String,
+    input: Value,
+    encoding_format: Option<String>,
+    dimensions: Option<i64>,
+    /// Requests with another salt never reuse this one's cached prefix (vLLM's field).
+    cache_salt: Option<String>,
+}
+
+impl RequestBody for EmbeddingsRequest {
+    /// With whether the numbers go as base64 (of little-endian f32s, as OpenAI sends them).
+    type Checked = (EmbedSpec, bool);
+    fn model(&self) -> &str {
+        &self.model
+    }
+    fn check(self) -> Result<Self::Checked, ApiError> {
+        let base64 = match self.encoding_format.as_deref() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(f) => {
+                return Err(ApiError::bad(format!(
+                    "encoding_format {f:?} is neither \"float\" nor \"base64\""
+                )))
+            }
+        };
+        let mut spec = EmbedSpec::new(self.model, Some(self.input), None, None, self.dimensions)?;
+        if spec.texts.is_empty() {
+            return Err(ApiError::bad("input must not be empty"));
+        }
+        spec.salt = self.cache_salt;
+        Ok((spec, base64))
+    }
+}
+
+/// /v1/embeddings: each input's embedding, normalised, as floats or base64.
+pub async fn embeddings(
+    State(app): State<Arc<App>>,
+    Extension(key): Extension<KeyId>,
+    body: Bytes,
+) -> Result<Response, OpenAiError> {
+    use base64::Engine as _;
+    let (admission, (spec, base64)) = app.admit::<EmbeddingsRequest>(&body)?;
+    let (model, dims) = (spec.model.clone(), spec.dims);
+    let e = run::embed(&app.pool, spec.job("POST /v1/embeddings", admission, key)).await?;
+    let data: Vec<Value> = e
+        .vectors
+        .into_iter()
+        .enumerate()
+        .map(|(index, v)| {
+            let v = job::normalized(v, dims);
+            let embedding = match base64 {
+                true => {
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                }
+                false => json!(v),
+            };
+            json!({ "object": "embedding", "embedding": embedding, "index": index })
+        })
+        .collect();
+    let n = e.prompt_tokens;
+    Ok(Json(json!({ "object": "list", "data": data, "model": model, "usage": { "prompt_tokens": n, "total_tokens": n } })).into_response())
 }
 
 fn model_object(app: &App) -> Value {

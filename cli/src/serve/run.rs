@@ -11,7 +11,7 @@ use phi4::chat::{self, Markers, Message, Role};
 use phi4::{Outcome, Session, SessionError};
 use tokio::sync::mpsc;
 
-use super::job::{Job, Prompt, Scope};
+use super::job::{EmbedJob, Job, Prompt, Scope};
 use super::pool::{Pool, Refusal};
 use super::prompt_cache::PromptCache;
 use super::ApiError;
@@ -44,12 +44,8 @@ pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
         .await
     {
         Ok(l) => l,
-        Err(Refusal::Invalid(e)) => {
-            let _ = tx.send(Event::Failed(ApiError::bad(e))).await;
-            return rx;
-        }
-        Err(Refusal::Failed(e)) => {
-            let _ = tx.send(Event::Failed(ApiError::internal(e))).await;
+        Err(r) => {
+            let _ = tx.send(Event::Failed(refused(r))).await;
             return rx;
         }
     };
@@ -130,6 +126,103 @@ pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
         }
     });
     rx
+}
+
+/// Embeddings of a job's texts, not normalised, and the tokens they took.
+pub struct Embedded {
+    pub vectors: Vec<Vec<f32>>,
+    pub prompt_tokens: usize,
+    /// Nanoseconds from the start.
+    pub total: u64,
+}
+
+/// Run an embedding job: its texts tokenized, a session leased, each text embedded in it
+/// (cut to the context if `truncate`, else refused when longer).
+pub async fn embed(pool: &Arc<Pool>, job: EmbedJob) -> Result<Embedded, ApiError> {
+    let started = Instant::now();
+    let texts = job.texts;
+    let p = pool.clone();
+    let tokens = tokio::task::spawn_blocking(move || {
+        let model = p.model().map_err(ApiError::internal)?;
+        Ok::<_, ApiError>(
+            texts
+                .iter()
+                .map(|t| model.tokenizer.encode(t, false))
+                .collect::<Vec<_>>(),
+        )
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))??;
+    if let Some(i) = tokens.iter().position(|t| t.is_empty()) {
+        return Err(ApiError::bad(format!(
+            "input {i} is empty: nothing to embed"
+        )));
+    }
+    let Some(first) = tokens.first() else {
+        return Ok(Embedded {
+            vectors: vec![],
+            prompt_tokens: 0,
+            total: started.elapsed().as_nanos() as u64,
+        });
+    };
+    let lease = pool
+        .lease(&job.admission, first.clone(), job.shape, job.scope)
+        .await
+        .map_err(refused)?;
+    let truncate = job.truncate;
+    let work = tokio::task::spawn_blocking(move || {
+        let mut lease = lease;
+        let n_ctx = lease.session.n_ctx();
+        let mut result = Ok((Vec::with_capacity(tokens.len()), 0));
+        for (i, mut t) in tokens.into_iter().enumerate() {
+            if t.len() > n_ctx && !truncate {
+                result = Err(ApiError::bad(format!(
+                    "input {i} takes {} tokens, more than the context's {n_ctx} (truncate: false)",
+                    t.len()
+                )));
+                break;
+            }
+            t.truncate(n_ctx);
+            match lease.session.embed(&t) {
+                Ok(v) => {
+                    if let Ok((vectors, n)) = &mut result {
+                        vectors.push(v);
+                        *n += t.len();
+                    }
+                }
+                Err(e) => {
+                    result = Err(session_error(e));
+                    break;
+                }
+            }
+        }
+        (lease, result)
+    });
+    let (lease, result) = work
+        .await
+        .map_err(|e| ApiError::internal(format!("the embedding failed: {e}")))?;
+    pool.give_back(lease, job.keep_alive);
+    drop(job.admission);
+    let (vectors, prompt_tokens) = result?;
+    eprintln!(
+        "{} 200 inputs {}, tokens {prompt_tokens} {:.1}ms",
+        job.label,
+        vectors.len(),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(Embedded {
+        vectors,
+        prompt_tokens,
+        total: started.elapsed().as_nanos() as u64,
+    })
+}
+
+/// A lease refused: the request's fault (400) or the server's (500).
+fn refused(r: Refusal) -> ApiError {
+    match r {
+        Refusal::Invalid(e) => ApiError::bad(e),
+        Refusal::Failed(e) => ApiError::internal(e),
+    }
 }
 
 /// Start `job` and wait for its first event; a failure before anything was generated is
