@@ -1,18 +1,4 @@
 #![no_main]
-//! The server's request layer: arbitrary bytes as the body of every route that reads one
-//! (`phi4 serve`'s parsing and checking of /api/chat, /api/generate, /api/embed,
-//! /api/embeddings, /api/show, /v1/chat/completions, /v1/completions, /v1/embeddings; no model
-//! needed). Every body is either accepted or
-//! refused with a message for the client; none panics, none takes super-linear time (libFuzzer's
-//! -timeout) or memory (-rss_limit_mb).
+//! libFuzzer's entry to `phi4_fuzz::requests` (fuzz/src/requests.rs, which says what it checks).
 
-use libfuzzer_sys::fuzz_target;
-use phi4_cli::serve::{check_body, BODY_ROUTES};
-
-fuzz_target!(|body: &[u8]| {
-    for route in BODY_ROUTES {
-        if let Err(message) = check_body(route, body) {
-            assert!(!message.is_empty(), "{route}: a refusal without a message");
-        }
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| phi4_fuzz::requests::run(data));

@@ -1,18 +1,4 @@
-//! Saved session states from arbitrary bytes (seeded with real states): a clear error or a
-//! restored session, never a crash; a refused state leaves the session as it was.
 #![no_main]
+//! libFuzzer's entry to `phi4_fuzz::state` (fuzz/src/state.rs, which says what it checks).
 
-mod demo_session;
-use demo_session::session;
-
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|data: &[u8]| {
-    let mut s = session().lock().unwrap();
-    s.reset();
-    s.evaluate(&[1, 2, 3]).unwrap();
-    match s.load_bytes(data) {
-        Ok(n) => assert!(n <= 64 && s.history().len() == n),
-        Err(_) => assert_eq!(s.history(), [1, 2, 3]),
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| phi4_fuzz::state::run(data));

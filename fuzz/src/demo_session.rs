@@ -8,10 +8,7 @@ use phi4::session::{Session, SessionParams};
 pub fn session() -> &'static Mutex<Session> {
     static S: OnceLock<Mutex<Session>> = OnceLock::new();
     S.get_or_init(|| {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../tests/fixtures/phi4-tiny-docs.gguf"
-        );
+        let path = super::fixture("phi4-tiny-docs.gguf");
         let model = Arc::new(Model::load(path.as_ref(), LoadParams::default()).unwrap());
         Mutex::new(
             Session::new(
