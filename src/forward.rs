@@ -121,7 +121,8 @@ impl Engine {
 
     /// Size the compute buffer and work buffer once for the worst graphs on `kv`: a micro-batch
     /// of `n_batch` tokens against a full cache beside `max_segments - 1` decoding caches that
-    /// full, and `max_segments` decoding caches. Later graphs on caches no larger never allocate.
+    /// full, and `max_segments` decoding caches, each also as built for embeddings. Later graphs
+    /// on caches no larger never allocate.
     pub fn reserve(
         &mut self,
         model: &Model,
@@ -144,7 +145,13 @@ impl Engine {
             .chain((1..self.max_segments).map(|_| decode()))
             .collect();
         let step: Vec<_> = (0..self.max_segments).map(|_| decode()).collect();
-        for (segments, all_rows) in [(&mixed, false), (&mixed, true), (&step, false)] {
+        let graphs = [
+            (&mixed, false),
+            (&mixed, true),
+            (&step, false),
+            (&step, true),
+        ];
+        for (segments, all_rows) in graphs {
             let built = build(
                 &mut self.graph_ctx,
                 self.graph_size,
