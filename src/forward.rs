@@ -72,8 +72,8 @@ pub struct Engine {
     max_segments: usize,
     /// Logits of the last token of each segment of the last graph, one row after the other.
     pub logits: Vec<f32>,
-    /// The final hidden states (normed: `hidden` above), one row after the other: of the same
-    /// tokens as `logits`, or of every token of the graph when it was built `for_embeddings`.
+    /// The final hidden states (normed: `hidden` above) of every token of the last graph, one
+    /// row after the other, when it was built `for_embeddings` (else left as it was).
     pub hidden: Vec<f32>,
     ids: Vec<i32>,
     pos: Vec<i32>,
@@ -106,7 +106,7 @@ impl Engine {
             graph_size,
             max_segments,
             logits: Vec::with_capacity(c.n_vocab * max_segments),
-            hidden: Vec::with_capacity(c.n_embd * max_segments),
+            hidden: Vec::new(),
             ids: Vec::new(),
             pos: Vec::new(),
             out_ids: Vec::new(),
@@ -171,9 +171,8 @@ impl Engine {
     }
 
     /// Evaluate every segment in one graph (each checked by the caller); afterwards
-    /// `self.logits` holds the logits of each segment's last token, in order, and
-    /// `self.hidden` the final hidden states of those tokens, or of every token if
-    /// `for_embeddings`.
+    /// `self.logits` holds the logits of each segment's last token, in order, and, if
+    /// `for_embeddings`, `self.hidden` the final hidden states of every token.
     pub fn step(
         &mut self,
         model: &Model,
@@ -233,7 +232,9 @@ impl Engine {
             Err(ComputeError::Alloc(e)) => return Err(e.into()),
         }
         ggml::tensor_read_f32(built.logits, &mut self.logits);
-        ggml::tensor_read_f32(built.hidden, &mut self.hidden);
+        if for_embeddings {
+            ggml::tensor_read_f32(built.hidden, &mut self.hidden);
+        }
         Ok(())
     }
 }
@@ -245,7 +246,7 @@ struct Built<'g> {
     pos: Tensor<'g>,        // i32 [n]
     out_ids: Tensor<'g>,    // i32 [n_seg]: the row of each segment's last token
     masks: Vec<Tensor<'g>>, // per segment f16 [n_kv, n_tokens]
-    hidden: Tensor<'g>,     // f32 [n_embd, n_seg] (or [n_embd, n] with all rows)
+    hidden: Tensor<'g>,     // f32 [n_embd, n] with all rows (read only then)
     logits: Tensor<'g>,     // f32 [n_vocab, n_seg]
 }
 
@@ -379,11 +380,13 @@ fn build<'g>(
     let h = g.rms_norm(x, c.rms_eps);
     let hidden = g.mul(h, wt(w.output_norm)); // [n_embd, n_seg] ([n_embd, n] with all rows)
     let last = match all_rows {
-        true => g.get_rows(hidden, out_ids),
+        true => {
+            g.output(hidden);
+            g.get_rows(hidden, out_ids)
+        }
         false => hidden,
     };
     let logits = g.mul_mat(wt(w.output), last); // [n_vocab, n_seg]
-    g.output(hidden);
     g.output(logits);
     Built {
         graph: g.raw_graph(),

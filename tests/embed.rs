@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::reference;
+use common::{cosine, reference};
 use phi4::model::{LoadParams, Model};
 use phi4::session::{GenerateParams, Session, SessionParams};
 use phi4::Scheduler;
@@ -20,12 +20,6 @@ fn session(m: &Arc<Model>, n_batch: usize) -> Session {
         ..Default::default()
     };
     Session::new(m.clone(), &p).unwrap()
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
-    let norm = |v: &[f32]| v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-    dot / (norm(a) * norm(b))
 }
 
 /// Largest difference relative to the vector's largest magnitude.

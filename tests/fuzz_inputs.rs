@@ -29,52 +29,25 @@ fn replay(target: &str, run: fn(&[u8])) {
     eprintln!("{target}: {} inputs", inputs.len());
 }
 
-#[test]
-fn gguf_parse() {
-    replay("gguf_parse", targets::gguf_parse::run);
+/// A test per target, replaying its inputs through `targets::TARGET::run`.
+macro_rules! replay_tests {
+    ($($target:ident),*) => {$(
+        #[test]
+        fn $target() {
+            replay(stringify!($target), targets::$target::run);
+        }
+    )*};
 }
 
-#[test]
-fn model_load() {
-    replay("model_load", targets::model_load::run);
-}
-
-#[test]
-fn tokenizer() {
-    replay("tokenizer", targets::tokenizer::run);
-}
-
-#[test]
-fn tokenizer_cl100k() {
-    replay("tokenizer_cl100k", targets::tokenizer_cl100k::run);
-}
-
-#[test]
-fn detokenizer() {
-    replay("detokenizer", targets::detokenizer::run);
-}
-
-#[test]
-fn chat() {
-    replay("chat", targets::chat::run);
-}
-
-#[test]
-fn c_api() {
-    replay("c_api", targets::c_api::run);
-}
-
-#[test]
-fn constraint() {
-    replay("constraint", targets::constraint::run);
-}
-
-#[test]
-fn state() {
-    replay("state", targets::state::run);
-}
-
-#[test]
-fn requests() {
-    replay("requests", targets::requests::run);
-}
+replay_tests!(
+    gguf_parse,
+    model_load,
+    tokenizer,
+    tokenizer_cl100k,
+    detokenizer,
+    chat,
+    c_api,
+    constraint,
+    state,
+    requests
+);

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use common::server::Server;
+use common::{cosine, norm};
 use serde_json::{json, Value};
 
 const TIMINGS: [&str; 6] = [
@@ -403,18 +404,6 @@ fn floats(v: &Value) -> Vec<f32> {
         .iter()
         .map(|x| x.as_f64().unwrap() as f32)
         .collect()
-}
-
-fn norm(v: &[f32]) -> f64 {
-    v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt()
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(&x, &y)| x as f64 * y as f64)
-        .sum::<f64>()
-        / (norm(a) * norm(b))
 }
 
 /// Embeddings on the three routes: the library's (mean-pooled) embedding of each input,

@@ -190,3 +190,16 @@ pub fn cli_greedy(
     let stopped = events.last().and_then(|v| v.get("done_reason")?.as_str()) == Some("stop");
     (tokens, stopped)
 }
+
+/// The Euclidean length of `v`.
+#[allow(dead_code)]
+pub fn norm(v: &[f32]) -> f64 {
+    v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt()
+}
+
+/// The cosine of the angle between `a` and `b` (embeddings compared).
+#[allow(dead_code)]
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+    dot / (norm(a) * norm(b))
+}

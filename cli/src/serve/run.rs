@@ -172,30 +172,7 @@ pub async fn embed(pool: &Arc<Pool>, job: EmbedJob) -> Result<Embedded, ApiError
     let truncate = job.truncate;
     let work = tokio::task::spawn_blocking(move || {
         let mut lease = lease;
-        let n_ctx = lease.session.n_ctx();
-        let mut result = Ok((Vec::with_capacity(tokens.len()), 0));
-        for (i, mut t) in tokens.into_iter().enumerate() {
-            if t.len() > n_ctx && !truncate {
-                result = Err(ApiError::bad(format!(
-                    "input {i} takes {} tokens, more than the context's {n_ctx} (truncate: false)",
-                    t.len()
-                )));
-                break;
-            }
-            t.truncate(n_ctx);
-            match lease.session.embed(&t) {
-                Ok(v) => {
-                    if let Ok((vectors, n)) = &mut result {
-                        vectors.push(v);
-                        *n += t.len();
-                    }
-                }
-                Err(e) => {
-                    result = Err(session_error(e));
-                    break;
-                }
-            }
-        }
+        let result = embed_all(&mut lease.session, tokens, truncate);
         (lease, result)
     });
     let (lease, result) = work
@@ -215,6 +192,29 @@ pub async fn embed(pool: &Arc<Pool>, job: EmbedJob) -> Result<Embedded, ApiError
         prompt_tokens,
         total: started.elapsed().as_nanos() as u64,
     })
+}
+
+/// Each text's embedding in `session`, and the tokens they took: a text longer than the
+/// context is cut to it if `truncate`, else refused.
+fn embed_all(
+    session: &mut Session,
+    tokens: Vec<Vec<u32>>,
+    truncate: bool,
+) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+    let n_ctx = session.n_ctx();
+    let (mut vectors, mut n) = (Vec::with_capacity(tokens.len()), 0);
+    for (i, mut t) in tokens.into_iter().enumerate() {
+        if t.len() > n_ctx && !truncate {
+            return Err(ApiError::bad(format!(
+                "input {i} takes {} tokens, more than the context's {n_ctx} (truncate: false)",
+                t.len()
+            )));
+        }
+        t.truncate(n_ctx);
+        vectors.push(session.embed(&t).map_err(session_error)?);
+        n += t.len();
+    }
+    Ok((vectors, n))
 }
 
 /// A lease refused: the request's fault (400) or the server's (500).
