@@ -65,7 +65,9 @@
 // for a feature at compile time (`#if PHI4_VERSION_MINOR >= 2`). 2: phi4_scheduler_*,
 // phi4_session_new_on, phi4_session_{save,load}_*, phi4_session_copy, phi4_cpu_variant,
 // phi4_last_error, phi4_generate_params.format, the PHI4_* limits. 3: phi4_session_embed.
-#define PHI4_VERSION_MINOR 3
+// 4: tools and log-probabilities (phi4_generate_params.tools … top_logprobs, the role "tool",
+// phi4_session_last_tool_calls, phi4_session_last_logprobs).
+#define PHI4_VERSION_MINOR 4
 
 // The library's patch version.
 #define PHI4_VERSION_PATCH 0
@@ -84,6 +86,13 @@
 
 // The most sessions a step of a scheduler may take (`phi4_scheduler_new`'s `max_batch`).
 #define PHI4_MAX_BATCH 64
+
+// The most calls one reply makes (`phi4_generate_params.parallel_tool_calls`).
+#define PHI4_MAX_TOOL_CALLS 16
+
+// The most alternatives per token (`phi4_generate_params.top_logprobs`, the size of
+// `phi4_token_logprob.top_tokens`).
+#define PHI4_MAX_TOP_LOGPROBS 20
 
 // `phi4_generate_params.seed`: a fresh random seed for every generation (the default).
 #define PHI4_SEED_RANDOM 18446744073709551615ull
@@ -158,6 +167,18 @@ typedef enum phi4_done_reason {
   // The context filled up.
   PHI4_DONE_CONTEXT_FULL = 4,
 } phi4_done_reason;
+
+// Which calls a reply may make (the values of `phi4_generate_params.tool_choice`).
+typedef enum phi4_tool_choice {
+  // Text, or text then calls: the model decides (default).
+  PHI4_TOOL_CHOICE_AUTO = 0,
+  // Text only (the tools are still described to the model).
+  PHI4_TOOL_CHOICE_NONE = 1,
+  // One or more calls, no text.
+  PHI4_TOOL_CHOICE_REQUIRED = 2,
+  // Calls of the tool named in tool_choice_name only.
+  PHI4_TOOL_CHOICE_FUNCTION = 3,
+} phi4_tool_choice;
 
 // A loaded model (opaque).
 typedef struct phi4_model phi4_model;
@@ -249,10 +270,31 @@ typedef struct phi4_generate_params {
   // The schema, regex or grammar of `format`: NUL-terminated UTF-8, read during the call
   // only. NULL for PHI4_FORMAT_TEXT and PHI4_FORMAT_JSON.
   const char *format_text;
+  // Tools the model may call (phi4_session_chat only; not with `format`): a JSON array of
+  // tool definitions, OpenAI's and Ollama's `{"type": "function", "function": {"name",
+  // "description", "parameters"}}` (or the function objects alone), NUL-terminated UTF-8,
+  // read during the call only. NULL (the default): no tools. The reply is text, or text
+  // then calls whose arguments are valid for their tool's parameters schema; the calls:
+  // phi4_session_last_tool_calls. (Since 0.4.)
+  const char *tools;
+  // A phi4_tool_choice value. Default PHI4_TOOL_CHOICE_AUTO.
+  uint32_t tool_choice;
+  // With PHI4_TOOL_CHOICE_FUNCTION: the tool's name (NUL-terminated); else not read.
+  const char *tool_choice_name;
+  // More than one call per reply (at most PHI4_MAX_TOOL_CALLS). Default true.
+  bool parallel_tool_calls;
+  // Record each generated token's log-probability (phi4_session_last_logprobs). Default false.
+  bool logprobs;
+  // With `logprobs`: the most likely alternatives recorded per token,
+  // 0..=PHI4_MAX_TOP_LOGPROBS. Default 0.
+  uint32_t top_logprobs;
 } phi4_generate_params;
 
-// One chat message: role is "system", "user" or "assistant"; both strings NUL-terminated UTF-8,
-// read during the call only.
+// One chat message: role is "system", "user", "assistant" or "tool" (a tool's result); both
+// strings NUL-terminated UTF-8, read during the call only. An assistant message that made
+// calls holds its text followed by each call as phi4 writes it:
+// `<tool_call>{"name": "NAME", "arguments": {...}}</tool_call>`, one per line (see
+// phi4_session_last_tool_calls).
 typedef struct phi4_message {
   const char *role;
   const char *content;
@@ -278,6 +320,18 @@ typedef struct phi4_result {
   // Messages dropped from the front to fit the context (PHI4_OVERFLOW_DROP_OLDEST).
   uint32_t dropped_messages;
 } phi4_result;
+
+// A generated token's log-probability (the natural log of its probability under the model's
+// logits, before penalties, temperature and any format's mask) and the most likely tokens at
+// its position, most likely first.
+typedef struct phi4_token_logprob {
+  uint32_t token;
+  float logprob;
+  // How many of top_tokens / top_logprobs are set.
+  uint32_t n_top;
+  uint32_t top_tokens[20];
+  float top_logprobs[20];
+} phi4_token_logprob;
 
 #ifdef __cplusplus
 extern "C" {
@@ -525,6 +579,25 @@ enum phi4_status phi4_session_copy(struct phi4_session *to, struct phi4_session 
 // reports the last finished one).
 enum phi4_status phi4_session_last_result(const struct phi4_session *session,
                                           struct phi4_result *out);
+
+// The calls the last generation made (with `params.tools`), as a JSON array
+// `[{"name": "NAME", "arguments": {...}}, ...]` (`[]` when it made none), each call complete and
+// valid for its tool's parameters. Copied to `text` (room for `capacity` bytes, NUL-terminated),
+// its length (without the NUL) to `*len`; PHI4_ERR_BUFFER_TOO_SMALL with the length in `*len`
+// when it does not fit. Thread-safe (reports the last finished generation).
+enum phi4_status phi4_session_last_tool_calls(const struct phi4_session *session,
+                                              char *text,
+                                              size_t capacity,
+                                              size_t *len);
+
+// The log-probabilities of the last generation's tokens (with `params.logprobs`), one per
+// generated token in order, copied to `out` (room for `capacity`), their number to `*n`;
+// PHI4_ERR_BUFFER_TOO_SMALL with the number in `*n` when they do not fit (ask with `out`
+// NULL and `capacity` 0). Thread-safe (reports the last finished generation).
+enum phi4_status phi4_session_last_logprobs(const struct phi4_session *session,
+                                            struct phi4_token_logprob *out,
+                                            size_t capacity,
+                                            size_t *n);
 
 // The message of the last failed call on this session ("" if none). A PHI4_ERR_BUSY's message
 // is seen only by the thread that got it (until its next call on the session): the running

@@ -14,6 +14,8 @@ pub enum Role {
     System,
     User,
     Assistant,
+    /// A tool's result (see [`crate::tools`]).
+    Tool,
 }
 
 impl Role {
@@ -22,6 +24,7 @@ impl Role {
             Role::System => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Tool => "tool",
         }
     }
 
@@ -30,6 +33,7 @@ impl Role {
             "system" => Role::System,
             "user" => Role::User,
             "assistant" => Role::Assistant,
+            "tool" => Role::Tool,
             _ => return None,
         })
     }

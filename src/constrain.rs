@@ -58,7 +58,7 @@ impl Constraint {
 /// A schema's text as JSON, read as Ollama (llama.cpp) reads it, with phi4's layout for the
 /// output unless the schema sets its own (`x-guidance`): `{"a": 1, "b": [2, 3]}` — the spacing
 /// models write, and no room for the runs of whitespace a free layout lets a small model loop in.
-fn json_schema(text: &str) -> Result<Value, String> {
+pub(crate) fn json_schema(text: &str) -> Result<Value, String> {
     let mut schema: Value =
         serde_json::from_str(text).map_err(|e| format!("the JSON schema is not JSON: {e}"))?;
     tighten(&mut schema);

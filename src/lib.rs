@@ -32,6 +32,7 @@ pub mod scheduler;
 pub mod session;
 pub mod state;
 pub mod tokenizer;
+pub mod tools;
 
 mod ffi;
 mod forward;
@@ -46,8 +47,11 @@ pub use error::{EvalError, SessionError};
 pub use model::{Config, LoadError, LoadParams, Model};
 pub use sample::SamplingParams;
 pub use scheduler::Scheduler;
-pub use session::{DoneReason, GenerateParams, Outcome, Overflow, Session, SessionParams};
+pub use session::{
+    DoneReason, GenerateParams, Logprob, Outcome, Overflow, Session, SessionParams, Token,
+};
 pub use state::StateError;
+pub use tools::{Tool, ToolCall, ToolChoice, Tools};
 
 /// CPU features ggml uses on this machine, by name (e.g. `["SSE3", "AVX", "AVX2", "F16C", "FMA"]`):
 /// those of the kernel variant that runs ([`cpu_variant`]).

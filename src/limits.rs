@@ -38,3 +38,8 @@ pub fn check_max_batch(max_batch: usize) -> Result<(), String> {
         Err(format!("max_batch {max_batch} must be in 1..={MAX_BATCH}"))
     }
 }
+
+/// The most calls one reply may make when parallel tool calls are allowed.
+pub const MAX_TOOL_CALLS: usize = 16;
+/// The most alternatives a generated token's log-probabilities may list (OpenAI's and Ollama's 20).
+pub const MAX_TOP_LOGPROBS: usize = 20;

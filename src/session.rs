@@ -24,6 +24,7 @@ use crate::sample::{Sampler, SamplingParams};
 use crate::scheduler::{Output, Scheduler};
 use crate::state::{self, StateError};
 use crate::tokenizer::StreamDecoder;
+use crate::tools::{self, ToolCall, Tools, CALL_OPEN};
 
 /// What to do when a conversation no longer fits the context.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +91,12 @@ pub struct GenerateParams {
     /// What the reply must be (JSON, a JSON Schema, a regex, a grammar): only tokens that keep
     /// it valid are sampled, and the reply ends when it is complete. None: free text.
     pub constraint: Option<Constraint>,
+    /// Tools the model may call (chat only; not with `constraint`): described in the system
+    /// message, the reply constrained to text or valid calls, the calls in [`Outcome::tool_calls`].
+    pub tools: Option<Tools>,
+    /// Report each generated token's log-probability ([`Token::logprob`]) with this many of the
+    /// most likely alternatives (0..=[`limits::MAX_TOP_LOGPROBS`]); None: none.
+    pub logprobs: Option<usize>,
 }
 
 impl GenerateParams {
@@ -185,8 +192,45 @@ pub struct Outcome {
     pub timings: Timings,
     /// Messages dropped from the front of the conversation to make it fit.
     pub dropped_messages: usize,
-    /// The whole reply text (what the callback received).
+    /// The whole reply text (what the callback received): with tools, the text before the calls.
     pub text: String,
+    /// The calls the reply made (with tools), each complete and valid for its tool.
+    pub tool_calls: Vec<ToolCall>,
+}
+
+/// A generated token, as the streaming callback receives it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Token {
+    pub id: u32,
+    /// With [`GenerateParams::logprobs`]: the natural log of its probability under the model's
+    /// logits (before penalties, temperature and any constraint's mask).
+    pub logprob: Option<Logprob>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logprob {
+    pub logprob: f32,
+    /// The most likely tokens at its position with theirs, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The log-sum-exp of `logits` and its `n` largest entries as log-probabilities, largest first.
+fn log_softmax_top(logits: &[f32], n: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let lse = max + sum.ln() as f32;
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
+    if n > 0 {
+        for (id, &x) in logits.iter().enumerate() {
+            if top.len() < n || x > top[top.len() - 1].1 {
+                let at = top.partition_point(|&(_, y)| y >= x);
+                top.insert(at, (id as u32, x));
+                top.truncate(n);
+            }
+        }
+    }
+    top.iter_mut().for_each(|(_, x)| *x -= lse);
+    (lse, top)
 }
 
 /// Scale `v` to unit length (L2; a zero vector stays zero): embeddings as Ollama's /api/embed
@@ -198,8 +242,8 @@ pub fn normalize(v: &mut [f32]) {
     }
 }
 
-/// The streaming callback: `(Some(token id) | None for a final flush, complete text) -> go on?`
-pub type OnToken<'a> = dyn FnMut(Option<u32>, &str) -> bool + 'a;
+/// The streaming callback: `(Some(token) | None for a final flush, complete text) -> go on?`
+pub type OnToken<'a> = dyn FnMut(Option<&Token>, &str) -> bool + 'a;
 
 pub struct Session {
     model: Arc<Model>,
@@ -516,8 +560,17 @@ impl Session {
     ) -> Result<Outcome, SessionError> {
         self.cancel.store(false, Ordering::Relaxed);
         let markers = Markers::of(&self.model.tokenizer).map_err(SessionError::BadParams)?;
+        let described;
+        let messages = match &gp.tools {
+            Some(t) => {
+                t.check().map_err(SessionError::BadParams)?;
+                described = t.describe(messages);
+                &described
+            }
+            None => messages,
+        };
         let Some(turns) = self.tokenize_turns(messages, markers) else {
-            return Ok(Text::new(&[]).outcome(DoneReason::Cancelled, self.timings()));
+            return Ok(Text::new(&[], false).outcome(DoneReason::Cancelled, self.timings()));
         };
         let reply_start = chat::turn(&self.model.tokenizer, markers, Role::Assistant, None);
         let (tokens, dropped) = self.fit(messages, &turns, &reply_start)?;
@@ -588,13 +641,15 @@ impl Session {
             .retain(|text, _| in_conversation.contains(text.as_str()));
         let mut ids = self.history.get(start..).unwrap_or_default().to_vec();
         ids.extend(self.last_token);
+        // (With calls, the message that carries the reply back holds them as the model wrote them.)
+        let text = tools::reply_text(&out.text, &out.tool_calls);
         if matches!(
             out.reason,
             DoneReason::Stop | DoneReason::Length | DoneReason::ContextFull
-        ) && self.model.tokenizer.decode(&ids, false) == out.text
-            && !out.text.is_empty()
+        ) && self.model.tokenizer.decode(&ids, false) == text
+            && !text.is_empty()
         {
-            self.replies.insert(out.text.clone(), ids);
+            self.replies.insert(text, ids);
         }
     }
 
@@ -614,6 +669,11 @@ impl Session {
         on_token: &mut OnToken<'_>,
     ) -> Result<Outcome, SessionError> {
         self.cancel.store(false, Ordering::Relaxed);
+        if gp.tools.is_some() {
+            return Err(SessionError::BadParams(
+                "tools need a conversation (chat), not a raw prompt".into(),
+            ));
+        }
         self.run(prompt, gp, on_token)
     }
 
@@ -628,7 +688,8 @@ impl Session {
         let mut guide = self.guide(gp)?;
         self.last_token = None;
         let mut timings = self.timings();
-        let mut text = Text::new(&gp.stop);
+        let calls = gp.tools.as_ref().is_some_and(|t| t.grammar().is_some());
+        let mut text = Text::new(&gp.stop, calls);
         if !self.prefill(prompt, &mut timings)? {
             return Ok(text.outcome(DoneReason::Cancelled, timings));
         }
@@ -641,6 +702,17 @@ impl Session {
 
     fn check_prompt(&self, prompt: &[u32], gp: &GenerateParams) -> Result<(), SessionError> {
         gp.sampling.validate().map_err(SessionError::BadParams)?;
+        if gp.tools.is_some() && gp.constraint.is_some() {
+            return Err(SessionError::BadParams(
+                "tools and a format cannot be combined".into(),
+            ));
+        }
+        if let Some(n) = gp.logprobs.filter(|&n| n > limits::MAX_TOP_LOGPROBS) {
+            return Err(SessionError::BadParams(format!(
+                "top_logprobs {n} is above {}",
+                limits::MAX_TOP_LOGPROBS
+            )));
+        }
         if prompt.is_empty() {
             return Err(SessionError::BadParams("empty prompt".into()));
         }
@@ -664,14 +736,21 @@ impl Session {
 
     /// The constraint of `gp` compiled for this generation, or why it does not compile.
     fn guide(&self, gp: &GenerateParams) -> Result<Option<Guide>, SessionError> {
-        let Some(c) = &gp.constraint else {
+        let tools = gp
+            .tools
+            .as_ref()
+            .and_then(Tools::grammar)
+            .map(Constraint::Lark);
+        let Some(c) = tools.as_ref().or(gp.constraint.as_ref()) else {
             return Ok(None);
         };
-        self.model
-            .constraints
-            .compile(&self.model.tokenizer, c)
-            .map(Some)
-            .map_err(SessionError::Constraint)
+        let compiled = self.model.constraints.compile(&self.model.tokenizer, c);
+        compiled.map(Some).map_err(|e| {
+            SessionError::Constraint(match tools {
+                Some(_) => format!("the tools' parameters do not compile: {e}"),
+                None => e,
+            })
+        })
     }
 
     /// Evaluate what the cache lacks of `prompt` (its last token always: its logits are needed).
@@ -713,10 +792,19 @@ impl Session {
                 return Ok(DoneReason::Cancelled);
             }
             let t = Instant::now();
+            let scores = gp.logprobs.map(|n| log_softmax_top(&self.logits, n));
             if let Some(g) = guide.as_deref_mut() {
                 g.mask(&mut self.logits).map_err(SessionError::Constraint)?;
             }
             let id = sampler.sample(&self.logits, &self.history);
+            // (A token the mask allowed keeps its logit.)
+            let token = Token {
+                id,
+                logprob: scores.map(|(lse, top)| Logprob {
+                    logprob: self.logits[id as usize] - lse,
+                    top,
+                }),
+            };
             if tok.end_of_generation.contains(&id) {
                 return Ok(DoneReason::Stop);
             }
@@ -727,7 +815,7 @@ impl Session {
             timings.eval_count += 1;
             self.last_token = Some(id);
             let (emit, stopped) = text.push(tok.piece(id, false));
-            if !on_token(Some(id), &emit) {
+            if !on_token(Some(&token), &emit) {
                 return Ok(DoneReason::Cancelled);
             }
             if stopped || guide.as_deref().is_some_and(Guide::finished) {
@@ -751,25 +839,43 @@ impl Session {
     }
 }
 
-/// The reply's text as it streams: token bytes → whole UTF-8 characters → stop-string check.
+/// The reply's text as it streams: token bytes → whole UTF-8 characters → (with tools) text
+/// before the first call marker → stop-string check. What follows the marker is the calls.
 struct Text {
     utf8: StreamDecoder,
+    /// With tools: finds the call marker (held back like a stop string).
+    marker: Option<StopMatcher>,
     stops: StopMatcher,
     text: String,
+    /// The text after the call marker, once it was written.
+    calls: Option<String>,
 }
 
 impl Text {
-    fn new(stop: &[String]) -> Text {
+    fn new(stop: &[String], calls: bool) -> Text {
         Text {
             utf8: StreamDecoder::default(),
+            marker: calls.then(|| StopMatcher::new(&[CALL_OPEN.to_string()])),
             stops: StopMatcher::new(stop),
             text: String::new(),
+            calls: None,
         }
     }
 
     /// A token's bytes in; the text that can be emitted now out, and whether a stop string ended it.
     fn push(&mut self, bytes: &[u8]) -> (String, bool) {
-        let piece = self.utf8.push(bytes);
+        let mut piece = self.utf8.push(bytes);
+        if let Some(calls) = &mut self.calls {
+            calls.push_str(&piece);
+            return (String::new(), false);
+        }
+        if let Some(m) = &mut self.marker {
+            let (before, found) = m.push(&piece);
+            if found {
+                self.calls = Some(std::mem::take(&mut m.rest));
+            }
+            piece = before;
+        }
         let (emit, stopped) = self.stops.push(&piece);
         self.text.push_str(&emit);
         (emit, stopped)
@@ -781,7 +887,14 @@ impl Text {
         if matches!(reason, DoneReason::Length | DoneReason::ContextFull)
             || (reason == DoneReason::Stop && !self.stops.stopped)
         {
-            let tail = self.stops.finish(&self.utf8.finish());
+            let mut tail = self.utf8.finish();
+            if let Some(calls) = &mut self.calls {
+                calls.push_str(&tail);
+                tail.clear();
+            } else if let Some(m) = &mut self.marker {
+                tail = m.finish(&tail);
+            }
+            let tail = self.stops.finish(&tail);
             if !tail.is_empty() {
                 self.text.push_str(&tail);
                 on_token(None, &tail);
@@ -795,6 +908,11 @@ impl Text {
             timings,
             dropped_messages: 0,
             text: self.text,
+            tool_calls: self
+                .calls
+                .as_deref()
+                .map(tools::parse_calls)
+                .unwrap_or_default(),
         }
     }
 }
@@ -805,6 +923,8 @@ pub struct StopMatcher {
     stops: Vec<String>,
     held: String,
     pub stopped: bool,
+    /// The text after the stop string, once one was found.
+    pub rest: String,
 }
 
 impl StopMatcher {
@@ -813,6 +933,7 @@ impl StopMatcher {
             stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
             held: String::new(),
             stopped: false,
+            rest: String::new(),
         }
     }
 
@@ -820,14 +941,15 @@ impl StopMatcher {
     /// before it is emitted, the stop string and anything after it are not).
     pub fn push(&mut self, text: &str) -> (String, bool) {
         self.held.push_str(text);
-        if let Some(pos) = self
+        if let Some((pos, len)) = self
             .stops
             .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
+            .filter_map(|s| Some((self.held.find(s.as_str())?, s.len())))
             .min()
         {
             self.stopped = true;
             let out = self.held[..pos].to_string();
+            self.rest = self.held[pos + len..].to_string();
             self.held.clear();
             return (out, true);
         }

@@ -54,7 +54,7 @@ fn alone(model: &Arc<Model>, prompt: &[u32], n: usize) -> Vec<(u32, f32)> {
 fn generated(s: &mut Session, prompt: &[u32], n: usize) -> (Vec<u32>, DoneReason) {
     let mut ids = Vec::new();
     let out = s.generate(prompt, &greedy(n), &mut |id, _| {
-        ids.extend(id);
+        ids.extend(id.map(|t| t.id));
         true
     });
     let out = out.unwrap();

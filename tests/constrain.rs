@@ -310,7 +310,7 @@ fn unicode_in_json_strings_stays_valid() {
                 &[Message::new(Role::User, "Say hello.")],
                 &gp,
                 &mut |id, piece| {
-                    pieces.push((id, piece.to_string()));
+                    pieces.push((id.map(|t| t.id), piece.to_string()));
                     true
                 },
             )

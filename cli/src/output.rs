@@ -113,7 +113,8 @@ pub fn reply(
     gp: &GenerateParams,
     sink: &mut dyn Sink,
 ) -> crate::Res<Outcome> {
-    let mut on_piece = |_: Option<u32>, piece: &str| piece.is_empty() || sink.piece(piece).is_ok();
+    let mut on_piece =
+        |_: Option<&phi4::Token>, piece: &str| piece.is_empty() || sink.piece(piece).is_ok();
     let outcome = session.chat(messages, gp, &mut on_piece)?;
     sink.done(&outcome)?;
     Ok(outcome)

@@ -197,6 +197,11 @@ pub(crate) unsafe fn c_str<'a>(p: *const c_char, what: &str) -> Result<&'a str, 
     })
 }
 
+/// A C `bool` in a struct the caller fills, read as its byte (`!= 0` is true): a Rust `bool`
+/// holding any byte but 0 or 1 is undefined behaviour, and a caller's struct may hold any byte.
+/// The header says `bool`.
+pub type phi4_bool = u8;
+
 /// The rule of every output with a size: `*len` gets `report` on success, and when `capacity`
 /// is less than the `needed` items (PHI4_ERR_BUFFER_TOO_SMALL: `report` is then what to ask
 /// for); `fill` writes `buf` (checked non-NULL) only when it fits. Nothing is written on any
@@ -428,8 +433,10 @@ pub const PHI4_VERSION_MAJOR: u32 = 0;
 /// for a feature at compile time (`#if PHI4_VERSION_MINOR >= 2`). 2: phi4_scheduler_*,
 /// phi4_session_new_on, phi4_session_{save,load}_*, phi4_session_copy, phi4_cpu_variant,
 /// phi4_last_error, phi4_generate_params.format, the PHI4_* limits. 3: phi4_session_embed.
+/// 4: tools and log-probabilities (phi4_generate_params.tools … top_logprobs, the role "tool",
+/// phi4_session_last_tool_calls, phi4_session_last_logprobs).
 #[allow(dead_code)]
-pub const PHI4_VERSION_MINOR: u32 = 3;
+pub const PHI4_VERSION_MINOR: u32 = 4;
 /// The library's patch version.
 #[allow(dead_code)]
 pub const PHI4_VERSION_PATCH: u32 = 0;
@@ -445,6 +452,11 @@ pub const PHI4_DEFAULT_BATCH: u32 = 512;
 pub const PHI4_MAX_THREADS: u32 = 512;
 /// The most sessions a step of a scheduler may take (`phi4_scheduler_new`'s `max_batch`).
 pub const PHI4_MAX_BATCH: u32 = 64;
+/// The most calls one reply makes (`phi4_generate_params.parallel_tool_calls`).
+pub const PHI4_MAX_TOOL_CALLS: u32 = 16;
+/// The most alternatives per token (`phi4_generate_params.top_logprobs`, the size of
+/// `phi4_token_logprob.top_tokens`).
+pub const PHI4_MAX_TOP_LOGPROBS: u32 = 20;
 const _: () = {
     use crate::limits::*;
     assert!(PHI4_MAX_CONTEXT as usize == MAX_CONTEXT);
@@ -452,6 +464,8 @@ const _: () = {
     assert!(PHI4_DEFAULT_BATCH as usize == DEFAULT_BATCH);
     assert!(PHI4_MAX_THREADS as usize == MAX_THREADS);
     assert!(PHI4_MAX_BATCH as usize == MAX_BATCH);
+    assert!(PHI4_MAX_TOOL_CALLS as usize == MAX_TOOL_CALLS);
+    assert!(PHI4_MAX_TOP_LOGPROBS as usize == MAX_TOP_LOGPROBS);
 };
 
 /// The message of the last call on the calling thread that failed (returned a status other

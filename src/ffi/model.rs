@@ -31,9 +31,9 @@ pub struct phi4_model_params {
     pub struct_size: usize,
     /// Let ggml repack weight types it has faster CPU kernels for (more load time, faster
     /// decoding). Default true.
-    pub repack: bool,
+    pub repack: phi4_bool,
     /// Read all weights at load time instead of on first use. Default true.
-    pub prefetch: bool,
+    pub prefetch: phi4_bool,
     /// Called during loading with the fraction done; may be NULL. Called on the loading thread.
     pub progress: phi4_progress_fn,
     /// Passed to `progress`.
@@ -91,8 +91,8 @@ pub unsafe extern "C" fn phi4_model_default_params(out: *mut phi4_model_params) 
 fn default_model_params() -> phi4_model_params {
     phi4_model_params {
         struct_size: std::mem::size_of::<phi4_model_params>(),
-        repack: true,
-        prefetch: true,
+        repack: 1,
+        prefetch: 1,
         progress: None,
         progress_user_data: std::ptr::null_mut(),
         log: None,
@@ -135,8 +135,8 @@ pub unsafe extern "C" fn phi4_model_load(
             None => true,
         };
         let lp = LoadParams {
-            repack: p.repack,
-            prefetch: p.prefetch,
+            repack: p.repack != 0,
+            prefetch: p.prefetch != 0,
             progress: Some(&mut progress),
         };
         let model = Model::load(std::path::Path::new(path), lp)

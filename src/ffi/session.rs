@@ -13,11 +13,15 @@ use super::*;
 use crate::chat::{Message, Role};
 use crate::constrain::Constraint;
 use crate::error::{EvalError, SessionError};
+use crate::limits::MAX_TOP_LOGPROBS;
 use crate::model::Model;
 use crate::sample::SamplingParams;
 use crate::scheduler::Scheduler;
-use crate::session::{DoneReason, GenerateParams, Outcome, Overflow, Session, SessionParams};
+use crate::session::{
+    DoneReason, GenerateParams, Outcome, Overflow, Session, SessionParams, Token,
+};
 use crate::state::StateError;
+use crate::tools::{self, Tool, ToolChoice, Tools};
 
 /// What to do when a conversation outgrows the context (the values of
 /// `phi4_session_params.overflow`).
@@ -107,10 +111,59 @@ pub struct phi4_generate_params {
     /// The schema, regex or grammar of `format`: NUL-terminated UTF-8, read during the call
     /// only. NULL for PHI4_FORMAT_TEXT and PHI4_FORMAT_JSON.
     pub format_text: *const c_char,
+    /// Tools the model may call (phi4_session_chat only; not with `format`): a JSON array of
+    /// tool definitions, OpenAI's and Ollama's `{"type": "function", "function": {"name",
+    /// "description", "parameters"}}` (or the function objects alone), NUL-terminated UTF-8,
+    /// read during the call only. NULL (the default): no tools. The reply is text, or text
+    /// then calls whose arguments are valid for their tool's parameters schema; the calls:
+    /// phi4_session_last_tool_calls. (Since 0.4.)
+    pub tools: *const c_char,
+    /// A phi4_tool_choice value. Default PHI4_TOOL_CHOICE_AUTO.
+    pub tool_choice: u32,
+    /// With PHI4_TOOL_CHOICE_FUNCTION: the tool's name (NUL-terminated); else not read.
+    pub tool_choice_name: *const c_char,
+    /// More than one call per reply (at most PHI4_MAX_TOOL_CALLS). Default true.
+    pub parallel_tool_calls: phi4_bool,
+    /// Record each generated token's log-probability (phi4_session_last_logprobs). Default false.
+    pub logprobs: phi4_bool,
+    /// With `logprobs`: the most likely alternatives recorded per token,
+    /// 0..=PHI4_MAX_TOP_LOGPROBS. Default 0.
+    pub top_logprobs: u32,
 }
 
-/// One chat message: role is "system", "user" or "assistant"; both strings NUL-terminated UTF-8,
-/// read during the call only.
+/// Which calls a reply may make (the values of `phi4_generate_params.tool_choice`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum phi4_tool_choice {
+    /// Text, or text then calls: the model decides (default).
+    PHI4_TOOL_CHOICE_AUTO = 0,
+    /// Text only (the tools are still described to the model).
+    PHI4_TOOL_CHOICE_NONE = 1,
+    /// One or more calls, no text.
+    PHI4_TOOL_CHOICE_REQUIRED = 2,
+    /// Calls of the tool named in tool_choice_name only.
+    PHI4_TOOL_CHOICE_FUNCTION = 3,
+}
+
+/// A generated token's log-probability (the natural log of its probability under the model's
+/// logits, before penalties, temperature and any format's mask) and the most likely tokens at
+/// its position, most likely first.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct phi4_token_logprob {
+    pub token: u32,
+    pub logprob: f32,
+    /// How many of top_tokens / top_logprobs are set.
+    pub n_top: u32,
+    pub top_tokens: [u32; 20],
+    pub top_logprobs: [f32; 20],
+}
+
+/// One chat message: role is "system", "user", "assistant" or "tool" (a tool's result); both
+/// strings NUL-terminated UTF-8, read during the call only. An assistant message that made
+/// calls holds its text followed by each call as phi4 writes it:
+/// `<tool_call>{"name": "NAME", "arguments": {...}}</tool_call>`, one per line (see
+/// phi4_session_last_tool_calls).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct phi4_message {
@@ -168,6 +221,9 @@ pub struct phi4_session {
     /// The message of the last failed call (copied out per thread by phi4_session_last_error).
     last_error: Mutex<String>,
     last_result: Mutex<phi4_result>,
+    /// The last generation's calls as a JSON array, and its tokens' log-probabilities.
+    last_tool_calls: Mutex<String>,
+    last_logprobs: Mutex<Vec<phi4_token_logprob>>,
     /// Set by phi4_session_free called from inside a call on this session (from its streaming
     /// or log callback): the call frees the session as it returns.
     free_requested: AtomicBool,
@@ -206,6 +262,12 @@ fn default_generate_params() -> phi4_generate_params {
         n_stop: 0,
         format: phi4_format::PHI4_FORMAT_TEXT as u32,
         format_text: std::ptr::null(),
+        tools: std::ptr::null(),
+        tool_choice: phi4_tool_choice::PHI4_TOOL_CHOICE_AUTO as u32,
+        tool_choice_name: std::ptr::null(),
+        parallel_tool_calls: 1,
+        logprobs: 0,
+        top_logprobs: 0,
     }
 }
 
@@ -324,6 +386,8 @@ pub(crate) unsafe fn open_session(
         last_error: Mutex::new(String::new()),
         free_requested: AtomicBool::new(false),
         last_result: Mutex::new(empty_result()),
+        last_tool_calls: Mutex::new("[]".into()),
+        last_logprobs: Mutex::new(Vec::new()),
     })
 }
 
@@ -434,12 +498,65 @@ unsafe fn generate_params(p: *const phi4_generate_params) -> Result<GeneratePara
         .map_err(|m| Error::new(PHI4_ERR_INVALID_ARGUMENT, m))?;
     // SAFETY: format_text is NULL or a NUL-terminated string (caller's contract).
     let constraint = unsafe { constraint(p.format, p.format_text) }?;
+    let bad = |m: String| Error::new(PHI4_ERR_INVALID_ARGUMENT, m);
+    // SAFETY: tools and tool_choice_name are NULL or NUL-terminated strings (caller's contract).
+    let tools = unsafe { tool_params(&p) }?;
+    if p.logprobs != 0 && p.top_logprobs as usize > MAX_TOP_LOGPROBS {
+        return Err(bad(format!(
+            "top_logprobs {} is above PHI4_MAX_TOP_LOGPROBS",
+            p.top_logprobs
+        )));
+    }
     Ok(GenerateParams {
         sampling,
         max_tokens: p.max_tokens as usize,
         stop,
         constraint,
+        tools,
+        logprobs: (p.logprobs != 0).then_some(p.top_logprobs as usize),
     })
+}
+
+/// # Safety
+/// `p.tools` and `p.tool_choice_name` are NULL or NUL-terminated strings.
+unsafe fn tool_params(p: &phi4_generate_params) -> Result<Option<Tools>, Error> {
+    if p.tools.is_null() {
+        return Ok(None);
+    }
+    let bad = |m: String| Error::new(PHI4_ERR_INVALID_ARGUMENT, m);
+    // SAFETY: per this function's contract.
+    let text = unsafe { c_str(p.tools, "params.tools") }?;
+    let list: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| bad(format!("params.tools is not JSON: {e}")))?;
+    let list = list
+        .as_array()
+        .ok_or_else(|| bad("params.tools must be a JSON array of tools".into()))?
+        .iter()
+        .map(Tool::from_json)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(bad)?;
+    let choice = match p.tool_choice {
+        v if v == phi4_tool_choice::PHI4_TOOL_CHOICE_AUTO as u32 => ToolChoice::Auto,
+        v if v == phi4_tool_choice::PHI4_TOOL_CHOICE_NONE as u32 => ToolChoice::None,
+        v if v == phi4_tool_choice::PHI4_TOOL_CHOICE_REQUIRED as u32 => ToolChoice::Required,
+        v if v == phi4_tool_choice::PHI4_TOOL_CHOICE_FUNCTION as u32 => {
+            // SAFETY: per this function's contract.
+            let name = unsafe { c_str(p.tool_choice_name, "params.tool_choice_name") }?;
+            ToolChoice::Function(name.to_string())
+        }
+        v => {
+            return Err(bad(format!(
+                "params.tool_choice {v} is not a phi4_tool_choice"
+            )))
+        }
+    };
+    let tools = Tools {
+        tools: list,
+        choice,
+        parallel: p.parallel_tool_calls != 0,
+    };
+    tools.check().map_err(bad)?;
+    Ok(Some(tools))
 }
 
 /// # Safety
@@ -464,7 +581,8 @@ unsafe fn constraint(format: u32, text: *const c_char) -> Result<Option<Constrai
     })
 }
 
-fn store_result(h: &phi4_session, o: &Outcome) {
+fn store_result(h: &phi4_session, o: &Outcome, logprobs: Vec<phi4_token_logprob>) {
+    *h.last_logprobs.lock() = logprobs;
     if o.dropped_messages > 0 {
         h.log.write(
             phi4_log_level::PHI4_LOG_WARN,
@@ -486,6 +604,12 @@ fn store_result(h: &phi4_session, o: &Outcome) {
         DoneReason::Cancelled => phi4_done_reason::PHI4_DONE_CANCELLED,
         DoneReason::ContextFull => phi4_done_reason::PHI4_DONE_CONTEXT_FULL,
     };
+    let calls: Vec<serde_json::Value> = o
+        .tool_calls
+        .iter()
+        .map(|c| serde_json::json!({"name": c.name, "arguments": c.arguments}))
+        .collect();
+    *h.last_tool_calls.lock() = tools::write_json(&serde_json::Value::Array(calls));
     let t = &o.timings;
     *h.last_result.lock() = phi4_result {
         done_reason: reason as u32,
@@ -499,10 +623,30 @@ fn store_result(h: &phi4_session, o: &Outcome) {
     };
 }
 
-/// Adapts the C callback to the session's: pieces with text only, NUL-terminated copies.
-fn stream(cb: phi4_stream_fn, user_data: *mut c_void) -> impl FnMut(Option<u32>, &str) -> bool {
+/// Adapts the C callback to the session's: pieces with text only, NUL-terminated copies;
+/// tokens' log-probabilities kept in `logprobs`.
+fn stream<'a>(
+    cb: phi4_stream_fn,
+    user_data: *mut c_void,
+    logprobs: &'a mut Vec<phi4_token_logprob>,
+) -> impl FnMut(Option<&Token>, &str) -> bool + 'a {
     let mut buf = Vec::new();
-    move |_, piece: &str| {
+    logprobs.clear();
+    move |token, piece: &str| {
+        if let Some((id, lp)) = token.and_then(|t| Some((t.id, t.logprob.as_ref()?))) {
+            let mut entry = phi4_token_logprob {
+                token: id,
+                logprob: lp.logprob,
+                n_top: lp.top.len() as u32,
+                top_tokens: [0; 20],
+                top_logprobs: [0.0; 20],
+            };
+            for (i, &(t, p)) in lp.top.iter().enumerate().take(MAX_TOP_LOGPROBS) {
+                entry.top_tokens[i] = t;
+                entry.top_logprobs[i] = p;
+            }
+            logprobs.push(entry);
+        }
         let Some(cb) = cb else { return true };
         if piece.is_empty() {
             return true;
@@ -538,10 +682,11 @@ pub unsafe extern "C" fn phi4_session_chat(
                 generate_params(params)?,
             )
         };
+        let mut logprobs = Vec::new();
         let out = s
-            .chat(&msgs, &gp, &mut stream(on_piece, user_data))
+            .chat(&msgs, &gp, &mut stream(on_piece, user_data, &mut logprobs))
             .map_err(serr)?;
-        store_result(h, &out);
+        store_result(h, &out, logprobs);
         Ok(())
     };
     // SAFETY: NULL or a live handle (caller's contract).
@@ -563,7 +708,7 @@ unsafe fn read_messages(messages: *const phi4_message, n: usize) -> Result<Vec<M
             let role = Role::parse(role).ok_or_else(|| {
                 Error::new(
                     PHI4_ERR_INVALID_ARGUMENT,
-                    format!("role {role:?} is not system, user or assistant"),
+                    format!("role {role:?} is not system, user, assistant or tool"),
                 )
             })?;
             Ok(Message::new(role, content))
@@ -591,10 +736,11 @@ pub unsafe extern "C" fn phi4_session_generate(
         // SAFETY: tokens points to n_tokens ids; params as documented.
         let (prompt, gp) =
             unsafe { (array(tokens, n_tokens, "tokens")?, generate_params(params)?) };
+        let mut logprobs = Vec::new();
         let out = s
-            .generate(prompt, &gp, &mut stream(on_piece, user_data))
+            .generate(prompt, &gp, &mut stream(on_piece, user_data, &mut logprobs))
             .map_err(serr)?;
-        store_result(h, &out);
+        store_result(h, &out, logprobs);
         Ok(())
     };
     // SAFETY: NULL or a live handle (caller's contract).
@@ -860,6 +1006,52 @@ pub unsafe extern "C" fn phi4_session_last_result(
             )
         };
         Ok(())
+    })
+}
+
+/// The calls the last generation made (with `params.tools`), as a JSON array
+/// `[{"name": "NAME", "arguments": {...}}, ...]` (`[]` when it made none), each call complete and
+/// valid for its tool's parameters. Copied to `text` (room for `capacity` bytes, NUL-terminated),
+/// its length (without the NUL) to `*len`; PHI4_ERR_BUFFER_TOO_SMALL with the length in `*len`
+/// when it does not fit. Thread-safe (reports the last finished generation).
+#[no_mangle]
+pub unsafe extern "C" fn phi4_session_last_tool_calls(
+    session: *const phi4_session,
+    text: *mut c_char,
+    capacity: usize,
+    len: *mut usize,
+) -> phi4_status {
+    guard(|| {
+        // SAFETY: NULL or a live handle (caller's contract).
+        let h = unsafe { borrow(session) }?;
+        let calls = h.last_tool_calls.lock().clone();
+        // SAFETY: text has room for capacity bytes; len is NULL or writable (caller's contract).
+        unsafe { write_text(&calls, text, capacity, len) }
+    })
+}
+
+/// The log-probabilities of the last generation's tokens (with `params.logprobs`), one per
+/// generated token in order, copied to `out` (room for `capacity`), their number to `*n`;
+/// PHI4_ERR_BUFFER_TOO_SMALL with the number in `*n` when they do not fit (ask with `out`
+/// NULL and `capacity` 0). Thread-safe (reports the last finished generation).
+#[no_mangle]
+pub unsafe extern "C" fn phi4_session_last_logprobs(
+    session: *const phi4_session,
+    out: *mut phi4_token_logprob,
+    capacity: usize,
+    n: *mut usize,
+) -> phi4_status {
+    guard(|| {
+        // SAFETY: NULL or a live handle (caller's contract).
+        let h = unsafe { borrow(session) }?;
+        let lps = h.last_logprobs.lock().clone();
+        let fill = |out: *mut phi4_token_logprob| {
+            // SAFETY: out has room for capacity >= lps.len() entries (caller's contract).
+            unsafe { std::ptr::copy_nonoverlapping(lps.as_ptr(), out, lps.len()) };
+            Ok(())
+        };
+        // SAFETY: n is NULL or writable (caller's contract).
+        unsafe { sized_output(lps.len(), lps.len(), capacity, out, (n, "n"), fill) }
     })
 }
 

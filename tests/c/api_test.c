@@ -562,11 +562,85 @@ static void test_embed(phi4_model *m) {
     phi4_session_free(s);
 }
 
+/* Tools (JSON in, calls out as JSON) and log-probabilities. */
+static void test_tools(phi4_model *m) {
+    phi4_session *s = NULL;
+    CHECK(phi4_session_new(m, NULL, &s) == PHI4_OK, "session");
+    const char *tools =
+        "[{\"type\": \"function\", \"function\": {\"name\": \"add\", \"description\": \"Add two integers.\","
+        " \"parameters\": {\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"integer\"}, \"b\": {\"type\": \"integer\"}},"
+        " \"required\": [\"a\", \"b\"]}}}]";
+    phi4_generate_params g = greedy(200);
+    g.tools = tools;
+    g.tool_choice = PHI4_TOOL_CHOICE_REQUIRED;
+    g.parallel_tool_calls = false;
+    phi4_message msgs[4] = {{"user", "Add 2 and 40."}};
+    chat_job reply = {0};
+    CHECK(phi4_session_chat(s, msgs, 1, &g, append, &reply) == PHI4_OK, "chat with tools: %s", phi4_last_error());
+    CHECK(strcmp(reply.text, "") == 0, "no text with a required call: %s", reply.text);
+    size_t len = 0;
+    CHECK(phi4_session_last_tool_calls(s, NULL, 0, &len) == PHI4_ERR_BUFFER_TOO_SMALL && len > 2, "the calls' size: %zu", len);
+    char calls[1024] = {0};
+    CHECK(phi4_session_last_tool_calls(s, calls, sizeof calls, &len) == PHI4_OK && len == strlen(calls), "the calls");
+    CHECK(strncmp(calls, "[{\"name\": \"add\", \"arguments\": {\"a\": ", 35) == 0, "a call of add: %s", calls);
+    /* The conversation goes on: the reply as phi4 wrote it, then the tool's result. */
+    char assistant[1100];
+    snprintf(assistant, sizeof assistant, "<tool_call>%.*s</tool_call>", (int)(strlen(calls) - 2), calls + 1);
+    msgs[1] = (phi4_message){"assistant", assistant};
+    msgs[2] = (phi4_message){"tool", "42"};
+    phi4_generate_params next = greedy(8);
+    next.tools = tools;
+    next.tool_choice = PHI4_TOOL_CHOICE_NONE;
+    next.logprobs = true;
+    next.top_logprobs = 3;
+    chat_job answer = {0};
+    CHECK(phi4_session_chat(s, msgs, 3, &next, append, &answer) == PHI4_OK, "after the result: %s", phi4_last_error());
+    phi4_result r = {.struct_size = sizeof r};
+    phi4_session_last_result(s, &r);
+    CHECK(r.prompt_eval_count < 20, "the call was in the cache: %llu evaluated", (unsigned long long)r.prompt_eval_count);
+    CHECK(phi4_session_last_tool_calls(s, calls, sizeof calls, &len) == PHI4_OK && strcmp(calls, "[]") == 0, "no calls with none: %s", calls);
+    size_t n = 0;
+    CHECK(phi4_session_last_logprobs(s, NULL, 0, &n) == PHI4_ERR_BUFFER_TOO_SMALL && n == r.eval_count, "a logprob per token: %zu", n);
+    phi4_token_logprob lp[8];
+    CHECK(phi4_session_last_logprobs(s, lp, 8, &n) == PHI4_OK, "logprobs");
+    for (size_t i = 0; i < n; i++) {
+        CHECK(lp[i].n_top == 3 && lp[i].top_tokens[0] == lp[i].token && lp[i].top_logprobs[0] == lp[i].logprob && lp[i].logprob <= 0,
+              "greedy: the token is the most likely (%u, %f)", lp[i].token, lp[i].logprob);
+    }
+    /* Bad input: a clear error, the session intact. */
+    phi4_generate_params bad = g;
+    bad.tools = "[{\"function\": {\"name\": \"a b\"}}]";
+    CHECK(phi4_session_chat(s, msgs, 1, &bad, NULL, NULL) == PHI4_ERR_INVALID_ARGUMENT && strstr(phi4_last_error(), "a b"), "a bad name: %s", phi4_last_error());
+    bad.tools = "{not json";
+    CHECK(phi4_session_chat(s, msgs, 1, &bad, NULL, NULL) == PHI4_ERR_INVALID_ARGUMENT, "not JSON");
+    bad.tools = tools;
+    bad.tool_choice = PHI4_TOOL_CHOICE_FUNCTION;
+    bad.tool_choice_name = "sub";
+    CHECK(phi4_session_chat(s, msgs, 1, &bad, NULL, NULL) == PHI4_ERR_INVALID_ARGUMENT, "a choice naming no tool");
+    bad.tool_choice_name = NULL;
+    CHECK(phi4_session_chat(s, msgs, 1, &bad, NULL, NULL) == PHI4_ERR_NULL, "no name: %s", phi4_last_error());
+    bad.tool_choice = 77;
+    CHECK(phi4_session_chat(s, msgs, 1, &bad, NULL, NULL) == PHI4_ERR_INVALID_ARGUMENT, "not a phi4_tool_choice");
+    bad = g;
+    bad.format = PHI4_FORMAT_JSON;
+    CHECK(phi4_session_chat(s, msgs, 1, &bad, NULL, NULL) == PHI4_ERR_INVALID_ARGUMENT, "tools with a format");
+    bad = greedy(4);
+    bad.logprobs = true;
+    bad.top_logprobs = PHI4_MAX_TOP_LOGPROBS + 1;
+    CHECK(phi4_session_chat(s, msgs, 1, &bad, NULL, NULL) == PHI4_ERR_INVALID_ARGUMENT, "too many alternatives");
+    phi4_message unknown[] = {{"robot", "hi"}};
+    CHECK(phi4_session_chat(s, unknown, 1, NULL, NULL, NULL) == PHI4_ERR_INVALID_ARGUMENT, "an unknown role");
+    chat_job after = {0};
+    phi4_generate_params four = greedy(4);
+    CHECK(phi4_session_chat(s, msgs, 1, &four, append, &after) == PHI4_OK && strlen(after.text) > 0, "a chat after the errors");
+    phi4_session_free(s);
+}
+
 /* The header's contract: the version says what the ABI has; outputs are written only on PHI4_OK
  * (the size output of PHI4_ERR_BUFFER_TOO_SMALL excepted); every failing call leaves its message
  * in phi4_last_error(); a BUSY never replaces a session's message for others. */
-#if PHI4_VERSION_MAJOR != 0 || PHI4_VERSION_MINOR < 2
-#error "this test needs the 0.2 ABI"
+#if PHI4_VERSION_MAJOR != 0 || PHI4_VERSION_MINOR < 4
+#error "this test needs the 0.4 ABI"
 #endif
 typedef char done_reason_is_32_bits[sizeof(((phi4_result *)0)->done_reason) == 4 ? 1 : -1];
 
@@ -708,6 +782,7 @@ int main(int argc, char **argv) {
     test_scheduler(m);
     test_tokenize(m);
     test_embed(m);
+    test_tools(m);
     test_contract(m);
     phi4_model_free(m);
     printf("%d passed, %d failed\n", passed, failed);

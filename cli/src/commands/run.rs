@@ -53,7 +53,8 @@ pub fn run(a: RunArgs) -> Res {
     }
 
     if a.raw {
-        let mut on_token = |id: Option<u32>, _: &str| id.is_none_or(|id| sink.token(id).is_ok());
+        let mut on_token =
+            |t: Option<&phi4::Token>, _: &str| t.is_none_or(|t| sink.token(t.id).is_ok());
         let outcome = session.generate(&a.prompt_ids, &gp, &mut on_token)?;
         if let Some(file) = cache {
             save_prompt(

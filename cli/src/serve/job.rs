@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use phi4::chat::Message;
-use phi4::{Constraint, GenerateParams};
+use phi4::chat::{Message, Role};
+use phi4::{Constraint, GenerateParams, Tool, ToolCall, ToolChoice, Tools};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -119,6 +119,17 @@ pub struct Spec {
 }
 
 impl Spec {
+    /// Tools for the reply (not with a format: a reply cannot follow both).
+    pub fn set_tools(&mut self, tools: Option<Tools>) -> Result<(), ApiError> {
+        if tools.is_some() && self.params.constraint.is_some() {
+            return Err(ApiError::bad(
+                "tools cannot be combined with a format (format / response_format)",
+            ));
+        }
+        self.params.tools = tools;
+        Ok(())
+    }
+
     /// The job of a request let in (`admission`) with `key`.
     pub fn job(self, prompt: Prompt, label: &str, admission: Admission, key: KeyId) -> Job {
         if !self.ignored.is_empty() {
@@ -419,4 +430,194 @@ pub fn no_suffix(suffix: Option<&str>) -> Result<(), ApiError> {
         )),
         _ => Ok(()),
     }
+}
+
+/// A message as a request carries it, before it is checked into the conversation.
+#[derive(Default)]
+pub struct WireMessage {
+    pub role: String,
+    pub content: String,
+    /// The calls an assistant message made.
+    pub calls: Vec<WireCall>,
+    /// A tool message: the call it answers (OpenAI's `tool_call_id`) …
+    pub call_id: Option<String>,
+    /// … or the tool whose result it is (Ollama's `tool_name`).
+    pub tool_name: Option<String>,
+}
+
+/// A call in an assistant message of a request.
+pub struct WireCall {
+    pub id: Option<String>,
+    pub name: String,
+    pub arguments: Value,
+}
+
+/// The conversation of a request: roles checked (`developer` is OpenAI's `system`), an
+/// assistant message's calls written back the way the model writes them, and every tool
+/// message answering a call of the assistant message before it.
+pub fn conversation(msgs: Vec<WireMessage>) -> Result<Vec<Message>, ApiError> {
+    let mut out = Vec::with_capacity(msgs.len());
+    let mut open: Vec<WireCall> = Vec::new();
+    for m in msgs {
+        let role = match m.role.as_str() {
+            "developer" => Role::System,
+            r => Role::parse(r).ok_or_else(|| {
+                ApiError::bad(format!(
+                    "role {:?} is not system, user, assistant or tool",
+                    m.role
+                ))
+            })?,
+        };
+        if role != Role::Assistant && !m.calls.is_empty() {
+            return Err(ApiError::bad("only assistant messages carry tool calls"));
+        }
+        match role {
+            Role::Tool => {
+                if open.is_empty() {
+                    return Err(ApiError::bad(
+                        "a tool message must answer a tool call of the assistant message before it",
+                    ));
+                }
+                if let Some(id) = m.call_id.as_deref().filter(|i| !i.is_empty()) {
+                    if !open.iter().any(|c| c.id.as_deref() == Some(id)) {
+                        return Err(ApiError::bad(format!(
+                            "tool_call_id {id:?} answers no call of the assistant message before it"
+                        )));
+                    }
+                }
+                if let Some(name) = m.tool_name.as_deref().filter(|n| !n.is_empty()) {
+                    if !open.iter().any(|c| c.name == name) {
+                        return Err(ApiError::bad(format!(
+                            "tool_name {name:?} answers no call of the assistant message before it"
+                        )));
+                    }
+                }
+                out.push(Message::new(role, m.content));
+            }
+            Role::Assistant => {
+                let calls: Vec<ToolCall> = m
+                    .calls
+                    .iter()
+                    .map(|c| ToolCall {
+                        name: c.name.clone(),
+                        arguments: c.arguments.clone(),
+                    })
+                    .collect();
+                out.push(Message::new(
+                    role,
+                    phi4::tools::reply_text(&m.content, &calls),
+                ));
+                open = m.calls;
+            }
+            _ => {
+                open.clear();
+                out.push(Message::new(role, m.content));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A call's arguments as OpenAI sends them back: a string of JSON (an object may come too).
+pub fn arguments(v: Option<&Value>) -> Result<Value, ApiError> {
+    let args = match v {
+        None | Some(Value::Null) => Value::Object(Default::default()),
+        Some(Value::String(s)) if s.trim().is_empty() => Value::Object(Default::default()),
+        Some(Value::String(s)) => serde_json::from_str(s)
+            .map_err(|e| ApiError::bad(format!("a tool call's arguments are not JSON: {e}")))?,
+        Some(v) => v.clone(),
+    };
+    if !args.is_object() {
+        return Err(ApiError::bad(
+            "a tool call's arguments must be a JSON object",
+        ));
+    }
+    Ok(args)
+}
+
+/// The tools of a request (None without any): definitions in any API's shape, the choice as
+/// OpenAI (`auto`, `none`, `required`, a function), the Responses API or Anthropic (`any`,
+/// `tool`) say it, and whether several calls may come in one reply.
+pub fn tools(
+    defs: Option<&Value>,
+    choice: Option<&Value>,
+    parallel: bool,
+) -> Result<Option<Tools>, ApiError> {
+    let defs = match defs {
+        None | Some(Value::Null) => &[][..],
+        Some(Value::Array(a)) => &a[..],
+        Some(_) => return Err(ApiError::bad("tools must be an array")),
+    };
+    let choice = tool_choice(choice)?;
+    if defs.is_empty() {
+        return match choice {
+            None | Some(ToolChoice::None | ToolChoice::Auto) => Ok(None),
+            Some(_) => Err(ApiError::bad("tool_choice needs tools")),
+        };
+    }
+    let list = defs
+        .iter()
+        .map(|d| {
+            // Anthropic's tools name their schema input_schema.
+            let mut d = d.clone();
+            if let Some(o) = d.as_object_mut() {
+                if let Some(schema) = o.remove("input_schema") {
+                    o.insert("parameters".into(), schema);
+                }
+            }
+            Tool::from_json(&d).map_err(ApiError::bad)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let tools = Tools {
+        tools: list,
+        choice: choice.unwrap_or_default(),
+        parallel,
+    };
+    tools.check().map_err(ApiError::bad)?;
+    Ok(Some(tools))
+}
+
+fn tool_choice(v: Option<&Value>) -> Result<Option<ToolChoice>, ApiError> {
+    let named = |name: Option<&Value>| {
+        name.and_then(Value::as_str)
+            .map(|n| ToolChoice::Function(n.to_string()))
+            .ok_or_else(|| ApiError::bad("tool_choice names no function"))
+    };
+    let by_word = |w: &str| match w {
+        "auto" => Ok(ToolChoice::Auto),
+        "none" => Ok(ToolChoice::None),
+        "required" | "any" => Ok(ToolChoice::Required),
+        w => Err(ApiError::bad(format!(
+            "tool_choice {w:?} is not auto, none, required or a function"
+        ))),
+    };
+    Ok(Some(match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(w)) => by_word(w)?,
+        Some(Value::Object(o)) => match o.get("type").and_then(Value::as_str) {
+            Some("function") => match o.get("function") {
+                Some(f) => named(f.get("name"))?,
+                None => named(o.get("name"))?,
+            },
+            Some("tool") => named(o.get("name"))?,
+            Some(w) => by_word(w)?,
+            None => return Err(ApiError::bad("tool_choice has no type")),
+        },
+        Some(_) => return Err(ApiError::bad("tool_choice must be a string or an object")),
+    }))
+}
+
+/// `logprobs` and `top_logprobs` of a request: how many alternatives per token, if any.
+pub fn logprobs(on: bool, top: Option<i64>) -> Result<Option<usize>, ApiError> {
+    let max = phi4::limits::MAX_TOP_LOGPROBS;
+    let top = match top {
+        None => 0,
+        Some(n) if (0..=max as i64).contains(&n) => n as usize,
+        Some(n) => {
+            return Err(ApiError::bad(format!(
+                "top_logprobs {n} must be between 0 and {max}"
+            )))
+        }
+    };
+    Ok(on.then_some(top))
 }

@@ -10,11 +10,14 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use phi4::chat::{Message, Role};
-use phi4::{DoneReason, GenerateParams, Outcome};
+use phi4::{DoneReason, GenerateParams, Outcome, ToolCall};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::job::{self, parse, EmbedSpec, Job, KeepAlive, KeyId, Prompt, RequestBody, Shape, Spec};
+use super::job::{
+    self, parse, EmbedSpec, Job, KeepAlive, KeyId, Prompt, RequestBody, Shape, Spec, WireCall,
+    WireMessage,
+};
 use super::run::{self, async_stream, Event};
 use super::{ApiError, App};
 
@@ -74,14 +77,11 @@ fn merge(mut a: Value, b: Value) -> Value {
 }
 
 /// What Phi-4 cannot do gets Ollama's kind of answer: a 400 naming the reason.
-fn unsupported(images: bool, tools: bool, think: Option<&Value>) -> Result<(), ApiError> {
+fn unsupported(images: bool, think: Option<&Value>) -> Result<(), ApiError> {
     if images {
         return Err(ApiError::bad(
             "phi4 does not support images (it reads text only)",
         ));
-    }
-    if tools {
-        return Err(ApiError::bad("phi4 does not support tools"));
     }
     if think.is_some_and(|t| !matches!(t, Value::Null | Value::Bool(false))) {
         return Err(ApiError::bad("phi4 does not support thinking"));
@@ -100,7 +100,59 @@ struct ChatMessage {
     #[serde(default)]
     content: String,
     images: Option<Value>,
-    tool_calls: Option<Value>,
+    #[serde(default)]
+    tool_calls: Vec<WireToolCall>,
+    tool_name: Option<String>,
+    tool_call_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireToolCall {
+    id: Option<String>,
+    function: WireFunction,
+}
+
+#[derive(Deserialize)]
+struct WireFunction {
+    name: String,
+    arguments: Option<Value>,
+}
+
+impl ChatMessage {
+    fn wire(self) -> Result<WireMessage, ApiError> {
+        let calls = self
+            .tool_calls
+            .into_iter()
+            .map(|c| {
+                Ok(WireCall {
+                    id: c.id,
+                    name: c.function.name,
+                    arguments: job::arguments(c.function.arguments.as_ref())?,
+                })
+            })
+            .collect::<Result<_, ApiError>>()?;
+        Ok(WireMessage {
+            role: self.role.to_lowercase(),
+            content: self.content,
+            calls,
+            call_id: self.tool_call_id,
+            tool_name: self.tool_name,
+        })
+    }
+}
+
+/// The calls of a reply as Ollama writes them (arguments an object).
+fn tool_calls(calls: &[ToolCall]) -> Value {
+    calls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| json!({ "id": run::call_id(), "function": { "index": i, "name": c.name, "arguments": c.arguments } }))
+        .collect()
+}
+
+/// A reply's logprobs entries.
+fn logprobs(scored: &[run::Scored]) -> Value {
+    scored.iter().map(run::Scored::json).collect()
 }
 
 #[derive(Deserialize)]
@@ -116,6 +168,9 @@ pub struct ChatRequest {
     keep_alive: Option<Value>,
     tools: Option<Value>,
     think: Option<Value>,
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<i64>,
 }
 
 /// The checked options, format, keep-alive and stream flag of a request.
@@ -126,9 +181,11 @@ fn spec(
     format: Option<&Value>,
     keep_alive: Option<&Value>,
     stream: Option<bool>,
+    logprobs: (bool, Option<i64>),
 ) -> Result<Spec, ApiError> {
     let mut params = GenerateParams {
         constraint: job::format(format)?,
+        logprobs: job::logprobs(logprobs.0, logprobs.1)?,
         ..Default::default()
     };
     let mut shape = Shape::default();
@@ -152,32 +209,23 @@ impl RequestBody for ChatRequest {
     }
     fn check(self) -> Result<Self::Checked, ApiError> {
         let images = self.messages.iter().any(|m| non_empty(&m.images));
-        let tools =
-            non_empty(&self.tools) || self.messages.iter().any(|m| non_empty(&m.tool_calls));
-        unsupported(images, tools, self.think.as_ref())?;
-        let spec = spec(
+        unsupported(images, self.think.as_ref())?;
+        let mut spec = spec(
             self.model,
             self.cache_salt,
             self.options.as_ref(),
             self.format.as_ref(),
             self.keep_alive.as_ref(),
             self.stream,
+            (self.logprobs, self.top_logprobs),
         )?;
-        let messages = self
+        spec.set_tools(job::tools(self.tools.as_ref(), None, true)?)?;
+        let wire = self
             .messages
             .into_iter()
-            .map(|m| {
-                Role::parse(&m.role)
-                    .map(|r| Message::new(r, m.content))
-                    .ok_or_else(|| {
-                        ApiError::bad(format!(
-                            "role {:?} is not system, user or assistant",
-                            m.role
-                        ))
-                    })
-            })
+            .map(ChatMessage::wire)
             .collect::<Result<Vec<_>, _>>()?;
-        Ok((spec, messages))
+        Ok((spec, job::conversation(wire)?))
     }
 }
 
@@ -196,7 +244,11 @@ pub async fn chat(
     let name = model.clone();
     let chunk = move |piece: &str| json!({ "model": name, "created_at": now_rfc3339(), "message": { "role": "assistant", "content": piece }, "done": false });
     respond(&app, job, stream, chunk, |model, text, out, total, _| {
-        merge(json!({ "model": model, "created_at": now_rfc3339(), "message": { "role": "assistant", "content": text }, "done": true, "done_reason": done_reason(out.reason) }), timings(out, total))
+        let mut message = json!({ "role": "assistant", "content": text });
+        if !out.tool_calls.is_empty() {
+            message["tool_calls"] = tool_calls(&out.tool_calls);
+        }
+        merge(json!({ "model": model, "created_at": now_rfc3339(), "message": message, "done": true, "done_reason": done_reason(out.reason) }), timings(out, total))
     }, model)
     .await
 }
@@ -218,6 +270,9 @@ pub struct GenerateRequest {
     images: Option<Value>,
     think: Option<Value>,
     suffix: Option<String>,
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<i64>,
 }
 
 /// A generate request's text, tokenized when the model is at hand ([`prompt_ids`]).
@@ -235,7 +290,7 @@ impl RequestBody for GenerateRequest {
         &self.model
     }
     fn check(self) -> Result<Self::Checked, ApiError> {
-        unsupported(non_empty(&self.images), false, self.think.as_ref())?;
+        unsupported(non_empty(&self.images), self.think.as_ref())?;
         job::no_suffix(self.suffix.as_deref())?;
         let spec = spec(
             self.model,
@@ -244,6 +299,7 @@ impl RequestBody for GenerateRequest {
             self.format.as_ref(),
             self.keep_alive.as_ref(),
             self.stream,
+            (self.logprobs, self.top_logprobs),
         )?;
         let text = Text {
             prompt: self.prompt,
@@ -455,12 +511,33 @@ async fn respond(
     let (first, rx) = run::begin(&app.pool, job).await?;
     if !stream {
         let r = run::collect(first, rx).await?;
-        return Ok(Json(last(&model, &r.text, &r.outcome, r.total, &r.history)).into_response());
+        let mut v = last(&model, &r.text, &r.outcome, r.total, &r.history);
+        if !r.logprobs.is_empty() {
+            v["logprobs"] = logprobs(&r.logprobs);
+        }
+        return Ok(Json(v).into_response());
     }
     let lines = async_stream(first, rx, move |event| {
         let v = match event {
-            Event::Piece(p) => chunk(&p),
-            Event::Done(out, history, total) => last(&model, "", &out, total, &history),
+            Event::Piece(p, scored) => {
+                let mut v = chunk(&p);
+                if let Some(s) = scored {
+                    v["logprobs"] = json!([s.json()]);
+                }
+                v
+            }
+            Event::Done(out, history, total) => {
+                let v = last(&model, "", &out, total, &history);
+                // The calls come in a chunk of their own, before the last one.
+                if let Some(calls) = v.get("message").and_then(|m| m.get("tool_calls")) {
+                    let mut c = chunk("");
+                    c["message"]["tool_calls"] = calls.clone();
+                    let mut end = v.clone();
+                    end["message"] = json!({ "role": "assistant", "content": "" });
+                    return format!("{c}\n{end}\n");
+                }
+                v
+            }
             Event::Failed(e) => json!({ "error": e.message }),
         };
         format!("{v}\n")
@@ -606,7 +683,7 @@ pub async fn show(State(app): State<Arc<App>>, body: Bytes) -> Result<Json<Value
         "template": "{{- range .Messages }}<|im_start|>{{ .Role }}<|im_sep|>{{ .Content }}<|im_end|>{{ end }}<|im_start|>assistant<|im_sep|>",
         "details": details,
         "model_info": info,
-        "capabilities": ["completion"],
+        "capabilities": ["completion", "tools", "embedding"],
         "modified_at": modified(&app),
     })))
 }

@@ -9,11 +9,11 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use phi4::chat::{Message, Role};
-use phi4::{GenerateParams, Outcome};
+use phi4::{GenerateParams, Outcome, ToolCall};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::job::{self, EmbedSpec, KeyId, Prompt, RequestBody, Shape, Spec};
+use super::job::{self, EmbedSpec, KeyId, Prompt, RequestBody, Shape, Spec, WireCall, WireMessage};
 use super::run::{self, async_stream, Event};
 use super::{ApiError, App};
 
@@ -76,6 +76,10 @@ pub struct ChatRequest {
     sampling: Sampling,
     response_format: Option<Value>,
     tools: Option<Value>,
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<i64>,
     n: Option<i64>,
 }
 
@@ -100,6 +104,70 @@ struct StreamOptions {
 struct ChatMessage {
     role: String,
     content: Option<Value>,
+    #[serde(default)]
+    tool_calls: Vec<WireToolCall>,
+    tool_call_id: Option<String>,
+    /// (A tool message's function name, in older clients.)
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireToolCall {
+    id: Option<String>,
+    function: WireFunction,
+}
+
+#[derive(Deserialize)]
+struct WireFunction {
+    name: String,
+    arguments: Option<Value>,
+}
+
+impl ChatMessage {
+    fn wire(self) -> Result<WireMessage, ApiError> {
+        let calls = self
+            .tool_calls
+            .into_iter()
+            .map(|c| {
+                Ok(WireCall {
+                    id: c.id,
+                    name: c.function.name,
+                    arguments: job::arguments(c.function.arguments.as_ref())?,
+                })
+            })
+            .collect::<Result<_, ApiError>>()?;
+        let tool = self.role == "tool";
+        Ok(WireMessage {
+            content: content(self.content)?,
+            role: self.role,
+            calls,
+            call_id: self.tool_call_id,
+            tool_name: self.name.filter(|_| tool),
+        })
+    }
+}
+
+/// The calls of a reply as OpenAI writes them (arguments a string of JSON), with `index`
+/// in a stream's deltas.
+fn tool_calls(calls: &[ToolCall], indexed: bool) -> Value {
+    calls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut v = json!({ "id": run::call_id(), "type": "function", "function": { "name": c.name, "arguments": c.arguments.to_string() } });
+            if indexed {
+                v["index"] = json!(i);
+            }
+            v
+        })
+        .collect()
+}
+
+fn chat_finish(o: &Outcome) -> &'static str {
+    match o.tool_calls.is_empty() {
+        false if o.reason == phi4::DoneReason::Stop => "tool_calls",
+        _ => finish_reason(o),
+    }
 }
 
 /// A message's content: a string, or an array of parts of which only text parts are accepted.
@@ -189,34 +257,21 @@ impl RequestBody for ChatRequest {
     }
     fn check(self) -> Result<Self::Checked, ApiError> {
         let constraint = job::response_format(self.response_format.as_ref())?;
-        if self
-            .tools
-            .as_ref()
-            .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
-        {
-            return Err(ApiError::bad("phi4 does not support tools"));
-        }
         if self.n.is_some_and(|n| n != 1) {
             return Err(ApiError::bad("n must be 1"));
         }
-        let messages = self
+        let tools = job::tools(
+            self.tools.as_ref(),
+            self.tool_choice.as_ref(),
+            self.parallel_tool_calls.unwrap_or(true),
+        )?;
+        let logprobs = job::logprobs(self.logprobs.unwrap_or(false), self.top_logprobs)?;
+        let wire = self
             .messages
             .into_iter()
-            .map(|m| {
-                let role = Role::parse(if m.role == "developer" {
-                    "system"
-                } else {
-                    &m.role
-                })
-                .ok_or_else(|| {
-                    ApiError::bad(format!(
-                        "role {:?} is not system, user or assistant",
-                        m.role
-                    ))
-                })?;
-                Ok(Message::new(role, content(m.content)?))
-            })
-            .collect::<Result<Vec<_>, ApiError>>()?;
+            .map(ChatMessage::wire)
+            .collect::<Result<Vec<_>, _>>()?;
+        let messages = job::conversation(wire)?;
         if messages.is_empty() {
             return Err(ApiError::bad("messages must not be empty"));
         }
@@ -229,6 +284,8 @@ impl RequestBody for ChatRequest {
             self.stream,
         )?;
         spec.params.constraint = constraint;
+        spec.params.logprobs = logprobs;
+        spec.set_tools(tools)?;
         let include_usage = self
             .stream_options
             .and_then(|o| o.include_usage)
@@ -244,6 +301,7 @@ pub async fn chat(
 ) -> Result<Response, OpenAiError> {
     let (admission, (spec, messages, include_usage)) = app.admit::<ChatRequest>(&body)?;
     let (model, stream) = (spec.model.clone(), spec.stream);
+    let want_logprobs = spec.params.logprobs.is_some();
     let job = spec.job(
         Prompt::Chat(messages),
         "POST /v1/chat/completions",
@@ -254,37 +312,59 @@ pub async fn chat(
     let (first, rx) = run::begin(&app.pool, job).await?;
     if !stream {
         let run::Reply {
-            text, outcome: out, ..
+            text,
+            outcome: out,
+            logprobs,
+            ..
         } = run::collect(first, rx).await?;
         let mut v = head;
         v["object"] = json!("chat.completion");
-        v["choices"] = json!([{ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": finish_reason(&out) }]);
+        let mut message = json!({ "role": "assistant", "content": text });
+        if !out.tool_calls.is_empty() {
+            message["tool_calls"] = tool_calls(&out.tool_calls, false);
+            if text.is_empty() {
+                message["content"] = Value::Null;
+            }
+        }
+        let lp = want_logprobs.then(
+            || json!({ "content": logprobs.iter().map(run::Scored::json).collect::<Vec<_>>() }),
+        );
+        v["choices"] = json!([{ "index": 0, "message": message, "logprobs": lp, "finish_reason": chat_finish(&out) }]);
         v["usage"] = usage(&out);
         return Ok(Json(v).into_response());
     }
     let mut said_role = false;
     let lines = async_stream(first, rx, move |event| {
-        let chunk = |delta: Value, finish: Value| {
+        let chunk = |delta: Value, finish: Value, logprobs: Value| {
             let mut v = head.clone();
-            v["choices"] = json!([{ "index": 0, "delta": delta, "finish_reason": finish }]);
+            v["choices"] = json!([{ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish }]);
             format!("data: {v}\n\n")
         };
         match event {
-            Event::Piece(p) => {
+            Event::Piece(p, scored) => {
                 let delta = if said_role {
                     json!({ "content": p })
                 } else {
                     json!({ "role": "assistant", "content": p })
                 };
                 said_role = true;
-                chunk(delta, Value::Null)
+                let lp = scored.map_or(Value::Null, |s| json!({ "content": [s.json()] }));
+                chunk(delta, Value::Null, lp)
             }
             Event::Done(out, _, _) => {
                 let mut s = String::new();
                 if !said_role {
-                    s += &chunk(json!({ "role": "assistant", "content": "" }), Value::Null);
+                    s += &chunk(
+                        json!({ "role": "assistant", "content": "" }),
+                        Value::Null,
+                        Value::Null,
+                    );
                 }
-                s += &chunk(json!({}), json!(finish_reason(&out)));
+                if !out.tool_calls.is_empty() {
+                    let delta = json!({ "tool_calls": tool_calls(&out.tool_calls, true) });
+                    s += &chunk(delta, Value::Null, Value::Null);
+                }
+                s += &chunk(json!({}), json!(chat_finish(&out)), Value::Null);
                 if include_usage {
                     let mut v = head.clone();
                     v["choices"] = json!([]);
@@ -309,6 +389,8 @@ pub struct CompletionRequest {
     #[serde(flatten)]
     sampling: Sampling,
     suffix: Option<String>,
+    /// Alternatives per token to report (the legacy API's log-probabilities).
+    logprobs: Option<i64>,
 }
 
 impl RequestBody for CompletionRequest {
@@ -323,13 +405,14 @@ impl RequestBody for CompletionRequest {
         };
         job::no_suffix(self.suffix.as_deref())?;
         let max_tokens = self.sampling.max_tokens;
-        let spec = spec(
+        let mut spec = spec(
             self.model,
             self.cache_salt,
             self.sampling,
             max_tokens,
             self.stream,
         )?;
+        spec.params.logprobs = job::logprobs(self.logprobs.is_some(), self.logprobs)?;
         Ok((spec, prompt))
     }
 }
@@ -341,32 +424,72 @@ pub async fn completions(
 ) -> Result<Response, OpenAiError> {
     let (admission, (spec, prompt)) = app.admit::<CompletionRequest>(&body)?;
     let (model, stream) = (spec.model.clone(), spec.stream);
+    let want_logprobs = spec.params.logprobs.is_some();
     let prompt = Prompt::Chat(vec![Message::new(Role::User, prompt)]);
     let job = spec.job(prompt, "POST /v1/completions", admission, key);
     let head = json!({ "id": id("cmpl"), "object": "text_completion", "created": created(), "model": model, "system_fingerprint": "fp_phi4" });
     let (first, rx) = run::begin(&app.pool, job).await?;
     if !stream {
         let run::Reply {
-            text, outcome: out, ..
+            text,
+            outcome: out,
+            logprobs,
+            ..
         } = run::collect(first, rx).await?;
         let mut v = head;
-        v["choices"] = json!([{ "text": text, "index": 0, "finish_reason": finish_reason(&out) }]);
+        let lp = want_logprobs.then(|| legacy_logprobs(&logprobs, 0));
+        v["choices"] = json!([{ "text": text, "index": 0, "logprobs": lp, "finish_reason": finish_reason(&out) }]);
         v["usage"] = usage(&out);
         return Ok(Json(v).into_response());
     }
+    let mut offset = 0;
     let lines = async_stream(first, rx, move |event| {
-        let chunk = |text: &str, finish: Value| {
+        let chunk = |text: &str, finish: Value, logprobs: Value| {
             let mut v = head.clone();
-            v["choices"] = json!([{ "text": text, "index": 0, "finish_reason": finish }]);
+            v["choices"] = json!([{ "text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish }]);
             format!("data: {v}\n\n")
         };
         match event {
-            Event::Piece(p) => chunk(&p, Value::Null),
-            Event::Done(out, _, _) => chunk("", json!(finish_reason(&out))) + "data: [DONE]\n\n",
+            Event::Piece(p, scored) => {
+                let lp = scored.map_or(Value::Null, |s| legacy_logprobs(&[*s], offset));
+                offset += p.len();
+                chunk(&p, Value::Null, lp)
+            }
+            Event::Done(out, _, _) => {
+                chunk("", json!(finish_reason(&out)), Value::Null) + "data: [DONE]\n\n"
+            }
             Event::Failed(e) => sse_error(&e),
         }
     });
     Ok(sse(lines))
+}
+
+/// The legacy completions API's log-probabilities: `tokens`, `token_logprobs`, `top_logprobs`
+/// (a map of token text to log-probability per token) and `text_offset` (from `offset`, in
+/// bytes of the text).
+fn legacy_logprobs(scored: &[run::Scored], mut offset: usize) -> Value {
+    let mut offsets = Vec::with_capacity(scored.len());
+    for s in scored {
+        offsets.push(offset);
+        offset += s.token.text.len();
+    }
+    let top: Vec<Value> = scored
+        .iter()
+        .map(|s| {
+            let m: serde_json::Map<String, Value> = s
+                .top
+                .iter()
+                .map(|a| (a.text.clone(), json!(a.logprob)))
+                .collect();
+            Value::Object(m)
+        })
+        .collect();
+    json!({
+        "tokens": scored.iter().map(|s| s.token.text.clone()).collect::<Vec<_>>(),
+        "token_logprobs": scored.iter().map(|s| s.token.logprob).collect::<Vec<_>>(),
+        "top_logprobs": top,
+        "text_offset": offsets,
+    })
 }
 
 #[derive(Deserialize)]

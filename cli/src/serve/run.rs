@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use phi4::chat::{self, Markers, Message, Role};
-use phi4::{Outcome, Session, SessionError};
+use phi4::{Outcome, Session, SessionError, Token};
 use tokio::sync::mpsc;
 
 use super::job::{EmbedJob, Job, Prompt, Scope};
@@ -18,9 +18,55 @@ use super::ApiError;
 
 /// What a running generation reports.
 pub enum Event {
-    Piece(String),
+    /// Text (possibly empty) and, when asked for, the log-probability of the token that made it.
+    Piece(String, Option<Box<Scored>>),
     Done(Box<Outcome>, Vec<u32>, u64),
     Failed(ApiError),
+}
+
+/// A token's text, bytes and log-probability.
+pub struct Alt {
+    pub text: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+}
+
+/// A generated token's log-probability and the most likely alternatives at its position.
+pub struct Scored {
+    pub token: Alt,
+    pub top: Vec<Alt>,
+}
+
+impl Alt {
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({ "token": self.text, "logprob": self.logprob, "bytes": self.bytes })
+    }
+}
+
+impl Scored {
+    /// As Ollama and OpenAI's chat API write a token's entry: `{token, logprob, bytes,
+    /// top_logprobs: [{token, logprob, bytes}]}`.
+    pub fn json(&self) -> serde_json::Value {
+        let mut v = self.token.json();
+        v["top_logprobs"] = self.top.iter().map(Alt::json).collect();
+        v
+    }
+
+    fn of(t: &Token, tok: &phi4::tokenizer::Tokenizer) -> Option<Box<Scored>> {
+        let lp = t.logprob.as_ref()?;
+        let alt = |id: u32, logprob: f32| {
+            let bytes = tok.piece(id, false).to_vec();
+            Alt {
+                text: String::from_utf8_lossy(&bytes).into_owned(),
+                bytes,
+                logprob,
+            }
+        };
+        Some(Box::new(Scored {
+            token: alt(t.id, lp.logprob),
+            top: lp.top.iter().map(|&(id, p)| alt(id, p)).collect(),
+        }))
+    }
 }
 
 /// Start `job` on a leased session: events arrive on the returned channel. The first event is
@@ -69,10 +115,12 @@ pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
     let admission = job.admission;
     let generation = tokio::task::spawn_blocking(move || {
         let mut lease = lease;
-        let mut on_token = |_: Option<u32>, piece: &str| {
-            piece.is_empty()
+        let model = lease.session.model().clone();
+        let mut on_token = |token: Option<&Token>, piece: &str| {
+            let scored = token.and_then(|t| Scored::of(t, &model.tokenizer));
+            (piece.is_empty() && scored.is_none())
                 || pieces
-                    .blocking_send(Event::Piece(piece.to_string()))
+                    .blocking_send(Event::Piece(piece.to_string(), scored))
                     .is_ok()
         };
         let result = match &job.prompt {
@@ -236,9 +284,11 @@ pub async fn begin(pool: &Arc<Pool>, job: Job) -> Result<(Event, mpsc::Receiver<
     }
 }
 
-/// A finished reply: its text, its outcome, the session's tokens and the total time.
+/// A finished reply: its text, its tokens' log-probabilities (when asked for), its outcome,
+/// the session's tokens and the total time.
 pub struct Reply {
     pub text: String,
+    pub logprobs: Vec<Scored>,
     pub outcome: Box<Outcome>,
     pub history: Vec<u32>,
     pub total: u64,
@@ -247,13 +297,18 @@ pub struct Reply {
 /// All of a reply that is not streamed.
 pub async fn collect(first: Event, mut rx: mpsc::Receiver<Event>) -> Result<Reply, ApiError> {
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     let mut event = first;
     loop {
         match event {
-            Event::Piece(p) => text.push_str(&p),
+            Event::Piece(p, scored) => {
+                text.push_str(&p);
+                logprobs.extend(scored.map(|s| *s));
+            }
             Event::Done(outcome, history, total) => {
                 return Ok(Reply {
                     text,
+                    logprobs,
                     outcome,
                     history,
                     total,
@@ -309,4 +364,16 @@ pub fn async_stream(
     let rest = tokio_stream::wrappers::ReceiverStream::new(rx);
     let all = tokio_stream::StreamExt::chain(tokio_stream::once(first), rest);
     tokio_stream::StreamExt::map(all, move |e| Ok(Bytes::from(line(e))))
+}
+
+/// A fresh id for a tool call (`call_` and 24 hex digits, unique in practice).
+pub fn call_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let mix = (t ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    format!("call_{:016x}{:08x}", mix, (n as u32) ^ std::process::id())
 }
