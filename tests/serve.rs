@@ -892,7 +892,85 @@ fn bad_input_is_answered_and_the_server_goes_on() {
             "/api/chat",
             json!({ "model": "phi4", "messages": user, "tools": [{ "type": "function" }] }),
             400,
-            "tools",
+            "no name",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": "phi4", "messages": user, "tools": [{ "type": "function", "function": { "name": "f", "parameters": { "type": "object", "properties": { "x": { "$ref": "#/$defs/none" } } } } }] }),
+            400,
+            "tools' parameters",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": "phi4", "messages": user, "tools": [{ "type": "function", "function": { "name": "f", "parameters": { "type": "string" } } }] }),
+            400,
+            "must describe an object",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": "phi4", "messages": user, "format": "json", "tools": [{ "type": "function", "function": { "name": "f" } }] }),
+            400,
+            "cannot be combined",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": "phi4", "messages": [{ "role": "user", "content": "x" }, { "role": "tool", "content": "42", "tool_name": "f" }] }),
+            400,
+            "must answer a tool call",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": "phi4", "messages": [{ "role": "assistant", "content": "", "tool_calls": [{ "function": { "name": "f", "arguments": {} } }] }, { "role": "tool", "content": "42", "tool_name": "g" }] }),
+            400,
+            "tool_name \"g\"",
+        ),
+        (
+            "/api/chat",
+            json!({ "model": "phi4", "messages": user, "logprobs": true, "top_logprobs": 21 }),
+            400,
+            "top_logprobs",
+        ),
+        (
+            "/api/generate",
+            json!({ "model": "phi4", "prompt": "x", "logprobs": true, "top_logprobs": -1 }),
+            400,
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({ "model": "phi4", "messages": user, "tools": [{ "type": "function", "function": { "name": "f" } }], "tool_choice": { "type": "function", "function": { "name": "g" } } }),
+            400,
+            "tool_choice names \"g\"",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({ "model": "phi4", "messages": user, "tool_choice": "required" }),
+            400,
+            "tool_choice needs tools",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({ "model": "phi4", "messages": user, "response_format": { "type": "json_object" }, "tools": [{ "type": "function", "function": { "name": "f" } }] }),
+            400,
+            "cannot be combined",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({ "model": "phi4", "messages": [{ "role": "assistant", "content": null, "tool_calls": [{ "id": "call_1", "type": "function", "function": { "name": "f", "arguments": "{}" } }] }, { "role": "tool", "tool_call_id": "call_2", "content": "42" }] }),
+            400,
+            "tool_call_id \"call_2\"",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({ "model": "phi4", "messages": [{ "role": "assistant", "tool_calls": [{ "id": "call_1", "type": "function", "function": { "name": "f", "arguments": "{not json" } }] }] }),
+            400,
+            "arguments are not JSON",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({ "model": "phi4", "messages": user, "logprobs": true, "top_logprobs": 50 }),
+            400,
+            "top_logprobs",
         ),
         (
             "/api/chat",
@@ -938,9 +1016,9 @@ fn bad_input_is_answered_and_the_server_goes_on() {
         ),
         (
             "/api/pull",
-            json!({ "model": "phi4" }),
+            json!({ "stream": false }),
             400,
-            "not supported",
+            "model is required",
         ),
         (
             "/api/delete",
@@ -1287,5 +1365,289 @@ fn system_prompts_survive_a_restart() {
     assert!(
         size > 512 << 10 && size < 1 << 20,
         "a state of {size} bytes: the test needs one that fits alone, not twice"
+    );
+}
+
+fn weather_tool() -> Value {
+    json!({ "type": "function", "function": { "name": "get_weather", "description": "The current weather in a city.", "parameters": {
+        "type": "object",
+        "properties": { "city": { "type": "string", "maxLength": 30 }, "unit": { "enum": ["celsius", "fahrenheit"] } },
+        "required": ["city", "unit"] } } })
+}
+
+/// A call's arguments are valid for the weather tool's schema.
+fn assert_valid_weather(args: &Value) {
+    let schema = &weather_tool()["function"]["parameters"];
+    let validator = jsonschema::validator_for(schema).unwrap();
+    assert!(validator.is_valid(args), "{args}");
+}
+
+#[test]
+fn tool_calls_over_both_apis() {
+    // The demo model never chooses a call on its own: the server's `alternate` choice makes one
+    // after each user message (and an answer after the results) for requests that name none.
+    let s = Server::start(&["--tool-choice", "alternate"]);
+    let ask = json!([{ "role": "user", "content": "What is the weather in Paris?" }]);
+    // Ollama's API (which has no tool_choice): over 100 seeds, every reply a valid call.
+    let (mut replies_with_calls, mut calls) = (0, 0);
+    for seed in 0..100 {
+        let body = json!({ "model": "phi4", "stream": false, "messages": ask, "tools": [weather_tool()],
+            "options": { "temperature": 1.0, "seed": seed, "num_predict": 200 } });
+        let (status, v) = s.post("/api/chat", &body);
+        assert_eq!(status, 200, "{v}");
+        if let Some(tc) = v["message"]["tool_calls"].as_array() {
+            replies_with_calls += 1;
+            for c in tc {
+                assert_eq!(c["function"]["name"], "get_weather", "{v}");
+                assert!(c["function"]["arguments"].is_object(), "an object: {v}");
+                assert_valid_weather(&c["function"]["arguments"]);
+                calls += 1;
+            }
+            assert_eq!(v["done_reason"], "stop", "{v}");
+        }
+    }
+    eprintln!("ollama: {replies_with_calls} of 100 replies made {calls} calls, all valid");
+    assert_eq!(replies_with_calls, 100);
+    // With the server's default (auto), the demo model answers in text: never a broken call.
+    let auto = Server::start(&[]);
+    for seed in 0..5 {
+        let body = json!({ "model": "phi4", "stream": false, "messages": ask, "tools": [weather_tool()],
+            "options": { "temperature": 1.0, "seed": seed, "num_predict": 60 } });
+        let (status, v) = auto.post("/api/chat", &body);
+        assert_eq!(status, 200, "{v}");
+        assert!(
+            !v["message"]["content"]
+                .as_str()
+                .unwrap()
+                .contains("<tool_call>"),
+            "{v}"
+        );
+        if let Some(tc) = v["message"]["tool_calls"].as_array() {
+            tc.iter()
+                .for_each(|c| assert_valid_weather(&c["function"]["arguments"]));
+        }
+    }
+    drop(auto);
+
+    // OpenAI: required, 100 seeds, every reply a valid call.
+    for seed in 0..100 {
+        let body = json!({ "model": "phi4", "messages": ask, "tools": [weather_tool()], "tool_choice": "required",
+            "parallel_tool_calls": false, "temperature": 1.0, "seed": seed, "max_tokens": 200 });
+        let (status, v) = s.post("/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{v}");
+        let choice = &v["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls", "{v}");
+        assert!(choice["message"]["content"].is_null(), "{v}");
+        let tc = choice["message"]["tool_calls"].as_array().unwrap();
+        assert_eq!(tc.len(), 1, "{v}");
+        assert!(tc[0]["id"].as_str().unwrap().starts_with("call_"), "{v}");
+        assert_eq!(tc[0]["type"], "function");
+        let args: Value =
+            serde_json::from_str(tc[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert_valid_weather(&args);
+    }
+
+    // Streamed: the calls in a delta with indexes, then finish_reason tool_calls.
+    let body = json!({ "model": "phi4", "stream": true, "messages": ask, "tools": [weather_tool()], "tool_choice": { "type": "function", "function": { "name": "get_weather" } }, "temperature": 0, "max_tokens": 200 });
+    let (status, _, lines) = s.post_lines("/v1/chat/completions", &body);
+    assert_eq!(status, 200);
+    let chunks: Vec<Value> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|l| *l != "[DONE]")
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let deltas: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
+        .flatten()
+        .collect();
+    assert_eq!(deltas.len(), 1, "{lines:?}");
+    assert_eq!(deltas[0]["index"], 0);
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "tool_calls",
+        "{lines:?}"
+    );
+    // Ollama streamed: a chunk with the calls, then the last one.
+    let body = json!({ "model": "phi4", "stream": true, "messages": ask, "tools": [weather_tool()], "options": { "temperature": 1.0, "seed": 1, "num_predict": 200 } });
+    let seed_with_call = (0..100)
+        .find(|&seed| {
+            let mut b = body.clone();
+            b["stream"] = json!(false);
+            b["options"]["seed"] = json!(seed);
+            s.post("/api/chat", &b).1["message"]["tool_calls"].is_array()
+        })
+        .unwrap();
+    let mut b = body.clone();
+    b["options"]["seed"] = json!(seed_with_call);
+    let (_, _, lines) = s.post_lines("/api/chat", &b);
+    let events: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (last, rest) = events.split_last().unwrap();
+    assert_eq!(last["done"], true);
+    let with_calls: Vec<_> = rest
+        .iter()
+        .filter(|e| e["message"]["tool_calls"].is_array())
+        .collect();
+    assert_eq!(with_calls.len(), 1, "{lines:?}");
+    assert!(
+        rest.iter().all(|e| !e["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("<tool_call>")),
+        "{lines:?}"
+    );
+
+    // The agent loop: call → result → answer, the call found in the cache.
+    let (_, first) = s.post("/v1/chat/completions", &json!({ "model": "phi4", "messages": ask, "tools": [weather_tool()], "tool_choice": "required", "temperature": 0, "max_tokens": 200 }));
+    let call = first["choices"][0]["message"].clone();
+    let id = call["tool_calls"][0]["id"].clone();
+    let mut msgs = ask.as_array().unwrap().clone();
+    msgs.push(call);
+    msgs.push(json!({ "role": "tool", "tool_call_id": id, "content": "{\"temperature\": 21, \"sky\": \"clear\"}" }));
+    let (status, answer) = s.post("/v1/chat/completions", &json!({ "model": "phi4", "messages": msgs, "tools": [weather_tool()], "temperature": 0, "max_tokens": 30 }));
+    assert_eq!(status, 200, "{answer}");
+    let u = &answer["usage"];
+    let new = u["prompt_tokens"].as_u64().unwrap()
+        - u["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+    assert!(new < 40, "only the tool turn is new: {answer}");
+    // Ollama's shape of the same loop: arguments an object, the result named by tool_name.
+    let (_, first) = s.post("/api/chat", &json!({ "model": "phi4", "stream": false, "messages": ask, "tools": [weather_tool()], "options": { "temperature": 1.0, "seed": seed_with_call, "num_predict": 200 } }));
+    let mut msgs = ask.as_array().unwrap().clone();
+    msgs.push(first["message"].clone());
+    msgs.push(json!({ "role": "tool", "tool_name": "get_weather", "content": "21 degrees" }));
+    let (status, answer) = s.post("/api/chat", &json!({ "model": "phi4", "stream": false, "messages": msgs, "tools": [weather_tool()], "options": { "temperature": 0, "num_predict": 30 } }));
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        (answer["prompt_eval_count"].as_u64().unwrap()) < 40,
+        "{answer}"
+    );
+}
+
+#[test]
+fn logprobs_over_every_route() {
+    let s = Server::start(&[]);
+    let ask = json!([{ "role": "user", "content": "What is a list?" }]);
+    let check = |entries: &Value, top: usize| {
+        let entries = entries.as_array().unwrap();
+        assert!(!entries.is_empty());
+        for e in entries {
+            let lp = e["logprob"].as_f64().unwrap();
+            let alts = e["top_logprobs"].as_array().unwrap();
+            assert_eq!(alts.len(), top, "{e}");
+            assert!(lp <= 0.0);
+            // Greedy: the chosen token is the most likely one.
+            if top > 0 {
+                assert_eq!(alts[0]["token"], e["token"], "{e}");
+                assert_eq!(alts[0]["logprob"], e["logprob"], "{e}");
+            }
+            let bytes: Vec<u8> = e["bytes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8)
+                .collect();
+            assert_eq!(
+                String::from_utf8_lossy(&bytes),
+                e["token"].as_str().unwrap()
+            );
+        }
+        entries.len()
+    };
+    let (_, v) = s.post("/api/chat", &json!({ "model": "phi4", "stream": false, "messages": ask, "logprobs": true, "top_logprobs": 3, "options": { "temperature": 0, "num_predict": 8 } }));
+    assert_eq!(check(&v["logprobs"], 3), 8, "{v}");
+    let (_, v) = s.post("/api/generate", &json!({ "model": "phi4", "stream": false, "prompt": "What is a list?", "logprobs": true, "options": { "temperature": 0, "num_predict": 5 } }));
+    assert_eq!(check(&v["logprobs"], 0), 5, "{v}");
+    // Without logprobs: none.
+    let (_, v) = s.post("/api/chat", &json!({ "model": "phi4", "stream": false, "messages": ask, "options": { "num_predict": 2 } }));
+    assert!(v.get("logprobs").is_none(), "{v}");
+    // Streamed: each chunk carries its tokens'.
+    let (_, _, lines) = s.post_lines("/api/chat", &json!({ "model": "phi4", "stream": true, "messages": ask, "logprobs": true, "top_logprobs": 2, "options": { "temperature": 0, "num_predict": 6 } }));
+    let n: usize = lines[..lines.len() - 1]
+        .iter()
+        .map(|l| check(&serde_json::from_str::<Value>(l).unwrap()["logprobs"], 2))
+        .sum();
+    assert_eq!(n, 6);
+    let (_, v) = s.post("/v1/chat/completions", &json!({ "model": "phi4", "messages": ask, "logprobs": true, "top_logprobs": 4, "temperature": 0, "max_tokens": 7 }));
+    assert_eq!(check(&v["choices"][0]["logprobs"]["content"], 4), 7, "{v}");
+    let (_, v) = s.post(
+        "/v1/chat/completions",
+        &json!({ "model": "phi4", "messages": ask, "max_tokens": 2 }),
+    );
+    assert!(v["choices"][0]["logprobs"].is_null(), "{v}");
+    // The legacy completions shape.
+    let (_, v) = s.post("/v1/completions", &json!({ "model": "phi4", "prompt": "What is a list?", "logprobs": 2, "temperature": 0, "max_tokens": 5 }));
+    let lp = &v["choices"][0]["logprobs"];
+    let tokens = lp["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 5, "{v}");
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 5);
+    assert_eq!(lp["text_offset"][0], 0);
+    let text: String = tokens.iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(text, v["choices"][0]["text"].as_str().unwrap(), "{v}");
+    for (t, top) in tokens.iter().zip(lp["top_logprobs"].as_array().unwrap()) {
+        assert!(
+            top.as_object().unwrap().len() <= 2 && top.get(t.as_str().unwrap()).is_some(),
+            "{v}"
+        );
+    }
+}
+
+#[test]
+fn names_pull_and_load_duration() {
+    let s = Server::start(&["--name", "assistant", "--name", "phi4"]);
+    // The model loads at start, so no request reports a load.
+    let (_, v) = s.post("/api/chat", &json!({ "model": "Assistant:latest", "stream": false, "messages": [{ "role": "user", "content": "hi" }], "options": { "num_predict": 1 } }));
+    assert_eq!(v["load_duration"], 0, "{v}");
+    let total = v["total_duration"].as_u64().unwrap();
+    let parts = v["prompt_eval_duration"].as_u64().unwrap() + v["eval_duration"].as_u64().unwrap();
+    assert!(total >= parts, "{v}");
+    let (_, _, body) = s.get("/api/tags");
+    let tags: Value = serde_json::from_slice(&body).unwrap();
+    let names: Vec<&str> = tags["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["assistant:latest", "phi4:latest"]);
+    // Unloaded, the next request loads it and says so.
+    let (status, _) = s.post(
+        "/api/generate",
+        &json!({ "model": "phi4", "keep_alive": 0 }),
+    );
+    assert_eq!(status, 200);
+    let (_, v) = s.post("/api/generate", &json!({ "model": "phi4", "prompt": "hi", "stream": false, "options": { "num_predict": 1 } }));
+    let load = v["load_duration"].as_u64().unwrap();
+    assert!(
+        load > 0 && v["total_duration"].as_u64().unwrap() >= load,
+        "{v}"
+    );
+    let (_, v) = s.post("/api/generate", &json!({ "model": "phi4", "prompt": "hi", "stream": false, "options": { "num_predict": 1 } }));
+    assert_eq!(v["load_duration"], 0, "{v}");
+    // Pulling a served name succeeds; another fails as Ollama's pull of a missing model does.
+    let (status, _, lines) = s.post_lines("/api/pull", &json!({ "model": "phi4:14b" }));
+    assert_eq!(status, 200);
+    assert_eq!(
+        lines.last().unwrap(),
+        r#"{"status":"success"}"#,
+        "{lines:?}"
+    );
+    let (status, v) = s.post(
+        "/api/pull",
+        &json!({ "model": "assistant", "stream": false }),
+    );
+    assert_eq!((status, &v), (200, &json!({ "status": "success" })));
+    let (status, _, lines) = s.post_lines("/api/pull", &json!({ "model": "llama3" }));
+    assert_eq!(status, 200);
+    assert!(lines.last().unwrap().contains("\"error\""), "{lines:?}");
+    let (status, v) = s.post("/api/pull", &json!({ "model": "llama3", "stream": false }));
+    assert!(
+        status == 500 && v["error"].as_str().unwrap().contains("llama3"),
+        "{v}"
     );
 }

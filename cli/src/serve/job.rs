@@ -1,9 +1,9 @@
 //! A request, in either dialect, turned into a [`Job`]: its body parsed, its options, format and
 //! keep-alive checked. Nothing here touches a session; `run.rs` runs the job.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use phi4::chat::{Message, Role};
 use phi4::{Constraint, GenerateParams, Tool, ToolCall, ToolChoice, Tools};
@@ -26,8 +26,15 @@ pub struct Job {
     pub scope: Scope,
 }
 
-/// A request let in (`Pool::admit`): one of the places counted by `counter` until dropped.
-pub struct Admission(Arc<AtomicUsize>);
+/// A request let in (`Pool::admit`): one of the places counted by `counter` until dropped;
+/// when it came, and how long it waited for the model to load (Ollama's `load_duration`: only
+/// the request that loaded the model has one).
+pub struct Admission {
+    counter: Arc<AtomicUsize>,
+    pub started: Instant,
+    /// Nanoseconds this request spent loading the model.
+    pub loading: Arc<AtomicU64>,
+}
 
 impl Admission {
     /// A place, if fewer than `limit` are taken.
@@ -36,13 +43,27 @@ impl Admission {
             counter.fetch_sub(1, Ordering::SeqCst);
             return None;
         }
-        Some(Admission(counter.clone()))
+        Some(Admission {
+            counter: counter.clone(),
+            started: Instant::now(),
+            loading: Arc::default(),
+        })
+    }
+
+    /// Nanoseconds since the request came.
+    pub fn elapsed(&self) -> u64 {
+        self.started.elapsed().as_nanos() as u64
+    }
+
+    /// Nanoseconds it spent loading the model.
+    pub fn load_duration(&self) -> u64 {
+        self.loading.load(Ordering::Relaxed)
     }
 }
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.counter.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -116,11 +137,18 @@ pub struct Spec {
     pub salt: Option<String>,
     /// The options phi4 has no use for, named in the log.
     pub ignored: Vec<String>,
+    /// The request named its tool choice (else the server's default applies).
+    pub choice_given: bool,
 }
 
 impl Spec {
     /// Tools for the reply (not with a format: a reply cannot follow both).
-    pub fn set_tools(&mut self, tools: Option<Tools>) -> Result<(), ApiError> {
+    pub fn set_tools(
+        &mut self,
+        tools: Option<Tools>,
+        choice: Option<&Value>,
+    ) -> Result<(), ApiError> {
+        self.choice_given = choice.is_some_and(|c| !c.is_null());
         if tools.is_some() && self.params.constraint.is_some() {
             return Err(ApiError::bad(
                 "tools cannot be combined with a format (format / response_format)",

@@ -35,9 +35,10 @@ pub struct ServeArgs {
     /// GGUF model file.
     #[arg(long)]
     model: PathBuf,
-    /// The name clients use for the model.
-    #[arg(long, default_value = "phi4")]
-    name: String,
+    /// A name clients use for the model (again for more names; each answers with or without
+    /// a tag of `latest` or `14b`, in any case).
+    #[arg(long = "name", value_name = "NAME", default_value = "phi4")]
+    names: Vec<String>,
     /// Address to listen on [default: OLLAMA_HOST's, else 127.0.0.1].
     #[arg(long)]
     host: Option<String>,
@@ -85,15 +86,23 @@ pub struct ServeArgs {
     /// Log more than one line per request.
     #[arg(long)]
     verbose: bool,
+    /// The tool choice of requests with tools that name none: `auto` (the model decides) or
+    /// `alternate` (a call after each user message, an answer after the tools' results: for a
+    /// model that does not decide on its own, such as the demo model).
+    #[arg(long, value_name = "CHOICE", default_value = "auto", value_parser = ["auto", "alternate"])]
+    tool_choice: String,
 }
 
 /// What every handler sees.
 pub struct App {
     pool: Arc<Pool>,
-    name: String,
+    /// The model's names (the first is the one /api/ps shows).
+    names: Vec<String>,
     /// The keys a request may bring (none: no authentication).
     api_keys: Vec<String>,
     verbose: bool,
+    /// `--tool-choice alternate`.
+    alternate_tools: bool,
     limits: listen::Limits,
     origins: origins::Origins,
 }
@@ -152,13 +161,29 @@ impl App {
         Ok((admission, req.check()?))
     }
 
+    /// A request with tools that names no choice gets the server's (`--tool-choice`).
+    pub fn default_tool_choice(&self, spec: &mut job::Spec, msgs: &[phi4::chat::Message]) {
+        use phi4::chat::Role;
+        let Some(tools) = spec.params.tools.as_mut().filter(|_| !spec.choice_given) else {
+            return;
+        };
+        if self.alternate_tools {
+            tools.choice = match msgs.last().map(|m| m.role) {
+                Some(Role::Tool) => phi4::ToolChoice::None,
+                _ => phi4::ToolChoice::Required,
+            };
+        }
+    }
+
     /// The model a request names: ours, in any case, with no tag or one of [`MODEL_TAGS`]
     /// (`phi4`, `PHI4`, `phi4:latest`, `phi4:14b`), or 404.
     pub fn check_model(&self, name: &str) -> Result<(), ApiError> {
         let (base, tag) = name.rsplit_once(':').unwrap_or((name, "latest"));
-        let ours = name.eq_ignore_ascii_case(&self.name)
-            || (base.eq_ignore_ascii_case(&self.name)
-                && MODEL_TAGS.iter().any(|t| t.eq_ignore_ascii_case(tag)));
+        let ours = self.names.iter().any(|n| {
+            name.eq_ignore_ascii_case(n)
+                || (base.eq_ignore_ascii_case(n)
+                    && MODEL_TAGS.iter().any(|t| t.eq_ignore_ascii_case(tag)))
+        });
         if ours {
             Ok(())
         } else {
@@ -270,9 +295,10 @@ pub fn serve(a: ServeArgs) -> Res {
     let limits = listen::Limits::new(Duration::from_secs_f64(a.read_timeout.min(1e6)));
     let app = Arc::new(App {
         pool,
-        name: a.name.clone(),
+        names: a.names.clone(),
         api_keys,
         verbose: a.verbose,
+        alternate_tools: a.tool_choice == "alternate",
         limits,
         origins: origins::Origins::new(addr.ip(), &a.origins),
     });
@@ -287,7 +313,7 @@ pub fn serve(a: ServeArgs) -> Res {
         eprintln!(
             "phi4: serving {} as '{}' on http://{}",
             a.model.display(),
-            a.name,
+            a.names.join("', '"),
             listener.local_addr()?
         );
         let expiry = app.pool.clone();
@@ -329,7 +355,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/api/generate", post(ollama::generate))
         .route("/api/embed", post(ollama::embed))
         .route("/api/embeddings", post(ollama::embeddings))
-        .route("/api/pull", refused("pulling models"))
+        .route("/api/pull", post(ollama::pull))
         .route("/api/push", refused("pushing models"))
         .route("/api/create", refused("creating models"))
         .route("/api/copy", refused("copying models"))

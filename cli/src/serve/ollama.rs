@@ -167,6 +167,7 @@ pub struct ChatRequest {
     options: Option<Value>,
     keep_alive: Option<Value>,
     tools: Option<Value>,
+    tool_choice: Option<Value>,
     think: Option<Value>,
     #[serde(default)]
     logprobs: bool,
@@ -198,6 +199,7 @@ fn spec(
         stream: stream.unwrap_or(true),
         salt,
         ignored,
+        choice_given: false,
     })
 }
 
@@ -219,7 +221,9 @@ impl RequestBody for ChatRequest {
             self.stream,
             (self.logprobs, self.top_logprobs),
         )?;
-        spec.set_tools(job::tools(self.tools.as_ref(), None, true)?)?;
+        // (tool_choice: not Ollama's, phi4's addition with OpenAI's values.)
+        let choice = self.tool_choice.as_ref();
+        spec.set_tools(job::tools(self.tools.as_ref(), choice, true)?, choice)?;
         let wire = self
             .messages
             .into_iter()
@@ -240,6 +244,8 @@ pub async fn chat(
         return load_or_unload(&app, spec.keep_alive, json!({ "model": model, "created_at": now_rfc3339(), "message": { "role": "assistant", "content": "" } })).await;
     }
     let stream = spec.stream;
+    let mut spec = spec;
+    app.default_tool_choice(&mut spec, &messages);
     let job = spec.job(Prompt::Chat(messages), "POST /api/chat", admission, key);
     let name = model.clone();
     let chunk = move |piece: &str| json!({ "model": name, "created_at": now_rfc3339(), "message": { "role": "assistant", "content": piece }, "done": false });
@@ -326,7 +332,7 @@ pub async fn generate(
         )
         .await;
     }
-    let ids = prompt_ids(&app, text).await?;
+    let ids = prompt_ids(&app, text, admission.loading.clone()).await?;
     let stream = spec.stream;
     let job = spec.job(Prompt::Raw(ids), "POST /api/generate", admission, key);
     let name = model.clone();
@@ -382,7 +388,7 @@ pub async fn embed(
         .into_iter()
         .map(|v| job::normalized(v, dims))
         .collect();
-    Ok(Json(json!({ "model": model, "embeddings": embeddings, "total_duration": e.total, "load_duration": 0, "prompt_eval_count": e.prompt_tokens })).into_response())
+    Ok(Json(json!({ "model": model, "embeddings": embeddings, "total_duration": e.total, "load_duration": e.load, "prompt_eval_count": e.prompt_tokens })).into_response())
 }
 
 #[derive(Deserialize)]
@@ -428,7 +434,11 @@ pub async fn embeddings(
 
 /// The token ids of a generate request: the earlier `context`, then the prompt, templated as a
 /// user turn (with the system message) unless `raw`.
-async fn prompt_ids(app: &Arc<App>, text: Text) -> Result<Vec<u32>, ApiError> {
+async fn prompt_ids(
+    app: &Arc<App>,
+    text: Text,
+    loading: Arc<std::sync::atomic::AtomicU64>,
+) -> Result<Vec<u32>, ApiError> {
     let Text {
         prompt,
         system,
@@ -437,7 +447,7 @@ async fn prompt_ids(app: &Arc<App>, text: Text) -> Result<Vec<u32>, ApiError> {
     } = text;
     let pool = app.pool.clone();
     let work = move || -> Result<Vec<u32>, ApiError> {
-        let model = pool.model().map_err(ApiError::internal)?;
+        let model = pool.model_for(&loading).map_err(ApiError::internal)?;
         let tok = &model.tokenizer;
         if let Some(bad) = context
             .iter()
@@ -553,15 +563,15 @@ pub async fn version() -> Json<Value> {
     Json(json!({ "version": env!("CARGO_PKG_VERSION") }))
 }
 
-/// The model as /api/tags and /api/ps describe it.
-fn describe(app: &App, size: u64) -> Value {
+/// The model under `name` as /api/tags and /api/ps describe it.
+fn describe(app: &App, name: &str, size: u64) -> Value {
     let quant = app
         .pool
         .loaded()
         .map(|(m, _)| m.gguf.opt_u32("general.file_type").ok().flatten());
     json!({
-        "name": format!("{}:latest", app.name),
-        "model": format!("{}:latest", app.name),
+        "name": format!("{name}:latest"),
+        "model": format!("{name}:latest"),
         "size": size,
         "digest": format!("{:064x}", size),
         "details": {
@@ -605,16 +615,24 @@ fn modified(app: &App) -> String {
 }
 
 pub async fn tags(State(app): State<Arc<App>>) -> Json<Value> {
-    let mut m = describe(&app, file_size(&app));
-    m["modified_at"] = json!(modified(&app));
-    Json(json!({ "models": [m] }))
+    let size = file_size(&app);
+    let models: Vec<Value> = app
+        .names
+        .iter()
+        .map(|name| {
+            let mut m = describe(&app, name, size);
+            m["modified_at"] = json!(modified(&app));
+            m
+        })
+        .collect();
+    Json(json!({ "models": models }))
 }
 
 pub async fn ps(State(app): State<Arc<App>>) -> Json<Value> {
     let models = match app.pool.loaded() {
         None => vec![],
         Some((model, expires)) => {
-            let mut m = describe(&app, model.file_size);
+            let mut m = describe(&app, &app.names[0], model.file_size);
             let until = expires.map(|t| t.saturating_duration_since(std::time::Instant::now()));
             // (Ollama's "forever" is a date far ahead.)
             m["expires_at"] = json!(rfc3339(
@@ -671,7 +689,7 @@ pub async fn show(State(app): State<Arc<App>>, body: Bytes) -> Result<Json<Value
         .map(|n| format!("{n:<16}{}", d.get(n).unwrap_or_default()))
         .chain(["stop            \"<|im_end|>\"".to_string()])
         .collect();
-    let mut details = describe(&app, model.file_size)["details"].clone();
+    let mut details = describe(&app, &app.names[0], model.file_size)["details"].clone();
     details["parameter_size"] = json!(format!(
         "{:.1}B",
         info["general.parameter_count"].as_u64().unwrap_or(0) as f64 / 1e9
@@ -686,4 +704,56 @@ pub async fn show(State(app): State<Arc<App>>, body: Bytes) -> Result<Json<Value
         "capabilities": ["completion", "tools", "embedding"],
         "modified_at": modified(&app),
     })))
+}
+
+#[derive(Deserialize)]
+struct PullRequest {
+    model: Option<String>,
+    name: Option<String>,
+    stream: Option<bool>,
+}
+
+/// /api/pull: the served model is there already (success, streamed as Ollama's progress is, so
+/// that scripts which pull first go on); any other name cannot be pulled (an error, as
+/// Ollama's for a model the registry lacks: a 500, or an error line in a stream).
+pub async fn pull(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiError> {
+    let req: PullRequest = parse(&body)?;
+    let name = req
+        .model
+        .or(req.name)
+        .ok_or_else(|| ApiError::bad("model is required"))?;
+    let stream = req.stream.unwrap_or(true);
+    let result = app.check_model(&name);
+    eprintln!(
+        "POST /api/pull {name}: {}",
+        if result.is_ok() {
+            "served already"
+        } else {
+            "refused"
+        }
+    );
+    let lines: Vec<Value> = match &result {
+        Ok(()) => [
+            "pulling manifest",
+            "verifying sha256 digest",
+            "writing manifest",
+            "success",
+        ]
+        .iter()
+        .map(|s| json!({ "status": s }))
+        .collect(),
+        Err(_) => vec![
+            json!({ "status": "pulling manifest" }),
+            json!({ "error": format!("pull model manifest: phi4 serves one model, from a file; '{name}' is not it") }),
+        ],
+    };
+    if !stream {
+        let last = lines.last().cloned().unwrap_or_default();
+        if let Some(e) = last.get("error").and_then(Value::as_str) {
+            return Err(ApiError::internal(e));
+        }
+        return Ok(Json(last).into_response());
+    }
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], text).into_response())
 }

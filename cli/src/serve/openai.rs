@@ -246,6 +246,7 @@ fn spec(
         stream: stream.unwrap_or(false),
         salt,
         ignored,
+        choice_given: false,
     })
 }
 
@@ -285,7 +286,7 @@ impl RequestBody for ChatRequest {
         )?;
         spec.params.constraint = constraint;
         spec.params.logprobs = logprobs;
-        spec.set_tools(tools)?;
+        spec.set_tools(tools, self.tool_choice.as_ref())?;
         let include_usage = self
             .stream_options
             .and_then(|o| o.include_usage)
@@ -302,6 +303,8 @@ pub async fn chat(
     let (admission, (spec, messages, include_usage)) = app.admit::<ChatRequest>(&body)?;
     let (model, stream) = (spec.model.clone(), spec.stream);
     let want_logprobs = spec.params.logprobs.is_some();
+    let mut spec = spec;
+    app.default_tool_choice(&mut spec, &messages);
     let job = spec.job(
         Prompt::Chat(messages),
         "POST /v1/chat/completions",
@@ -557,12 +560,17 @@ pub async fn embeddings(
     Ok(Json(json!({ "object": "list", "data": data, "model": model, "usage": { "prompt_tokens": n, "total_tokens": n } })).into_response())
 }
 
-fn model_object(app: &App) -> Value {
-    json!({ "id": format!("{}:latest", app.name), "object": "model", "created": created(), "owned_by": "library" })
+fn model_object(id: &str) -> Value {
+    json!({ "id": id, "object": "model", "created": created(), "owned_by": "library" })
 }
 
 pub async fn models(State(app): State<Arc<App>>) -> Json<Value> {
-    Json(json!({ "object": "list", "data": [model_object(&app)] }))
+    let data: Vec<Value> = app
+        .names
+        .iter()
+        .map(|n| model_object(&format!("{n}:latest")))
+        .collect();
+    Json(json!({ "object": "list", "data": data }))
 }
 
 pub async fn model(
@@ -570,7 +578,7 @@ pub async fn model(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, OpenAiError> {
     app.check_model(&id)?;
-    Ok(Json(model_object(&app)))
+    Ok(Json(model_object(&id)))
 }
 
 /// A failure after the stream began: an error event, then the end of the stream.

@@ -11,7 +11,7 @@
 //! The model is loaded on demand and unloaded, with its sessions, when its keep-alive runs out.
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -101,22 +101,34 @@ impl Pool {
 
     /// The model, loading it if needed (blocking: call off the async runtime).
     pub fn model(&self) -> Result<Arc<Model>, String> {
+        self.model_for(&AtomicU64::default())
+    }
+
+    /// The model, loading it if needed; the time this call spent loading it is added to
+    /// `loading` (a request's `load_duration`).
+    pub fn model_for(&self, loading: &AtomicU64) -> Result<Arc<Model>, String> {
         if let Some(m) = &self.state().model {
             return Ok(m.clone());
         }
+        let t = Instant::now();
         let loaded =
             Arc::new(Model::load(&self.path, LoadParams::default()).map_err(|e| e.to_string())?);
-        Ok(self.state().model.get_or_insert(loaded).clone())
+        let mut st = self.state();
+        if st.model.is_none() {
+            loading.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
+        Ok(st.model.get_or_insert(loaded).clone())
     }
 
     /// A conversation's tokens (to choose the session that holds most of them).
     pub async fn chat_tokens(
         self: &Arc<Self>,
         msgs: Vec<phi4::chat::Message>,
+        loading: Arc<AtomicU64>,
     ) -> Result<Vec<u32>, String> {
         let pool = self.clone();
         let work = move || {
-            let model = pool.model()?;
+            let model = pool.model_for(&loading)?;
             let markers = phi4::chat::Markers::of(&model.tokenizer)?;
             Ok(phi4::chat::tokens(&model.tokenizer, markers, &msgs, true))
         };
@@ -142,7 +154,7 @@ impl Pool {
     /// default). Only an admitted request waits.
     pub async fn lease(
         self: &Arc<Self>,
-        _admitted: &Admission,
+        admitted: &Admission,
         prompt: Vec<u32>,
         shape: Shape,
         scope: Scope,
@@ -150,7 +162,8 @@ impl Pool {
         let permit = self.parallel.clone().acquire_owned().await;
         let permit = permit.map_err(|_| Refusal::Failed("the server is shutting down".into()))?;
         let pool = self.clone();
-        tokio::task::spawn_blocking(move || pool.take(&prompt, shape, scope, permit))
+        let loading = admitted.loading.clone();
+        tokio::task::spawn_blocking(move || pool.take(&prompt, shape, scope, permit, &loading))
             .await
             .unwrap_or_else(|e| Err(Refusal::Failed(e.to_string())))
     }
@@ -161,8 +174,9 @@ impl Pool {
         shape: Shape,
         scope: Scope,
         permit: OwnedSemaphorePermit,
+        loading: &AtomicU64,
     ) -> Result<Lease, Refusal> {
-        let model = self.model().map_err(Refusal::Failed)?;
+        let model = self.model_for(loading).map_err(Refusal::Failed)?;
         let d = &self.session;
         let or = |v: usize, default: usize| if v == 0 { default } else { v };
         let mut want = SessionParams {

@@ -4,7 +4,6 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::body::Bytes;
 use phi4::chat::{self, Markers, Message, Role};
@@ -73,11 +72,12 @@ impl Scored {
 /// `Failed` when the request cannot run (busy, overflow, bad input): nothing was streamed yet.
 pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
     let (tx, rx) = mpsc::channel(64);
-    let started = Instant::now();
+    let started = job.admission.started;
     // The prompt's tokens choose the session; chat prompts are tokenized by the session itself.
+    let loading = job.admission.loading.clone();
     let lease_key = match &job.prompt {
         Prompt::Raw(ids) => ids.clone(),
-        Prompt::Chat(msgs) => match pool.chat_tokens(msgs.clone()).await {
+        Prompt::Chat(msgs) => match pool.chat_tokens(msgs.clone(), loading.clone()).await {
             Ok(ids) => ids,
             Err(e) => {
                 let _ = tx.send(Event::Failed(ApiError::internal(e))).await;
@@ -128,7 +128,9 @@ pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
             Prompt::Raw(ids) => lease.session.generate(ids, &job.params, &mut on_token),
         };
         let event = match result {
-            Ok(out) => {
+            Ok(mut out) => {
+                // The model's load counts for the request that loaded it only.
+                out.timings.load_duration = loading.load(Ordering::Relaxed);
                 // The request's log line, now that its token counts are known.
                 let t = &out.timings;
                 eprintln!(
@@ -180,6 +182,8 @@ pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
 pub struct Embedded {
     pub vectors: Vec<Vec<f32>>,
     pub prompt_tokens: usize,
+    /// Nanoseconds spent loading the model (when this request loaded it).
+    pub load: u64,
     /// Nanoseconds from the start.
     pub total: u64,
 }
@@ -187,11 +191,12 @@ pub struct Embedded {
 /// Run an embedding job: its texts tokenized, a session leased, each text embedded in it
 /// (cut to the context if `truncate`, else refused when longer).
 pub async fn embed(pool: &Arc<Pool>, job: EmbedJob) -> Result<Embedded, ApiError> {
-    let started = Instant::now();
+    let started = job.admission.started;
     let texts = job.texts;
     let p = pool.clone();
+    let loading = job.admission.loading.clone();
     let tokens = tokio::task::spawn_blocking(move || {
-        let model = p.model().map_err(ApiError::internal)?;
+        let model = p.model_for(&loading).map_err(ApiError::internal)?;
         Ok::<_, ApiError>(
             texts
                 .iter()
@@ -210,6 +215,7 @@ pub async fn embed(pool: &Arc<Pool>, job: EmbedJob) -> Result<Embedded, ApiError
         return Ok(Embedded {
             vectors: vec![],
             prompt_tokens: 0,
+            load: job.admission.load_duration(),
             total: started.elapsed().as_nanos() as u64,
         });
     };
@@ -227,6 +233,7 @@ pub async fn embed(pool: &Arc<Pool>, job: EmbedJob) -> Result<Embedded, ApiError
         .await
         .map_err(|e| ApiError::internal(format!("the embedding failed: {e}")))?;
     pool.give_back(lease, job.keep_alive);
+    let load = job.admission.load_duration();
     drop(job.admission);
     let (vectors, prompt_tokens) = result?;
     eprintln!(
@@ -238,6 +245,7 @@ pub async fn embed(pool: &Arc<Pool>, job: EmbedJob) -> Result<Embedded, ApiError
     Ok(Embedded {
         vectors,
         prompt_tokens,
+        load,
         total: started.elapsed().as_nanos() as u64,
     })
 }
