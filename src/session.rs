@@ -196,6 +196,8 @@ pub struct Outcome {
     pub text: String,
     /// The calls the reply made (with tools), each complete and valid for its tool.
     pub tool_calls: Vec<ToolCall>,
+    /// The stop string that ended the reply, if one did.
+    pub stop_string: Option<String>,
 }
 
 /// A generated token, as the streaming callback receives it.
@@ -913,6 +915,7 @@ impl Text {
                 .as_deref()
                 .map(tools::parse_calls)
                 .unwrap_or_default(),
+            stop_string: self.stops.matched,
         }
     }
 }
@@ -923,7 +926,8 @@ pub struct StopMatcher {
     stops: Vec<String>,
     held: String,
     pub stopped: bool,
-    /// The text after the stop string, once one was found.
+    /// The stop string found, and the text after it.
+    pub matched: Option<String>,
     pub rest: String,
 }
 
@@ -933,6 +937,7 @@ impl StopMatcher {
             stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
             held: String::new(),
             stopped: false,
+            matched: None,
             rest: String::new(),
         }
     }
@@ -941,15 +946,16 @@ impl StopMatcher {
     /// before it is emitted, the stop string and anything after it are not).
     pub fn push(&mut self, text: &str) -> (String, bool) {
         self.held.push_str(text);
-        if let Some((pos, len)) = self
+        if let Some((pos, stop)) = self
             .stops
             .iter()
-            .filter_map(|s| Some((self.held.find(s.as_str())?, s.len())))
-            .min()
+            .filter_map(|s| Some((self.held.find(s.as_str())?, s)))
+            .min_by_key(|&(pos, s)| (pos, s.len()))
         {
             self.stopped = true;
             let out = self.held[..pos].to_string();
-            self.rest = self.held[pos + len..].to_string();
+            self.rest = self.held[pos + stop.len()..].to_string();
+            self.matched = Some(stop.clone());
             self.held.clear();
             return (out, true);
         }

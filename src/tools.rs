@@ -76,20 +76,16 @@ impl Tool {
     /// A tool from its JSON definition: OpenAI's and Ollama's `{"type": "function", "function":
     /// {name, description, parameters}}`, or the function object itself.
     pub fn from_json(v: &Value) -> Result<Tool, String> {
-        let f = match v.get("function") {
-            Some(f) => {
-                match v.get("type").and_then(Value::as_str) {
-                    None | Some("function") => {}
-                    Some(t) => {
-                        return Err(format!(
-                            "tool type {t:?} is not supported (only \"function\")"
-                        ))
-                    }
-                }
-                f
+        // (Anthropic's tools may say "custom".)
+        match v.get("type").and_then(Value::as_str) {
+            None | Some("function" | "custom") => {}
+            Some(t) => {
+                return Err(format!(
+                    "tool type {t:?} is not supported (only \"function\")"
+                ))
             }
-            None => v,
-        };
+        }
+        let f = v.get("function").unwrap_or(v);
         let name = f
             .get("name")
             .and_then(Value::as_str)

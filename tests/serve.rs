@@ -1651,3 +1651,342 @@ fn names_pull_and_load_duration() {
         "{v}"
     );
 }
+
+/// The SSE events of a streamed body: (event name, data).
+fn sse_events(lines: &[String]) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    let mut name = String::new();
+    for l in lines {
+        if let Some(n) = l.strip_prefix("event: ") {
+            name = n.to_string();
+        } else if let Some(d) = l.strip_prefix("data: ") {
+            let v: Value = serde_json::from_str(d).unwrap();
+            assert_eq!(v["type"].as_str(), Some(name.as_str()), "{l}");
+            out.push((name.clone(), v));
+        }
+    }
+    out
+}
+
+#[test]
+fn responses_api_stateless() {
+    let s = Server::start(&["--tool-choice", "alternate"]);
+    let (status, v) = s.post("/v1/responses", &json!({ "model": "phi4", "input": "What is a list?", "instructions": "Answer briefly.", "max_output_tokens": 8, "temperature": 0 }));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (v["object"].as_str(), v["status"].as_str()),
+        (Some("response"), Some("incomplete")),
+        "{v}"
+    );
+    assert_eq!(v["incomplete_details"]["reason"], "max_output_tokens");
+    assert!(v["id"].as_str().unwrap().starts_with("resp_"));
+    let item = &v["output"][0];
+    assert_eq!(
+        (item["type"].as_str(), item["role"].as_str()),
+        (Some("message"), Some("assistant"))
+    );
+    let text = item["content"][0]["text"].as_str().unwrap();
+    assert!(!text.is_empty() && item["content"][0]["type"] == "output_text");
+    assert_eq!(v["usage"]["output_tokens"], 8);
+    assert_eq!(
+        v["usage"]["total_tokens"].as_u64().unwrap(),
+        v["usage"]["input_tokens"].as_u64().unwrap() + 8
+    );
+    // Streamed: the event sequence, numbered, with the same text.
+    let (status, ctype, lines) = s.post_lines("/v1/responses", &json!({ "model": "phi4", "input": [{ "role": "user", "content": [{ "type": "input_text", "text": "What is a list?" }] }], "instructions": "Answer briefly.", "max_output_tokens": 8, "temperature": 0, "stream": true }));
+    assert_eq!((status, ctype.as_str()), (200, "text/event-stream"));
+    let events = sse_events(&lines);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        &names[..4],
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added"
+        ],
+        "{names:?}"
+    );
+    assert_eq!(
+        &names[names.len() - 4..],
+        [
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.incomplete"
+        ],
+        "{names:?}"
+    );
+    let deltas: String = events
+        .iter()
+        .filter(|(n, _)| n == "response.output_text.delta")
+        .map(|(_, v)| v["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(deltas, text);
+    assert!(
+        events
+            .iter()
+            .enumerate()
+            .all(|(i, (_, v))| v["sequence_number"] == i),
+        "{names:?}"
+    );
+    // Function tools (flat, as the Responses API defines them), the call and its output fed back.
+    let tool = json!({ "type": "function", "name": "get_weather", "description": "The weather in a city.", "parameters": weather_tool()["function"]["parameters"] });
+    let (status, v) = s.post("/v1/responses", &json!({ "model": "phi4", "input": "Weather in Oslo?", "tools": [tool], "tool_choice": "required", "temperature": 0, "max_output_tokens": 200 }));
+    assert_eq!(status, 200, "{v}");
+    let call = v["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["type"] == "function_call")
+        .unwrap_or_else(|| panic!("{v}"))
+        .clone();
+    assert_valid_weather(&serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap());
+    let input = json!([{ "role": "user", "content": "Weather in Oslo?" }, call, { "type": "function_call_output", "call_id": call["call_id"], "output": "12 degrees" }]);
+    let (status, v) = s.post("/v1/responses", &json!({ "model": "phi4", "input": input, "tools": [tool], "temperature": 0, "max_output_tokens": 10 }));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["output"][0]["type"], "message", "{v}");
+    assert!(
+        v["usage"]["input_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{v}"
+    );
+    // Streamed calls.
+    let (_, _, lines) = s.post_lines("/v1/responses", &json!({ "model": "phi4", "input": "Weather in Oslo?", "tools": [tool], "tool_choice": { "type": "function", "name": "get_weather" }, "temperature": 0, "max_output_tokens": 200, "stream": true }));
+    let events = sse_events(&lines);
+    let done = events
+        .iter()
+        .find(|(n, _)| n == "response.function_call_arguments.done")
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert_valid_weather(&serde_json::from_str(done.1["arguments"].as_str().unwrap()).unwrap());
+    assert_eq!(events.last().unwrap().0, "response.completed");
+    // JSON Schema output.
+    let (_, v) = s.post("/v1/responses", &json!({ "model": "phi4", "input": "A city?", "text": { "format": { "type": "json_schema", "name": "city", "schema": { "type": "object", "properties": { "name": { "type": "string", "maxLength": 20 } }, "required": ["name"] } } }, "temperature": 0, "max_output_tokens": 40 }));
+    let out: Value =
+        serde_json::from_str(v["output"][0]["content"][0]["text"].as_str().unwrap()).unwrap();
+    assert!(out["name"].is_string(), "{v}");
+    // Bad input, in OpenAI's error shape.
+    for (body, text) in [
+        (
+            json!({ "model": "phi4", "input": "x", "previous_response_id": "resp_1" }),
+            "stateless",
+        ),
+        (
+            json!({ "model": "phi4", "input": [{ "type": "function_call_output", "call_id": "call_9", "output": "1" }] }),
+            "must answer a tool call",
+        ),
+        (
+            json!({ "model": "phi4", "input": [{ "role": "user", "content": [{ "type": "input_image", "image_url": "x" }] }] }),
+            "images",
+        ),
+        (
+            json!({ "model": "phi4", "input": "x", "tools": [{ "type": "web_search" }] }),
+            "not supported",
+        ),
+        (json!({ "model": "phi4", "input": 7 }), "input must be"),
+    ] {
+        let (status, v) = s.post("/v1/responses", &body);
+        assert_eq!(status, 400, "{body}: {v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(text),
+            "{body}: {v}"
+        );
+    }
+}
+
+#[test]
+fn anthropic_messages_api() {
+    let s = Server::start(&["--tool-choice", "alternate", "--api-key", "sk-test"]);
+    let key = [
+        ("x-api-key", "sk-test"),
+        ("anthropic-version", "2023-06-01"),
+    ];
+    let post = |body: &Value| {
+        let (status, _, b) = s.request(
+            "POST",
+            "/v1/messages",
+            Some(body.to_string().as_bytes()),
+            &key,
+        );
+        (
+            status,
+            serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null),
+            b,
+        )
+    };
+    let body = json!({ "model": "phi4", "max_tokens": 8, "system": "Answer briefly.", "temperature": 0, "messages": [{ "role": "user", "content": "What is a list?" }] });
+    let (status, v, _) = post(&body);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (
+            v["type"].as_str(),
+            v["role"].as_str(),
+            v["stop_reason"].as_str()
+        ),
+        (Some("message"), Some("assistant"), Some("max_tokens")),
+        "{v}"
+    );
+    let text = v["content"][0]["text"].as_str().unwrap().to_string();
+    assert_eq!(v["usage"]["output_tokens"], 8);
+    // A stop sequence is named.
+    let mut b = body.clone();
+    b["max_tokens"] = json!(40);
+    b["stop_sequences"] = json!([text.chars().nth(2).unwrap().to_string()]);
+    let (_, v, _) = post(&b);
+    assert_eq!(v["stop_reason"], "stop_sequence", "{v}");
+    assert_eq!(v["stop_sequence"], b["stop_sequences"][0], "{v}");
+    // Streamed: Anthropic's event sequence, the same text.
+    let mut b = body.clone();
+    b["stream"] = json!(true);
+    let (_, _, raw) = s.request("POST", "/v1/messages", Some(b.to_string().as_bytes()), &key);
+    let lines: Vec<String> = String::from_utf8(raw)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let events = sse_events(&lines);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        &names[..3],
+        ["message_start", "ping", "content_block_start"],
+        "{names:?}"
+    );
+    assert_eq!(
+        &names[names.len() - 3..],
+        ["content_block_stop", "message_delta", "message_stop"],
+        "{names:?}"
+    );
+    let streamed: String = events
+        .iter()
+        .filter(|(n, _)| n == "content_block_delta")
+        .map(|(_, v)| v["delta"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed, text);
+    // Tools: tool_use blocks, then the tool_result fed back.
+    let tool = json!({ "name": "get_weather", "description": "The weather in a city.", "input_schema": weather_tool()["function"]["parameters"] });
+    let ask = json!({ "role": "user", "content": "Weather in Oslo?" });
+    let (status, v, _) = post(
+        &json!({ "model": "phi4", "max_tokens": 200, "temperature": 0, "tools": [tool], "messages": [ask] }),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["stop_reason"], "tool_use", "{v}");
+    let call = v["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["type"] == "tool_use")
+        .unwrap()
+        .clone();
+    assert!(call["id"].as_str().unwrap().starts_with("toolu_"));
+    assert_valid_weather(&call["input"]);
+    let msgs = json!([ask, { "role": "assistant", "content": [call] }, { "role": "user", "content": [{ "type": "tool_result", "tool_use_id": call["id"], "content": "12 degrees" }] }]);
+    let (status, v, _) = post(
+        &json!({ "model": "phi4", "max_tokens": 10, "temperature": 0, "tools": [tool], "messages": msgs }),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["content"][0]["type"], "text", "{v}");
+    assert!(
+        v["usage"]["cache_read_input_tokens"].as_u64().unwrap() > 0,
+        "{v}"
+    );
+    // Streamed tool use: an input_json_delta with the whole input.
+    let b = json!({ "model": "phi4", "max_tokens": 200, "temperature": 0, "tools": [tool], "tool_choice": { "type": "tool", "name": "get_weather" }, "messages": [ask], "stream": true });
+    let (_, _, raw) = s.request("POST", "/v1/messages", Some(b.to_string().as_bytes()), &key);
+    let lines: Vec<String> = String::from_utf8(raw)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let events = sse_events(&lines);
+    let json_delta = events
+        .iter()
+        .find(|(_, v)| v["delta"]["type"] == "input_json_delta")
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert_valid_weather(
+        &serde_json::from_str(json_delta.1["delta"]["partial_json"].as_str().unwrap()).unwrap(),
+    );
+    let delta = events.iter().find(|(n, _)| n == "message_delta").unwrap();
+    assert_eq!(delta.1["delta"]["stop_reason"], "tool_use");
+    // count_tokens.
+    let (status, _, b) = s.request(
+        "POST",
+        "/v1/messages/count_tokens",
+        Some(
+            json!({ "model": "phi4", "messages": [ask] })
+                .to_string()
+                .as_bytes(),
+        ),
+        &key,
+    );
+    let n: Value = serde_json::from_slice(&b).unwrap();
+    assert!(
+        status == 200 && n["input_tokens"].as_u64().unwrap() > 5,
+        "{n}"
+    );
+    // Errors in Anthropic's shape: no key, a bad request, an unknown model.
+    let (status, _, b) = s.request(
+        "POST",
+        "/v1/messages",
+        Some(body.to_string().as_bytes()),
+        &[],
+    );
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(
+        (status, v["type"].as_str(), v["error"]["type"].as_str()),
+        (401, Some("error"), Some("authentication_error")),
+        "{v}"
+    );
+    let (status, _, b) = s.request("POST", "/v1/chat/completions", Some(b"{}"), &[]);
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(
+        (status, v["error"]["type"].as_str()),
+        (401, Some("invalid_request_error")),
+        "OpenAI's shape on /v1: {v}"
+    );
+    for (body, status, kind, text) in [
+        (
+            json!({ "model": "phi4", "messages": [ask] }),
+            400,
+            "invalid_request_error",
+            "max_tokens is required",
+        ),
+        (
+            json!({ "model": "claude-3", "max_tokens": 5, "messages": [ask] }),
+            404,
+            "not_found_error",
+            "not found",
+        ),
+        (
+            json!({ "model": "phi4", "max_tokens": 5, "messages": [{ "role": "user", "content": [{ "type": "tool_result", "tool_use_id": "toolu_x", "content": "1" }] }] }),
+            400,
+            "invalid_request_error",
+            "must answer a tool call",
+        ),
+        (
+            json!({ "model": "phi4", "max_tokens": 5, "messages": [{ "role": "user", "content": [{ "type": "image", "source": {} }] }] }),
+            400,
+            "invalid_request_error",
+            "images",
+        ),
+        (
+            json!({ "model": "phi4", "max_tokens": 5, "thinking": { "type": "enabled", "budget_tokens": 100 }, "messages": [ask] }),
+            400,
+            "invalid_request_error",
+            "thinking",
+        ),
+    ] {
+        let (got, v, _) = post(&body);
+        assert_eq!(
+            (got, v["type"].as_str(), v["error"]["type"].as_str()),
+            (status, Some("error"), Some(kind)),
+            "{body}: {v}"
+        );
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(text),
+            "{body}: {v}"
+        );
+    }
+}

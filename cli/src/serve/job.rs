@@ -142,6 +142,29 @@ pub struct Spec {
 }
 
 impl Spec {
+    /// The spec of a request whose fields were mapped onto Ollama's option names (the OpenAI
+    /// and Anthropic routes); its keep-alive the default.
+    pub fn from_options(
+        model: String,
+        salt: Option<String>,
+        opts: serde_json::Map<String, Value>,
+        stream: bool,
+    ) -> Result<Spec, ApiError> {
+        let mut params = GenerateParams::default();
+        let mut shape = Shape::default();
+        let ignored = options(Some(&Value::Object(opts)), &mut params, &mut shape)?;
+        Ok(Spec {
+            model,
+            params,
+            shape,
+            keep_alive: keep_alive(None)?,
+            stream,
+            salt,
+            ignored,
+            choice_given: false,
+        })
+    }
+
     /// Tools for the reply (not with a format: a reply cannot follow both).
     pub fn set_tools(
         &mut self,

@@ -1,9 +1,11 @@
 //! `phi4 serve`: Ollama's HTTP API (and OpenAI's, as Ollama serves it) over the library, so
 //! Ollama's and OpenAI's clients work unchanged. axum on tokio; the forward pass runs on
 //! blocking threads, never on the runtime's workers (`run.rs`); sessions are pooled by cached
-//! prefix (`pool.rs`); the wire formats are `ollama.rs` and `openai.rs`; connections and their
-//! timeouts are `listen.rs`.
+//! prefix (`pool.rs`); the wire formats are `ollama.rs`, `openai.rs`, `responses.rs` (OpenAI's
+//! Responses API) and `anthropic.rs` (Anthropic's Messages API); connections and their timeouts
+//! are `listen.rs`.
 
+mod anthropic;
 mod job;
 mod listen;
 mod ollama;
@@ -11,6 +13,7 @@ mod openai;
 mod origins;
 mod pool;
 mod prompt_cache;
+mod responses;
 mod run;
 
 use std::net::SocketAddr;
@@ -141,6 +144,20 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// In the shape of the API that `path` belongs to: Anthropic's on /v1/messages, OpenAI's on
+    /// the rest of /v1, Ollama's elsewhere.
+    pub fn shaped(self, path: &str) -> Response {
+        if path.starts_with("/v1/messages") {
+            anthropic::AnthropicError(self).into_response()
+        } else if path.starts_with("/v1/") {
+            openai::OpenAiError::from(self).into_response()
+        } else {
+            self.into_response()
+        }
+    }
+}
+
 /// Ollama's shape: `{"error": "..."}`.
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -197,7 +214,7 @@ impl App {
 pub const MODEL_TAGS: [&str; 2] = ["latest", "14b"];
 
 /// The routes whose bodies [`check_body`] checks: every one that reads a body.
-pub const BODY_ROUTES: [&str; 8] = [
+pub const BODY_ROUTES: [&str; 10] = [
     "/api/show",
     "/api/chat",
     "/api/generate",
@@ -206,6 +223,8 @@ pub const BODY_ROUTES: [&str; 8] = [
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
 ];
 
 /// A body for the route `path` ([`BODY_ROUTES`]) parsed and checked as the server does before
@@ -221,6 +240,8 @@ pub fn check_body(path: &str, body: &[u8]) -> Result<(), String> {
         "/api/embed" => job::checked::<ollama::EmbedRequest>(body).map(drop),
         "/api/embeddings" => job::checked::<ollama::EmbeddingsRequest>(body).map(drop),
         "/v1/embeddings" => job::checked::<openai::EmbeddingsRequest>(body).map(drop),
+        "/v1/responses" => job::checked::<responses::ResponsesRequest>(body).map(drop),
+        "/v1/messages" => job::checked::<anthropic::MessagesRequest>(body).map(drop),
         _ => return Err(format!("{path} reads no body")),
     };
     r.map_err(|e| e.message)
@@ -366,6 +387,9 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/v1/models/{id}", get(openai::model))
         .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/responses", post(responses::create))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .layer(DefaultBodyLimit::max(listen::MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(app.clone(), gate))
         .with_state(app)
@@ -390,7 +414,12 @@ async fn gate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
     let resp = check(&app, req, next).await;
     let generating = matches!(
         path.as_str(),
-        "/api/chat" | "/api/generate" | "/v1/chat/completions" | "/v1/completions"
+        "/api/chat"
+            | "/api/generate"
+            | "/v1/chat/completions"
+            | "/v1/completions"
+            | "/v1/responses"
+            | "/v1/messages"
     );
     if !(generating && resp.status().is_success()) {
         eprintln!(
@@ -410,7 +439,8 @@ async fn check(app: &App, mut req: Request, next: Next) -> Response {
         let v = req.headers().get(name).and_then(|v| v.to_str().ok());
         v.map(String::from)
     };
-    let refuse = |status: StatusCode, message: String| ApiError { status, message }.into_response();
+    let path = req.uri().path().to_string();
+    let refuse = |status: StatusCode, message: String| ApiError { status, message }.shaped(&path);
     let host = header(&req, "host");
     if !app.origins.host_allowed(host.as_deref()) {
         let host = host.unwrap_or_default();
@@ -451,11 +481,11 @@ fn authorize(app: &App, req: &mut Request) -> Option<Response> {
         req.extensions_mut().insert(job::KeyId(None));
         return None;
     }
-    let given = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    // A bearer token, or Anthropic's x-api-key.
+    let given = header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| header("x-api-key"));
     // Every key is compared (no early end): the time says nothing of which one matched.
     let matched = given.and_then(|g| {
         let hits = app
@@ -470,7 +500,7 @@ fn authorize(app: &App, req: &mut Request) -> Option<Response> {
             status: StatusCode::UNAUTHORIZED,
             message: "unauthorized".into(),
         }
-        .into_response();
+        .shaped(req.uri().path());
         r.headers_mut()
             .insert("www-authenticate", HeaderValue::from_static("Bearer"));
         return Some(r);
@@ -491,11 +521,12 @@ async fn read_and_run(app: &App, req: Request, next: Next) -> Response {
             status: StatusCode::PAYLOAD_TOO_LARGE,
             message: format!("request body over {} MiB", listen::MAX_BODY >> 20),
         }
-        .into_response();
+        .shaped(req.uri().path());
     }
+    let path = req.uri().path().to_string();
     match app.limits.read_body(req, declared).await {
         Ok(req) => next.run(req).await,
-        Err(e) => e.into_response(),
+        Err(e) => e.shaped(&path),
     }
 }
 

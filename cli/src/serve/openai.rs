@@ -9,11 +9,11 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use phi4::chat::{Message, Role};
-use phi4::{GenerateParams, Outcome, ToolCall};
+use phi4::{Outcome, ToolCall};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::job::{self, EmbedSpec, KeyId, Prompt, RequestBody, Shape, Spec, WireCall, WireMessage};
+use super::job::{self, EmbedSpec, KeyId, Prompt, RequestBody, Spec, WireCall, WireMessage};
 use super::run::{self, async_stream, Event};
 use super::{ApiError, App};
 
@@ -235,19 +235,7 @@ fn spec(
             opts.insert(k.into(), v);
         }
     }
-    let mut params = GenerateParams::default();
-    let mut shape = Shape::default();
-    let ignored = job::options(Some(&Value::Object(opts)), &mut params, &mut shape)?;
-    Ok(Spec {
-        model,
-        params,
-        shape,
-        keep_alive: job::keep_alive(None)?,
-        stream: stream.unwrap_or(false),
-        salt,
-        ignored,
-        choice_given: false,
-    })
+    Spec::from_options(model, salt, opts, stream.unwrap_or(false))
 }
 
 impl RequestBody for ChatRequest {
@@ -588,7 +576,7 @@ fn sse_error(e: &ApiError) -> String {
 }
 
 /// Server-sent events as a response.
-fn sse(
+pub fn sse(
     lines: impl tokio_stream::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static,
 ) -> Response {
     let headers = [

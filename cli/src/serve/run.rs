@@ -376,6 +376,11 @@ pub fn async_stream(
 
 /// A fresh id for a tool call (`call_` and 24 hex digits, unique in practice).
 pub fn call_id() -> String {
+    new_id("call_")
+}
+
+/// A fresh id: `prefix` and 24 hex digits, unique in practice.
+pub fn new_id(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     let t = std::time::SystemTime::now()
@@ -383,5 +388,9 @@ pub fn call_id() -> String {
         .map_or(0, |d| d.as_nanos() as u64);
     let n = N.fetch_add(1, Ordering::Relaxed);
     let mix = (t ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    format!("call_{:016x}{:08x}", mix, (n as u32) ^ std::process::id())
+    format!(
+        "{prefix}{:016x}{:08x}",
+        mix,
+        (n as u32) ^ std::process::id()
+    )
 }
