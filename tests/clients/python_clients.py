@@ -112,4 +112,48 @@ assert max(abs(a - b) for a, b in zip(floats, emb[1])) < 1e-6
 # LlamaIndex's Ollama client sends its unset options as null; LangChain's, options Ollama has.
 nulls = client.chat(model="phi4:14b", messages=question, options={"temperature": None, "num_predict": 2, "mirostat": 1})
 assert nulls.eval_count == 2, nulls
+# Tools: OpenAI's shapes of a call and its result, 100 required calls, every one valid for the
+# tool's schema (checked here, independently of the server; Ollama's API has no tool_choice, its
+# 100 calls are in tests/serve.rs, through the server's --tool-choice alternate).
+weather = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                          "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"]}}}
+
+
+def valid(args):
+    return (isinstance(args, dict) and set(args) == {"city", "unit"} and isinstance(args["city"], str)
+            and len(args["city"]) <= 30 and args["unit"] in ("celsius", "fahrenheit"))
+
+
+where = [{"role": "user", "content": "What is the weather in Paris?"}]
+ok_openai = 0
+for seed in range(100):
+    c = oa.chat.completions.create(model="phi4", messages=where, tools=[weather], tool_choice="required", temperature=1.0, seed=seed, max_tokens=200)
+    call = c.choices[0].message.tool_calls[0]
+    ok_openai += int(c.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather" and valid(json.loads(call.function.arguments)))
+assert ok_openai == 100, ok_openai
+print(f"openai tools: {ok_openai} of 100 calls valid")
+follow = where + [c.choices[0].message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": "21 degrees"}]
+answer = oa.chat.completions.create(model="phi4", messages=follow, tools=[weather], max_tokens=8, temperature=0)
+assert answer.choices[0].message.tool_calls is None and answer.usage.prompt_tokens_details.cached_tokens > 0, answer
+scored = oa.chat.completions.create(model="phi4", messages=question, logprobs=True, top_logprobs=3, max_tokens=6, temperature=0)
+lp = scored.choices[0].logprobs.content
+# (The reported probabilities are the model's, before the default repeat penalty that greedy
+# decoding here still applies: the chosen token is among the likeliest, not always the first.)
+assert len(lp) == 6 and all(t.logprob <= 0 and (t.token in [a.token for a in t.top_logprobs] or t.logprob <= t.top_logprobs[-1].logprob) for t in lp), lp
+r = client.chat(model="phi4", messages=question, logprobs=True, top_logprobs=2, options={"num_predict": 4, "temperature": 0, "repeat_penalty": 1})
+assert len(r.logprobs) == 4 and r.logprobs[0].top_logprobs[0].logprob == r.logprobs[0].logprob, r
+# The Responses API through the official client.
+resp = oa.responses.create(model="phi4", input="What is a list?", instructions="Be brief.", max_output_tokens=8, temperature=0)
+assert resp.status == "incomplete" and resp.output_text, resp
+with oa.responses.stream(model="phi4", input="What is a list?", instructions="Be brief.", max_output_tokens=8, temperature=0) as stream:
+    streamed = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+assert streamed == resp.output_text, (streamed, resp.output_text)
+tool = {"type": "function", "name": "get_weather", "description": "The weather in a city.", "parameters": weather["function"]["parameters"]}
+resp = oa.responses.create(model="phi4", input="Weather in Paris?", tools=[tool], tool_choice="required", max_output_tokens=200, temperature=0)
+fc = next(i for i in resp.output if i.type == "function_call")
+assert valid(json.loads(fc.arguments)), fc
+resp = oa.responses.create(model="phi4", input=[{"role": "user", "content": "Weather in Paris?"}, fc.model_dump(exclude_none=True),
+                           {"type": "function_call_output", "call_id": fc.call_id, "output": "21 degrees"}], tools=[tool], max_output_tokens=8, temperature=0)
+assert resp.output[0].type == "message", resp
 print("python clients: ok")
