@@ -576,6 +576,33 @@ fn disconnect_cancels_the_generation() {
     eprintln!("cancelled after {out} tokens; the next request waited {waited:?}");
     assert!(out < 1000, "{cancelled}");
     assert!(waited < Duration::from_secs(10), "{waited:?}");
+
+    // An embedding of many long texts, its client gone at once: the work stops, the session
+    // comes back to the pool (with --parallel 1, the next requests need it).
+    let texts: Vec<String> = (0..64)
+        .map(|i| format!("{i} {}", "The os module provides functions. ".repeat(60)))
+        .collect();
+    let body = json!({ "model": "phi4", "input": texts }).to_string();
+    for _ in 0..2 {
+        let mut conn = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        write!(conn, "POST /api/embed HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        conn.shutdown(std::net::Shutdown::Both).unwrap();
+        let t = Instant::now();
+        let (status, v) = s.post("/api/embed", &json!({ "model": "phi4", "input": "hi" }));
+        assert_eq!(status, 200, "{v}");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "waited {:?} behind a cancelled embedding",
+            t.elapsed()
+        );
+    }
+    let log = s.log();
+    assert_eq!(
+        log.matches("POST /api/embed 500: cancelled").count(),
+        2,
+        "{log}"
+    );
 }
 
 /// With `--parallel 4`, requests at once decode together (one scheduler step for all) and reply
@@ -1446,6 +1473,40 @@ fn tool_calls_over_both_apis() {
             serde_json::from_str(tc[0]["function"]["arguments"].as_str().unwrap()).unwrap();
         assert_valid_weather(&args);
     }
+
+    // The Responses API and Anthropic's Messages API: 100 each, every call valid.
+    let flat = json!({ "type": "function", "name": "get_weather", "description": "The weather in a city.", "parameters": weather_tool()["function"]["parameters"] });
+    let anthropic = json!({ "name": "get_weather", "description": "The weather in a city.", "input_schema": weather_tool()["function"]["parameters"] });
+    for seed in 0..100 {
+        let body = json!({ "model": "phi4", "input": "What is the weather in Paris?", "tools": [flat], "tool_choice": "required",
+            "parallel_tool_calls": false, "temperature": 1.0, "seed": seed, "max_output_tokens": 200 });
+        let (status, v) = s.post("/v1/responses", &body);
+        assert_eq!(status, 200, "{v}");
+        let calls: Vec<&Value> = v["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["type"] == "function_call")
+            .collect();
+        assert_eq!(calls.len(), 1, "{v}");
+        assert_valid_weather(
+            &serde_json::from_str(calls[0]["arguments"].as_str().unwrap()).unwrap(),
+        );
+        let body = json!({ "model": "phi4", "max_tokens": 200, "temperature": 1.0, "tools": [anthropic],
+            "tool_choice": { "type": "any", "disable_parallel_tool_use": true }, "messages": ask });
+        let (status, v) = s.post("/v1/messages", &body);
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["stop_reason"], "tool_use", "{v}");
+        let uses: Vec<&Value> = v["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["type"] == "tool_use")
+            .collect();
+        assert_eq!(uses.len(), 1, "{v}");
+        assert_valid_weather(&uses[0]["input"]);
+    }
+    eprintln!("100 of 100 calls valid through each of Ollama's, OpenAI's chat, Responses and Messages APIs");
 
     // Streamed: the calls in a delta with indexes, then finish_reason tool_calls.
     let body = json!({ "model": "phi4", "stream": true, "messages": ask, "tools": [weather_tool()], "tool_choice": { "type": "function", "function": { "name": "get_weather" } }, "temperature": 0, "max_tokens": 200 });

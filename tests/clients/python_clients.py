@@ -112,9 +112,9 @@ assert max(abs(a - b) for a, b in zip(floats, emb[1])) < 1e-6
 # LlamaIndex's Ollama client sends its unset options as null; LangChain's, options Ollama has.
 nulls = client.chat(model="phi4:14b", messages=question, options={"temperature": None, "num_predict": 2, "mirostat": 1})
 assert nulls.eval_count == 2, nulls
-# Tools: OpenAI's shapes of a call and its result, 100 required calls, every one valid for the
-# tool's schema (checked here, independently of the server; Ollama's API has no tool_choice, its
-# 100 calls are in tests/serve.rs, through the server's --tool-choice alternate).
+# Tools: OpenAI's shapes of a call and its result, 30 required calls, every one valid for the
+# tool's schema (checked here, independently of the server; tests/serve.rs makes 100 through each
+# API).
 weather = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
                           "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"]}}}
@@ -127,12 +127,12 @@ def valid(args):
 
 where = [{"role": "user", "content": "What is the weather in Paris?"}]
 ok_openai = 0
-for seed in range(100):
+for seed in range(30):
     c = oa.chat.completions.create(model="phi4", messages=where, tools=[weather], tool_choice="required", temperature=1.0, seed=seed, max_tokens=200)
     call = c.choices[0].message.tool_calls[0]
     ok_openai += int(c.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather" and valid(json.loads(call.function.arguments)))
-assert ok_openai == 100, ok_openai
-print(f"openai tools: {ok_openai} of 100 calls valid")
+assert ok_openai == 30, ok_openai
+print(f"openai tools: {ok_openai} of 30 calls valid")
 follow = where + [c.choices[0].message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": "21 degrees"}]
 answer = oa.chat.completions.create(model="phi4", messages=follow, tools=[weather], max_tokens=8, temperature=0)
 assert answer.choices[0].message.tool_calls is None and answer.usage.prompt_tokens_details.cached_tokens > 0, answer

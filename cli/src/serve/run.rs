@@ -224,18 +224,44 @@ pub async fn embed(pool: &Arc<Pool>, job: EmbedJob) -> Result<Embedded, ApiError
         .await
         .map_err(refused)?;
     let truncate = job.truncate;
-    let work = tokio::task::spawn_blocking(move || {
-        let mut lease = lease;
-        let result = embed_all(&mut lease.session, tokens, truncate);
-        (lease, result)
+    // The session goes back to the pool when the work ends, whether or not the client waits for
+    // it; a client that goes away (this future dropped) cancels the work.
+    let cancel = CancelOnDrop(Arc::new(std::sync::Mutex::new(Some(
+        lease.session.cancel_flag(),
+    ))));
+    let reach = cancel.0.clone();
+    let (done, result) = tokio::sync::oneshot::channel();
+    let (back, keep_alive, admission) = (pool.clone(), job.keep_alive, job.admission);
+    let label = job.label.clone();
+    let load = admission.load_duration();
+    tokio::spawn(async move {
+        let work = tokio::task::spawn_blocking(move || {
+            let mut lease = lease;
+            let result = embed_all(&mut lease.session, tokens, truncate);
+            (lease, result)
+        });
+        let result = match work.await {
+            Ok((lease, result)) => {
+                // No cancel may reach the session once it is back in the pool, and none
+                // stays set.
+                if let Some(flag) = reach.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    flag.store(false, Ordering::Relaxed);
+                }
+                back.give_back(lease, keep_alive);
+                result
+            }
+            Err(e) => Err(ApiError::internal(format!("the embedding failed: {e}"))),
+        };
+        drop(admission);
+        if let (Err(e), true) = (&result, done.is_closed()) {
+            eprintln!("{label} {}: {}", e.status.as_u16(), e.message);
+        }
+        let _ = done.send(result);
     });
-    let (lease, result) = work
-        .await
-        .map_err(|e| ApiError::internal(format!("the embedding failed: {e}")))?;
-    pool.give_back(lease, job.keep_alive);
-    let load = job.admission.load_duration();
-    drop(job.admission);
-    let (vectors, prompt_tokens) = result?;
+    let result = result.await;
+    drop(cancel);
+    let (vectors, prompt_tokens) =
+        result.map_err(|_| ApiError::internal("the embedding ended without a result"))??;
     eprintln!(
         "{} 200 inputs {}, tokens {prompt_tokens} {:.1}ms",
         job.label,
@@ -258,8 +284,12 @@ fn embed_all(
     truncate: bool,
 ) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
     let n_ctx = session.n_ctx();
+    let cancel = session.cancel_flag();
     let (mut vectors, mut n) = (Vec::with_capacity(tokens.len()), 0);
     for (i, mut t) in tokens.into_iter().enumerate() {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(ApiError::internal("cancelled: the client went away"));
+        }
         if t.len() > n_ctx && !truncate {
             return Err(ApiError::bad(format!(
                 "input {i} takes {} tokens, more than the context's {n_ctx} (truncate: false)",
@@ -271,6 +301,19 @@ fn embed_all(
         n += t.len();
     }
     Ok((vectors, n))
+}
+
+/// Sets a session's cancel flag when dropped, unless the work already took the flag away (the
+/// session went back to the pool).
+struct CancelOnDrop(Arc<std::sync::Mutex<Option<Arc<std::sync::atomic::AtomicBool>>>>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let flag = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(flag) = flag.as_ref() {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A lease refused: the request's fault (400) or the server's (500).
