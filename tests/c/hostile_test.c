@@ -189,7 +189,7 @@ static void test_error_messages_do_not_tear(void) {
         int ok = copy[0] == 0;
         for (int i = 0; i < 4 && !ok; i++) {
             char want[96];
-            snprintf(want, sizeof want, "role \"wizard%d\" is not system, user or assistant", i);
+            snprintf(want, sizeof want, "role \"wizard%d\" is not system, user, assistant or tool", i);
             ok = strcmp(copy, want) == 0;
         }
         torn += !ok;
