@@ -167,7 +167,7 @@ fn ollama_endpoints_field_for_field() {
     assert!(
         show["template"].as_str().unwrap().contains("<|im_start|>")
             && show["parameters"].is_string()
-            && show["capabilities"] == json!(["completion"])
+            && show["capabilities"] == json!(["completion", "tools", "embedding"])
     );
 }
 
