@@ -174,16 +174,6 @@ fn f16_sessions_decode_together_as_alone() {
     synthetic("f16", 33)
 }
 
-fn demo() -> Arc<Model> {
-    Arc::new(
-        Model::load(
-            &common::fixture("phi4-tiny-docs.gguf"),
-            LoadParams::default(),
-        )
-        .unwrap(),
-    )
-}
-
 /// A user turn in Phi-4's chat format, ready for the reply.
 fn chat_prompt(model: &Model, text: &str) -> Vec<u32> {
     let markers = Markers::of(&model.tokenizer).unwrap();
@@ -197,7 +187,7 @@ fn chat_prompt(model: &Model, text: &str) -> Vec<u32> {
 
 #[test]
 fn demo_chats_on_a_scheduler_are_the_lone_replies() {
-    let model = demo();
+    let model = common::demo();
     let texts = [
         "How do I open a file?",
         "What is a list comprehension?",
@@ -214,7 +204,7 @@ fn demo_chats_on_a_scheduler_are_the_lone_replies() {
 
 #[test]
 fn sessions_come_and_go_while_others_decode() {
-    let model = demo();
+    let model = common::demo();
     let scheduler = Scheduler::new(model.clone(), 2, 2).unwrap();
     let ps = prompts(5, 8);
     // Five sessions, steps of two at most, started at different times, asking for different
@@ -244,7 +234,7 @@ fn sessions_come_and_go_while_others_decode() {
 
 #[test]
 fn cancel_and_drop_mid_batch_leave_the_others_going() {
-    let model = demo();
+    let model = common::demo();
     let scheduler = Scheduler::new(model.clone(), 2, 4).unwrap();
     let p = chat_prompt(&model, "How do I open a file in Python?");
     let mut doomed = Session::with_scheduler(&scheduler, &params(512)).unwrap();
@@ -280,7 +270,7 @@ fn cancel_and_drop_mid_batch_leave_the_others_going() {
 
 #[test]
 fn bad_scheduler_parameters_are_errors() {
-    let model = demo();
+    let model = common::demo();
     for (threads, batch) in [
         (0, 4),
         (2, 0),

@@ -16,16 +16,6 @@ use phi4::SessionError;
 use phi4_synth::{Spec, Vocab};
 use serde_json::{json, Value};
 
-fn demo() -> Arc<Model> {
-    Arc::new(
-        Model::load(
-            &common::fixture("phi4-tiny-docs.gguf"),
-            LoadParams::default(),
-        )
-        .unwrap(),
-    )
-}
-
 /// Two small layers over Phi-4's own vocabulary (kept in memory; the file is removed).
 fn real_vocab() -> Arc<Model> {
     let dir = common::tmpdir();
@@ -41,7 +31,7 @@ fn real_vocab() -> Arc<Model> {
 /// constraint engine is the same code on every CPU, and the native run covers Phi-4's
 /// vocabulary.
 fn models() -> Vec<(&'static str, Arc<Model>)> {
-    let mut v = vec![("demo", demo())];
+    let mut v = vec![("demo", common::demo())];
     if common::runner().is_none() {
         v.push(("phi4 vocabulary", real_vocab()));
     }
@@ -163,7 +153,7 @@ fn replies_validate_against_their_schema() {
 
 #[test]
 fn json_mode_gives_an_object() {
-    let m = demo();
+    let m = common::demo();
     let mut s = session(&m);
     for (temperature, seed) in [(0.0, 0), (0.8, 5)] {
         let out = ask(
@@ -332,7 +322,7 @@ fn unicode_in_json_strings_stays_valid() {
 
 #[test]
 fn a_bad_constraint_is_an_error_before_any_work() {
-    let m = demo();
+    let m = common::demo();
     let mut s = session(&m);
     let ok = GenerateParams {
         sampling: SamplingParams::greedy(),
@@ -427,7 +417,7 @@ fn open_schemas_are_read_as_ollama_reads_them() {
 /// At max_tokens the reply is cut (`length`), valid as far as it goes.
 #[test]
 fn max_tokens_cuts_a_valid_prefix() {
-    let m = demo();
+    let m = common::demo();
     let mut s = session(&m);
     let schema = json!({ "type": "object", "properties": { "items": { "type": "array", "items": { "type": "integer" }, "minItems": 20 } }, "required": ["items"] });
     let out = ask(

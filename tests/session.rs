@@ -6,20 +6,10 @@ mod common;
 use std::sync::Arc;
 
 use phi4::chat::{self, Markers, Message, Role};
-use phi4::model::{LoadParams, Model};
+use phi4::model::Model;
 use phi4::sample::SamplingParams;
 use phi4::session::{DoneReason, GenerateParams, Overflow, Session, SessionParams};
 use phi4::SessionError;
-
-fn demo() -> Arc<Model> {
-    Arc::new(
-        Model::load(
-            &common::fixture("phi4-tiny-docs.gguf"),
-            LoadParams::default(),
-        )
-        .unwrap(),
-    )
-}
 
 fn session(model: &Arc<Model>, n_ctx: usize, overflow: Overflow) -> Session {
     Session::new(
@@ -59,7 +49,7 @@ fn collect(
 
 #[test]
 fn replies_in_english_and_stops_at_im_end() {
-    let m = demo();
+    let m = common::demo();
     let mut s = session(&m, 1024, Overflow::Error);
     let msgs = [Message::new(Role::User, "How do I open a file in Python?")];
     let (out, text) = collect(&mut s, &msgs, &greedy(300));
@@ -81,7 +71,7 @@ fn replies_in_english_and_stops_at_im_end() {
 
 #[test]
 fn second_turn_evaluates_only_its_new_tokens() {
-    let m = demo();
+    let m = common::demo();
     let markers = Markers::of(&m.tokenizer).unwrap();
     let mut s = session(&m, 2048, Overflow::Error);
     let mut msgs = vec![
@@ -113,7 +103,7 @@ fn second_turn_evaluates_only_its_new_tokens() {
 
 #[test]
 fn edited_history_rewinds_to_the_common_prefix() {
-    let m = demo();
+    let m = common::demo();
     let markers = Markers::of(&m.tokenizer).unwrap();
     let mut s = session(&m, 2048, Overflow::Error);
     let a = vec![Message::new(Role::User, "Explain the for statement.")];
@@ -134,7 +124,7 @@ fn edited_history_rewinds_to_the_common_prefix() {
 
 #[test]
 fn overflow_is_an_error_before_any_work() {
-    let m = demo();
+    let m = common::demo();
     let mut s = session(&m, 64, Overflow::Error);
     collect(&mut s, &[Message::new(Role::User, "Hi")], &greedy(3));
     let before = s.history().to_vec();
@@ -158,7 +148,7 @@ fn overflow_is_an_error_before_any_work() {
 
 #[test]
 fn drop_oldest_keeps_the_system_message_and_reports() {
-    let m = demo();
+    let m = common::demo();
     let mut s = session(&m, 128, Overflow::DropOldest);
     let mut msgs = vec![Message::new(Role::System, "Be brief.")];
     for i in 0..6 {
@@ -189,7 +179,7 @@ fn drop_oldest_keeps_the_system_message_and_reports() {
 
 #[test]
 fn max_tokens_context_full_and_cancel() {
-    let m = demo();
+    let m = common::demo();
     let msgs = [Message::new(
         Role::User,
         "Describe the standard library in detail.",
@@ -255,7 +245,7 @@ fn max_tokens_context_full_and_cancel() {
 
 #[test]
 fn stop_strings_end_generation_unprinted() {
-    let m = demo();
+    let m = common::demo();
     let msgs = [Message::new(Role::User, "How do I open a file in Python?")];
     let (full, _) = collect(&mut session(&m, 1024, Overflow::Error), &msgs, &greedy(300));
     // Stop at the second word of the greedy reply: the reply must end right before it.
@@ -271,7 +261,7 @@ fn stop_strings_end_generation_unprinted() {
 
 #[test]
 fn seeded_sampling_repeats() {
-    let m = demo();
+    let m = common::demo();
     let msgs = [Message::new(Role::User, "What is a dictionary?")];
     let gp = GenerateParams {
         sampling: SamplingParams {
@@ -290,7 +280,7 @@ fn seeded_sampling_repeats() {
 /// cancelled without evaluating anything.
 #[test]
 fn cancel_during_tokenization_holds() {
-    let m = demo();
+    let m = common::demo();
     let mut s = session(&m, 2048, Overflow::Error);
     let flag = s.cancel_flag();
     let huge = Message::new(Role::User, "tell me about lists ".repeat(400_000));
@@ -325,7 +315,7 @@ fn cancel_during_tokenization_holds() {
 /// re-tokenized the whole conversation per dropped message: 2 minutes).
 #[test]
 fn drop_oldest_is_linear_in_messages() {
-    let m = demo();
+    let m = common::demo();
     let mut s = session(&m, 256, Overflow::DropOldest);
     let mut msgs = vec![Message::new(
         Role::System,
@@ -356,7 +346,7 @@ fn drop_oldest_is_linear_in_messages() {
 /// More threads than CPUs are clamped to the CPUs.
 #[test]
 fn threads_above_the_cpus_are_clamped() {
-    let m = demo();
+    let m = common::demo();
     let s = Session::new(
         m,
         &SessionParams {

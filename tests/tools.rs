@@ -4,25 +4,12 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use phi4::chat::{Message, Role};
-use phi4::model::{LoadParams, Model};
 use phi4::sample::SamplingParams;
 use phi4::session::{DoneReason, GenerateParams, Session, SessionParams};
 use phi4::tools::{reply_text, CALL_OPEN};
 use phi4::{Constraint, SessionError, Tool, ToolChoice, Tools};
 use serde_json::{json, Value};
-
-fn demo() -> Arc<Model> {
-    Arc::new(
-        Model::load(
-            &common::fixture("phi4-tiny-docs.gguf"),
-            LoadParams::default(),
-        )
-        .unwrap(),
-    )
-}
 
 fn tool(name: &str, description: &str, parameters: Value) -> Tool {
     Tool::from_json(&json!({"type": "function", "function": {"name": name, "description": description, "parameters": parameters}})).unwrap()
@@ -86,7 +73,7 @@ fn assert_valid(calls: &[phi4::ToolCall], all: &[Tool], allowed: &[&str]) {
 
 #[test]
 fn every_call_is_valid_for_every_choice() {
-    let model = demo();
+    let model = common::demo();
     let mut s = Session::new(model, &SessionParams::default()).unwrap();
     let all = weather_tools();
     let names: Vec<&str> = all.iter().map(|t| t.name.as_str()).collect();
@@ -152,7 +139,7 @@ fn every_call_is_valid_for_every_choice() {
 
 #[test]
 fn a_conversation_goes_on_after_calls_from_the_cache() {
-    let model = demo();
+    let model = common::demo();
     let mut s = Session::new(model, &SessionParams::default()).unwrap();
     let tools = Tools {
         tools: weather_tools(),
@@ -222,7 +209,7 @@ fn the_tools_are_described_in_the_system_message() {
 
 #[test]
 fn bad_tools_are_refused_before_any_work() {
-    let model = demo();
+    let model = common::demo();
     let mut s = Session::new(model, &SessionParams::default()).unwrap();
     let bad = |v: Value| Tool::from_json(&v).unwrap_err();
     assert!(bad(json!({"function": {"description": "no name"}})).contains("no name"));
@@ -304,7 +291,7 @@ fn bad_tools_are_refused_before_any_work() {
 
 #[test]
 fn logprobs_are_the_log_softmax_of_the_logits() {
-    let model = demo();
+    let model = common::demo();
     let mut s = Session::new(model.clone(), &SessionParams::default()).unwrap();
     let prompt = model.tokenizer.encode("A list in Python is", false);
     // The first token's scores, from the logits themselves.

@@ -7,6 +7,12 @@ use std::path::{Path, PathBuf};
 
 use phi4_synth::{Ftype, Spec};
 
+/// The demo model (tests/fixtures/phi4-tiny-docs.gguf), loaded.
+pub fn demo() -> std::sync::Arc<phi4::Model> {
+    let path = fixture("phi4-tiny-docs.gguf");
+    std::sync::Arc::new(phi4::Model::load(&path, Default::default()).unwrap())
+}
+
 /// A directory for test files, removed at the end of the test.
 pub fn tmpdir() -> tempfile::TempDir {
     tempfile::Builder::new()

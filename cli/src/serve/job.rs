@@ -496,6 +496,34 @@ pub struct WireMessage {
     pub tool_name: Option<String>,
 }
 
+/// A call in an assistant message as Ollama's and OpenAI's chat APIs send it back:
+/// `{"id", "function": {"name", "arguments"}}` (arguments an object, or OpenAI's string of JSON).
+#[derive(serde::Deserialize)]
+pub struct ChatToolCall {
+    id: Option<String>,
+    function: ChatFunction,
+}
+
+#[derive(serde::Deserialize)]
+struct ChatFunction {
+    name: String,
+    arguments: Option<Value>,
+}
+
+/// The calls of a chat message, checked.
+pub fn chat_calls(calls: Vec<ChatToolCall>) -> Result<Vec<WireCall>, ApiError> {
+    calls
+        .into_iter()
+        .map(|c| {
+            Ok(WireCall {
+                id: c.id,
+                name: c.function.name,
+                arguments: arguments(c.function.arguments.as_ref())?,
+            })
+        })
+        .collect()
+}
+
 /// A call in an assistant message of a request.
 pub struct WireCall {
     pub id: Option<String>,

@@ -15,8 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::job::{
-    self, parse, EmbedSpec, Job, KeepAlive, KeyId, Prompt, RequestBody, Shape, Spec, WireCall,
-    WireMessage,
+    self, parse, EmbedSpec, Job, KeepAlive, KeyId, Prompt, RequestBody, Shape, Spec, WireMessage,
 };
 use super::run::{self, async_stream, Event};
 use super::{ApiError, App};
@@ -101,36 +100,14 @@ struct ChatMessage {
     content: String,
     images: Option<Value>,
     #[serde(default)]
-    tool_calls: Vec<WireToolCall>,
+    tool_calls: Vec<job::ChatToolCall>,
     tool_name: Option<String>,
     tool_call_id: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct WireToolCall {
-    id: Option<String>,
-    function: WireFunction,
-}
-
-#[derive(Deserialize)]
-struct WireFunction {
-    name: String,
-    arguments: Option<Value>,
-}
-
 impl ChatMessage {
     fn wire(self) -> Result<WireMessage, ApiError> {
-        let calls = self
-            .tool_calls
-            .into_iter()
-            .map(|c| {
-                Ok(WireCall {
-                    id: c.id,
-                    name: c.function.name,
-                    arguments: job::arguments(c.function.arguments.as_ref())?,
-                })
-            })
-            .collect::<Result<_, ApiError>>()?;
+        let calls = job::chat_calls(self.tool_calls)?;
         Ok(WireMessage {
             role: self.role.to_lowercase(),
             content: self.content,

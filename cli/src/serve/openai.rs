@@ -13,7 +13,7 @@ use phi4::{Outcome, ToolCall};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::job::{self, EmbedSpec, KeyId, Prompt, RequestBody, Spec, WireCall, WireMessage};
+use super::job::{self, EmbedSpec, KeyId, Prompt, RequestBody, Spec, WireMessage};
 use super::run::{self, async_stream, Event};
 use super::{ApiError, App};
 
@@ -105,37 +105,15 @@ struct ChatMessage {
     role: String,
     content: Option<Value>,
     #[serde(default)]
-    tool_calls: Vec<WireToolCall>,
+    tool_calls: Vec<job::ChatToolCall>,
     tool_call_id: Option<String>,
     /// (A tool message's function name, in older clients.)
     name: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct WireToolCall {
-    id: Option<String>,
-    function: WireFunction,
-}
-
-#[derive(Deserialize)]
-struct WireFunction {
-    name: String,
-    arguments: Option<Value>,
-}
-
 impl ChatMessage {
     fn wire(self) -> Result<WireMessage, ApiError> {
-        let calls = self
-            .tool_calls
-            .into_iter()
-            .map(|c| {
-                Ok(WireCall {
-                    id: c.id,
-                    name: c.function.name,
-                    arguments: job::arguments(c.function.arguments.as_ref())?,
-                })
-            })
-            .collect::<Result<_, ApiError>>()?;
+        let calls = job::chat_calls(self.tool_calls)?;
         let tool = self.role == "tool";
         Ok(WireMessage {
             content: content(self.content)?,
