@@ -24,7 +24,7 @@ use crate::sample::{Sampler, SamplingParams};
 use crate::scheduler::{Output, Scheduler};
 use crate::state::{self, StateError};
 use crate::tokenizer::StreamDecoder;
-use crate::tools::{self, ToolCall, Tools, CALL_OPEN};
+use crate::tools::{self, ToolCall, ToolChoice, Tools, CALL_OPEN};
 
 /// What to do when a conversation no longer fits the context.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,6 +184,13 @@ pub struct Timings {
     pub eval_duration: u64,
     /// Of `eval_duration`, the time spent choosing tokens: the constraint's mask, the sampler.
     pub sample_duration: u64,
+}
+
+impl Timings {
+    /// Tokens of the prompt found in the cache (not evaluated).
+    pub fn cached_tokens(&self) -> usize {
+        self.prompt_tokens.saturating_sub(self.prompt_eval_count)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -690,7 +697,11 @@ impl Session {
         let mut guide = self.guide(gp)?;
         self.last_token = None;
         let mut timings = self.timings();
-        let calls = gp.tools.as_ref().is_some_and(|t| t.grammar().is_some());
+        // (A reply has calls unless the choice is none: then it is free text, no grammar.)
+        let calls = gp
+            .tools
+            .as_ref()
+            .is_some_and(|t| t.choice != ToolChoice::None);
         let mut text = Text::new(&gp.stop, calls);
         if !self.prefill(prompt, &mut timings)? {
             return Ok(text.outcome(DoneReason::Cancelled, timings));

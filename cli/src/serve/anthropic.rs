@@ -242,7 +242,7 @@ fn stop_reason(o: &Outcome) -> &'static str {
 
 fn usage(o: &Outcome) -> Value {
     let t = &o.timings;
-    let cached = t.prompt_tokens.saturating_sub(t.prompt_eval_count);
+    let cached = t.cached_tokens();
     json!({ "input_tokens": t.prompt_eval_count, "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0, "output_tokens": t.eval_count })
 }
 

@@ -50,11 +50,6 @@ impl Admission {
         })
     }
 
-    /// Nanoseconds since the request came.
-    pub fn elapsed(&self) -> u64 {
-        self.started.elapsed().as_nanos() as u64
-    }
-
     /// Nanoseconds it spent loading the model.
     pub fn load_duration(&self) -> u64 {
         self.loading.load(Ordering::Relaxed)

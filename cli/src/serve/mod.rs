@@ -142,9 +142,7 @@ impl ApiError {
             message: m.into(),
         }
     }
-}
 
-impl ApiError {
     /// In the shape of the API that `path` belongs to: Anthropic's on /v1/messages, OpenAI's on
     /// the rest of /v1, Ollama's elsewhere.
     pub fn shaped(self, path: &str) -> Response {

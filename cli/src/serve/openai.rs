@@ -59,7 +59,7 @@ fn finish_reason(o: &Outcome) -> &'static str {
 fn usage(o: &Outcome) -> Value {
     let t = &o.timings;
     let (p, c) = (t.prompt_tokens, t.eval_count);
-    let cached = t.prompt_tokens.saturating_sub(t.prompt_eval_count);
+    let cached = t.cached_tokens();
     json!({ "prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c, "prompt_tokens_details": { "cached_tokens": cached } })
 }
 

@@ -221,7 +221,7 @@ fn response(id: &str, model: &str, echo: &Echo, out: Option<(&Outcome, Vec<Value
         Some((o, items)) => {
             let t = &o.timings;
             let (input, output) = (t.prompt_tokens, t.eval_count);
-            let cached = t.prompt_tokens.saturating_sub(t.prompt_eval_count);
+            let cached = t.cached_tokens();
             let usage = json!({ "input_tokens": input, "input_tokens_details": { "cached_tokens": cached },
                 "output_tokens": output, "output_tokens_details": { "reasoning_tokens": 0 }, "total_tokens": input + output });
             match o.reason {
