@@ -154,11 +154,7 @@ fn main() {
             .unwrap_or_else(|| "armv8-a".into()),
         other => other.to_string(),
     };
-    let built = if variants.is_empty() {
-        Vec::new()
-    } else {
-        build_variants(variants, &out)
-    };
+    let built = build_variants(variants, &out);
     // The table src/ggml/kernels.rs includes: the baseline's name, then each variant built.
     let mut table = format!("cpu_variants! {{ baseline: {baseline:?};\n");
     for v in &built {
@@ -174,13 +170,12 @@ fn main() {
     fs::write(out.join("cpu_variants.rs"), table).unwrap();
 }
 
-/// Compile, rename and archive every variant; returns those built.
+/// Compile phi4's kernels for the baseline, and compile, rename and archive every variant (ggml's
+/// CPU backend and phi4's kernels); returns the variants built.
 fn build_variants<'a>(variants: &'a [Variant], out: &Path) -> Vec<&'a Variant> {
     // llama-cpp-sys-2 says where its CMake package is: <out>/lib/cmake; the build is <out>/build.
-    let Ok(cmake_dir) = env::var("DEP_LLAMA_GGML_CMAKE_DIR") else {
-        println!("cargo:warning=llama-cpp-sys-2 gave no build directory: ggml's CPU variants are not built");
-        return Vec::new();
-    };
+    let cmake_dir = env::var("DEP_LLAMA_GGML_CMAKE_DIR")
+        .expect("llama-cpp-sys-2 says where its build is (DEP_LLAMA_GGML_CMAKE_DIR)");
     let commands_file = Path::new(&cmake_dir).join("../../build/compile_commands.json");
     println!("cargo:rerun-if-changed={}", commands_file.display());
     let commands: Vec<serde_json::Value> =
@@ -209,13 +204,40 @@ fn build_variants<'a>(variants: &'a [Variant], out: &Path) -> Vec<&'a Variant> {
         cpu.len()
     );
 
+    // phi4's own kernels (src/ggml/matmul.c), compiled as ggml's C sources are: the baseline's
+    // copy keeps its names, each variant's is renamed with the variant's ggml.
+    let matmul = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ggml/matmul.c");
+    println!("cargo:rerun-if-changed={}", matmul.display());
+    let c_command = cpu
+        .iter()
+        .find(|(_, cmd)| cmd.trim_end().ends_with("ggml-cpu.c"))
+        .expect("ggml-cpu.c is compiled");
+    let mut words: Vec<&str> = c_command.1.split_whitespace().collect();
+    let matmul_path = matmul.to_string_lossy().into_owned();
+    *words.last_mut().unwrap() = &matmul_path;
+    // Unrolled: the kernels keep each token's sums in registers only when loops are unrolled.
+    words
+        .iter_mut()
+        .filter(|w| w.starts_with("-O"))
+        .for_each(|w| *w = "-O3");
+    let matmul_command = (c_command.0.clone(), words.join(" "));
+    let base = Variant {
+        name: "base",
+        features: &[],
+        flags: &[],
+        arm_arch: None,
+    };
+    let (mut cmd, base_obj) = variant_command(&base, &matmul_command.0, &matmul_command.1, out, 0);
+    run(&mut cmd);
+
     let tools = Tools::new();
-    let mut objects = Vec::new();
+    let mut objects = vec![base_obj];
     for v in variants {
         let dir = out.join(format!("cpu-{}", v.name));
         fs::create_dir_all(&dir).unwrap();
         let jobs: Vec<(Command, PathBuf)> = cpu
             .iter()
+            .chain([&matmul_command])
             .enumerate()
             .map(|(i, (cwd, cmd))| variant_command(v, cwd, cmd, &dir, i))
             .collect();

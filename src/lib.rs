@@ -26,6 +26,7 @@ pub mod constrain;
 pub mod error;
 pub mod gguf;
 pub mod limits;
+pub mod matmul;
 pub mod model;
 pub mod sample;
 pub mod scheduler;

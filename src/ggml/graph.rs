@@ -13,7 +13,7 @@ const ROPE_TYPE_NEOX: i32 = 2; // GGML_ROPE_TYPE_NEOX
 
 /// Graph construction: the ops the forward pass uses, each checking ggml's preconditions.
 pub struct Graph<'ctx> {
-    ctx: &'ctx mut Context,
+    pub(super) ctx: &'ctx mut Context,
     graph: NonNull<sys::ggml_cgraph>,
     size: usize,
 }
@@ -38,11 +38,11 @@ fn can_repeat(b: &Tensor<'_>, a: &Tensor<'_>) -> bool {
 }
 
 impl<'ctx> Graph<'ctx> {
-    fn ctx(&self) -> *mut sys::ggml_context {
+    pub(super) fn ctx(&self) -> *mut sys::ggml_context {
         self.ctx.ctx.as_ptr()
     }
 
-    fn op(&mut self, p: *mut sys::ggml_tensor) -> Tensor<'ctx> {
+    pub(super) fn op(&mut self, p: *mut sys::ggml_tensor) -> Tensor<'ctx> {
         let ptr = NonNull::new(p).expect("ggml returned a null tensor");
         self.ctx.tensors.push(ptr);
         Tensor {

@@ -7,9 +7,61 @@ use std::sync::Once;
 
 use llama_cpp_sys_2 as sys;
 use sys::{
-    ggml_backend_reg_t, ggml_cgraph, ggml_cplan, ggml_status, ggml_threadpool,
+    ggml_backend_reg_t, ggml_cgraph, ggml_cplan, ggml_status, ggml_tensor, ggml_threadpool,
     ggml_threadpool_params, ggml_type, ggml_type_traits_cpu,
 };
+
+/// The baseline: ggml's CPU backend as llama-cpp-sys-2 built it, and phi4's kernels built with
+/// the same flags (build.rs).
+mod base {
+    pub use super::sys::*;
+    use std::ffi::{c_int, c_void};
+    // SAFETY (of every call through these): declared as matmul.c defines them.
+    extern "C" {
+        pub fn phi4_mm_vector() -> c_int;
+        pub fn phi4_mm_group_size(ty: c_int, k: i64) -> usize;
+        pub fn phi4_mm_act_size(k: i64) -> usize;
+        pub fn phi4_mm_pack(
+            ty: c_int,
+            src: *const c_void,
+            row_bytes: usize,
+            nrows: i64,
+            k: i64,
+            dst: *mut c_void,
+            g0: i64,
+            g1: i64,
+        );
+        pub fn phi4_mm_quantize(
+            x: *const f32,
+            x_stride: usize,
+            k: i64,
+            q: *mut c_void,
+            t0: i64,
+            t1: i64,
+        );
+        #[allow(clippy::too_many_arguments)]
+        pub fn phi4_mm_run(
+            ty: c_int,
+            w: *const c_void,
+            q: *const c_void,
+            k: i64,
+            m: i64,
+            nrows: i64,
+            y: *mut f32,
+            y_stride: usize,
+            g0: i64,
+            g1: i64,
+            scalar: c_int,
+        );
+        pub fn phi4_mm_op_quantize(
+            dst: *mut ggml_tensor,
+            ith: c_int,
+            nth: c_int,
+            user: *mut c_void,
+        );
+        pub fn phi4_mm_op_matmul(dst: *mut ggml_tensor, ith: c_int, nth: c_int, user: *mut c_void);
+    }
+}
 
 /// The functions phi4 calls of ggml's CPU backend, named once: (field of [`Kernels`], symbol,
 /// signature), and the feature checks (ggml's name, symbol). `cpu_api!(then!(args))` hands the
@@ -26,6 +78,15 @@ macro_rules! cpu_api {
                 graph_compute = ggml_graph_compute(g: *mut ggml_cgraph, p: *mut ggml_cplan) -> ggml_status;
                 threadpool_new = ggml_threadpool_new(p: *mut ggml_threadpool_params) -> *mut ggml_threadpool;
                 threadpool_free = ggml_threadpool_free(tp: *mut ggml_threadpool);
+                // phi4's own kernels (matmul.c, compiled with each variant).
+                mm_vector = phi4_mm_vector() -> c_int;
+                mm_group_size = phi4_mm_group_size(ty: c_int, k: i64) -> usize;
+                mm_act_size = phi4_mm_act_size(k: i64) -> usize;
+                mm_pack = phi4_mm_pack(ty: c_int, src: *const c_void, row_bytes: usize, nrows: i64, k: i64, dst: *mut c_void, g0: i64, g1: i64);
+                mm_quantize = phi4_mm_quantize(x: *const f32, x_stride: usize, k: i64, q: *mut c_void, t0: i64, t1: i64);
+                mm_run = phi4_mm_run(ty: c_int, w: *const c_void, q: *const c_void, k: i64, m: i64, nrows: i64, y: *mut f32, y_stride: usize, g0: i64, g1: i64, scalar: c_int);
+                mm_op_quantize = phi4_mm_op_quantize(dst: *mut ggml_tensor, ith: c_int, nth: c_int, user: *mut c_void);
+                mm_op_matmul = phi4_mm_op_matmul(dst: *mut ggml_tensor, ith: c_int, nth: c_int, user: *mut c_void);
             }
             features {
                 "NEON" = ggml_cpu_has_neon,
@@ -122,7 +183,7 @@ macro_rules! cpu_variants {
         $(
             mod $v {
                 use super::sys::*;
-                use std::ffi::c_int;
+                use std::ffi::{c_int, c_void};
                 cpu_api!(kernels_extern!($name));
             }
         )*
@@ -146,7 +207,7 @@ pub(super) fn kernels() -> &'static Kernels {
             .filter(|(_, ok)| *ok)
             .map(|(k, _)| k)
             .collect();
-        let baseline = cpu_api!(kernels_table!(BASELINE, sys));
+        let baseline = cpu_api!(kernels_table!(BASELINE, base));
         match asked {
             Some(a) if a == BASELINE => baseline,
             Some(a) if runnable.iter().any(|k| k.name == a) => {
@@ -155,6 +216,21 @@ pub(super) fn kernels() -> &'static Kernels {
             _ => runnable.into_iter().next().unwrap_or(baseline),
         }
     })
+}
+
+/// The variants built that this machine runs, best first (the baseline not among them).
+pub(super) fn variants_runnable() -> impl Iterator<Item = &'static Kernels> {
+    static RUNNABLE: std::sync::OnceLock<Vec<Kernels>> = std::sync::OnceLock::new();
+    RUNNABLE
+        .get_or_init(|| {
+            variants()
+                .into_iter()
+                .filter(|(_, ok)| *ok)
+                .map(|(k, _)| k)
+                .chain([cpu_api!(kernels_table!(BASELINE, base))])
+                .collect()
+        })
+        .iter()
 }
 
 /// The name of the CPU kernel variant that runs (e.g. "avx2", "avx512_vnni", "dotprod").

@@ -21,6 +21,7 @@ mod compute;
 mod context;
 mod graph;
 mod kernels;
+mod matmul;
 mod mmap;
 mod quantize;
 mod types;
@@ -33,6 +34,10 @@ pub use compute::{Compute, ComputeError};
 pub use context::{Context, Tensor, TensorId};
 pub use graph::{Graph, GraphRef};
 pub use kernels::{cpu_features, cpu_variant, cpu_variants};
+pub use matmul::{
+    kernel_variants, own_kernels_enabled, pack_into, packed_shape, takes, PackedMatrix,
+    KERNEL_TYPES,
+};
 pub use mmap::{drop_pages, map_path, prefault};
 pub use quantize::quantize;
 pub use types::{f32_to_f16, Type};

@@ -25,6 +25,7 @@ impl Type {
     pub const Q5_K: Type = Type(sys::GGML_TYPE_Q5_K);
     pub const Q6_K: Type = Type(sys::GGML_TYPE_Q6_K);
     pub const I32: Type = Type(sys::GGML_TYPE_I32);
+    pub const I8: Type = Type(sys::GGML_TYPE_I8);
 
     /// The type with this id, if ggml has it (ids of removed types answer `None`).
     pub fn from_raw(id: u32) -> Option<Type> {

@@ -1,0 +1,726 @@
+// phi4's quantized matrix kernels: y = W·x for the K-quant weight types (Q4_K, Q5_K, Q6_K), with
+// every weight block unpacked once per step and applied to all the step's tokens.
+//
+// ggml's kernels take one token at a time through a weight block (vec_dot), or four (its
+// repacked gemm): a step of several tokens costs nearly several steps. Here the weights are
+// repacked at load into groups of 8 rows, interleaved 4 bytes at a time, so that one 32-byte
+// vector holds 4 consecutive weights of 8 rows. A dot product instruction (AVX-VNNI's vpdpbusd,
+// NEON's sdot; AVX2 emulates it) then multiplies that vector with 4 bytes of one token broadcast,
+// giving 8 rows' partial sums in 8 lanes: unpacked once, the vector serves up to 8 tokens from
+// registers. The sub-block scales are applied per 8 rows at once, in float.
+//
+// One template over the ISA: the primitives below (a vector of 8 int32 lanes, a dot of 4 bytes)
+// per ISA, and a scalar path over the same layout (the reference each ISA is tested against,
+// with ggml's dequantization as the independent one in tests/kernels.rs).
+//
+// This file is compiled once per CPU variant of build.rs with the variant's flags (its
+// symbols then prefixed), so every function here is the variant's own.
+//
+// Layouts (K = row length, a multiple of 256; one superblock = 256 weights of 8 rows):
+//   activations, per token:  K/256 × mm_act   (ggml's Q8_K quantization: the same int8 values)
+//   weights, per 8-row group: K/256 × the type's packed superblock (below), rows past the
+//   matrix's last zero.
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "ggml.h"
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define MM_X86 1
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+#include <arm_neon.h>
+#define MM_NEON 1
+#endif
+
+#define QK 256
+#define ROWS 8   // rows per group
+#define TOKENS 8 // tokens per register block
+
+// ---- formats -------------------------------------------------------------------------------
+
+// One token's superblock of activations: ggml's Q8_K values, and the sums the mins need.
+typedef struct {
+    int8_t qs[QK];
+    float d;
+    float bs16[16]; // sums of qs over each 16
+    float bs32[8];  // ... over each 32
+    float pad[7];
+} mm_act; // 384 bytes
+
+// GGUF's blocks (ggml-common.h).
+typedef struct {
+    uint16_t d, dmin;
+    uint8_t scales[12];
+    uint8_t qs[128];
+} src_q4k;
+typedef struct {
+    uint16_t d, dmin;
+    uint8_t scales[12];
+    uint8_t qh[32];
+    uint8_t qs[128];
+} src_q5k;
+typedef struct {
+    uint8_t ql[128];
+    uint8_t qh[64];
+    int8_t scales[16];
+    uint16_t d;
+} src_q6k;
+
+// Packed superblocks of 8 rows. `nib[p][k8][8*r + j]`: weight 8*k8+j of row r in sub-block 2p
+// (low nibble) and 2p+1 (high nibble): 64 bytes hold 8 weights of each of the 8 rows, one
+// AVX-512 register (two AVX2 ones, four NEON ones), each row's 8 bytes two 32-bit lanes.
+typedef struct {
+    uint8_t nib[4][4][64];
+    uint8_t sc[8][8]; // [sub-block][row]
+    uint8_t m[8][8];
+    uint16_t d[8], dmin[8];
+} mm_q4k; // 1184 bytes = 8 × 148 (the source: 8 × 144)
+
+typedef struct {
+    uint8_t nib[4][4][64];
+    uint8_t hb[4][64]; // [k8][8*r + j]: bit b = the fifth bit of sub-block b's weight
+    uint8_t sc[8][8];
+    uint8_t m[8][8];
+    uint16_t d[8], dmin[8];
+} mm_q5k; // 1440 = 8 × 180 (8 × 176)
+
+// Q6_K's sub-blocks are 16 weights: `nib[p][k8]` holds sub-blocks 2p, 2p+1 (k8 < 2);
+// `h2[q][k8]` the top two bits of sub-blocks 4q..4q+3, two bits each.
+typedef struct {
+    uint8_t nib[8][2][64];
+    uint8_t h2[4][2][64];
+    int8_t sc[16][8];
+    uint16_t d[8];
+} mm_q6k; // 1680 = 8 × 210 (8 × 210)
+
+static float h2f(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { // subnormal
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) {
+                man <<= 1;
+                exp--;
+            }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000 | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
+    if (j < 4) {
+        *d = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+// One source superblock as unsigned values (Q4_K 0..15, Q5_K 0..31, Q6_K 0..63, the -32 of Q6_K
+// left out) with its sub-block scales and mins.
+typedef struct {
+    uint8_t q[QK];
+    int sc[16], m[16];
+    uint16_t d, dmin;
+} unpacked;
+
+static void unpack(int type, const uint8_t *src, unpacked *u) {
+    if (type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q5_K) {
+        const uint8_t *scales, *qs, *qh = NULL;
+        uint16_t d, dmin;
+        if (type == GGML_TYPE_Q4_K) {
+            const src_q4k *b = (const src_q4k *)src;
+            scales = b->scales, qs = b->qs, d = b->d, dmin = b->dmin;
+        } else {
+            const src_q5k *b = (const src_q5k *)src;
+            scales = b->scales, qs = b->qs, qh = b->qh, d = b->d, dmin = b->dmin;
+        }
+        u->d = d, u->dmin = dmin;
+        for (int j = 0; j < 8; j++) {
+            uint8_t s, m;
+            scale_min_k4(j, scales, &s, &m);
+            u->sc[j] = s, u->m[j] = m;
+        }
+        for (int j = 0; j < 4; j++) {
+            for (int l = 0; l < 32; l++) {
+                const uint8_t b = qs[32 * j + l];
+                u->q[64 * j + l] = b & 0xF;
+                u->q[64 * j + 32 + l] = b >> 4;
+                if (qh) {
+                    u->q[64 * j + l] |= ((qh[l] >> (2 * j)) & 1) << 4;
+                    u->q[64 * j + 32 + l] |= ((qh[l] >> (2 * j + 1)) & 1) << 4;
+                }
+            }
+        }
+    } else {
+        const src_q6k *b = (const src_q6k *)src;
+        u->d = b->d, u->dmin = b->d;
+        for (int j = 0; j < 16; j++) {
+            u->sc[j] = b->scales[j];
+            u->m[j] = 32 * b->scales[j];
+        }
+        const uint8_t *ql = b->ql, *qh = b->qh;
+        for (int n = 0; n < 2; n++) {
+            uint8_t *y = u->q + 128 * n;
+            for (int l = 0; l < 32; l++) {
+                y[l] = (ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4);
+                y[l + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
+                y[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                y[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+            }
+            ql += 64, qh += 32;
+        }
+    }
+}
+
+static size_t src_block_size(int type) {
+    switch (type) {
+    case GGML_TYPE_Q4_K: return sizeof(src_q4k);
+    case GGML_TYPE_Q5_K: return sizeof(src_q5k);
+    case GGML_TYPE_Q6_K: return sizeof(src_q6k);
+    default: return 0;
+    }
+}
+
+static size_t packed_block_size(int type) {
+    switch (type) {
+    case GGML_TYPE_Q4_K: return sizeof(mm_q4k);
+    case GGML_TYPE_Q5_K: return sizeof(mm_q5k);
+    case GGML_TYPE_Q6_K: return sizeof(mm_q6k);
+    default: return 0;
+    }
+}
+
+// Bytes of one packed group of 8 rows of length k (0: a type or length these kernels do not take).
+size_t phi4_mm_group_size(int type, int64_t k) {
+    if (k <= 0 || k % QK) {
+        return 0;
+    }
+    return packed_block_size(type) * (size_t)(k / QK);
+}
+
+// Bytes of one token's activations of length k.
+size_t phi4_mm_act_size(int64_t k) {
+    return k > 0 && k % QK == 0 ? sizeof(mm_act) * (size_t)(k / QK) : 0;
+}
+
+// Pack groups [g0, g1) of a matrix of `nrows` rows of length `k` (GGUF layout at `src`, rows
+// `row_bytes` apart) into `dst` (the packed matrix: group g at g × phi4_mm_group_size).
+void phi4_mm_pack(int type, const void *src, size_t row_bytes, int64_t nrows, int64_t k,
+                  void *dst, int64_t g0, int64_t g1) {
+    const int64_t nb = k / QK;
+    const size_t sbs = src_block_size(type), pbs = packed_block_size(type);
+    unpacked u;
+    for (int64_t g = g0; g < g1; g++) {
+        uint8_t *gdst = (uint8_t *)dst + (size_t)g * pbs * (size_t)nb;
+        memset(gdst, 0, pbs * (size_t)nb);
+        for (int r = 0; r < ROWS; r++) {
+            const int64_t row = g * ROWS + r;
+            if (row >= nrows) {
+                break; // rows past the matrix stay zero: d = 0, values 0
+            }
+            for (int64_t b = 0; b < nb; b++) {
+                unpack(type, (const uint8_t *)src + (size_t)row * row_bytes + (size_t)b * sbs, &u);
+                uint8_t *p = gdst + (size_t)b * pbs;
+                if (type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q5_K) {
+                    // The two layouts share their first part's order (nib first).
+                    uint8_t(*nib)[4][64] = (uint8_t(*)[4][64])p;
+                    for (int sb = 0; sb < 8; sb++) {
+                        for (int k = 0; k < 32; k++) {
+                            const uint8_t v = u.q[32 * sb + k];
+                            nib[sb / 2][k / 8][8 * r + k % 8] |= (v & 0xF) << (4 * (sb % 2));
+                            if (type == GGML_TYPE_Q5_K) {
+                                ((mm_q5k *)p)->hb[k / 8][8 * r + k % 8] |= (v >> 4) << sb;
+                            }
+                        }
+                    }
+                    uint8_t(*sc)[8] = type == GGML_TYPE_Q4_K ? ((mm_q4k *)p)->sc : ((mm_q5k *)p)->sc;
+                    uint8_t(*m)[8] = type == GGML_TYPE_Q4_K ? ((mm_q4k *)p)->m : ((mm_q5k *)p)->m;
+                    uint16_t *d = type == GGML_TYPE_Q4_K ? ((mm_q4k *)p)->d : ((mm_q5k *)p)->d;
+                    uint16_t *dmin = type == GGML_TYPE_Q4_K ? ((mm_q4k *)p)->dmin : ((mm_q5k *)p)->dmin;
+                    for (int sb = 0; sb < 8; sb++) {
+                        sc[sb][r] = (uint8_t)u.sc[sb];
+                        m[sb][r] = (uint8_t)u.m[sb];
+                    }
+                    d[r] = u.d, dmin[r] = u.dmin;
+                } else {
+                    mm_q6k *q = (mm_q6k *)p;
+                    for (int sb = 0; sb < 16; sb++) {
+                        for (int k = 0; k < 16; k++) {
+                            const uint8_t v = u.q[16 * sb + k];
+                            q->nib[sb / 2][k / 8][8 * r + k % 8] |= (v & 0xF) << (4 * (sb % 2));
+                            q->h2[sb / 4][k / 8][8 * r + k % 8] |= (v >> 4) << (2 * (sb % 4));
+                        }
+                        q->sc[sb][r] = (int8_t)u.sc[sb];
+                    }
+                    q->d[r] = u.d;
+                }
+            }
+        }
+    }
+}
+
+static inline int nearest_int(float fval) {
+    float val = fval + 12582912.f;
+    int i;
+    memcpy(&i, &val, sizeof(int));
+    return (i & 0x007fffff) - 0x00400000;
+}
+
+// Quantize tokens [t0, t1) of x (rows `x_stride` bytes apart, length k) into `q` (token t at
+// t × phi4_mm_act_size(k)): ggml's quantize_row_q8_K_ref, value for value.
+void phi4_mm_quantize(const float *x, size_t x_stride, int64_t k, void *q, int64_t t0, int64_t t1) {
+    const int64_t nb = k / QK;
+    for (int64_t t = t0; t < t1; t++) {
+        const float *xr = (const float *)((const char *)x + (size_t)t * x_stride);
+        mm_act *a = (mm_act *)q + (size_t)t * (size_t)nb;
+        for (int64_t b = 0; b < nb; b++, xr += QK, a++) {
+            float max = 0, amax = 0;
+            for (int j = 0; j < QK; j++) {
+                const float ax = fabsf(xr[j]);
+                if (ax > amax) {
+                    amax = ax, max = xr[j];
+                }
+            }
+            memset(a, 0, sizeof *a);
+            if (amax == 0) {
+                continue;
+            }
+            const float iscale = -127.f / max;
+            for (int j = 0; j < QK; j++) {
+                const int v = nearest_int(iscale * xr[j]);
+                a->qs[j] = (int8_t)(v < 127 ? v : 127);
+            }
+            for (int j = 0; j < 16; j++) {
+                int s = 0;
+                for (int i = 0; i < 16; i++) {
+                    s += a->qs[16 * j + i];
+                }
+                a->bs16[j] = (float)s;
+            }
+            for (int j = 0; j < 8; j++) {
+                a->bs32[j] = a->bs16[2 * j] + a->bs16[2 * j + 1];
+            }
+            a->d = 1 / iscale;
+        }
+    }
+}
+
+// ---- the scalar path (every ISA's reference) ---------------------------------------------------
+
+// y[t][2r] += over one superblock, for n tokens.
+static void block_scalar(int type, const uint8_t *p, const mm_act *const *a, int n, float (*y)[2 * ROWS]) {
+    for (int r = 0; r < ROWS; r++) {
+        int nsub = type == GGML_TYPE_Q6_K ? 16 : 8, len = QK / nsub;
+        float d, dmin;
+        uint8_t q[QK];
+        int sc[16], m[16];
+        if (type == GGML_TYPE_Q6_K) {
+            const mm_q6k *b = (const mm_q6k *)p;
+            for (int sb = 0; sb < 16; sb++) {
+                for (int k = 0; k < 16; k++) {
+                    const uint8_t lo = (b->nib[sb / 2][k / 8][8 * r + k % 8] >> (4 * (sb % 2))) & 0xF;
+                    const uint8_t hi = (b->h2[sb / 4][k / 8][8 * r + k % 8] >> (2 * (sb % 4))) & 3;
+                    q[16 * sb + k] = lo | (hi << 4);
+                }
+                sc[sb] = b->sc[sb][r], m[sb] = 32 * b->sc[sb][r];
+            }
+            d = dmin = h2f(b->d[r]);
+        } else {
+            const mm_q4k *b4 = (const mm_q4k *)p;
+            const mm_q5k *b5 = (const mm_q5k *)p;
+            const int five = type == GGML_TYPE_Q5_K;
+            for (int sb = 0; sb < 8; sb++) {
+                for (int k = 0; k < 32; k++) {
+                    uint8_t v = (b4->nib[sb / 2][k / 8][8 * r + k % 8] >> (4 * (sb % 2))) & 0xF;
+                    if (five) {
+                        v |= ((b5->hb[k / 8][8 * r + k % 8] >> sb) & 1) << 4;
+                    }
+                    q[32 * sb + k] = v;
+                }
+                sc[sb] = five ? b5->sc[sb][r] : b4->sc[sb][r];
+                m[sb] = five ? b5->m[sb][r] : b4->m[sb][r];
+            }
+            d = h2f(five ? b5->d[r] : b4->d[r]);
+            dmin = h2f(five ? b5->dmin[r] : b4->dmin[r]);
+        }
+        for (int t = 0; t < n; t++) {
+            float fs = 0, fm = 0;
+            for (int sb = 0; sb < nsub; sb++) {
+                int s = 0;
+                for (int k = 0; k < len; k++) {
+                    s += q[len * sb + k] * a[t]->qs[len * sb + k];
+                }
+                fs += (float)s * (float)sc[sb];
+                fm += (float)m[sb] * (nsub == 16 ? a[t]->bs16[sb] : a[t]->bs32[sb]);
+            }
+            y[t][2 * r] += d * a[t]->d * fs - dmin * a[t]->d * fm;
+        }
+    }
+}
+
+// ---- the vector paths --------------------------------------------------------------------------
+//
+// A `vg` is 64 bytes: 8 bytes of each of the 8 rows, or 16 int32 lanes (row r in lanes 2r and
+// 2r+1); a `vgf` 16 float lanes the same way. One AVX-512 register, two AVX2 ones or four
+// NEON ones; the kernels below are written once over these operations.
+
+#if defined(MM_X86) && defined(__AVX512F__) && defined(__AVX512BW__)
+typedef __m512i vg;
+typedef __m512 vgf;
+static inline vg vg_zero(void) { return _mm512_setzero_si512(); }
+static inline vg vg_load(const void *p) { return _mm512_loadu_si512(p); }
+static inline vg vg_and(vg v, uint8_t m) { return _mm512_and_si512(v, _mm512_set1_epi8((char)m)); }
+static inline vg vg_shr_and(vg v, int s, uint8_t m) {
+    return _mm512_and_si512(_mm512_srli_epi16(v, (unsigned)s), _mm512_set1_epi8((char)m));
+}
+static inline vg vg_shl(vg v, int s) { return _mm512_slli_epi16(v, (unsigned)s); }
+static inline vg vg_or(vg a, vg b) { return _mm512_or_si512(a, b); }
+static inline vg vg_add(vg a, vg b) { return _mm512_add_epi32(a, b); }
+// acc += per lane: 4 unsigned bytes of w × 4 signed bytes (p[0..4] in even lanes, p[4..8] in odd).
+static inline vg vg_dot8(vg acc, vg w, const void *p) {
+    int64_t x;
+    memcpy(&x, p, 8);
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi64(x));
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(w, _mm512_set1_epi64(x)),
+                                                   _mm512_set1_epi16(1)));
+#endif
+}
+static inline vgf vgf_zero(void) { return _mm512_setzero_ps(); }
+static inline vgf vgf_cvt(vg v) { return _mm512_cvtepi32_ps(v); }
+static inline vgf vgf_fma(vgf a, vgf b, vgf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vgf vgf_fnma(vgf a, vgf b, vgf c) { return _mm512_fnmadd_ps(a, b, c); }
+static inline vgf vgf_mul(vgf a, vgf b) { return _mm512_mul_ps(a, b); }
+static inline vgf vgf_splat(float x) { return _mm512_set1_ps(x); }
+static inline vgf vgf_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline void vgf_store(float *p, vgf v) { _mm512_storeu_ps(p, v); }
+// 8 per-row values → 16 lanes, each row's in its two.
+static inline vgf vgf_u8(const uint8_t *p) {
+    const __m128i b = _mm_loadl_epi64((const __m128i *)p);
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b)));
+}
+static inline vgf vgf_i8(const int8_t *p) {
+    const __m128i b = _mm_loadl_epi64((const __m128i *)p);
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_unpacklo_epi8(b, b)));
+}
+static inline vgf vgf_h8(const uint16_t *p) {
+    const __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return _mm512_cvtph_ps(_mm256_set_m128i(_mm_unpackhi_epi16(h, h), _mm_unpacklo_epi16(h, h)));
+}
+#define MM_VECTOR 1
+#elif defined(MM_X86)
+typedef struct { __m256i a, b; } vg;
+typedef struct { __m256 a, b; } vgf;
+#define VG2(expr_a, expr_b) { vg r_ = {expr_a, expr_b}; return r_; }
+#define VGF2(expr_a, expr_b) { vgf r_ = {expr_a, expr_b}; return r_; }
+static inline vg vg_zero(void) VG2(_mm256_setzero_si256(), _mm256_setzero_si256())
+static inline vg vg_load(const void *p) VG2(_mm256_loadu_si256((const __m256i *)p), _mm256_loadu_si256((const __m256i *)p + 1))
+static inline vg vg_and(vg v, uint8_t m) VG2(_mm256_and_si256(v.a, _mm256_set1_epi8((char)m)), _mm256_and_si256(v.b, _mm256_set1_epi8((char)m)))
+static inline vg vg_shr_and(vg v, int s, uint8_t m)
+    VG2(_mm256_and_si256(_mm256_srli_epi16(v.a, s), _mm256_set1_epi8((char)m)),
+        _mm256_and_si256(_mm256_srli_epi16(v.b, s), _mm256_set1_epi8((char)m)))
+static inline vg vg_shl(vg v, int s) VG2(_mm256_slli_epi16(v.a, s), _mm256_slli_epi16(v.b, s))
+static inline vg vg_or(vg x, vg y) VG2(_mm256_or_si256(x.a, y.a), _mm256_or_si256(x.b, y.b))
+static inline vg vg_add(vg x, vg y) VG2(_mm256_add_epi32(x.a, y.a), _mm256_add_epi32(x.b, y.b))
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DPBUSD(acc, w, x) _mm256_dpbusd_epi32((acc), (w), (x))
+#elif defined(__AVXVNNI__)
+#define DPBUSD(acc, w, x) _mm256_dpbusd_avx_epi32((acc), (w), (x))
+#else
+#define DPBUSD(acc, w, x) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((w), (x)), _mm256_set1_epi16(1)))
+#endif
+static inline vg vg_dot8(vg acc, vg w, const void *p) {
+    int64_t x;
+    memcpy(&x, p, 8);
+    const __m256i v = _mm256_set1_epi64x(x);
+    VG2(DPBUSD(acc.a, w.a, v), DPBUSD(acc.b, w.b, v))
+}
+static inline vgf vgf_zero(void) VGF2(_mm256_setzero_ps(), _mm256_setzero_ps())
+static inline vgf vgf_cvt(vg v) VGF2(_mm256_cvtepi32_ps(v.a), _mm256_cvtepi32_ps(v.b))
+static inline vgf vgf_fma(vgf x, vgf y, vgf z) VGF2(_mm256_fmadd_ps(x.a, y.a, z.a), _mm256_fmadd_ps(x.b, y.b, z.b))
+static inline vgf vgf_fnma(vgf x, vgf y, vgf z) VGF2(_mm256_fnmadd_ps(x.a, y.a, z.a), _mm256_fnmadd_ps(x.b, y.b, z.b))
+static inline vgf vgf_mul(vgf x, vgf y) VGF2(_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b))
+static inline vgf vgf_splat(float x) VGF2(_mm256_set1_ps(x), _mm256_set1_ps(x))
+static inline vgf vgf_load(const float *p) VGF2(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8))
+static inline void vgf_store(float *p, vgf v) { _mm256_storeu_ps(p, v.a); _mm256_storeu_ps(p + 8, v.b); }
+static inline vgf vgf_u8(const uint8_t *p) {
+    const __m128i b = _mm_loadl_epi64((const __m128i *)p), d = _mm_unpacklo_epi8(b, b);
+    VGF2(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(d)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(d, 8))))
+}
+static inline vgf vgf_i8(const int8_t *p) {
+    const __m128i b = _mm_loadl_epi64((const __m128i *)p), d = _mm_unpacklo_epi8(b, b);
+    VGF2(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(d)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(d, 8))))
+}
+static inline vgf vgf_h8(const uint16_t *p) {
+    const __m128i h = _mm_loadu_si128((const __m128i *)p);
+    VGF2(_mm256_cvtph_ps(_mm_unpacklo_epi16(h, h)), _mm256_cvtph_ps(_mm_unpackhi_epi16(h, h)))
+}
+#define MM_VECTOR 1
+#elif defined(MM_NEON)
+typedef struct { int32x4_t v[4]; } vg;
+typedef struct { float32x4_t v[4]; } vgf;
+#define EACH(T, e) { T r_; for (int i = 0; i < 4; i++) { r_.v[i] = (e); } return r_; }
+#define U8(x) vreinterpretq_u8_s32(x)
+#define S32(x) vreinterpretq_s32_u8(x)
+static inline vg vg_zero(void) EACH(vg, vdupq_n_s32(0))
+static inline vg vg_load(const void *p) EACH(vg, S32(vld1q_u8((const uint8_t *)p + 16 * i)))
+static inline vg vg_and(vg x, uint8_t m) EACH(vg, S32(vandq_u8(U8(x.v[i]), vdupq_n_u8(m))))
+static inline vg vg_shr_and(vg x, int s, uint8_t m)
+    EACH(vg, S32(vandq_u8(vshlq_u8(U8(x.v[i]), vdupq_n_s8((int8_t)-s)), vdupq_n_u8(m))))
+static inline vg vg_shl(vg x, int s) EACH(vg, S32(vshlq_u8(U8(x.v[i]), vdupq_n_s8((int8_t)s))))
+static inline vg vg_or(vg x, vg y) EACH(vg, vorrq_s32(x.v[i], y.v[i]))
+static inline vg vg_add(vg x, vg y) EACH(vg, vaddq_s32(x.v[i], y.v[i]))
+// The weights are below 64: as signed bytes they are the same values (sdot).
+static inline vg vg_dot8(vg acc, vg w, const void *p) {
+    const int8x16_t x = vreinterpretq_s8_s64(vld1q_dup_s64((const int64_t *)p));
+    EACH(vg, vdotq_s32(acc.v[i], vreinterpretq_s8_s32(w.v[i]), x))
+}
+static inline vgf vgf_zero(void) EACH(vgf, vdupq_n_f32(0))
+static inline vgf vgf_cvt(vg x) EACH(vgf, vcvtq_f32_s32(x.v[i]))
+static inline vgf vgf_fma(vgf x, vgf y, vgf z) EACH(vgf, vfmaq_f32(z.v[i], x.v[i], y.v[i]))
+static inline vgf vgf_fnma(vgf x, vgf y, vgf z) EACH(vgf, vfmsq_f32(z.v[i], x.v[i], y.v[i]))
+static inline vgf vgf_mul(vgf x, vgf y) EACH(vgf, vmulq_f32(x.v[i], y.v[i]))
+static inline vgf vgf_splat(float x) EACH(vgf, vdupq_n_f32(x))
+static inline vgf vgf_load(const float *p) EACH(vgf, vld1q_f32(p + 4 * i))
+static inline void vgf_store(float *p, vgf x) {
+    for (int i = 0; i < 4; i++) {
+        vst1q_f32(p + 4 * i, x.v[i]);
+    }
+}
+// Four floats of rows 2i, 2i, 2i+1, 2i+1 from 8 per-row floats.
+static inline vgf vgf_dup(const float *f) EACH(vgf, vcombine_f32(vdup_n_f32(f[2 * i]), vdup_n_f32(f[2 * i + 1])))
+static inline vgf vgf_u8(const uint8_t *p) {
+    float f[8];
+    for (int i = 0; i < 8; i++) {
+        f[i] = p[i];
+    }
+    return vgf_dup(f);
+}
+static inline vgf vgf_i8(const int8_t *p) {
+    float f[8];
+    for (int i = 0; i < 8; i++) {
+        f[i] = p[i];
+    }
+    return vgf_dup(f);
+}
+static inline vgf vgf_h8(const uint16_t *p) {
+    float f[8];
+    vst1q_f32(f, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))));
+    vst1q_f32(f + 4, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p + 4))));
+    return vgf_dup(f);
+}
+#define MM_VECTOR 1
+#endif
+
+#if defined(MM_VECTOR)
+
+// One superblock of 8 rows × N tokens, added to y[t][0..16] (row r in lanes 2r, 2r+1).
+// Sub-blocks go in pairs that share their bytes (`PAIR(p, k8, lo, hi)` makes both pairs'
+// values once), each dotted with every token; with few tokens each token's sums are split over
+// KS chains, so that enough dot products are in flight to hide their latency.
+#define KS (N == 1 ? 4 : N <= 3 ? 2 : 1)
+#define KQUANT_BLOCK(NAME, T, NPAIR, LEN, PAIR, SCALE, MIN, D, DMIN, BS)                           \
+    static inline void NAME(const void *pb, const mm_act *const *a, float (*y)[2 * ROWS]) {      \
+        const T *b = (const T *)pb;                                                                \
+        vgf fs[N], fm[N];                                                                          \
+        for (int t = 0; t < N; t++) {                                                              \
+            fs[t] = vgf_zero();                                                                    \
+            fm[t] = vgf_zero();                                                                    \
+        }                                                                                          \
+        _Pragma("GCC unroll 8") for (int p = 0; p < NPAIR; p++) {                                  \
+            vg s0[N][KS], s1[N][KS];                                                               \
+            for (int t = 0; t < N; t++) {                                                          \
+                for (int c = 0; c < KS; c++) {                                                     \
+                    s0[t][c] = vg_zero();                                                          \
+                    s1[t][c] = vg_zero();                                                          \
+                }                                                                                  \
+            }                                                                                      \
+            _Pragma("GCC unroll 4") for (int k8 = 0; k8 < LEN / 8; k8++) {                         \
+                vg lo, hi;                                                                         \
+                PAIR(p, k8, lo, hi);                                                               \
+                for (int t = 0; t < N; t++) {                                                      \
+                    s0[t][k8 % KS] = vg_dot8(s0[t][k8 % KS], lo, a[t]->qs + LEN * 2 * p + 8 * k8); \
+                    s1[t][k8 % KS] =                                                               \
+                        vg_dot8(s1[t][k8 % KS], hi, a[t]->qs + LEN * (2 * p + 1) + 8 * k8);        \
+                }                                                                                  \
+            }                                                                                      \
+            const vgf sc0 = SCALE(2 * p), sc1 = SCALE(2 * p + 1);                                  \
+            const vgf mn0 = MIN(2 * p), mn1 = MIN(2 * p + 1);                                      \
+            for (int t = 0; t < N; t++) {                                                          \
+                for (int c = 1; c < KS; c++) {                                                     \
+                    s0[t][0] = vg_add(s0[t][0], s0[t][c]);                                         \
+                    s1[t][0] = vg_add(s1[t][0], s1[t][c]);                                         \
+                }                                                                                  \
+                fs[t] = vgf_fma(vgf_cvt(s0[t][0]), sc0, fs[t]);                                    \
+                fs[t] = vgf_fma(vgf_cvt(s1[t][0]), sc1, fs[t]);                                    \
+                fm[t] = vgf_fma(mn0, vgf_splat(a[t]->BS[2 * p]), fm[t]);                           \
+                fm[t] = vgf_fma(mn1, vgf_splat(a[t]->BS[2 * p + 1]), fm[t]);                       \
+            }                                                                                      \
+        }                                                                                          \
+        const vgf d = D, dmin = DMIN;                                                              \
+        for (int t = 0; t < N; t++) {                                                              \
+            /* Both lanes of a row hold its whole min term: half in each (exact). */               \
+            const vgf da = vgf_splat(a[t]->d), da_half = vgf_splat(0.5f * a[t]->d);                \
+            vgf acc = vgf_load(y[t]);                                                              \
+            acc = vgf_fma(fs[t], vgf_mul(d, da), acc);                                             \
+            acc = vgf_fnma(fm[t], vgf_mul(dmin, da_half), acc);                                    \
+            vgf_store(y[t], acc);                                                                  \
+        }                                                                                          \
+    }
+
+#define Q4K_PAIR(p, k8, lo, hi)                                                                    \
+    do {                                                                                           \
+        const vg v_ = vg_load(b->nib[p][k8]);                                                      \
+        lo = vg_and(v_, 0x0F);                                                                     \
+        hi = vg_shr_and(v_, 4, 0x0F);                                                              \
+    } while (0)
+#define Q5K_PAIR(p, k8, lo, hi)                                                                    \
+    do {                                                                                           \
+        const vg v_ = vg_load(b->nib[p][k8]), h_ = vg_load(b->hb[k8]);                             \
+        lo = vg_or(vg_and(v_, 0x0F), vg_shl(vg_shr_and(h_, 2 * (p), 1), 4));                       \
+        hi = vg_or(vg_shr_and(v_, 4, 0x0F), vg_shl(vg_shr_and(h_, 2 * (p) + 1, 1), 4));            \
+    } while (0)
+#define Q6K_PAIR(p, k8, lo, hi)                                                                    \
+    do {                                                                                           \
+        const vg v_ = vg_load(b->nib[p][k8]), h_ = vg_load(b->h2[(p) / 2][k8]);                    \
+        lo = vg_or(vg_and(v_, 0x0F), vg_shl(vg_shr_and(h_, 4 * ((p) % 2), 3), 4));                 \
+        hi = vg_or(vg_shr_and(v_, 4, 0x0F), vg_shl(vg_shr_and(h_, 4 * ((p) % 2) + 2, 3), 4));      \
+    } while (0)
+#define KSC(sb) vgf_u8(b->sc[sb])
+#define KMIN(sb) vgf_u8(b->m[sb])
+#define Q6SC(sb) vgf_i8(b->sc[sb])
+#define Q6MIN(sb) vgf_mul(vgf_i8(b->sc[sb]), vgf_splat(32.0f))
+
+#define KQUANT_BLOCKS(N)                                                                           \
+    KQUANT_BLOCK(q4k_##N, mm_q4k, 4, 32, Q4K_PAIR, KSC, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
+    KQUANT_BLOCK(q5k_##N, mm_q5k, 4, 32, Q5K_PAIR, KSC, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
+    KQUANT_BLOCK(q6k_##N, mm_q6k, 8, 16, Q6K_PAIR, Q6SC, Q6MIN, vgf_h8(b->d), vgf_h8(b->d), bs16)
+
+// Each token count its own functions, so that the compiler keeps the tokens' sums in registers.
+#define N 1
+KQUANT_BLOCKS(1)
+#undef N
+#define N 2
+KQUANT_BLOCKS(2)
+#undef N
+#define N 3
+KQUANT_BLOCKS(3)
+#undef N
+#define N 4
+KQUANT_BLOCKS(4)
+#undef N
+#define N 5
+KQUANT_BLOCKS(5)
+#undef N
+#define N 6
+KQUANT_BLOCKS(6)
+#undef N
+#define N 7
+KQUANT_BLOCKS(7)
+#undef N
+#define N 8
+KQUANT_BLOCKS(8)
+#undef N
+
+typedef void (*block_fn)(const void *, const mm_act *const *, float (*)[2 * ROWS]);
+
+#define FNS(name) {name##_1, name##_2, name##_3, name##_4, name##_5, name##_6, name##_7, name##_8}
+static const block_fn Q4K_FNS[TOKENS] = FNS(q4k);
+static const block_fn Q5K_FNS[TOKENS] = FNS(q5k);
+static const block_fn Q6K_FNS[TOKENS] = FNS(q6k);
+#endif
+
+// Whether this build has a vector path (else the scalar one runs: correct, but slower than
+// ggml's; the caller keeps ggml's kernels then).
+int phi4_mm_vector(void) {
+#if defined(MM_VECTOR)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+// y[t][row] for the rows of groups [g0, g1) and tokens [0, m): y's rows (tokens) `y_stride`
+// bytes apart, `nrows` rows in all (a last group's padding rows are not written).
+// `scalar` asks for the scalar path.
+void phi4_mm_run(int type, const void *w, const void *q, int64_t k, int64_t m, int64_t nrows,
+                 float *y, size_t y_stride, int64_t g0, int64_t g1, int scalar) {
+    const int64_t nb = k / QK;
+    const size_t pbs = packed_block_size(type);
+#if defined(MM_VECTOR)
+    const block_fn *fns = type == GGML_TYPE_Q4_K   ? Q4K_FNS
+                          : type == GGML_TYPE_Q5_K ? Q5K_FNS
+                                                   : Q6K_FNS;
+#else
+    scalar = 1;
+#endif
+    for (int64_t g = g0; g < g1; g++) {
+        const uint8_t *wg = (const uint8_t *)w + (size_t)g * pbs * (size_t)nb;
+        for (int64_t t0 = 0; t0 < m; t0 += TOKENS) {
+            const int n = (int)(m - t0 < TOKENS ? m - t0 : TOKENS);
+            float acc[TOKENS][2 * ROWS]; // row r: the sum of lanes 2r and 2r + 1
+            memset(acc, 0, sizeof acc);
+            const mm_act *a[TOKENS];
+            for (int64_t b = 0; b < nb; b++) {
+                for (int t = 0; t < n; t++) {
+                    a[t] = (const mm_act *)q + (size_t)(t0 + t) * (size_t)nb + b;
+                }
+                const uint8_t *wb = wg + (size_t)b * pbs;
+                if (scalar) {
+                    block_scalar(type, wb, a, n, acc);
+                }
+#if defined(MM_VECTOR)
+                else {
+                    fns[n - 1](wb, a, acc);
+                }
+#endif
+            }
+            for (int t = 0; t < n; t++) {
+                float *yr = (float *)((char *)y + (size_t)(t0 + t) * y_stride);
+                for (int r = 0; r < ROWS && g * ROWS + r < nrows; r++) {
+                    yr[g * ROWS + r] = acc[t][2 * r] + acc[t][2 * r + 1];
+                }
+            }
+        }
+    }
+}
+
+// ---- inside ggml's graph -----------------------------------------------------------------------
+
+// Custom op: dst (I8, [act bytes, m]) = src[0] (F32, [k, m]) quantized; tokens split by thread.
+void phi4_mm_op_quantize(struct ggml_tensor *dst, int ith, int nth, void *userdata) {
+    (void)userdata;
+    const struct ggml_tensor *x = dst->src[0];
+    const int64_t k = x->ne[0], m = x->ne[1];
+    const int64_t t0 = m * ith / nth, t1 = m * (ith + 1) / nth;
+    phi4_mm_quantize((const float *)x->data, x->nb[1], k, dst->data, t0, t1);
+}
+
+// Custom op: dst (F32, [n, m]) = src[0] (I8: the packed weights, [group bytes, groups]) ·
+// src[1] (the quantized activations); the weight type in userdata; groups split by thread.
+void phi4_mm_op_matmul(struct ggml_tensor *dst, int ith, int nth, void *userdata) {
+    const int type = (int)(intptr_t)userdata;
+    const struct ggml_tensor *w = dst->src[0], *q = dst->src[1];
+    const int64_t groups = w->ne[1];
+    const int64_t k = (int64_t)(q->ne[0] / sizeof(mm_act)) * QK;
+    const int64_t g0 = groups * ith / nth, g1 = groups * (ith + 1) / nth;
+    phi4_mm_run(type, w->data, q->data, k, dst->ne[1], dst->ne[0], (float *)dst->data, dst->nb[1], g0,
+                g1, 0);
+}

@@ -1,0 +1,81 @@
+//! phi4's quantized matrix kernels against ggml's, and every CPU variant's vector path against
+//! its scalar path: every weight type, odd shapes, tails of row groups, 1..=17 tokens and more.
+//!
+//! ggml's product (its vec_dot over the same Q8_K activations: the same integers, summed in
+//! another order) is the independent reference. The tolerance is relative to the size of the
+//! terms summed (Σ|w·x| over a row), 2e-6: float rounding of a few thousand terms, far below
+//! the smallest difference a wrong sub-block, scale or bit would make (a weight's share,
+//! ≥ 1/k of that sum).
+
+use phi4::gguf::{quantize, TensorType};
+use phi4::matmul::{kernel_variants, Kernels, PackedMatrix, Product, KERNEL_TYPES};
+
+struct Rng(u64);
+impl Rng {
+    fn f(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.f()).collect()
+    }
+}
+
+/// Σ_k |w[r][k]·x[t][k]| for every (t, r): the scale each result is compared at.
+fn magnitudes(w: &[f32], x: &[f32], rows: usize, k: usize, m: usize) -> Vec<f32> {
+    let mut out = vec![0.0; m * rows];
+    for t in 0..m {
+        for r in 0..rows {
+            out[t * rows + r] = (0..k).map(|i| (w[r * k + i] * x[t * k + i]).abs()).sum();
+        }
+    }
+    out
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], mag: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, ((g, w), s)) in got.iter().zip(want).zip(mag).enumerate() {
+        assert!(
+            (g - w).abs() <= 2e-6 * s.max(1e-3),
+            "{what}: element {i}: {g} vs {w} (terms {s})"
+        );
+    }
+}
+
+#[test]
+fn phi4_kernels_agree_with_ggml_on_every_type_and_shape() {
+    let mut rng = Rng(7);
+    for ty in KERNEL_TYPES {
+        for (rows, k) in [(8, 256), (13, 512), (64, 1280), (3, 256)] {
+            let w = rng.vec(rows * k);
+            let bytes = quantize(ty, &w, k).unwrap();
+            let mut ggml = Product::new(ty, rows, k, &bytes, Kernels::Ggml, 2).unwrap();
+            let mut ours = Product::new(ty, rows, k, &bytes, Kernels::Phi4, 2).unwrap();
+            let packed = PackedMatrix::pack(ty, rows, k, &bytes).unwrap();
+            for m in (1..=17).chain([33]) {
+                let x = rng.vec(m * k);
+                let mag = magnitudes(&w, &x, rows, k, m);
+                let want = ggml.run(&x, m);
+                let what = format!("{ty:?} [{k}, {rows}] × {m}");
+                for v in kernel_variants() {
+                    for scalar in [true, false] {
+                        let got = packed.mul(&x, m, 2, v, scalar);
+                        assert_close(&format!("{what} {v} scalar={scalar}"), &got, &want, &mag);
+                    }
+                }
+                assert_close(&format!("{what} graph"), &ours.run(&x, m), &want, &mag);
+            }
+        }
+    }
+}
+
+#[test]
+fn wrong_shapes_are_refused() {
+    let bytes = quantize(TensorType::Q4_K, &vec![0.5; 256 * 8], 256).unwrap();
+    assert!(PackedMatrix::pack(TensorType::Q4_K, 8, 256, &bytes[1..]).is_err());
+    assert!(PackedMatrix::pack(TensorType::Q8_0, 8, 256, &bytes).is_err());
+    assert!(Product::new(TensorType::Q4_K, 9, 256, &bytes, Kernels::Phi4, 1).is_err());
+}
