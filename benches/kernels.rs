@@ -3,6 +3,11 @@
 //!
 //!     cargo bench --bench kernels -- [--threads 2] [--rows 17920] [--k 5120] [--rounds 3]
 //!         [--types q4_K,q5_K,q6_K] [--m 1,2,4,8,16,64,512]
+//!     cargo bench --bench kernels -- --model FILE [--threads 2] [--rounds 3] [--m 1,2,4,8,16]
+//!
+//! With `--model`: a whole forward step of M tokens of one session (at a short context) on the
+//! model loaded for phi4's kernels, then for ggml's (`PHI4_KERNELS=ggml`, one model in memory at
+//! a time), each as the cost of one step of 1 token and of M.
 //!
 //! Prints ms per step (best of the rounds; the two sides alternate within each round), the
 //! weight bytes read per second (their file size / step time: the figure to hold against the
@@ -17,6 +22,7 @@ use phi4::matmul::{Kernels, Product};
 
 fn main() {
     let mut threads = 2;
+    let mut model = None;
     let (mut rows, mut k, mut rounds) = (17920usize, 5120usize, 3usize);
     let mut types = vec![TensorType::Q4_K, TensorType::Q5_K, TensorType::Q6_K];
     let mut ms: Vec<usize> = vec![1, 2, 4, 8, 16, 64, 512];
@@ -40,9 +46,13 @@ fn main() {
                     })
                     .collect()
             }
+            "--model" => model = Some(std::path::PathBuf::from(v())),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
+    }
+    if let Some(path) = model {
+        return steps(&path, threads, rounds, &ms);
     }
     println!(
         "weights [{k}, {rows}], {threads} threads, CPU kernels {}, best of {rounds} alternating rounds",
@@ -112,5 +122,71 @@ fn main() {
                 best[0] / one
             );
         }
+    }
+}
+
+/// Best time of a step of `m` tokens on `s` (rewound after each, so every step starts at the
+/// same position).
+fn step_time(s: &mut phi4::Session, m: usize, rounds: usize) -> f64 {
+    let tokens: Vec<u32> = (0..m as u32).map(|i| 100 + 7 * i).collect();
+    let base = s.history().len();
+    let mut best = f64::INFINITY;
+    for _ in 0..rounds + 1 {
+        let t = Instant::now();
+        s.evaluate(&tokens).unwrap();
+        best = best.min(t.elapsed().as_secs_f64());
+        s.rewind(base);
+    }
+    best
+}
+
+fn steps(path: &std::path::Path, threads: usize, rounds: usize, ms: &[usize]) {
+    use std::sync::Arc;
+    println!(
+        "{}: a step of M tokens, {threads} threads, CPU kernels {}, best of {rounds}",
+        path.display(),
+        phi4::cpu_variant()
+    );
+    let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
+    for kernels in ["phi4", "ggml"] {
+        // SAFETY of the environment: this benchmark is single-threaded here.
+        std::env::set_var("PHI4_KERNELS", kernels);
+        let t = Instant::now();
+        let model = Arc::new(phi4::Model::load(path, Default::default()).unwrap());
+        println!(
+            "{kernels}: loaded in {:.1} s ({})",
+            t.elapsed().as_secs_f64(),
+            model.repacked_summary()
+        );
+        let mut s = phi4::Session::new(
+            model,
+            &phi4::SessionParams {
+                n_ctx: 1024,
+                n_batch: 512,
+                n_threads: threads,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        s.evaluate(&[1, 2, 3, 4]).unwrap(); // a short context, warm
+        rows.push((
+            kernels.into(),
+            ms.iter().map(|&m| step_time(&mut s, m, rounds)).collect(),
+        ));
+    }
+    println!(
+        "{:>5} {:>12} {:>12} {:>10} {:>10} {:>10}",
+        "M", "phi4 ms", "ggml ms", "ggml/phi4", "phi4 /M=1", "ggml /M=1"
+    );
+    for (i, m) in ms.iter().enumerate() {
+        let (a, b) = (rows[0].1[i], rows[1].1[i]);
+        println!(
+            "{m:>5} {:>12.1} {:>12.1} {:>10.2} {:>10.2} {:>10.2}",
+            a * 1e3,
+            b * 1e3,
+            b / a,
+            a / rows[0].1[0],
+            b / rows[1].1[0]
+        );
     }
 }

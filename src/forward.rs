@@ -291,7 +291,7 @@ fn build<'g>(
         let h = g.rms_norm(x, c.rms_eps);
         let h = g.mul(h, wt(l.attn_norm));
 
-        let qkv = g.mul_mat(wt(l.attn_qkv), h); // [n_embd + 2*n_embd_kv, n]
+        let qkv = w.mul(&mut g, l.attn_qkv, h); // [n_embd + 2*n_embd_kv, n]
         let row = qkv.nb()[1];
         let q = g.view(qkv, &[hd, n_head, n_t], &[hd as usize * f32s, row], 0);
         let k = g.view(
@@ -360,7 +360,7 @@ fn build<'g>(
             first += n;
         }
         let a = g.reshape_2d(a.expect("at least one segment"), n_embd, n_t);
-        let mut cur = g.mul_mat(wt(l.attn_output), a);
+        let mut cur = w.mul(&mut g, l.attn_output, a);
 
         let mut residual = residual;
         if il == c.n_layer - 1 && !all_rows {
@@ -372,9 +372,9 @@ fn build<'g>(
 
         let h = g.rms_norm(x1, c.rms_eps);
         let h = g.mul(h, wt(l.ffn_norm));
-        let up = g.mul_mat(wt(l.ffn_up), h); // [2*n_ff, n]
+        let up = w.mul(&mut g, l.ffn_up, h); // [2*n_ff, n]
         let act = g.swiglu(up); // [n_ff, n]
-        let down = g.mul_mat(wt(l.ffn_down), act);
+        let down = w.mul(&mut g, l.ffn_down, act);
         x = g.add(x1, down);
     }
     let h = g.rms_norm(x, c.rms_eps);
@@ -386,7 +386,7 @@ fn build<'g>(
         }
         false => hidden,
     };
-    let logits = g.mul_mat(wt(w.output), last); // [n_vocab, n_seg]
+    let logits = w.mul(&mut g, w.output, last); // [n_vocab, n_seg]
     g.output(logits);
     Built {
         graph: g.raw_graph(),

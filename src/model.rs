@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crate::constrain::Compiler;
-use crate::ggml::{self, Buffer, BufferType, Context, TensorId, Type};
+use crate::ggml::{self, Buffer, BufferType, Context, Graph, Tensor, TensorId, Type};
 use crate::gguf::{self, Gguf, GgufError, TensorInfo};
 use crate::hash::Map;
 use crate::tokenizer::{Tokenizer, VocabError};
@@ -168,14 +168,23 @@ impl Config {
     }
 }
 
+/// A weight matrix of the forward pass: a tensor as the file stores it (for ggml's kernels, in
+/// the mapping or repacked by ggml), or packed for phi4's kernels.
+#[derive(Clone, Copy)]
+pub(crate) struct Matrix {
+    pub id: TensorId,
+    /// The file's type and the row count of a matrix packed for phi4's kernels.
+    pub packed: Option<(Type, usize)>,
+}
+
 /// One transformer block's weights (ggml ne order: [row length, rows]).
 pub(crate) struct Layer {
-    pub attn_norm: TensorId,   // [n_embd] f32
-    pub attn_qkv: TensorId,    // [n_embd, n_embd + 2*n_embd_kv]: rows Q, then K, then V
-    pub attn_output: TensorId, // [n_embd, n_embd]
-    pub ffn_norm: TensorId,    // [n_embd] f32
-    pub ffn_up: TensorId,      // [n_embd, 2*n_ff]: rows gate, then up
-    pub ffn_down: TensorId,    // [n_ff, n_embd]
+    pub attn_norm: TensorId, // [n_embd] f32
+    pub attn_qkv: Matrix,    // [n_embd, n_embd + 2*n_embd_kv]: rows Q, then K, then V
+    pub attn_output: Matrix, // [n_embd, n_embd]
+    pub ffn_norm: TensorId,  // [n_embd] f32
+    pub ffn_up: Matrix,      // [n_embd, 2*n_ff]: rows gate, then up
+    pub ffn_down: Matrix,    // [n_ff, n_embd]
 }
 
 /// All weights, as tensors of one ggml context whose data lives in `buffers`.
@@ -183,7 +192,7 @@ pub(crate) struct Weights {
     pub ctx: Context,
     pub tok_embd: TensorId,    // [n_embd, n_vocab]
     pub output_norm: TensorId, // [n_embd] f32
-    pub output: TensorId,      // [n_embd, n_vocab] (token_embd when the file ties them)
+    pub output: Matrix,        // [n_embd, n_vocab] (token_embd when the file ties them)
     pub layers: Vec<Layer>,
     // Data of the tensors above: the file mapping, and any repacked copies. Dropped after ctx.
     _buffers: Vec<Buffer>,
@@ -191,9 +200,11 @@ pub(crate) struct Weights {
 
 /// How a model is loaded.
 pub struct LoadParams<'a> {
-    /// Let ggml repack weight types it has faster kernels for (Q4_0, Q4_K, ... depending on the
-    /// CPU). Costs load time and anonymous memory for those tensors, which then leave the page
-    /// cache mapping; `false` keeps every weight zero-copy in the mmap.
+    /// Repack the weight matrices that faster kernels have a layout for: phi4's own (Q4_K, Q5_K,
+    /// Q6_K, where the CPU has a vector path for them), else ggml's (Q4_0, Q4_K, ... depending
+    /// on the CPU). Costs load time and anonymous memory for those tensors, which then leave
+    /// the page cache mapping; `false` keeps every weight zero-copy in the mmap, for ggml's
+    /// kernels.
     pub repack: bool,
     /// Read every page of the weights now (rather than on the first token).
     pub prefetch: bool,
@@ -416,10 +427,15 @@ fn check_tensors(g: &Gguf, c: &Config) -> Result<(), LoadError> {
 
 /// Which weights go to a repacking buffer type: matrices used only by `mul_mat` (not the
 /// embedding, which is read by `get_rows`) whose type and shape that buffer type accelerates.
-fn plan_repack<'g>(g: &'g Gguf, extra: &[BufferType]) -> Map<&'g str, BufferType> {
+fn plan_repack<'g>(
+    g: &'g Gguf,
+    extra: &[BufferType],
+    packed: &Map<String, (Type, usize)>,
+) -> Map<&'g str, BufferType> {
     g.tensors
         .iter()
         .filter(|t| t.n_dims == 2 && t.name != "token_embd.weight")
+        .filter(|t| !packed.contains_key(&t.name))
         .filter_map(|t| {
             let b = extra
                 .iter()
@@ -427,6 +443,57 @@ fn plan_repack<'g>(g: &'g Gguf, extra: &[BufferType]) -> Map<&'g str, BufferType
             Some((t.name.as_str(), *b))
         })
         .collect()
+}
+
+/// Which weights phi4's kernels take (with `own`): matrices used only by `mul_mat` of the types
+/// they multiply → (type, rows).
+fn plan_packing(g: &Gguf, own: bool) -> Map<String, (Type, usize)> {
+    g.tensors
+        .iter()
+        .filter(|_| own)
+        .filter(|t| t.n_dims == 2 && t.name != "token_embd.weight")
+        .filter(|t| ggml::takes(t.ggml_type, t.dims[0] as usize))
+        .map(|t| (t.name.clone(), (t.ggml_type, t.dims[1] as usize)))
+        .collect()
+}
+
+/// One CPU buffer holding `tensors` packed for phi4's kernels from the mapping; the mapping's
+/// pages of those tensors are dropped afterwards, so they are resident once.
+fn pack_into(
+    tensors: &[&TensorInfo],
+    ctx: &Context,
+    ids: &Map<String, TensorId>,
+    map: &memmap2::Mmap,
+    progress: &mut Progress<'_, '_>,
+) -> Result<Buffer, LoadError> {
+    let buft = BufferType::cpu();
+    let align = Buffer::alignment_of(buft);
+    let mut offsets = Vec::with_capacity(tensors.len());
+    let mut size = 0usize;
+    for t in tensors {
+        offsets.push(size);
+        size += ctx.get(ids[&t.name]).nbytes().div_ceil(align) * align;
+    }
+    let buf = Buffer::alloc(buft, size, "weights packed for phi4's kernels")?;
+    let threads = crate::limits::cpu_count();
+    for (t, off) in tensors.iter().zip(offsets) {
+        let tensor = ctx.get(ids[&t.name]);
+        buf.place(tensor, off);
+        let (start, len) = (t.file_offset as usize, t.size as usize);
+        ggml::prefault(map, start, len);
+        let (k, rows) = (t.dims[0] as usize, t.dims[1] as usize);
+        ggml::pack_into(
+            tensor,
+            t.ggml_type,
+            &map[start..start + len],
+            rows,
+            k,
+            threads,
+        );
+        ggml::drop_pages(map, start, len);
+        progress.advance(t.size)?;
+    }
+    Ok(buf)
 }
 
 /// One buffer of `buft` holding `tensors`, converted by ggml from the mapping into its layout;
@@ -460,30 +527,51 @@ fn repack_into(
 }
 
 impl Weights {
+    /// m · x in graph `g`, by the kernels `m` was placed for.
+    pub fn mul<'g>(&'g self, g: &mut Graph<'g>, m: Matrix, x: Tensor<'g>) -> Tensor<'g> {
+        let w = self.ctx.get(m.id);
+        match m.packed {
+            Some((ty, rows)) => g.packed_mul_mat(w, ty, rows, x),
+            None => g.mul_mat(w, x),
+        }
+    }
+
     /// Name the placed tensors for the forward pass (`output` falls back to the embedding when
     /// the file ties them).
     fn assemble(
         c: &Config,
         ctx: Context,
         ids: &Map<String, TensorId>,
+        packed: &Map<String, (Type, usize)>,
         buffers: Vec<Buffer>,
     ) -> Weights {
         let id = |role: Role, layer: Option<usize>| ids[&role.tensor_name(layer)];
+        let matrix = |role: Role, layer: Option<usize>| {
+            let name = role.tensor_name(layer);
+            Matrix {
+                id: ids[&name],
+                packed: packed.get(&name).copied(),
+            }
+        };
         let layers = (0..c.n_layer)
             .map(|i| Layer {
                 attn_norm: id(Role::AttnNorm, Some(i)),
-                attn_qkv: id(Role::AttnQkv, Some(i)),
-                attn_output: id(Role::AttnOutput, Some(i)),
+                attn_qkv: matrix(Role::AttnQkv, Some(i)),
+                attn_output: matrix(Role::AttnOutput, Some(i)),
                 ffn_norm: id(Role::FfnNorm, Some(i)),
-                ffn_up: id(Role::FfnUp, Some(i)),
-                ffn_down: id(Role::FfnDown, Some(i)),
+                ffn_up: matrix(Role::FfnUp, Some(i)),
+                ffn_down: matrix(Role::FfnDown, Some(i)),
             })
             .collect();
         let tok_embd = id(Role::TokenEmbd, None);
-        let output = ids
-            .get(&Role::Output.tensor_name(None))
-            .copied()
-            .unwrap_or(tok_embd);
+        let output = if ids.contains_key(&Role::Output.tensor_name(None)) {
+            matrix(Role::Output, None)
+        } else {
+            Matrix {
+                id: tok_embd,
+                packed: None,
+            }
+        };
         Weights {
             tok_embd,
             output_norm: id(Role::OutputNorm, None),
@@ -530,13 +618,23 @@ impl Model {
         check_tensors(&gguf, &config)?;
         let tokenizer = Arc::new(Tokenizer::from_gguf(&gguf, config.n_vocab)?);
 
+        let packing = plan_packing(&gguf, params.repack && ggml::own_kernels_enabled());
         let mut ctx = Context::new(gguf.tensors.len(), 0);
         let ids: Map<String, TensorId> = gguf
             .tensors
             .iter()
             .map(|t| {
-                let ne: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
-                (t.name.clone(), ctx.new_tensor(t.ggml_type, &ne, &t.name))
+                let id = match packing.get(&t.name) {
+                    Some(&(ty, rows)) => {
+                        let shape = ggml::packed_shape(ty, rows, t.dims[0] as usize);
+                        ctx.new_tensor(Type::I8, &shape, &t.name)
+                    }
+                    None => {
+                        let ne: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
+                        ctx.new_tensor(t.ggml_type, &ne, &t.name)
+                    }
+                };
+                (t.name.clone(), id)
             })
             .collect();
         let extra = if params.repack {
@@ -544,7 +642,7 @@ impl Model {
         } else {
             Vec::new()
         };
-        let repack = plan_repack(&gguf, &extra);
+        let repack = plan_repack(&gguf, &extra, &packing);
         let total = gguf.tensors.iter().map(|t| t.size).sum();
         let mut progress = Progress {
             callback: &mut params.progress,
@@ -557,7 +655,7 @@ impl Model {
         for t in gguf
             .tensors
             .iter()
-            .filter(|t| !repack.contains_key(t.name.as_str()))
+            .filter(|t| !repack.contains_key(t.name.as_str()) && !packing.contains_key(&t.name))
         {
             mapped.place(ctx.get(ids[&t.name]), t.file_offset as usize);
             if params.prefetch {
@@ -579,7 +677,20 @@ impl Model {
             }
         }
 
-        let weights = Weights::assemble(&config, ctx, &ids, buffers);
+        let mine: Vec<&TensorInfo> = gguf
+            .tensors
+            .iter()
+            .filter(|t| packing.contains_key(&t.name))
+            .collect();
+        if !mine.is_empty() {
+            buffers.push(pack_into(&mine, &ctx, &ids, &map, &mut progress)?);
+            repacked.extend(
+                mine.iter()
+                    .map(|t| (t.name.clone(), "phi4's 8-row groups".into())),
+            );
+        }
+
+        let weights = Weights::assemble(&config, ctx, &ids, &packing, buffers);
         let load_duration = started.elapsed().as_nanos() as u64;
         Ok(Model {
             config,
