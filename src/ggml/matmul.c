@@ -70,6 +70,9 @@ typedef struct {
     uint16_t d;
 } src_q6k;
 
+// The file's bytes go over unchanged (only reordered): Q4_K's and Q5_K's byte i of a 32-byte
+// run holds weights i and i + 32 of a 64-weight half, Q5_K's high bits byte i those of weight i
+// of every sub-block.
 // Packed superblocks of 8 rows. `nib[p][k8][8*r + j]`: weight 8*k8+j of row r in sub-block 2p
 // (low nibble) and 2p+1 (high nibble): 64 bytes hold 8 weights of each of the 8 rows, one
 // AVX-512 register (two AVX2 ones, four NEON ones), each row's 8 bytes two 32-bit lanes.
@@ -88,8 +91,9 @@ typedef struct {
     uint16_t d[8], dmin[8];
 } mm_q5k; // 1440 = 8 × 180 (8 × 176)
 
-// Q6_K's sub-blocks are 16 weights: `nib[p][k8]` holds sub-blocks 2p, 2p+1 (k8 < 2);
-// `h2[q][k8]` the top two bits of sub-blocks 4q..4q+3, two bits each.
+// Q6_K's sub-blocks are 16 weights, paired as the file pairs them: `nib[p][k8]` holds
+// sub-blocks 8(p/4) + p%4 (low nibble) and that + 4 (high); `h2[q][k8]` the top two bits of
+// sub-blocks 8(q/2) + q%2 + {0, 2, 4, 6}, two bits each.
 typedef struct {
     uint8_t nib[8][2][64];
     uint8_t h2[4][2][64];
@@ -131,63 +135,6 @@ static void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
     }
 }
 
-// One source superblock as unsigned values (Q4_K 0..15, Q5_K 0..31, Q6_K 0..63, the -32 of Q6_K
-// left out) with its sub-block scales and mins.
-typedef struct {
-    uint8_t q[QK];
-    int sc[16], m[16];
-    uint16_t d, dmin;
-} unpacked;
-
-static void unpack(int type, const uint8_t *src, unpacked *u) {
-    if (type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q5_K) {
-        const uint8_t *scales, *qs, *qh = NULL;
-        uint16_t d, dmin;
-        if (type == GGML_TYPE_Q4_K) {
-            const src_q4k *b = (const src_q4k *)src;
-            scales = b->scales, qs = b->qs, d = b->d, dmin = b->dmin;
-        } else {
-            const src_q5k *b = (const src_q5k *)src;
-            scales = b->scales, qs = b->qs, qh = b->qh, d = b->d, dmin = b->dmin;
-        }
-        u->d = d, u->dmin = dmin;
-        for (int j = 0; j < 8; j++) {
-            uint8_t s, m;
-            scale_min_k4(j, scales, &s, &m);
-            u->sc[j] = s, u->m[j] = m;
-        }
-        for (int j = 0; j < 4; j++) {
-            for (int l = 0; l < 32; l++) {
-                const uint8_t b = qs[32 * j + l];
-                u->q[64 * j + l] = b & 0xF;
-                u->q[64 * j + 32 + l] = b >> 4;
-                if (qh) {
-                    u->q[64 * j + l] |= ((qh[l] >> (2 * j)) & 1) << 4;
-                    u->q[64 * j + 32 + l] |= ((qh[l] >> (2 * j + 1)) & 1) << 4;
-                }
-            }
-        }
-    } else {
-        const src_q6k *b = (const src_q6k *)src;
-        u->d = b->d, u->dmin = b->d;
-        for (int j = 0; j < 16; j++) {
-            u->sc[j] = b->scales[j];
-            u->m[j] = 32 * b->scales[j];
-        }
-        const uint8_t *ql = b->ql, *qh = b->qh;
-        for (int n = 0; n < 2; n++) {
-            uint8_t *y = u->q + 128 * n;
-            for (int l = 0; l < 32; l++) {
-                y[l] = (ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4);
-                y[l + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
-                y[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
-                y[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
-            }
-            ql += 64, qh += 32;
-        }
-    }
-}
-
 static size_t src_block_size(int type) {
     switch (type) {
     case GGML_TYPE_Q4_K: return sizeof(src_q4k);
@@ -219,57 +166,69 @@ size_t phi4_mm_act_size(int64_t k) {
     return k > 0 && k % QK == 0 ? sizeof(mm_act) * (size_t)(k / QK) : 0;
 }
 
+// Row r of a packed superblock from a file's block.
+static void pack_block(int type, const uint8_t *src, uint8_t *dst, int r) {
+    if (type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q5_K) {
+        const int five = type == GGML_TYPE_Q5_K;
+        const src_q4k *b4 = (const src_q4k *)src;
+        const src_q5k *b5 = (const src_q5k *)src;
+        mm_q4k *p4 = (mm_q4k *)dst;
+        mm_q5k *p5 = (mm_q5k *)dst;
+        const uint8_t *qs = five ? b5->qs : b4->qs, *scales = five ? b5->scales : b4->scales;
+        uint8_t(*nib)[4][64] = five ? p5->nib : p4->nib;
+        for (int p = 0; p < 4; p++) {
+            for (int k8 = 0; k8 < 4; k8++) {
+                memcpy(&nib[p][k8][8 * r], qs + 32 * p + 8 * k8, 8);
+            }
+        }
+        if (five) {
+            for (int k8 = 0; k8 < 4; k8++) {
+                memcpy(&p5->hb[k8][8 * r], b5->qh + 8 * k8, 8);
+            }
+        }
+        for (int j = 0; j < 8; j++) {
+            scale_min_k4(j, scales, five ? &p5->sc[j][r] : &p4->sc[j][r], five ? &p5->m[j][r] : &p4->m[j][r]);
+        }
+        if (five) {
+            p5->d[r] = b5->d, p5->dmin[r] = b5->dmin;
+        } else {
+            p4->d[r] = b4->d, p4->dmin[r] = b4->dmin;
+        }
+    } else {
+        const src_q6k *b = (const src_q6k *)src;
+        mm_q6k *p = (mm_q6k *)dst;
+        for (int pr = 0; pr < 8; pr++) {
+            for (int k8 = 0; k8 < 2; k8++) {
+                memcpy(&p->nib[pr][k8][8 * r], b->ql + 64 * (pr / 4) + 16 * (pr % 4) + 8 * k8, 8);
+            }
+        }
+        for (int q = 0; q < 4; q++) {
+            for (int k8 = 0; k8 < 2; k8++) {
+                memcpy(&p->h2[q][k8][8 * r], b->qh + 16 * q + 8 * k8, 8);
+            }
+        }
+        for (int j = 0; j < 16; j++) {
+            p->sc[j][r] = b->scales[j];
+        }
+        p->d[r] = b->d;
+    }
+}
+
 // Pack groups [g0, g1) of a matrix of `nrows` rows of length `k` (GGUF layout at `src`, rows
 // `row_bytes` apart) into `dst` (the packed matrix: group g at g × phi4_mm_group_size).
 void phi4_mm_pack(int type, const void *src, size_t row_bytes, int64_t nrows, int64_t k,
                   void *dst, int64_t g0, int64_t g1) {
     const int64_t nb = k / QK;
     const size_t sbs = src_block_size(type), pbs = packed_block_size(type);
-    unpacked u;
     for (int64_t g = g0; g < g1; g++) {
         uint8_t *gdst = (uint8_t *)dst + (size_t)g * pbs * (size_t)nb;
-        memset(gdst, 0, pbs * (size_t)nb);
-        for (int r = 0; r < ROWS; r++) {
-            const int64_t row = g * ROWS + r;
-            if (row >= nrows) {
-                break; // rows past the matrix stay zero: d = 0, values 0
-            }
+        if ((g + 1) * ROWS > nrows) {
+            memset(gdst, 0, pbs * (size_t)nb); // rows past the matrix: d = 0, values 0
+        }
+        for (int r = 0; r < ROWS && g * ROWS + r < nrows; r++) {
+            const uint8_t *row = (const uint8_t *)src + (size_t)(g * ROWS + r) * row_bytes;
             for (int64_t b = 0; b < nb; b++) {
-                unpack(type, (const uint8_t *)src + (size_t)row * row_bytes + (size_t)b * sbs, &u);
-                uint8_t *p = gdst + (size_t)b * pbs;
-                if (type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q5_K) {
-                    // The two layouts share their first part's order (nib first).
-                    uint8_t(*nib)[4][64] = (uint8_t(*)[4][64])p;
-                    for (int sb = 0; sb < 8; sb++) {
-                        for (int k = 0; k < 32; k++) {
-                            const uint8_t v = u.q[32 * sb + k];
-                            nib[sb / 2][k / 8][8 * r + k % 8] |= (v & 0xF) << (4 * (sb % 2));
-                            if (type == GGML_TYPE_Q5_K) {
-                                ((mm_q5k *)p)->hb[k / 8][8 * r + k % 8] |= (v >> 4) << sb;
-                            }
-                        }
-                    }
-                    uint8_t(*sc)[8] = type == GGML_TYPE_Q4_K ? ((mm_q4k *)p)->sc : ((mm_q5k *)p)->sc;
-                    uint8_t(*m)[8] = type == GGML_TYPE_Q4_K ? ((mm_q4k *)p)->m : ((mm_q5k *)p)->m;
-                    uint16_t *d = type == GGML_TYPE_Q4_K ? ((mm_q4k *)p)->d : ((mm_q5k *)p)->d;
-                    uint16_t *dmin = type == GGML_TYPE_Q4_K ? ((mm_q4k *)p)->dmin : ((mm_q5k *)p)->dmin;
-                    for (int sb = 0; sb < 8; sb++) {
-                        sc[sb][r] = (uint8_t)u.sc[sb];
-                        m[sb][r] = (uint8_t)u.m[sb];
-                    }
-                    d[r] = u.d, dmin[r] = u.dmin;
-                } else {
-                    mm_q6k *q = (mm_q6k *)p;
-                    for (int sb = 0; sb < 16; sb++) {
-                        for (int k = 0; k < 16; k++) {
-                            const uint8_t v = u.q[16 * sb + k];
-                            q->nib[sb / 2][k / 8][8 * r + k % 8] |= (v & 0xF) << (4 * (sb % 2));
-                            q->h2[sb / 4][k / 8][8 * r + k % 8] |= (v >> 4) << (2 * (sb % 4));
-                        }
-                        q->sc[sb][r] = (int8_t)u.sc[sb];
-                    }
-                    q->d[r] = u.d;
-                }
+                pack_block(type, row + (size_t)b * sbs, gdst + (size_t)b * pbs, r);
             }
         }
     }
@@ -323,21 +282,34 @@ void phi4_mm_quantize(const float *x, size_t x_stride, int64_t k, void *q, int64
 
 // ---- the scalar path (every ISA's reference) ---------------------------------------------------
 
+// Weight w (0..256) of row r of a packed superblock, unsigned (Q6_K's -32 left out).
+static int packed_weight(int type, const uint8_t *p, int r, int w) {
+    if (type == GGML_TYPE_Q6_K) {
+        const mm_q6k *b = (const mm_q6k *)p;
+        const int n = w / 128, wi = w % 128, hi = wi >= 64, l = wi % 64;
+        const int i = l / 16, k8 = l % 16 / 8, j = l % 8;
+        const int lo4 = (b->nib[4 * n + i][k8][8 * r + j] >> (4 * hi)) & 0xF;
+        const int top = (b->h2[2 * n + i % 2][k8][8 * r + j] >> (4 * hi + 2 * (i / 2))) & 3;
+        return lo4 | top << 4;
+    }
+    const mm_q4k *b = (const mm_q4k *)p; // Q5_K's nib is at the same place
+    const int pr = w / 64, hi = w % 64 >= 32, l = w % 32, k8 = l / 8, j = l % 8;
+    int v = (b->nib[pr][k8][8 * r + j] >> (4 * hi)) & 0xF;
+    if (type == GGML_TYPE_Q5_K) {
+        v |= ((((const mm_q5k *)p)->hb[k8][8 * r + j] >> (w / 32)) & 1) << 4;
+    }
+    return v;
+}
+
 // y[t][2r] += over one superblock, for n tokens.
 static void block_scalar(int type, const uint8_t *p, const mm_act *const *a, int n, float (*y)[2 * ROWS]) {
+    const int six = type == GGML_TYPE_Q6_K, nsub = six ? 16 : 8, len = QK / nsub;
     for (int r = 0; r < ROWS; r++) {
-        int nsub = type == GGML_TYPE_Q6_K ? 16 : 8, len = QK / nsub;
         float d, dmin;
-        uint8_t q[QK];
         int sc[16], m[16];
-        if (type == GGML_TYPE_Q6_K) {
+        if (six) {
             const mm_q6k *b = (const mm_q6k *)p;
             for (int sb = 0; sb < 16; sb++) {
-                for (int k = 0; k < 16; k++) {
-                    const uint8_t lo = (b->nib[sb / 2][k / 8][8 * r + k % 8] >> (4 * (sb % 2))) & 0xF;
-                    const uint8_t hi = (b->h2[sb / 4][k / 8][8 * r + k % 8] >> (2 * (sb % 4))) & 3;
-                    q[16 * sb + k] = lo | (hi << 4);
-                }
                 sc[sb] = b->sc[sb][r], m[sb] = 32 * b->sc[sb][r];
             }
             d = dmin = h2f(b->d[r]);
@@ -346,13 +318,6 @@ static void block_scalar(int type, const uint8_t *p, const mm_act *const *a, int
             const mm_q5k *b5 = (const mm_q5k *)p;
             const int five = type == GGML_TYPE_Q5_K;
             for (int sb = 0; sb < 8; sb++) {
-                for (int k = 0; k < 32; k++) {
-                    uint8_t v = (b4->nib[sb / 2][k / 8][8 * r + k % 8] >> (4 * (sb % 2))) & 0xF;
-                    if (five) {
-                        v |= ((b5->hb[k / 8][8 * r + k % 8] >> sb) & 1) << 4;
-                    }
-                    q[32 * sb + k] = v;
-                }
                 sc[sb] = five ? b5->sc[sb][r] : b4->sc[sb][r];
                 m[sb] = five ? b5->m[sb][r] : b4->m[sb][r];
             }
@@ -364,10 +329,10 @@ static void block_scalar(int type, const uint8_t *p, const mm_act *const *a, int
             for (int sb = 0; sb < nsub; sb++) {
                 int s = 0;
                 for (int k = 0; k < len; k++) {
-                    s += q[len * sb + k] * a[t]->qs[len * sb + k];
+                    s += packed_weight(type, p, r, len * sb + k) * a[t]->qs[len * sb + k];
                 }
                 fs += (float)s * (float)sc[sb];
-                fm += (float)m[sb] * (nsub == 16 ? a[t]->bs16[sb] : a[t]->bs32[sb]);
+                fm += (float)m[sb] * (six ? a[t]->bs16[sb] : a[t]->bs32[sb]);
             }
             y[t][2 * r] += d * a[t]->d * fs - dmin * a[t]->d * fm;
         }
@@ -536,13 +501,12 @@ static inline vgf vgf_h8(const uint16_t *p) {
 // values once), each dotted with every token; with few tokens each token's sums are split over
 // KS chains, so that enough dot products are in flight to hide their latency.
 #define KS (N == 1 ? 4 : N <= 3 ? 2 : 1)
-#define KQUANT_BLOCK(NAME, T, NPAIR, LEN, PAIR, SCALE, MIN, D, DMIN, BS)                           \
+#define KQUANT_BLOCK(NAME, T, NPAIR, LEN, LO, HI, PAIR, SCALE, MIN, D, DMIN, BS)                   \
     static inline void NAME(const void *pb, const mm_act *const *a, float (*y)[2 * ROWS]) {      \
         const T *b = (const T *)pb;                                                                \
-        vgf fs[N], fm[N];                                                                          \
+        vgf fs[N];                                                                                 \
         for (int t = 0; t < N; t++) {                                                              \
             fs[t] = vgf_zero();                                                                    \
-            fm[t] = vgf_zero();                                                                    \
         }                                                                                          \
         _Pragma("GCC unroll 8") for (int p = 0; p < NPAIR; p++) {                                  \
             vg s0[N][KS], s1[N][KS];                                                               \
@@ -556,13 +520,11 @@ static inline vgf vgf_h8(const uint16_t *p) {
                 vg lo, hi;                                                                         \
                 PAIR(p, k8, lo, hi);                                                               \
                 for (int t = 0; t < N; t++) {                                                      \
-                    s0[t][k8 % KS] = vg_dot8(s0[t][k8 % KS], lo, a[t]->qs + LEN * 2 * p + 8 * k8); \
-                    s1[t][k8 % KS] =                                                               \
-                        vg_dot8(s1[t][k8 % KS], hi, a[t]->qs + LEN * (2 * p + 1) + 8 * k8);        \
+                    s0[t][k8 % KS] = vg_dot8(s0[t][k8 % KS], lo, a[t]->qs + LEN * LO(p) + 8 * k8); \
+                    s1[t][k8 % KS] = vg_dot8(s1[t][k8 % KS], hi, a[t]->qs + LEN * HI(p) + 8 * k8); \
                 }                                                                                  \
             }                                                                                      \
-            const vgf sc0 = SCALE(2 * p), sc1 = SCALE(2 * p + 1);                                  \
-            const vgf mn0 = MIN(2 * p), mn1 = MIN(2 * p + 1);                                      \
+            const vgf sc0 = SCALE(LO(p)), sc1 = SCALE(HI(p));                                      \
             for (int t = 0; t < N; t++) {                                                          \
                 for (int c = 1; c < KS; c++) {                                                     \
                     s0[t][0] = vg_add(s0[t][0], s0[t][c]);                                         \
@@ -570,17 +532,24 @@ static inline vgf vgf_h8(const uint16_t *p) {
                 }                                                                                  \
                 fs[t] = vgf_fma(vgf_cvt(s0[t][0]), sc0, fs[t]);                                    \
                 fs[t] = vgf_fma(vgf_cvt(s1[t][0]), sc1, fs[t]);                                    \
-                fm[t] = vgf_fma(mn0, vgf_splat(a[t]->BS[2 * p]), fm[t]);                           \
-                fm[t] = vgf_fma(mn1, vgf_splat(a[t]->BS[2 * p + 1]), fm[t]);                       \
             }                                                                                      \
+        }                                                                                          \
+        /* The mins: Σ over sub-blocks of min × the token's sum there (no weight values). */       \
+        vgf mn[2 * NPAIR];                                                                         \
+        for (int sb = 0; sb < 2 * NPAIR; sb++) {                                                   \
+            mn[sb] = MIN(sb);                                                                      \
         }                                                                                          \
         const vgf d = D, dmin = DMIN;                                                              \
         for (int t = 0; t < N; t++) {                                                              \
+            vgf fm = vgf_zero();                                                                   \
+            for (int sb = 0; sb < 2 * NPAIR; sb++) {                                               \
+                fm = vgf_fma(mn[sb], vgf_splat(a[t]->BS[sb]), fm);                                 \
+            }                                                                                      \
             /* Both lanes of a row hold its whole min term: half in each (exact). */               \
             const vgf da = vgf_splat(a[t]->d), da_half = vgf_splat(0.5f * a[t]->d);                \
             vgf acc = vgf_load(y[t]);                                                              \
             acc = vgf_fma(fs[t], vgf_mul(d, da), acc);                                             \
-            acc = vgf_fnma(fm[t], vgf_mul(dmin, da_half), acc);                                    \
+            acc = vgf_fnma(fm, vgf_mul(dmin, da_half), acc);                                       \
             vgf_store(y[t], acc);                                                                  \
         }                                                                                          \
     }
@@ -599,19 +568,23 @@ static inline vgf vgf_h8(const uint16_t *p) {
     } while (0)
 #define Q6K_PAIR(p, k8, lo, hi)                                                                    \
     do {                                                                                           \
-        const vg v_ = vg_load(b->nib[p][k8]), h_ = vg_load(b->h2[(p) / 2][k8]);                    \
-        lo = vg_or(vg_and(v_, 0x0F), vg_shl(vg_shr_and(h_, 4 * ((p) % 2), 3), 4));                 \
-        hi = vg_or(vg_shr_and(v_, 4, 0x0F), vg_shl(vg_shr_and(h_, 4 * ((p) % 2) + 2, 3), 4));      \
+        const vg v_ = vg_load(b->nib[p][k8]), h_ = vg_load(b->h2[2 * ((p) / 4) + (p) % 2][k8]);    \
+        lo = vg_or(vg_and(v_, 0x0F), vg_shl(vg_shr_and(h_, 2 * ((p) % 4 / 2), 3), 4));             \
+        hi = vg_or(vg_shr_and(v_, 4, 0x0F), vg_shl(vg_shr_and(h_, 2 * ((p) % 4 / 2) + 4, 3), 4));  \
     } while (0)
+#define KLO(p) (2 * (p))
+#define KHI(p) (2 * (p) + 1)
+#define Q6LO(p) (8 * ((p) / 4) + (p) % 4)
+#define Q6HI(p) (8 * ((p) / 4) + (p) % 4 + 4)
 #define KSC(sb) vgf_u8(b->sc[sb])
 #define KMIN(sb) vgf_u8(b->m[sb])
 #define Q6SC(sb) vgf_i8(b->sc[sb])
 #define Q6MIN(sb) vgf_mul(vgf_i8(b->sc[sb]), vgf_splat(32.0f))
 
 #define KQUANT_BLOCKS(N)                                                                           \
-    KQUANT_BLOCK(q4k_##N, mm_q4k, 4, 32, Q4K_PAIR, KSC, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
-    KQUANT_BLOCK(q5k_##N, mm_q5k, 4, 32, Q5K_PAIR, KSC, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
-    KQUANT_BLOCK(q6k_##N, mm_q6k, 8, 16, Q6K_PAIR, Q6SC, Q6MIN, vgf_h8(b->d), vgf_h8(b->d), bs16)
+    KQUANT_BLOCK(q4k_##N, mm_q4k, 4, 32, KLO, KHI, Q4K_PAIR, KSC, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
+    KQUANT_BLOCK(q5k_##N, mm_q5k, 4, 32, KLO, KHI, Q5K_PAIR, KSC, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
+    KQUANT_BLOCK(q6k_##N, mm_q6k, 8, 16, Q6LO, Q6HI, Q6K_PAIR, Q6SC, Q6MIN, vgf_h8(b->d), vgf_h8(b->d), bs16)
 
 // Each token count its own functions, so that the compiler keeps the tokens' sums in registers.
 #define N 1
