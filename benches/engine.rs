@@ -5,7 +5,9 @@
 //!         [--variants avx2,avx512_bf16] [--busy-core 1] [--rounds 2]
 //!
 //! `phi4` runs the CPU kernels it chooses; `--variants` adds a phi4 column per kernel variant
-//! named (PHI4_CPU_VARIANT), e.g. the baseline against the one chosen. `--busy-core N` keeps a
+//! named (PHI4_CPU_VARIANT), e.g. the baseline against the one chosen; `ggml` (or
+//! `ggml:<variant>`) is phi4 on ggml's kernels only (PHI4_KERNELS=ggml): with the AVX-512
+//! variant, ggml's AVX-512 kernels, as a llama.cpp built for AVX-512 runs them. `--busy-core N` keeps a
 //! busy loop pinned to core N during every run (`taskset`): a board whose other cores run the
 //! user's firmware.
 //!
@@ -153,8 +155,18 @@ fn main() {
                 &a.prompt.to_string(),
             ])
             .args(["--gen", &a.gen.to_string(), "--batch", &a.batch.to_string()]);
-        if let Some(v) = variant {
-            c.env("PHI4_CPU_VARIANT", v);
+        match variant.map(|v| v.split_once(':').unwrap_or((v, ""))) {
+            // "ggml" or "ggml:<variant>": phi4 on ggml's kernels only (PHI4_KERNELS=ggml).
+            Some(("ggml", v)) => {
+                c.env("PHI4_KERNELS", "ggml");
+                if !v.is_empty() {
+                    c.env("PHI4_CPU_VARIANT", v);
+                }
+            }
+            Some((v, _)) => {
+                c.env("PHI4_CPU_VARIANT", v);
+            }
+            None => {}
         }
         let out = c.output().unwrap();
         assert!(

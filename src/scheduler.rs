@@ -245,6 +245,11 @@ impl Scheduler {
         });
         q.stepping = false;
         q.last_step = started.elapsed();
+        // Requests queued during the step could not join it: their wait for the others (those
+        // just stepped, now sampling their next token) starts now.
+        if !q.waiting.is_empty() {
+            q.since = Some(Instant::now());
+        }
         let result = outcome
             .as_ref()
             .map_or(Err(EvalError::StepFailed), Clone::clone);
