@@ -199,8 +199,8 @@ typedef void (*phi4_log_fn)(void *user_data, enum phi4_log_level level, const ch
 typedef struct phi4_model_params {
   // sizeof(phi4_model_params) as the caller knows it; set by phi4_model_default_params.
   size_t struct_size;
-  // Let ggml repack weight types it has faster CPU kernels for (more load time, faster
-  // decoding). Default true.
+  // Repack the weight types faster kernels have a layout for: phi4's own (Q4_K, Q5_K, Q6_K)
+  // or ggml's (more load time, faster decoding and prefill). Default true.
   bool repack;
   // Read all weights at load time instead of on first use. Default true.
   bool prefetch;
@@ -407,11 +407,13 @@ enum phi4_status phi4_detokenize(const struct phi4_model *model,
 // The model's training context length (16384 for Phi-4), or 0 if `model` is NULL.
 uint32_t phi4_model_n_ctx_train(const struct phi4_model *model);
 
-// How many weight matrices ggml repacked into faster layouts (0 if `model` is NULL).
+// How many weight matrices were repacked into faster layouts, phi4's or ggml's (0 if `model`
+// is NULL).
 uint32_t phi4_model_n_repacked(const struct phi4_model *model);
 
-// Which weight types were repacked into which ggml layouts, as one line of text: e.g.
-// "101 q4_K tensors into CPU_REPACK", several joined by "; ", or "none" (every weight is used in
+// Which weight types were repacked into which layouts, as one line of text: e.g.
+// "100 q4_K tensors into phi4's 8-row groups" or "101 q4_K tensors into CPU_REPACK" (ggml's),
+// several joined by "; ", or "none" (every weight is used in
 // place from the file mapping). With `phi4_cpu_features()` this shows which kernels run.
 // Written to `text` (at most `capacity` bytes, NUL-terminated) with its length in `*len`; if
 // `capacity` is too small, returns PHI4_ERR_BUFFER_TOO_SMALL with the needed length in `*len`.

@@ -29,8 +29,8 @@ pub type phi4_log_fn = Option<
 pub struct phi4_model_params {
     /// sizeof(phi4_model_params) as the caller knows it; set by phi4_model_default_params.
     pub struct_size: usize,
-    /// Let ggml repack weight types it has faster CPU kernels for (more load time, faster
-    /// decoding). Default true.
+    /// Repack the weight types faster kernels have a layout for: phi4's own (Q4_K, Q5_K, Q6_K)
+    /// or ggml's (more load time, faster decoding and prefill). Default true.
     pub repack: phi4_bool,
     /// Read all weights at load time instead of on first use. Default true.
     pub prefetch: phi4_bool,
@@ -253,15 +253,17 @@ pub unsafe extern "C" fn phi4_model_n_ctx_train(model: *const phi4_model) -> u32
     ffi_boundary! { unsafe { borrow(model) }.map_or(0, |m| m.inner.config.n_ctx_train as u32) }
 }
 
-/// How many weight matrices ggml repacked into faster layouts (0 if `model` is NULL).
+/// How many weight matrices were repacked into faster layouts, phi4's or ggml's (0 if `model`
+/// is NULL).
 #[no_mangle]
 pub unsafe extern "C" fn phi4_model_n_repacked(model: *const phi4_model) -> u32 {
     // SAFETY: NULL or a live handle.
     ffi_boundary! { unsafe { borrow(model) }.map_or(0, |m| m.inner.repacked.len() as u32) }
 }
 
-/// Which weight types were repacked into which ggml layouts, as one line of text: e.g.
-/// "101 q4_K tensors into CPU_REPACK", several joined by "; ", or "none" (every weight is used in
+/// Which weight types were repacked into which layouts, as one line of text: e.g.
+/// "100 q4_K tensors into phi4's 8-row groups" or "101 q4_K tensors into CPU_REPACK" (ggml's),
+/// several joined by "; ", or "none" (every weight is used in
 /// place from the file mapping). With `phi4_cpu_features()` this shows which kernels run.
 /// Written to `text` (at most `capacity` bytes, NUL-terminated) with its length in `*len`; if
 /// `capacity` is too small, returns PHI4_ERR_BUFFER_TOO_SMALL with the needed length in `*len`.

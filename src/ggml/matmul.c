@@ -586,7 +586,8 @@ static inline vgf vgf_h8(const uint16_t *p) {
     KQUANT_BLOCK(q5k_##N, mm_q5k, 4, 32, KLO, KHI, Q5K_PAIR, KSC, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
     KQUANT_BLOCK(q6k_##N, mm_q6k, 8, 16, Q6LO, Q6HI, Q6K_PAIR, Q6SC, Q6MIN, vgf_h8(b->d), vgf_h8(b->d), bs16)
 
-// Each token count its own functions, so that the compiler keeps the tokens' sums in registers.
+// Each token count its own functions, so that the compiler keeps the tokens' sums in registers:
+// 1, 2, 3, 4 and 8 (5 to 7 tokens go as 4 and the rest: a smaller library).
 #define N 1
 KQUANT_BLOCKS(1)
 #undef N
@@ -599,22 +600,13 @@ KQUANT_BLOCKS(3)
 #define N 4
 KQUANT_BLOCKS(4)
 #undef N
-#define N 5
-KQUANT_BLOCKS(5)
-#undef N
-#define N 6
-KQUANT_BLOCKS(6)
-#undef N
-#define N 7
-KQUANT_BLOCKS(7)
-#undef N
 #define N 8
 KQUANT_BLOCKS(8)
 #undef N
 
 typedef void (*block_fn)(const void *, const mm_act *const *, float (*)[2 * ROWS]);
 
-#define FNS(name) {name##_1, name##_2, name##_3, name##_4, name##_5, name##_6, name##_7, name##_8}
+#define FNS(name) {name##_1, name##_2, name##_3, name##_4, NULL, NULL, NULL, name##_8}
 static const block_fn Q4K_FNS[TOKENS] = FNS(q4k);
 static const block_fn Q5K_FNS[TOKENS] = FNS(q5k);
 static const block_fn Q6K_FNS[TOKENS] = FNS(q6k);
@@ -646,8 +638,9 @@ void phi4_mm_run(int type, const void *w, const void *q, int64_t k, int64_t m, i
 #endif
     for (int64_t g = g0; g < g1; g++) {
         const uint8_t *wg = (const uint8_t *)w + (size_t)g * pbs * (size_t)nb;
-        for (int64_t t0 = 0; t0 < m; t0 += TOKENS) {
-            const int n = (int)(m - t0 < TOKENS ? m - t0 : TOKENS);
+        for (int64_t t0 = 0, n; t0 < m; t0 += n) {
+            n = m - t0 < TOKENS ? m - t0 : TOKENS;
+            n = n > 4 && n < TOKENS ? 4 : n;
             float acc[TOKENS][2 * ROWS]; // row r: the sum of lanes 2r and 2r + 1
             memset(acc, 0, sizeof acc);
             const mm_act *a[TOKENS];
@@ -657,7 +650,7 @@ void phi4_mm_run(int type, const void *w, const void *q, int64_t k, int64_t m, i
                 }
                 const uint8_t *wb = wg + (size_t)b * pbs;
                 if (scalar) {
-                    block_scalar(type, wb, a, n, acc);
+                    block_scalar(type, wb, a, (int)n, acc);
                 }
 #if defined(MM_VECTOR)
                 else {
