@@ -754,8 +754,9 @@ impl Model {
         })
     }
 
-    /// Which weight types ggml repacked into which layouts, one line: "101 q4_K tensors into
-    /// CPU_REPACK", several joined by "; ", or "none".
+    /// Which weight types were repacked into which layouts, one line: "100 q4_K tensors into
+    /// phi4's 8-row groups", "101 q4_K tensors into CPU_REPACK" (ggml's), several joined by
+    /// "; ", or "none".
     pub fn repacked_summary(&self) -> String {
         let mut counts: std::collections::BTreeMap<(&str, &str), usize> = Default::default();
         for (name, layout) in &self.repacked {

@@ -85,8 +85,9 @@ fn raw_json_greedy_equals_llama_cpp() {
         for (i, &tok) in got.iter().enumerate() {
             let want = phi4::sample::argmax(&logits);
             if tok != want {
+                // Logits each within the tolerance can swap places only within twice it.
                 assert!(
-                    top2_gap(&logits) < 1e-3,
+                    top2_gap(&logits) < 2.0 * common::logit_tolerance(ft),
                     "{ft}: step {i}: phi4 {tok}, llama.cpp {want}"
                 );
                 break; // a tie: the continuations may differ from here on
@@ -252,6 +253,7 @@ fn info_reports_features_and_repacking() {
     } else {
         assert!(
             text.contains(&format!("repacked: {} ", model.repacked.len()))
+                || text.contains("tensors into phi4's 8-row groups")
                 || text.contains("tensors into CPU_REPACK"),
             "{text}"
         );
