@@ -31,8 +31,9 @@ use crate::kv_cache::KvCache;
 use crate::model::Model;
 
 /// Tensors per layer in the graph, with headroom (the graph context's capacity is derived from
-/// them): those of the layer's matrices, and those of each segment's attention.
-const TENSORS_PER_LAYER: usize = 24;
+/// them): those of the layer's matrices (two per product with phi4's kernels: the quantized
+/// tokens, the product), and those of each segment's attention.
+const TENSORS_PER_LAYER: usize = 28;
 const TENSORS_PER_SEGMENT: usize = 16;
 const TENSORS_OUTSIDE_LAYERS: usize = 32;
 

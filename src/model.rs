@@ -457,52 +457,15 @@ fn plan_packing(g: &Gguf, own: bool) -> Map<String, (Type, usize)> {
         .collect()
 }
 
-/// One CPU buffer holding `tensors` packed for phi4's kernels from the mapping; the mapping's
-/// pages of those tensors are dropped afterwards, so they are resident once.
-fn pack_into(
-    tensors: &[&TensorInfo],
-    ctx: &Context,
-    ids: &Map<String, TensorId>,
-    map: &memmap2::Mmap,
-    progress: &mut Progress<'_, '_>,
-) -> Result<Buffer, LoadError> {
-    let buft = BufferType::cpu();
-    let align = Buffer::alignment_of(buft);
-    let mut offsets = Vec::with_capacity(tensors.len());
-    let mut size = 0usize;
-    for t in tensors {
-        offsets.push(size);
-        size += ctx.get(ids[&t.name]).nbytes().div_ceil(align) * align;
-    }
-    let buf = Buffer::alloc(buft, size, "weights packed for phi4's kernels")?;
-    let threads = crate::limits::cpu_count();
-    for (t, off) in tensors.iter().zip(offsets) {
-        let tensor = ctx.get(ids[&t.name]);
-        buf.place(tensor, off);
-        let (start, len) = (t.file_offset as usize, t.size as usize);
-        ggml::prefault(map, start, len);
-        let (k, rows) = (t.dims[0] as usize, t.dims[1] as usize);
-        ggml::pack_into(
-            tensor,
-            t.ggml_type,
-            &map[start..start + len],
-            rows,
-            k,
-            threads,
-        );
-        ggml::drop_pages(map, start, len);
-        progress.advance(t.size)?;
-    }
-    Ok(buf)
-}
-
-/// One buffer of `buft` holding `tensors`, converted by ggml from the mapping into its layout;
-/// the mapping's pages of those tensors are dropped afterwards, so they are resident once.
+/// One buffer of `buft` holding `tensors` converted from the mapping: packed for phi4's kernels
+/// (those in `packing`, into a CPU buffer), else into the buffer type's layout by ggml. The
+/// mapping's pages of those tensors are dropped afterwards, so they are resident once.
 fn repack_into(
     buft: BufferType,
     tensors: &[&TensorInfo],
     ctx: &Context,
     ids: &Map<String, TensorId>,
+    packing: &Map<String, (Type, usize)>,
     map: &memmap2::Mmap,
     progress: &mut Progress<'_, '_>,
 ) -> Result<Buffer, LoadError> {
@@ -519,7 +482,14 @@ fn repack_into(
         buf.place(tensor, off);
         let (start, len) = (t.file_offset as usize, t.size as usize);
         ggml::prefault(map, start, len);
-        ggml::tensor_set(tensor, &map[start..start + len]);
+        let data = &map[start..start + len];
+        match packing.get(&t.name) {
+            Some(&(ty, rows)) => {
+                let threads = crate::limits::cpu_count();
+                ggml::pack_into(tensor, ty, data, rows, t.dims[0] as usize, threads);
+            }
+            None => ggml::tensor_set(tensor, data),
+        }
         ggml::drop_pages(map, start, len);
         progress.advance(t.size)?;
     }
@@ -672,7 +642,15 @@ impl Model {
                 .filter(|t| repack.get(t.name.as_str()) == Some(buft))
                 .collect();
             if !mine.is_empty() {
-                buffers.push(repack_into(*buft, &mine, &ctx, &ids, &map, &mut progress)?);
+                buffers.push(repack_into(
+                    *buft,
+                    &mine,
+                    &ctx,
+                    &ids,
+                    &packing,
+                    &map,
+                    &mut progress,
+                )?);
                 repacked.extend(mine.iter().map(|t| (t.name.clone(), buft.name())));
             }
         }
@@ -683,7 +661,16 @@ impl Model {
             .filter(|t| packing.contains_key(&t.name))
             .collect();
         if !mine.is_empty() {
-            buffers.push(pack_into(&mine, &ctx, &ids, &map, &mut progress)?);
+            let buft = BufferType::cpu();
+            buffers.push(repack_into(
+                buft,
+                &mine,
+                &ctx,
+                &ids,
+                &packing,
+                &map,
+                &mut progress,
+            )?);
             repacked.extend(
                 mine.iter()
                     .map(|t| (t.name.clone(), "phi4's 8-row groups".into())),

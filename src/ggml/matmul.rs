@@ -71,6 +71,17 @@ pub fn pack_into(dst: Tensor<'_>, ty: Type, src: &[u8], rows: usize, k: usize, t
     pack_raw(kernels(), ty, src, rows, k, out, shape[1] as usize, threads);
 }
 
+/// Run `f(start, end)` over `n` items split evenly between up to `threads` threads.
+fn split(n: usize, threads: usize, f: impl Fn(i64, i64) + Sync) {
+    let threads = threads.clamp(1, n.max(1));
+    std::thread::scope(|s| {
+        for i in 0..threads {
+            let f = &f;
+            s.spawn(move || f((n * i / threads) as i64, (n * (i + 1) / threads) as i64));
+        }
+    });
+}
+
 /// Pack into `out` (the address of `groups` groups' bytes) on `threads` threads.
 #[allow(clippy::too_many_arguments)]
 fn pack_raw(
@@ -84,27 +95,21 @@ fn pack_raw(
     threads: usize,
 ) {
     let row_bytes = ty.row_size(k as u64) as usize;
-    let threads = threads.clamp(1, groups);
-    std::thread::scope(|s| {
-        for i in 0..threads {
-            let (g0, g1) = (groups * i / threads, groups * (i + 1) / threads);
-            s.spawn(move || {
-                // SAFETY: src holds `rows` rows of `row_bytes`; out has `groups` groups of
-                // group_size bytes (the tensor's shape, checked by the callers); each thread
-                // writes only its own groups [g0, g1).
-                unsafe {
-                    (kern.mm_pack)(
-                        ty.0 as c_int,
-                        src.as_ptr().cast(),
-                        row_bytes,
-                        rows as i64,
-                        k as i64,
-                        out as *mut c_void,
-                        g0 as i64,
-                        g1 as i64,
-                    )
-                }
-            });
+    split(groups, threads, |g0, g1| {
+        // SAFETY: src holds `rows` rows of `row_bytes`; out has `groups` groups of group_size
+        // bytes (the tensor's shape, checked by the callers); each call writes only its own
+        // groups [g0, g1).
+        unsafe {
+            (kern.mm_pack)(
+                ty.0 as c_int,
+                src.as_ptr().cast(),
+                row_bytes,
+                rows as i64,
+                k as i64,
+                out as *mut c_void,
+                g0,
+                g1,
+            )
         }
     });
 }
@@ -240,50 +245,30 @@ impl PackedMatrix {
         let mut q = vec![0u8; act * m];
         let mut y = vec![0f32; m * self.rows];
         let groups = self.rows.div_ceil(ROWS);
-        let threads = threads.clamp(1, groups);
         let (qp, yp) = (q.as_mut_ptr() as usize, y.as_mut_ptr() as usize);
         let (w, ty, rows, k) = (self.data.as_ptr() as usize, self.ty, self.rows, self.k);
-        std::thread::scope(|s| {
-            for i in 0..threads {
-                let (t0, t1) = (m * i / threads, m * (i + 1) / threads);
-                s.spawn(move || {
-                    // SAFETY: x holds m rows of k floats; q has room for m tokens; each
-                    // thread writes its own tokens [t0, t1).
-                    unsafe {
-                        (kern.mm_quantize)(
-                            x.as_ptr(),
-                            k * 4,
-                            k as i64,
-                            qp as *mut c_void,
-                            t0 as i64,
-                            t1 as i64,
-                        )
-                    }
-                });
-            }
+        split(m, threads, |t0, t1| {
+            // SAFETY: x holds m rows of k floats; q has room for m tokens; each call writes its
+            // own tokens [t0, t1).
+            unsafe { (kern.mm_quantize)(x.as_ptr(), k * 4, k as i64, qp as *mut c_void, t0, t1) }
         });
-        std::thread::scope(|s| {
-            for i in 0..threads {
-                let (g0, g1) = (groups * i / threads, groups * (i + 1) / threads);
-                s.spawn(move || {
-                    // SAFETY: w is this matrix's packed groups, q its m quantized tokens, y has
-                    // m rows of `rows` floats; each thread writes its own groups' rows.
-                    unsafe {
-                        (kern.mm_run)(
-                            ty.0 as c_int,
-                            w as *const c_void,
-                            qp as *const c_void,
-                            k as i64,
-                            m as i64,
-                            rows as i64,
-                            yp as *mut f32,
-                            rows * 4,
-                            g0 as i64,
-                            g1 as i64,
-                            scalar as c_int,
-                        )
-                    }
-                });
+        split(groups, threads, |g0, g1| {
+            // SAFETY: w is this matrix's packed groups, q its m quantized tokens, y has m rows
+            // of `rows` floats; each call writes its own groups' rows.
+            unsafe {
+                (kern.mm_run)(
+                    ty.0 as c_int,
+                    w as *const c_void,
+                    qp as *const c_void,
+                    k as i64,
+                    m as i64,
+                    rows as i64,
+                    yp as *mut f32,
+                    rows * 4,
+                    g0,
+                    g1,
+                    scalar as c_int,
+                )
             }
         });
         y
