@@ -635,46 +635,23 @@ impl Model {
         }
         let mut buffers = vec![mapped];
         let mut repacked = Vec::new();
-        for buft in &extra {
+        // Each repacked layout's buffer: phi4's (a CPU buffer), then ggml's buffer types.
+        let layouts = std::iter::once((BufferType::cpu(), "phi4's 8-row groups".to_string(), None))
+            .chain(extra.iter().map(|b| (*b, b.name(), Some(*b))));
+        for (buft, layout, ggml_buft) in layouts {
             let mine: Vec<&TensorInfo> = gguf
                 .tensors
                 .iter()
-                .filter(|t| repack.get(t.name.as_str()) == Some(buft))
+                .filter(|t| match ggml_buft {
+                    None => packing.contains_key(&t.name),
+                    Some(b) => repack.get(t.name.as_str()) == Some(&b),
+                })
                 .collect();
             if !mine.is_empty() {
-                buffers.push(repack_into(
-                    *buft,
-                    &mine,
-                    &ctx,
-                    &ids,
-                    &packing,
-                    &map,
-                    &mut progress,
-                )?);
-                repacked.extend(mine.iter().map(|t| (t.name.clone(), buft.name())));
+                let buf = repack_into(buft, &mine, &ctx, &ids, &packing, &map, &mut progress)?;
+                buffers.push(buf);
+                repacked.extend(mine.iter().map(|t| (t.name.clone(), layout.clone())));
             }
-        }
-
-        let mine: Vec<&TensorInfo> = gguf
-            .tensors
-            .iter()
-            .filter(|t| packing.contains_key(&t.name))
-            .collect();
-        if !mine.is_empty() {
-            let buft = BufferType::cpu();
-            buffers.push(repack_into(
-                buft,
-                &mine,
-                &ctx,
-                &ids,
-                &packing,
-                &map,
-                &mut progress,
-            )?);
-            repacked.extend(
-                mine.iter()
-                    .map(|t| (t.name.clone(), "phi4's 8-row groups".into())),
-            );
         }
 
         let weights = Weights::assemble(&config, ctx, &ids, &packing, buffers);
