@@ -45,12 +45,7 @@ impl Product {
         kernels: Kernels,
         threads: usize,
     ) -> Result<Product, String> {
-        if src.len() != ty.row_size(k as u64) as usize * rows || rows == 0 {
-            return Err(format!(
-                "{} bytes are not {rows} rows of {ty:?} [{k}]",
-                src.len()
-            ));
-        }
+        ggml::check_rows(ty, rows, k, src)?;
         let mut weights = Context::new(1, 0);
         let (weight, buffer) = if kernels == Kernels::Phi4 {
             if !ggml::takes(ty, k) {

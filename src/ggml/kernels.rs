@@ -199,27 +199,19 @@ include!(concat!(env!("OUT_DIR"), "/cpu_variants.rs"));
 /// The CPU kernels this process runs: the best variant the CPU and OS support, chosen once.
 /// `PHI4_CPU_VARIANT=<name>` asks for another one that they support (to compare variants).
 pub(super) fn kernels() -> &'static Kernels {
-    static CHOSEN: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
+    static CHOSEN: std::sync::OnceLock<&'static Kernels> = std::sync::OnceLock::new();
     CHOSEN.get_or_init(|| {
         let asked = std::env::var("PHI4_CPU_VARIANT").ok();
-        let runnable: Vec<Kernels> = variants()
-            .into_iter()
-            .filter(|(_, ok)| *ok)
-            .map(|(k, _)| k)
-            .collect();
-        let baseline = cpu_api!(kernels_table!(BASELINE, base));
-        match asked {
-            Some(a) if a == BASELINE => baseline,
-            Some(a) if runnable.iter().any(|k| k.name == a) => {
-                runnable.into_iter().find(|k| k.name == a).unwrap()
-            }
-            _ => runnable.into_iter().next().unwrap_or(baseline),
-        }
+        let mut runnable = variants_runnable();
+        let first = runnable.clone().next().expect("the baseline runs");
+        runnable
+            .find(|k| Some(k.name) == asked.as_deref())
+            .unwrap_or(first)
     })
 }
 
-/// The variants built that this machine runs, best first (the baseline not among them).
-pub(super) fn variants_runnable() -> impl Iterator<Item = &'static Kernels> {
+/// The variants built that this machine runs, best first, then the baseline.
+pub(super) fn variants_runnable() -> impl Iterator<Item = &'static Kernels> + Clone {
     static RUNNABLE: std::sync::OnceLock<Vec<Kernels>> = std::sync::OnceLock::new();
     RUNNABLE
         .get_or_init(|| {

@@ -3,15 +3,15 @@
 //
 // ggml's kernels take one token at a time through a weight block (vec_dot), or four (its
 // repacked gemm): a step of several tokens costs nearly several steps. Here the weights are
-// repacked at load into groups of 8 rows, interleaved 4 bytes at a time, so that one 32-byte
-// vector holds 4 consecutive weights of 8 rows. A dot product instruction (AVX-VNNI's vpdpbusd,
-// NEON's sdot; AVX2 emulates it) then multiplies that vector with 4 bytes of one token broadcast,
-// giving 8 rows' partial sums in 8 lanes: unpacked once, the vector serves up to 8 tokens from
-// registers. The sub-block scales are applied per 8 rows at once, in float.
+// repacked at load into groups of 8 rows, 8 bytes of each row side by side, so that one 64-byte
+// vector holds 8 consecutive weights of 8 rows. A dot product instruction (vpdpbusd, NEON's
+// sdot; AVX2 emulates it) multiplies that vector with 8 bytes of one token broadcast, giving
+// each row's partial sums in two 32-bit lanes: unpacked once, the vector serves up to 8 tokens
+// from registers. The sub-block scales are applied per 8 rows at once, in float.
 //
-// One template over the ISA: the primitives below (a vector of 8 int32 lanes, a dot of 4 bytes)
-// per ISA, and a scalar path over the same layout (the reference each ISA is tested against,
-// with ggml's dequantization as the independent one in tests/kernels.rs).
+// One template over the ISA: the primitives below (a 64-byte vector, a dot of 8 bytes, float
+// lanes) per ISA, and a scalar path over the same layout (the reference each ISA is tested
+// against, with ggml's own product as the independent one in tests/kernels.rs).
 //
 // This file is compiled once per CPU variant of build.rs with the variant's flags (its
 // symbols then prefixed), so every function here is the variant's own.
@@ -26,7 +26,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "ggml.h"
+#include "ggml-quants.h" // ggml's blocks (block_q4_K, ...), QK_K, quantize_row_q8_K_ref
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -36,7 +36,7 @@
 #define MM_NEON 1
 #endif
 
-#define QK 256
+#define QK QK_K // 256 weights: a superblock
 #define ROWS 8   // rows per group
 #define TOKENS 8 // tokens per register block
 
@@ -51,25 +51,6 @@ typedef struct {
     float pad[7];
 } mm_act; // 384 bytes
 
-// GGUF's blocks (ggml-common.h).
-typedef struct {
-    uint16_t d, dmin;
-    uint8_t scales[12];
-    uint8_t qs[128];
-} src_q4k;
-typedef struct {
-    uint16_t d, dmin;
-    uint8_t scales[12];
-    uint8_t qh[32];
-    uint8_t qs[128];
-} src_q5k;
-typedef struct {
-    uint8_t ql[128];
-    uint8_t qh[64];
-    int8_t scales[16];
-    uint16_t d;
-} src_q6k;
-
 // The file's bytes go over unchanged (only reordered): Q4_K's and Q5_K's byte i of a 32-byte
 // run holds weights i and i + 32 of a 64-weight half, Q5_K's high bits byte i those of weight i
 // of every sub-block.
@@ -83,12 +64,10 @@ typedef struct {
     uint16_t d[8], dmin[8];
 } mm_q4k; // 1184 bytes = 8 × 148 (the source: 8 × 144)
 
+// Q5_K: Q4_K's layout, then the fifth bits.
 typedef struct {
-    uint8_t nib[4][4][64];
+    mm_q4k q4;
     uint8_t hb[4][64]; // [k8][8*r + j]: bit b = the fifth bit of sub-block b's weight
-    uint8_t sc[8][8];
-    uint8_t m[8][8];
-    uint16_t d[8], dmin[8];
 } mm_q5k; // 1440 = 8 × 180 (8 × 176)
 
 // Q6_K's sub-blocks are 16 weights, paired as the file pairs them: `nib[p][k8]` holds
@@ -100,30 +79,6 @@ typedef struct {
     int8_t sc[16][8];
     uint16_t d[8];
 } mm_q6k; // 1680 = 8 × 210 (8 × 210)
-
-static float h2f(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
-    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else { // subnormal
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400)) {
-                man <<= 1;
-                exp--;
-            }
-            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000 | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 
 static void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
     if (j < 4) {
@@ -137,9 +92,9 @@ static void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
 
 static size_t src_block_size(int type) {
     switch (type) {
-    case GGML_TYPE_Q4_K: return sizeof(src_q4k);
-    case GGML_TYPE_Q5_K: return sizeof(src_q5k);
-    case GGML_TYPE_Q6_K: return sizeof(src_q6k);
+    case GGML_TYPE_Q4_K: return sizeof(block_q4_K);
+    case GGML_TYPE_Q5_K: return sizeof(block_q5_K);
+    case GGML_TYPE_Q6_K: return sizeof(block_q6_K);
     default: return 0;
     }
 }
@@ -170,32 +125,27 @@ size_t phi4_mm_act_size(int64_t k) {
 static void pack_block(int type, const uint8_t *src, uint8_t *dst, int r) {
     if (type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q5_K) {
         const int five = type == GGML_TYPE_Q5_K;
-        const src_q4k *b4 = (const src_q4k *)src;
-        const src_q5k *b5 = (const src_q5k *)src;
-        mm_q4k *p4 = (mm_q4k *)dst;
-        mm_q5k *p5 = (mm_q5k *)dst;
+        const block_q4_K *b4 = (const block_q4_K *)src;
+        const block_q5_K *b5 = (const block_q5_K *)src;
+        mm_q4k *p = (mm_q4k *)dst; // Q5_K's starts with Q4_K's
         const uint8_t *qs = five ? b5->qs : b4->qs, *scales = five ? b5->scales : b4->scales;
-        uint8_t(*nib)[4][64] = five ? p5->nib : p4->nib;
-        for (int p = 0; p < 4; p++) {
+        for (int pr = 0; pr < 4; pr++) {
             for (int k8 = 0; k8 < 4; k8++) {
-                memcpy(&nib[p][k8][8 * r], qs + 32 * p + 8 * k8, 8);
-            }
-        }
-        if (five) {
-            for (int k8 = 0; k8 < 4; k8++) {
-                memcpy(&p5->hb[k8][8 * r], b5->qh + 8 * k8, 8);
+                memcpy(&p->nib[pr][k8][8 * r], qs + 32 * pr + 8 * k8, 8);
             }
         }
         for (int j = 0; j < 8; j++) {
-            scale_min_k4(j, scales, five ? &p5->sc[j][r] : &p4->sc[j][r], five ? &p5->m[j][r] : &p4->m[j][r]);
+            scale_min_k4(j, scales, &p->sc[j][r], &p->m[j][r]);
         }
+        p->d[r] = five ? b5->d : b4->d;
+        p->dmin[r] = five ? b5->dmin : b4->dmin;
         if (five) {
-            p5->d[r] = b5->d, p5->dmin[r] = b5->dmin;
-        } else {
-            p4->d[r] = b4->d, p4->dmin[r] = b4->dmin;
+            for (int k8 = 0; k8 < 4; k8++) {
+                memcpy(&((mm_q5k *)dst)->hb[k8][8 * r], b5->qh + 8 * k8, 8);
+            }
         }
     } else {
-        const src_q6k *b = (const src_q6k *)src;
+        const block_q6_K *b = (const block_q6_K *)src;
         mm_q6k *p = (mm_q6k *)dst;
         for (int pr = 0; pr < 8; pr++) {
             for (int k8 = 0; k8 < 2; k8++) {
@@ -234,48 +184,26 @@ void phi4_mm_pack(int type, const void *src, size_t row_bytes, int64_t nrows, in
     }
 }
 
-static inline int nearest_int(float fval) {
-    float val = fval + 12582912.f;
-    int i;
-    memcpy(&i, &val, sizeof(int));
-    return (i & 0x007fffff) - 0x00400000;
-}
-
 // Quantize tokens [t0, t1) of x (rows `x_stride` bytes apart, length k) into `q` (token t at
-// t × phi4_mm_act_size(k)): ggml's quantize_row_q8_K_ref, value for value.
+// t × phi4_mm_act_size(k)): ggml's Q8_K (quantize_row_q8_K_ref, what its CPU backend uses), with
+// the sums the mins need as floats.
 void phi4_mm_quantize(const float *x, size_t x_stride, int64_t k, void *q, int64_t t0, int64_t t1) {
     const int64_t nb = k / QK;
     for (int64_t t = t0; t < t1; t++) {
         const float *xr = (const float *)((const char *)x + (size_t)t * x_stride);
         mm_act *a = (mm_act *)q + (size_t)t * (size_t)nb;
         for (int64_t b = 0; b < nb; b++, xr += QK, a++) {
-            float max = 0, amax = 0;
-            for (int j = 0; j < QK; j++) {
-                const float ax = fabsf(xr[j]);
-                if (ax > amax) {
-                    amax = ax, max = xr[j];
-                }
-            }
+            block_q8_K blk;
+            quantize_row_q8_K_ref(xr, &blk, QK);
             memset(a, 0, sizeof *a);
-            if (amax == 0) {
-                continue;
-            }
-            const float iscale = -127.f / max;
-            for (int j = 0; j < QK; j++) {
-                const int v = nearest_int(iscale * xr[j]);
-                a->qs[j] = (int8_t)(v < 127 ? v : 127);
-            }
+            memcpy(a->qs, blk.qs, QK);
+            a->d = blk.d;
             for (int j = 0; j < 16; j++) {
-                int s = 0;
-                for (int i = 0; i < 16; i++) {
-                    s += a->qs[16 * j + i];
-                }
-                a->bs16[j] = (float)s;
+                a->bs16[j] = blk.bsums[j];
             }
             for (int j = 0; j < 8; j++) {
                 a->bs32[j] = a->bs16[2 * j] + a->bs16[2 * j + 1];
             }
-            a->d = 1 / iscale;
         }
     }
 }
@@ -292,7 +220,7 @@ static int packed_weight(int type, const uint8_t *p, int r, int w) {
         const int top = (b->h2[2 * n + i % 2][k8][8 * r + j] >> (4 * hi + 2 * (i / 2))) & 3;
         return lo4 | top << 4;
     }
-    const mm_q4k *b = (const mm_q4k *)p; // Q5_K's nib is at the same place
+    const mm_q4k *b = (const mm_q4k *)p; // Q5_K's starts with Q4_K's
     const int pr = w / 64, hi = w % 64 >= 32, l = w % 32, k8 = l / 8, j = l % 8;
     int v = (b->nib[pr][k8][8 * r + j] >> (4 * hi)) & 0xF;
     if (type == GGML_TYPE_Q5_K) {
@@ -312,17 +240,14 @@ static void block_scalar(int type, const uint8_t *p, const mm_act *const *a, int
             for (int sb = 0; sb < 16; sb++) {
                 sc[sb] = b->sc[sb][r], m[sb] = 32 * b->sc[sb][r];
             }
-            d = dmin = h2f(b->d[r]);
+            d = dmin = ggml_fp16_to_fp32(b->d[r]);
         } else {
-            const mm_q4k *b4 = (const mm_q4k *)p;
-            const mm_q5k *b5 = (const mm_q5k *)p;
-            const int five = type == GGML_TYPE_Q5_K;
+            const mm_q4k *b = (const mm_q4k *)p; // Q5_K's starts with Q4_K's
             for (int sb = 0; sb < 8; sb++) {
-                sc[sb] = five ? b5->sc[sb][r] : b4->sc[sb][r];
-                m[sb] = five ? b5->m[sb][r] : b4->m[sb][r];
+                sc[sb] = b->sc[sb][r], m[sb] = b->m[sb][r];
             }
-            d = h2f(five ? b5->d[r] : b4->d[r]);
-            dmin = h2f(five ? b5->dmin[r] : b4->dmin[r]);
+            d = ggml_fp16_to_fp32(b->d[r]);
+            dmin = ggml_fp16_to_fp32(b->dmin[r]);
         }
         for (int t = 0; t < n; t++) {
             float fs = 0, fm = 0;
@@ -562,7 +487,7 @@ static inline vgf vgf_h8(const uint16_t *p) {
     } while (0)
 #define Q5K_PAIR(p, k8, lo, hi)                                                                    \
     do {                                                                                           \
-        const vg v_ = vg_load(b->nib[p][k8]), h_ = vg_load(b->hb[k8]);                             \
+        const vg v_ = vg_load(b->nib[p][k8]), h_ = vg_load(((const mm_q5k *)b)->hb[k8]);                             \
         lo = vg_or(vg_and(v_, 0x0F), vg_shl(vg_shr_and(h_, 2 * (p), 1), 4));                       \
         hi = vg_or(vg_shr_and(v_, 4, 0x0F), vg_shl(vg_shr_and(h_, 2 * (p) + 1, 1), 4));            \
     } while (0)
@@ -583,7 +508,7 @@ static inline vgf vgf_h8(const uint16_t *p) {
 
 #define KQUANT_BLOCKS(N)                                                                           \
     KQUANT_BLOCK(q4k_##N, mm_q4k, 4, 32, KLO, KHI, Q4K_PAIR, KSC, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
-    KQUANT_BLOCK(q5k_##N, mm_q5k, 4, 32, KLO, KHI, Q5K_PAIR, KSC, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
+    KQUANT_BLOCK(q5k_##N, mm_q4k, 4, 32, KLO, KHI, Q5K_PAIR, KSC, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
     KQUANT_BLOCK(q6k_##N, mm_q6k, 8, 16, Q6LO, Q6HI, Q6K_PAIR, Q6SC, Q6MIN, vgf_h8(b->d), vgf_h8(b->d), bs16)
 
 // Each token count its own functions, so that the compiler keeps the tokens' sums in registers:

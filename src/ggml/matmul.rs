@@ -201,26 +201,29 @@ pub fn kernel_variants() -> Vec<&'static str> {
 }
 
 fn variant(name: &str) -> &'static Kernels {
-    if name == kernels().name {
-        return kernels();
-    }
     variants_runnable()
         .find(|k| k.name == name)
         .unwrap_or_else(|| panic!("no runnable CPU variant {name}"))
 }
 
+/// Why `src` is not `rows` GGUF rows of `k` weights of `ty` (one row at least).
+pub fn check_rows(ty: Type, rows: usize, k: usize, src: &[u8]) -> Result<(), String> {
+    if rows == 0 || src.len() != ty.row_size(k as u64) as usize * rows {
+        return Err(format!(
+            "{} bytes are not {rows} rows of {ty:?} [{k}]",
+            src.len()
+        ));
+    }
+    Ok(())
+}
+
 impl PackedMatrix {
     /// Pack `rows` GGUF rows of `k` weights of `ty`.
     pub fn pack(ty: Type, rows: usize, k: usize, src: &[u8]) -> Result<PackedMatrix, String> {
-        if !takes(ty, k) || rows == 0 {
-            return Err(format!("phi4's kernels do not take {ty:?} [{k}, {rows}]"));
+        if !takes(ty, k) {
+            return Err(format!("phi4's kernels do not take {ty:?} [{k}]"));
         }
-        if src.len() != ty.row_size(k as u64) as usize * rows {
-            return Err(format!(
-                "{} bytes are not {rows} rows of {ty:?} [{k}]",
-                src.len()
-            ));
-        }
+        check_rows(ty, rows, k, src)?;
         let groups = rows.div_ceil(ROWS);
         let mut data = vec![0u8; group_size(kernels(), ty, k) * groups];
         let out = data.as_mut_ptr() as usize;
@@ -272,10 +275,5 @@ impl PackedMatrix {
             }
         });
         y
-    }
-
-    /// Bytes of the packed matrix.
-    pub fn size(&self) -> usize {
-        self.data.len()
     }
 }

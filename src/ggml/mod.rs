@@ -35,7 +35,7 @@ pub use context::{Context, Tensor, TensorId};
 pub use graph::{Graph, GraphRef};
 pub use kernels::{cpu_features, cpu_variant, cpu_variants};
 pub use matmul::{
-    kernel_variants, own_kernels_enabled, pack_into, packed_shape, takes, PackedMatrix,
+    check_rows, kernel_variants, own_kernels_enabled, pack_into, packed_shape, takes, PackedMatrix,
     KERNEL_TYPES,
 };
 pub use mmap::{drop_pages, map_path, prefault};
