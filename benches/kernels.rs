@@ -2,7 +2,7 @@
 //! of M tokens, per weight type, through each side's ggml graph on the same threads.
 //!
 //!     cargo bench --bench kernels -- [--threads 2] [--rows 17920] [--k 5120] [--rounds 3]
-//!         [--types q4_K,q5_K,q6_K] [--m 1,2,4,8,16,64,512]
+//!         [--types q4_K,q5_K,...] [--m 1,2,4,8,16,64,512]
 //!     cargo bench --bench kernels -- --model FILE [--threads 2] [--rounds 3] [--m 1,2,4,8,16]
 //!
 //! With `--model`: a whole forward step of M tokens of one session (at a short context) on the
@@ -17,14 +17,14 @@
 
 use std::time::Instant;
 
-use phi4::gguf::{quantize, TensorType};
-use phi4::matmul::{Kernels, Product};
+use phi4::gguf::quantize;
+use phi4::matmul::{Kernels, Product, KERNEL_TYPES};
 
 fn main() {
     let mut threads = 2;
     let mut model = None;
     let (mut rows, mut k, mut rounds) = (17920usize, 5120usize, 3usize);
-    let mut types = vec![TensorType::Q4_K, TensorType::Q5_K, TensorType::Q6_K];
+    let mut types = KERNEL_TYPES.to_vec();
     let mut ms: Vec<usize> = vec![1, 2, 4, 8, 16, 64, 512];
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -38,11 +38,11 @@ fn main() {
             "--types" => {
                 types = v()
                     .split(',')
-                    .map(|s| match s {
-                        "q4_K" => TensorType::Q4_K,
-                        "q5_K" => TensorType::Q5_K,
-                        "q6_K" => TensorType::Q6_K,
-                        other => panic!("unknown type {other}"),
+                    .map(|s| {
+                        *KERNEL_TYPES
+                            .iter()
+                            .find(|t| t.name() == s)
+                            .unwrap_or_else(|| panic!("unknown type {s}"))
                     })
                     .collect()
             }

@@ -78,3 +78,11 @@ fn q4_0() {
 fn q4_k_m() {
     parity("q4_k_m", 5)
 }
+#[test]
+fn q2_k() {
+    parity("q2_k", 6)
+}
+#[test]
+fn q3_k() {
+    parity("q3_k", 7)
+}

@@ -32,6 +32,7 @@ mod base {
             g1: i64,
         );
         pub fn phi4_mm_quantize(
+            ty: c_int,
             x: *const f32,
             x_stride: usize,
             k: i64,
@@ -83,7 +84,7 @@ macro_rules! cpu_api {
                 mm_group_size = phi4_mm_group_size(ty: c_int, k: i64) -> usize;
                 mm_act_size = phi4_mm_act_size(k: i64) -> usize;
                 mm_pack = phi4_mm_pack(ty: c_int, src: *const c_void, row_bytes: usize, nrows: i64, k: i64, dst: *mut c_void, g0: i64, g1: i64);
-                mm_quantize = phi4_mm_quantize(x: *const f32, x_stride: usize, k: i64, q: *mut c_void, t0: i64, t1: i64);
+                mm_quantize = phi4_mm_quantize(ty: c_int, x: *const f32, x_stride: usize, k: i64, q: *mut c_void, t0: i64, t1: i64);
                 mm_run = phi4_mm_run(ty: c_int, w: *const c_void, q: *const c_void, k: i64, m: i64, nrows: i64, y: *mut f32, y_stride: usize, g0: i64, g1: i64, scalar: c_int);
                 mm_op_quantize = phi4_mm_op_quantize(dst: *mut ggml_tensor, ith: c_int, nth: c_int, user: *mut c_void);
                 mm_op_matmul = phi4_mm_op_matmul(dst: *mut ggml_tensor, ith: c_int, nth: c_int, user: *mut c_void);

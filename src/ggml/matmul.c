@@ -1,5 +1,6 @@
-// phi4's quantized matrix kernels: y = W·x for the K-quant weight types (Q4_K, Q5_K, Q6_K), with
-// every weight block unpacked once per step and applied to all the step's tokens.
+// phi4's quantized matrix kernels: y = W·x for the K-quant weight types (Q2_K ... Q6_K) and
+// Q4_0 / Q8_0, with every weight block unpacked once per step and applied to all the step's
+// tokens.
 //
 // ggml's kernels take one token at a time through a weight block (vec_dot), or four (its
 // repacked gemm): a step of several tokens costs nearly several steps. Here the weights are
@@ -17,7 +18,8 @@
 // symbols then prefixed), so every function here is the variant's own.
 //
 // Layouts (K = row length, a multiple of 256; one superblock = 256 weights of 8 rows):
-//   activations, per token:  K/256 × mm_act   (ggml's Q8_K quantization: the same int8 values)
+//   activations, per token:  K/256 × mm_act (K-quants: ggml's Q8_K quantization, the same int8
+//                            values) or mm_act0 (Q4_0, Q8_0: ggml's Q8_0, eight blocks of 32)
 //   weights, per 8-row group: K/256 × the type's packed superblock (below), rows past the
 //   matrix's last zero.
 
@@ -27,6 +29,10 @@
 #include <string.h>
 
 #include "ggml-quants.h" // ggml's blocks (block_q4_K, ...), QK_K, quantize_row_q8_K_ref
+
+// The CPU backend's Q8_0 quantizer (ggml-cpu's quants.h), in this variant's build: the tokens of a
+// Q4_0 or Q8_0 product are quantized exactly as ggml's own product quantizes them.
+void quantize_row_q8_0(const float *restrict x, void *restrict y, int64_t k);
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -39,6 +45,21 @@
 #define QK QK_K // 256 weights: a superblock
 #define ROWS 8   // rows per group
 #define TOKENS 8 // tokens per register block
+// Bytes of weights asked for ahead of use, into L2. The hardware's prefetchers alone leave a
+// decode step (one token: little arithmetic per byte) waiting on memory. Measured on a 2-vCPU
+// Zen 4: a 9 GB model decoded at 31 GB/s with 4 KiB ahead into L1, at 48 GB/s (the machine's
+// read bandwidth) with 8 KiB into L2; one matrix ran slower with 12 or 16 KiB.
+#define PREFETCH 8192
+
+// Q8_0's weights are signed bytes, packed offset by 128 (unsigned) on every CPU. A dot product of
+// unsigned × signed bytes that does not saturate (VNNI's) takes them so, the offset's share taken
+// off through the activations' sums (mm_act0.corr); elsewhere they are made signed again
+// (NEON's sdot is signed × signed; AVX2 without VNNI moves the weights' signs onto the tokens).
+#if defined(MM_X86) && (defined(__AVX512VNNI__) || defined(__AVXVNNI__))
+#define Q8_BIAS 128 // the offset the dot product sees
+#else
+#define Q8_BIAS 0
+#endif
 
 // ---- formats -------------------------------------------------------------------------------
 
@@ -48,8 +69,21 @@ typedef struct {
     float d;
     float bs16[16]; // sums of qs over each 16
     float bs32[8];  // ... over each 32
+    int32_t off16[16]; // Q6_K, Q3_K: -(the values' offset) × bs16 / 2, each lane's share of a
+                       // sub-block's offset (the kernels start its sums there)
     float pad[7];
-} mm_act; // 384 bytes
+} mm_act; // 448 bytes
+
+// Q4_0's and Q8_0's tokens: ggml's Q8_0 values, eight blocks of 32 per superblock.
+typedef struct {
+    int8_t qs[QK];
+    float d[8];         // each block's scale (ggml's f16, as float)
+    int32_t corr[8][2]; // -(the weights' offset) × the sum of the 16 values each lane of a row
+                        // meets in the block: the first 4 of each 8 (even lanes), the last 4 (odd)
+    float pad[24];
+} mm_act0; // 448 bytes, as mm_act
+
+_Static_assert(sizeof(mm_act0) == sizeof(mm_act), "one activation size for every type");
 
 // The file's bytes go over unchanged (only reordered): Q4_K's and Q5_K's byte i of a 32-byte
 // run holds weights i and i + 32 of a 64-weight half, Q5_K's high bits byte i those of weight i
@@ -80,6 +114,41 @@ typedef struct {
     uint16_t d[8];
 } mm_q6k; // 1680 = 8 × 210 (8 × 210)
 
+// Q2_K and Q3_K: the 2-bit values as the file holds them, byte i of a 32-byte run n holding
+// weight i % 16 of sub-blocks 8n + 2j + i / 16 at bits 2j (j = 0..3): `q[n][k8][8*r + j]`.
+// Q2_K's scale and min bytes as the file's (scale in the low nibble).
+typedef struct {
+    uint8_t q[2][4][64];
+    uint8_t scm[16][8]; // [sub-block][row]
+    uint16_t d[8], dmin[8];
+} mm_q2k; // 672 = 8 × 84 (8 × 84)
+
+// Q3_K: Q2_K's low bits, the high bits (hmask: bit 4n + j of byte i, as Q2_K's values), the
+// 6-bit scales unpacked (minus 32).
+typedef struct {
+    uint8_t q[2][4][64];
+    uint8_t h[4][64];
+    int8_t sc[16][8];
+    uint16_t d[8];
+} mm_q3k; // 912 = 8 × 114 (8 × 110)
+
+// Q4_0: eight blocks of 32; byte j of `q[blk][k8]` holds weights 8*k8 + j (low nibble) and
+// 16 + 8*k8 + j (high) of the block. Q8_0: its bytes in order, offset by 128.
+typedef struct {
+    uint8_t q[8][2][64];
+    uint16_t d[8][8]; // [block][row]
+} mm_q40; // 1152 = 8 × 144 (8 × 144)
+
+typedef struct {
+    uint8_t q[8][4][64];
+    uint16_t d[8][8];
+} mm_q80; // 2176 = 8 × 272 (8 × 272)
+
+// The bias of a type-0 format's packed values (the tokens' corr).
+static int bias0(int type) { return type == GGML_TYPE_Q4_0 ? 8 : Q8_BIAS; }
+
+static int is_type0(int type) { return type == GGML_TYPE_Q4_0 || type == GGML_TYPE_Q8_0; }
+
 static void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
     if (j < 4) {
         *d = q[j] & 63;
@@ -90,8 +159,13 @@ static void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
     }
 }
 
+// Bytes of a file's superblock (type-0 formats: eight blocks).
 static size_t src_block_size(int type) {
     switch (type) {
+    case GGML_TYPE_Q2_K: return sizeof(block_q2_K);
+    case GGML_TYPE_Q3_K: return sizeof(block_q3_K);
+    case GGML_TYPE_Q4_0: return 8 * sizeof(block_q4_0);
+    case GGML_TYPE_Q8_0: return 8 * sizeof(block_q8_0);
     case GGML_TYPE_Q4_K: return sizeof(block_q4_K);
     case GGML_TYPE_Q5_K: return sizeof(block_q5_K);
     case GGML_TYPE_Q6_K: return sizeof(block_q6_K);
@@ -101,6 +175,10 @@ static size_t src_block_size(int type) {
 
 static size_t packed_block_size(int type) {
     switch (type) {
+    case GGML_TYPE_Q2_K: return sizeof(mm_q2k);
+    case GGML_TYPE_Q3_K: return sizeof(mm_q3k);
+    case GGML_TYPE_Q4_0: return sizeof(mm_q40);
+    case GGML_TYPE_Q8_0: return sizeof(mm_q80);
     case GGML_TYPE_Q4_K: return sizeof(mm_q4k);
     case GGML_TYPE_Q5_K: return sizeof(mm_q5k);
     case GGML_TYPE_Q6_K: return sizeof(mm_q6k);
@@ -121,9 +199,62 @@ size_t phi4_mm_act_size(int64_t k) {
     return k > 0 && k % QK == 0 ? sizeof(mm_act) * (size_t)(k / QK) : 0;
 }
 
+// Q3_K's scale j (0..15) from the file's 12 bytes: the low 4 bits, then the high 2.
+static int8_t scale_q3k(int j, const uint8_t *s) {
+    const int lo = j < 8 ? s[j] & 0xF : s[j - 8] >> 4, hi = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
+    return (int8_t)((lo | hi << 4) - 32);
+}
+
 // Row r of a packed superblock from a file's block.
 static void pack_block(int type, const uint8_t *src, uint8_t *dst, int r) {
-    if (type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q5_K) {
+    if (type == GGML_TYPE_Q2_K || type == GGML_TYPE_Q3_K) {
+        const int three = type == GGML_TYPE_Q3_K;
+        const block_q2_K *b2 = (const block_q2_K *)src;
+        const block_q3_K *b3 = (const block_q3_K *)src;
+        uint8_t(*q)[4][64] = three ? ((mm_q3k *)dst)->q : ((mm_q2k *)dst)->q;
+        for (int n = 0; n < 2; n++) {
+            for (int k8 = 0; k8 < 4; k8++) {
+                memcpy(&q[n][k8][8 * r], (three ? b3->qs : b2->qs) + 32 * n + 8 * k8, 8);
+            }
+        }
+        if (three) {
+            mm_q3k *p = (mm_q3k *)dst;
+            for (int k8 = 0; k8 < 4; k8++) {
+                memcpy(&p->h[k8][8 * r], b3->hmask + 8 * k8, 8);
+            }
+            for (int j = 0; j < 16; j++) {
+                p->sc[j][r] = scale_q3k(j, b3->scales);
+            }
+            p->d[r] = b3->d;
+        } else {
+            mm_q2k *p = (mm_q2k *)dst;
+            for (int j = 0; j < 16; j++) {
+                p->scm[j][r] = b2->scales[j];
+            }
+            p->d[r] = b2->d;
+            p->dmin[r] = b2->dmin;
+        }
+    } else if (type == GGML_TYPE_Q4_0) {
+        const block_q4_0 *b = (const block_q4_0 *)src;
+        mm_q40 *p = (mm_q40 *)dst;
+        for (int blk = 0; blk < 8; blk++) {
+            for (int k8 = 0; k8 < 2; k8++) {
+                memcpy(&p->q[blk][k8][8 * r], b[blk].qs + 8 * k8, 8);
+            }
+            p->d[blk][r] = b[blk].d;
+        }
+    } else if (type == GGML_TYPE_Q8_0) {
+        const block_q8_0 *b = (const block_q8_0 *)src;
+        mm_q80 *p = (mm_q80 *)dst;
+        for (int blk = 0; blk < 8; blk++) {
+            for (int k8 = 0; k8 < 4; k8++) {
+                for (int j = 0; j < 8; j++) {
+                    p->q[blk][k8][8 * r + j] = (uint8_t)(b[blk].qs[8 * k8 + j] + 128);
+                }
+            }
+            p->d[blk][r] = b[blk].d;
+        }
+    } else if (type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q5_K) {
         const int five = type == GGML_TYPE_Q5_K;
         const block_q4_K *b4 = (const block_q4_K *)src;
         const block_q5_K *b5 = (const block_q5_K *)src;
@@ -184,22 +315,45 @@ void phi4_mm_pack(int type, const void *src, size_t row_bytes, int64_t nrows, in
     }
 }
 
+// One superblock of a token for a type-0 weight format: ggml's Q8_0 blocks, and the sums each
+// lane meets, times the weights' offset.
+static void quantize0(int type, const float *x, mm_act0 *a) {
+    block_q8_0 blk[8];
+    quantize_row_q8_0(x, blk, QK);
+    memset(a, 0, sizeof *a);
+    for (int b = 0; b < 8; b++) {
+        memcpy(a->qs + 32 * b, blk[b].qs, 32);
+        a->d[b] = ggml_fp16_to_fp32(blk[b].d);
+        for (int i = 0; i < 32; i++) {
+            a->corr[b][i % 8 / 4] -= bias0(type) * blk[b].qs[i];
+        }
+    }
+}
+
 // Quantize tokens [t0, t1) of x (rows `x_stride` bytes apart, length k) into `q` (token t at
-// t × phi4_mm_act_size(k)): ggml's Q8_K (quantize_row_q8_K_ref, what its CPU backend uses), with
-// the sums the mins need as floats.
-void phi4_mm_quantize(const float *x, size_t x_stride, int64_t k, void *q, int64_t t0, int64_t t1) {
+// t × phi4_mm_act_size(k)) for a product with weights of `type`: ggml's Q8_K
+// (quantize_row_q8_K_ref, what its CPU backend uses) with the sums the mins need as floats, or
+// for Q4_0 and Q8_0 its Q8_0.
+void phi4_mm_quantize(int type, const float *x, size_t x_stride, int64_t k, void *q, int64_t t0,
+                      int64_t t1) {
     const int64_t nb = k / QK;
     for (int64_t t = t0; t < t1; t++) {
         const float *xr = (const float *)((const char *)x + (size_t)t * x_stride);
         mm_act *a = (mm_act *)q + (size_t)t * (size_t)nb;
         for (int64_t b = 0; b < nb; b++, xr += QK, a++) {
+            if (is_type0(type)) {
+                quantize0(type, xr, (mm_act0 *)a);
+                continue;
+            }
             block_q8_K blk;
             quantize_row_q8_K_ref(xr, &blk, QK);
             memset(a, 0, sizeof *a);
             memcpy(a->qs, blk.qs, QK);
             a->d = blk.d;
+            const int half_offset = type == GGML_TYPE_Q6_K ? 16 : type == GGML_TYPE_Q3_K ? 2 : 0;
             for (int j = 0; j < 16; j++) {
                 a->bs16[j] = blk.bsums[j];
+                a->off16[j] = -half_offset * blk.bsums[j];
             }
             for (int j = 0; j < 8; j++) {
                 a->bs32[j] = a->bs16[2 * j] + a->bs16[2 * j + 1];
@@ -210,8 +364,27 @@ void phi4_mm_quantize(const float *x, size_t x_stride, int64_t k, void *q, int64
 
 // ---- the scalar path (every ISA's reference) ---------------------------------------------------
 
-// Weight w (0..256) of row r of a packed superblock, unsigned (Q6_K's -32 left out).
+// Weight w (0..256) of row r of a packed superblock, unsigned (Q6_K's -32, Q3_K's -4 and Q4_0's
+// -8 left out); Q8_0's signed.
 static int packed_weight(int type, const uint8_t *p, int r, int w) {
+    if (type == GGML_TYPE_Q2_K || type == GGML_TYPE_Q3_K) {
+        const int three = type == GGML_TYPE_Q3_K;
+        const uint8_t(*q)[4][64] = three ? ((const mm_q3k *)p)->q : ((const mm_q2k *)p)->q;
+        const int n = w / 128, j = w % 128 / 32, i = w % 32, k8 = i / 8, jj = i % 8;
+        int v = (q[n][k8][8 * r + jj] >> (2 * j)) & 3;
+        if (three) {
+            v |= ((((const mm_q3k *)p)->h[k8][8 * r + jj] >> (4 * n + j)) & 1) << 2;
+        }
+        return v;
+    }
+    if (type == GGML_TYPE_Q4_0) {
+        const int blk = w / 32, i = w % 32;
+        return (((const mm_q40 *)p)->q[blk][i % 16 / 8][8 * r + i % 8] >> (4 * (i / 16))) & 0xF;
+    }
+    if (type == GGML_TYPE_Q8_0) {
+        const uint8_t v = ((const mm_q80 *)p)->q[w / 32][w % 32 / 8][8 * r + w % 8];
+        return (int)v - 128;
+    }
     if (type == GGML_TYPE_Q6_K) {
         const mm_q6k *b = (const mm_q6k *)p;
         const int n = w / 128, wi = w % 128, hi = wi >= 64, l = wi % 64;
@@ -229,13 +402,49 @@ static int packed_weight(int type, const uint8_t *p, int r, int w) {
     return v;
 }
 
+// y[t][2r] += over one superblock of Q4_0 or Q8_0, for n tokens.
+static void block_scalar0(int type, const uint8_t *p, const mm_act0 *const *a, int n,
+                          float (*y)[2 * ROWS]) {
+    const uint16_t(*d)[8] = type == GGML_TYPE_Q4_0 ? ((const mm_q40 *)p)->d : ((const mm_q80 *)p)->d;
+    const int offset = type == GGML_TYPE_Q4_0 ? 8 : 0;
+    for (int r = 0; r < ROWS; r++) {
+        for (int t = 0; t < n; t++) {
+            for (int blk = 0; blk < 8; blk++) {
+                int s = 0;
+                for (int i = 0; i < 32; i++) {
+                    s += (packed_weight(type, p, r, 32 * blk + i) - offset) * a[t]->qs[32 * blk + i];
+                }
+                y[t][2 * r] += ggml_fp16_to_fp32(d[blk][r]) * a[t]->d[blk] * (float)s;
+            }
+        }
+    }
+}
+
 // y[t][2r] += over one superblock, for n tokens.
 static void block_scalar(int type, const uint8_t *p, const mm_act *const *a, int n, float (*y)[2 * ROWS]) {
-    const int six = type == GGML_TYPE_Q6_K, nsub = six ? 16 : 8, len = QK / nsub;
+    if (is_type0(type)) {
+        block_scalar0(type, p, (const mm_act0 *const *)a, n, y);
+        return;
+    }
+    const int six = type == GGML_TYPE_Q6_K || type == GGML_TYPE_Q3_K || type == GGML_TYPE_Q2_K;
+    const int nsub = six ? 16 : 8, len = QK / nsub;
     for (int r = 0; r < ROWS; r++) {
         float d, dmin;
         int sc[16], m[16];
-        if (six) {
+        if (type == GGML_TYPE_Q2_K) {
+            const mm_q2k *b = (const mm_q2k *)p;
+            for (int sb = 0; sb < 16; sb++) {
+                sc[sb] = b->scm[sb][r] & 0xF, m[sb] = b->scm[sb][r] >> 4;
+            }
+            d = ggml_fp16_to_fp32(b->d[r]);
+            dmin = ggml_fp16_to_fp32(b->dmin[r]);
+        } else if (type == GGML_TYPE_Q3_K) {
+            const mm_q3k *b = (const mm_q3k *)p;
+            for (int sb = 0; sb < 16; sb++) {
+                sc[sb] = b->sc[sb][r], m[sb] = 4 * b->sc[sb][r];
+            }
+            d = dmin = ggml_fp16_to_fp32(b->d[r]);
+        } else if (type == GGML_TYPE_Q6_K) {
             const mm_q6k *b = (const mm_q6k *)p;
             for (int sb = 0; sb < 16; sb++) {
                 sc[sb] = b->sc[sb][r], m[sb] = 32 * b->sc[sb][r];
@@ -274,8 +483,10 @@ static void block_scalar(int type, const uint8_t *p, const mm_act *const *a, int
 typedef __m512i vg;
 typedef __m512 vgf;
 static inline vg vg_zero(void) { return _mm512_setzero_si512(); }
+static inline vg vg_splat32(int32_t x) { return _mm512_set1_epi32(x); }
 static inline vg vg_load(const void *p) { return _mm512_loadu_si512(p); }
 static inline vg vg_and(vg v, uint8_t m) { return _mm512_and_si512(v, _mm512_set1_epi8((char)m)); }
+static inline vg vg_xor(vg v, uint8_t m) { return _mm512_xor_si512(v, _mm512_set1_epi8((char)m)); }
 static inline vg vg_shr_and(vg v, int s, uint8_t m) {
     return _mm512_and_si512(_mm512_srli_epi16(v, (unsigned)s), _mm512_set1_epi8((char)m));
 }
@@ -293,11 +504,24 @@ static inline vg vg_dot8(vg acc, vg w, const void *p) {
                                                    _mm512_set1_epi16(1)));
 #endif
 }
+static inline vg vg_bcast8(const void *p) {
+    int64_t x;
+    memcpy(&x, p, 8);
+    return _mm512_set1_epi64(x);
+}
+// vg_dot8 of signed weights: their signs moved onto the tokens (|w| × ±x).
+static inline vg vg_dot8_ss(vg acc, vg w, const void *p) {
+    const vg x = vg_bcast8(p);
+    const vg sx = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_abs_epi8(w), sx),
+                                                   _mm512_set1_epi16(1)));
+}
 static inline vgf vgf_zero(void) { return _mm512_setzero_ps(); }
 static inline vgf vgf_cvt(vg v) { return _mm512_cvtepi32_ps(v); }
 static inline vgf vgf_fma(vgf a, vgf b, vgf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vgf vgf_fnma(vgf a, vgf b, vgf c) { return _mm512_fnmadd_ps(a, b, c); }
 static inline vgf vgf_mul(vgf a, vgf b) { return _mm512_mul_ps(a, b); }
+static inline vgf vgf_add(vgf a, vgf b) { return _mm512_add_ps(a, b); }
 static inline vgf vgf_splat(float x) { return _mm512_set1_ps(x); }
 static inline vgf vgf_load(const float *p) { return _mm512_loadu_ps(p); }
 static inline void vgf_store(float *p, vgf v) { _mm512_storeu_ps(p, v); }
@@ -321,8 +545,10 @@ typedef struct { __m256 a, b; } vgf;
 #define VG2(expr_a, expr_b) { vg r_ = {expr_a, expr_b}; return r_; }
 #define VGF2(expr_a, expr_b) { vgf r_ = {expr_a, expr_b}; return r_; }
 static inline vg vg_zero(void) VG2(_mm256_setzero_si256(), _mm256_setzero_si256())
+static inline vg vg_splat32(int32_t x) VG2(_mm256_set1_epi32(x), _mm256_set1_epi32(x))
 static inline vg vg_load(const void *p) VG2(_mm256_loadu_si256((const __m256i *)p), _mm256_loadu_si256((const __m256i *)p + 1))
 static inline vg vg_and(vg v, uint8_t m) VG2(_mm256_and_si256(v.a, _mm256_set1_epi8((char)m)), _mm256_and_si256(v.b, _mm256_set1_epi8((char)m)))
+static inline vg vg_xor(vg v, uint8_t m) VG2(_mm256_xor_si256(v.a, _mm256_set1_epi8((char)m)), _mm256_xor_si256(v.b, _mm256_set1_epi8((char)m)))
 static inline vg vg_shr_and(vg v, int s, uint8_t m)
     VG2(_mm256_and_si256(_mm256_srli_epi16(v.a, s), _mm256_set1_epi8((char)m)),
         _mm256_and_si256(_mm256_srli_epi16(v.b, s), _mm256_set1_epi8((char)m)))
@@ -342,11 +568,27 @@ static inline vg vg_dot8(vg acc, vg w, const void *p) {
     const __m256i v = _mm256_set1_epi64x(x);
     VG2(DPBUSD(acc.a, w.a, v), DPBUSD(acc.b, w.b, v))
 }
+static inline vg vg_bcast8(const void *p) {
+    int64_t x;
+    memcpy(&x, p, 8);
+    const __m256i v = _mm256_set1_epi64x(x);
+    VG2(v, v)
+}
+static inline __m256i dot8_ss(__m256i acc, __m256i w, __m256i x) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)),
+                                                   _mm256_set1_epi16(1)));
+}
+// vg_dot8 of signed weights: their signs moved onto the tokens (|w| × ±x).
+static inline vg vg_dot8_ss(vg acc, vg w, const void *p) {
+    const vg x = vg_bcast8(p);
+    VG2(dot8_ss(acc.a, w.a, x.a), dot8_ss(acc.b, w.b, x.b))
+}
 static inline vgf vgf_zero(void) VGF2(_mm256_setzero_ps(), _mm256_setzero_ps())
 static inline vgf vgf_cvt(vg v) VGF2(_mm256_cvtepi32_ps(v.a), _mm256_cvtepi32_ps(v.b))
 static inline vgf vgf_fma(vgf x, vgf y, vgf z) VGF2(_mm256_fmadd_ps(x.a, y.a, z.a), _mm256_fmadd_ps(x.b, y.b, z.b))
 static inline vgf vgf_fnma(vgf x, vgf y, vgf z) VGF2(_mm256_fnmadd_ps(x.a, y.a, z.a), _mm256_fnmadd_ps(x.b, y.b, z.b))
 static inline vgf vgf_mul(vgf x, vgf y) VGF2(_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b))
+static inline vgf vgf_add(vgf x, vgf y) VGF2(_mm256_add_ps(x.a, y.a), _mm256_add_ps(x.b, y.b))
 static inline vgf vgf_splat(float x) VGF2(_mm256_set1_ps(x), _mm256_set1_ps(x))
 static inline vgf vgf_load(const float *p) VGF2(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8))
 static inline void vgf_store(float *p, vgf v) { _mm256_storeu_ps(p, v.a); _mm256_storeu_ps(p + 8, v.b); }
@@ -370,8 +612,10 @@ typedef struct { float32x4_t v[4]; } vgf;
 #define U8(x) vreinterpretq_u8_s32(x)
 #define S32(x) vreinterpretq_s32_u8(x)
 static inline vg vg_zero(void) EACH(vg, vdupq_n_s32(0))
+static inline vg vg_splat32(int32_t x) EACH(vg, vdupq_n_s32(x))
 static inline vg vg_load(const void *p) EACH(vg, S32(vld1q_u8((const uint8_t *)p + 16 * i)))
 static inline vg vg_and(vg x, uint8_t m) EACH(vg, S32(vandq_u8(U8(x.v[i]), vdupq_n_u8(m))))
+static inline vg vg_xor(vg x, uint8_t m) EACH(vg, S32(veorq_u8(U8(x.v[i]), vdupq_n_u8(m))))
 static inline vg vg_shr_and(vg x, int s, uint8_t m)
     EACH(vg, S32(vandq_u8(vshlq_u8(U8(x.v[i]), vdupq_n_s8((int8_t)-s)), vdupq_n_u8(m))))
 static inline vg vg_shl(vg x, int s) EACH(vg, S32(vshlq_u8(U8(x.v[i]), vdupq_n_s8((int8_t)s))))
@@ -382,11 +626,15 @@ static inline vg vg_dot8(vg acc, vg w, const void *p) {
     const int8x16_t x = vreinterpretq_s8_s64(vld1q_dup_s64((const int64_t *)p));
     EACH(vg, vdotq_s32(acc.v[i], vreinterpretq_s8_s32(w.v[i]), x))
 }
+static inline vg vg_bcast8(const void *p) EACH(vg, vreinterpretq_s32_s64(vld1q_dup_s64((const int64_t *)p)))
+// sdot is signed × signed already.
+static inline vg vg_dot8_ss(vg acc, vg w, const void *p) { return vg_dot8(acc, w, p); }
 static inline vgf vgf_zero(void) EACH(vgf, vdupq_n_f32(0))
 static inline vgf vgf_cvt(vg x) EACH(vgf, vcvtq_f32_s32(x.v[i]))
 static inline vgf vgf_fma(vgf x, vgf y, vgf z) EACH(vgf, vfmaq_f32(z.v[i], x.v[i], y.v[i]))
 static inline vgf vgf_fnma(vgf x, vgf y, vgf z) EACH(vgf, vfmsq_f32(z.v[i], x.v[i], y.v[i]))
 static inline vgf vgf_mul(vgf x, vgf y) EACH(vgf, vmulq_f32(x.v[i], y.v[i]))
+static inline vgf vgf_add(vgf x, vgf y) EACH(vgf, vaddq_f32(x.v[i], y.v[i]))
 static inline vgf vgf_splat(float x) EACH(vgf, vdupq_n_f32(x))
 static inline vgf vgf_load(const float *p) EACH(vgf, vld1q_f32(p + 4 * i))
 static inline void vgf_store(float *p, vgf x) {
@@ -425,20 +673,20 @@ static inline vgf vgf_h8(const uint16_t *p) {
 // Sub-blocks go in pairs that share their bytes (`PAIR(p, k8, lo, hi)` makes both pairs'
 // values once), each dotted with every token; with few tokens each token's sums are split over
 // KS chains, so that enough dot products are in flight to hide their latency.
-#define KS (N == 1 ? 4 : N <= 3 ? 2 : 1)
-#define KQUANT_BLOCK(NAME, T, NPAIR, LEN, LO, HI, PAIR, SCALE, MIN, D, DMIN, BS)                   \
+#define KS (N == 1 ? 2 : 1)
+#define KQUANT_BLOCK(NAME, T, NPAIR, LEN, LO, HI, PAIR, SCALE, OFF, MIN, D, DMIN, BS)              \
     static inline void NAME(const void *pb, const mm_act *const *a, float (*y)[2 * ROWS]) {      \
         const T *b = (const T *)pb;                                                                \
-        vgf fs[N];                                                                                 \
+        vgf fs[N], fs1[N]; /* the pairs' low and high sub-blocks: two chains */                   \
         for (int t = 0; t < N; t++) {                                                              \
-            fs[t] = vgf_zero();                                                                    \
+            fs[t] = fs1[t] = vgf_zero();                                                           \
         }                                                                                          \
         _Pragma("GCC unroll 8") for (int p = 0; p < NPAIR; p++) {                                  \
             vg s0[N][KS], s1[N][KS];                                                               \
             for (int t = 0; t < N; t++) {                                                          \
                 for (int c = 0; c < KS; c++) {                                                     \
-                    s0[t][c] = vg_zero();                                                          \
-                    s1[t][c] = vg_zero();                                                          \
+                    s0[t][c] = OFF && c == 0 ? vg_splat32(a[t]->off16[LO(p)]) : vg_zero();         \
+                    s1[t][c] = OFF && c == 0 ? vg_splat32(a[t]->off16[HI(p)]) : vg_zero();         \
                 }                                                                                  \
             }                                                                                      \
             _Pragma("GCC unroll 4") for (int k8 = 0; k8 < LEN / 8; k8++) {                         \
@@ -456,25 +704,34 @@ static inline vgf vgf_h8(const uint16_t *p) {
                     s1[t][0] = vg_add(s1[t][0], s1[t][c]);                                         \
                 }                                                                                  \
                 fs[t] = vgf_fma(vgf_cvt(s0[t][0]), sc0, fs[t]);                                    \
-                fs[t] = vgf_fma(vgf_cvt(s1[t][0]), sc1, fs[t]);                                    \
+                fs1[t] = vgf_fma(vgf_cvt(s1[t][0]), sc1, fs1[t]);                                  \
             }                                                                                      \
         }                                                                                          \
-        /* The mins: Σ over sub-blocks of min × the token's sum there (no weight values). */       \
+        /* The mins: Σ over sub-blocks of min × the token's sum there (no weight values); an   \
+           offset (OFF) was taken off in the integer sums already. */                             \
         vgf mn[2 * NPAIR];                                                                         \
         for (int sb = 0; sb < 2 * NPAIR; sb++) {                                                   \
             mn[sb] = MIN(sb);                                                                      \
         }                                                                                          \
         const vgf d = D, dmin = DMIN;                                                              \
         for (int t = 0; t < N; t++) {                                                              \
-            vgf fm = vgf_zero();                                                                   \
-            for (int sb = 0; sb < 2 * NPAIR; sb++) {                                               \
-                fm = vgf_fma(mn[sb], vgf_splat(a[t]->BS[sb]), fm);                                 \
+            vgf fm[KS];                                                                            \
+            for (int c = 0; c < KS; c++) {                                                         \
+                fm[c] = vgf_zero();                                                                \
+            }                                                                                      \
+            for (int sb = 0; sb < 2 * NPAIR && !OFF; sb++) {                                       \
+                fm[sb % KS] = vgf_fma(mn[sb], vgf_splat(a[t]->BS[sb]), fm[sb % KS]);               \
+            }                                                                                      \
+            for (int c = 1; c < KS; c++) {                                                         \
+                fm[0] = vgf_add(fm[0], fm[c]);                                                     \
             }                                                                                      \
             /* Both lanes of a row hold its whole min term: half in each (exact). */               \
             const vgf da = vgf_splat(a[t]->d), da_half = vgf_splat(0.5f * a[t]->d);                \
             vgf acc = vgf_load(y[t]);                                                              \
-            acc = vgf_fma(fs[t], vgf_mul(d, da), acc);                                             \
-            acc = vgf_fnma(fm, vgf_mul(dmin, da_half), acc);                                       \
+            acc = vgf_fma(vgf_add(fs[t], fs1[t]), vgf_mul(d, da), acc);                            \
+            if (!OFF) {                                                                            \
+                acc = vgf_fnma(fm[0], vgf_mul(dmin, da_half), acc);                                \
+            }                                                                                      \
             vgf_store(y[t], acc);                                                                  \
         }                                                                                          \
     }
@@ -504,12 +761,91 @@ static inline vgf vgf_h8(const uint16_t *p) {
 #define KSC(sb) vgf_u8(b->sc[sb])
 #define KMIN(sb) vgf_u8(b->m[sb])
 #define Q6SC(sb) vgf_i8(b->sc[sb])
-#define Q6MIN(sb) vgf_mul(vgf_i8(b->sc[sb]), vgf_splat(32.0f))
+#define NO_MIN(sb) vgf_zero() // an offset instead (OFF)
+
+#define Q2LO(p) (8 * ((p) / 4) + 4 * ((p) / 2 % 2) + (p) % 2)
+#define Q2HI(p) (Q2LO(p) + 2)
+#define Q2K_PAIR(p, k8, lo, hi)                                                                    \
+    do {                                                                                           \
+        const vg v_ = vg_load(b->q[(p) / 4][2 * ((p) % 2) + (k8)]);                                \
+        lo = vg_shr_and(v_, 4 * ((p) / 2 % 2), 3);                                                 \
+        hi = vg_shr_and(v_, 4 * ((p) / 2 % 2) + 2, 3);                                             \
+    } while (0)
+#define Q3K_PAIR(p, k8, lo, hi)                                                                    \
+    do {                                                                                           \
+        const vg v_ = vg_load(b->q[(p) / 4][2 * ((p) % 2) + (k8)]), h_ = vg_load(b->h[2 * ((p) % 2) + (k8)]); \
+        const int s_ = 4 * ((p) / 2 % 2), hb_ = 4 * ((p) / 4) + 2 * ((p) / 2 % 2);                 \
+        lo = vg_or(vg_shr_and(v_, s_, 3), vg_shl(vg_shr_and(h_, hb_, 1), 2));                      \
+        hi = vg_or(vg_shr_and(v_, s_ + 2, 3), vg_shl(vg_shr_and(h_, hb_ + 1, 1), 2));              \
+    } while (0)
+// Q2_K's scale (low nibble) or min (high) of 8 rows.
+static inline vgf vgf_nib(const uint8_t *p, int hi) {
+    uint8_t t[8];
+    for (int i = 0; i < 8; i++) {
+        t[i] = hi ? p[i] >> 4 : p[i] & 0xF;
+    }
+    return vgf_u8(t);
+}
+#define Q2SC(sb) vgf_nib(b->scm[sb], 0)
+#define Q2MIN(sb) vgf_nib(b->scm[sb], 1)
+
+// One superblock (eight blocks of 32) of Q4_0 or Q8_0, 8 rows × N tokens: each block's four
+// vectors dotted with every token, starting from the token's share of the weights' offset,
+// then scaled per row and token.
+#define TYPE0_BLOCK(NAME, T, WEIGHTS, DOT)                                                         \
+    static inline void NAME(const void *pb, const mm_act *const *a_, float (*y)[2 * ROWS]) {     \
+        const T *b = (const T *)pb;                                                                \
+        const mm_act0 *const *a = (const mm_act0 *const *)a_;                                      \
+        vgf fs[N];                                                                                 \
+        for (int t = 0; t < N; t++) {                                                              \
+            fs[t] = vgf_load(y[t]);                                                                \
+        }                                                                                          \
+        _Pragma("GCC unroll 8") for (int blk = 0; blk < 8; blk++) {                                \
+            vg w[4];                                                                               \
+            WEIGHTS(blk, w);                                                                       \
+            const vgf dw = vgf_h8(b->d[blk]);                                                      \
+            for (int t = 0; t < N; t++) {                                                          \
+                vg s = vg_bcast8(a[t]->corr[blk]);                                                 \
+                for (int c = 0; c < 4; c++) {                                                      \
+                    s = DOT(s, w[c], a[t]->qs + 32 * blk + 8 * c);                                 \
+                }                                                                                  \
+                fs[t] = vgf_fma(vgf_cvt(s), vgf_mul(dw, vgf_splat(a[t]->d[blk])), fs[t]);          \
+            }                                                                                      \
+        }                                                                                          \
+        for (int t = 0; t < N; t++) {                                                              \
+            vgf_store(y[t], fs[t]);                                                                \
+        }                                                                                          \
+    }
+#define Q40_W(blk, w)                                                                              \
+    do {                                                                                           \
+        const vg v0_ = vg_load(b->q[blk][0]), v1_ = vg_load(b->q[blk][1]);                         \
+        w[0] = vg_and(v0_, 0x0F);                                                                  \
+        w[1] = vg_and(v1_, 0x0F);                                                                  \
+        w[2] = vg_shr_and(v0_, 4, 0x0F);                                                           \
+        w[3] = vg_shr_and(v1_, 4, 0x0F);                                                           \
+    } while (0)
+#if Q8_BIAS
+#define Q8_DOT vg_dot8
+#define Q8_SIGNED(v) (v)
+#else
+#define Q8_DOT vg_dot8_ss
+#define Q8_SIGNED(v) vg_xor(v, 0x80)
+#endif
+#define Q80_W(blk, w)                                                                              \
+    do {                                                                                           \
+        for (int c_ = 0; c_ < 4; c_++) {                                                           \
+            w[c_] = Q8_SIGNED(vg_load(b->q[blk][c_]));                                             \
+        }                                                                                          \
+    } while (0)
 
 #define KQUANT_BLOCKS(N)                                                                           \
-    KQUANT_BLOCK(q4k_##N, mm_q4k, 4, 32, KLO, KHI, Q4K_PAIR, KSC, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
-    KQUANT_BLOCK(q5k_##N, mm_q4k, 4, 32, KLO, KHI, Q5K_PAIR, KSC, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
-    KQUANT_BLOCK(q6k_##N, mm_q6k, 8, 16, Q6LO, Q6HI, Q6K_PAIR, Q6SC, Q6MIN, vgf_h8(b->d), vgf_h8(b->d), bs16)
+    KQUANT_BLOCK(q2k_##N, mm_q2k, 8, 16, Q2LO, Q2HI, Q2K_PAIR, Q2SC, 0, Q2MIN, vgf_h8(b->d), vgf_h8(b->dmin), bs16) \
+    KQUANT_BLOCK(q3k_##N, mm_q3k, 8, 16, Q2LO, Q2HI, Q3K_PAIR, Q6SC, 1, NO_MIN, vgf_h8(b->d), vgf_h8(b->d), bs16) \
+    TYPE0_BLOCK(q40_##N, mm_q40, Q40_W, vg_dot8)                                                   \
+    TYPE0_BLOCK(q80_##N, mm_q80, Q80_W, Q8_DOT)                                                    \
+    KQUANT_BLOCK(q4k_##N, mm_q4k, 4, 32, KLO, KHI, Q4K_PAIR, KSC, 0, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
+    KQUANT_BLOCK(q5k_##N, mm_q4k, 4, 32, KLO, KHI, Q5K_PAIR, KSC, 0, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
+    KQUANT_BLOCK(q6k_##N, mm_q6k, 8, 16, Q6LO, Q6HI, Q6K_PAIR, Q6SC, 1, NO_MIN, vgf_h8(b->d), vgf_h8(b->d), bs16)
 
 // Each token count its own functions, so that the compiler keeps the tokens' sums in registers:
 // 1, 2, 3, 4 and 8 (5 to 7 tokens go as 4 and the rest: a smaller library).
@@ -532,9 +868,25 @@ KQUANT_BLOCKS(8)
 typedef void (*block_fn)(const void *, const mm_act *const *, float (*)[2 * ROWS]);
 
 #define FNS(name) {name##_1, name##_2, name##_3, name##_4, NULL, NULL, NULL, name##_8}
+static const block_fn Q2K_FNS[TOKENS] = FNS(q2k);
+static const block_fn Q3K_FNS[TOKENS] = FNS(q3k);
+static const block_fn Q40_FNS[TOKENS] = FNS(q40);
+static const block_fn Q80_FNS[TOKENS] = FNS(q80);
 static const block_fn Q4K_FNS[TOKENS] = FNS(q4k);
 static const block_fn Q5K_FNS[TOKENS] = FNS(q5k);
 static const block_fn Q6K_FNS[TOKENS] = FNS(q6k);
+
+static const block_fn *block_fns(int type) {
+    switch (type) {
+    case GGML_TYPE_Q2_K: return Q2K_FNS;
+    case GGML_TYPE_Q3_K: return Q3K_FNS;
+    case GGML_TYPE_Q4_0: return Q40_FNS;
+    case GGML_TYPE_Q8_0: return Q80_FNS;
+    case GGML_TYPE_Q4_K: return Q4K_FNS;
+    case GGML_TYPE_Q5_K: return Q5K_FNS;
+    default: return Q6K_FNS;
+    }
+}
 #endif
 
 // Whether this build has a vector path (else the scalar one runs: correct, but slower than
@@ -555,9 +907,7 @@ void phi4_mm_run(int type, const void *w, const void *q, int64_t k, int64_t m, i
     const int64_t nb = k / QK;
     const size_t pbs = packed_block_size(type);
 #if defined(MM_VECTOR)
-    const block_fn *fns = type == GGML_TYPE_Q4_K   ? Q4K_FNS
-                          : type == GGML_TYPE_Q5_K ? Q5K_FNS
-                                                   : Q6K_FNS;
+    const block_fn *fns = block_fns(type);
 #else
     scalar = 1;
 #endif
@@ -574,6 +924,12 @@ void phi4_mm_run(int type, const void *w, const void *q, int64_t k, int64_t m, i
                     a[t] = (const mm_act *)q + (size_t)(t0 + t) * (size_t)nb + b;
                 }
                 const uint8_t *wb = wg + (size_t)b * pbs;
+                // The weights stream from memory once per step: ask for them ahead of use (the
+                // next group's follow this one's), a whole superblock's lines at a time.
+                // Prefetching past the matrix's end is harmless (never faults).
+                for (size_t o = 0; o < pbs; o += 64) {
+                    __builtin_prefetch(wb + PREFETCH + o, 0, 2);
+                }
                 if (scalar) {
                     block_scalar(type, wb, a, (int)n, acc);
                 }
@@ -595,13 +951,14 @@ void phi4_mm_run(int type, const void *w, const void *q, int64_t k, int64_t m, i
 
 // ---- inside ggml's graph -----------------------------------------------------------------------
 
-// Custom op: dst (I8, [act bytes, m]) = src[0] (F32, [k, m]) quantized; tokens split by thread.
+// Custom op: dst (I8, [act bytes, m]) = src[0] (F32, [k, m]) quantized for the weight type in
+// userdata; tokens split by thread.
 void phi4_mm_op_quantize(struct ggml_tensor *dst, int ith, int nth, void *userdata) {
-    (void)userdata;
+    const int type = (int)(intptr_t)userdata;
     const struct ggml_tensor *x = dst->src[0];
     const int64_t k = x->ne[0], m = x->ne[1];
     const int64_t t0 = m * ith / nth, t1 = m * (ith + 1) / nth;
-    phi4_mm_quantize((const float *)x->data, x->nb[1], k, dst->data, t0, t1);
+    phi4_mm_quantize(type, (const float *)x->data, x->nb[1], k, dst->data, t0, t1);
 }
 
 // Custom op: dst (F32, [n, m]) = src[0] (I8: the packed weights, [group bytes, groups]) ·

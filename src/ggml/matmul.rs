@@ -21,7 +21,15 @@ const QK: usize = 256;
 const MAX_SRC: usize = 10; // GGML_MAX_SRC
 
 /// The weight types phi4's kernels multiply.
-pub const KERNEL_TYPES: [Type; 3] = [Type::Q4_K, Type::Q5_K, Type::Q6_K];
+pub const KERNEL_TYPES: [Type; 7] = [
+    Type::Q2_K,
+    Type::Q3_K,
+    Type::Q4_0,
+    Type::Q4_K,
+    Type::Q5_K,
+    Type::Q6_K,
+    Type::Q8_0,
+];
 
 /// Which kernels multiply a matrix: phi4's, or ggml's (`PHI4_KERNELS=ggml` asks for ggml's
 /// everywhere, to compare).
@@ -138,7 +146,7 @@ impl<'ctx> Graph<'ctx> {
         let kern = kernels();
         // SAFETY: plain arithmetic.
         let act = unsafe { (kern.mm_act_size)(k as i64) } as i64;
-        let q = self.custom(Type::I8, [act, n], &[x], kern.mm_op_quantize, 0);
+        let q = self.custom(Type::I8, [act, n], &[x], kern.mm_op_quantize, ty.0 as usize);
         self.custom(
             Type::F32,
             [rows as i64, n],
@@ -253,7 +261,17 @@ impl PackedMatrix {
         split(m, threads, |t0, t1| {
             // SAFETY: x holds m rows of k floats; q has room for m tokens; each call writes its
             // own tokens [t0, t1).
-            unsafe { (kern.mm_quantize)(x.as_ptr(), k * 4, k as i64, qp as *mut c_void, t0, t1) }
+            unsafe {
+                (kern.mm_quantize)(
+                    ty.0 as c_int,
+                    x.as_ptr(),
+                    k * 4,
+                    k as i64,
+                    qp as *mut c_void,
+                    t0,
+                    t1,
+                )
+            }
         });
         split(groups, threads, |g0, g1| {
             // SAFETY: w is this matrix's packed groups, q its m quantized tokens, y has m rows

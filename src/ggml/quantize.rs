@@ -30,6 +30,8 @@ pub fn quantize(ty: Type, src: &[f32], n_per_row: usize) -> Result<Vec<u8>, Stri
         Type::F16,
         Type::Q4_0,
         Type::Q8_0,
+        Type::Q2_K,
+        Type::Q3_K,
         Type::Q4_K,
         Type::Q5_K,
         Type::Q6_K,
@@ -37,7 +39,7 @@ pub fn quantize(ty: Type, src: &[f32], n_per_row: usize) -> Result<Vec<u8>, Stri
     .contains(&ty)
     {
         return Err(format!(
-            "{ty:?} cannot be written here (f32, f16, q4_0, q8_0, q4_K, q5_K, q6_K)"
+            "{ty:?} cannot be written here (f32, f16, q4_0, q8_0, q2_K, q3_K, q4_K, q5_K, q6_K)"
         ));
     }
     // SAFETY: src holds nrows*n_per_row floats, out holds nrows rows of ty; no imatrix needed.

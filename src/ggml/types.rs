@@ -21,6 +21,8 @@ impl Type {
     pub const F16: Type = Type(sys::GGML_TYPE_F16);
     pub const Q4_0: Type = Type(sys::GGML_TYPE_Q4_0);
     pub const Q8_0: Type = Type(sys::GGML_TYPE_Q8_0);
+    pub const Q2_K: Type = Type(sys::GGML_TYPE_Q2_K);
+    pub const Q3_K: Type = Type(sys::GGML_TYPE_Q3_K);
     pub const Q4_K: Type = Type(sys::GGML_TYPE_Q4_K);
     pub const Q5_K: Type = Type(sys::GGML_TYPE_Q5_K);
     pub const Q6_K: Type = Type(sys::GGML_TYPE_Q6_K);
