@@ -200,9 +200,9 @@ pub(crate) struct Weights {
 
 /// How a model is loaded.
 pub struct LoadParams<'a> {
-    /// Repack the weight matrices that faster kernels have a layout for: phi4's own (Q4_K, Q5_K,
-    /// Q6_K, where the CPU has a vector path for them), else ggml's (Q4_0, Q4_K, ... depending
-    /// on the CPU). Costs load time and anonymous memory for those tensors, which then leave
+    /// Repack the weight matrices that faster kernels have a layout for: phi4's own (Q2_K to
+    /// Q6_K, Q4_0, Q8_0, where the CPU has a vector path for them), else ggml's (depending on
+    /// the CPU). Costs load time and anonymous memory for those tensors, which then leave
     /// the page cache mapping; `false` keeps every weight zero-copy in the mmap, for ggml's
     /// kernels.
     pub repack: bool,

@@ -1,8 +1,8 @@
 //! phi4's quantized matrix kernels against ggml's, and every CPU variant's vector path against
 //! its scalar path: every weight type, odd shapes, tails of row groups, 1..=17 tokens and more.
 //!
-//! ggml's product (its vec_dot over the same Q8_K activations: the same integers, summed in
-//! another order) is the independent reference. The tolerance is relative to the size of the
+//! ggml's product (its vec_dot over the same Q8_K or Q8_0 activations: the same integers, summed
+//! in another order) is the independent reference. The tolerance is relative to the size of the
 //! terms summed (Σ|w·x| over a row), 2e-6: float rounding of a few thousand terms, far below
 //! the smallest difference a wrong sub-block, scale or bit would make (a weight's share,
 //! ≥ 1/k of that sum).

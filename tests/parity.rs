@@ -86,3 +86,7 @@ fn q2_k() {
 fn q3_k() {
     parity("q3_k", 7)
 }
+#[test]
+fn iq4_xs() {
+    parity("iq4_xs", 8)
+}

@@ -1,5 +1,5 @@
 // phi4's quantized matrix kernels: y = W·x for the K-quant weight types (Q2_K ... Q6_K) and
-// Q4_0 / Q8_0, with every weight block unpacked once per step and applied to all the step's
+// Q4_0 / Q8_0 / IQ4_XS, with every weight block unpacked once per step and applied to all the step's
 // tokens.
 //
 // ggml's kernels take one token at a time through a weight block (vec_dot), or four (its
@@ -132,6 +132,19 @@ typedef struct {
     uint16_t d[8];
 } mm_q3k; // 912 = 8 × 114 (8 × 110)
 
+// IQ4_XS: the file's 4-bit indices into IQ4_NL's codebook, per sub-block of 32: byte j of
+// `nib[sb][k8]` holds indices 8*k8 + j (low nibble) and 16 + 8*k8 + j (high); the 6-bit scales
+// unpacked (minus 32).
+typedef struct {
+    uint8_t nib[8][2][64];
+    int8_t sc[8][8];
+    uint16_t d[8];
+} mm_iq4xs; // 1104 = 8 × 138 (8 × 136)
+
+// IQ4_NL's codebook (the format's), and as the kernels read it: offset by 128 where the dot
+// product takes unsigned weights (the offset taken off through mm_act.off16, as Q8_0's).
+static const int8_t IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
 // Q4_0: eight blocks of 32; byte j of `q[blk][k8]` holds weights 8*k8 + j (low nibble) and
 // 16 + 8*k8 + j (high) of the block. Q8_0: its bytes in order, offset by 128.
 typedef struct {
@@ -162,6 +175,7 @@ static void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
 // Bytes of a file's superblock (type-0 formats: eight blocks).
 static size_t src_block_size(int type) {
     switch (type) {
+    case GGML_TYPE_IQ4_XS: return sizeof(block_iq4_xs);
     case GGML_TYPE_Q2_K: return sizeof(block_q2_K);
     case GGML_TYPE_Q3_K: return sizeof(block_q3_K);
     case GGML_TYPE_Q4_0: return 8 * sizeof(block_q4_0);
@@ -175,6 +189,7 @@ static size_t src_block_size(int type) {
 
 static size_t packed_block_size(int type) {
     switch (type) {
+    case GGML_TYPE_IQ4_XS: return sizeof(mm_iq4xs);
     case GGML_TYPE_Q2_K: return sizeof(mm_q2k);
     case GGML_TYPE_Q3_K: return sizeof(mm_q3k);
     case GGML_TYPE_Q4_0: return sizeof(mm_q40);
@@ -234,6 +249,17 @@ static void pack_block(int type, const uint8_t *src, uint8_t *dst, int r) {
             p->d[r] = b2->d;
             p->dmin[r] = b2->dmin;
         }
+    } else if (type == GGML_TYPE_IQ4_XS) {
+        const block_iq4_xs *b = (const block_iq4_xs *)src;
+        mm_iq4xs *p = (mm_iq4xs *)dst;
+        for (int sb = 0; sb < 8; sb++) {
+            for (int k8 = 0; k8 < 2; k8++) {
+                memcpy(&p->nib[sb][k8][8 * r], b->qs + 16 * sb + 8 * k8, 8);
+            }
+            const int ls = ((b->scales_l[sb / 2] >> (4 * (sb % 2))) & 0xF) | (((b->scales_h >> (2 * sb)) & 3) << 4);
+            p->sc[sb][r] = (int8_t)(ls - 32);
+        }
+        p->d[r] = b->d;
     } else if (type == GGML_TYPE_Q4_0) {
         const block_q4_0 *b = (const block_q4_0 *)src;
         mm_q40 *p = (mm_q40 *)dst;
@@ -350,7 +376,10 @@ void phi4_mm_quantize(int type, const float *x, size_t x_stride, int64_t k, void
             memset(a, 0, sizeof *a);
             memcpy(a->qs, blk.qs, QK);
             a->d = blk.d;
-            const int half_offset = type == GGML_TYPE_Q6_K ? 16 : type == GGML_TYPE_Q3_K ? 2 : 0;
+            const int half_offset = type == GGML_TYPE_Q6_K     ? 16
+                                    : type == GGML_TYPE_Q3_K   ? 2
+                                    : type == GGML_TYPE_IQ4_XS ? Q8_BIAS / 2
+                                                               : 0;
             for (int j = 0; j < 16; j++) {
                 a->bs16[j] = blk.bsums[j];
                 a->off16[j] = -half_offset * blk.bsums[j];
@@ -365,7 +394,7 @@ void phi4_mm_quantize(int type, const float *x, size_t x_stride, int64_t k, void
 // ---- the scalar path (every ISA's reference) ---------------------------------------------------
 
 // Weight w (0..256) of row r of a packed superblock, unsigned (Q6_K's -32, Q3_K's -4 and Q4_0's
-// -8 left out); Q8_0's signed.
+// -8 left out); Q8_0's and IQ4_XS's signed.
 static int packed_weight(int type, const uint8_t *p, int r, int w) {
     if (type == GGML_TYPE_Q2_K || type == GGML_TYPE_Q3_K) {
         const int three = type == GGML_TYPE_Q3_K;
@@ -376,6 +405,10 @@ static int packed_weight(int type, const uint8_t *p, int r, int w) {
             v |= ((((const mm_q3k *)p)->h[k8][8 * r + jj] >> (4 * n + j)) & 1) << 2;
         }
         return v;
+    }
+    if (type == GGML_TYPE_IQ4_XS) {
+        const int sb = w / 32, i = w % 32;
+        return IQ4NL[(((const mm_iq4xs *)p)->nib[sb][i % 16 / 8][8 * r + i % 8] >> (4 * (i / 16))) & 0xF];
     }
     if (type == GGML_TYPE_Q4_0) {
         const int blk = w / 32, i = w % 32;
@@ -426,7 +459,8 @@ static void block_scalar(int type, const uint8_t *p, const mm_act *const *a, int
         block_scalar0(type, p, (const mm_act0 *const *)a, n, y);
         return;
     }
-    const int six = type == GGML_TYPE_Q6_K || type == GGML_TYPE_Q3_K || type == GGML_TYPE_Q2_K;
+    const int six = type == GGML_TYPE_Q6_K || type == GGML_TYPE_Q3_K || type == GGML_TYPE_Q2_K ||
+                    type == GGML_TYPE_IQ4_XS;
     const int nsub = six ? 16 : 8, len = QK / nsub;
     for (int r = 0; r < ROWS; r++) {
         float d, dmin;
@@ -438,6 +472,12 @@ static void block_scalar(int type, const uint8_t *p, const mm_act *const *a, int
             }
             d = ggml_fp16_to_fp32(b->d[r]);
             dmin = ggml_fp16_to_fp32(b->dmin[r]);
+        } else if (type == GGML_TYPE_IQ4_XS) { // sub-blocks of 32 as two of 16; no offset
+            const mm_iq4xs *b = (const mm_iq4xs *)p;
+            for (int sb = 0; sb < 16; sb++) {
+                sc[sb] = b->sc[sb / 2][r], m[sb] = 0;
+            }
+            d = dmin = ggml_fp16_to_fp32(b->d[r]);
         } else if (type == GGML_TYPE_Q3_K) {
             const mm_q3k *b = (const mm_q3k *)p;
             for (int sb = 0; sb < 16; sb++) {
@@ -487,6 +527,11 @@ static inline vg vg_splat32(int32_t x) { return _mm512_set1_epi32(x); }
 static inline vg vg_load(const void *p) { return _mm512_loadu_si512(p); }
 static inline vg vg_and(vg v, uint8_t m) { return _mm512_and_si512(v, _mm512_set1_epi8((char)m)); }
 static inline vg vg_xor(vg v, uint8_t m) { return _mm512_xor_si512(v, _mm512_set1_epi8((char)m)); }
+// Bytes of a 16-entry table at each index (0..15) of idx; the table offset by Q8_BIAS.
+static inline vg vg_lookup16(const int8_t *t, vg idx) {
+    const __m128i v = _mm_xor_si128(_mm_loadu_si128((const __m128i *)t), _mm_set1_epi8((char)Q8_BIAS));
+    return _mm512_shuffle_epi8(_mm512_broadcast_i32x4(v), idx);
+}
 static inline vg vg_shr_and(vg v, int s, uint8_t m) {
     return _mm512_and_si512(_mm512_srli_epi16(v, (unsigned)s), _mm512_set1_epi8((char)m));
 }
@@ -549,6 +594,11 @@ static inline vg vg_splat32(int32_t x) VG2(_mm256_set1_epi32(x), _mm256_set1_epi
 static inline vg vg_load(const void *p) VG2(_mm256_loadu_si256((const __m256i *)p), _mm256_loadu_si256((const __m256i *)p + 1))
 static inline vg vg_and(vg v, uint8_t m) VG2(_mm256_and_si256(v.a, _mm256_set1_epi8((char)m)), _mm256_and_si256(v.b, _mm256_set1_epi8((char)m)))
 static inline vg vg_xor(vg v, uint8_t m) VG2(_mm256_xor_si256(v.a, _mm256_set1_epi8((char)m)), _mm256_xor_si256(v.b, _mm256_set1_epi8((char)m)))
+static inline vg vg_lookup16(const int8_t *t, vg idx) {
+    const __m256i v = _mm256_broadcastsi128_si256(
+        _mm_xor_si128(_mm_loadu_si128((const __m128i *)t), _mm_set1_epi8((char)Q8_BIAS)));
+    VG2(_mm256_shuffle_epi8(v, idx.a), _mm256_shuffle_epi8(v, idx.b))
+}
 static inline vg vg_shr_and(vg v, int s, uint8_t m)
     VG2(_mm256_and_si256(_mm256_srli_epi16(v.a, s), _mm256_set1_epi8((char)m)),
         _mm256_and_si256(_mm256_srli_epi16(v.b, s), _mm256_set1_epi8((char)m)))
@@ -616,6 +666,7 @@ static inline vg vg_splat32(int32_t x) EACH(vg, vdupq_n_s32(x))
 static inline vg vg_load(const void *p) EACH(vg, S32(vld1q_u8((const uint8_t *)p + 16 * i)))
 static inline vg vg_and(vg x, uint8_t m) EACH(vg, S32(vandq_u8(U8(x.v[i]), vdupq_n_u8(m))))
 static inline vg vg_xor(vg x, uint8_t m) EACH(vg, S32(veorq_u8(U8(x.v[i]), vdupq_n_u8(m))))
+static inline vg vg_lookup16(const int8_t *t, vg idx) EACH(vg, S32(vqtbl1q_u8(vld1q_u8((const uint8_t *)t), U8(idx.v[i]))))
 static inline vg vg_shr_and(vg x, int s, uint8_t m)
     EACH(vg, S32(vandq_u8(vshlq_u8(U8(x.v[i]), vdupq_n_s8((int8_t)-s)), vdupq_n_u8(m))))
 static inline vg vg_shl(vg x, int s) EACH(vg, S32(vshlq_u8(U8(x.v[i]), vdupq_n_s8((int8_t)s))))
@@ -674,7 +725,7 @@ static inline vgf vgf_h8(const uint16_t *p) {
 // values once), each dotted with every token; with few tokens each token's sums are split over
 // KS chains, so that enough dot products are in flight to hide their latency.
 #define KS (N == 1 ? 2 : 1)
-#define KQUANT_BLOCK(NAME, T, NPAIR, LEN, LO, HI, PAIR, SCALE, OFF, MIN, D, DMIN, BS)              \
+#define KQUANT_BLOCK(NAME, T, NPAIR, LEN, LO, HI, PAIR, SCALE, DOT, OFF, MINS, MIN, D, DMIN, BS)   \
     static inline void NAME(const void *pb, const mm_act *const *a, float (*y)[2 * ROWS]) {      \
         const T *b = (const T *)pb;                                                                \
         vgf fs[N], fs1[N]; /* the pairs' low and high sub-blocks: two chains */                   \
@@ -693,8 +744,8 @@ static inline vgf vgf_h8(const uint16_t *p) {
                 vg lo, hi;                                                                         \
                 PAIR(p, k8, lo, hi);                                                               \
                 for (int t = 0; t < N; t++) {                                                      \
-                    s0[t][k8 % KS] = vg_dot8(s0[t][k8 % KS], lo, a[t]->qs + LEN * LO(p) + 8 * k8); \
-                    s1[t][k8 % KS] = vg_dot8(s1[t][k8 % KS], hi, a[t]->qs + LEN * HI(p) + 8 * k8); \
+                    s0[t][k8 % KS] = DOT(s0[t][k8 % KS], lo, a[t]->qs + LEN * LO(p) + 8 * k8);     \
+                    s1[t][k8 % KS] = DOT(s1[t][k8 % KS], hi, a[t]->qs + LEN * HI(p) + 8 * k8);     \
                 }                                                                                  \
             }                                                                                      \
             const vgf sc0 = SCALE(LO(p)), sc1 = SCALE(HI(p));                                      \
@@ -707,10 +758,10 @@ static inline vgf vgf_h8(const uint16_t *p) {
                 fs1[t] = vgf_fma(vgf_cvt(s1[t][0]), sc1, fs1[t]);                                  \
             }                                                                                      \
         }                                                                                          \
-        /* The mins: Σ over sub-blocks of min × the token's sum there (no weight values); an   \
-           offset (OFF) was taken off in the integer sums already. */                             \
+        /* The mins (MINS): Σ over sub-blocks of min × the token's sum there (no weight        \
+           values). An offset (OFF) was taken off in the integer sums already. */                 \
         vgf mn[2 * NPAIR];                                                                         \
-        for (int sb = 0; sb < 2 * NPAIR; sb++) {                                                   \
+        for (int sb = 0; sb < 2 * NPAIR && MINS; sb++) {                                           \
             mn[sb] = MIN(sb);                                                                      \
         }                                                                                          \
         const vgf d = D, dmin = DMIN;                                                              \
@@ -719,7 +770,7 @@ static inline vgf vgf_h8(const uint16_t *p) {
             for (int c = 0; c < KS; c++) {                                                         \
                 fm[c] = vgf_zero();                                                                \
             }                                                                                      \
-            for (int sb = 0; sb < 2 * NPAIR && !OFF; sb++) {                                       \
+            for (int sb = 0; sb < 2 * NPAIR && MINS; sb++) {                                      \
                 fm[sb % KS] = vgf_fma(mn[sb], vgf_splat(a[t]->BS[sb]), fm[sb % KS]);               \
             }                                                                                      \
             for (int c = 1; c < KS; c++) {                                                         \
@@ -729,7 +780,7 @@ static inline vgf vgf_h8(const uint16_t *p) {
             const vgf da = vgf_splat(a[t]->d), da_half = vgf_splat(0.5f * a[t]->d);                \
             vgf acc = vgf_load(y[t]);                                                              \
             acc = vgf_fma(vgf_add(fs[t], fs1[t]), vgf_mul(d, da), acc);                            \
-            if (!OFF) {                                                                            \
+            if (MINS) {                                                                            \
                 acc = vgf_fnma(fm[0], vgf_mul(dmin, da_half), acc);                                \
             }                                                                                      \
             vgf_store(y[t], acc);                                                                  \
@@ -761,7 +812,7 @@ static inline vgf vgf_h8(const uint16_t *p) {
 #define KSC(sb) vgf_u8(b->sc[sb])
 #define KMIN(sb) vgf_u8(b->m[sb])
 #define Q6SC(sb) vgf_i8(b->sc[sb])
-#define NO_MIN(sb) vgf_zero() // an offset instead (OFF)
+#define NO_MIN(sb) vgf_zero() // no mins (MINS = 0)
 
 #define Q2LO(p) (8 * ((p) / 4) + 4 * ((p) / 2 % 2) + (p) % 2)
 #define Q2HI(p) (Q2LO(p) + 2)
@@ -831,6 +882,14 @@ static inline vgf vgf_nib(const uint8_t *p, int hi) {
 #define Q8_DOT vg_dot8_ss
 #define Q8_SIGNED(v) vg_xor(v, 0x80)
 #endif
+// IQ4_XS: each sub-block of 32 as a pair of 16 (its scale twice), the indices looked up.
+#define IQ4_PAIR(p, k8, lo, hi)                                                                    \
+    do {                                                                                           \
+        const vg v_ = vg_load(b->nib[p][k8]);                                                      \
+        lo = vg_lookup16(IQ4NL, vg_and(v_, 0x0F));                                                 \
+        hi = vg_lookup16(IQ4NL, vg_shr_and(v_, 4, 0x0F));                                          \
+    } while (0)
+#define IQ4SC(sb) vgf_i8(b->sc[(sb) / 2])
 #define Q80_W(blk, w)                                                                              \
     do {                                                                                           \
         for (int c_ = 0; c_ < 4; c_++) {                                                           \
@@ -839,13 +898,14 @@ static inline vgf vgf_nib(const uint8_t *p, int hi) {
     } while (0)
 
 #define KQUANT_BLOCKS(N)                                                                           \
-    KQUANT_BLOCK(q2k_##N, mm_q2k, 8, 16, Q2LO, Q2HI, Q2K_PAIR, Q2SC, 0, Q2MIN, vgf_h8(b->d), vgf_h8(b->dmin), bs16) \
-    KQUANT_BLOCK(q3k_##N, mm_q3k, 8, 16, Q2LO, Q2HI, Q3K_PAIR, Q6SC, 1, NO_MIN, vgf_h8(b->d), vgf_h8(b->d), bs16) \
+    KQUANT_BLOCK(q2k_##N, mm_q2k, 8, 16, Q2LO, Q2HI, Q2K_PAIR, Q2SC, vg_dot8, 0, 1, Q2MIN, vgf_h8(b->d), vgf_h8(b->dmin), bs16) \
+    KQUANT_BLOCK(q3k_##N, mm_q3k, 8, 16, Q2LO, Q2HI, Q3K_PAIR, Q6SC, vg_dot8, 1, 0, NO_MIN, vgf_h8(b->d), vgf_h8(b->d), bs16) \
     TYPE0_BLOCK(q40_##N, mm_q40, Q40_W, vg_dot8)                                                   \
+    KQUANT_BLOCK(iq4_##N, mm_iq4xs, 8, 16, KLO, KHI, IQ4_PAIR, IQ4SC, Q8_DOT, Q8_BIAS != 0, 0, NO_MIN, vgf_h8(b->d), vgf_h8(b->d), bs16) \
     TYPE0_BLOCK(q80_##N, mm_q80, Q80_W, Q8_DOT)                                                    \
-    KQUANT_BLOCK(q4k_##N, mm_q4k, 4, 32, KLO, KHI, Q4K_PAIR, KSC, 0, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
-    KQUANT_BLOCK(q5k_##N, mm_q4k, 4, 32, KLO, KHI, Q5K_PAIR, KSC, 0, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
-    KQUANT_BLOCK(q6k_##N, mm_q6k, 8, 16, Q6LO, Q6HI, Q6K_PAIR, Q6SC, 1, NO_MIN, vgf_h8(b->d), vgf_h8(b->d), bs16)
+    KQUANT_BLOCK(q4k_##N, mm_q4k, 4, 32, KLO, KHI, Q4K_PAIR, KSC, vg_dot8, 0, 1, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
+    KQUANT_BLOCK(q5k_##N, mm_q4k, 4, 32, KLO, KHI, Q5K_PAIR, KSC, vg_dot8, 0, 1, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
+    KQUANT_BLOCK(q6k_##N, mm_q6k, 8, 16, Q6LO, Q6HI, Q6K_PAIR, Q6SC, vg_dot8, 1, 0, NO_MIN, vgf_h8(b->d), vgf_h8(b->d), bs16)
 
 // Each token count its own functions, so that the compiler keeps the tokens' sums in registers:
 // 1, 2, 3, 4 and 8 (5 to 7 tokens go as 4 and the rest: a smaller library).
@@ -868,6 +928,7 @@ KQUANT_BLOCKS(8)
 typedef void (*block_fn)(const void *, const mm_act *const *, float (*)[2 * ROWS]);
 
 #define FNS(name) {name##_1, name##_2, name##_3, name##_4, NULL, NULL, NULL, name##_8}
+static const block_fn IQ4_FNS[TOKENS] = FNS(iq4);
 static const block_fn Q2K_FNS[TOKENS] = FNS(q2k);
 static const block_fn Q3K_FNS[TOKENS] = FNS(q3k);
 static const block_fn Q40_FNS[TOKENS] = FNS(q40);
@@ -878,6 +939,7 @@ static const block_fn Q6K_FNS[TOKENS] = FNS(q6k);
 
 static const block_fn *block_fns(int type) {
     switch (type) {
+    case GGML_TYPE_IQ4_XS: return IQ4_FNS;
     case GGML_TYPE_Q2_K: return Q2K_FNS;
     case GGML_TYPE_Q3_K: return Q3K_FNS;
     case GGML_TYPE_Q4_0: return Q40_FNS;

@@ -21,7 +21,7 @@ const QK: usize = 256;
 const MAX_SRC: usize = 10; // GGML_MAX_SRC
 
 /// The weight types phi4's kernels multiply.
-pub const KERNEL_TYPES: [Type; 7] = [
+pub const KERNEL_TYPES: [Type; 8] = [
     Type::Q2_K,
     Type::Q3_K,
     Type::Q4_0,
@@ -29,6 +29,7 @@ pub const KERNEL_TYPES: [Type; 7] = [
     Type::Q5_K,
     Type::Q6_K,
     Type::Q8_0,
+    Type::IQ4_XS,
 ];
 
 /// Which kernels multiply a matrix: phi4's, or ggml's (`PHI4_KERNELS=ggml` asks for ggml's
