@@ -831,11 +831,10 @@ static inline vgf vgf_h8(const uint16_t *p) {
     } while (0)
 // Q2_K's scale (low nibble) or min (high) of 8 rows.
 static inline vgf vgf_nib(const uint8_t *p, int hi) {
-    uint8_t t[8];
-    for (int i = 0; i < 8; i++) {
-        t[i] = hi ? p[i] >> 4 : p[i] & 0xF;
-    }
-    return vgf_u8(t);
+    uint64_t v;
+    memcpy(&v, p, 8);
+    v = (hi ? v >> 4 : v) & 0x0F0F0F0F0F0F0F0FULL;
+    return vgf_u8((const uint8_t *)&v);
 }
 #define Q2SC(sb) vgf_nib(b->scm[sb], 0)
 #define Q2MIN(sb) vgf_nib(b->scm[sb], 1)
@@ -856,11 +855,13 @@ static inline vgf vgf_nib(const uint8_t *p, int hi) {
             WEIGHTS(blk, w);                                                                       \
             const vgf dw = vgf_h8(b->d[blk]);                                                      \
             for (int t = 0; t < N; t++) {                                                          \
-                vg s = vg_bcast8(a[t]->corr[blk]);                                                 \
-                for (int c = 0; c < 4; c++) {                                                      \
-                    s = DOT(s, w[c], a[t]->qs + 32 * blk + 8 * c);                                 \
-                }                                                                                  \
-                fs[t] = vgf_fma(vgf_cvt(s), vgf_mul(dw, vgf_splat(a[t]->d[blk])), fs[t]);          \
+                /* two chains of dot products (latency), joined */                                 \
+                vg s = vg_bcast8(a[t]->corr[blk]), s2 = vg_zero();                                 \
+                s = DOT(s, w[0], a[t]->qs + 32 * blk);                                             \
+                s2 = DOT(s2, w[1], a[t]->qs + 32 * blk + 8);                                       \
+                s = DOT(s, w[2], a[t]->qs + 32 * blk + 16);                                        \
+                s2 = DOT(s2, w[3], a[t]->qs + 32 * blk + 24);                                      \
+                fs[t] = vgf_fma(vgf_cvt(vg_add(s, s2)), vgf_mul(dw, vgf_splat(a[t]->d[blk])), fs[t]); \
             }                                                                                      \
         }                                                                                          \
         for (int t = 0; t < N; t++) {                                                              \
