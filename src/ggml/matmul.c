@@ -1,5 +1,5 @@
-// phi4's quantized matrix kernels: y = W·x for the K-quant weight types (Q2_K ... Q6_K) and
-// Q4_0 / Q8_0 / IQ4_XS, with every weight block unpacked once per step and applied to all the step's
+// phi4's quantized matrix kernels: y = W·x for the K-quant weight types (Q2_K ... Q6_K, IQ4_XS)
+// and Q4_0 / Q8_0, with every weight block unpacked once per step and applied to all the step's
 // tokens.
 //
 // ggml's kernels take one token at a time through a weight block (vec_dot), or four (its
@@ -18,8 +18,9 @@
 // symbols then prefixed), so every function here is the variant's own.
 //
 // Layouts (K = row length, a multiple of 256; one superblock = 256 weights of 8 rows):
-//   activations, per token:  K/256 × mm_act (K-quants: ggml's Q8_K quantization, the same int8
-//                            values) or mm_act0 (Q4_0, Q8_0: ggml's Q8_0, eight blocks of 32)
+//   activations, per token:  K/256 × mm_act (K-quants, IQ4_XS: ggml's Q8_K quantization, the
+//                            same int8 values) or mm_act0 (Q4_0, Q8_0: ggml's Q8_0, eight
+//                            blocks of 32)
 //   weights, per 8-row group: K/256 × the type's packed superblock (below), rows past the
 //   matrix's last zero.
 
