@@ -176,6 +176,26 @@ fn f16() {
     synthetic("f16", 23, 3)
 }
 
+#[test]
+fn q4_0() {
+    synthetic("q4_0", 24, 4)
+}
+
+#[test]
+fn q2_k() {
+    synthetic("q2_k", 25, 5)
+}
+
+#[test]
+fn q3_k() {
+    synthetic("q3_k", 26, 6)
+}
+
+#[test]
+fn iq4_xs() {
+    synthetic("iq4_xs", 27, 7)
+}
+
 /// The demo model: trained weights, so a peaked distribution instead of random logits.
 #[test]
 fn demo_model() {
