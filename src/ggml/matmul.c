@@ -726,7 +726,7 @@ static inline vgf vgf_h8(const uint16_t *p) {
 // values once), each dotted with every token; with few tokens each token's sums are split over
 // KS chains, so that enough dot products are in flight to hide their latency.
 #define KS (N == 1 ? 2 : 1)
-#define KQUANT_BLOCK(NAME, T, NPAIR, LEN, LO, HI, PAIR, SCALE, DOT, OFF, MINS, MIN, D, DMIN, BS)   \
+#define KQUANT_BLOCK(NAME, T, NPAIR, LEN, LO, HI, PAIR, SCALE, SHARED, DOT, OFF, MINS, MIN, D, DMIN, BS) \
     static inline void NAME(const void *pb, const mm_act *const *a, float (*y)[2 * ROWS]) {      \
         const T *b = (const T *)pb;                                                                \
         vgf fs[N], fs1[N]; /* the pairs' low and high sub-blocks: two chains */                   \
@@ -749,14 +749,19 @@ static inline vgf vgf_h8(const uint16_t *p) {
                     s1[t][k8 % KS] = DOT(s1[t][k8 % KS], hi, a[t]->qs + LEN * HI(p) + 8 * k8);     \
                 }                                                                                  \
             }                                                                                      \
-            const vgf sc0 = SCALE(LO(p)), sc1 = SCALE(HI(p));                                      \
+            /* SHARED: both sub-blocks of a pair have one scale (IQ4_XS's 32 as two 16s). */      \
+            const vgf sc0 = SCALE(LO(p)), sc1 = SHARED ? sc0 : SCALE(HI(p));                       \
             for (int t = 0; t < N; t++) {                                                          \
                 for (int c = 1; c < KS; c++) {                                                     \
                     s0[t][0] = vg_add(s0[t][0], s0[t][c]);                                         \
                     s1[t][0] = vg_add(s1[t][0], s1[t][c]);                                         \
                 }                                                                                  \
-                fs[t] = vgf_fma(vgf_cvt(s0[t][0]), sc0, fs[t]);                                    \
-                fs1[t] = vgf_fma(vgf_cvt(s1[t][0]), sc1, fs1[t]);                                  \
+                if (SHARED) {                                                                      \
+                    fs[t] = vgf_fma(vgf_cvt(vg_add(s0[t][0], s1[t][0])), sc0, fs[t]);              \
+                } else {                                                                           \
+                    fs[t] = vgf_fma(vgf_cvt(s0[t][0]), sc0, fs[t]);                                \
+                    fs1[t] = vgf_fma(vgf_cvt(s1[t][0]), sc1, fs1[t]);                              \
+                }                                                                                  \
             }                                                                                      \
         }                                                                                          \
         /* The mins (MINS): Σ over sub-blocks of min × the token's sum there (no weight        \
@@ -900,14 +905,14 @@ static inline vgf vgf_nib(const uint8_t *p, int hi) {
     } while (0)
 
 #define KQUANT_BLOCKS(N)                                                                           \
-    KQUANT_BLOCK(q2k_##N, mm_q2k, 8, 16, Q2LO, Q2HI, Q2K_PAIR, Q2SC, vg_dot8, 0, 1, Q2MIN, vgf_h8(b->d), vgf_h8(b->dmin), bs16) \
-    KQUANT_BLOCK(q3k_##N, mm_q3k, 8, 16, Q2LO, Q2HI, Q3K_PAIR, Q6SC, vg_dot8, 1, 0, NO_MIN, vgf_h8(b->d), vgf_h8(b->d), bs16) \
+    KQUANT_BLOCK(q2k_##N, mm_q2k, 8, 16, Q2LO, Q2HI, Q2K_PAIR, Q2SC, 0, vg_dot8, 0, 1, Q2MIN, vgf_h8(b->d), vgf_h8(b->dmin), bs16) \
+    KQUANT_BLOCK(q3k_##N, mm_q3k, 8, 16, Q2LO, Q2HI, Q3K_PAIR, Q6SC, 0, vg_dot8, 1, 0, NO_MIN, vgf_h8(b->d), vgf_h8(b->d), bs16) \
     TYPE0_BLOCK(q40_##N, mm_q40, Q40_W, vg_dot8)                                                   \
-    KQUANT_BLOCK(iq4_##N, mm_iq4xs, 8, 16, KLO, KHI, IQ4_PAIR, IQ4SC, Q8_DOT, Q8_BIAS != 0, 0, NO_MIN, vgf_h8(b->d), vgf_h8(b->d), bs16) \
+    KQUANT_BLOCK(iq4_##N, mm_iq4xs, 8, 16, KLO, KHI, IQ4_PAIR, IQ4SC, 1, Q8_DOT, Q8_BIAS != 0, 0, NO_MIN, vgf_h8(b->d), vgf_h8(b->d), bs16) \
     TYPE0_BLOCK(q80_##N, mm_q80, Q80_W, Q8_DOT)                                                    \
-    KQUANT_BLOCK(q4k_##N, mm_q4k, 4, 32, KLO, KHI, Q4K_PAIR, KSC, vg_dot8, 0, 1, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
-    KQUANT_BLOCK(q5k_##N, mm_q4k, 4, 32, KLO, KHI, Q5K_PAIR, KSC, vg_dot8, 0, 1, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
-    KQUANT_BLOCK(q6k_##N, mm_q6k, 8, 16, Q6LO, Q6HI, Q6K_PAIR, Q6SC, vg_dot8, 1, 0, NO_MIN, vgf_h8(b->d), vgf_h8(b->d), bs16)
+    KQUANT_BLOCK(q4k_##N, mm_q4k, 4, 32, KLO, KHI, Q4K_PAIR, KSC, 0, vg_dot8, 0, 1, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
+    KQUANT_BLOCK(q5k_##N, mm_q4k, 4, 32, KLO, KHI, Q5K_PAIR, KSC, 0, vg_dot8, 0, 1, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
+    KQUANT_BLOCK(q6k_##N, mm_q6k, 8, 16, Q6LO, Q6HI, Q6K_PAIR, Q6SC, 0, vg_dot8, 1, 0, NO_MIN, vgf_h8(b->d), vgf_h8(b->d), bs16)
 
 // Each token count its own functions, so that the compiler keeps the tokens' sums in registers:
 // 1, 2, 3, 4 and 8 (5 to 7 tokens go as 4 and the rest: a smaller library).
