@@ -158,8 +158,19 @@ typedef struct {
     uint16_t d[8][8];
 } mm_q80; // 2176 = 8 × 272 (8 × 272)
 
-// The bias of a type-0 format's packed values (the tokens' corr).
-static int bias0(int type) { return type == GGML_TYPE_Q4_0 ? 8 : Q8_BIAS; }
+// The offset in the packed values that the vector paths' dot products see, taken off through
+// the tokens' sums (mm_act0.corr, mm_act.off16): Q4_0's and Q3_K's unsigned values, Q6_K's, and
+// Q8_0's and IQ4_XS's signed ones where VNNI takes them unsigned (Q8_BIAS).
+static int dot_offset(int type) {
+    switch (type) {
+    case GGML_TYPE_Q4_0: return 8;
+    case GGML_TYPE_Q3_K: return 4;
+    case GGML_TYPE_Q6_K: return 32;
+    case GGML_TYPE_Q8_0:
+    case GGML_TYPE_IQ4_XS: return Q8_BIAS;
+    default: return 0;
+    }
+}
 
 static int is_type0(int type) { return type == GGML_TYPE_Q4_0 || type == GGML_TYPE_Q8_0; }
 
@@ -345,6 +356,7 @@ void phi4_mm_pack(int type, const void *src, size_t row_bytes, int64_t nrows, in
 // One superblock of a token for a type-0 weight format: ggml's Q8_0 blocks, and the sums each
 // lane meets, times the weights' offset.
 static void quantize0(int type, const float *x, mm_act0 *a) {
+    const int offset = dot_offset(type);
     block_q8_0 blk[8];
     quantize_row_q8_0(x, blk, QK);
     memset(a, 0, sizeof *a);
@@ -352,7 +364,7 @@ static void quantize0(int type, const float *x, mm_act0 *a) {
         memcpy(a->qs + 32 * b, blk[b].qs, 32);
         a->d[b] = ggml_fp16_to_fp32(blk[b].d);
         for (int i = 0; i < 32; i++) {
-            a->corr[b][i % 8 / 4] -= bias0(type) * blk[b].qs[i];
+            a->corr[b][i % 8 / 4] -= offset * blk[b].qs[i];
         }
     }
 }
@@ -377,10 +389,7 @@ void phi4_mm_quantize(int type, const float *x, size_t x_stride, int64_t k, void
             memset(a, 0, sizeof *a);
             memcpy(a->qs, blk.qs, QK);
             a->d = blk.d;
-            const int half_offset = type == GGML_TYPE_Q6_K     ? 16
-                                    : type == GGML_TYPE_Q3_K   ? 2
-                                    : type == GGML_TYPE_IQ4_XS ? Q8_BIAS / 2
-                                                               : 0;
+            const int half_offset = dot_offset(type) / 2; // each of a row's two lanes
             for (int j = 0; j < 16; j++) {
                 a->bs16[j] = blk.bsums[j];
                 a->off16[j] = -half_offset * blk.bsums[j];
