@@ -260,6 +260,11 @@ impl Guide {
             .map_err(|e| format!("the constraint failed: {e}"))
     }
 
+    /// How many of `tokens`, in order, the constraint would accept next (none is followed).
+    pub(crate) fn valid_prefix(&mut self, tokens: &[u32]) -> usize {
+        self.matcher.validate_tokens(tokens).unwrap_or(0)
+    }
+
     /// The reply is complete and nothing may follow it.
     pub(crate) fn finished(&self) -> bool {
         self.matcher.is_stopped()

@@ -13,9 +13,10 @@
 //!     x   = x + attn_output · a
 //!     h   = rms_norm(x) * ffn_norm
 //!     x   = x + ffn_down · swiglu(ffn_up · h)          (gate rows first, then up)
-//! hidden = rms_norm(x) * output_norm                    (each segment's last position only,
-//!                                                        every position for embeddings)
-//! logits = output · hidden                               (each segment's last position)
+//! hidden = rms_norm(x) * output_norm                    (each segment's last position, or
+//!                                                        each of its positions when verifying
+//!                                                        drafts; every position for embeddings)
+//! logits = output · hidden                               (those positions)
 //! ```
 //! Embeddings are the mean of `hidden` over a text's tokens (as llama.cpp's mean pooling).
 //! Memory: the compute buffer is sized once for the worst graphs (`Engine::reserve`: a
@@ -28,6 +29,7 @@ use crate::error::EvalError;
 use crate::ggml::{self, Allocator, Compute, ComputeError, Context, Tensor, Type};
 use crate::governor::Governor;
 use crate::kv_cache::KvCache;
+use crate::limits::{MAX_DRAFT, VERIFY_PER_STEP};
 use crate::model::Model;
 
 /// Tensors per layer in the graph, with headroom (the graph context's capacity is derived from
@@ -42,9 +44,26 @@ pub struct Segment<'a> {
     pub kv: &'a KvCache,
     pub tokens: &'a [u32],
     pub n_past: usize,
+    /// The logits of every token are wanted, not only of the last: a decode step's token and
+    /// the tokens drafted after it, verified together.
+    pub every: bool,
 }
 
 impl Segment<'_> {
+    /// Rows of logits the segment yields: its last token's, or every token's.
+    pub fn n_out(&self) -> usize {
+        if self.every {
+            self.tokens.len()
+        } else {
+            1
+        }
+    }
+
+    /// Whether it is a decode step's work (a token, or one with its drafts), not a prompt's.
+    fn decoding(&self) -> bool {
+        self.tokens.len() == 1 || self.every
+    }
+
     /// Whether the segment can be evaluated: known tokens, room in its cache.
     pub fn check(&self, n_vocab: usize) -> Result<(), EvalError> {
         if let Some(&id) = self.tokens.iter().find(|&&t| t as usize >= n_vocab) {
@@ -71,7 +90,7 @@ pub struct Engine {
     graph_ctx: Context,
     graph_size: usize,
     max_segments: usize,
-    /// Logits of the last token of each segment of the last graph, one row after the other.
+    /// Logits of the last graph: each segment's rows ([`Segment::n_out`]), one after the other.
     pub logits: Vec<f32>,
     /// The final hidden states (normed: `hidden` above) of every token of the last graph, one
     /// row after the other, when it was built `for_embeddings` (else left as it was).
@@ -122,8 +141,9 @@ impl Engine {
 
     /// Size the compute buffer and work buffer once for the worst graphs on `kv`: a micro-batch
     /// of `n_batch` tokens against a full cache beside `max_segments - 1` decoding caches that
-    /// full, and `max_segments` decoding caches, each also as built for embeddings. Later graphs
-    /// on caches no larger never allocate.
+    /// full, and `max_segments` decoding caches, each also as built for embeddings; of the
+    /// decoding caches, up to [`VERIFY_PER_STEP`] verify [`MAX_DRAFT`] drafts. Later graphs on
+    /// caches no larger never allocate.
     pub fn reserve(
         &mut self,
         model: &Model,
@@ -131,21 +151,28 @@ impl Engine {
         n_batch: usize,
     ) -> Result<(), ggml::AllocError> {
         let n_batch = n_batch.clamp(1, kv.n_ctx);
-        let worst = vec![0u32; n_batch];
+        let n_verify = (1 + MAX_DRAFT).min(kv.n_ctx);
+        let worst = vec![0u32; n_batch.max(n_verify)];
         let prompt = Segment {
             kv,
-            tokens: &worst,
+            tokens: &worst[..n_batch],
             n_past: kv.n_ctx - n_batch,
+            every: false,
         };
-        let decode = || Segment {
-            kv,
-            tokens: &worst[..1],
-            n_past: kv.n_ctx - 1,
+        // The i-th decoding cache of a step: the first ones verifying drafts.
+        let decode = |i: usize| {
+            let n = if i < VERIFY_PER_STEP { n_verify } else { 1 };
+            Segment {
+                kv,
+                tokens: &worst[..n],
+                n_past: kv.n_ctx - n,
+                every: true,
+            }
         };
         let mixed: Vec<_> = std::iter::once(prompt)
-            .chain((1..self.max_segments).map(|_| decode()))
+            .chain((1..self.max_segments).map(|i| decode(i - 1)))
             .collect();
-        let step: Vec<_> = (0..self.max_segments).map(|_| decode()).collect();
+        let step: Vec<_> = (0..self.max_segments).map(decode).collect();
         let graphs = [
             (&mixed, false),
             (&mixed, true),
@@ -163,17 +190,19 @@ impl Engine {
             self.alloc.reserve(built.graph)?;
             self.compute.reserve(built.graph)?;
         }
-        let n_tokens = n_batch + self.max_segments;
-        self.ids.reserve(n_tokens);
-        self.pos.reserve(n_tokens);
-        self.out_ids.reserve(self.max_segments);
+        let n_out = self.max_segments + VERIFY_PER_STEP * n_verify;
+        self.ids.reserve(n_batch + n_out);
+        self.pos.reserve(n_batch + n_out);
+        self.out_ids.reserve(n_out);
         self.mask_row.reserve(kv.n_ctx);
         Ok(())
     }
 
     /// Evaluate every segment in one graph (each checked by the caller); afterwards
-    /// `self.logits` holds the logits of each segment's last token, in order, and, if
-    /// `for_embeddings`, `self.hidden` the final hidden states of every token.
+    /// `self.logits` holds each segment's rows of logits, in order, and, if `for_embeddings`,
+    /// `self.hidden` the final hidden states of every token. A step of decoding segments only
+    /// computes each token's row alone, in one order ([`Compute::compute`]'s `row_exact`):
+    /// a token's logits are the same whichever tokens, drafts or threads share its step.
     pub fn step(
         &mut self,
         model: &Model,
@@ -184,6 +213,7 @@ impl Engine {
         assert!(
             (1..=self.max_segments).contains(&segments.len())
                 && segments.iter().all(|s| !s.tokens.is_empty())
+                && segments.iter().filter(|s| s.every).count() <= VERIFY_PER_STEP
         );
         let built = build(
             &mut self.graph_ctx,
@@ -201,7 +231,8 @@ impl Engine {
             self.ids.extend(s.tokens.iter().map(|&t| t as i32));
             self.pos
                 .extend((s.n_past..s.n_past + s.tokens.len()).map(|p| p as i32));
-            self.out_ids.push(self.ids.len() as i32 - 1);
+            let end = self.ids.len() as i32;
+            self.out_ids.extend(end - s.n_out() as i32..end);
         }
         ggml::tensor_write(built.tokens, 0, &self.ids);
         ggml::tensor_write(built.pos, 0, &self.pos);
@@ -218,16 +249,18 @@ impl Engine {
             }
         }
 
-        // One token per cache is a decode step: governed. Prompts run on every thread.
-        let decode = self.ids.len() == segments.len();
+        // Decode steps are governed (and timed for the governor when they take a token per
+        // cache). Prompts run on every thread.
+        let decode = segments.iter().all(Segment::decoding);
         let threads = if decode {
             self.governor.threads()
         } else {
             self.compute.n_threads()
         };
+        let single = self.ids.len() == segments.len();
         let t = std::time::Instant::now();
-        match self.compute.compute(built.graph, threads, abort) {
-            Ok(()) if decode => self.governor.record(t.elapsed()),
+        match self.compute.compute(built.graph, threads, abort, decode) {
+            Ok(()) if single => self.governor.record(t.elapsed()),
             Ok(()) => {}
             Err(ComputeError::Aborted) => return Err(EvalError::Cancelled),
             Err(ComputeError::Alloc(e)) => return Err(e.into()),
@@ -245,15 +278,15 @@ struct Built<'g> {
     graph: ggml::GraphRef<'g>,
     tokens: Tensor<'g>,     // i32 [n]: every segment's tokens, one after the other
     pos: Tensor<'g>,        // i32 [n]
-    out_ids: Tensor<'g>,    // i32 [n_seg]: the row of each segment's last token
+    out_ids: Tensor<'g>,    // i32 [n_out]: the rows whose logits are wanted
     masks: Vec<Tensor<'g>>, // per segment f16 [n_kv, n_tokens]
     hidden: Tensor<'g>,     // f32 [n_embd, n] with all rows (read only then)
-    logits: Tensor<'g>,     // f32 [n_vocab, n_seg]
+    logits: Tensor<'g>,     // f32 [n_vocab, n_out]
 }
 
 /// Build the graph for `segments`: the weight matrices multiply every token at once, attention
 /// runs per segment over its own cache. With `all_rows`, the final hidden state of every token
-/// is kept (for embeddings), else only of each segment's last.
+/// is kept (for embeddings), else only of each segment's rows of logits ([`Segment::n_out`]).
 fn build<'g>(
     ctx: &'g mut Context,
     graph_size: usize,
@@ -274,7 +307,8 @@ fn build<'g>(
     let mut g = ctx.graph(graph_size);
     let tokens = g.input(Type::I32, &[n_t], "inp_tokens");
     let pos = g.input(Type::I32, &[n_t], "inp_pos");
-    let out_ids = g.input(Type::I32, &[segments.len() as i64], "inp_out_ids");
+    let n_out: usize = segments.iter().map(Segment::n_out).sum();
+    let out_ids = g.input(Type::I32, &[n_out as i64], "inp_out_ids");
     let masks: Vec<_> = segments
         .iter()
         .map(|s| {
@@ -365,7 +399,7 @@ fn build<'g>(
 
         let mut residual = residual;
         if il == c.n_layer - 1 && !all_rows {
-            // Only each segment's last position's logits are wanted: drop the other rows here.
+            // Only the rows whose logits are wanted go on: drop the others here.
             cur = g.get_rows(cur, out_ids);
             residual = g.get_rows(residual, out_ids);
         }
@@ -379,7 +413,7 @@ fn build<'g>(
         x = g.add(x1, down);
     }
     let h = g.rms_norm(x, c.rms_eps);
-    let hidden = g.mul(h, wt(w.output_norm)); // [n_embd, n_seg] ([n_embd, n] with all rows)
+    let hidden = g.mul(h, wt(w.output_norm)); // [n_embd, n_out] ([n_embd, n] with all rows)
     let last = match all_rows {
         true => {
             g.output(hidden);
@@ -387,7 +421,7 @@ fn build<'g>(
         }
         false => hidden,
     };
-    let logits = w.mul(&mut g, w.output, last); // [n_vocab, n_seg]
+    let logits = w.mul(&mut g, w.output, last); // [n_vocab, n_out]
     g.output(logits);
     Built {
         graph: g.raw_graph(),

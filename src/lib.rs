@@ -23,6 +23,7 @@
 
 pub mod chat;
 pub mod constrain;
+pub mod draft;
 pub mod error;
 pub mod gguf;
 pub mod limits;
@@ -44,6 +45,7 @@ mod kv_cache;
 mod pretokenizer;
 
 pub use constrain::Constraint;
+pub use draft::{Drafter, PromptLookup};
 pub use error::{EvalError, SessionError};
 pub use model::{Config, LoadError, LoadParams, Model};
 pub use sample::SamplingParams;

@@ -43,3 +43,11 @@ pub fn check_max_batch(max_batch: usize) -> Result<(), String> {
 pub const MAX_TOOL_CALLS: usize = 16;
 /// The most alternatives a generated token's log-probabilities may list (OpenAI's and Ollama's 20).
 pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// The most tokens a generation may draft per step ([`crate::GenerateParams::draft`]).
+pub const MAX_DRAFT: usize = 16;
+/// The most sessions whose drafts one step of a scheduler verifies (the others' tokens wait
+/// for the next step): what a step's compute buffer is sized for, with a logits row per token.
+pub const VERIFY_PER_STEP: usize = 4;
+/// Tokens drafted per step unless a generation asks otherwise.
+pub const DEFAULT_DRAFT: usize = 0;

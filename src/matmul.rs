@@ -102,7 +102,7 @@ impl Product {
         ggml::tensor_write(input, 0, x);
         let threads = self.compute.n_threads();
         self.compute
-            .compute(graph, threads, &AtomicBool::new(false))
+            .compute(graph, threads, &AtomicBool::new(false), false)
             .expect("a product runs");
         let mut out = Vec::new();
         ggml::tensor_read_f32(y, &mut out);

@@ -27,7 +27,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use crate::error::{EvalError, SessionError};
 use crate::forward::{Engine, Segment};
 use crate::kv_cache::KvCache;
-use crate::limits::{self, cpu_count};
+use crate::limits::{self, cpu_count, VERIFY_PER_STEP};
 use crate::model::Model;
 
 pub use crate::limits::MAX_BATCH;
@@ -77,11 +77,13 @@ struct Queue {
     last_step: Duration,
 }
 
-/// What a step hands back to a request: the logits of its last token, or the final hidden
-/// states of all its tokens (one row each: what embeddings pool).
+/// What a step hands back to a request: the logits of its last token, of every token (a
+/// decode token and its drafts, verified), or the final hidden states of all its tokens (one
+/// row each: what embeddings pool).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Output {
-    Logits,
+    Last,
+    Every,
     Hidden,
 }
 
@@ -167,7 +169,7 @@ impl Scheduler {
 
     /// Queue `tokens` (in the session's buffer: a decode token, or a micro-batch of a prompt,
     /// checked by the caller) of `kv` at `n_past`, and wait for the step that evaluates them —
-    /// leading it if no one else does; `out` gets the last token's `output`. `cancel` aborts
+    /// leading it if no one else does; `out` gets `output` (of the last token, or of every one). `cancel` aborts
     /// the step if it carries this request alone (else it takes effect after the step).
     pub(crate) fn submit(
         &self,
@@ -218,19 +220,22 @@ impl Scheduler {
     }
 
     /// Take up to `max_batch` queued requests, oldest first, at most one of them a prompt's
-    /// micro-batch; step them (the queue unlocked meanwhile), post their results. A panic in the
+    /// micro-batch and [`VERIFY_PER_STEP`] of them drafts to verify; step them (the queue unlocked meanwhile), post their results. A panic in the
     /// step fails every other request of it and goes on in the leader (whose ticket is `mine`).
     fn lead(&self, q: &mut MutexGuard<'_, Queue>, mine: u64) {
         let sh = &*self.0;
         let mut batch: Vec<Request> = Vec::with_capacity(sh.max_batch);
-        let (mut i, mut prompt) = (0, false);
+        let (mut i, mut prompt, mut verify) = (0, false, 0);
         while i < q.waiting.len() && batch.len() < sh.max_batch {
-            let is_prompt = q.waiting[i].tokens.len() > 1;
-            if is_prompt && prompt {
+            let r = &q.waiting[i];
+            let is_verify = r.output == Output::Every;
+            let is_prompt = r.tokens.len() > 1 && !is_verify;
+            if (is_prompt && prompt) || (is_verify && verify == VERIFY_PER_STEP) {
                 i += 1;
                 continue;
             }
             prompt |= is_prompt;
+            verify += usize::from(is_verify);
             batch.push(q.waiting.remove(i));
         }
         q.since = if q.waiting.is_empty() {
@@ -280,6 +285,7 @@ impl Scheduler {
                 kv,
                 tokens: &r.tokens,
                 n_past: r.n_past,
+                every: r.output == Output::Every,
             })
             .collect();
         let abort = match &*batch {
@@ -291,14 +297,18 @@ impl Scheduler {
         drop(segments);
         drop(caches);
         let (n_vocab, n_embd) = (sh.model.config.n_vocab, sh.model.config.n_embd);
-        let mut first = 0;
-        for (i, r) in batch.iter_mut().enumerate() {
+        let (mut first, mut row) = (0, 0);
+        for r in batch.iter_mut() {
             let n = r.tokens.len();
+            let n_out = if r.output == Output::Every { n } else { 1 };
             let rows = match r.output {
-                Output::Logits => &engine.logits[i * n_vocab..(i + 1) * n_vocab],
+                Output::Last | Output::Every => {
+                    &engine.logits[row * n_vocab..(row + n_out) * n_vocab]
+                }
                 Output::Hidden => &engine.hidden[first * n_embd..(first + n) * n_embd],
             };
             first += n;
+            row += n_out;
             r.out.clear();
             r.out.extend_from_slice(rows);
         }

@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use crate::chat::{self, Markers, Message, Role};
 use crate::constrain::{Constraint, Guide};
+use crate::draft::{Drafter, PromptLookup};
 use crate::error::{EvalError, SessionError};
 use crate::forward::Segment;
 use crate::hash::{Map, Set};
@@ -81,7 +82,7 @@ impl SessionParams {
 }
 
 /// How one reply is generated.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GenerateParams {
     pub sampling: SamplingParams,
     /// Tokens to generate at most; 0 means until the context is full.
@@ -97,6 +98,25 @@ pub struct GenerateParams {
     /// Report each generated token's log-probability ([`Token::logprob`]) with this many of the
     /// most likely alternatives (0..=[`limits::MAX_TOP_LOGPROBS`]); None: none.
     pub logprobs: Option<usize>,
+    /// Speculative decoding: at most this many tokens (0..=[`limits::MAX_DRAFT`]; 0: off)
+    /// drafted per step by prompt lookup ([`crate::PromptLookup`]) and verified in the step of
+    /// the token before them. The reply is the same token for token; only the number of steps
+    /// changes ([`Timings::drafted`], [`Timings::accepted`]).
+    pub draft: usize,
+}
+
+impl Default for GenerateParams {
+    fn default() -> GenerateParams {
+        GenerateParams {
+            sampling: SamplingParams::default(),
+            max_tokens: 0,
+            stop: Vec::new(),
+            constraint: None,
+            tools: None,
+            logprobs: None,
+            draft: limits::DEFAULT_DRAFT,
+        }
+    }
 }
 
 impl GenerateParams {
@@ -110,6 +130,11 @@ impl GenerateParams {
         (
             "stop",
             "Stop before this string (setting it again adds another).",
+        ),
+        (
+            "draft",
+            "Speculative decoding: tokens drafted per step by prompt lookup and verified together \
+             (0: off; at most 16). The reply stays the same, in fewer steps when it repeats its input.",
         ),
     ];
 
@@ -130,6 +155,16 @@ impl GenerateParams {
                     .map_err(|_| format!("num_predict takes a whole number >= 0, not {value:?}"))?
             }
             "stop" => next.stop.push(value.to_string()),
+            "draft" => {
+                next.draft = value
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|&n| n <= limits::MAX_DRAFT)
+                    .ok_or_else(|| {
+                        format!("draft takes 0..={}, not {value:?}", limits::MAX_DRAFT)
+                    })?
+            }
             _ => next.sampling.set(name, value)?,
         }
         next.sampling.validate()?;
@@ -142,6 +177,7 @@ impl GenerateParams {
         match name {
             "num_predict" => Some(self.max_tokens.to_string()),
             "stop" => Some(format!("{:?}", self.stop)),
+            "draft" => Some(self.draft.to_string()),
             _ => self.sampling.get(name),
         }
     }
@@ -184,6 +220,12 @@ pub struct Timings {
     pub eval_duration: u64,
     /// Of `eval_duration`, the time spent choosing tokens: the constraint's mask, the sampler.
     pub sample_duration: u64,
+    /// Tokens drafted (speculative decoding, [`GenerateParams::draft`]) and verified.
+    pub drafted: usize,
+    /// Of `drafted`, those the model agreed with: generated without a step of their own.
+    pub accepted: usize,
+    /// Of `eval_duration`, the time spent drafting.
+    pub draft_duration: u64,
 }
 
 impl Timings {
@@ -383,7 +425,7 @@ impl Session {
     /// effect within a micro-batch when the step carries this session alone (ggml checks
     /// between ops), else after it.
     fn eval(&mut self, tokens: &[u32], n_past: usize) -> Result<(), EvalError> {
-        self.eval_for(tokens, n_past, Output::Logits, |_| {})
+        self.eval_for(tokens, n_past, Output::Last, |_| {})
     }
 
     /// [`Session::eval`], each step handing back `output` (`self.logits` is the buffer) to
@@ -399,6 +441,7 @@ impl Session {
             kv: &self.kv.lock(),
             tokens,
             n_past,
+            every: false,
         }
         .check(self.model.config.n_vocab)?;
         for (i, chunk) in tokens.chunks(self.n_batch).enumerate() {
@@ -584,7 +627,7 @@ impl Session {
         let reply_start = chat::turn(&self.model.tokenizer, markers, Role::Assistant, None);
         let (tokens, dropped) = self.fit(messages, &turns, &reply_start)?;
         let start = tokens.len();
-        let mut out = self.run(&tokens, gp, on_token)?;
+        let mut out = self.run(&tokens, gp, &mut PromptLookup::new(), on_token)?;
         out.dropped_messages = dropped;
         self.remember_reply(messages, start, &out);
         Ok(out)
@@ -683,7 +726,25 @@ impl Session {
                 "tools need a conversation (chat), not a raw prompt".into(),
             ));
         }
-        self.run(prompt, gp, on_token)
+        self.run(prompt, gp, &mut PromptLookup::new(), on_token)
+    }
+
+    /// [`Session::generate`] with drafts (up to `gp.draft` per step) from `drafter` instead of
+    /// prompt lookup: a drafter of one's own (another model, a retrieval index), or a test's.
+    pub fn generate_drafted(
+        &mut self,
+        prompt: &[u32],
+        gp: &GenerateParams,
+        drafter: &mut dyn Drafter,
+        on_token: &mut OnToken<'_>,
+    ) -> Result<Outcome, SessionError> {
+        self.cancel.store(false, Ordering::Relaxed);
+        if gp.tools.is_some() {
+            return Err(SessionError::BadParams(
+                "tools need a conversation (chat), not a raw prompt".into(),
+            ));
+        }
+        self.run(prompt, gp, drafter, on_token)
     }
 
     /// `generate` without clearing the cancel flag (a cancel during `chat`'s preparation holds).
@@ -691,6 +752,7 @@ impl Session {
         &mut self,
         prompt: &[u32],
         gp: &GenerateParams,
+        drafter: &mut dyn Drafter,
         on_token: &mut OnToken<'_>,
     ) -> Result<Outcome, SessionError> {
         self.check_prompt(prompt, gp)?;
@@ -707,7 +769,13 @@ impl Session {
             return Ok(text.outcome(DoneReason::Cancelled, timings));
         }
         let t = Instant::now();
-        let reason = self.decode(gp, guide.as_mut(), &mut timings, &mut text, on_token)?;
+        let reason = self.decode(
+            gp,
+            guide.as_mut(),
+            drafter,
+            &mut timings,
+            (&mut text, on_token),
+        )?;
         text.flush(reason, on_token);
         timings.eval_duration = t.elapsed().as_nanos() as u64;
         Ok(text.outcome(reason, timings))
@@ -719,6 +787,13 @@ impl Session {
             return Err(SessionError::BadParams(
                 "tools and a format cannot be combined".into(),
             ));
+        }
+        if gp.draft > limits::MAX_DRAFT {
+            return Err(SessionError::BadParams(format!(
+                "draft {} is above {}",
+                gp.draft,
+                limits::MAX_DRAFT
+            )));
         }
         if let Some(n) = gp.logprobs.filter(|&n| n > limits::MAX_TOP_LOGPROBS) {
             return Err(SessionError::BadParams(format!(
@@ -787,34 +862,50 @@ impl Session {
 
     /// Sample, emit and evaluate one token at a time until a reason to stop.
     /// With a guide, the logits are masked first, and the reply ends when it is complete.
+    ///
+    /// With drafts (`gp.draft` > 0), a token's step also evaluates the tokens `drafter` guesses
+    /// after it, each with its logits: the next tokens are then sampled from those rows, exactly
+    /// as they would be after steps of their own, and each one that equals its draft is already
+    /// in the cache — no step. The first that differs ends the run: the drafts after it are
+    /// dropped (the history, which says which rows of the cache hold, never took them) and its
+    /// own step comes next. Sampling the model's token and comparing is the speculative-sampling
+    /// rule for a draft that is one token for sure (accepted with the probability the model
+    /// gives it, else a draw from the rest), so replies keep their distribution — and with a
+    /// seed, their tokens: the draw per token is the same.
     fn decode(
         &mut self,
         gp: &GenerateParams,
         mut guide: Option<&mut Guide>,
+        drafter: &mut dyn Drafter,
         timings: &mut Timings,
-        text: &mut Text,
-        on_token: &mut OnToken<'_>,
+        (text, on_token): (&mut Text, &mut OnToken<'_>),
     ) -> Result<DoneReason, SessionError> {
         let model = self.model.clone();
         let tok = &model.tokenizer;
+        let n_vocab = model.config.n_vocab;
         let mut sampler = Sampler::new(gp.sampling.clone());
         let scheduler = self.scheduler.clone();
         let _decoding = scheduler.decoding();
+        // Tokens drafted after the history whose rows the cache holds, and the row of
+        // `self.logits` that scores the next token.
+        let mut ahead: Vec<u32> = Vec::with_capacity(gp.draft);
+        let (mut row, mut n_drafts) = (0, 0);
         loop {
             if self.cancel.load(Ordering::Relaxed) {
                 return Ok(DoneReason::Cancelled);
             }
             let t = Instant::now();
-            let scores = gp.logprobs.map(|n| log_softmax_top(&self.logits, n));
+            let logits = &mut self.logits[row * n_vocab..(row + 1) * n_vocab];
+            let scores = gp.logprobs.map(|n| log_softmax_top(logits, n));
             if let Some(g) = guide.as_deref_mut() {
-                g.mask(&mut self.logits).map_err(SessionError::Constraint)?;
+                g.mask(logits).map_err(SessionError::Constraint)?;
             }
-            let id = sampler.sample(&self.logits, &self.history);
+            let id = sampler.sample(logits, &self.history);
             // (A token the mask allowed keeps its logit.)
             let token = Token {
                 id,
                 logprob: scores.map(|(lse, top)| Logprob {
-                    logprob: self.logits[id as usize] - lse,
+                    logprob: logits[id as usize] - lse,
                     top,
                 }),
             };
@@ -840,15 +931,81 @@ impl Session {
             if self.history.len() >= self.n_ctx() {
                 return Ok(DoneReason::ContextFull);
             }
-            match self.eval(&[id], self.history.len()) {
-                Ok(()) => {
-                    self.history.push(id);
-                    self.last_token = None;
+            if ahead.first() == Some(&id) {
+                // Drafted, and its row in the cache: taken without a step.
+                ahead.remove(0);
+                if ahead.is_empty() {
+                    drafter.verified(row + 1, row + 1);
                 }
-                Err(EvalError::Cancelled) => return Ok(DoneReason::Cancelled),
-                Err(e) => return Err(e.into()),
+                self.history.push(id);
+                self.last_token = None;
+                timings.accepted += 1;
+                row += 1;
+                continue;
+            }
+            if row < n_drafts {
+                drafter.verified(n_drafts, row);
+            }
+            // This token's step, with what follows it drafted: no further than the reply may go
+            // (the tokens after the next one) or the context has room for.
+            self.history.push(id);
+            let t = Instant::now();
+            ahead.clear();
+            let left = match gp.max_tokens {
+                0 => usize::MAX,
+                n => n - timings.eval_count - 1,
+            };
+            let room = self.n_ctx() - self.history.len();
+            let max = gp.draft.min(left).min(room);
+            if max > 0 {
+                drafter.draft(&self.history, max, &mut ahead);
+                ahead.truncate(max);
+                if let (Some(g), false) = (guide.as_deref_mut(), ahead.is_empty()) {
+                    // Drafts the constraint would reject cannot be sampled: not verified.
+                    ahead.truncate(g.valid_prefix(&ahead));
+                }
+            }
+            timings.draft_duration += t.elapsed().as_nanos() as u64;
+            timings.drafted += ahead.len();
+            (row, n_drafts) = (0, ahead.len());
+            let n_past = self.history.len() - 1;
+            match self.eval_step(id, &ahead, n_past) {
+                Ok(()) => self.last_token = None,
+                Err(e) => {
+                    self.history.pop();
+                    return match e {
+                        EvalError::Cancelled => Ok(DoneReason::Cancelled),
+                        e => Err(e.into()),
+                    };
+                }
             }
         }
+    }
+
+    /// A decode step: `id` at `n_past`, and the `drafts` after it; afterwards `self.logits`
+    /// holds a row per token (one row without drafts).
+    fn eval_step(&mut self, id: u32, drafts: &[u32], n_past: usize) -> Result<(), EvalError> {
+        self.queued.clear();
+        self.queued.push(id);
+        self.queued.extend_from_slice(drafts);
+        let output = match drafts.is_empty() {
+            true => Output::Last,
+            false => Output::Every,
+        };
+        Segment {
+            kv: &self.kv.lock(),
+            tokens: &self.queued,
+            n_past,
+            every: false,
+        }
+        .check(self.model.config.n_vocab)?;
+        self.scheduler.submit(
+            &self.kv,
+            &mut self.queued,
+            n_past,
+            (&mut self.logits, output),
+            &self.cancel,
+        )
     }
 }
 

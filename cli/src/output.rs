@@ -74,6 +74,11 @@ impl Sink for Ndjson {
         if o.dropped_messages > 0 {
             v["dropped_messages"] = json!(o.dropped_messages);
         }
+        if t.drafted > 0 {
+            v["draft_count"] = json!(t.drafted);
+            v["draft_accepted"] = json!(t.accepted);
+            v["draft_duration"] = json!(t.draft_duration);
+        }
         line(v)
     }
 }
@@ -104,6 +109,17 @@ pub fn print_timings(o: &Outcome) {
         "eval rate:            {:.2} tokens/s",
         rate(t.eval_count, t.eval_duration)
     );
+    if t.drafted > 0 {
+        eprintln!(
+            "draft accepted:       {} of {} token(s) ({:.0}%; {} step(s) for {} token(s), drafting {:.3}s)",
+            t.accepted,
+            t.drafted,
+            100.0 * t.accepted as f64 / t.drafted as f64,
+            t.eval_count - t.accepted,
+            t.eval_count,
+            t.draft_duration as f64 / 1e9
+        );
+    }
 }
 
 /// Generate one reply, streaming it to `sink`.

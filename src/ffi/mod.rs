@@ -434,9 +434,10 @@ pub const PHI4_VERSION_MAJOR: u32 = 0;
 /// phi4_session_new_on, phi4_session_{save,load}_*, phi4_session_copy, phi4_cpu_variant,
 /// phi4_last_error, phi4_generate_params.format, the PHI4_* limits. 3: phi4_session_embed.
 /// 4: tools and log-probabilities (phi4_generate_params.tools … top_logprobs, the role "tool",
-/// phi4_session_last_tool_calls, phi4_session_last_logprobs).
+/// phi4_session_last_tool_calls, phi4_session_last_logprobs). 5: speculative decoding
+/// (phi4_generate_params.draft, phi4_result.drafted and accepted, PHI4_MAX_DRAFT).
 #[allow(dead_code)]
-pub const PHI4_VERSION_MINOR: u32 = 4;
+pub const PHI4_VERSION_MINOR: u32 = 5;
 /// The library's patch version.
 #[allow(dead_code)]
 pub const PHI4_VERSION_PATCH: u32 = 0;
@@ -457,6 +458,8 @@ pub const PHI4_MAX_TOOL_CALLS: u32 = 16;
 /// The most alternatives per token (`phi4_generate_params.top_logprobs`, the size of
 /// `phi4_token_logprob.top_tokens`).
 pub const PHI4_MAX_TOP_LOGPROBS: u32 = 20;
+/// The most tokens drafted per step (`phi4_generate_params.draft`).
+pub const PHI4_MAX_DRAFT: u32 = 16;
 const _: () = {
     use crate::limits::*;
     assert!(PHI4_MAX_CONTEXT as usize == MAX_CONTEXT);
@@ -466,6 +469,7 @@ const _: () = {
     assert!(PHI4_MAX_BATCH as usize == MAX_BATCH);
     assert!(PHI4_MAX_TOOL_CALLS as usize == MAX_TOOL_CALLS);
     assert!(PHI4_MAX_TOP_LOGPROBS as usize == MAX_TOP_LOGPROBS);
+    assert!(PHI4_MAX_DRAFT as usize == MAX_DRAFT);
 };
 
 /// The message of the last call on the calling thread that failed (returned a status other

@@ -138,16 +138,21 @@ impl Compute {
     }
 
     /// Run the graph (already allocated) on `n_threads` of the pool's threads (at least one, at
-    /// most all). `abort` is polled by ggml's threads between ops.
+    /// most all). `abort` is polled by ggml's threads between ops. `row_exact` asks for ggml's
+    /// reference paths (its plan's `use_ref`): each output row then computed by one thread, in
+    /// one order, whatever the number of rows or threads — no split of attention over the
+    /// cache, no tiled attention or matrix paths, no fused ops.
     pub fn compute(
         &mut self,
         g: GraphRef<'_>,
         n_threads: usize,
         abort: &AtomicBool,
+        row_exact: bool,
     ) -> Result<(), ComputeError> {
         let mut plan = self.plan(g)?;
         // The plan's work buffer is sized for all threads, which fewer threads fit in.
         plan.n_threads = n_threads.clamp(1, self.n_threads) as i32;
+        plan.use_ref = row_exact;
         plan.abort_callback = Some(abort_trampoline);
         plan.abort_callback_data = abort as *const AtomicBool as *mut c_void;
         // SAFETY: graph allocated; plan from ggml_graph_plan with a work buffer of its size;

@@ -781,16 +781,12 @@ static inline vgf vgf_h8(const uint16_t *p) {
         }                                                                                          \
         const vgf d = D, dmin = DMIN;                                                              \
         for (int t = 0; t < N; t++) {                                                              \
-            vgf fm[KS];                                                                            \
-            for (int c = 0; c < KS; c++) {                                                         \
-                fm[c] = vgf_zero();                                                                \
-            }                                                                                      \
+            /* Two float chains whatever N: a token's sum never depends on the step's others. */ \
+            vgf fm[2] = {vgf_zero(), vgf_zero()};                                                  \
             for (int sb = 0; sb < 2 * NPAIR && MINS; sb++) {                                      \
-                fm[sb % KS] = vgf_fma(mn[sb], vgf_splat(a[t]->BS[sb]), fm[sb % KS]);               \
+                fm[sb % 2] = vgf_fma(mn[sb], vgf_splat(a[t]->BS[sb]), fm[sb % 2]);                 \
             }                                                                                      \
-            for (int c = 1; c < KS; c++) {                                                         \
-                fm[0] = vgf_add(fm[0], fm[c]);                                                     \
-            }                                                                                      \
+            fm[0] = vgf_add(fm[0], fm[1]);                                                         \
             /* Both lanes of a row hold its whole min term: half in each (exact). */               \
             const vgf da = vgf_splat(a[t]->d), da_half = vgf_splat(0.5f * a[t]->d);                \
             vgf acc = vgf_load(y[t]);                                                              \

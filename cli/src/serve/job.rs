@@ -90,12 +90,14 @@ impl Scope {
     }
 }
 
-/// The session a request asks for (Ollama's num_ctx, num_thread, num_batch; 0: the server's).
+/// The session a request asks for (Ollama's num_ctx, num_thread, num_batch; 0: the server's),
+/// and its drafting (phi4's `draft` option; None: the server's).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Shape {
     pub n_ctx: usize,
     pub n_threads: usize,
     pub n_batch: usize,
+    pub draft: Option<usize>,
 }
 
 pub enum Prompt {
@@ -367,6 +369,9 @@ pub fn options(
                     _ => return Err(bad("must be a number")),
                 };
                 gp.set(name, &text).map_err(|e| bad(&e))?;
+                if name == "draft" {
+                    shape.draft = Some(gp.draft);
+                }
             }
             _ => ignored.push(name.clone()),
         }

@@ -53,6 +53,11 @@ pub struct ServeArgs {
          decode in the same steps)", phi4::limits::MAX_BATCH
     ))]
     parallel: usize,
+    #[arg(long, default_value_t = phi4::limits::DEFAULT_DRAFT, help = format!(
+        "Speculative decoding for every request that names no `draft` option: tokens drafted \
+         per step by prompt lookup, 0..={} (0: off)", phi4::limits::MAX_DRAFT
+    ))]
+    draft: usize,
     /// Requests that may wait for a session; more get 503.
     #[arg(long, default_value_t = 64)]
     queue: usize,
@@ -288,6 +293,9 @@ fn address(a: &ServeArgs) -> Result<SocketAddr, String> {
 
 pub fn serve(a: ServeArgs) -> Res {
     phi4::limits::check_max_batch(a.parallel).map_err(|e| format!("--parallel: {e}"))?;
+    phi4::GenerateParams::default()
+        .set("draft", &a.draft.to_string())
+        .map_err(|e| format!("--draft: {e}"))?;
     let api_keys = api_keys(&a)?;
     let addr = address(&a)?;
     let d = phi4::SessionParams::default();
@@ -305,7 +313,14 @@ pub fn serve(a: ServeArgs) -> Res {
         .prompt_cache_dir
         .map(|dir| prompt_cache::PromptCache::new(dir, a.prompt_cache_max_mib << 20))
         .transpose()?;
-    let pool = Pool::new(a.model.clone(), a.parallel, a.queue, session, cache);
+    let pool = Pool::new(
+        a.model.clone(),
+        a.parallel,
+        a.queue,
+        session,
+        cache,
+        a.draft,
+    );
     // Load now: a bad file is reported at start, not at the first request.
     pool.model()?;
     if !(a.read_timeout.is_finite() && a.read_timeout > 0.0) {

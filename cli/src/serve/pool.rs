@@ -32,6 +32,8 @@ pub struct Pool {
     state: Mutex<State>,
     /// Saved system prompts (`--prompt-cache-dir`).
     pub cache: Option<PromptCache>,
+    /// Tokens drafted per step for a request that names no `draft` (`--draft`).
+    pub draft: usize,
 }
 
 enum Slot {
@@ -73,6 +75,7 @@ impl Pool {
         max_queue: usize,
         session: SessionParams,
         cache: Option<PromptCache>,
+        draft: usize,
     ) -> Arc<Pool> {
         Arc::new(Pool {
             path,
@@ -87,6 +90,7 @@ impl Pool {
                 expires: None,
             }),
             cache,
+            draft,
         })
     }
 

@@ -110,6 +110,8 @@ pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
     });
     let pool = pool.clone();
     let pieces = tx.clone();
+    let mut job = job;
+    job.params.draft = job.shape.draft.unwrap_or(pool.draft);
     let cache_pool = pool.clone();
     // The request keeps its place until its session is back in the pool.
     let admission = job.admission;
@@ -133,8 +135,12 @@ pub async fn start(pool: &Arc<Pool>, job: Job) -> mpsc::Receiver<Event> {
                 out.timings.load_duration = loading.load(Ordering::Relaxed);
                 // The request's log line, now that its token counts are known.
                 let t = &out.timings;
+                let drafts = match t.drafted {
+                    0 => String::new(),
+                    n => format!(" (drafted {n}, accepted {})", t.accepted),
+                };
                 eprintln!(
-                    "{} 200 tokens in {} (new), out {}, {} {:.1}ms",
+                    "{} 200 tokens in {} (new), out {}{drafts}, {} {:.1}ms",
                     job.label,
                     t.prompt_eval_count,
                     t.eval_count,
