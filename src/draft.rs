@@ -26,12 +26,24 @@ pub trait Drafter {
 const MIN_NGRAM: usize = 2;
 const MAX_NGRAM: usize = 4;
 
+/// The lengths a [`PromptLookup`] draft climbs and descends: steps of 2, 4, 8 and 16 tokens.
+/// phi4's kernels take a step's tokens in register blocks of 1–4 and 8, so a step of 5 to 7
+/// tokens costs about one of 8, and one of 9 about one of 8 plus one of 1 (`benches/kernels.rs`).
+const LADDER: [usize; 4] = [1, 3, 7, 15];
+/// The rung a generation starts on (drafts of 3: a step of 4 tokens costs little more than
+/// one of 1 where phi4's kernels run).
+const FIRST_RUNG: usize = 1;
+/// The longest pause of lookups after drafts of one token missed (steps).
+const MAX_PAUSE: usize = 16;
+
 /// Drafts the continuation of the most recent earlier occurrence of the longest n-gram
 /// (`MIN_NGRAM..=MAX_NGRAM` tokens) that ends the tokens so far. A continuation that reaches
-/// the end of the tokens repeats the span between the two occurrences (a loop goes on). The
-/// draft's length follows the last verifications: it halves after each draft the model
-/// rejected first thing, and doubles back (to the caller's `max`) after each one it took whole.
-#[derive(Default)]
+/// the end of the tokens repeats the span between the two occurrences (a loop goes on).
+///
+/// The draft's length follows the verifications ([`LADDER`]): one rung up after a draft the
+/// model took whole, one down after a draft it rejected first thing, and when even single
+/// tokens are rejected, lookups pause for a number of steps that doubles with each further
+/// miss — text that does not repeat its input costs almost no wrong drafts.
 pub struct PromptLookup {
     /// Per n-gram length, the n-gram's hash → where its most recent occurrence ends.
     ends: [Map<u64, usize>; MAX_NGRAM + 1 - MIN_NGRAM],
@@ -39,8 +51,24 @@ pub struct PromptLookup {
     indexed: usize,
     /// Tokens of the last call: a shorter or different sequence starts the index again.
     seen: Vec<u32>,
-    /// The most tokens the next draft may have (0: the caller's `max`).
-    cap: usize,
+    /// The next draft's length: `LADDER[rung]` (at most the caller's `max`).
+    rung: usize,
+    /// Steps to go without drafting, and how many the next miss of a single token pauses.
+    pause: usize,
+    backoff: usize,
+}
+
+impl Default for PromptLookup {
+    fn default() -> PromptLookup {
+        PromptLookup {
+            ends: Default::default(),
+            indexed: 0,
+            seen: Vec::new(),
+            rung: FIRST_RUNG,
+            pause: 0,
+            backoff: 1,
+        }
+    }
 }
 
 fn ngram_hash(gram: &[u32]) -> u64 {
@@ -80,10 +108,11 @@ impl PromptLookup {
 impl Drafter for PromptLookup {
     fn draft(&mut self, tokens: &[u32], max: usize, out: &mut Vec<u32>) {
         self.index(tokens);
-        let max = match self.cap {
-            0 => max,
-            cap => cap.min(max),
-        };
+        if self.pause > 0 {
+            self.pause -= 1;
+            return;
+        }
+        let max = LADDER[self.rung].min(max);
         let len = tokens.len();
         for n in (MIN_NGRAM..=MAX_NGRAM.min(len)).rev() {
             let suffix = &tokens[len - n..];
@@ -108,16 +137,19 @@ impl Drafter for PromptLookup {
         if drafted == 0 {
             return;
         }
-        let cap = if self.cap == 0 { drafted } else { self.cap };
-        self.cap = if accepted == drafted {
-            (2 * cap).max(1)
-        } else if accepted == 0 {
-            (cap / 2).max(1)
+        if accepted == drafted {
+            self.rung = (self.rung + 1).min(LADDER.len() - 1);
+        } else if accepted > 0 {
+            self.backoff = 1;
+        } else if self.rung > 0 {
+            self.rung -= 1;
         } else {
-            cap
-        };
-        // (The caller's `max` bounds it at the next draft.)
-        self.cap = self.cap.min(crate::limits::MAX_DRAFT);
+            self.pause = self.backoff;
+            self.backoff = (2 * self.backoff).min(MAX_PAUSE);
+        }
+        if accepted > 0 {
+            self.backoff = 1;
+        }
     }
 }
 
@@ -148,7 +180,10 @@ mod tests {
 
     #[test]
     fn a_loop_goes_on_past_the_end() {
-        let mut d = PromptLookup::new();
+        let mut d = PromptLookup {
+            rung: LADDER.len() - 1,
+            ..PromptLookup::new()
+        };
         let tokens = [9, 1, 2, 3, 1, 2, 3];
         assert_eq!(draft(&mut d, &tokens, 7), [1, 2, 3, 1, 2, 3, 1]);
         // The same token repeated: a run.
@@ -171,21 +206,36 @@ mod tests {
     #[test]
     fn draft_length_follows_verification() {
         let mut d = PromptLookup::new();
-        let tokens: Vec<u32> = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2].to_vec();
-        assert_eq!(draft(&mut d, &tokens, 8).len(), 8);
-        d.verified(8, 0);
-        assert_eq!(draft(&mut d, &tokens, 8).len(), 4);
-        d.verified(4, 0);
-        d.verified(2, 0);
-        d.verified(1, 0);
-        assert_eq!(draft(&mut d, &tokens, 8).len(), 1);
+        let tokens: Vec<u32> = (1..=20).chain([1, 2]).collect();
+        let len = |d: &mut PromptLookup, max| draft(d, &tokens, max).len();
+        assert_eq!(len(&mut d, 16), 3);
+        d.verified(3, 3);
+        assert_eq!(len(&mut d, 16), 7);
+        d.verified(7, 7);
+        assert_eq!(len(&mut d, 16), 15);
+        assert_eq!(len(&mut d, 8), 8, "the caller's max bounds it");
+        d.verified(15, 15);
+        assert_eq!(len(&mut d, 16), 15);
+        d.verified(15, 4);
+        assert_eq!(len(&mut d, 16), 15, "a partial draft keeps the length");
+        d.verified(15, 0);
+        d.verified(7, 0);
+        assert_eq!(len(&mut d, 16), 3);
+        d.verified(3, 0);
+        assert_eq!(len(&mut d, 16), 1);
+        // Single tokens missed: the next lookup is skipped, then two, then four …
+        for pause in [1, 2, 4, 8, 16, 16] {
+            d.verified(1, 0);
+            for _ in 0..pause {
+                assert_eq!(len(&mut d, 16), 0);
+            }
+            assert_eq!(len(&mut d, 16), 1);
+        }
+        // … until one is right: a miss then pauses one step again.
         d.verified(1, 1);
-        d.verified(2, 2);
-        assert_eq!(draft(&mut d, &tokens, 8).len(), 4);
-        d.verified(4, 2);
-        assert_eq!(draft(&mut d, &tokens, 8).len(), 4);
-        d.verified(4, 4);
-        d.verified(8, 8);
-        assert_eq!(draft(&mut d, &tokens, 8).len(), 8);
+        d.verified(3, 0);
+        d.verified(1, 0);
+        assert_eq!(len(&mut d, 16), 0);
+        assert_eq!(len(&mut d, 16), 1);
     }
 }

@@ -912,6 +912,9 @@ impl Session {
             if tok.end_of_generation.contains(&id) {
                 return Ok(DoneReason::Stop);
             }
+            // Drafted: its row is in the cache already, it needs no step.
+            let drafted = ahead.first() == Some(&id);
+            timings.accepted += usize::from(drafted);
             if let Some(g) = guide.as_deref_mut() {
                 g.accept(id).map_err(SessionError::Constraint)?;
             }
@@ -931,15 +934,13 @@ impl Session {
             if self.history.len() >= self.n_ctx() {
                 return Ok(DoneReason::ContextFull);
             }
-            if ahead.first() == Some(&id) {
-                // Drafted, and its row in the cache: taken without a step.
+            if drafted {
                 ahead.remove(0);
                 if ahead.is_empty() {
                     drafter.verified(row + 1, row + 1);
                 }
                 self.history.push(id);
                 self.last_token = None;
-                timings.accepted += 1;
                 row += 1;
                 continue;
             }
