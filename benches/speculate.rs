@@ -22,9 +22,9 @@ mod options;
 use std::sync::Arc;
 
 use options::Options;
+use phi4::chat::{Message, Role};
 use phi4::sample::SamplingParams;
 use phi4::session::Timings;
-use phi4::chat::{Message, Role};
 use phi4::{Drafter, GenerateParams, Model, Session, SessionParams};
 
 const USAGE: &str = "cargo bench --bench speculate -- --model FILE [--threads 2] [--prompt 32] [--gen 64] [--drafts 3,7,8] [--lookup-gen 200] [--text T] [--rounds 2]";
@@ -51,13 +51,21 @@ impl Drafter for Oracle<'_> {
 
 fn greedy(n: usize, draft: usize) -> GenerateParams {
     GenerateParams {
-        sampling: SamplingParams {
-            temperature: 0.0,
-            ..Default::default()
-        },
+        sampling: SamplingParams::greedy(),
         max_tokens: n,
         draft,
         ..Default::default()
+    }
+}
+
+/// Ollama's default sampling (temperature 0.8, repeat penalty 1.1), seeded.
+fn sampled(n: usize, draft: usize) -> GenerateParams {
+    GenerateParams {
+        sampling: SamplingParams {
+            seed: Some(1),
+            ..Default::default()
+        },
+        ..greedy(n, draft)
     }
 }
 
@@ -154,7 +162,9 @@ fn main() {
     }
     let plain = plain.unwrap();
     println!("\n1. drafts from the model's own {gen}-token reply, a share of their tokens right");
-    println!("| draft | drafts right | drafted tokens accepted | steps | decode tok/s | vs plain |");
+    println!(
+        "| draft | drafts right | drafted tokens accepted | steps | decode tok/s | vs plain |"
+    );
     println!("|---|---|---|---|---|---|");
     println!(
         "| plain decoding | – | – | {} | {:.2} | 1.00 |",
@@ -174,42 +184,48 @@ fn main() {
         );
     }
 
-    // 2. Prompt lookup on a chat reply.
+    // 2. Prompt lookup on chat replies: greedy (a model with random weights falls into loops)
+    // and sampled (its loops broken up).
     let messages = [Message::new(Role::User, text.as_str())];
-    let mut chat = |draft: usize| {
-        s.reset();
-        let out = s
-            .chat(&messages, &greedy(lookup_gen, draft), &mut |_, _| true)
-            .expect("chat");
-        (out.text, out.timings)
-    };
-    let (want, _) = chat(0);
     let lookups: Vec<usize> = std::iter::once(0).chain(drafts.iter().copied()).collect();
-    let mut best: Vec<Option<Timings>> = vec![None; lookups.len()];
-    for _ in 0..rounds {
-        for (i, &draft) in lookups.iter().enumerate() {
-            let (text, t) = chat(draft);
-            assert_eq!(text, want, "prompt lookup changed the reply");
-            keep(&mut best[i], t);
+    for (name, gp) in [
+        ("greedy", greedy as fn(usize, usize) -> GenerateParams),
+        ("sampled", sampled),
+    ] {
+        let mut chat = |draft: usize| {
+            s.reset();
+            let out = s
+                .chat(&messages, &gp(lookup_gen, draft), &mut |_, _| true)
+                .expect("chat");
+            (out.text, out.timings)
+        };
+        let (want, _) = chat(0);
+        let mut best: Vec<Option<Timings>> = vec![None; lookups.len()];
+        for _ in 0..rounds {
+            for (i, &draft) in lookups.iter().enumerate() {
+                let (text, t) = chat(draft);
+                assert_eq!(text, want, "prompt lookup changed the reply");
+                keep(&mut best[i], t);
+            }
         }
-    }
-    let plain = best[0].unwrap();
-    println!("\n2. prompt lookup on a {lookup_gen}-token chat reply to {text:?}");
-    println!("| draft | decode tok/s | vs plain | drafted | accepted | steps | drafting per step | a plain step |");
-    println!("|---|---|---|---|---|---|---|---|");
-    for (&draft, t) in lookups.iter().zip(&best) {
-        let t = t.unwrap();
-        let steps = t.eval_count - t.accepted;
-        println!(
-            "| {draft} | {:.2} | {:.2} | {} | {} ({:.0} %) | {steps} for {} tokens | {:.1} µs | {:.1} ms |",
-            tok_s(&t),
-            tok_s(&t) / tok_s(&plain),
-            t.drafted,
-            t.accepted,
-            100.0 * t.accepted as f64 / t.drafted.max(1) as f64,
-            t.eval_count,
-            t.draft_duration as f64 / 1e3 / steps.max(1) as f64,
-            plain.eval_duration as f64 / 1e6 / plain.eval_count as f64
-        );
+        let plain = best[0].unwrap();
+        println!("\n2. prompt lookup on a {lookup_gen}-token {name} chat reply to {text:?}");
+        println!("| draft | decode tok/s | vs plain | drafted | accepted | steps | drafting per step | a plain step |");
+        println!("|---|---|---|---|---|---|---|---|");
+        for (&draft, t) in lookups.iter().zip(&best) {
+            let t = t.unwrap();
+            let steps = t.eval_count - t.accepted;
+            println!(
+                "| {draft} | {:.2} | {:.2} | {} | {} ({:.0} %) | {steps} for {} tokens | {:.1} µs | {:.1} ms |",
+                tok_s(&t),
+                tok_s(&t) / tok_s(&plain),
+                t.drafted,
+                t.accepted,
+                100.0 * t.accepted as f64 / t.drafted.max(1) as f64,
+                t.eval_count,
+                t.draft_duration as f64 / 1e3 / steps.max(1) as f64,
+                plain.eval_duration as f64 / 1e6 / plain.eval_count as f64
+            );
+        }
     }
 }

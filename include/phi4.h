@@ -66,8 +66,10 @@
 // phi4_session_new_on, phi4_session_{save,load}_*, phi4_session_copy, phi4_cpu_variant,
 // phi4_last_error, phi4_generate_params.format, the PHI4_* limits. 3: phi4_session_embed.
 // 4: tools and log-probabilities (phi4_generate_params.tools … top_logprobs, the role "tool",
-// phi4_session_last_tool_calls, phi4_session_last_logprobs).
-#define PHI4_VERSION_MINOR 4
+// phi4_session_last_tool_calls, phi4_session_last_logprobs). 5: speculative decoding
+// (phi4_generate_params.draft, phi4_result.drafted and accepted, PHI4_MAX_DRAFT,
+// PHI4_DEFAULT_DRAFT).
+#define PHI4_VERSION_MINOR 5
 
 // The library's patch version.
 #define PHI4_VERSION_PATCH 0
@@ -93,6 +95,12 @@
 // The most alternatives per token (`phi4_generate_params.top_logprobs`, the size of
 // `phi4_token_logprob.top_tokens`).
 #define PHI4_MAX_TOP_LOGPROBS 20
+
+// The most tokens drafted per step (`phi4_generate_params.draft`).
+#define PHI4_MAX_DRAFT 16
+
+// The tokens drafted per step unless a generation asks otherwise (`phi4_generate_params.draft`).
+#define PHI4_DEFAULT_DRAFT 0
 
 // `phi4_generate_params.seed`: a fresh random seed for every generation (the default).
 #define PHI4_SEED_RANDOM 18446744073709551615ull
@@ -288,6 +296,11 @@ typedef struct phi4_generate_params {
   // With `logprobs`: the most likely alternatives recorded per token,
   // 0..=PHI4_MAX_TOP_LOGPROBS. Default 0.
   uint32_t top_logprobs;
+  // Speculative decoding: at most this many tokens, 0..=PHI4_MAX_DRAFT, drafted per step by
+  // prompt lookup (the continuation of the last few tokens where they occurred before) and
+  // verified in one step. The reply is the same, token for token; phi4_result says how many
+  // drafts were right. 0: off. Default PHI4_DEFAULT_DRAFT. (Since 0.5.)
+  uint32_t draft;
 } phi4_generate_params;
 
 // One chat message: role is "system", "user", "assistant" or "tool" (a tool's result); both
@@ -319,6 +332,10 @@ typedef struct phi4_result {
   uint64_t eval_duration;
   // Messages dropped from the front to fit the context (PHI4_OVERFLOW_DROP_OLDEST).
   uint32_t dropped_messages;
+  // Tokens drafted (phi4_generate_params.draft), and of them those the model agreed with:
+  // generated without a step of their own. (Since 0.5.)
+  uint64_t drafted;
+  uint64_t accepted;
 } phi4_result;
 
 // A generated token's log-probability (the natural log of its probability under the model's

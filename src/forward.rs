@@ -37,6 +37,8 @@ use crate::model::Model;
 /// tokens, the product), and those of each segment's attention.
 const TENSORS_PER_LAYER: usize = 28;
 const TENSORS_PER_SEGMENT: usize = 16;
+/// A verified token attends alone: its views, the attention and a concatenation.
+const TENSORS_PER_VERIFIED_TOKEN: usize = 10;
 const TENSORS_OUTSIDE_LAYERS: usize = 32;
 
 /// Tokens of one KV cache evaluated in a graph: `tokens` at positions `n_past..`.
@@ -114,8 +116,12 @@ impl Engine {
             n_threads >= 1 && max_segments >= 1,
             "validated by the caller"
         );
+        let verified = VERIFY_PER_STEP.min(max_segments) * (1 + MAX_DRAFT);
         let capacity = TENSORS_OUTSIDE_LAYERS
-            + (TENSORS_PER_LAYER + TENSORS_PER_SEGMENT * max_segments) * c.n_layer;
+            + (TENSORS_PER_LAYER
+                + TENSORS_PER_SEGMENT * max_segments
+                + TENSORS_PER_VERIFIED_TOKEN * verified)
+                * c.n_layer;
         // Every node or leaf is a tensor of the graph context, a weight, or a cache tensor.
         let graph_size = capacity + model.gguf.tensors.len() + 2 * c.n_layer * max_segments;
         Ok(Engine {
@@ -200,9 +206,9 @@ impl Engine {
 
     /// Evaluate every segment in one graph (each checked by the caller); afterwards
     /// `self.logits` holds each segment's rows of logits, in order, and, if `for_embeddings`,
-    /// `self.hidden` the final hidden states of every token. A step of decoding segments only
-    /// computes each token's row alone, in one order ([`Compute::compute`]'s `row_exact`):
-    /// a token's logits are the same whichever tokens, drafts or threads share its step.
+    /// `self.hidden` the final hidden states of every token. In a step of decoding segments
+    /// only, a token's logits are the same whatever else the step carries (its drafts, other
+    /// sessions' tokens).
     pub fn step(
         &mut self,
         model: &Model,
@@ -259,7 +265,11 @@ impl Engine {
         };
         let single = self.ids.len() == segments.len();
         let t = std::time::Instant::now();
-        match self.compute.compute(built.graph, threads, abort, decode) {
+        // A decode step computes each token's row alone, in one order, so that its logits are
+        // the same whatever else the step carries: phi4's kernels always do; where ggml
+        // multiplies a matrix, its reference paths must be asked for.
+        let row_exact = decode && !model.weights.token_invariant();
+        match self.compute.compute(built.graph, threads, abort, row_exact) {
             Ok(()) if single => self.governor.record(t.elapsed()),
             Ok(()) => {}
             Err(ComputeError::Aborted) => return Err(EvalError::Cancelled),
@@ -360,11 +370,7 @@ fn build<'g>(
                     first * t.nb()[2],
                 )
             };
-            let (qs, ks, vs) = (
-                part(&mut g, q, n_head),
-                part(&mut g, k, n_head_kv),
-                part(&mut g, v, n_head_kv),
-            );
+            let (ks, vs) = (part(&mut g, k, n_head_kv), part(&mut g, v, n_head_kv));
             let k_dst = g.view(kc, &[n_embd_kv, n as i64], &[kv_row], s.n_past * kv_row);
             let v_dst = g.view(vc, &[n_embd_kv, n as i64], &[kv_row], s.n_past * kv_row);
             let k_store = g.cpy(ks, k_dst);
@@ -372,26 +378,39 @@ fn build<'g>(
             g.expand(k_store);
             g.expand(v_store);
 
-            let k_all = g.view(
-                kc,
-                &[hd, n_head_kv, n_kv as i64],
-                &[hd as usize * f16s, kv_row],
-                0,
-            );
-            let v_all = g.view(
-                vc,
-                &[hd, n_head_kv, n_kv as i64],
-                &[hd as usize * f16s, kv_row],
-                0,
-            );
-            let k_all = g.permute(k_all, [0, 2, 1, 3]); // [hd, n_kv, n_head_kv]
-            let v_all = g.permute(v_all, [0, 2, 1, 3]);
-            let qs = g.permute(qs, [0, 2, 1, 3]); // [hd, n, n_head]
-            let att = g.flash_attn(qs, k_all, v_all, mask, 1.0); // [hd, n_head, n]
-            a = Some(match a {
-                None => att,
-                Some(prev) => g.concat(prev, att, 2),
-            });
+            // A segment verifying drafts attends one token at a time, each exactly as its own
+            // decode step would (ggml attends for one query by another path than for several
+            // once the cache is long); other segments attend all their tokens at once.
+            let (groups, m) = if s.every { (n, 1) } else { (1, n) };
+            for i in 0..groups {
+                let n_kv_i = s.n_past + i + m;
+                let kv_view = |g: &mut ggml::Graph<'g>, t: Tensor<'g>| {
+                    let all = g.view(
+                        t,
+                        &[hd, n_head_kv, n_kv_i as i64],
+                        &[hd as usize * f16s, kv_row],
+                        0,
+                    );
+                    g.permute(all, [0, 2, 1, 3]) // [hd, n_kv, n_head_kv]
+                };
+                let (k_all, v_all) = (kv_view(&mut g, kc), kv_view(&mut g, vc));
+                let qi = g.view(
+                    q,
+                    &[hd, n_head, m as i64],
+                    &[q.nb()[1], q.nb()[2]],
+                    (first + i) * q.nb()[2],
+                );
+                let qi = g.permute(qi, [0, 2, 1, 3]); // [hd, m, n_head]
+                let mask_i = match s.every {
+                    false => mask,
+                    true => g.view(mask, &[n_kv_i as i64, 1], &[n_kv * f16s], i * n_kv * f16s),
+                };
+                let att = g.flash_attn(qi, k_all, v_all, mask_i, 1.0); // [hd, n_head, m]
+                a = Some(match a {
+                    None => att,
+                    Some(prev) => g.concat(prev, att, 2),
+                });
+            }
             first += n;
         }
         let a = g.reshape_2d(a.expect("at least one segment"), n_embd, n_t);

@@ -497,6 +497,18 @@ fn repack_into(
 }
 
 impl Weights {
+    /// Whether every matrix runs on phi4's kernels, which compute a token's product the same
+    /// way whatever other tokens its step carries (ggml's take other paths for one token than
+    /// for several).
+    pub fn token_invariant(&self) -> bool {
+        let layer = |l: &Layer| {
+            [l.attn_qkv, l.attn_output, l.ffn_up, l.ffn_down]
+                .iter()
+                .all(|m| m.packed.is_some())
+        };
+        self.output.packed.is_some() && self.layers.iter().all(layer)
+    }
+
     /// m · x in graph `g`, by the kernels `m` was placed for.
     pub fn mul<'g>(&'g self, g: &mut Graph<'g>, m: Matrix, x: Tensor<'g>) -> Tensor<'g> {
         let w = self.ctx.get(m.id);

@@ -285,6 +285,62 @@ fn out_of_range_values_are_errors_not_clamped() {
 }
 
 #[test]
+fn draft_flag_keeps_the_reply_and_reports_the_drafts() {
+    let demo = common::fixture("phi4-tiny-docs.gguf");
+    let m = demo.to_str().unwrap();
+    let prompt = "The list type is mutable. The tuple type is immutable. The list type is mutable.";
+    let run = |draft: &str, report: &str| {
+        let out = phi4(&[
+            "run",
+            "--model",
+            m,
+            "--temperature",
+            "0",
+            "-n",
+            "48",
+            "--repeat-penalty",
+            "1",
+            "--draft",
+            draft,
+            report,
+            prompt,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    let events = |stdout: &str| -> (String, serde_json::Value) {
+        let lines: Vec<serde_json::Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let text = lines.iter().filter_map(|v| v["piece"].as_str()).collect();
+        (text, lines.last().unwrap().clone())
+    };
+    let (plain, plain_done) = events(&run("0", "--json").0);
+    let (drafted, done) = events(&run("8", "--json").0);
+    assert_eq!(plain, drafted);
+    assert!(plain_done.get("draft_count").is_none(), "{plain_done}");
+    let (n, accepted) = (
+        done["draft_count"].as_u64(),
+        done["draft_accepted"].as_u64(),
+    );
+    assert!(n.is_some_and(|n| n > 0) && accepted <= n, "{done}");
+    let (_, verbose) = run("8", "--verbose");
+    assert!(verbose.contains("draft accepted:"), "{verbose}");
+    assert_clean_failure(
+        &phi4(&["run", "--model", m, "--draft", "17", "hi"]),
+        "--draft: draft takes 0..=16",
+    );
+}
+
+#[test]
 fn a_given_seed_reproduces_and_no_seed_draws_a_fresh_one() {
     let demo = common::fixture("phi4-tiny-docs.gguf");
     let reply = |seed: Option<&str>| {

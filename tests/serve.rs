@@ -2062,3 +2062,57 @@ fn anthropic_messages_api() {
         );
     }
 }
+
+#[test]
+fn draft_per_server_and_per_request() {
+    // The server drafts for every request (--draft 8) unless one names its own `draft`.
+    let s = Server::start(&["--draft", "8"]);
+    let msgs = json!([{ "role": "user", "content": "The list type is mutable. The tuple type is immutable. The list type is mutable." }]);
+    let reply = |draft: Option<i64>| {
+        let mut body = chat_body(msgs.clone(), false, 48);
+        body["options"]["repeat_penalty"] = json!(1);
+        if let Some(d) = draft {
+            body["options"]["draft"] = json!(d);
+        }
+        let (status, v) = s.post("/api/chat", &body);
+        assert_eq!(status, 200, "{v}");
+        v["message"]["content"].as_str().unwrap().to_string()
+    };
+    let (drafted, plain) = (reply(None), reply(Some(0)));
+    assert_eq!(drafted, plain);
+    // The log line of each: the first with its drafts, the second without.
+    let log = s.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" 200 tokens in "))
+        .collect();
+    assert_eq!(lines.len(), 2, "{log}");
+    assert!(
+        lines[0].contains("(drafted ") && !lines[1].contains("drafted"),
+        "{log}"
+    );
+    // Out of range: 400, and the server goes on.
+    let mut body = chat_body(msgs.clone(), false, 4);
+    body["options"]["draft"] = json!(17);
+    let (status, v) = s.post("/api/chat", &body);
+    assert!(
+        status == 400 && v["error"].as_str().unwrap().contains("draft"),
+        "{v}"
+    );
+    assert_eq!(reply(Some(3)), plain);
+    drop(s);
+    // A bad --draft stops the server before it listens.
+    let out = common::target_command(common::cli())
+        .args([
+            "serve",
+            "--model",
+            common::fixture("phi4-tiny-docs.gguf").to_str().unwrap(),
+        ])
+        .args(["--draft", "99", "--port", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--draft"),
+        "{out:?}"
+    );
+}

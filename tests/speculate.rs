@@ -14,7 +14,7 @@ use phi4_synth::Spec;
 
 fn params() -> SessionParams {
     SessionParams {
-        n_ctx: 512,
+        n_ctx: 1024,
         n_batch: 16,
         n_threads: 2,
         ..Default::default()
@@ -86,14 +86,23 @@ fn known(prompt: &[u32], reply: &[Token], wrong: usize, model: &Model) -> Known 
 /// taken. Returns the plain run.
 fn same_with_drafts(model: &Arc<Model>, prompt: &[u32], gp: &GenerateParams) -> Outcome {
     let mut s = Session::new(model.clone(), &params()).unwrap();
-    let plain_gp = GenerateParams { draft: 0, ..gp.clone() };
+    let plain_gp = GenerateParams {
+        draft: 0,
+        ..gp.clone()
+    };
     let (want, plain) = run(&mut s, prompt, &plain_gp, None);
     assert_eq!(plain.timings.drafted, 0);
-    let drafted_gp = GenerateParams { draft: 8, ..gp.clone() };
+    let drafted_gp = GenerateParams {
+        draft: 8,
+        ..gp.clone()
+    };
     let runs: [(&str, Box<dyn Drafter>); 3] = [
         ("prompt lookup", Box::new(PromptLookup::new())),
         ("known", Box::new(known(prompt, &want, 0, model))),
-        ("known, every third wrong", Box::new(known(prompt, &want, 3, model))),
+        (
+            "known, every third wrong",
+            Box::new(known(prompt, &want, 3, model)),
+        ),
     ];
     for (name, mut drafter) in runs {
         let d: &mut dyn Drafter = &mut *drafter;
@@ -127,7 +136,9 @@ fn same_with_drafts(model: &Arc<Model>, prompt: &[u32], gp: &GenerateParams) -> 
 }
 
 fn prompt(len: u32, seed: u32) -> Vec<u32> {
-    (0..len).map(|i| (i * 37 + seed * 101 + 11) % 1000).collect()
+    (0..len)
+        .map(|i| (i * 37 + seed * 101 + 11) % 1000)
+        .collect()
 }
 
 fn synthetic(ft: &str, seed: u64) {
@@ -135,8 +146,36 @@ fn synthetic(ft: &str, seed: u64) {
     let spec = Spec::small(2, common::ftype(ft), seed);
     let path = common::synth_model(dir.path(), "m.gguf", &spec);
     let model = Arc::new(Model::load(&path, Default::default()).unwrap());
-    let out = same_with_drafts(&model, &prompt(24, seed as u32), &greedy(48, 8));
+    let gp = GenerateParams {
+        logprobs: Some(2),
+        ..greedy(48, 8)
+    };
+    let out = same_with_drafts(&model, &prompt(24, seed as u32), &gp);
     assert!(out.timings.eval_count > 8, "{out:?}");
+}
+
+/// Past 512 cached positions ggml attends for one query by another path than for several:
+/// verified tokens must still match their own decode steps.
+fn long_context(ft: &str, seed: u64) {
+    let dir = common::tmpdir();
+    let spec = Spec::small(2, common::ftype(ft), seed);
+    let path = common::synth_model(dir.path(), "m.gguf", &spec);
+    let model = Arc::new(Model::load(&path, Default::default()).unwrap());
+    let gp = GenerateParams {
+        logprobs: Some(2),
+        ..greedy(24, 8)
+    };
+    let out = same_with_drafts(&model, &prompt(600, seed as u32), &gp);
+    assert!(out.timings.eval_count > 8, "{out:?}");
+}
+
+#[test]
+fn long_context_q4_k_m() {
+    long_context("q4_k_m", 9)
+}
+#[test]
+fn long_context_f16() {
+    long_context("f16", 10)
 }
 
 #[test]
@@ -208,7 +247,10 @@ fn stop_strings_limits_and_cancel_with_drafts() {
     let p = demo_prompt(&model);
     let mut s = Session::new(model.clone(), &params()).unwrap();
     let (reply, full) = run(&mut s, &p, &greedy(48, 0), None);
-    assert!(reply.len() > 12 && full.text.chars().count() > 12, "{full:?}");
+    assert!(
+        reply.len() > 12 && full.text.chars().count() > 12,
+        "{full:?}"
+    );
     // A stop string from the middle of the reply.
     let stop: String = full.text.chars().skip(8).take(4).collect();
     let gp = GenerateParams {
@@ -278,11 +320,15 @@ fn next_turn_after_drafted_reply() {
     let mut replies = Vec::new();
     for draft in [0, 8] {
         let mut s = Session::new(model.clone(), &params()).unwrap();
-        let a = s.chat(&turn1, &greedy(40, draft), &mut |_, _| true).unwrap();
+        let a = s
+            .chat(&turn1, &greedy(40, draft), &mut |_, _| true)
+            .unwrap();
         let mut turn2 = turn1.clone();
         turn2.push(Message::new(Role::Assistant, a.text.clone()));
         turn2.push(Message::new(Role::User, "And the tuple?"));
-        let b = s.chat(&turn2, &greedy(40, draft), &mut |_, _| true).unwrap();
+        let b = s
+            .chat(&turn2, &greedy(40, draft), &mut |_, _| true)
+            .unwrap();
         assert!(b.timings.cached_tokens() > 0, "{:?}", b.timings);
         replies.push((a.text, b.text, a.timings.drafted + b.timings.drafted));
     }

@@ -435,7 +435,8 @@ pub const PHI4_VERSION_MAJOR: u32 = 0;
 /// phi4_last_error, phi4_generate_params.format, the PHI4_* limits. 3: phi4_session_embed.
 /// 4: tools and log-probabilities (phi4_generate_params.tools … top_logprobs, the role "tool",
 /// phi4_session_last_tool_calls, phi4_session_last_logprobs). 5: speculative decoding
-/// (phi4_generate_params.draft, phi4_result.drafted and accepted, PHI4_MAX_DRAFT).
+/// (phi4_generate_params.draft, phi4_result.drafted and accepted, PHI4_MAX_DRAFT,
+/// PHI4_DEFAULT_DRAFT).
 #[allow(dead_code)]
 pub const PHI4_VERSION_MINOR: u32 = 5;
 /// The library's patch version.
@@ -460,6 +461,8 @@ pub const PHI4_MAX_TOOL_CALLS: u32 = 16;
 pub const PHI4_MAX_TOP_LOGPROBS: u32 = 20;
 /// The most tokens drafted per step (`phi4_generate_params.draft`).
 pub const PHI4_MAX_DRAFT: u32 = 16;
+/// The tokens drafted per step unless a generation asks otherwise (`phi4_generate_params.draft`).
+pub const PHI4_DEFAULT_DRAFT: u32 = 0;
 const _: () = {
     use crate::limits::*;
     assert!(PHI4_MAX_CONTEXT as usize == MAX_CONTEXT);
@@ -470,6 +473,7 @@ const _: () = {
     assert!(PHI4_MAX_TOOL_CALLS as usize == MAX_TOOL_CALLS);
     assert!(PHI4_MAX_TOP_LOGPROBS as usize == MAX_TOP_LOGPROBS);
     assert!(PHI4_MAX_DRAFT as usize == MAX_DRAFT);
+    assert!(PHI4_DEFAULT_DRAFT as usize == DEFAULT_DRAFT);
 };
 
 /// The message of the last call on the calling thread that failed (returned a status other

@@ -132,7 +132,7 @@ pub struct phi4_generate_params {
     /// Speculative decoding: at most this many tokens, 0..=PHI4_MAX_DRAFT, drafted per step by
     /// prompt lookup (the continuation of the last few tokens where they occurred before) and
     /// verified in one step. The reply is the same, token for token; phi4_result says how many
-    /// drafts were right. 0: off. Default: phi4_generate_params_default's. (Since 0.5.)
+    /// drafts were right. 0: off. Default PHI4_DEFAULT_DRAFT. (Since 0.5.)
     pub draft: u32,
 }
 

@@ -636,6 +636,34 @@ static void test_tools(phi4_model *m) {
     phi4_session_free(s);
 }
 
+/* Speculative decoding: the same reply with drafts, the drafts counted, a bad count refused. */
+static void test_draft(phi4_model *m) {
+    phi4_session *s = NULL;
+    CHECK(phi4_session_new(m, NULL, &s) == PHI4_OK, "session");
+    phi4_generate_params d;
+    phi4_generate_default_params(&d);
+    CHECK(d.draft == PHI4_DEFAULT_DRAFT, "the default draft: %u", d.draft);
+    phi4_message msgs[] = {{"user", "The list type is mutable. The tuple type is immutable. The list type is mutable."}};
+    chat_job plain = {0}, drafted = {0};
+    phi4_generate_params g = greedy(48);
+    g.draft = 0;
+    CHECK(phi4_session_chat(s, msgs, 1, &g, append, &plain) == PHI4_OK, "plain: %s", phi4_last_error());
+    phi4_result r = {.struct_size = sizeof r};
+    phi4_session_last_result(s, &r);
+    CHECK(r.drafted == 0 && r.accepted == 0, "nothing drafted with draft 0");
+    phi4_session_reset(s);
+    g.draft = 8;
+    CHECK(phi4_session_chat(s, msgs, 1, &g, append, &drafted) == PHI4_OK, "drafted: %s", phi4_last_error());
+    CHECK(strcmp(plain.text, drafted.text) == 0, "the same reply: %s / %s", plain.text, drafted.text);
+    phi4_session_last_result(s, &r);
+    CHECK(r.drafted > 0 && r.accepted <= r.drafted, "drafts counted: %llu, %llu", (unsigned long long)r.drafted,
+          (unsigned long long)r.accepted);
+    g.draft = PHI4_MAX_DRAFT + 1;
+    CHECK(phi4_session_chat(s, msgs, 1, &g, NULL, NULL) == PHI4_ERR_INVALID_ARGUMENT && strstr(phi4_last_error(), "draft"),
+          "too many drafted tokens: %s", phi4_last_error());
+    phi4_session_free(s);
+}
+
 /* The header's contract: the version says what the ABI has; outputs are written only on PHI4_OK
  * (the size output of PHI4_ERR_BUFFER_TOO_SMALL excepted); every failing call leaves its message
  * in phi4_last_error(); a BUSY never replaces a session's message for others. */
@@ -783,6 +811,7 @@ int main(int argc, char **argv) {
     test_tokenize(m);
     test_embed(m);
     test_tools(m);
+    test_draft(m);
     test_contract(m);
     phi4_model_free(m);
     printf("%d passed, %d failed\n", passed, failed);
