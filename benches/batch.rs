@@ -62,9 +62,11 @@ fn phi4_streams(
         n_threads: (threads / n).max(1),
         ..Default::default()
     };
+    // Plain decoding (no drafts): the streams' steps, side by side with llama.cpp's.
     let gp = GenerateParams {
         sampling: SamplingParams::greedy(),
         max_tokens: gen,
+        draft: 0,
         ..Default::default()
     };
     let start = Barrier::new(n);

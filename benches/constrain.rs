@@ -53,6 +53,7 @@ fn main() {
         },
         max_tokens,
         constraint,
+        draft: 0, // a decode step per token: the mask's cost against a step
         ..Default::default()
     };
     let schema = || Some(Constraint::JsonSchema(SCHEMA.into()));

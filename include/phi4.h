@@ -100,7 +100,7 @@
 #define PHI4_MAX_DRAFT 16
 
 // The tokens drafted per step unless a generation asks otherwise (`phi4_generate_params.draft`).
-#define PHI4_DEFAULT_DRAFT 0
+#define PHI4_DEFAULT_DRAFT 7
 
 // `phi4_generate_params.seed`: a fresh random seed for every generation (the default).
 #define PHI4_SEED_RANDOM 18446744073709551615ull

@@ -25,10 +25,12 @@ fn params(n_ctx: usize) -> SessionParams {
     }
 }
 
+/// Greedy, without drafts (the steps are counted: a token each).
 fn greedy(max_tokens: usize) -> GenerateParams {
     GenerateParams {
         sampling: SamplingParams::greedy(),
         max_tokens,
+        draft: 0,
         ..Default::default()
     }
 }

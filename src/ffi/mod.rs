@@ -462,7 +462,7 @@ pub const PHI4_MAX_TOP_LOGPROBS: u32 = 20;
 /// The most tokens drafted per step (`phi4_generate_params.draft`).
 pub const PHI4_MAX_DRAFT: u32 = 16;
 /// The tokens drafted per step unless a generation asks otherwise (`phi4_generate_params.draft`).
-pub const PHI4_DEFAULT_DRAFT: u32 = 0;
+pub const PHI4_DEFAULT_DRAFT: u32 = 7;
 const _: () = {
     use crate::limits::*;
     assert!(PHI4_MAX_CONTEXT as usize == MAX_CONTEXT);
