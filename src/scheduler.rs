@@ -14,8 +14,10 @@
 //!   its logits and wakes them. A new request's prompt thus joins the running decodes instead
 //!   of waiting for them (or stopping them) — and the cores never run two graphs at once.
 //!
-//! Each session's tokens are those it would produce alone: attention stays per cache, and the
-//! matrix products differ from a lone step's only in summation order (the batch's kernels).
+//! Each session's tokens are those it would produce alone: attention stays per cache, and in a
+//! step of decoding sessions a token's logits are those of a lone step, bit for bit (see
+//! `Engine::step`); a step that also takes a prompt's micro-batch may sum ggml's matrix
+//! products in another order.
 
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
