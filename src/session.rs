@@ -720,13 +720,7 @@ impl Session {
         gp: &GenerateParams,
         on_token: &mut OnToken<'_>,
     ) -> Result<Outcome, SessionError> {
-        self.cancel.store(false, Ordering::Relaxed);
-        if gp.tools.is_some() {
-            return Err(SessionError::BadParams(
-                "tools need a conversation (chat), not a raw prompt".into(),
-            ));
-        }
-        self.run(prompt, gp, &mut PromptLookup::new(), on_token)
+        self.generate_drafted(prompt, gp, &mut PromptLookup::new(), on_token)
     }
 
     /// [`Session::generate`] with drafts (up to `gp.draft` per step) from `drafter` instead of

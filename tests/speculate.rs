@@ -143,32 +143,29 @@ fn prompt(len: u32, seed: u32) -> Vec<u32> {
         .collect()
 }
 
-fn synthetic(ft: &str, seed: u64) {
+/// `same_with_drafts` on a one-layer synthetic model of type `ft`: `n` tokens from a prompt of
+/// `len`, log-probabilities compared too.
+fn synthetic_run(ft: &str, seed: u64, len: u32, n: usize) {
     let dir = common::tmpdir();
     let spec = Spec::small(1, common::ftype(ft), seed);
     let path = common::synth_model(dir.path(), "m.gguf", &spec);
     let model = Arc::new(Model::load(&path, Default::default()).unwrap());
     let gp = GenerateParams {
         logprobs: Some(2),
-        ..greedy(48, 8)
+        ..greedy(n, 8)
     };
-    let out = same_with_drafts(&model, &prompt(24, seed as u32), &gp);
+    let out = same_with_drafts(&model, &prompt(len, seed as u32), &gp);
     assert!(out.timings.eval_count > 8, "{out:?}");
+}
+
+fn synthetic(ft: &str, seed: u64) {
+    synthetic_run(ft, seed, 24, 48)
 }
 
 /// Past 512 cached positions ggml attends for one query by another path than for several:
 /// verified tokens must still match their own decode steps.
 fn long_context(ft: &str, seed: u64) {
-    let dir = common::tmpdir();
-    let spec = Spec::small(1, common::ftype(ft), seed);
-    let path = common::synth_model(dir.path(), "m.gguf", &spec);
-    let model = Arc::new(Model::load(&path, Default::default()).unwrap());
-    let gp = GenerateParams {
-        logprobs: Some(2),
-        ..greedy(24, 8)
-    };
-    let out = same_with_drafts(&model, &prompt(520, seed as u32), &gp);
-    assert!(out.timings.eval_count > 8, "{out:?}");
+    synthetic_run(ft, seed, 520, 24)
 }
 
 #[test]
