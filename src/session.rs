@@ -881,9 +881,10 @@ impl Session {
         let scheduler = self.scheduler.clone();
         let _decoding = scheduler.decoding();
         // Tokens drafted after the history whose rows the cache holds, and the row of
-        // `self.logits` that scores the next token.
+        // `self.logits` that scores the next token (also: how many of the step's drafts were
+        // taken so far).
         let mut ahead: Vec<u32> = Vec::with_capacity(gp.draft);
-        let (mut row, mut n_drafts) = (0, 0);
+        let mut row = 0;
         loop {
             if self.cancel.load(Ordering::Relaxed) {
                 return Ok(DoneReason::Cancelled);
@@ -938,8 +939,8 @@ impl Session {
                 row += 1;
                 continue;
             }
-            if row < n_drafts {
-                drafter.verified(n_drafts, row);
+            if !ahead.is_empty() {
+                drafter.verified(row + ahead.len(), row);
             }
             // This token's step, with what follows it drafted: no further than the reply may go
             // (the tokens after the next one) or the context has room for.
@@ -962,7 +963,7 @@ impl Session {
             }
             timings.draft_duration += t.elapsed().as_nanos() as u64;
             timings.drafted += ahead.len();
-            (row, n_drafts) = (0, ahead.len());
+            row = 0;
             let n_past = self.history.len() - 1;
             match self.eval_step(id, &ahead, n_past) {
                 Ok(()) => self.last_token = None,
