@@ -68,8 +68,8 @@
 // 4: tools and log-probabilities (phi4_generate_params.tools … top_logprobs, the role "tool",
 // phi4_session_last_tool_calls, phi4_session_last_logprobs). 5: speculative decoding
 // (phi4_generate_params.draft, phi4_result.drafted and accepted, PHI4_MAX_DRAFT,
-// PHI4_DEFAULT_DRAFT).
-#define PHI4_VERSION_MINOR 5
+// PHI4_DEFAULT_DRAFT). 6: quantized KV caches (phi4_session_params.kv_type, phi4_kv_type).
+#define PHI4_VERSION_MINOR 6
 
 // The library's patch version.
 #define PHI4_VERSION_PATCH 0
@@ -147,6 +147,17 @@ typedef enum phi4_overflow {
   // Drop the oldest messages after the system message until the prompt fits.
   PHI4_OVERFLOW_DROP_OLDEST = 1,
 } phi4_overflow;
+
+// What the KV cache keeps K and V in (the values of `phi4_session_params.kv_type`): as
+// llama.cpp's cache types and Ollama's OLLAMA_KV_CACHE_TYPE.
+typedef enum phi4_kv_type {
+  // 16-bit floats (default): 2 bytes per value.
+  PHI4_KV_F16 = 0,
+  // 8-bit blocks of 32: about half f16's memory.
+  PHI4_KV_Q8_0 = 1,
+  // 4-bit blocks of 32: about a quarter of f16's memory.
+  PHI4_KV_Q4_0 = 2,
+} phi4_kv_type;
 
 // What a reply must be (the values of `phi4_generate_params.format`).
 typedef enum phi4_format {
@@ -239,6 +250,9 @@ typedef struct phi4_session_params {
   uint32_t n_threads;
   // A phi4_overflow value. Default PHI4_OVERFLOW_ERROR.
   uint32_t overflow;
+  // A phi4_kv_type value. Default PHI4_KV_F16. A saved state loads only into a session of
+  // the cache type it was saved from (phi4_session_load fails otherwise).
+  uint32_t kv_type;
 } phi4_session_params;
 
 // How to generate. Get one from `phi4_generate_default_params` (Ollama's defaults).

@@ -8,7 +8,7 @@
 //!     h   = rms_norm(x) * attn_norm
 //!     qkv = attn_qkv · h ; Q, K, V = views of qkv (no copies)
 //!     Q, K = rope_neox(Q, pos), rope_neox(K, pos) ; Q *= 1/sqrt(head_dim)
-//!     per segment: cache[n_past .. n_past+n] = K, V (f16)
+//!     per segment: cache[n_past .. n_past+n] = K, V (f16, or quantized as ggml quantizes)
 //!                  a = softmax(Q Kᵀ + causal mask) V over cache[0 .. n_past+n]  (flash attention)
 //!     x   = x + attn_output · a
 //!     h   = rms_norm(x) * ffn_norm
@@ -34,11 +34,12 @@ use crate::model::Model;
 
 /// Tensors per layer in the graph, with headroom (the graph context's capacity is derived from
 /// them): those of the layer's matrices (two per product with phi4's kernels: the quantized
-/// tokens, the product), and those of each segment's attention.
+/// tokens, the product), and those of each segment's attention (with a quantized cache, its
+/// Q, K, V and output rotated: three tensors each).
 const TENSORS_PER_LAYER: usize = 28;
-const TENSORS_PER_SEGMENT: usize = 16;
-/// A verified token attends alone: its views, the attention and a concatenation.
-const TENSORS_PER_VERIFIED_TOKEN: usize = 10;
+const TENSORS_PER_SEGMENT: usize = 32;
+/// A verified token attends alone: its views, the attention, its rotation, a concatenation.
+const TENSORS_PER_VERIFIED_TOKEN: usize = 14;
 const TENSORS_OUTSIDE_LAYERS: usize = 32;
 
 /// Tokens of one KV cache evaluated in a graph: `tokens` at positions `n_past..`.
@@ -111,19 +112,11 @@ impl Engine {
         n_threads: usize,
         max_segments: usize,
     ) -> Result<Engine, ggml::AllocError> {
-        let c = &model.config;
         assert!(
             n_threads >= 1 && max_segments >= 1,
             "validated by the caller"
         );
-        let verified = VERIFY_PER_STEP.min(max_segments) * (1 + MAX_DRAFT);
-        let capacity = TENSORS_OUTSIDE_LAYERS
-            + (TENSORS_PER_LAYER
-                + TENSORS_PER_SEGMENT * max_segments
-                + TENSORS_PER_VERIFIED_TOKEN * verified)
-                * c.n_layer;
-        // Every node or leaf is a tensor of the graph context, a weight, or a cache tensor.
-        let graph_size = capacity + model.gguf.tensors.len() + 2 * c.n_layer * max_segments;
+        let (capacity, graph_size) = graph_capacity(model, max_segments);
         Ok(Engine {
             compute: Compute::new(n_threads)?,
             governor: Governor::new(n_threads),
@@ -131,7 +124,7 @@ impl Engine {
             graph_ctx: Context::new(capacity, graph_size),
             graph_size,
             max_segments,
-            logits: Vec::with_capacity(c.n_vocab * max_segments),
+            logits: Vec::with_capacity(model.config.n_vocab * max_segments),
             hidden: Vec::new(),
             ids: Vec::new(),
             pos: Vec::new(),
@@ -145,57 +138,22 @@ impl Engine {
         self.alloc.size()
     }
 
-    /// Size the compute buffer and work buffer once for the worst graphs on `kv`: a micro-batch
-    /// of `n_batch` tokens against a full cache beside `max_segments - 1` decoding caches that
-    /// full, and `max_segments` decoding caches, each also as built for embeddings; of the
-    /// decoding caches, up to [`VERIFY_PER_STEP`] verify [`MAX_DRAFT`] drafts. Later graphs on
-    /// caches no larger never allocate.
+    /// Size the compute buffer and work buffer once for the worst graphs on `kv`
+    /// ([`worst_graphs`]). Later graphs on caches no larger never allocate.
     pub fn reserve(
         &mut self,
         model: &Model,
         kv: &KvCache,
         n_batch: usize,
     ) -> Result<(), ggml::AllocError> {
+        let (alloc, compute) = (&mut self.alloc, &mut self.compute);
+        let sizes = (self.graph_size, self.max_segments);
+        worst_graphs(&mut self.graph_ctx, sizes, model, kv, n_batch, |g| {
+            alloc.reserve(g)?;
+            compute.reserve(g)
+        })?;
         let n_batch = n_batch.clamp(1, kv.n_ctx);
         let n_verify = (1 + MAX_DRAFT).min(kv.n_ctx);
-        let worst = vec![0u32; n_batch.max(n_verify)];
-        let prompt = Segment {
-            kv,
-            tokens: &worst[..n_batch],
-            n_past: kv.n_ctx - n_batch,
-            every: false,
-        };
-        // The i-th decoding cache of a step: the first ones verifying drafts.
-        let decode = |i: usize| {
-            let n = if i < VERIFY_PER_STEP { n_verify } else { 1 };
-            Segment {
-                kv,
-                tokens: &worst[..n],
-                n_past: kv.n_ctx - n,
-                every: true,
-            }
-        };
-        let mixed: Vec<_> = std::iter::once(prompt)
-            .chain((1..self.max_segments).map(|i| decode(i - 1)))
-            .collect();
-        let step: Vec<_> = (0..self.max_segments).map(decode).collect();
-        let graphs = [
-            (&mixed, false),
-            (&mixed, true),
-            (&step, false),
-            (&step, true),
-        ];
-        for (segments, all_rows) in graphs {
-            let built = build(
-                &mut self.graph_ctx,
-                self.graph_size,
-                model,
-                segments,
-                all_rows,
-            );
-            self.alloc.reserve(built.graph)?;
-            self.compute.reserve(built.graph)?;
-        }
         let n_out = self.max_segments + VERIFY_PER_STEP * n_verify;
         self.ids.reserve(n_batch + n_out);
         self.pos.reserve(n_batch + n_out);
@@ -283,6 +241,90 @@ impl Engine {
     }
 }
 
+/// Tensors of a graph context and nodes of a graph for graphs of up to `max_segments` caches.
+fn graph_capacity(model: &Model, max_segments: usize) -> (usize, usize) {
+    let c = &model.config;
+    let verified = VERIFY_PER_STEP.min(max_segments) * (1 + MAX_DRAFT);
+    let capacity = TENSORS_OUTSIDE_LAYERS
+        + (TENSORS_PER_LAYER
+            + TENSORS_PER_SEGMENT * max_segments
+            + TENSORS_PER_VERIFIED_TOKEN * verified)
+            * c.n_layer;
+    // Every node or leaf is a tensor of the graph context, a weight, or a cache tensor.
+    let graph_size = capacity + model.gguf.tensors.len() + 2 * c.n_layer * max_segments;
+    (capacity, graph_size)
+}
+
+/// Build the worst graphs an engine of `(graph_size, max_segments)` runs for caches like `kv`,
+/// handing each to `f`: a micro-batch of `n_batch` tokens against a full cache beside
+/// `max_segments - 1` decoding caches that full, and `max_segments` decoding caches, each also
+/// as built for embeddings; of the decoding caches, up to [`VERIFY_PER_STEP`] verify
+/// [`MAX_DRAFT`] drafts.
+fn worst_graphs(
+    graph_ctx: &mut Context,
+    (graph_size, max_segments): (usize, usize),
+    model: &Model,
+    kv: &KvCache,
+    n_batch: usize,
+    mut f: impl FnMut(ggml::GraphRef<'_>) -> Result<(), ggml::AllocError>,
+) -> Result<(), ggml::AllocError> {
+    let n_batch = n_batch.clamp(1, kv.n_ctx);
+    let n_verify = (1 + MAX_DRAFT).min(kv.n_ctx);
+    let worst = vec![0u32; n_batch.max(n_verify)];
+    let prompt = Segment {
+        kv,
+        tokens: &worst[..n_batch],
+        n_past: kv.n_ctx - n_batch,
+        every: false,
+    };
+    // The i-th decoding cache of a step: the first ones verifying drafts.
+    let decode = |i: usize| {
+        let n = if i < VERIFY_PER_STEP { n_verify } else { 1 };
+        Segment {
+            kv,
+            tokens: &worst[..n],
+            n_past: kv.n_ctx - n,
+            every: true,
+        }
+    };
+    let mixed: Vec<_> = std::iter::once(prompt)
+        .chain((1..max_segments).map(|i| decode(i - 1)))
+        .collect();
+    let step: Vec<_> = (0..max_segments).map(decode).collect();
+    for (segments, all_rows) in [
+        (&mixed, false),
+        (&mixed, true),
+        (&step, false),
+        (&step, true),
+    ] {
+        f(build(graph_ctx, graph_size, model, segments, all_rows).graph)?;
+    }
+    Ok(())
+}
+
+/// Bytes of the compute buffer and of the work buffer that an engine on `n_threads` threads
+/// for up to `max_segments` caches like `kv` needs: its worst graphs planned, nothing
+/// allocated (`model` and `kv` may be declared only: [`Model::measure`]).
+pub fn measure(
+    model: &Model,
+    kv: &KvCache,
+    n_batch: usize,
+    n_threads: usize,
+    max_segments: usize,
+) -> (usize, usize) {
+    let (capacity, graph_size) = graph_capacity(model, max_segments);
+    let mut ctx = Context::new(capacity, graph_size);
+    let mut alloc = Allocator::new();
+    let (mut compute, mut work) = (0, 0);
+    let sizes = (graph_size, max_segments);
+    let _ = worst_graphs(&mut ctx, sizes, model, kv, n_batch, |g| {
+        compute = compute.max(alloc.measure(g));
+        work = work.max(Compute::work_size(g, n_threads));
+        Ok(())
+    });
+    (compute, work)
+}
+
 /// A built graph and the tensors to fill before computing it / read after.
 struct Built<'g> {
     graph: ggml::GraphRef<'g>,
@@ -361,7 +403,9 @@ fn build<'g>(
         for (s, &mask) in segments.iter().zip(&masks) {
             let (n, n_kv) = (s.tokens.len(), s.n_past + s.tokens.len());
             let (kc, vc) = (s.kv.ctx.get(s.kv.k[il]), s.kv.ctx.get(s.kv.v[il]));
-            let kv_row = n_embd_kv as usize * f16s;
+            // A cache row: every KV head's values, each head whole blocks of the cache's type.
+            let kv_row = s.kv.row_bytes();
+            let head_row = kv_row / n_head_kv as usize;
             let part = |g: &mut ggml::Graph<'g>, t: Tensor<'g>, heads: i64| {
                 g.view(
                     t,
@@ -370,7 +414,16 @@ fn build<'g>(
                     first * t.nb()[2],
                 )
             };
+            // A quantized cache keeps Q·Kᵀ's operands and V rotated (kv_cache.rs: ROT_MIN).
+            let (rot_k, rot_v) = (s.kv.rot_k, s.kv.rot_v);
+            let rotate = |g: &mut ggml::Graph<'g>, t, rot| match rot {
+                Some(n) => g.hadamard(t, n),
+                None => t,
+            };
             let (ks, vs) = (part(&mut g, k, n_head_kv), part(&mut g, v, n_head_kv));
+            let (ks, vs) = (rotate(&mut g, ks, rot_k), rotate(&mut g, vs, rot_v));
+            let qs = part(&mut g, q, n_head);
+            let qs = rotate(&mut g, qs, rot_k);
             let k_dst = g.view(kc, &[n_embd_kv, n as i64], &[kv_row], s.n_past * kv_row);
             let v_dst = g.view(vc, &[n_embd_kv, n as i64], &[kv_row], s.n_past * kv_row);
             let k_store = g.cpy(ks, k_dst);
@@ -385,20 +438,15 @@ fn build<'g>(
             for i in 0..groups {
                 let n_kv_i = s.n_past + i + m;
                 let kv_view = |g: &mut ggml::Graph<'g>, t: Tensor<'g>| {
-                    let all = g.view(
-                        t,
-                        &[hd, n_head_kv, n_kv_i as i64],
-                        &[hd as usize * f16s, kv_row],
-                        0,
-                    );
+                    let all = g.view(t, &[hd, n_head_kv, n_kv_i as i64], &[head_row, kv_row], 0);
                     g.permute(all, [0, 2, 1, 3]) // [hd, n_kv, n_head_kv]
                 };
                 let (k_all, v_all) = (kv_view(&mut g, kc), kv_view(&mut g, vc));
                 let qi = g.view(
-                    q,
+                    qs,
                     &[hd, n_head, m as i64],
-                    &[q.nb()[1], q.nb()[2]],
-                    (first + i) * q.nb()[2],
+                    &[qs.nb()[1], qs.nb()[2]],
+                    i * qs.nb()[2],
                 );
                 let qi = g.permute(qi, [0, 2, 1, 3]); // [hd, m, n_head]
                 let mask_i = match s.every {
@@ -406,6 +454,7 @@ fn build<'g>(
                     true => g.view(mask, &[n_kv_i as i64, 1], &[n_kv * f16s], i * n_kv * f16s),
                 };
                 let att = g.flash_attn(qi, k_all, v_all, mask_i, 1.0); // [hd, n_head, m]
+                let att = rotate(&mut g, att, rot_v);
                 a = Some(match a {
                     None => att,
                     Some(prev) => g.concat(prev, att, 2),

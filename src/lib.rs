@@ -47,6 +47,7 @@ mod pretokenizer;
 pub use constrain::Constraint;
 pub use draft::{Drafter, PromptLookup};
 pub use error::{EvalError, SessionError};
+pub use kv_cache::KvType;
 pub use model::{Config, LoadError, LoadParams, Model};
 pub use sample::SamplingParams;
 pub use scheduler::Scheduler;

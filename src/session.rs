@@ -18,7 +18,7 @@ use crate::draft::{Drafter, PromptLookup};
 use crate::error::{EvalError, SessionError};
 use crate::forward::Segment;
 use crate::hash::{Map, Set};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvType};
 use crate::limits::{self, cpu_count, DEFAULT_BATCH, DEFAULT_CONTEXT, MAX_CONTEXT};
 use crate::model::Model;
 use crate::sample::{Sampler, SamplingParams};
@@ -46,6 +46,9 @@ pub struct SessionParams {
     pub n_batch: usize,
     pub n_threads: usize,
     pub overflow: Overflow,
+    /// What the KV cache keeps K and V in: f16 (the default), q8_0 or q4_0 — about 1/2 and
+    /// 1/4 of the memory per position, at a small cost in accuracy (as llama.cpp's).
+    pub kv_type: KvType,
 }
 
 impl Default for SessionParams {
@@ -55,6 +58,7 @@ impl Default for SessionParams {
             n_batch: DEFAULT_BATCH,
             n_threads: cpu_count(),
             overflow: Overflow::Error,
+            kv_type: KvType::F16,
         }
     }
 }
@@ -344,8 +348,11 @@ impl Session {
     ) -> Result<Session, SessionError> {
         p.check().map_err(SessionError::BadParams)?;
         let n_ctx = p.context_for(&model).map_err(SessionError::BadParams)?;
+        p.kv_type
+            .check(&model.config)
+            .map_err(SessionError::BadParams)?;
         // The largest allocation first: the KV cache, then the threads, then the compute buffer.
-        let kv = KvCache::new(&model.config, n_ctx).map_err(EvalError::from)?;
+        let kv = KvCache::new(&model.config, n_ctx, p.kv_type, false).map_err(EvalError::from)?;
         let scheduler = match shared {
             Some(s) => s.clone(),
             None => Scheduler::new(model.clone(), p.n_threads.min(cpu_count()), 1)?,
@@ -373,6 +380,11 @@ impl Session {
 
     pub fn n_ctx(&self) -> usize {
         self.kv.lock().n_ctx
+    }
+
+    /// What the KV cache keeps K and V in.
+    pub fn kv_type(&self) -> KvType {
+        self.kv.lock().ty
     }
 
     /// Threads the forward pass runs on: the scheduler's (for a session's own, the requested
@@ -415,7 +427,7 @@ impl Session {
             false => 0,
         };
         (
-            self.model.config.kv_bytes_per_token() * self.n_ctx() as u64,
+            self.kv_type().bytes_per_token(&self.model.config) * self.n_ctx() as u64,
             compute,
         )
     }
@@ -489,7 +501,7 @@ impl Session {
 
     /// Bytes a saved state of the first `n` cached tokens takes ([`Session::save`]).
     pub fn state_size(&self, n: usize) -> u64 {
-        state::size(&self.model, n.min(self.history.len()))
+        state::size(&self.model, self.kv_type(), n.min(self.history.len()))
     }
 
     /// Save the first `n` tokens of the cache (all: `usize::MAX`) with their K/V rows to `path`,
@@ -499,7 +511,7 @@ impl Session {
         state::save_file(path, |w| {
             state::write(&self.model, &self.kv.lock(), tokens, w)
         })?;
-        Ok(state::size(&self.model, tokens.len()))
+        Ok(state::size(&self.model, self.kv_type(), tokens.len()))
     }
 
     /// The saved state of the first `n` cached tokens, written to `w`.
@@ -512,9 +524,10 @@ impl Session {
         )
     }
 
-    /// Restore a state saved from a session of this model: the cache becomes its tokens (the
-    /// first `n_ctx` of them if it holds more). Returns how many. A state that is damaged, of
-    /// another model or version, leaves the session as it was.
+    /// Restore a state saved from a session of this model with this KV cache type: the cache
+    /// becomes its tokens (the first `n_ctx` of them if it holds more). Returns how many. A
+    /// state that is damaged, of another model, version or cache type (not converted: a clear
+    /// error), leaves the session as it was.
     pub fn load(&mut self, path: &Path) -> Result<usize, StateError> {
         let file = state::open(path)?;
         self.restore(&file).map_err(|e| match e {
@@ -529,7 +542,7 @@ impl Session {
     }
 
     fn restore(&mut self, src: &(impl state::Source + ?Sized)) -> Result<usize, StateError> {
-        let checked = state::check(&self.model, src)?;
+        let checked = state::check(&self.model, self.kv_type(), src)?;
         let n = checked.tokens.len().min(self.n_ctx());
         // From here the cache's rows change: on an error it holds nothing usable.
         self.last_token = None;
@@ -549,8 +562,15 @@ impl Session {
                 "the sessions are of different models".into(),
             ));
         }
+        if self.kv_type() != other.kv_type() {
+            return Err(StateError::Invalid(format!(
+                "the sessions' KV caches are of different types ({} here, {} there)",
+                self.kv_type(),
+                other.kv_type()
+            )));
+        }
         let n = other.history.len().min(self.n_ctx());
-        state::copy(&self.model, &other.kv.lock(), &self.kv.lock(), n);
+        state::copy(&other.kv.lock(), &self.kv.lock(), n);
         self.history.clear();
         self.history.extend_from_slice(&other.history[..n]);
         self.replies = other.replies.clone();

@@ -8,7 +8,7 @@
 //!   8  version     u32 = 2 (1: a fingerprint of sampled tensor bytes)
 //!  12  header crc  u32: CRC-32 of bytes 16 .. the end of the tokens
 //!  16  model       16 bytes: the model's fingerprint (Model::fingerprint)
-//!  32  kv type     u32: ggml type of the rows (1 = f16)
+//!  32  kv type     u32: ggml type of the rows (1 = f16, 8 = q8_0, 2 = q4_0: the cache's)
 //!  36  n_layer     u32
 //!  40  row bytes   u32: one position's K (and V) in one layer
 //!  44  n_tokens    u32: at most MAX_CONTEXT
@@ -19,7 +19,9 @@
 //!
 //! A state is untrusted input. Every field is checked against the file's length and against the
 //! session before anything is read into the session, the rows' checksum included (a first pass
-//! over them); so a damaged file, one of another model or version, leaves the session as it was.
+//! over them); so a damaged file, one of another model, version or KV cache type, leaves the
+//! session as it was. (Rows are not converted between cache types: quantizing f16 rows again
+//! would give a session other values than evaluating the prompt with its own cache type.)
 //! Saving writes a temporary file of its own beside the target (created exclusively, never
 //! through a link), syncs it and renames it into place: a crash or a full disk never leaves a
 //! half-written state under the target's name, and concurrent saves to one path each land whole.
@@ -29,8 +31,8 @@ use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::ggml::{self, Type};
-use crate::kv_cache::KvCache;
+use crate::ggml;
+use crate::kv_cache::{KvCache, KvType};
 use crate::limits::MAX_CONTEXT;
 use crate::model::Model;
 
@@ -54,18 +56,21 @@ fn invalid(m: impl Into<String>) -> StateError {
     StateError::Invalid(m.into())
 }
 
-/// What every row of a state is, for a model: checked field by field when reading.
+/// What every row of a state is, for a model and cache type: checked field by field when
+/// reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Layout {
+    ty: KvType,
     n_layer: usize,
     row: usize,
 }
 
 impl Layout {
-    fn of(model: &Model) -> Layout {
+    fn of(model: &Model, ty: KvType) -> Layout {
         Layout {
+            ty,
             n_layer: model.config.n_layer,
-            row: Type::F16.row_size(model.config.n_embd_kv() as u64) as usize,
+            row: ty.row_bytes(&model.config) as usize,
         }
     }
 
@@ -76,8 +81,8 @@ impl Layout {
 }
 
 /// Bytes the state of `n` tokens takes.
-pub(crate) fn size(model: &Model, n: usize) -> u64 {
-    Layout::of(model).len(n)
+pub(crate) fn size(model: &Model, ty: KvType, n: usize) -> u64 {
+    Layout::of(model, ty).len(n)
 }
 
 /// Write the state of the first `tokens.len()` positions of `kv`.
@@ -87,14 +92,14 @@ pub(crate) fn write(
     tokens: &[u32],
     w: &mut dyn Write,
 ) -> io::Result<()> {
-    let layout = Layout::of(model);
+    let layout = Layout::of(model, kv.ty);
     let mut head = Vec::with_capacity(HEADER + 4 * tokens.len());
     head.extend_from_slice(MAGIC);
     head.extend_from_slice(&VERSION.to_le_bytes());
     head.extend_from_slice(&[0; 4]); // the header crc, below
     head.extend_from_slice(&model.fingerprint());
     for v in [
-        Type::F16.raw(),
+        kv.ty.ggml().raw(),
         layout.n_layer as u32,
         layout.row as u32,
         tokens.len() as u32,
@@ -329,16 +334,21 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
-/// The tokens of the state file at `path`, its header checked against `model` (its rows are
-/// checked when it is loaded): to choose among saved states without reading them.
-pub fn tokens(model: &Model, path: &Path) -> Result<Vec<u32>, StateError> {
-    Ok(check_header(model, &open(path)?)?.0)
+/// The tokens of the state file at `path`, its header checked against `model` and a session's
+/// KV cache type `ty` (its rows are checked when it is loaded): to choose among saved states
+/// without reading them.
+pub fn tokens(model: &Model, ty: KvType, path: &Path) -> Result<Vec<u32>, StateError> {
+    Ok(check_header(model, ty, &open(path)?)?.0)
 }
 
 /// Check everything about a state before any of it reaches a session: the header field by field,
 /// the length, the header's checksum, the model, every token, and the rows' checksum.
-pub(crate) fn check(model: &Model, src: &(impl Source + ?Sized)) -> Result<Checked, StateError> {
-    let (tokens, want) = check_header(model, src)?;
+pub(crate) fn check(
+    model: &Model,
+    ty: KvType,
+    src: &(impl Source + ?Sized),
+) -> Result<Checked, StateError> {
+    let (tokens, want) = check_header(model, ty, src)?;
     let io = |e: io::Error| StateError::Io(format!("reading the state: {e}"));
     let (n, n_layer, row) = (tokens.len(), want.n_layer, want.row);
     // The rows' checksum, over all of them, before any row is used.
@@ -368,6 +378,7 @@ pub(crate) fn check(model: &Model, src: &(impl Source + ?Sized)) -> Result<Check
 /// The header of a state, checked: its tokens and layout.
 fn check_header(
     model: &Model,
+    ty: KvType,
     src: &(impl Source + ?Sized),
 ) -> Result<(Vec<u32>, Layout), StateError> {
     let io = |e: io::Error| StateError::Io(format!("reading the state: {e}"));
@@ -390,18 +401,26 @@ fn check_header(
             )))
         }
     }
-    let want = Layout::of(model);
+    let want = Layout::of(model, ty);
     let (kv_type, n_layer, row, n) = (
         u32_at(&head, 32),
         u32_at(&head, 36) as usize,
         u32_at(&head, 40) as usize,
         u32_at(&head, 44) as usize,
     );
-    if kv_type != Type::F16.raw() {
-        return Err(invalid(format!(
-            "rows of ggml type {kv_type}; this build keeps f16 ({})",
-            Type::F16.raw()
-        )));
+    match KvType::from_ggml(kv_type) {
+        Some(t) if t == ty => {}
+        Some(t) => {
+            return Err(invalid(format!(
+                "saved from a {t} KV cache; this session keeps {ty} (make the session with \
+                 the state's cache type to load it)"
+            )))
+        }
+        None => {
+            return Err(invalid(format!(
+                "rows of ggml type {kv_type}, which no KV cache keeps"
+            )))
+        }
     }
     if n_layer != want.n_layer || row != want.row {
         return Err(invalid(format!(
@@ -450,7 +469,8 @@ pub(crate) fn restore(
     kv: &KvCache,
     n: usize,
 ) -> Result<(), StateError> {
-    let Layout { n_layer, row } = checked.layout;
+    let Layout { n_layer, row, .. } = checked.layout;
+    assert!(checked.layout.ty == kv.ty);
     let total = checked.tokens.len();
     assert!(n <= total && n <= kv.n_ctx);
     let rows_at = (HEADER + 4 * total) as u64;
@@ -481,9 +501,9 @@ pub(crate) fn restore(
 }
 
 /// Copy the rows of the first `n` positions of `from` into `to` (caches of `model`'s shape).
-pub(crate) fn copy(model: &Model, from: &KvCache, to: &KvCache, n: usize) {
-    let row = Layout::of(model).row;
-    assert!(n <= from.n_ctx && n <= to.n_ctx && from.k.len() == to.k.len());
+pub(crate) fn copy(from: &KvCache, to: &KvCache, n: usize) {
+    let row = from.row_bytes();
+    assert!(n <= from.n_ctx && n <= to.n_ctx && from.k.len() == to.k.len() && from.ty == to.ty);
     let mut buf = vec![0u8; CHUNK.min(n * row).max(1)];
     for l in 0..from.k.len() {
         for (a, b) in [(from.k[l], to.k[l]), (from.v[l], to.v[l])] {

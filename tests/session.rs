@@ -19,6 +19,7 @@ fn session(model: &Arc<Model>, n_ctx: usize, overflow: Overflow) -> Session {
             n_batch: 32,
             n_threads: 2,
             overflow,
+            ..Default::default()
         },
     )
     .unwrap()

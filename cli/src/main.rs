@@ -76,6 +76,10 @@ pub struct RunArgs {
     ctx_size: Option<usize>,
     #[arg(long, help = format!("Prompt micro-batch size [default: {}]", phi4::limits::DEFAULT_BATCH))]
     batch: Option<usize>,
+    /// What the KV cache keeps K and V in: f16, q8_0 (about half the memory) or q4_0 (about a
+    /// quarter) [default: f16].
+    #[arg(long, value_name = "TYPE", value_parser = phi4::KvType::from_name)]
+    kv_type: Option<phi4::KvType>,
     /// When the conversation outgrows the context, drop the oldest turns instead of failing.
     #[arg(long)]
     drop_oldest: bool,

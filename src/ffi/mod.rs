@@ -436,9 +436,9 @@ pub const PHI4_VERSION_MAJOR: u32 = 0;
 /// 4: tools and log-probabilities (phi4_generate_params.tools … top_logprobs, the role "tool",
 /// phi4_session_last_tool_calls, phi4_session_last_logprobs). 5: speculative decoding
 /// (phi4_generate_params.draft, phi4_result.drafted and accepted, PHI4_MAX_DRAFT,
-/// PHI4_DEFAULT_DRAFT).
+/// PHI4_DEFAULT_DRAFT). 6: quantized KV caches (phi4_session_params.kv_type, phi4_kv_type).
 #[allow(dead_code)]
-pub const PHI4_VERSION_MINOR: u32 = 5;
+pub const PHI4_VERSION_MINOR: u32 = 6;
 /// The library's patch version.
 #[allow(dead_code)]
 pub const PHI4_VERSION_PATCH: u32 = 0;

@@ -13,6 +13,7 @@ use super::*;
 use crate::chat::{Message, Role};
 use crate::constrain::Constraint;
 use crate::error::{EvalError, SessionError};
+use crate::kv_cache::KvType;
 use crate::limits::{DEFAULT_DRAFT, MAX_DRAFT, MAX_TOP_LOGPROBS};
 use crate::model::Model;
 use crate::sample::SamplingParams;
@@ -32,6 +33,19 @@ pub enum phi4_overflow {
     PHI4_OVERFLOW_ERROR = 0,
     /// Drop the oldest messages after the system message until the prompt fits.
     PHI4_OVERFLOW_DROP_OLDEST = 1,
+}
+
+/// What the KV cache keeps K and V in (the values of `phi4_session_params.kv_type`): as
+/// llama.cpp's cache types and Ollama's OLLAMA_KV_CACHE_TYPE.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum phi4_kv_type {
+    /// 16-bit floats (default): 2 bytes per value.
+    PHI4_KV_F16 = 0,
+    /// 8-bit blocks of 32: about half f16's memory.
+    PHI4_KV_Q8_0 = 1,
+    /// 4-bit blocks of 32: about a quarter of f16's memory.
+    PHI4_KV_Q4_0 = 2,
 }
 
 /// What a reply must be (the values of `phi4_generate_params.format`).
@@ -67,6 +81,9 @@ pub struct phi4_session_params {
     pub n_threads: u32,
     /// A phi4_overflow value. Default PHI4_OVERFLOW_ERROR.
     pub overflow: u32,
+    /// A phi4_kv_type value. Default PHI4_KV_F16. A saved state loads only into a session of
+    /// the cache type it was saved from (phi4_session_load fails otherwise).
+    pub kv_type: u32,
 }
 
 /// `phi4_generate_params.seed`: a fresh random seed for every generation (the default).
@@ -250,6 +267,7 @@ fn default_session_params() -> phi4_session_params {
         n_batch: d.n_batch as u32,
         n_threads: d.n_threads as u32,
         overflow: phi4_overflow::PHI4_OVERFLOW_ERROR as u32,
+        kv_type: phi4_kv_type::PHI4_KV_F16 as u32,
     }
 }
 
@@ -369,11 +387,26 @@ pub(crate) unsafe fn open_session(
             ))
         }
     };
+    let kv_type = [
+        (phi4_kv_type::PHI4_KV_F16, KvType::F16),
+        (phi4_kv_type::PHI4_KV_Q8_0, KvType::Q8_0),
+        (phi4_kv_type::PHI4_KV_Q4_0, KvType::Q4_0),
+    ]
+    .into_iter()
+    .find(|&(c, _)| c as u32 == p.kv_type)
+    .map(|(_, t)| t)
+    .ok_or_else(|| {
+        Error::new(
+            PHI4_ERR_INVALID_ARGUMENT,
+            format!("kv_type {} is not a phi4_kv_type", p.kv_type),
+        )
+    })?;
     let sp = SessionParams {
         n_ctx: p.n_ctx as usize,
         n_batch: p.n_batch as usize,
         n_threads: p.n_threads as usize,
         overflow,
+        kv_type,
     };
     let s = match scheduler {
         Some(sched) => Session::with_scheduler(sched, &sp),

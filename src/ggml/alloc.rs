@@ -39,6 +39,14 @@ impl Allocator {
             return Ok(());
         }
         // The size it needed, for the message (planned again without allocating).
+        Err(AllocError {
+            what: "the compute buffer".into(),
+            bytes: self.measure(g),
+        })
+    }
+
+    /// Bytes the compute buffer needs for `g`, planned without allocating anything.
+    pub fn measure(&mut self, g: GraphRef<'_>) -> usize {
         let mut bytes = 0usize;
         // SAFETY: one buffer type, so one size is written; NULL ids mean "all in buffer 0".
         unsafe {
@@ -50,10 +58,7 @@ impl Allocator {
                 &mut bytes,
             )
         };
-        Err(AllocError {
-            what: "the compute buffer".into(),
-            bytes,
-        })
+        bytes
     }
 
     pub fn alloc(&mut self, g: GraphRef<'_>) -> Result<(), AllocError> {

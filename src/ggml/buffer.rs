@@ -209,6 +209,31 @@ impl Buffer {
         Buffer::allocated(buf, what, bytes)
     }
 
+    /// A buffer of no memory that every tensor of `ctx` names as its own, so that graphs over
+    /// them can be sized ([`super::Allocator::measure`]) as if they were placed (llama.cpp's
+    /// `no_alloc` does the same). Their data stays null: reading or writing them asserts.
+    pub fn measure(ctx: &Context, buft: BufferType) -> Buffer {
+        // SAFETY: a zero-size buffer is ggml's documented dummy (no memory, no base).
+        let buf = unsafe { sys::ggml_backend_buft_alloc_buffer(buft.0, 0) };
+        let buf = NonNull::new(buf).expect("a zero-size buffer holds no memory to fail on");
+        for t in &ctx.tensors {
+            // SAFETY: tensors of a live context, not placed (their buffer is only named, so
+            // the graph allocator leaves them alone; the data pointer stays null).
+            unsafe {
+                let t = t.as_ptr();
+                assert!(
+                    (*t).buffer.is_null() && (*t).data.is_null(),
+                    "tensor already placed"
+                );
+                (*t).buffer = buf.as_ptr();
+            }
+        }
+        Buffer {
+            buf,
+            _borrowed: None,
+        }
+    }
+
     pub fn size(&self) -> usize {
         // SAFETY: valid buffer.
         unsafe { sys::ggml_backend_buffer_get_size(self.buf.as_ptr()) }

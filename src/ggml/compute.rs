@@ -132,6 +132,15 @@ impl Compute {
         Ok(plan)
     }
 
+    /// Bytes of the work buffer `g` needs on `n_threads` threads (planned, nothing allocated).
+    pub fn work_size(g: GraphRef<'_>, n_threads: usize) -> usize {
+        // SAFETY: valid graph; planning only reads it (a null pool: sizes only).
+        let plan = unsafe {
+            (kernels().graph_plan)(g.graph.as_ptr(), n_threads as i32, std::ptr::null_mut())
+        };
+        plan.work_size + 64
+    }
+
     /// Size the work buffer for the largest graph this will run.
     pub fn reserve(&mut self, g: GraphRef<'_>) -> Result<(), AllocError> {
         self.plan(g).map(|_| ())

@@ -233,6 +233,21 @@ impl<'ctx> Graph<'ctx> {
         self.op(unsafe { sys::ggml_reshape_2d(self.ctx(), a.ptr(), ne0, ne1) })
     }
 
+    /// `a`'s elements, in order, into a new contiguous [ne0, ne1] tensor of its type.
+    pub fn cont_2d(&mut self, a: Tensor<'ctx>, ne0: i64, ne1: i64) -> Tensor<'ctx> {
+        self.ctx.room();
+        assert!(ne0 >= 1 && ne1 >= 1 && ne0 * ne1 == a.n_elements());
+        // SAFETY: valid tensor; the same element count (ggml_cont_4d's assert).
+        self.op(unsafe { sys::ggml_cont_2d(self.ctx(), a.ptr(), ne0, ne1) })
+    }
+
+    pub fn reshape_4d(&mut self, a: Tensor<'ctx>, ne: [i64; 4]) -> Tensor<'ctx> {
+        self.ctx.room();
+        assert!(a.is_contiguous() && ne.iter().product::<i64>() == a.n_elements());
+        // SAFETY: contiguous tensor with the same element count.
+        self.op(unsafe { sys::ggml_reshape_4d(self.ctx(), a.ptr(), ne[0], ne[1], ne[2], ne[3]) })
+    }
+
     /// `a` and `b` joined along dimension `dim` (same type, every other dimension equal).
     pub fn concat(&mut self, a: Tensor<'ctx>, b: Tensor<'ctx>, dim: usize) -> Tensor<'ctx> {
         self.ctx.room();
@@ -249,12 +264,22 @@ impl<'ctx> Graph<'ctx> {
     pub fn cpy(&mut self, a: Tensor<'ctx>, dst: Tensor<'ctx>) -> Tensor<'ctx> {
         self.ctx.room();
         assert!(a.n_elements() == dst.n_elements());
-        // SAFETY: same element count (ggml_cpy's assert).
+        // Into a quantized tensor: whole blocks of f32 rows, a contiguous destination (else
+        // ggml aborts: "not implemented").
+        assert!(
+            !dst.ty().is_quantized()
+                || (a.ty() == Type::F32
+                    && a.nb()[0] == 4
+                    && (a.ne()[0] as u64).is_multiple_of(dst.ty().block_size())
+                    && dst.is_contiguous())
+        );
+        // SAFETY: same element count (ggml_cpy's assert); a quantized destination as above.
         self.op(unsafe { sys::ggml_cpy(self.ctx(), a.ptr(), dst.ptr()) })
     }
 
     /// softmax(q·kᵀ·scale + mask)·v with f32 accumulation.
-    /// q [d, n_tokens, n_head], k/v [d, n_kv, n_head_kv] (f16), mask f16 [n_kv, n_tokens]
+    /// q [d, n_tokens, n_head], k/v [d, n_kv, n_head_kv] (f16, q8_0 or q4_0: a KV cache's
+    /// types, rows of whole blocks), mask f16 [n_kv, n_tokens]
     /// → [d, n_head, n_tokens].
     pub fn flash_attn(
         &mut self,
@@ -267,7 +292,11 @@ impl<'ctx> Graph<'ctx> {
         self.ctx.room();
         let (qn, kn, vn, mn) = (q.ne(), k.ne(), v.ne(), mask.ne());
         assert!(kn[0] == qn[0] && qn[2] % kn[2] == 0 && qn[3] == 1 && kn[3] == 1 && vn[3] == 1);
-        assert!(vn[1] == kn[1] && vn[2] == kn[2] && k.ty() == Type::F16 && v.ty() == Type::F16);
+        let cache = |t: Tensor<'ctx>| {
+            [Type::F16, Type::Q8_0, Type::Q4_0].contains(&t.ty())
+                && (t.ne()[0] as u64).is_multiple_of(t.ty().block_size())
+        };
+        assert!(vn[1] == kn[1] && vn[2] == kn[2] && cache(k) && cache(v));
         assert!(
             mask.ty() == Type::F16
                 && mask.is_contiguous()

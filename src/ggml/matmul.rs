@@ -159,7 +159,7 @@ impl<'ctx> Graph<'ctx> {
 
     /// A custom op of ggml's making a new tensor of `ty` and shape `ne` from `args`, run by `f`
     /// on every thread with `user` as its user data.
-    fn custom(
+    pub(super) fn custom(
         &mut self,
         ty: Type,
         ne: [i64; 2],

@@ -24,6 +24,7 @@ mod kernels;
 mod matmul;
 mod mmap;
 mod quantize;
+mod rotate;
 mod types;
 
 pub use alloc::Allocator;

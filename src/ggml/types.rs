@@ -63,6 +63,10 @@ impl Type {
         self.traits().blck_size as u64
     }
 
+    pub fn is_quantized(self) -> bool {
+        self.traits().is_quantized
+    }
+
     /// Bytes per block.
     pub fn type_size(self) -> u64 {
         self.traits().type_size as u64

@@ -50,6 +50,35 @@ impl Reference {
         n_seq: usize,
         repack: bool,
     ) -> Reference {
+        Self::load_full(path, n_ctx, n_batch, n_threads, n_seq, repack, "f16")
+    }
+
+    /// As `load`, with K and V cached as `kv` ("f16", "q8_0", "q4_0": llama.cpp's -ctk/-ctv).
+    pub fn load_kv(
+        path: &Path,
+        n_ctx: usize,
+        n_batch: usize,
+        n_threads: usize,
+        kv: &str,
+    ) -> Reference {
+        Self::load_full(path, n_ctx, n_batch, n_threads, 1, true, kv)
+    }
+
+    fn load_full(
+        path: &Path,
+        n_ctx: usize,
+        n_batch: usize,
+        n_threads: usize,
+        n_seq: usize,
+        repack: bool,
+        kv: &str,
+    ) -> Reference {
+        let kv = match kv {
+            "f16" => sys::GGML_TYPE_F16,
+            "q8_0" => sys::GGML_TYPE_Q8_0,
+            "q4_0" => sys::GGML_TYPE_Q4_0,
+            t => panic!("no KV cache type {t}"),
+        };
         let model = load_model(path, |mp| mp.use_extra_bufts = repack);
         // SAFETY: test-only FFI with valid arguments; pointers checked for null.
         unsafe {
@@ -62,6 +91,8 @@ impl Reference {
             cp.n_threads = n_threads as i32;
             cp.n_threads_batch = n_threads as i32;
             cp.flash_attn_type = sys::LLAMA_FLASH_ATTN_TYPE_ENABLED;
+            cp.type_k = kv;
+            cp.type_v = kv;
             cp.no_perf = true;
             let ctx = sys::llama_init_from_model(model, cp);
             assert!(!ctx.is_null(), "llama.cpp failed to make a context");

@@ -34,6 +34,7 @@ pub fn run(a: RunArgs) -> Res {
         } else {
             Overflow::Error
         },
+        kv_type: a.kv_type.unwrap_or(d.kv_type),
     };
     sp.check()?;
     let model = super::load(&a.model, !a.no_repack)?;

@@ -64,6 +64,11 @@ pub struct ServeArgs {
     /// Threads per generation [default: the number of CPUs].
     #[arg(long)]
     threads: Option<usize>,
+    /// What every session's KV cache keeps K and V in: f16, q8_0 (about half the memory) or
+    /// q4_0 (about a quarter).
+    #[arg(long, value_name = "TYPE", env = "OLLAMA_KV_CACHE_TYPE", default_value = "f16",
+          value_parser = phi4::KvType::from_name)]
+    kv_type: phi4::KvType,
     /// When a conversation outgrows the context, drop its oldest turns (after the system
     /// message) instead of answering 400.
     #[arg(long)]
@@ -307,6 +312,7 @@ pub fn serve(a: ServeArgs) -> Res {
     let session = phi4::SessionParams {
         n_threads: a.threads.unwrap_or(d.n_threads),
         overflow,
+        kv_type: a.kv_type,
         ..d
     };
     let cache = a

@@ -4,14 +4,15 @@
 //! longest saved prefix of it when that is more than its own cache holds. The directory is
 //! bounded in bytes (saves under way included): the least recently used states are removed
 //! first. Files are named by the hash of their tokens (and the scope they belong to: a state is
-//! restored only for requests of its scope); no request names a file. Saves killed midway leave
-//! temporary files: removed at start and by every save.
+//! restored only for requests of its scope), and the KV cache type when it is not f16 (states
+//! of another type, another server's on the same directory, are left alone); no request names a
+//! file. Saves killed midway leave temporary files: removed at start and by every save.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use phi4::{Model, Session};
+use phi4::{KvType, Session};
 
 use super::job::Scope;
 
@@ -49,9 +50,10 @@ impl PromptCache {
         })
     }
 
-    /// The index, read from the directory on first use: every state of this model (others,
-    /// and damaged ones, are left alone and never used).
-    fn with_entries<T>(&self, model: &Model, f: impl FnOnce(&mut Vec<Entry>) -> T) -> T {
+    /// The index, read from the directory on first use: every state of the sessions' model and
+    /// cache type (others, and damaged ones, are left alone and never used).
+    fn with_entries<T>(&self, session: &Session, f: impl FnOnce(&mut Vec<Entry>) -> T) -> T {
+        let (model, kv_type) = (session.model(), session.kv_type());
         let mut guard = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let entries = guard.get_or_insert_with(|| {
             let files = std::fs::read_dir(&self.dir).into_iter().flatten().flatten();
@@ -59,7 +61,7 @@ impl PromptCache {
                 .filter(|f| f.path().extension().is_some_and(|e| e == "kv"))
                 .filter_map(|f| {
                     let meta = f.metadata().ok()?;
-                    let tokens = phi4::state::tokens(model, &f.path()).ok()?;
+                    let tokens = phi4::state::tokens(model, kv_type, &f.path()).ok()?;
                     Some(Entry {
                         scope: scope_of(&f.file_name().to_string_lossy()),
                         path: f.path(),
@@ -76,9 +78,8 @@ impl PromptCache {
     /// Start `session` from the longest saved prefix of `prompt` in `scope`, if that is longer
     /// than what its cache already shares with the prompt. Returns the tokens restored.
     pub fn restore(&self, session: &mut Session, prompt: &[u32], scope: Scope) -> usize {
-        let model = session.model().clone();
         let have = session.common_prefix(prompt);
-        let best = self.with_entries(&model, |entries| {
+        let best = self.with_entries(session, |entries| {
             let e = entries
                 .iter_mut()
                 .filter(|e| e.scope == scope && e.tokens.len() > have)
@@ -92,7 +93,7 @@ impl PromptCache {
             Ok(n) => n,
             Err(e) => {
                 eprintln!("prompt cache: {} not used: {e}", path.display());
-                self.with_entries(&model, |entries| entries.retain(|x| x.path != path));
+                self.with_entries(session, |entries| entries.retain(|x| x.path != path));
                 0
             }
         }
@@ -102,17 +103,20 @@ impl PromptCache {
     /// exactly those tokens is kept there already; then remove the least recently used states
     /// beyond the bound.
     pub fn keep(&self, session: &Session, n: usize, scope: Scope) {
-        let model = session.model().clone();
         let Some(tokens) = session.history().get(..n) else {
             return;
         };
         let kept = |e: &Entry| e.scope == scope && e.tokens == tokens;
-        if self.with_entries(&model, |entries| entries.iter().any(kept)) {
+        if self.with_entries(session, |entries| entries.iter().any(kept)) {
             return;
         }
+        let ty = match session.kv_type() {
+            KvType::F16 => String::new(),
+            t => format!(".{t}"),
+        };
         let name = match scope {
-            Scope(0) => format!("{:016x}.kv", hash(tokens)),
-            Scope(s) => format!("{s:016x}-{:016x}.kv", hash(tokens)),
+            Scope(0) => format!("{:016x}{ty}.kv", hash(tokens)),
+            Scope(s) => format!("{s:016x}-{:016x}{ty}.kv", hash(tokens)),
         };
         let path = self.dir.join(name);
         match session.save(&path, n) {
@@ -121,7 +125,7 @@ impl PromptCache {
                     "prompt cache: saved a {n}-token prefix ({:.1} MiB)",
                     bytes as f64 / 1048576.0
                 );
-                self.with_entries(&model, |entries| {
+                self.with_entries(session, |entries| {
                     entries.retain(|e| e.path != path);
                     entries.push(Entry {
                         scope,
