@@ -13,7 +13,7 @@ use phi4::model::{LoadParams, Model};
 use phi4::sample::{argmax, SamplingParams};
 use phi4::session::{DoneReason, GenerateParams, Session, SessionParams};
 use phi4::Scheduler;
-use phi4::SessionError;
+use phi4::{KvType, SessionError};
 use phi4_synth::Spec;
 
 fn params(n_ctx: usize) -> SessionParams {
@@ -22,6 +22,14 @@ fn params(n_ctx: usize) -> SessionParams {
         n_batch: 16,
         n_threads: 2,
         ..Default::default()
+    }
+}
+
+/// `params` with the KV cache of the `i`-th of `kvs` (f16 past their end).
+fn params_kv(n_ctx: usize, kvs: &[KvType], i: usize) -> SessionParams {
+    SessionParams {
+        kv_type: kvs.get(i).copied().unwrap_or_default(),
+        ..params(n_ctx)
     }
 }
 
@@ -37,8 +45,8 @@ fn greedy(max_tokens: usize) -> GenerateParams {
 
 /// Greedy tokens of `prompt` on a session of its own (up to `n`, or to an end token, which is
 /// included), with each step's top-2 logit gap.
-fn alone(model: &Arc<Model>, prompt: &[u32], n: usize) -> Vec<(u32, f32)> {
-    let mut s = Session::new(model.clone(), &params(256)).unwrap();
+fn alone(model: &Arc<Model>, prompt: &[u32], n: usize, sp: &SessionParams) -> Vec<(u32, f32)> {
+    let mut s = Session::new(model.clone(), sp).unwrap();
     let mut logits = s.evaluate(prompt).unwrap().to_vec();
     let mut out = Vec::new();
     for _ in 0..n {
@@ -66,15 +74,18 @@ fn generated(s: &mut Session, prompt: &[u32], n: usize) -> (Vec<u32>, DoneReason
     (ids, out.reason)
 }
 
-/// Greedy generations of every prompt at once, each from its own thread, on one scheduler.
-fn together(scheduler: &Scheduler, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
+/// Greedy generations of every prompt at once, each from its own thread, on one scheduler (the
+/// `i`-th session's cache of the `i`-th of `kvs`).
+fn together(scheduler: &Scheduler, prompts: &[Vec<u32>], kvs: &[KvType], n: usize) -> Vec<Vec<u32>> {
     let start = Arc::new(Barrier::new(prompts.len()));
     let threads: Vec<_> = prompts
         .iter()
-        .map(|p| {
+        .enumerate()
+        .map(|(i, p)| {
             let (scheduler, start, p) = (scheduler.clone(), start.clone(), p.clone());
+            let sp = params_kv(256, kvs, i);
             std::thread::spawn(move || {
-                let mut s = Session::with_scheduler(&scheduler, &params(256)).unwrap();
+                let mut s = Session::with_scheduler(&scheduler, &sp).unwrap();
                 start.wait();
                 generated(&mut s, &p, n).0
             })
@@ -87,9 +98,21 @@ fn together(scheduler: &Scheduler, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u3
 /// top two are closer than `tol` (a summation-order difference may pick either there). An end
 /// token counts as any one (the generation reports which stopped it only by its reason).
 fn same_as_alone(model: &Arc<Model>, prompts: &[Vec<u32>], got: &[Vec<u32>], n: usize, tol: f32) {
+    same_as_alone_kv(model, prompts, &[], got, n, tol)
+}
+
+/// `same_as_alone`, the `i`-th session's cache of the `i`-th of `kvs` both times.
+fn same_as_alone_kv(
+    model: &Arc<Model>,
+    prompts: &[Vec<u32>],
+    kvs: &[KvType],
+    got: &[Vec<u32>],
+    n: usize,
+    tol: f32,
+) {
     let ends = &model.tokenizer.end_of_generation;
-    for (p, got) in prompts.iter().zip(got) {
-        let want = alone(model, p, n);
+    for (i, (p, got)) in prompts.iter().zip(got).enumerate() {
+        let want = alone(model, p, n, &params_kv(256, kvs, i));
         let same = |w: u32, g: u32| w == g || (ends.contains(&w) && ends.contains(&g));
         match want.iter().zip(got).position(|(&(w, _), &g)| !same(w, g)) {
             Some(i) => assert!(
@@ -137,7 +160,7 @@ fn prompts(n: usize, len: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
-fn synthetic(ftype: &str, seed: u64) {
+fn synthetic(ftype: &str, seed: u64, kvs: &[KvType]) {
     let dir = common::tmpdir();
     let path = common::synth_model(
         dir.path(),
@@ -147,13 +170,14 @@ fn synthetic(ftype: &str, seed: u64) {
     let model = Arc::new(Model::load(&path, LoadParams::default()).unwrap());
     let scheduler = Scheduler::new(model.clone(), 2, 4).unwrap();
     let ps = prompts(4, 20);
-    let got = together(&scheduler, &ps, 24);
+    let got = together(&scheduler, &ps, kvs, 24);
     // Batching changes summation order at most: the parity tests' tolerance for quantized
     // weights (tests/parity.rs); f16 products over several columns take another kernel on ARM
     // (differences up to 1.2e-4 measured under qemu), hence 1e-3.
-    same_as_alone(
+    same_as_alone_kv(
         &model,
         &ps,
+        kvs,
         &got,
         24,
         if ftype == "f16" { 1e-3 } else { 2e-2 },
@@ -163,17 +187,24 @@ fn synthetic(ftype: &str, seed: u64) {
 
 #[test]
 fn q4_0_sessions_decode_together_as_alone() {
-    synthetic("q4_0", 31)
+    synthetic("q4_0", 31, &[])
+}
+
+/// Sessions keeping their caches in every type share steps (a rotated, quantized cache beside
+/// an f16 one), each replying as it does alone with its type.
+#[test]
+fn sessions_of_every_cache_type_decode_together_as_alone() {
+    synthetic("q4_k_m", 34, &[KvType::Q8_0, KvType::Q4_0, KvType::F16, KvType::Q4_0])
 }
 
 #[test]
 fn q4_k_m_sessions_decode_together_as_alone() {
-    synthetic("q4_k_m", 32)
+    synthetic("q4_k_m", 32, &[])
 }
 
 #[test]
 fn f16_sessions_decode_together_as_alone() {
-    synthetic("f16", 33)
+    synthetic("f16", 33, &[])
 }
 
 /// A user turn in Phi-4's chat format, ready for the reply.
@@ -199,7 +230,7 @@ fn demo_chats_on_a_scheduler_are_the_lone_replies() {
     ];
     let ps: Vec<Vec<u32>> = texts.iter().map(|t| chat_prompt(&model, t)).collect();
     let scheduler = Scheduler::new(model.clone(), 2, 8).unwrap();
-    let got = together(&scheduler, &ps, 40);
+    let got = together(&scheduler, &ps, &[], 40);
     same_as_alone(&model, &ps, &got, 40, 1e-4);
     assert_batched(&scheduler, &ps, decoded(&got), 1.25);
 }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Barrier};
 use phi4::chat::{Message, Role};
 use phi4::sample::SamplingParams;
 use phi4::session::{DoneReason, GenerateParams, Outcome, Session, SessionParams};
-use phi4::{Constraint, Drafter, Model, PromptLookup, Scheduler, Token};
+use phi4::{Constraint, Drafter, KvType, Model, PromptLookup, Scheduler, Token};
 use phi4_synth::Spec;
 
 fn params() -> SessionParams {
@@ -87,7 +87,21 @@ fn known(prompt: &[u32], reply: &[Token], wrong: usize, model: &Model) -> Known 
 /// third drafted token wrong) gives the same tokens and text; the known reply's drafts are all
 /// taken. Returns the plain run.
 fn same_with_drafts(model: &Arc<Model>, prompt: &[u32], gp: &GenerateParams) -> Outcome {
-    let mut s = Session::new(model.clone(), &params()).unwrap();
+    same_with_drafts_kv(model, prompt, gp, KvType::F16)
+}
+
+/// `same_with_drafts` on a session whose cache keeps `kv`.
+fn same_with_drafts_kv(
+    model: &Arc<Model>,
+    prompt: &[u32],
+    gp: &GenerateParams,
+    kv: KvType,
+) -> Outcome {
+    let sp = SessionParams {
+        kv_type: kv,
+        ..params()
+    };
+    let mut s = Session::new(model.clone(), &sp).unwrap();
     let plain_gp = GenerateParams {
         draft: 0,
         ..gp.clone()
@@ -146,6 +160,10 @@ fn prompt(len: u32, seed: u32) -> Vec<u32> {
 /// `same_with_drafts` on a one-layer synthetic model of type `ft`: `n` tokens from a prompt of
 /// `len`, log-probabilities compared too.
 fn synthetic_run(ft: &str, seed: u64, len: u32, n: usize) {
+    synthetic_run_kv(ft, seed, len, n, KvType::F16)
+}
+
+fn synthetic_run_kv(ft: &str, seed: u64, len: u32, n: usize, kv: KvType) {
     let dir = common::tmpdir();
     let spec = Spec::small(1, common::ftype(ft), seed);
     let path = common::synth_model(dir.path(), "m.gguf", &spec);
@@ -154,7 +172,7 @@ fn synthetic_run(ft: &str, seed: u64, len: u32, n: usize) {
         logprobs: Some(2),
         ..greedy(n, 8)
     };
-    let out = same_with_drafts(&model, &prompt(len, seed as u32), &gp);
+    let out = same_with_drafts_kv(&model, &prompt(len, seed as u32), &gp, kv);
     assert!(out.timings.eval_count > 8, "{out:?}");
 }
 
@@ -172,6 +190,18 @@ fn long_context(ft: &str, seed: u64) {
 fn long_context_q4_k_m() {
     long_context("q4_k_m", 9)
 }
+/// Quantized caches: verified tokens match their own decode steps (f16 weights: decode steps on
+/// ggml's reference paths; q4_k_m past 512 positions).
+#[test]
+fn q8_0_cache() {
+    synthetic_run_kv("f16", 11, 24, 48, KvType::Q8_0)
+}
+
+#[test]
+fn q4_0_cache_long_context() {
+    synthetic_run_kv("q4_k_m", 12, 520, 24, KvType::Q4_0)
+}
+
 #[test]
 fn long_context_f16() {
     long_context("f16", 10)

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use phi4::model::{LoadParams, Model};
 use phi4::session::{Session, SessionParams};
-use phi4::StateError;
+use phi4::{KvType, StateError};
 use phi4_synth::Spec;
 
 fn load(path: &std::path::Path) -> Arc<Model> {
@@ -16,12 +16,17 @@ fn load(path: &std::path::Path) -> Arc<Model> {
 }
 
 fn session(m: &Arc<Model>, n_ctx: usize) -> Session {
+    session_kv(m, n_ctx, KvType::F16)
+}
+
+fn session_kv(m: &Arc<Model>, n_ctx: usize, kv_type: KvType) -> Session {
     Session::new(
         m.clone(),
         &SessionParams {
             n_ctx,
             n_batch: 16,
             n_threads: 2,
+            kv_type,
             ..Default::default()
         },
     )
@@ -39,9 +44,11 @@ fn bits(l: &[f32]) -> Vec<u32> {
 }
 
 /// Save after a prompt; restore from the file, from bytes and by copying; every restored session
-/// continues with logits bit-identical to the session that never stopped.
-fn continues_bit_identically(path: &std::path::Path) {
+/// (of the same KV cache type `kv`) continues with logits bit-identical to the session that
+/// never stopped.
+fn continues_bit_identically(path: &std::path::Path, kv: KvType) {
     let m = load(path);
+    let session = |m: &Arc<Model>, n_ctx| session_kv(m, n_ctx, kv);
     let dir = common::tmpdir();
     let file = dir.path().join("prompt.kv");
     let p = prompt(37, m.config.n_vocab, 1);
@@ -89,14 +96,49 @@ fn continues_bit_identically(path: &std::path::Path) {
 #[test]
 fn restored_sessions_continue_bit_identically() {
     let dir = common::tmpdir();
-    continues_bit_identically(&common::fixture("phi4-tiny-docs.gguf"));
-    for (i, ft) in ["f16", "q8_0", "q4_0", "q4_k_m"].iter().enumerate() {
-        continues_bit_identically(&common::synth_model(
-            dir.path(),
-            &format!("{ft}.gguf"),
-            &Spec::small(2, common::ftype(ft), 40 + i as u64),
-        ));
+    for kv in KvType::ALL {
+        continues_bit_identically(&common::fixture("phi4-tiny-docs.gguf"), kv);
     }
+    for (i, ft) in ["f16", "q8_0", "q4_0", "q4_k_m"].iter().enumerate() {
+        continues_bit_identically(
+            &common::synth_model(
+                dir.path(),
+                &format!("{ft}.gguf"),
+                &Spec::small(2, common::ftype(ft), 40 + i as u64),
+            ),
+            KvType::F16,
+        );
+    }
+}
+
+/// A state records its KV cache type: one of another type is a clear error (rows are not
+/// converted), by file, bytes or copy, and the session keeps what it had.
+#[test]
+fn a_state_of_another_cache_type_is_refused() {
+    let m = load(&common::fixture("phi4-tiny-docs.gguf"));
+    let p = prompt(11, m.config.n_vocab, 6);
+    let mut q8 = session_kv(&m, 64, KvType::Q8_0);
+    q8.evaluate(&p).unwrap();
+    let mut bytes = Vec::new();
+    q8.save_to(&mut bytes, usize::MAX).unwrap();
+    assert_eq!(bytes.len() as u64, q8.state_size(usize::MAX));
+    let mut f16 = session(&m, 64);
+    f16.evaluate(&p).unwrap();
+    assert!(q8.state_size(usize::MAX) < f16.state_size(usize::MAX), "q8_0 rows are smaller");
+    for kv in [KvType::F16, KvType::Q4_0] {
+        let mut other = session_kv(&m, 64, kv);
+        let before = prompt(4, m.config.n_vocab, 7);
+        other.evaluate(&before).unwrap();
+        expect_invalid(&mut other, &bytes, "q8_0 KV cache", &before);
+        match other.copy_from(&q8) {
+            Err(StateError::Invalid(msg)) => assert!(msg.contains("different types"), "{msg}"),
+            r => panic!("a copy across cache types: {r:?}"),
+        }
+        assert_eq!(other.history(), before.as_slice());
+        assert_eq!(other.evaluate(&[1]).unwrap().len(), m.config.n_vocab);
+    }
+    let mut same = session_kv(&m, 64, KvType::Q8_0);
+    assert_eq!(same.load_bytes(&bytes).unwrap(), p.len());
 }
 
 /// A restored prompt that shares only a prefix with the next one: that prefix is kept, the rest

@@ -664,6 +664,43 @@ static void test_draft(phi4_model *m) {
     phi4_session_free(s);
 }
 
+/* KV cache types: a quantized cache replies; its state loads only into a session of its type;
+ * a value that is no phi4_kv_type is refused. */
+static void test_kv_type(phi4_model *m) {
+    phi4_session_params p;
+    phi4_session_default_params(&p);
+    CHECK(p.kv_type == PHI4_KV_F16, "the default cache type: %u", p.kv_type);
+    p.n_ctx = 256;
+    phi4_session *q8 = NULL, *f16 = NULL, *bad = NULL;
+    p.kv_type = PHI4_KV_Q8_0;
+    CHECK(phi4_session_new(m, &p, &q8) == PHI4_OK, "a q8_0 session: %s", phi4_last_error());
+    p.kv_type = PHI4_KV_F16;
+    CHECK(phi4_session_new(m, &p, &f16) == PHI4_OK, "an f16 session: %s", phi4_last_error());
+    p.kv_type = 7;
+    CHECK(phi4_session_new(m, &p, &bad) == PHI4_ERR_INVALID_ARGUMENT && bad == NULL && strstr(phi4_last_error(), "kv_type"),
+          "kv_type 7: %s", phi4_last_error());
+    if (!q8 || !f16) {
+        phi4_session_free(q8);
+        phi4_session_free(f16);
+        return;
+    }
+    phi4_message msgs[] = {{"user", "What is a tuple?"}};
+    chat_job job = {0};
+    phi4_generate_params g = greedy(8);
+    CHECK(phi4_session_chat(q8, msgs, 1, &g, append, &job) == PHI4_OK && job.text[0], "a q8_0 reply: %s",
+          phi4_last_error());
+    size_t len = 0;
+    CHECK(phi4_session_save_buffer(q8, NULL, 0, &len) == PHI4_ERR_BUFFER_TOO_SMALL && len > 0, "state size");
+    uint8_t *buf = malloc(len);
+    CHECK(buf && phi4_session_save_buffer(q8, buf, len, &len) == PHI4_OK, "save");
+    CHECK(phi4_session_load_buffer(f16, buf, len) == PHI4_ERR_BAD_STATE && strstr(phi4_last_error(), "q8_0"),
+          "a q8_0 state into an f16 session: %s", phi4_last_error());
+    CHECK(phi4_session_copy(f16, q8) == PHI4_ERR_BAD_STATE, "a copy across cache types: %s", phi4_last_error());
+    free(buf);
+    phi4_session_free(q8);
+    phi4_session_free(f16);
+}
+
 /* The header's contract: the version says what the ABI has; outputs are written only on PHI4_OK
  * (the size output of PHI4_ERR_BUFFER_TOO_SMALL excepted); every failing call leaves its message
  * in phi4_last_error(); a BUSY never replaces a session's message for others. */
@@ -812,6 +849,7 @@ int main(int argc, char **argv) {
     test_embed(m);
     test_tools(m);
     test_draft(m);
+    test_kv_type(m);
     test_contract(m);
     phi4_model_free(m);
     printf("%d passed, %d failed\n", passed, failed);
