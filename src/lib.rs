@@ -28,6 +28,7 @@ pub mod error;
 pub mod gguf;
 pub mod limits;
 pub mod matmul;
+pub mod memory;
 pub mod model;
 pub mod sample;
 pub mod scheduler;
@@ -48,7 +49,7 @@ pub use constrain::Constraint;
 pub use draft::{Drafter, PromptLookup};
 pub use error::{EvalError, SessionError};
 pub use kv_cache::KvType;
-pub use model::{Config, LoadError, LoadParams, Model};
+pub use model::{Config, LoadError, LoadParams, Model, Resident};
 pub use sample::SamplingParams;
 pub use scheduler::Scheduler;
 pub use session::{

@@ -250,6 +250,22 @@ impl Fnv2 {
     }
 }
 
+/// Bytes of a model's weights by where they are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Resident {
+    /// Used in place from the file mapping (page cache: shared, reclaimable, read back on use).
+    pub mapped: u64,
+    /// Copied into faster layouts (anonymous memory; the mapping's pages of those tensors are
+    /// dropped after loading).
+    pub repacked: u64,
+}
+
+impl Resident {
+    pub fn total(&self) -> u64 {
+        self.mapped + self.repacked
+    }
+}
+
 /// A loaded Phi-4 model: configuration, metadata (for the tokenizer) and weights.
 pub struct Model {
     pub config: Config,
@@ -260,6 +276,12 @@ pub struct Model {
     pub file_size: u64,
     /// `(tensor name, ggml layout)` of every weight ggml repacked.
     pub repacked: Vec<(String, String)>,
+    /// Bytes of the weights as they are held: in place in the file mapping, and repacked into
+    /// buffers of their own.
+    pub resident: Resident,
+    /// Whether the weights are in memory ([`Model::load`]) or only declared
+    /// ([`Model::declare`]: described and planned for, never run).
+    placed: bool,
     /// The tokenizer built from the file's vocabulary.
     pub tokenizer: Arc<Tokenizer>,
     /// Time `load` took, in nanoseconds.
@@ -457,6 +479,30 @@ fn plan_packing(g: &Gguf, own: bool) -> Map<String, (Type, usize)> {
         .collect()
 }
 
+/// The layout phi4's kernels take (as `repacked` names it).
+const PHI4_LAYOUT: &str = "phi4's 8-row groups";
+
+/// Bytes of the weights where `packing` and `repack` put them: the file's bytes of those left
+/// in the mapping, the packed or repacked tensors' own.
+fn resident(
+    g: &Gguf,
+    ctx: &Context,
+    ids: &Map<String, TensorId>,
+    packing: &Map<String, (Type, usize)>,
+    repack: &Map<&str, BufferType>,
+) -> Resident {
+    let mut r = Resident::default();
+    for t in &g.tensors {
+        let tensor = ctx.get(ids[&t.name]);
+        match (packing.contains_key(&t.name), repack.get(t.name.as_str())) {
+            (true, _) => r.repacked += tensor.nbytes() as u64,
+            (false, Some(&b)) => r.repacked += Buffer::alloc_size_in(b, tensor) as u64,
+            (false, None) => r.mapped += t.size,
+        }
+    }
+    r
+}
+
 /// One buffer of `buft` holding `tensors` converted from the mapping: packed for phi4's kernels
 /// (those in `packing`, into a CPU buffer), else into the buffer type's layout by ggml. The
 /// mapping's pages of those tensors are dropped afterwards, so they are resident once.
@@ -588,7 +634,23 @@ impl Progress<'_, '_> {
 impl Model {
     /// Load = map the file → parse and check it → declare the weights → place each one: in the
     /// mapping, or repacked into a buffer of a faster layout → name them for the forward pass.
-    pub fn load(path: &Path, mut params: LoadParams<'_>) -> Result<Model, LoadError> {
+    pub fn load(path: &Path, params: LoadParams<'_>) -> Result<Model, LoadError> {
+        Model::open(path, params, true)
+    }
+
+    /// [`Model::load`] up to where each weight would go, without reading or copying any: a
+    /// model to describe and plan memory for ([`crate::memory::plan`]) before anything is
+    /// allocated. It cannot run: a scheduler or session on it is refused.
+    pub fn declare(path: &Path, params: LoadParams<'_>) -> Result<Model, LoadError> {
+        Model::open(path, params, false)
+    }
+
+    /// Whether the weights are in memory (a model from [`Model::load`]).
+    pub fn is_loaded(&self) -> bool {
+        self.placed
+    }
+
+    fn open(path: &Path, mut params: LoadParams<'_>, place: bool) -> Result<Model, LoadError> {
         let started = std::time::Instant::now();
         let io = |source| LoadError::Io {
             path: path.display().to_string(),
@@ -625,6 +687,37 @@ impl Model {
             Vec::new()
         };
         let repack = plan_repack(&gguf, &extra, &packing);
+        let resident = resident(&gguf, &ctx, &ids, &packing, &repack);
+        if !place {
+            let repacked = gguf
+                .tensors
+                .iter()
+                .filter_map(|t| {
+                    let layout = match (packing.contains_key(&t.name), repack.get(t.name.as_str()))
+                    {
+                        (true, _) => PHI4_LAYOUT.to_string(),
+                        (false, Some(b)) => b.name(),
+                        (false, None) => return None,
+                    };
+                    Some((t.name.clone(), layout))
+                })
+                .collect();
+            let declared = Buffer::measure(&ctx, BufferType::cpu());
+            return Ok(Model {
+                weights: Weights::assemble(&config, ctx, &ids, &packing, vec![declared]),
+                config,
+                gguf,
+                file_size: map.len() as u64,
+                repacked,
+                resident,
+                placed: false,
+                tokenizer,
+                load_duration: started.elapsed().as_nanos() as u64,
+                constraints: Compiler::default(),
+                map,
+                fingerprint: OnceLock::new(),
+            });
+        }
         let total = gguf.tensors.iter().map(|t| t.size).sum();
         let mut progress = Progress {
             callback: &mut params.progress,
@@ -648,7 +741,7 @@ impl Model {
         let mut buffers = vec![mapped];
         let mut repacked = Vec::new();
         // Each repacked layout's buffer: phi4's (a CPU buffer), then ggml's buffer types.
-        let layouts = std::iter::once((BufferType::cpu(), "phi4's 8-row groups".to_string(), None))
+        let layouts = std::iter::once((BufferType::cpu(), PHI4_LAYOUT.to_string(), None))
             .chain(extra.iter().map(|b| (*b, b.name(), Some(*b))));
         for (buft, layout, ggml_buft) in layouts {
             let mine: Vec<&TensorInfo> = gguf
@@ -674,6 +767,8 @@ impl Model {
             weights,
             file_size: map.len() as u64,
             repacked,
+            resident,
+            placed: true,
             tokenizer,
             load_duration,
             constraints: Compiler::default(),

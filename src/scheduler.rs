@@ -123,6 +123,11 @@ impl Scheduler {
     ) -> Result<Scheduler, SessionError> {
         limits::check_threads(n_threads).map_err(SessionError::BadParams)?;
         limits::check_max_batch(max_batch).map_err(SessionError::BadParams)?;
+        if !model.is_loaded() {
+            return Err(SessionError::BadParams(
+                "the model is only declared (Model::declare): load it to run it".into(),
+            ));
+        }
         let n_threads = n_threads.min(cpu_count());
         let engine = Engine::new(&model, n_threads, max_batch).map_err(EvalError::from)?;
         Ok(Scheduler(Arc::new(Shared {

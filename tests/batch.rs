@@ -76,7 +76,12 @@ fn generated(s: &mut Session, prompt: &[u32], n: usize) -> (Vec<u32>, DoneReason
 
 /// Greedy generations of every prompt at once, each from its own thread, on one scheduler (the
 /// `i`-th session's cache of the `i`-th of `kvs`).
-fn together(scheduler: &Scheduler, prompts: &[Vec<u32>], kvs: &[KvType], n: usize) -> Vec<Vec<u32>> {
+fn together(
+    scheduler: &Scheduler,
+    prompts: &[Vec<u32>],
+    kvs: &[KvType],
+    n: usize,
+) -> Vec<Vec<u32>> {
     let start = Arc::new(Barrier::new(prompts.len()));
     let threads: Vec<_> = prompts
         .iter()
@@ -194,7 +199,11 @@ fn q4_0_sessions_decode_together_as_alone() {
 /// an f16 one), each replying as it does alone with its type.
 #[test]
 fn sessions_of_every_cache_type_decode_together_as_alone() {
-    synthetic("q4_k_m", 34, &[KvType::Q8_0, KvType::Q4_0, KvType::F16, KvType::Q4_0])
+    synthetic(
+        "q4_k_m",
+        34,
+        &[KvType::Q8_0, KvType::Q4_0, KvType::F16, KvType::Q4_0],
+    )
 }
 
 #[test]

@@ -567,3 +567,54 @@ fn a_full_disk_keeps_the_previous_state() {
         "no temporary file is left"
     );
 }
+
+#[test]
+fn kv_type_flag_quantizes_the_cache() {
+    let demo = common::fixture("phi4-tiny-docs.gguf");
+    let m = demo.to_str().unwrap();
+    let dir = common::tmpdir();
+    let state = dir.path().join("prompt.kv");
+    let s = state.to_str().unwrap();
+    let run = |kv: &str| {
+        let out = phi4(&[
+            "run",
+            "--model",
+            m,
+            "--temperature",
+            "0",
+            "-n",
+            "8",
+            "--kv-type",
+            kv,
+            "--prompt-cache",
+            s,
+            "--verbose",
+            "What is a tuple?",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{kv}: {err}");
+        assert!(!out.stdout.is_empty(), "{kv}: a reply");
+        err
+    };
+    run("f16");
+    let size = |p: &std::path::Path| std::fs::metadata(p).unwrap().len();
+    let f16 = size(&state);
+    // A state of another cache type is not used (said so), then replaced by one of this type.
+    let err = run("q8_0");
+    assert!(
+        err.contains("not used") && err.contains("f16 KV cache"),
+        "{err}"
+    );
+    assert!(size(&state) < f16, "q8_0 rows are smaller");
+    let err = run("Q8_0");
+    assert!(err.contains("restored"), "the same type is restored: {err}");
+    run("q4_0");
+    // A usage error (clap's: exit status 2) naming the types.
+    let bad = phi4(&["run", "--model", m, "--kv-type", "q5_1", "hi"]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("unknown KV cache type \"q5_1\" (one of: f16, q8_0, q4_0)"),
+        "{err}"
+    );
+}

@@ -159,3 +159,83 @@ fn finished_replies_do_not_accumulate() {
         "the heap grew {grown} bytes over {n} conversations"
     );
 }
+
+/// The memory plan, made before anything is allocated on a declared model, is what loading and
+/// running hold: the weights' bytes, each session's KV cache, the scheduler's compute buffer —
+/// for every cache type, one session or several on a shared scheduler.
+#[test]
+fn the_plan_is_what_a_run_holds() {
+    use phi4::memory::{largest_context, plan, PlanParams};
+    use phi4::{KvType, Scheduler};
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = common::tmpdir();
+    let synth = common::synth_model(
+        dir.path(),
+        "q4_k_m.gguf",
+        &Spec::small(2, common::ftype("q4_k_m"), 61),
+    );
+    for path in [common::fixture("phi4-tiny-docs.gguf"), synth] {
+        let declared = Model::declare(&path, LoadParams::default()).unwrap();
+        let loaded = Arc::new(Model::load(&path, LoadParams::default()).unwrap());
+        assert!(!declared.is_loaded() && loaded.is_loaded());
+        assert_eq!(declared.resident, loaded.resident);
+        assert_eq!(declared.repacked, loaded.repacked);
+        let refused = Session::new(Arc::new(declared), &SessionParams::default());
+        assert!(matches!(refused, Err(phi4::SessionError::BadParams(_))));
+        let declared = Model::declare(&path, LoadParams::default()).unwrap();
+        for kv in KvType::ALL {
+            for sessions in [1, 3] {
+                let p = PlanParams {
+                    n_ctx: 256,
+                    kv_type: kv,
+                    sessions,
+                    n_batch: 32,
+                    n_threads: 2,
+                };
+                let want = plan(&declared, &p).unwrap();
+                assert_eq!(plan(&loaded, &p).unwrap(), want, "declared or loaded");
+                let sp = SessionParams {
+                    n_ctx: 256,
+                    n_batch: 32,
+                    n_threads: 2,
+                    kv_type: kv,
+                    ..Default::default()
+                };
+                let (kv_bytes, compute) = if sessions == 1 {
+                    let s = Session::new(loaded.clone(), &sp).unwrap();
+                    let (kv_bytes, compute) = s.memory();
+                    (kv_bytes, compute as u64)
+                } else {
+                    let sched = Scheduler::new(loaded.clone(), 2, sessions).unwrap();
+                    let all: Vec<_> = (0..sessions)
+                        .map(|_| Session::with_scheduler(&sched, &sp).unwrap())
+                        .collect();
+                    let kv_bytes = all.iter().map(|s| s.memory().0).sum();
+                    (kv_bytes, sched.compute_buffer_size() as u64)
+                };
+                assert_eq!(
+                    (kv_bytes, compute),
+                    (want.kv_cache, want.compute),
+                    "{kv}, {sessions}"
+                );
+                assert!(want.compute > 0 && want.work > 0);
+            }
+        }
+        // The largest context that fits a budget: its plan fits, one more position does not.
+        let p = PlanParams {
+            n_threads: 2,
+            ..Default::default()
+        };
+        let at = |n| {
+            let q = PlanParams {
+                n_ctx: n,
+                ..p.clone()
+            };
+            plan(&declared, &q).unwrap().total()
+        };
+        let budget = at(300) + 1;
+        let n = largest_context(&declared, &p, budget).unwrap();
+        assert!(n >= 300 && at(n) <= budget && at(n + 1) > budget, "{n}");
+        assert_eq!(largest_context(&declared, &p, 1000).unwrap(), 0);
+    }
+}

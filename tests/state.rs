@@ -124,7 +124,10 @@ fn a_state_of_another_cache_type_is_refused() {
     assert_eq!(bytes.len() as u64, q8.state_size(usize::MAX));
     let mut f16 = session(&m, 64);
     f16.evaluate(&p).unwrap();
-    assert!(q8.state_size(usize::MAX) < f16.state_size(usize::MAX), "q8_0 rows are smaller");
+    assert!(
+        q8.state_size(usize::MAX) < f16.state_size(usize::MAX),
+        "q8_0 rows are smaller"
+    );
     for kv in [KvType::F16, KvType::Q4_0] {
         let mut other = session_kv(&m, 64, kv);
         let before = prompt(4, m.config.n_vocab, 7);
