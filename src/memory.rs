@@ -135,8 +135,50 @@ pub struct Available {
     pub source: &'static str,
 }
 
-/// The memory available now, or None where neither the system nor a cgroup says (not Linux).
-pub fn available() -> Option<Available> {
+/// The environment variable that, set to a size ("7.5G", "8000M", bytes), is taken as the
+/// memory available instead of the system's figure: to plan for another machine (an 8 GB
+/// board) on this one, or to test a refusal.
+pub const AVAILABLE_ENV: &str = "PHI4_MEMORY_AVAILABLE";
+
+/// A size: bytes, or a number with K, M, G or T (powers of 1024; "GiB", "GB" read alike).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let at = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(at);
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(format!("{text:?} is not a size (e.g. 7.5G, 8000M)")),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (e.g. 7.5G, 8000M)"))?;
+    let bytes = n * (1u64 << shift) as f64;
+    match bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64 {
+        true => Ok(bytes as u64),
+        false => Err(format!("{text:?} is out of range")),
+    }
+}
+
+/// The memory available now ([`AVAILABLE_ENV`] when set), or None where neither the system
+/// nor a cgroup says (not Linux).
+pub fn available() -> Result<Option<Available>, String> {
+    match std::env::var(AVAILABLE_ENV) {
+        Ok(v) => Ok(Some(Available {
+            bytes: parse_size(&v).map_err(|e| format!("{AVAILABLE_ENV}: {e}"))?,
+            source: AVAILABLE_ENV,
+        })),
+        Err(_) => Ok(measured()),
+    }
+}
+
+/// The system's and the cgroup's figure, the smaller.
+fn measured() -> Option<Available> {
     let system = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| kib_field(&m, "MemAvailable:"))
@@ -223,5 +265,16 @@ mod tests {
         let stat = "anon 1000\nfile 5000\ninactive_file 3000\n";
         assert_eq!(stat_field(stat, "inactive_file"), Some(3000));
         assert_eq!(stat_field(stat, "active_file"), None);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("8G"), Ok(8 << 30));
+        assert_eq!(parse_size("7.5 GiB"), Ok(15 << 29));
+        assert_eq!(parse_size("8000m"), Ok(8000 << 20));
+        assert_eq!(parse_size("123"), Ok(123));
+        for bad in ["", "G", "8X", "-1G", "1e400G", "1.2.3G"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
     }
 }

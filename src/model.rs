@@ -59,11 +59,6 @@ impl Config {
         self.head_dim * self.n_head_kv
     }
 
-    /// Bytes of KV cache one position costs: K and V (f16) of every layer.
-    pub fn kv_bytes_per_token(&self) -> u64 {
-        2 * self.n_layer as u64 * self.n_embd_kv() as u64 * 2
-    }
-
     /// Read and cross-check the hyper-parameters of a `phi3` GGUF file.
     pub fn from_gguf(g: &Gguf) -> Result<Config, LoadError> {
         let arch = g.str("general.architecture")?;

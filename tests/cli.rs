@@ -618,3 +618,81 @@ fn kv_type_flag_quantizes_the_cache() {
         "{err}"
     );
 }
+
+/// `phi4 info` plans without loading: each holder, the largest context per cache type for the
+/// memory given; `run` refuses a plan larger than the memory available (here as
+/// PHI4_MEMORY_AVAILABLE says), unless --skip-memory-check.
+#[test]
+fn info_plans_memory_and_run_refuses_what_does_not_fit() {
+    let demo = common::fixture("phi4-tiny-docs.gguf");
+    let m = demo.to_str().unwrap();
+    let info = |extra: &[&str]| {
+        let mut args = vec!["info", "--model", m, "--threads", "2"];
+        args.extend(extra);
+        let out = phi4(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = info(&[
+        "--ctx-size",
+        "1000",
+        "--kv-type",
+        "q4_0",
+        "--parallel",
+        "2",
+        "--available",
+        "1G",
+    ]);
+    for want in [
+        "kv cache bytes per position: f16 2048 (0.00 GiB at 2048), q8_0 1088",
+        "for 2 session(s) of 1000 positions, KV cache q4_0",
+        "kv cache: 1.1 MiB (576 bytes per position, q4_0: 1000 position(s) x 2 session(s))",
+        "available: 1.00 GiB (--available)",
+        "largest context that fits (2 session(s)): 2048 (f16), 2048 (q8_0), 2048 (q4_0)",
+    ] {
+        assert!(text.contains(want), "{want:?} in {text}");
+    }
+    // The runtime allowance alone is more than 50 MiB: no context fits.
+    let text = info(&["--available", "50M"]);
+    assert!(
+        text.contains("none (f16), none (q8_0), none (q4_0)"),
+        "{text}"
+    );
+
+    let run = |extra: &[&str]| {
+        common::target_command(common::cli())
+            .env("PHI4_MEMORY_AVAILABLE", "118M")
+            .args(["run", "--model", m, "-n", "2", "--threads", "2"])
+            .args(extra)
+            .arg("hi")
+            .output()
+            .unwrap()
+    };
+    // 118 MiB: the demo model's plan at its whole context (≈ 124 MiB) does not fit, a shorter
+    // context does (and the message says which).
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1)
+            && err.contains("not enough memory")
+            && err.contains("available (PHI4_MEMORY_AVAILABLE)")
+            && err.contains("a smaller context (--ctx-size)"),
+        "{err}"
+    );
+    let out = run(&["--ctx-size", "256"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["--skip-memory-check"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.contains("warning: not enough memory"),
+        "{err}"
+    );
+}

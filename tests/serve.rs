@@ -2116,3 +2116,77 @@ fn draft_per_server_and_per_request() {
         "{out:?}"
     );
 }
+
+/// Ollama's OLLAMA_KV_CACHE_TYPE and OLLAMA_CONTEXT_LENGTH set every session's cache type and
+/// default context (the start line's memory plan says so; saved prompts are of that type); a
+/// plan larger than the memory available stops the server before it listens, unless
+/// --skip-memory-check.
+#[test]
+fn kv_cache_type_context_and_memory_plan() {
+    let dir = common::tmpdir();
+    let cache = dir.path().to_str().unwrap();
+    let s = Server::start_env(
+        &["--prompt-cache-dir", cache],
+        &[
+            ("OLLAMA_KV_CACHE_TYPE", "q8_0"),
+            ("OLLAMA_CONTEXT_LENGTH", "640"),
+        ],
+    );
+    let log = s.log();
+    assert!(
+        log.contains("session(s) of 640 positions, KV cache q8_0"),
+        "{log}"
+    );
+    let msgs = json!([{ "role": "system", "content": "Answer briefly." }, { "role": "user", "content": "What is a list?" }]);
+    let (status, v) = s.post("/api/chat", &chat_body(msgs, false, 4));
+    assert_eq!(status, 200, "{v}");
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|f| f.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.ends_with(".q8_0.kv")),
+        "{names:?} {}",
+        s.log()
+    );
+    drop(s);
+    // A port in use: a server that gets as far as listening fails there, at once.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let serve = |env: &[(&str, &str)], extra: &[&str]| {
+        common::target_command(common::cli())
+            .args([
+                "serve",
+                "--model",
+                common::fixture("phi4-tiny-docs.gguf").to_str().unwrap(),
+                "--port",
+                &port,
+            ])
+            .args(extra)
+            .env_remove("OLLAMA_KV_CACHE_TYPE")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let out = serve(&[("PHI4_MEMORY_AVAILABLE", "20M")], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("not enough memory")
+            && err.contains("--skip-memory-check"),
+        "{err}"
+    );
+    // With the flag it goes on to listen (on a port in use: that is the error now).
+    let out = serve(
+        &[("PHI4_MEMORY_AVAILABLE", "20M")],
+        &["--skip-memory-check"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning: not enough memory") && err.contains("cannot listen"),
+        "{err}"
+    );
+    let out = serve(&[("OLLAMA_KV_CACHE_TYPE", "q3_k")], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown KV cache type \"q3_k\""), "{err}");
+}

@@ -1,7 +1,7 @@
 //! One description of a loaded model, for `phi4 info` and the REPL's `/show info`.
 
 use phi4::limits::MAX_CONTEXT;
-use phi4::Model;
+use phi4::{KvType, Model};
 
 /// (label, value) lines: file, shape, KV cache cost, weight types, repacked layouts.
 pub fn describe(m: &Model, path: &std::path::Path) -> Vec<(String, String)> {
@@ -26,15 +26,19 @@ pub fn describe(m: &Model, path: &std::path::Path) -> Vec<(String, String)> {
             ),
         ),
     ];
-    let kv = c.kv_bytes_per_token();
     let n_max = c.n_ctx_train.min(MAX_CONTEXT);
-    lines.push((
-        "kv cache".into(),
-        format!(
-            "{kv} bytes per token ({:.2} GiB at {n_max})",
-            (kv * n_max as u64) as f64 / (1u64 << 30) as f64
-        ),
-    ));
+    let per_type: Vec<String> = KvType::ALL
+        .iter()
+        .filter(|t| t.check(c).is_ok())
+        .map(|t| {
+            let b = t.bytes_per_token(c);
+            format!(
+                "{t} {b} ({:.2} GiB at {n_max})",
+                (b * n_max as u64) as f64 / (1u64 << 30) as f64
+            )
+        })
+        .collect();
+    lines.push(("kv cache bytes per position".into(), per_type.join(", ")));
     let mut types: std::collections::BTreeMap<&str, (usize, u64)> = Default::default();
     for t in &m.gguf.tensors {
         let e = types.entry(t.ggml_type.name()).or_default();

@@ -2,6 +2,7 @@
 //! with it, and the request-layer fuzz target checks arbitrary bodies through it
 //! ([`serve::check_body`]).
 
+pub mod memory;
 pub mod serve;
 
 /// What a command returns: an error is printed and the process exits with 1.

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use phi4_cli::memory::{fit_lines, lines as memory_lines};
 use phi4_cli::{serve, Res};
 
 #[derive(Parser)]
@@ -31,8 +32,9 @@ enum Cmd {
     Tokenize(TokenizeArgs),
     /// Write a synthetic Phi-4-shaped model with random weights.
     Synth(commands::synth::SynthArgs),
-    /// Show the CPU features ggml uses here and, with --model, what loading that model does:
-    /// its shape, weight types, and which weights were repacked into faster layouts.
+    /// Show the CPU features ggml uses here and, with --model, what loading that model would do
+    /// (nothing is loaded): its shape, weight types, which weights are repacked into faster
+    /// layouts, the memory a run would hold and the largest context that fits now.
     Info(InfoArgs),
 }
 
@@ -43,6 +45,25 @@ pub struct InfoArgs {
     /// Keep every weight in the file mapping (show what loading without repacking does).
     #[arg(long)]
     no_repack: bool,
+    /// The memory plan's context [default: the default context].
+    #[arg(long)]
+    ctx_size: Option<usize>,
+    /// The memory plan's KV cache type: f16, q8_0, q4_0 [default: f16].
+    #[arg(long, value_name = "TYPE", value_parser = phi4::KvType::from_name)]
+    kv_type: Option<phi4::KvType>,
+    /// The memory plan's sessions (`phi4 serve --parallel`).
+    #[arg(long, default_value_t = 1)]
+    parallel: usize,
+    /// The memory plan's threads [default: the number of CPUs].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// The memory plan's prompt micro-batch size.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Fit the plan to this much memory (e.g. 7.5G, what an 8 GB board has free) instead of
+    /// what is available here.
+    #[arg(long, value_name = "SIZE", value_parser = phi4::memory::parse_size)]
+    available: Option<u64>,
 }
 
 #[derive(clap::Args)]
@@ -86,6 +107,9 @@ pub struct RunArgs {
     /// Keep every weight in the file mapping (no repacking into faster layouts).
     #[arg(long)]
     no_repack: bool,
+    /// Run even when the memory plan is larger than the memory available (see `phi4 info`).
+    #[arg(long)]
+    skip_memory_check: bool,
     /// Keep the evaluated prompt in FILE: restore what of it matches this prompt on start, save
     /// it once the prompt is evaluated (a long system prompt is then evaluated once, ever).
     #[arg(long, value_name = "FILE")]

@@ -20,6 +20,7 @@ struct SessionParams {
     n_batch: u32,
     n_threads: u32,
     overflow: u32,
+    kv_type: u32,
 }
 
 #[repr(C)]
@@ -228,7 +229,11 @@ pub fn run(data: &[u8]) {
                 0 | 1 => {
                     let mut p = std::mem::zeroed::<SessionParams>();
                     phi4_session_default_params(&mut p);
-                    p.n_ctx = input.u32() % 300;
+                    // One draw for both (kept inputs decode as before): a context, a cache type
+                    // (3 is no phi4_kv_type).
+                    let raw = input.u32();
+                    p.n_ctx = raw % 300;
+                    p.kv_type = raw / 300 % 4;
                     p.n_batch = input.u32() % 70;
                     p.n_threads = input.u32() % 4;
                     p.overflow = input.u32() % 4;

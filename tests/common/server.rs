@@ -25,16 +25,26 @@ impl Server {
 
     /// A server of another model.
     pub fn start_with(model: &std::path::Path, extra: &[&str]) -> Server {
-        Server::launch(model, extra, None)
+        Server::launch(model, extra, None, &[])
+    }
+
+    /// The demo model's server with these environment variables set.
+    pub fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::launch(&super::fixture("phi4-tiny-docs.gguf"), extra, None, env)
     }
 
     /// The demo model's server in a process that may open at most `n` files (natively; under
     /// an emulator the emulator's own descriptors would count too, so no limit is set there).
     pub fn start_with_fd_limit(n: u32, extra: &[&str]) -> Server {
-        Server::launch(&super::fixture("phi4-tiny-docs.gguf"), extra, Some(n))
+        Server::launch(&super::fixture("phi4-tiny-docs.gguf"), extra, Some(n), &[])
     }
 
-    fn launch(model: &std::path::Path, extra: &[&str], fd_limit: Option<u32>) -> Server {
+    fn launch(
+        model: &std::path::Path,
+        extra: &[&str],
+        fd_limit: Option<u32>,
+        env: &[(&str, &str)],
+    ) -> Server {
         let dir = super::tmpdir();
         let log = dir.path().join("serve.log");
         let port = TcpListener::bind("127.0.0.1:0")
@@ -65,6 +75,10 @@ impl Server {
             .env_remove("OLLAMA_HOST")
             .env_remove("PHI4_API_KEY")
             .env_remove("OLLAMA_ORIGINS")
+            .env_remove("OLLAMA_KV_CACHE_TYPE")
+            .env_remove("OLLAMA_CONTEXT_LENGTH")
+            .env_remove("PHI4_MEMORY_AVAILABLE")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

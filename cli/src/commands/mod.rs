@@ -7,6 +7,7 @@ use std::io::{IsTerminal, Read};
 use std::path::Path;
 use std::sync::Arc;
 
+use phi4::memory::{self, PlanParams};
 use phi4::tokenizer::Tokenizer;
 use phi4::{LoadParams, Model};
 
@@ -61,8 +62,33 @@ pub fn info(a: InfoArgs) -> Res {
     println!("cpu kernels built: {}", variants.join(", "));
     println!("cpu features: {}", phi4::cpu_features().join(" "));
     let Some(path) = a.model else { return Ok(()) };
-    let m = load(&path, !a.no_repack)?;
-    for (label, value) in describe(&m, &path) {
+    let params = LoadParams {
+        repack: !a.no_repack,
+        ..Default::default()
+    };
+    let m = Model::declare(&path, params)?;
+    let d = PlanParams::default();
+    let p = PlanParams {
+        n_ctx: a.ctx_size.unwrap_or(d.n_ctx),
+        kv_type: a.kv_type.unwrap_or(d.kv_type),
+        sessions: a.parallel,
+        n_batch: a.batch.unwrap_or(d.n_batch),
+        n_threads: a.threads.unwrap_or(d.n_threads),
+    };
+    let plan = memory::plan(&m, &p)?;
+    let mut lines = describe(&m, &path);
+    lines.extend(crate::memory_lines(&m, &plan));
+    let avail = match a.available {
+        Some(bytes) => Some(memory::Available {
+            bytes,
+            source: "--available",
+        }),
+        None => memory::available()?,
+    };
+    if let Some(avail) = avail {
+        lines.extend(crate::fit_lines(&m, &p, avail)?);
+    }
+    for (label, value) in lines {
         println!("{label}: {value}");
     }
     Ok(())

@@ -5,6 +5,7 @@ use std::io::{IsTerminal, Read};
 use std::path::Path;
 
 use phi4::chat::{self, Markers, Message, Role};
+use phi4::memory::PlanParams;
 use phi4::{Overflow, SamplingParams, Session, SessionParams};
 
 use crate::output::{self, reply};
@@ -37,6 +38,14 @@ pub fn run(a: RunArgs) -> Res {
         kv_type: a.kv_type.unwrap_or(d.kv_type),
     };
     sp.check()?;
+    let plan = PlanParams {
+        n_ctx: sp.n_ctx,
+        kv_type: sp.kv_type,
+        sessions: 1,
+        n_batch: sp.n_batch,
+        n_threads: sp.n_threads,
+    };
+    phi4_cli::memory::check(&a.model, !a.no_repack, &plan, a.skip_memory_check)?;
     let model = super::load(&a.model, !a.no_repack)?;
     let mut session = Session::new(model, &sp)?;
     if session.n_threads() < sp.n_threads {

@@ -64,6 +64,15 @@ pub struct ServeArgs {
     /// Threads per generation [default: the number of CPUs].
     #[arg(long)]
     threads: Option<usize>,
+    #[arg(long, env = "OLLAMA_CONTEXT_LENGTH", help = format!(
+        "The context of requests that set no num_ctx, at most the model's and {} [default: {}]; \
+         the memory plan's", phi4::limits::MAX_CONTEXT, phi4::limits::DEFAULT_CONTEXT
+    ))]
+    ctx_size: Option<usize>,
+    /// Serve even when the memory plan (--parallel sessions of --ctx-size with --kv-type) is
+    /// larger than the memory available (see `phi4 info`).
+    #[arg(long)]
+    skip_memory_check: bool,
     /// What every session's KV cache keeps K and V in: f16, q8_0 (about half the memory) or
     /// q4_0 (about a quarter).
     #[arg(long, value_name = "TYPE", env = "OLLAMA_KV_CACHE_TYPE", default_value = "f16",
@@ -310,11 +319,32 @@ pub fn serve(a: ServeArgs) -> Res {
         phi4::Overflow::Error
     };
     let session = phi4::SessionParams {
+        n_ctx: a.ctx_size.unwrap_or(d.n_ctx),
         n_threads: a.threads.unwrap_or(d.n_threads),
         overflow,
         kv_type: a.kv_type,
         ..d
     };
+    session.check()?;
+    let plan = crate::memory::check(
+        &a.model,
+        true,
+        &phi4::memory::PlanParams {
+            n_ctx: session.n_ctx,
+            kv_type: session.kv_type,
+            sessions: a.parallel,
+            n_batch: session.n_batch,
+            n_threads: session.n_threads,
+        },
+        a.skip_memory_check,
+    )?;
+    eprintln!(
+        "phi4: memory plan: {:.2} GiB for {} session(s) of {} positions, KV cache {}",
+        plan.total() as f64 / (1u64 << 30) as f64,
+        plan.sessions,
+        plan.n_ctx,
+        plan.kv_type
+    );
     let cache = a
         .prompt_cache_dir
         .map(|dir| prompt_cache::PromptCache::new(dir, a.prompt_cache_max_mib << 20))

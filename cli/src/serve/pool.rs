@@ -184,7 +184,7 @@ impl Pool {
         let d = &self.session;
         let or = |v: usize, default: usize| if v == 0 { default } else { v };
         let mut want = SessionParams {
-            n_ctx: shape.n_ctx,
+            n_ctx: or(shape.n_ctx, d.n_ctx),
             n_threads: or(shape.n_threads, d.n_threads),
             n_batch: or(shape.n_batch, d.n_batch),
             ..d.clone()
