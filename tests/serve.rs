@@ -2186,6 +2186,28 @@ fn kv_cache_type_context_and_memory_plan() {
         err.contains("warning: not enough memory") && err.contains("cannot listen"),
         "{err}"
     );
+    // A request whose num_ctx is beyond the plan's context is refused when its cache alone is
+    // more than the memory available (1 MiB here: the demo model's 2048 positions are 4 MiB);
+    // requests within the plan go on.
+    let s = Server::start_env(
+        &["--skip-memory-check", "--ctx-size", "256"],
+        &[("PHI4_MEMORY_AVAILABLE", "1M")],
+    );
+    let msgs = json!([{ "role": "user", "content": "What is a list?" }]);
+    let mut body = chat_body(msgs.clone(), false, 2);
+    body["options"]["num_ctx"] = json!(2048);
+    let (status, v) = s.post("/api/chat", &body);
+    assert!(
+        status == 400
+            && v["error"]
+                .as_str()
+                .unwrap()
+                .contains("num_ctx 2048: its KV cache"),
+        "{status} {v}"
+    );
+    let (status, v) = s.post("/api/chat", &chat_body(msgs, false, 2));
+    assert_eq!(status, 200, "{v}");
+    drop(s);
     let out = serve(&[("OLLAMA_KV_CACHE_TYPE", "q3_k")], &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown KV cache type \"q3_k\""), "{err}");

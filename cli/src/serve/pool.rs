@@ -59,6 +59,24 @@ pub enum Refusal {
     Failed(String),
 }
 
+/// A context larger than the one the server's memory plan was made for (a request's num_ctx):
+/// refused when its session's KV cache alone is more than the memory available now.
+fn check_kv_room(model: &Model, want: &SessionParams) -> Result<(), Refusal> {
+    let need = want.kv_type.bytes_per_token(&model.config) * want.n_ctx as u64;
+    let avail = phi4::memory::available().map_err(Refusal::Failed)?;
+    match avail {
+        Some(a) if need > a.bytes => Err(Refusal::Invalid(format!(
+            "num_ctx {}: its KV cache ({}) needs {:.2} GiB, and {:.2} GiB is available ({})",
+            want.n_ctx,
+            want.kv_type,
+            need as f64 / (1u64 << 30) as f64,
+            a.bytes as f64 / (1u64 << 30) as f64,
+            a.source
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// A session lent to one request; give it back with [`Pool::give_back`].
 pub struct Lease {
     pub session: Session,
@@ -191,6 +209,10 @@ impl Pool {
         };
         want.n_ctx = want.context_for(&model).map_err(Refusal::Invalid)?;
         want.check().map_err(Refusal::Invalid)?;
+        let planned = d.context_for(&model).map_err(Refusal::Failed)?;
+        if want.n_ctx > planned {
+            check_kv_room(&model, &want)?;
+        }
         let mut st = self.state();
         let scheduler = match &st.scheduler {
             _ if st.slots.len() == 1 => None,
