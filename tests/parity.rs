@@ -102,11 +102,9 @@ fn iq4_xs() {
 }
 #[test]
 fn kv_q8_0() {
-    parity_kv("q4_k_m", KvType::Q8_0, 9);
     parity_kv("f16", KvType::Q8_0, 10);
 }
 #[test]
 fn kv_q4_0() {
     parity_kv("q4_k_m", KvType::Q4_0, 11);
-    parity_kv("q8_0", KvType::Q4_0, 12);
 }
