@@ -134,6 +134,7 @@ fn child(o: &Options, engine: &str, streams: &[usize]) {
                 threads,
                 max,
                 o.get("repack", true),
+                "f16",
             );
             for &n in streams {
                 let (agg, per) = llama_streams(&mut rf, n, p, gen);

@@ -37,20 +37,7 @@ impl Reference {
         n_threads: usize,
         repack: bool,
     ) -> Reference {
-        Self::load_seqs(path, n_ctx, n_batch, n_threads, 1, repack)
-    }
-
-    /// As `load_opts`, with `n_seq` sequences of `n_ctx` positions each (as llama-server's
-    /// parallel slots): see `eval_seq` and `decode_seqs`.
-    pub fn load_seqs(
-        path: &Path,
-        n_ctx: usize,
-        n_batch: usize,
-        n_threads: usize,
-        n_seq: usize,
-        repack: bool,
-    ) -> Reference {
-        Self::load_full(path, n_ctx, n_batch, n_threads, n_seq, repack, "f16")
+        Self::load_seqs(path, n_ctx, n_batch, n_threads, 1, repack, "f16")
     }
 
     /// As `load`, with K and V cached as `kv` ("f16", "q8_0", "q4_0": llama.cpp's -ctk/-ctv).
@@ -61,10 +48,12 @@ impl Reference {
         n_threads: usize,
         kv: &str,
     ) -> Reference {
-        Self::load_full(path, n_ctx, n_batch, n_threads, 1, true, kv)
+        Self::load_seqs(path, n_ctx, n_batch, n_threads, 1, true, kv)
     }
 
-    fn load_full(
+    /// As `load_kv`, with `n_seq` sequences of `n_ctx` positions each (as llama-server's
+    /// parallel slots: see `eval_seq` and `decode_seqs`), repacked weights or not.
+    pub fn load_seqs(
         path: &Path,
         n_ctx: usize,
         n_batch: usize,
