@@ -576,10 +576,10 @@ enum phi4_status phi4_session_n_cached(struct phi4_session *session, size_t *n);
 enum phi4_status phi4_session_save_file(struct phi4_session *session, const char *path);
 
 // Restore a state saved by phi4_session_save_file (or _save_buffer) from a session of this
-// model: the cache becomes the saved tokens (the first n_ctx if there are more; see
-// phi4_session_n_cached), and the next chat or generate evaluates only what they lack. A file
-// that is damaged, of another model or another format version fails with PHI4_ERR_BAD_STATE
-// (PHI4_ERR_IO when it cannot be read) and leaves the session as it was.
+// model and KV cache type: the cache becomes the saved tokens (the first n_ctx if there are
+// more; see phi4_session_n_cached), and the next chat or generate evaluates only what they
+// lack. A file that is damaged, of another model, format version or cache type fails with
+// PHI4_ERR_BAD_STATE (PHI4_ERR_IO when it cannot be read) and leaves the session as it was.
 //
 // One thread at a time per session (PHI4_ERR_BUSY otherwise).
 enum phi4_status phi4_session_load_file(struct phi4_session *session, const char *path);
@@ -601,8 +601,9 @@ enum phi4_status phi4_session_load_buffer(struct phi4_session *session,
                                           const uint8_t *buf,
                                           size_t len);
 
-// Make `to`'s cache a copy of `from`'s (sessions on the same model file; the first n_ctx tokens
-// of `from` if `to`'s context is smaller): e.g. sessions sharing one evaluated system prompt.
+// Make `to`'s cache a copy of `from`'s (sessions on the same model file and of one KV cache
+// type, else PHI4_ERR_BAD_STATE; the first n_ctx tokens of `from` if `to`'s context is
+// smaller): e.g. sessions sharing one evaluated system prompt.
 // Both sessions must be free (PHI4_ERR_BUSY otherwise); copying a session onto itself does
 // nothing.
 enum phi4_status phi4_session_copy(struct phi4_session *to, struct phi4_session *from);
