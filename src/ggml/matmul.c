@@ -1,5 +1,5 @@
-// phi4's quantized matrix kernels: y = W·x for the K-quant weight types (Q2_K ... Q6_K, IQ4_XS)
-// and Q4_0 / Q8_0, with every weight block unpacked once per step and applied to all the step's
+// phi4's quantized matrix kernels: y = W·x for the K-quant weight types (Q2_K ... Q6_K, IQ4_XS,
+// IQ3_S, IQ3_XXS) and Q4_0 / Q8_0, with every weight block unpacked once per step and applied to all the step's
 // tokens.
 //
 // ggml's kernels take one token at a time through a weight block (vec_dot), or four (its
@@ -27,9 +27,12 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "ggml-quants.h" // ggml's blocks (block_q4_K, ...), QK_K, quantize_row_q8_K_ref
+#define GGML_COMMON_IMPL_C
+#include "ggml-common.h" // ggml's tables (the IQ3 grids, the IQ2 signs), this file's own copy as in ggml's CPU backend
 
 // The CPU backend's Q8_0 quantizer (ggml-cpu's quants.h), in this variant's build: the tokens of a
 // Q4_0 or Q8_0 product are quantized exactly as ggml's own product quantizes them.
@@ -146,6 +149,37 @@ typedef struct {
 // product takes unsigned weights (the offset taken off through mm_act.off16, as Q8_0's).
 static const int8_t IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
+// IQ3_S: per 8 weights of a row (an octet: 32 per superblock, octet 4sb + l holding weights 8l..8l+7
+// of sub-block sb) the file's two 9-bit indices into its grid of 4 magnitudes and 8 sign bits:
+// `lo[o][2r + j]` the low 8 bits of index j of row r, bit 2r + j of `hi[o]` the ninth,
+// `sg[o][r]` the signs (bit i: weight i). The 4-bit scales as the odd factor 1 + 2s.
+typedef struct {
+    uint8_t lo[32][16];
+    uint16_t hi[32];
+    uint8_t sg[32][8];
+    int8_t sc[8][8]; // [sub-block][row]
+    uint16_t d[8];
+} mm_iq3s; // 912 = 8 × 114 (8 × 110)
+
+// IQ3_XXS: IQ3_S's layout with 8-bit indices into its own grid (no ninth bits), the signs
+// expanded from the file's 7 bits (the eighth is their parity), the scales as 1 + 2s (the
+// file's d × (0.5 + s) / 2 is d/4 × (1 + 2s)).
+typedef struct {
+    uint8_t lo[32][16];
+    uint8_t sg[32][8];
+    int8_t sc[8][8];
+    uint16_t d[8];
+} mm_iq3xxs; // 848 = 8 × 106 (8 × 98)
+
+// An IQ3 superblock unpacked (by the vector paths, for a step of many tokens): octet o's 64
+// bytes as the dot products take them, the scales and d as packed, d's factor (IQ3_XXS's 1/4).
+typedef struct {
+    uint8_t v[32][64];
+    int8_t sc[8][8];
+    uint16_t d[8];
+    float dmul;
+} mm_grid_unpacked;
+
 // Q4_0: eight blocks of 32; byte j of `q[blk][k8]` holds weights 8*k8 + j (low nibble) and
 // 16 + 8*k8 + j (high) of the block. Q8_0: its bytes in order, offset by 128.
 typedef struct {
@@ -167,7 +201,9 @@ static int dot_offset(int type) {
     case GGML_TYPE_Q3_K: return 4;
     case GGML_TYPE_Q6_K: return 32;
     case GGML_TYPE_Q8_0:
-    case GGML_TYPE_IQ4_XS: return Q8_BIAS;
+    case GGML_TYPE_IQ4_XS:
+    case GGML_TYPE_IQ3_S:
+    case GGML_TYPE_IQ3_XXS: return Q8_BIAS;
     default: return 0;
     }
 }
@@ -188,6 +224,8 @@ static void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
 static size_t src_block_size(int type) {
     switch (type) {
     case GGML_TYPE_IQ4_XS: return sizeof(block_iq4_xs);
+    case GGML_TYPE_IQ3_S: return sizeof(block_iq3_s);
+    case GGML_TYPE_IQ3_XXS: return sizeof(block_iq3_xxs);
     case GGML_TYPE_Q2_K: return sizeof(block_q2_K);
     case GGML_TYPE_Q3_K: return sizeof(block_q3_K);
     case GGML_TYPE_Q4_0: return 8 * sizeof(block_q4_0);
@@ -202,6 +240,8 @@ static size_t src_block_size(int type) {
 static size_t packed_block_size(int type) {
     switch (type) {
     case GGML_TYPE_IQ4_XS: return sizeof(mm_iq4xs);
+    case GGML_TYPE_IQ3_S: return sizeof(mm_iq3s);
+    case GGML_TYPE_IQ3_XXS: return sizeof(mm_iq3xxs);
     case GGML_TYPE_Q2_K: return sizeof(mm_q2k);
     case GGML_TYPE_Q3_K: return sizeof(mm_q3k);
     case GGML_TYPE_Q4_0: return sizeof(mm_q40);
@@ -270,6 +310,36 @@ static void pack_block(int type, const uint8_t *src, uint8_t *dst, int r) {
             }
             const int ls = ((b->scales_l[sb / 2] >> (4 * (sb % 2))) & 0xF) | (((b->scales_h >> (2 * sb)) & 3) << 4);
             p->sc[sb][r] = (int8_t)(ls - 32);
+        }
+        p->d[r] = b->d;
+    } else if (type == GGML_TYPE_IQ3_S) {
+        const block_iq3_s *b = (const block_iq3_s *)src;
+        mm_iq3s *p = (mm_iq3s *)dst;
+        for (int o = 0; o < 32; o++) {
+            const int sb = o / 4, l = o % 4;
+            const unsigned h = (b->qh[sb] >> (2 * l)) & 3; // row r's two ninth bits
+            p->lo[o][2 * r] = b->qs[8 * sb + 2 * l];
+            p->lo[o][2 * r + 1] = b->qs[8 * sb + 2 * l + 1];
+            p->hi[o] = (uint16_t)((p->hi[o] & ~(3u << (2 * r))) | h << (2 * r));
+            p->sg[o][r] = b->signs[4 * sb + l];
+        }
+        for (int sb = 0; sb < 8; sb++) {
+            p->sc[sb][r] = (int8_t)(1 + 2 * ((b->scales[sb / 2] >> (4 * (sb % 2))) & 0xF));
+        }
+        p->d[r] = b->d;
+    } else if (type == GGML_TYPE_IQ3_XXS) {
+        const block_iq3_xxs *b = (const block_iq3_xxs *)src;
+        mm_iq3xxs *p = (mm_iq3xxs *)dst;
+        for (int sb = 0; sb < 8; sb++) {
+            uint32_t aux; // 4 × 7 sign bits, then the scale
+            memcpy(&aux, b->qs + QK / 4 + 4 * sb, 4);
+            for (int l = 0; l < 4; l++) {
+                const int o = 4 * sb + l;
+                p->lo[o][2 * r] = b->qs[8 * sb + 2 * l];
+                p->lo[o][2 * r + 1] = b->qs[8 * sb + 2 * l + 1];
+                p->sg[o][r] = ksigns_iq2xs[(aux >> (7 * l)) & 127];
+            }
+            p->sc[sb][r] = (int8_t)(1 + 2 * (aux >> 28));
         }
         p->d[r] = b->d;
     } else if (type == GGML_TYPE_Q4_0) {
@@ -404,7 +474,7 @@ void phi4_mm_quantize(int type, const float *x, size_t x_stride, int64_t k, void
 // ---- the scalar path (every ISA's reference) ---------------------------------------------------
 
 // Weight w (0..256) of row r of a packed superblock, unsigned (Q6_K's -32, Q3_K's -4 and Q4_0's
-// -8 left out); Q8_0's and IQ4_XS's signed.
+// -8 left out); Q8_0's, IQ4_XS's and the IQ3 types' signed.
 static int packed_weight(int type, const uint8_t *p, int r, int w) {
     if (type == GGML_TYPE_Q2_K || type == GGML_TYPE_Q3_K) {
         const int three = type == GGML_TYPE_Q3_K;
@@ -419,6 +489,20 @@ static int packed_weight(int type, const uint8_t *p, int r, int w) {
     if (type == GGML_TYPE_IQ4_XS) {
         const int sb = w / 32, i = w % 32;
         return IQ4NL[(((const mm_iq4xs *)p)->nib[sb][i % 16 / 8][8 * r + i % 8] >> (4 * (i / 16))) & 0xF];
+    }
+    if (type == GGML_TYPE_IQ3_S || type == GGML_TYPE_IQ3_XXS) {
+        const int o = w / 8, i = w % 8, lane = 2 * r + i / 4;
+        int v, sign;
+        if (type == GGML_TYPE_IQ3_S) {
+            const mm_iq3s *b = (const mm_iq3s *)p;
+            v = (int)(iq3s_grid[b->lo[o][lane] | ((b->hi[o] >> lane) & 1) << 8] >> (8 * (i % 4))) & 0xFF;
+            sign = (b->sg[o][r] >> i) & 1;
+        } else {
+            const mm_iq3xxs *b = (const mm_iq3xxs *)p;
+            v = (int)(iq3xxs_grid[b->lo[o][lane]] >> (8 * (i % 4))) & 0xFF;
+            sign = (b->sg[o][r] >> i) & 1;
+        }
+        return sign ? -v : v;
     }
     if (type == GGML_TYPE_Q4_0) {
         const int blk = w / 32, i = w % 32;
@@ -470,7 +554,7 @@ static void block_scalar(int type, const uint8_t *p, const mm_act *const *a, int
         return;
     }
     const int six = type == GGML_TYPE_Q6_K || type == GGML_TYPE_Q3_K || type == GGML_TYPE_Q2_K ||
-                    type == GGML_TYPE_IQ4_XS;
+                    type == GGML_TYPE_IQ4_XS || type == GGML_TYPE_IQ3_S || type == GGML_TYPE_IQ3_XXS;
     const int nsub = six ? 16 : 8, len = QK / nsub;
     for (int r = 0; r < ROWS; r++) {
         float d, dmin;
@@ -488,6 +572,14 @@ static void block_scalar(int type, const uint8_t *p, const mm_act *const *a, int
                 sc[sb] = b->sc[sb / 2][r], m[sb] = 0;
             }
             d = dmin = ggml_fp16_to_fp32(b->d[r]);
+        } else if (type == GGML_TYPE_IQ3_S || type == GGML_TYPE_IQ3_XXS) { // as IQ4_XS
+            const int xxs = type == GGML_TYPE_IQ3_XXS;
+            const int8_t(*s)[8] = xxs ? ((const mm_iq3xxs *)p)->sc : ((const mm_iq3s *)p)->sc;
+            for (int sb = 0; sb < 16; sb++) {
+                sc[sb] = s[sb / 2][r], m[sb] = 0;
+            }
+            d = dmin = ggml_fp16_to_fp32(xxs ? ((const mm_iq3xxs *)p)->d[r] : ((const mm_iq3s *)p)->d[r]) *
+                       (xxs ? 0.25f : 1.0f);
         } else if (type == GGML_TYPE_Q3_K) {
             const mm_q3k *b = (const mm_q3k *)p;
             for (int sb = 0; sb < 16; sb++) {
@@ -535,6 +627,7 @@ typedef __m512 vgf;
 static inline vg vg_zero(void) { return _mm512_setzero_si512(); }
 static inline vg vg_splat32(int32_t x) { return _mm512_set1_epi32(x); }
 static inline vg vg_load(const void *p) { return _mm512_loadu_si512(p); }
+static inline void vg_store(void *p, vg v) { _mm512_storeu_si512(p, v); }
 static inline vg vg_and(vg v, uint8_t m) { return _mm512_and_si512(v, _mm512_set1_epi8((char)m)); }
 static inline vg vg_xor(vg v, uint8_t m) { return _mm512_xor_si512(v, _mm512_set1_epi8((char)m)); }
 // Bytes of a 16-entry table at each index (0..15) of idx; the table offset by Q8_BIAS.
@@ -571,6 +664,23 @@ static inline vg vg_dot8_ss(vg acc, vg w, const void *p) {
     return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_abs_epi8(w), sx),
                                                    _mm512_set1_epi16(1)));
 }
+// An IQ3 octet: 16 grid entries gathered by their indices (lo, and 256 where hi's bit is set),
+// negated where the sign bit says, offset by Q8_BIAS.
+static inline vg vg_grid(const uint32_t *grid, const uint8_t *lo, uint16_t hi, const uint8_t *sg) {
+    // Loaded one by one (faster than a gather on Zen 4): the 9-bit indices made in a vector.
+    uint16_t ix[16];
+    __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)lo));
+    idx = _mm512_mask_add_epi32(idx, (__mmask16)hi, idx, _mm512_set1_epi32(256));
+    _mm256_storeu_si256((__m256i *)ix, _mm512_cvtepi32_epi16(idx));
+#define G_(i) (int)grid[hi ? ix[i] : lo[i]]
+    const __m512i g = _mm512_set_epi32(G_(15), G_(14), G_(13), G_(12), G_(11), G_(10), G_(9), G_(8), G_(7),
+                                       G_(6), G_(5), G_(4), G_(3), G_(2), G_(1), G_(0));
+#undef G_
+    uint64_t signs;
+    memcpy(&signs, sg, 8);
+    const __m512i v = _mm512_mask_sub_epi8(g, (__mmask64)signs, _mm512_setzero_si512(), g);
+    return _mm512_xor_si512(v, _mm512_set1_epi8((char)Q8_BIAS));
+}
 static inline vgf vgf_zero(void) { return _mm512_setzero_ps(); }
 static inline vgf vgf_cvt(vg v) { return _mm512_cvtepi32_ps(v); }
 static inline vgf vgf_fma(vgf a, vgf b, vgf c) { return _mm512_fmadd_ps(a, b, c); }
@@ -602,6 +712,10 @@ typedef struct { __m256 a, b; } vgf;
 static inline vg vg_zero(void) VG2(_mm256_setzero_si256(), _mm256_setzero_si256())
 static inline vg vg_splat32(int32_t x) VG2(_mm256_set1_epi32(x), _mm256_set1_epi32(x))
 static inline vg vg_load(const void *p) VG2(_mm256_loadu_si256((const __m256i *)p), _mm256_loadu_si256((const __m256i *)p + 1))
+static inline void vg_store(void *p, vg v) {
+    _mm256_storeu_si256((__m256i *)p, v.a);
+    _mm256_storeu_si256((__m256i *)p + 1, v.b);
+}
 static inline vg vg_and(vg v, uint8_t m) VG2(_mm256_and_si256(v.a, _mm256_set1_epi8((char)m)), _mm256_and_si256(v.b, _mm256_set1_epi8((char)m)))
 static inline vg vg_xor(vg v, uint8_t m) VG2(_mm256_xor_si256(v.a, _mm256_set1_epi8((char)m)), _mm256_xor_si256(v.b, _mm256_set1_epi8((char)m)))
 static inline vg vg_lookup16(const int8_t *t, vg idx) {
@@ -643,6 +757,27 @@ static inline vg vg_dot8_ss(vg acc, vg w, const void *p) {
     const vg x = vg_bcast8(p);
     VG2(dot8_ss(acc.a, w.a, x.a), dot8_ss(acc.b, w.b, x.b))
 }
+// Four rows of an IQ3 octet: 8 grid entries gathered, negated where the sign bit says, offset by
+// Q8_BIAS.
+static inline __m256i grid_rows4(const uint32_t *grid, const uint8_t *lo, unsigned hi, const uint8_t *sg) {
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i ninth = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)hi), bit), bit);
+    const __m256i idx = _mm256_or_si256(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)lo)),
+                                        _mm256_and_si256(ninth, _mm256_set1_epi32(256)));
+    const __m256i g = _mm256_i32gather_epi32((const int *)grid, idx, 4);
+    int32_t signs;
+    memcpy(&signs, sg, 4);
+    // byte i of the vector: sign bit i % 8 of byte i / 8, as 0 or -1
+    const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(signs),
+                                              _mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0202020202020202LL,
+                                                                 0x0303030303030303LL));
+    const __m256i mbit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i neg = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, mbit), mbit);
+    const __m256i v = _mm256_sub_epi8(_mm256_xor_si256(g, neg), neg);
+    return _mm256_xor_si256(v, _mm256_set1_epi8((char)Q8_BIAS));
+}
+static inline vg vg_grid(const uint32_t *grid, const uint8_t *lo, uint16_t hi, const uint8_t *sg)
+    VG2(grid_rows4(grid, lo, hi & 0xFF, sg), grid_rows4(grid, lo + 8, hi >> 8, sg + 4))
 static inline vgf vgf_zero(void) VGF2(_mm256_setzero_ps(), _mm256_setzero_ps())
 static inline vgf vgf_cvt(vg v) VGF2(_mm256_cvtepi32_ps(v.a), _mm256_cvtepi32_ps(v.b))
 static inline vgf vgf_fma(vgf x, vgf y, vgf z) VGF2(_mm256_fmadd_ps(x.a, y.a, z.a), _mm256_fmadd_ps(x.b, y.b, z.b))
@@ -674,6 +809,11 @@ typedef struct { float32x4_t v[4]; } vgf;
 static inline vg vg_zero(void) EACH(vg, vdupq_n_s32(0))
 static inline vg vg_splat32(int32_t x) EACH(vg, vdupq_n_s32(x))
 static inline vg vg_load(const void *p) EACH(vg, S32(vld1q_u8((const uint8_t *)p + 16 * i)))
+static inline void vg_store(void *p, vg x) {
+    for (int i = 0; i < 4; i++) {
+        vst1q_u8((uint8_t *)p + 16 * i, U8(x.v[i]));
+    }
+}
 static inline vg vg_and(vg x, uint8_t m) EACH(vg, S32(vandq_u8(U8(x.v[i]), vdupq_n_u8(m))))
 static inline vg vg_xor(vg x, uint8_t m) EACH(vg, S32(veorq_u8(U8(x.v[i]), vdupq_n_u8(m))))
 static inline vg vg_lookup16(const int8_t *t, vg idx) EACH(vg, S32(vqtbl1q_u8(vld1q_u8((const uint8_t *)t), U8(idx.v[i]))))
@@ -690,6 +830,21 @@ static inline vg vg_dot8(vg acc, vg w, const void *p) {
 static inline vg vg_bcast8(const void *p) EACH(vg, vreinterpretq_s32_s64(vld1q_dup_s64((const int64_t *)p)))
 // sdot is signed × signed already.
 static inline vg vg_dot8_ss(vg acc, vg w, const void *p) { return vg_dot8(acc, w, p); }
+// Two rows of an IQ3 octet from their 4 grid entries, negated where the sign bit says (signed:
+// sdot).
+static inline int32x4_t grid_rows2(const uint32_t *g, const uint8_t *sg) {
+    const uint8x16_t mbit = vreinterpretq_u8_u64(vdupq_n_u64(0x8040201008040201ULL));
+    const uint8x16_t neg = vtstq_u8(vcombine_u8(vdup_n_u8(sg[0]), vdup_n_u8(sg[1])), mbit);
+    return S32(vsubq_u8(veorq_u8(vld1q_u8((const uint8_t *)g), neg), neg));
+}
+// An IQ3 octet: its 16 grid entries looked up one by one.
+static inline vg vg_grid(const uint32_t *grid, const uint8_t *lo, uint16_t hi, const uint8_t *sg) {
+    uint32_t g[16];
+    for (int i = 0; i < 16; i++) {
+        g[i] = grid[lo[i] | ((hi >> i) & 1) << 8];
+    }
+    EACH(vg, grid_rows2(g + 4 * i, sg + 2 * i))
+}
 static inline vgf vgf_zero(void) EACH(vgf, vdupq_n_f32(0))
 static inline vgf vgf_cvt(vg x) EACH(vgf, vcvtq_f32_s32(x.v[i]))
 static inline vgf vgf_fma(vgf x, vgf y, vgf z) EACH(vgf, vfmaq_f32(z.v[i], x.v[i], y.v[i]))
@@ -902,6 +1057,22 @@ static inline vgf vgf_nib(const uint8_t *p, int hi) {
         hi = vg_lookup16(IQ4NL, vg_shr_and(v_, 4, 0x0F));                                          \
     } while (0)
 #define IQ4SC(sb) vgf_i8(b->sc[(sb) / 2])
+// IQ3_S and IQ3_XXS: as IQ4_XS, the octets' grid entries gathered.
+#define IQ3S_PAIR(p, k8, lo, hi)                                                                   \
+    do {                                                                                           \
+        lo = vg_grid(iq3s_grid, b->lo[4 * (p) + (k8)], b->hi[4 * (p) + (k8)], b->sg[4 * (p) + (k8)]); \
+        hi = vg_grid(iq3s_grid, b->lo[4 * (p) + 2 + (k8)], b->hi[4 * (p) + 2 + (k8)], b->sg[4 * (p) + 2 + (k8)]); \
+    } while (0)
+#define UNPACKED_PAIR(p, k8, lo, hi)                                                               \
+    do {                                                                                           \
+        lo = vg_load(b->v[4 * (p) + (k8)]);                                                        \
+        hi = vg_load(b->v[4 * (p) + 2 + (k8)]);                                                    \
+    } while (0)
+#define IQ3XXS_PAIR(p, k8, lo, hi)                                                                 \
+    do {                                                                                           \
+        lo = vg_grid(iq3xxs_grid, b->lo[4 * (p) + (k8)], 0, b->sg[4 * (p) + (k8)]);                \
+        hi = vg_grid(iq3xxs_grid, b->lo[4 * (p) + 2 + (k8)], 0, b->sg[4 * (p) + 2 + (k8)]);        \
+    } while (0)
 #define Q80_W(blk, w)                                                                              \
     do {                                                                                           \
         for (int c_ = 0; c_ < 4; c_++) {                                                           \
@@ -914,6 +1085,9 @@ static inline vgf vgf_nib(const uint8_t *p, int hi) {
     KQUANT_BLOCK(q3k_##N, mm_q3k, 8, 16, Q2LO, Q2HI, Q3K_PAIR, Q6SC, 0, vg_dot8, 1, 0, NO_MIN, vgf_h8(b->d), vgf_h8(b->d), bs16) \
     TYPE0_BLOCK(q40_##N, mm_q40, Q40_W, vg_dot8)                                                   \
     KQUANT_BLOCK(iq4_##N, mm_iq4xs, 8, 16, KLO, KHI, IQ4_PAIR, IQ4SC, 1, Q8_DOT, Q8_BIAS != 0, 0, NO_MIN, vgf_h8(b->d), vgf_h8(b->d), bs16) \
+    KQUANT_BLOCK(iq3s_##N, mm_iq3s, 8, 16, KLO, KHI, IQ3S_PAIR, IQ4SC, 1, Q8_DOT, Q8_BIAS != 0, 0, NO_MIN, vgf_h8(b->d), vgf_h8(b->d), bs16) \
+    KQUANT_BLOCK(iq3xxs_##N, mm_iq3xxs, 8, 16, KLO, KHI, IQ3XXS_PAIR, IQ4SC, 1, Q8_DOT, Q8_BIAS != 0, 0, NO_MIN, vgf_mul(vgf_h8(b->d), vgf_splat(0.25f)), vgf_h8(b->d), bs16) \
+    KQUANT_BLOCK(unpacked_##N, mm_grid_unpacked, 8, 16, KLO, KHI, UNPACKED_PAIR, IQ4SC, 1, Q8_DOT, Q8_BIAS != 0, 0, NO_MIN, vgf_mul(vgf_h8(b->d), vgf_splat(b->dmul)), vgf_h8(b->d), bs16) \
     TYPE0_BLOCK(q80_##N, mm_q80, Q80_W, Q8_DOT)                                                    \
     KQUANT_BLOCK(q4k_##N, mm_q4k, 4, 32, KLO, KHI, Q4K_PAIR, KSC, 0, vg_dot8, 0, 1, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
     KQUANT_BLOCK(q5k_##N, mm_q4k, 4, 32, KLO, KHI, Q5K_PAIR, KSC, 0, vg_dot8, 0, 1, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
@@ -941,6 +1115,30 @@ typedef void (*block_fn)(const void *, const mm_act *const *, float (*)[2 * ROWS
 
 #define FNS(name) {name##_1, name##_2, name##_3, name##_4, NULL, NULL, NULL, name##_8}
 static const block_fn IQ4_FNS[TOKENS] = FNS(iq4);
+static const block_fn IQ3S_FNS[TOKENS] = FNS(iq3s);
+static const block_fn IQ3XXS_FNS[TOKENS] = FNS(iq3xxs);
+static const block_fn UNPACKED_FNS[TOKENS] = FNS(unpacked);
+
+// A grid-coded superblock (IQ3_S, IQ3_XXS) unpacked as its kernels unpack it.
+static void unpack_grid(int type, const void *pb, mm_grid_unpacked *u) {
+    if (type == GGML_TYPE_IQ3_S) {
+        const mm_iq3s *b = (const mm_iq3s *)pb;
+        for (int o = 0; o < 32; o++) {
+            vg_store(u->v[o], vg_grid(iq3s_grid, b->lo[o], b->hi[o], b->sg[o]));
+        }
+        memcpy(u->sc, b->sc, sizeof u->sc);
+        memcpy(u->d, b->d, sizeof u->d);
+        u->dmul = 1.0f;
+    } else {
+        const mm_iq3xxs *b = (const mm_iq3xxs *)pb;
+        for (int o = 0; o < 32; o++) {
+            vg_store(u->v[o], vg_grid(iq3xxs_grid, b->lo[o], 0, b->sg[o]));
+        }
+        memcpy(u->sc, b->sc, sizeof u->sc);
+        memcpy(u->d, b->d, sizeof u->d);
+        u->dmul = 0.25f;
+    }
+}
 static const block_fn Q2K_FNS[TOKENS] = FNS(q2k);
 static const block_fn Q3K_FNS[TOKENS] = FNS(q3k);
 static const block_fn Q40_FNS[TOKENS] = FNS(q40);
@@ -952,6 +1150,8 @@ static const block_fn Q6K_FNS[TOKENS] = FNS(q6k);
 static const block_fn *block_fns(int type) {
     switch (type) {
     case GGML_TYPE_IQ4_XS: return IQ4_FNS;
+    case GGML_TYPE_IQ3_S: return IQ3S_FNS;
+    case GGML_TYPE_IQ3_XXS: return IQ3XXS_FNS;
     case GGML_TYPE_Q2_K: return Q2K_FNS;
     case GGML_TYPE_Q3_K: return Q3K_FNS;
     case GGML_TYPE_Q4_0: return Q40_FNS;
@@ -982,11 +1182,23 @@ void phi4_mm_run(int type, const void *w, const void *q, int64_t k, int64_t m, i
     const size_t pbs = packed_block_size(type);
 #if defined(MM_VECTOR)
     const block_fn *fns = block_fns(type);
+    // The grid-coded types' look-ups cost more than their dot products: for a step of more
+    // tokens than one register block, each group's superblocks are unpacked once, and every
+    // block of tokens reads them unpacked (the same vectors, so the same sums).
+    mm_grid_unpacked *unpacked = NULL;
+    if (!scalar && m > TOKENS && (type == GGML_TYPE_IQ3_S || type == GGML_TYPE_IQ3_XXS)) {
+        unpacked = malloc(sizeof(mm_grid_unpacked) * (size_t)nb); // NULL: unpacked per block
+    }
 #else
     scalar = 1;
 #endif
     for (int64_t g = g0; g < g1; g++) {
         const uint8_t *wg = (const uint8_t *)w + (size_t)g * pbs * (size_t)nb;
+#if defined(MM_VECTOR)
+        for (int64_t b = 0; unpacked && b < nb; b++) {
+            unpack_grid(type, wg + (size_t)b * pbs, &unpacked[b]);
+        }
+#endif
         for (int64_t t0 = 0, n; t0 < m; t0 += n) {
             n = m - t0 < TOKENS ? m - t0 : TOKENS;
             n = n > 4 && n < TOKENS ? 4 : n;
@@ -1008,7 +1220,9 @@ void phi4_mm_run(int type, const void *w, const void *q, int64_t k, int64_t m, i
                     block_scalar(type, wb, a, (int)n, acc);
                 }
 #if defined(MM_VECTOR)
-                else {
+                else if (unpacked) {
+                    UNPACKED_FNS[n - 1](&unpacked[b], a, acc);
+                } else {
                     fns[n - 1](wb, a, acc);
                 }
 #endif
@@ -1021,6 +1235,9 @@ void phi4_mm_run(int type, const void *w, const void *q, int64_t k, int64_t m, i
             }
         }
     }
+#if defined(MM_VECTOR)
+    free(unpacked);
+#endif
 }
 
 // ---- inside ggml's graph -----------------------------------------------------------------------

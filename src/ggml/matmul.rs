@@ -21,7 +21,7 @@ const QK: usize = 256;
 const MAX_SRC: usize = 10; // GGML_MAX_SRC
 
 /// The weight types phi4's kernels multiply.
-pub const KERNEL_TYPES: [Type; 8] = [
+pub const KERNEL_TYPES: [Type; 10] = [
     Type::Q2_K,
     Type::Q3_K,
     Type::Q4_0,
@@ -30,6 +30,8 @@ pub const KERNEL_TYPES: [Type; 8] = [
     Type::Q6_K,
     Type::Q8_0,
     Type::IQ4_XS,
+    Type::IQ3_S,
+    Type::IQ3_XXS,
 ];
 
 /// Which kernels multiply a matrix: phi4's, or ggml's (`PHI4_KERNELS=ggml` asks for ggml's

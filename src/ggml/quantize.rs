@@ -37,11 +37,12 @@ pub fn quantize(ty: Type, src: &[f32], n_per_row: usize) -> Result<Vec<u8>, Stri
         Type::Q6_K,
         Type::IQ4_XS,
         Type::IQ3_S,
+        Type::IQ3_XXS,
     ]
     .contains(&ty)
     {
         return Err(format!(
-            "{ty:?} cannot be written here (f32, f16, q4_0, q8_0, q2_K, q3_K, q4_K, q5_K, q6_K, iq4_xs, iq3_s)"
+            "{ty:?} cannot be written here (f32, f16, q4_0, q8_0, q2_K, q3_K, q4_K, q5_K, q6_K, iq4_xs, iq3_s, iq3_xxs)"
         ));
     }
     // SAFETY: src holds nrows*n_per_row floats, out holds nrows rows of ty; no imatrix needed.

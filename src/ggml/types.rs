@@ -25,6 +25,7 @@ impl Type {
     pub const Q3_K: Type = Type(sys::GGML_TYPE_Q3_K);
     pub const IQ4_XS: Type = Type(sys::GGML_TYPE_IQ4_XS);
     pub const IQ3_S: Type = Type(sys::GGML_TYPE_IQ3_S);
+    pub const IQ3_XXS: Type = Type(sys::GGML_TYPE_IQ3_XXS);
     pub const Q4_K: Type = Type(sys::GGML_TYPE_Q4_K);
     pub const Q5_K: Type = Type(sys::GGML_TYPE_Q5_K);
     pub const Q6_K: Type = Type(sys::GGML_TYPE_Q6_K);

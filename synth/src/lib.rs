@@ -33,12 +33,13 @@ impl std::str::FromStr for Ftype {
             "q3_k" => Ftype::Uniform(Type::Q3_K),
             "iq4_xs" => Ftype::Uniform(Type::IQ4_XS),
             "iq3_s" => Ftype::Uniform(Type::IQ3_S),
+            "iq3_xxs" => Ftype::Uniform(Type::IQ3_XXS),
             "q4_k" => Ftype::Uniform(Type::Q4_K),
             "q5_k" => Ftype::Uniform(Type::Q5_K),
             "q6_k" => Ftype::Uniform(Type::Q6_K),
             "q4_k_m" => Ftype::Q4KM,
             _ => return Err(format!(
-                "unknown type {s:?} (f32, f16, q8_0, q4_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs, iq3_s, q4_k_m)"
+                "unknown type {s:?} (f32, f16, q8_0, q4_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs, iq3_s, iq3_xxs, q4_k_m)"
             )),
         })
     }
@@ -277,6 +278,7 @@ pub fn write(spec: &Spec, path: &Path) -> io::Result<u64> {
             Type::Q3_K => 11, // Q3_K_S: all Q3_K
             Type::IQ4_XS => 30,
             Type::IQ3_S => 26,
+            Type::IQ3_XXS => 23,
             Type::Q4_K => 14, // Q4_K_S: all Q4_K
             Type::Q5_K => 16,
             _ => 18, // Q6_K
