@@ -7,6 +7,8 @@
 //! the smallest difference a wrong sub-block, scale or bit would make (a weight's share,
 //! ≥ 1/k of that sum).
 
+mod common;
+
 use phi4::gguf::{quantize, TensorType};
 use phi4::matmul::{kernel_variants, Kernels, PackedMatrix, Product, KERNEL_TYPES};
 
@@ -51,7 +53,7 @@ fn phi4_kernels_agree_with_ggml_on_every_type_and_shape() {
     // Every register-block split of up to 17 tokens and one of 33; under an emulator (set by
     // ports/qemu-test, tens of times slower) up to 9, then 16, 17 and 33: still every kernel
     // (1, 2, 3, 4, 8 tokens), the 4 + rest splits and the unpacked grid path.
-    let token_counts: Vec<usize> = if std::env::var_os("PHI4_TEST_RUNNER").is_some() {
+    let token_counts: Vec<usize> = if common::runner().is_some() {
         (1..=9).chain([16, 17, 33]).collect()
     } else {
         (1..=17).chain([33]).collect()

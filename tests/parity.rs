@@ -43,7 +43,7 @@ fn parity_kv(ft: &str, kv: KvType, seed: u64) {
     let mut got = s.evaluate(&prompt).unwrap().to_vec();
     let mut want = rf.eval(&prompt);
     let mut max_diff = 0f32;
-    // Fewer steps under an emulator (tens of times slower); every weight type still runs.
+    // Fewer steps under an emulator (tens of times slower).
     let steps = if common::runner().is_some() { 16 } else { 32 };
     for step in 0..steps {
         let d = got

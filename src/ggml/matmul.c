@@ -170,6 +170,7 @@ typedef struct {
     int8_t sc[8][8];
     uint16_t d[8];
 } mm_iq3xxs; // 848 = 8 × 106 (8 × 98)
+#define IQ3XXS_DMUL 0.25f // d's factor beside the scales' 1 + 2s
 
 // An IQ3 superblock unpacked (by the vector paths, for a step of many tokens): octet o's 64
 // bytes as the dot products take them, the scales and d as packed, d's factor (IQ3_XXS's 1/4).
@@ -579,7 +580,7 @@ static void block_scalar(int type, const uint8_t *p, const mm_act *const *a, int
                 sc[sb] = s[sb / 2][r], m[sb] = 0;
             }
             d = dmin = ggml_fp16_to_fp32(xxs ? ((const mm_iq3xxs *)p)->d[r] : ((const mm_iq3s *)p)->d[r]) *
-                       (xxs ? 0.25f : 1.0f);
+                       (xxs ? IQ3XXS_DMUL : 1.0f);
         } else if (type == GGML_TYPE_Q3_K) {
             const mm_q3k *b = (const mm_q3k *)p;
             for (int sb = 0; sb < 16; sb++) {
@@ -1086,7 +1087,7 @@ static inline vgf vgf_nib(const uint8_t *p, int hi) {
     TYPE0_BLOCK(q40_##N, mm_q40, Q40_W, vg_dot8)                                                   \
     KQUANT_BLOCK(iq4_##N, mm_iq4xs, 8, 16, KLO, KHI, IQ4_PAIR, IQ4SC, 1, Q8_DOT, Q8_BIAS != 0, 0, NO_MIN, vgf_h8(b->d), vgf_h8(b->d), bs16) \
     KQUANT_BLOCK(iq3s_##N, mm_iq3s, 8, 16, KLO, KHI, IQ3S_PAIR, IQ4SC, 1, Q8_DOT, Q8_BIAS != 0, 0, NO_MIN, vgf_h8(b->d), vgf_h8(b->d), bs16) \
-    KQUANT_BLOCK(iq3xxs_##N, mm_iq3xxs, 8, 16, KLO, KHI, IQ3XXS_PAIR, IQ4SC, 1, Q8_DOT, Q8_BIAS != 0, 0, NO_MIN, vgf_mul(vgf_h8(b->d), vgf_splat(0.25f)), vgf_h8(b->d), bs16) \
+    KQUANT_BLOCK(iq3xxs_##N, mm_iq3xxs, 8, 16, KLO, KHI, IQ3XXS_PAIR, IQ4SC, 1, Q8_DOT, Q8_BIAS != 0, 0, NO_MIN, vgf_mul(vgf_h8(b->d), vgf_splat(IQ3XXS_DMUL)), vgf_h8(b->d), bs16) \
     KQUANT_BLOCK(unpacked_##N, mm_grid_unpacked, 8, 16, KLO, KHI, UNPACKED_PAIR, IQ4SC, 1, Q8_DOT, Q8_BIAS != 0, 0, NO_MIN, vgf_mul(vgf_h8(b->d), vgf_splat(b->dmul)), vgf_h8(b->d), bs16) \
     TYPE0_BLOCK(q80_##N, mm_q80, Q80_W, Q8_DOT)                                                    \
     KQUANT_BLOCK(q4k_##N, mm_q4k, 4, 32, KLO, KHI, Q4K_PAIR, KSC, 0, vg_dot8, 0, 1, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
@@ -1121,23 +1122,16 @@ static const block_fn UNPACKED_FNS[TOKENS] = FNS(unpacked);
 
 // A grid-coded superblock (IQ3_S, IQ3_XXS) unpacked as its kernels unpack it.
 static void unpack_grid(int type, const void *pb, mm_grid_unpacked *u) {
-    if (type == GGML_TYPE_IQ3_S) {
-        const mm_iq3s *b = (const mm_iq3s *)pb;
-        for (int o = 0; o < 32; o++) {
-            vg_store(u->v[o], vg_grid(iq3s_grid, b->lo[o], b->hi[o], b->sg[o]));
-        }
-        memcpy(u->sc, b->sc, sizeof u->sc);
-        memcpy(u->d, b->d, sizeof u->d);
-        u->dmul = 1.0f;
-    } else {
-        const mm_iq3xxs *b = (const mm_iq3xxs *)pb;
-        for (int o = 0; o < 32; o++) {
-            vg_store(u->v[o], vg_grid(iq3xxs_grid, b->lo[o], 0, b->sg[o]));
-        }
-        memcpy(u->sc, b->sc, sizeof u->sc);
-        memcpy(u->d, b->d, sizeof u->d);
-        u->dmul = 0.25f;
+    const int s = type == GGML_TYPE_IQ3_S;
+    const mm_iq3s *b = (const mm_iq3s *)pb;
+    const mm_iq3xxs *x = (const mm_iq3xxs *)pb;
+    for (int o = 0; o < 32; o++) {
+        vg_store(u->v[o], s ? vg_grid(iq3s_grid, b->lo[o], b->hi[o], b->sg[o])
+                            : vg_grid(iq3xxs_grid, x->lo[o], 0, x->sg[o]));
     }
+    memcpy(u->sc, s ? b->sc : x->sc, sizeof u->sc);
+    memcpy(u->d, s ? b->d : x->d, sizeof u->d);
+    u->dmul = s ? 1.0f : IQ3XXS_DMUL;
 }
 static const block_fn Q2K_FNS[TOKENS] = FNS(q2k);
 static const block_fn Q3K_FNS[TOKENS] = FNS(q3k);
