@@ -1,5 +1,6 @@
 //! phi4's quantized matrix kernels against ggml's, and every CPU variant's vector path against
-//! its scalar path: every weight type, odd shapes, tails of row groups, 1..=17 tokens and more.
+//! its scalar path: every weight type, odd shapes, tails of row groups, 1..=17 tokens and more;
+//! and each token of a step bit for bit its own one-token step.
 //!
 //! ggml's product (its vec_dot over the same Q8_K or Q8_0 activations: the same integers, summed
 //! in another order) is the independent reference. The tolerance is relative to the size of the
@@ -65,18 +66,40 @@ fn phi4_kernels_agree_with_ggml_on_every_type_and_shape() {
             let mut ggml = Product::new(ty, rows, k, &bytes, Kernels::Ggml, 2).unwrap();
             let mut ours = Product::new(ty, rows, k, &bytes, Kernels::Phi4, 2).unwrap();
             let packed = PackedMatrix::pack(ty, rows, k, &bytes).unwrap();
+            // A step of m tokens takes the first m of these; each token's one-token results.
+            let most = *token_counts.iter().max().unwrap();
+            let tokens = rng.vec(most * k);
+            let alone: Vec<Vec<Vec<f32>>> = kernel_variants()
+                .iter()
+                .map(|&v| {
+                    (0..most)
+                        .map(|t| packed.mul(&tokens[t * k..][..k], 1, 2, v, false))
+                        .collect()
+                })
+                .collect();
             for &m in &token_counts {
-                let x = rng.vec(m * k);
-                let mag = magnitudes(&w, &x, rows, k, m);
-                let want = ggml.run(&x, m);
+                let x = &tokens[..m * k];
+                let mag = magnitudes(&w, x, rows, k, m);
+                let want = ggml.run(x, m);
                 let what = format!("{ty:?} [{k}, {rows}] × {m}");
-                for v in kernel_variants() {
+                for (&v, alone) in kernel_variants().iter().zip(&alone) {
                     for scalar in [true, false] {
-                        let got = packed.mul(&x, m, 2, v, scalar);
+                        let got = packed.mul(x, m, 2, v, scalar);
                         assert_close(&format!("{what} {v} scalar={scalar}"), &got, &want, &mag);
+                        // A token's results do not depend on the step it is in: the same bits
+                        // as its own one-token step (what batched streams and drafts rely on).
+                        for (t, alone) in alone[..m].iter().enumerate().filter(|_| !scalar) {
+                            let row = &got[t * rows..][..rows];
+                            assert!(
+                                row.iter()
+                                    .zip(alone)
+                                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "{what} {v}: token {t} of {m} differs from its one-token step"
+                            );
+                        }
                     }
                 }
-                assert_close(&format!("{what} graph"), &ours.run(&x, m), &want, &mag);
+                assert_close(&format!("{what} graph"), &ours.run(x, m), &want, &mag);
             }
         }
     }
