@@ -110,6 +110,18 @@ fn iq3_s() {
 fn iq3_xxs() {
     native_only("iq3_xxs", 13)
 }
+#[test]
+fn iq2_s() {
+    native_only("iq2_s", 15)
+}
+#[test]
+fn iq2_xs() {
+    native_only("iq2_xs", 16)
+}
+#[test]
+fn iq2_xxs() {
+    native_only("iq2_xxs", 17)
+}
 
 /// One quantized weight type, natively. Under an emulator the comparison runs the baseline
 /// kernels on both sides (ggml's: phi4's own need dotprod there, and are checked against ggml's

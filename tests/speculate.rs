@@ -259,6 +259,11 @@ fn q3_k() {
 fn iq3_s() {
     synthetic("iq3_s", 14)
 }
+/// ... and with a scale per 16 weights (the unpacked form's other kernel).
+#[test]
+fn iq2_s() {
+    synthetic("iq2_s", 15)
+}
 #[test]
 fn iq4_xs() {
     synthetic("iq4_xs", 8)

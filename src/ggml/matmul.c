@@ -172,11 +172,34 @@ typedef struct {
 } mm_iq3xxs; // 848 = 8 × 106 (8 × 98)
 #define IQ3XXS_DMUL 0.25f // d's factor beside the scales' 1 + 2s
 
-// An IQ3 superblock unpacked (by the vector paths, for a step of many tokens): octet o's 64
-// bytes as the dot products take them, the scales and d as packed, d's factor (IQ3_XXS's 1/4).
+// IQ2_XS and IQ2_S: per octet (as IQ3's) one index into the type's grid of 8 magnitudes, 9 bits
+// (IQ2_XS) or 10 (IQ2_S), and 8 sign bits: `lo[o][r]` the low 8 bits of row r's index, bits 2r
+// and 2r + 1 of `hi[o]` the ninth and tenth, `sg[o][r]` the signs (IQ2_XS's expanded from the
+// file's 7 bits, as IQ3_XXS's). The 4-bit scales of each sub-block of 32 as the file has them:
+// the first 16 weights' in the low nibble, the last 16's in the high.
+typedef struct {
+    uint8_t lo[32][8];
+    uint16_t hi[32];
+    uint8_t sg[32][8];
+    uint8_t sc[8][8]; // [sub-block][row]
+    uint16_t d[8];
+} mm_iq2; // 656 = 8 × 82 (IQ2_S: 8 × 82, IQ2_XS: 8 × 74)
+
+// IQ2_XXS: 8-bit indices (no high bits), one scale per 32 as the odd factor 1 + 2s (as IQ3's).
+typedef struct {
+    uint8_t lo[32][8];
+    uint8_t sg[32][8];
+    int8_t sc[8][8];
+    uint16_t d[8];
+} mm_iq2xxs; // 592 = 8 × 74 (8 × 66)
+#define IQ2_DMUL 0.125f // the IQ2 types' d × (0.5 + s) / 4 is d/8 × (1 + 2s)
+
+// A grid-coded superblock unpacked (by the vector paths, for a step of many tokens): octet o's
+// 64 bytes as the dot products take them, the scales as odd factors (per 32: the first 8 rows
+// of `sc`; IQ2_XS's and IQ2_S's per 16), d as packed, d's factor.
 typedef struct {
     uint8_t v[32][64];
-    int8_t sc[8][8];
+    int8_t sc[16][8];
     uint16_t d[8];
     float dmul;
 } mm_grid_unpacked;
@@ -204,12 +227,24 @@ static int dot_offset(int type) {
     case GGML_TYPE_Q8_0:
     case GGML_TYPE_IQ4_XS:
     case GGML_TYPE_IQ3_S:
-    case GGML_TYPE_IQ3_XXS: return Q8_BIAS;
+    case GGML_TYPE_IQ3_XXS:
+    case GGML_TYPE_IQ2_S:
+    case GGML_TYPE_IQ2_XS:
+    case GGML_TYPE_IQ2_XXS: return Q8_BIAS;
     default: return 0;
     }
 }
 
 static int is_type0(int type) { return type == GGML_TYPE_Q4_0 || type == GGML_TYPE_Q8_0; }
+
+static int is_iq2(int type) {
+    return type == GGML_TYPE_IQ2_S || type == GGML_TYPE_IQ2_XS || type == GGML_TYPE_IQ2_XXS;
+}
+
+// The types whose octets index a grid of magnitudes.
+static int is_grid(int type) {
+    return type == GGML_TYPE_IQ3_S || type == GGML_TYPE_IQ3_XXS || is_iq2(type);
+}
 
 static void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
     if (j < 4) {
@@ -227,6 +262,9 @@ static size_t src_block_size(int type) {
     case GGML_TYPE_IQ4_XS: return sizeof(block_iq4_xs);
     case GGML_TYPE_IQ3_S: return sizeof(block_iq3_s);
     case GGML_TYPE_IQ3_XXS: return sizeof(block_iq3_xxs);
+    case GGML_TYPE_IQ2_S: return sizeof(block_iq2_s);
+    case GGML_TYPE_IQ2_XS: return sizeof(block_iq2_xs);
+    case GGML_TYPE_IQ2_XXS: return sizeof(block_iq2_xxs);
     case GGML_TYPE_Q2_K: return sizeof(block_q2_K);
     case GGML_TYPE_Q3_K: return sizeof(block_q3_K);
     case GGML_TYPE_Q4_0: return 8 * sizeof(block_q4_0);
@@ -243,6 +281,9 @@ static size_t packed_block_size(int type) {
     case GGML_TYPE_IQ4_XS: return sizeof(mm_iq4xs);
     case GGML_TYPE_IQ3_S: return sizeof(mm_iq3s);
     case GGML_TYPE_IQ3_XXS: return sizeof(mm_iq3xxs);
+    case GGML_TYPE_IQ2_S:
+    case GGML_TYPE_IQ2_XS: return sizeof(mm_iq2);
+    case GGML_TYPE_IQ2_XXS: return sizeof(mm_iq2xxs);
     case GGML_TYPE_Q2_K: return sizeof(mm_q2k);
     case GGML_TYPE_Q3_K: return sizeof(mm_q3k);
     case GGML_TYPE_Q4_0: return sizeof(mm_q40);
@@ -343,6 +384,37 @@ static void pack_block(int type, const uint8_t *src, uint8_t *dst, int r) {
             p->sc[sb][r] = (int8_t)(1 + 2 * (aux >> 28));
         }
         p->d[r] = b->d;
+    } else if (type == GGML_TYPE_IQ2_XXS) {
+        const block_iq2_xxs *b = (const block_iq2_xxs *)src;
+        mm_iq2xxs *p = (mm_iq2xxs *)dst;
+        for (int sb = 0; sb < 8; sb++) {
+            uint8_t idx[4];
+            uint32_t aux; // 4 × 7 sign bits, then the scale
+            memcpy(idx, b->qs + 4 * sb, 4);
+            memcpy(&aux, b->qs + 4 * sb + 2, 4);
+            for (int l = 0; l < 4; l++) {
+                p->lo[4 * sb + l][r] = idx[l];
+                p->sg[4 * sb + l][r] = ksigns_iq2xs[(aux >> (7 * l)) & 127];
+            }
+            p->sc[sb][r] = (int8_t)(1 + 2 * (aux >> 28));
+        }
+        p->d[r] = b->d;
+    } else if (type == GGML_TYPE_IQ2_XS || type == GGML_TYPE_IQ2_S) {
+        const int xs = type == GGML_TYPE_IQ2_XS;
+        const block_iq2_xs *bx = (const block_iq2_xs *)src;
+        const block_iq2_s *bs = (const block_iq2_s *)src;
+        mm_iq2 *p = (mm_iq2 *)dst;
+        for (int o = 0; o < 32; o++) {
+            // the index's high bits and the signs, from the file's 9 + 7 bits or 8 + 2 + 8
+            const unsigned h = xs ? (bx->qs[o] >> 8) & 1 : (bs->qh[o / 4] >> (2 * (o % 4))) & 3;
+            p->lo[o][r] = xs ? (uint8_t)bx->qs[o] : bs->qs[o];
+            p->hi[o] = (uint16_t)((p->hi[o] & ~(3u << (2 * r))) | h << (2 * r));
+            p->sg[o][r] = xs ? ksigns_iq2xs[bx->qs[o] >> 9] : bs->qs[QK / 8 + o];
+        }
+        for (int sb = 0; sb < 8; sb++) {
+            p->sc[sb][r] = xs ? bx->scales[sb] : bs->scales[sb];
+        }
+        p->d[r] = xs ? bx->d : bs->d;
     } else if (type == GGML_TYPE_Q4_0) {
         const block_q4_0 *b = (const block_q4_0 *)src;
         mm_q40 *p = (mm_q40 *)dst;
@@ -475,7 +547,7 @@ void phi4_mm_quantize(int type, const float *x, size_t x_stride, int64_t k, void
 // ---- the scalar path (every ISA's reference) ---------------------------------------------------
 
 // Weight w (0..256) of row r of a packed superblock, unsigned (Q6_K's -32, Q3_K's -4 and Q4_0's
-// -8 left out); Q8_0's, IQ4_XS's and the IQ3 types' signed.
+// -8 left out); Q8_0's, IQ4_XS's and the grid types' signed.
 static int packed_weight(int type, const uint8_t *p, int r, int w) {
     if (type == GGML_TYPE_Q2_K || type == GGML_TYPE_Q3_K) {
         const int three = type == GGML_TYPE_Q3_K;
@@ -504,6 +576,17 @@ static int packed_weight(int type, const uint8_t *p, int r, int w) {
             sign = (b->sg[o][r] >> i) & 1;
         }
         return sign ? -v : v;
+    }
+    if (is_iq2(type)) {
+        const int o = w / 8, i = w % 8;
+        const mm_iq2 *b = (const mm_iq2 *)p;
+        const mm_iq2xxs *x = (const mm_iq2xxs *)p;
+        const unsigned hi = (b->hi[o] >> (2 * r)) & 3;
+        const uint64_t g = type == GGML_TYPE_IQ2_XXS ? iq2xxs_grid[x->lo[o][r]]
+                           : type == GGML_TYPE_IQ2_XS ? iq2xs_grid[b->lo[o][r] | hi << 8]
+                                                      : iq2s_grid[b->lo[o][r] | hi << 8];
+        const int v = (int)(g >> (8 * i)) & 0xFF;
+        return ((type == GGML_TYPE_IQ2_XXS ? x->sg[o][r] : b->sg[o][r]) >> i) & 1 ? -v : v;
     }
     if (type == GGML_TYPE_Q4_0) {
         const int blk = w / 32, i = w % 32;
@@ -555,7 +638,7 @@ static void block_scalar(int type, const uint8_t *p, const mm_act *const *a, int
         return;
     }
     const int six = type == GGML_TYPE_Q6_K || type == GGML_TYPE_Q3_K || type == GGML_TYPE_Q2_K ||
-                    type == GGML_TYPE_IQ4_XS || type == GGML_TYPE_IQ3_S || type == GGML_TYPE_IQ3_XXS;
+                    type == GGML_TYPE_IQ4_XS || is_grid(type);
     const int nsub = six ? 16 : 8, len = QK / nsub;
     for (int r = 0; r < ROWS; r++) {
         float d, dmin;
@@ -581,6 +664,18 @@ static void block_scalar(int type, const uint8_t *p, const mm_act *const *a, int
             }
             d = dmin = ggml_fp16_to_fp32(xxs ? ((const mm_iq3xxs *)p)->d[r] : ((const mm_iq3s *)p)->d[r]) *
                        (xxs ? IQ3XXS_DMUL : 1.0f);
+        } else if (type == GGML_TYPE_IQ2_XXS) { // as IQ3_XXS
+            const mm_iq2xxs *b = (const mm_iq2xxs *)p;
+            for (int sb = 0; sb < 16; sb++) {
+                sc[sb] = b->sc[sb / 2][r], m[sb] = 0;
+            }
+            d = dmin = ggml_fp16_to_fp32(b->d[r]) * IQ2_DMUL;
+        } else if (is_iq2(type)) { // a scale per 16
+            const mm_iq2 *b = (const mm_iq2 *)p;
+            for (int sb = 0; sb < 16; sb++) {
+                sc[sb] = 1 + 2 * ((b->sc[sb / 2][r] >> (4 * (sb % 2))) & 0xF), m[sb] = 0;
+            }
+            d = dmin = ggml_fp16_to_fp32(b->d[r]) * IQ2_DMUL;
         } else if (type == GGML_TYPE_Q3_K) {
             const mm_q3k *b = (const mm_q3k *)p;
             for (int sb = 0; sb < 16; sb++) {
@@ -665,6 +760,14 @@ static inline vg vg_dot8_ss(vg acc, vg w, const void *p) {
     return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_abs_epi8(w), sx),
                                                    _mm512_set1_epi16(1)));
 }
+// Grid magnitudes g of 8 rows negated where the sign bits say (bit i of sg[r]: byte 8r + i),
+// offset by Q8_BIAS.
+static inline vg vg_signed(__m512i g, const uint8_t *sg) {
+    uint64_t signs;
+    memcpy(&signs, sg, 8);
+    const __m512i v = _mm512_mask_sub_epi8(g, (__mmask64)signs, _mm512_setzero_si512(), g);
+    return _mm512_xor_si512(v, _mm512_set1_epi8((char)Q8_BIAS));
+}
 // An IQ3 octet: 16 grid entries gathered by their indices (lo, and 256 where hi's bit is set),
 // negated where the sign bit says, offset by Q8_BIAS.
 static inline vg vg_grid(const uint32_t *grid, const uint8_t *lo, uint16_t hi, const uint8_t *sg) {
@@ -677,10 +780,15 @@ static inline vg vg_grid(const uint32_t *grid, const uint8_t *lo, uint16_t hi, c
     const __m512i g = _mm512_set_epi32(G_(15), G_(14), G_(13), G_(12), G_(11), G_(10), G_(9), G_(8), G_(7),
                                        G_(6), G_(5), G_(4), G_(3), G_(2), G_(1), G_(0));
 #undef G_
-    uint64_t signs;
-    memcpy(&signs, sg, 8);
-    const __m512i v = _mm512_mask_sub_epi8(g, (__mmask64)signs, _mm512_setzero_si512(), g);
-    return _mm512_xor_si512(v, _mm512_set1_epi8((char)Q8_BIAS));
+    return vg_signed(g, sg);
+}
+// An IQ2 octet: 8 grid entries of 8 magnitudes, one per row (index lo, plus 256 × the two bits
+// 2r, 2r + 1 of hi), signed and offset as IQ3's.
+static inline vg vg_grid8(const uint64_t *grid, const uint8_t *lo, unsigned hi, const uint8_t *sg) {
+#define G_(r) (long long)grid[lo[r] | ((hi >> (2 * (r))) & 3) << 8]
+    const __m512i g = _mm512_set_epi64(G_(7), G_(6), G_(5), G_(4), G_(3), G_(2), G_(1), G_(0));
+#undef G_
+    return vg_signed(g, sg);
 }
 static inline vgf vgf_zero(void) { return _mm512_setzero_ps(); }
 static inline vgf vgf_cvt(vg v) { return _mm512_cvtepi32_ps(v); }
@@ -758,14 +866,9 @@ static inline vg vg_dot8_ss(vg acc, vg w, const void *p) {
     const vg x = vg_bcast8(p);
     VG2(dot8_ss(acc.a, w.a, x.a), dot8_ss(acc.b, w.b, x.b))
 }
-// Four rows of an IQ3 octet: 8 grid entries gathered, negated where the sign bit says, offset by
-// Q8_BIAS.
-static inline __m256i grid_rows4(const uint32_t *grid, const uint8_t *lo, unsigned hi, const uint8_t *sg) {
-    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    const __m256i ninth = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)hi), bit), bit);
-    const __m256i idx = _mm256_or_si256(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)lo)),
-                                        _mm256_and_si256(ninth, _mm256_set1_epi32(256)));
-    const __m256i g = _mm256_i32gather_epi32((const int *)grid, idx, 4);
+// Grid magnitudes g of 4 rows negated where the sign bits say (bit i of sg[r]: byte 8r + i),
+// offset by Q8_BIAS.
+static inline __m256i signed_rows4(__m256i g, const uint8_t *sg) {
     int32_t signs;
     memcpy(&signs, sg, 4);
     // byte i of the vector: sign bit i % 8 of byte i / 8, as 0 or -1
@@ -777,8 +880,25 @@ static inline __m256i grid_rows4(const uint32_t *grid, const uint8_t *lo, unsign
     const __m256i v = _mm256_sub_epi8(_mm256_xor_si256(g, neg), neg);
     return _mm256_xor_si256(v, _mm256_set1_epi8((char)Q8_BIAS));
 }
+// Four rows of an IQ3 octet: 8 grid entries gathered, negated where the sign bit says, offset by
+// Q8_BIAS.
+static inline __m256i grid_rows4(const uint32_t *grid, const uint8_t *lo, unsigned hi, const uint8_t *sg) {
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i ninth = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)hi), bit), bit);
+    const __m256i idx = _mm256_or_si256(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)lo)),
+                                        _mm256_and_si256(ninth, _mm256_set1_epi32(256)));
+    return signed_rows4(_mm256_i32gather_epi32((const int *)grid, idx, 4), sg);
+}
 static inline vg vg_grid(const uint32_t *grid, const uint8_t *lo, uint16_t hi, const uint8_t *sg)
     VG2(grid_rows4(grid, lo, hi & 0xFF, sg), grid_rows4(grid, lo + 8, hi >> 8, sg + 4))
+// Four rows of an IQ2 octet: one grid entry of 8 magnitudes each.
+static inline __m256i grid8_rows4(const uint64_t *grid, const uint8_t *lo, unsigned hi, const uint8_t *sg) {
+#define G_(r) (long long)grid[lo[r] | ((hi >> (2 * (r))) & 3) << 8]
+    return signed_rows4(_mm256_set_epi64x(G_(3), G_(2), G_(1), G_(0)), sg);
+#undef G_
+}
+static inline vg vg_grid8(const uint64_t *grid, const uint8_t *lo, unsigned hi, const uint8_t *sg)
+    VG2(grid8_rows4(grid, lo, hi & 0xFF, sg), grid8_rows4(grid, lo + 4, hi >> 8, sg + 4))
 static inline vgf vgf_zero(void) VGF2(_mm256_setzero_ps(), _mm256_setzero_ps())
 static inline vgf vgf_cvt(vg v) VGF2(_mm256_cvtepi32_ps(v.a), _mm256_cvtepi32_ps(v.b))
 static inline vgf vgf_fma(vgf x, vgf y, vgf z) VGF2(_mm256_fmadd_ps(x.a, y.a, z.a), _mm256_fmadd_ps(x.b, y.b, z.b))
@@ -833,7 +953,7 @@ static inline vg vg_bcast8(const void *p) EACH(vg, vreinterpretq_s32_s64(vld1q_d
 static inline vg vg_dot8_ss(vg acc, vg w, const void *p) { return vg_dot8(acc, w, p); }
 // Two rows of an IQ3 octet from their 4 grid entries, negated where the sign bit says (signed:
 // sdot).
-static inline int32x4_t grid_rows2(const uint32_t *g, const uint8_t *sg) {
+static inline int32x4_t grid_rows2(const void *g, const uint8_t *sg) {
     const uint8x16_t mbit = vreinterpretq_u8_u64(vdupq_n_u64(0x8040201008040201ULL));
     const uint8x16_t neg = vtstq_u8(vcombine_u8(vdup_n_u8(sg[0]), vdup_n_u8(sg[1])), mbit);
     return S32(vsubq_u8(veorq_u8(vld1q_u8((const uint8_t *)g), neg), neg));
@@ -845,6 +965,14 @@ static inline vg vg_grid(const uint32_t *grid, const uint8_t *lo, uint16_t hi, c
         g[i] = grid[lo[i] | ((hi >> i) & 1) << 8];
     }
     EACH(vg, grid_rows2(g + 4 * i, sg + 2 * i))
+}
+// An IQ2 octet: its 8 grid entries (one per row) looked up one by one.
+static inline vg vg_grid8(const uint64_t *grid, const uint8_t *lo, unsigned hi, const uint8_t *sg) {
+    uint64_t g[8];
+    for (int r = 0; r < 8; r++) {
+        g[r] = grid[lo[r] | ((hi >> (2 * r)) & 3) << 8];
+    }
+    EACH(vg, grid_rows2(g + 2 * i, sg + 2 * i))
 }
 static inline vgf vgf_zero(void) EACH(vgf, vdupq_n_f32(0))
 static inline vgf vgf_cvt(vg x) EACH(vgf, vcvtq_f32_s32(x.v[i]))
@@ -1074,6 +1202,20 @@ static inline vgf vgf_nib(const uint8_t *p, int hi) {
         lo = vg_grid(iq3xxs_grid, b->lo[4 * (p) + (k8)], 0, b->sg[4 * (p) + (k8)]);                \
         hi = vg_grid(iq3xxs_grid, b->lo[4 * (p) + 2 + (k8)], 0, b->sg[4 * (p) + 2 + (k8)]);        \
     } while (0)
+// The IQ2 types: as IQ3's, one grid entry per row of an octet.
+#define IQ2_PAIR(p, k8, lo, hi, grid, HI)                                                          \
+    do {                                                                                           \
+        lo = vg_grid8(grid, b->lo[4 * (p) + (k8)], HI(4 * (p) + (k8)), b->sg[4 * (p) + (k8)]);     \
+        hi = vg_grid8(grid, b->lo[4 * (p) + 2 + (k8)], HI(4 * (p) + 2 + (k8)), b->sg[4 * (p) + 2 + (k8)]); \
+    } while (0)
+#define IQ2_HI(o) b->hi[o]
+#define IQ2_NO_HI(o) 0
+#define IQ2XXS_PAIR(p, k8, lo, hi) IQ2_PAIR(p, k8, lo, hi, iq2xxs_grid, IQ2_NO_HI)
+#define IQ2XS_PAIR(p, k8, lo, hi) IQ2_PAIR(p, k8, lo, hi, iq2xs_grid, IQ2_HI)
+#define IQ2S_PAIR(p, k8, lo, hi) IQ2_PAIR(p, k8, lo, hi, iq2s_grid, IQ2_HI)
+// IQ2_XS's and IQ2_S's scale of sub-block sb (of 16) as the odd factor 1 + 2s.
+#define IQ2SC(sb) vgf_fma(vgf_nib(b->sc[(sb) / 2], (sb) % 2), vgf_splat(2.0f), vgf_splat(1.0f))
+#define IQ2_D vgf_mul(vgf_h8(b->d), vgf_splat(IQ2_DMUL))
 #define Q80_W(blk, w)                                                                              \
     do {                                                                                           \
         for (int c_ = 0; c_ < 4; c_++) {                                                           \
@@ -1088,7 +1230,11 @@ static inline vgf vgf_nib(const uint8_t *p, int hi) {
     KQUANT_BLOCK(iq4_##N, mm_iq4xs, 8, 16, KLO, KHI, IQ4_PAIR, IQ4SC, 1, Q8_DOT, Q8_BIAS != 0, 0, NO_MIN, vgf_h8(b->d), vgf_h8(b->d), bs16) \
     KQUANT_BLOCK(iq3s_##N, mm_iq3s, 8, 16, KLO, KHI, IQ3S_PAIR, IQ4SC, 1, Q8_DOT, Q8_BIAS != 0, 0, NO_MIN, vgf_h8(b->d), vgf_h8(b->d), bs16) \
     KQUANT_BLOCK(iq3xxs_##N, mm_iq3xxs, 8, 16, KLO, KHI, IQ3XXS_PAIR, IQ4SC, 1, Q8_DOT, Q8_BIAS != 0, 0, NO_MIN, vgf_mul(vgf_h8(b->d), vgf_splat(IQ3XXS_DMUL)), vgf_h8(b->d), bs16) \
+    KQUANT_BLOCK(iq2xxs_##N, mm_iq2xxs, 8, 16, KLO, KHI, IQ2XXS_PAIR, IQ4SC, 1, Q8_DOT, Q8_BIAS != 0, 0, NO_MIN, IQ2_D, IQ2_D, bs16) \
+    KQUANT_BLOCK(iq2xs_##N, mm_iq2, 8, 16, KLO, KHI, IQ2XS_PAIR, IQ2SC, 0, Q8_DOT, Q8_BIAS != 0, 0, NO_MIN, IQ2_D, IQ2_D, bs16) \
+    KQUANT_BLOCK(iq2s_##N, mm_iq2, 8, 16, KLO, KHI, IQ2S_PAIR, IQ2SC, 0, Q8_DOT, Q8_BIAS != 0, 0, NO_MIN, IQ2_D, IQ2_D, bs16) \
     KQUANT_BLOCK(unpacked_##N, mm_grid_unpacked, 8, 16, KLO, KHI, UNPACKED_PAIR, IQ4SC, 1, Q8_DOT, Q8_BIAS != 0, 0, NO_MIN, vgf_mul(vgf_h8(b->d), vgf_splat(b->dmul)), vgf_h8(b->d), bs16) \
+    KQUANT_BLOCK(unpacked16_##N, mm_grid_unpacked, 8, 16, KLO, KHI, UNPACKED_PAIR, Q6SC, 0, Q8_DOT, Q8_BIAS != 0, 0, NO_MIN, vgf_mul(vgf_h8(b->d), vgf_splat(b->dmul)), vgf_h8(b->d), bs16) \
     TYPE0_BLOCK(q80_##N, mm_q80, Q80_W, Q8_DOT)                                                    \
     KQUANT_BLOCK(q4k_##N, mm_q4k, 4, 32, KLO, KHI, Q4K_PAIR, KSC, 0, vg_dot8, 0, 1, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
     KQUANT_BLOCK(q5k_##N, mm_q4k, 4, 32, KLO, KHI, Q5K_PAIR, KSC, 0, vg_dot8, 0, 1, KMIN, vgf_h8(b->d), vgf_h8(b->dmin), bs32)  \
@@ -1118,20 +1264,46 @@ typedef void (*block_fn)(const void *, const mm_act *const *, float (*)[2 * ROWS
 static const block_fn IQ4_FNS[TOKENS] = FNS(iq4);
 static const block_fn IQ3S_FNS[TOKENS] = FNS(iq3s);
 static const block_fn IQ3XXS_FNS[TOKENS] = FNS(iq3xxs);
+static const block_fn IQ2XXS_FNS[TOKENS] = FNS(iq2xxs);
+static const block_fn IQ2XS_FNS[TOKENS] = FNS(iq2xs);
+static const block_fn IQ2S_FNS[TOKENS] = FNS(iq2s);
 static const block_fn UNPACKED_FNS[TOKENS] = FNS(unpacked);
+static const block_fn UNPACKED16_FNS[TOKENS] = FNS(unpacked16);
 
-// A grid-coded superblock (IQ3_S, IQ3_XXS) unpacked as its kernels unpack it.
+// A grid-coded superblock unpacked as its kernels unpack it; the kernels that read it
+// (UNPACKED16_FNS for a scale per 16, else UNPACKED_FNS).
 static void unpack_grid(int type, const void *pb, mm_grid_unpacked *u) {
-    const int s = type == GGML_TYPE_IQ3_S;
-    const mm_iq3s *b = (const mm_iq3s *)pb;
-    const mm_iq3xxs *x = (const mm_iq3xxs *)pb;
+    const mm_iq3s *s3 = (const mm_iq3s *)pb;
+    const mm_iq3xxs *x3 = (const mm_iq3xxs *)pb;
+    const mm_iq2 *s2 = (const mm_iq2 *)pb;
+    const mm_iq2xxs *x2 = (const mm_iq2xxs *)pb;
     for (int o = 0; o < 32; o++) {
-        vg_store(u->v[o], s ? vg_grid(iq3s_grid, b->lo[o], b->hi[o], b->sg[o])
-                            : vg_grid(iq3xxs_grid, x->lo[o], 0, x->sg[o]));
+        switch (type) {
+        case GGML_TYPE_IQ3_S: vg_store(u->v[o], vg_grid(iq3s_grid, s3->lo[o], s3->hi[o], s3->sg[o])); break;
+        case GGML_TYPE_IQ3_XXS: vg_store(u->v[o], vg_grid(iq3xxs_grid, x3->lo[o], 0, x3->sg[o])); break;
+        case GGML_TYPE_IQ2_S: vg_store(u->v[o], vg_grid8(iq2s_grid, s2->lo[o], s2->hi[o], s2->sg[o])); break;
+        case GGML_TYPE_IQ2_XS: vg_store(u->v[o], vg_grid8(iq2xs_grid, s2->lo[o], s2->hi[o], s2->sg[o])); break;
+        default: vg_store(u->v[o], vg_grid8(iq2xxs_grid, x2->lo[o], 0, x2->sg[o]));
+        }
     }
-    memcpy(u->sc, s ? b->sc : x->sc, sizeof u->sc);
-    memcpy(u->d, s ? b->d : x->d, sizeof u->d);
-    u->dmul = s ? 1.0f : IQ3XXS_DMUL;
+    const uint16_t *d = type == GGML_TYPE_IQ3_S     ? s3->d
+                        : type == GGML_TYPE_IQ3_XXS ? x3->d
+                        : type == GGML_TYPE_IQ2_XXS ? x2->d
+                                                    : s2->d;
+    memcpy(u->d, d, sizeof u->d);
+    u->dmul = type == GGML_TYPE_IQ3_S ? 1.0f : type == GGML_TYPE_IQ3_XXS ? IQ3XXS_DMUL : IQ2_DMUL;
+    if (type == GGML_TYPE_IQ2_S || type == GGML_TYPE_IQ2_XS) { // a scale per 16, as 1 + 2s
+        for (int sb = 0; sb < 16; sb++) {
+            for (int r = 0; r < ROWS; r++) {
+                u->sc[sb][r] = (int8_t)(1 + 2 * ((s2->sc[sb / 2][r] >> (4 * (sb % 2))) & 0xF));
+            }
+        }
+    } else {
+        memcpy(u->sc, type == GGML_TYPE_IQ3_S     ? s3->sc
+                      : type == GGML_TYPE_IQ3_XXS ? x3->sc
+                                                  : x2->sc,
+               sizeof s3->sc);
+    }
 }
 static const block_fn Q2K_FNS[TOKENS] = FNS(q2k);
 static const block_fn Q3K_FNS[TOKENS] = FNS(q3k);
@@ -1146,6 +1318,9 @@ static const block_fn *block_fns(int type) {
     case GGML_TYPE_IQ4_XS: return IQ4_FNS;
     case GGML_TYPE_IQ3_S: return IQ3S_FNS;
     case GGML_TYPE_IQ3_XXS: return IQ3XXS_FNS;
+    case GGML_TYPE_IQ2_XXS: return IQ2XXS_FNS;
+    case GGML_TYPE_IQ2_XS: return IQ2XS_FNS;
+    case GGML_TYPE_IQ2_S: return IQ2S_FNS;
     case GGML_TYPE_Q2_K: return Q2K_FNS;
     case GGML_TYPE_Q3_K: return Q3K_FNS;
     case GGML_TYPE_Q4_0: return Q40_FNS;
@@ -1178,9 +1353,10 @@ void phi4_mm_run(int type, const void *w, const void *q, int64_t k, int64_t m, i
     const block_fn *fns = block_fns(type);
     // The grid-coded types' look-ups cost more than their dot products: for a step of more
     // tokens than one register block, each group's superblocks are unpacked once, and every
-    // block of tokens reads them unpacked (the same vectors, so the same sums).
+    // block of tokens reads them unpacked (the same vectors and scales, so the same sums).
     mm_grid_unpacked *unpacked = NULL;
-    if (!scalar && m > TOKENS && (type == GGML_TYPE_IQ3_S || type == GGML_TYPE_IQ3_XXS)) {
+    const block_fn *unpacked_fns = type == GGML_TYPE_IQ2_S || type == GGML_TYPE_IQ2_XS ? UNPACKED16_FNS : UNPACKED_FNS;
+    if (!scalar && m > TOKENS && is_grid(type)) {
         unpacked = malloc(sizeof(mm_grid_unpacked) * (size_t)nb); // NULL: unpacked per block
     }
 #else
@@ -1215,7 +1391,7 @@ void phi4_mm_run(int type, const void *w, const void *q, int64_t k, int64_t m, i
                 }
 #if defined(MM_VECTOR)
                 else if (unpacked) {
-                    UNPACKED_FNS[n - 1](&unpacked[b], a, acc);
+                    unpacked_fns[n - 1](&unpacked[b], a, acc);
                 } else {
                     fns[n - 1](wb, a, acc);
                 }

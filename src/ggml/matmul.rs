@@ -21,7 +21,7 @@ const QK: usize = 256;
 const MAX_SRC: usize = 10; // GGML_MAX_SRC
 
 /// The weight types phi4's kernels multiply.
-pub const KERNEL_TYPES: [Type; 10] = [
+pub const KERNEL_TYPES: [Type; 13] = [
     Type::Q2_K,
     Type::Q3_K,
     Type::Q4_0,
@@ -32,6 +32,9 @@ pub const KERNEL_TYPES: [Type; 10] = [
     Type::IQ4_XS,
     Type::IQ3_S,
     Type::IQ3_XXS,
+    Type::IQ2_S,
+    Type::IQ2_XS,
+    Type::IQ2_XXS,
 ];
 
 /// Which kernels multiply a matrix: phi4's, or ggml's (`PHI4_KERNELS=ggml` asks for ggml's

@@ -4,8 +4,9 @@ use llama_cpp_sys_2 as sys;
 
 use super::types::Type;
 
-/// Encode rows of `n_per_row` f32 values as `ty` (F32, F16, or a type ggml quantizes without
-/// an importance matrix), as they are stored in a GGUF file.
+/// Encode rows of `n_per_row` f32 values as `ty` (F32, F16, or a quantized type below), as they
+/// are stored in a GGUF file. The types ggml quantizes only with an importance matrix (IQ2_XS,
+/// IQ2_XXS) are given one that weighs every column alike.
 pub fn quantize(ty: Type, src: &[f32], n_per_row: usize) -> Result<Vec<u8>, String> {
     if n_per_row == 0
         || !src.len().is_multiple_of(n_per_row)
@@ -38,15 +39,25 @@ pub fn quantize(ty: Type, src: &[f32], n_per_row: usize) -> Result<Vec<u8>, Stri
         Type::IQ4_XS,
         Type::IQ3_S,
         Type::IQ3_XXS,
+        Type::IQ2_S,
+        Type::IQ2_XS,
+        Type::IQ2_XXS,
     ]
     .contains(&ty)
     {
         return Err(format!(
-            "{ty:?} cannot be written here (f32, f16, q4_0, q8_0, q2_K, q3_K, q4_K, q5_K, q6_K, iq4_xs, iq3_s, iq3_xxs)"
+            "{ty:?} cannot be written here (f32, f16, q4_0, q8_0, q2_K, q3_K, q4_K, q5_K, q6_K, iq4_xs, iq3_s, iq3_xxs, iq2_s, iq2_xs, iq2_xxs)"
         ));
     }
-    // SAFETY: src holds nrows*n_per_row floats, out holds nrows rows of ty; no imatrix needed.
+    let uniform = vec![1.0f32; n_per_row];
+    // SAFETY: src holds nrows*n_per_row floats, out holds nrows rows of ty, the importance
+    // matrix (where ggml asks for one) n_per_row floats.
     unsafe {
+        let imatrix = if sys::ggml_quantize_requires_imatrix(ty.0) {
+            uniform.as_ptr()
+        } else {
+            std::ptr::null()
+        };
         sys::ggml_quantize_init(ty.0);
         sys::ggml_quantize_chunk(
             ty.0,
@@ -55,7 +66,7 @@ pub fn quantize(ty: Type, src: &[f32], n_per_row: usize) -> Result<Vec<u8>, Stri
             0,
             nrows as i64,
             n_per_row as i64,
-            std::ptr::null(),
+            imatrix,
         );
     }
     Ok(out)

@@ -26,6 +26,9 @@ impl Type {
     pub const IQ4_XS: Type = Type(sys::GGML_TYPE_IQ4_XS);
     pub const IQ3_S: Type = Type(sys::GGML_TYPE_IQ3_S);
     pub const IQ3_XXS: Type = Type(sys::GGML_TYPE_IQ3_XXS);
+    pub const IQ2_S: Type = Type(sys::GGML_TYPE_IQ2_S);
+    pub const IQ2_XS: Type = Type(sys::GGML_TYPE_IQ2_XS);
+    pub const IQ2_XXS: Type = Type(sys::GGML_TYPE_IQ2_XXS);
     pub const Q4_K: Type = Type(sys::GGML_TYPE_Q4_K);
     pub const Q5_K: Type = Type(sys::GGML_TYPE_Q5_K);
     pub const Q6_K: Type = Type(sys::GGML_TYPE_Q6_K);

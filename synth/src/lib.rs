@@ -34,12 +34,15 @@ impl std::str::FromStr for Ftype {
             "iq4_xs" => Ftype::Uniform(Type::IQ4_XS),
             "iq3_s" => Ftype::Uniform(Type::IQ3_S),
             "iq3_xxs" => Ftype::Uniform(Type::IQ3_XXS),
+            "iq2_s" => Ftype::Uniform(Type::IQ2_S),
+            "iq2_xs" => Ftype::Uniform(Type::IQ2_XS),
+            "iq2_xxs" => Ftype::Uniform(Type::IQ2_XXS),
             "q4_k" => Ftype::Uniform(Type::Q4_K),
             "q5_k" => Ftype::Uniform(Type::Q5_K),
             "q6_k" => Ftype::Uniform(Type::Q6_K),
             "q4_k_m" => Ftype::Q4KM,
             _ => return Err(format!(
-                "unknown type {s:?} (f32, f16, q8_0, q4_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs, iq3_s, iq3_xxs, q4_k_m)"
+                "unknown type {s:?} (f32, f16, q8_0, q4_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs, iq3_s, iq3_xxs, iq2_s, iq2_xs, iq2_xxs, q4_k_m)"
             )),
         })
     }
@@ -279,6 +282,9 @@ pub fn write(spec: &Spec, path: &Path) -> io::Result<u64> {
             Type::IQ4_XS => 30,
             Type::IQ3_S => 26,
             Type::IQ3_XXS => 23,
+            Type::IQ2_S => 28,
+            Type::IQ2_XS => 20,
+            Type::IQ2_XXS => 19,
             Type::Q4_K => 14, // Q4_K_S: all Q4_K
             Type::Q5_K => 16,
             _ => 18, // Q6_K

@@ -12,7 +12,7 @@ pub struct SynthArgs {
     /// Output file.
     #[arg(long, short)]
     out: PathBuf,
-    /// Weight type: f32, f16, q8_0, q4_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs, iq3_s (the matrices of IQ3_XS files), iq3_xxs or q4_k_m.
+    /// Weight type: f32, f16, q8_0, q4_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs, iq3_s (the matrices of IQ3_XS files), iq3_xxs, iq2_s (IQ2_M files' main type), iq2_xs, iq2_xxs or q4_k_m.
     #[arg(long, default_value = "q4_k_m")]
     ftype: synth::Ftype,
     /// The full Phi-4 14B shape (40 x 5120, FFN 17920, 40/10 heads).
