@@ -1,6 +1,6 @@
 // phi4's quantized matrix kernels: y = W·x for the K-quant weight types (Q2_K ... Q6_K, IQ4_XS,
-// IQ3_S, IQ3_XXS) and Q4_0 / Q8_0, with every weight block unpacked once per step and applied to all the step's
-// tokens.
+// IQ3_S, IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS) and Q4_0 / Q8_0, with every weight block unpacked once
+// per step and applied to all the step's tokens.
 //
 // ggml's kernels take one token at a time through a weight block (vec_dot), or four (its
 // repacked gemm): a step of several tokens costs nearly several steps. Here the weights are
@@ -32,7 +32,7 @@
 
 #include "ggml-quants.h" // ggml's blocks (block_q4_K, ...), QK_K, quantize_row_q8_K_ref
 #define GGML_COMMON_IMPL_C
-#include "ggml-common.h" // ggml's tables (the IQ3 grids, the IQ2 signs), this file's own copy as in ggml's CPU backend
+#include "ggml-common.h" // ggml's tables (the IQ3 and IQ2 grids, the IQ2 signs), this file's own copy as in ggml's CPU backend
 
 // The CPU backend's Q8_0 quantizer (ggml-cpu's quants.h), in this variant's build: the tokens of a
 // Q4_0 or Q8_0 product are quantized exactly as ggml's own product quantizes them.
