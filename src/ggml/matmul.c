@@ -194,6 +194,11 @@ typedef struct {
 } mm_iq2xxs; // 592 = 8 × 74 (8 × 66)
 #define IQ2_DMUL 0.125f // the IQ2 types' d × (0.5 + s) / 4 is d/8 × (1 + 2s)
 
+// IQ2_XS's and IQ2_S's scale of row r's sub-block sb (of 16) as the odd factor 1 + 2s.
+static int iq2_scale(const mm_iq2 *b, int sb, int r) {
+    return 1 + 2 * ((b->sc[sb / 2][r] >> (4 * (sb % 2))) & 0xF);
+}
+
 // A grid-coded superblock unpacked (by the vector paths, for a step of many tokens): octet o's
 // 64 bytes as the dot products take them, the scales as odd factors (per 32: the first 8 rows
 // of `sc`; IQ2_XS's and IQ2_S's per 16), d as packed, d's factor.
@@ -673,7 +678,7 @@ static void block_scalar(int type, const uint8_t *p, const mm_act *const *a, int
         } else if (is_iq2(type)) { // a scale per 16
             const mm_iq2 *b = (const mm_iq2 *)p;
             for (int sb = 0; sb < 16; sb++) {
-                sc[sb] = 1 + 2 * ((b->sc[sb / 2][r] >> (4 * (sb % 2))) & 0xF), m[sb] = 0;
+                sc[sb] = iq2_scale(b, sb, r), m[sb] = 0;
             }
             d = dmin = ggml_fp16_to_fp32(b->d[r]) * IQ2_DMUL;
         } else if (type == GGML_TYPE_Q3_K) {
@@ -1213,7 +1218,7 @@ static inline vgf vgf_nib(const uint8_t *p, int hi) {
 #define IQ2XXS_PAIR(p, k8, lo, hi) IQ2_PAIR(p, k8, lo, hi, iq2xxs_grid, IQ2_NO_HI)
 #define IQ2XS_PAIR(p, k8, lo, hi) IQ2_PAIR(p, k8, lo, hi, iq2xs_grid, IQ2_HI)
 #define IQ2S_PAIR(p, k8, lo, hi) IQ2_PAIR(p, k8, lo, hi, iq2s_grid, IQ2_HI)
-// IQ2_XS's and IQ2_S's scale of sub-block sb (of 16) as the odd factor 1 + 2s.
+// IQ2_XS's and IQ2_S's scale of sub-block sb (of 16) for 8 rows (iq2_scale's, in float).
 #define IQ2SC(sb) vgf_fma(vgf_nib(b->sc[(sb) / 2], (sb) % 2), vgf_splat(2.0f), vgf_splat(1.0f))
 #define IQ2_D vgf_mul(vgf_h8(b->d), vgf_splat(IQ2_DMUL))
 #define Q80_W(blk, w)                                                                              \
@@ -1295,7 +1300,7 @@ static void unpack_grid(int type, const void *pb, mm_grid_unpacked *u) {
     if (type == GGML_TYPE_IQ2_S || type == GGML_TYPE_IQ2_XS) { // a scale per 16, as 1 + 2s
         for (int sb = 0; sb < 16; sb++) {
             for (int r = 0; r < ROWS; r++) {
-                u->sc[sb][r] = (int8_t)(1 + 2 * ((s2->sc[sb / 2][r] >> (4 * (sb % 2))) & 0xF));
+                u->sc[sb][r] = (int8_t)iq2_scale(s2, sb, r);
             }
         }
     } else {
