@@ -6,7 +6,7 @@ mod common;
 use phi4_synth::Spec;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 fn malformed(dir: &Path) -> PathBuf {
     let p = dir.join("bad.gguf");
@@ -15,18 +15,19 @@ fn malformed(dir: &Path) -> PathBuf {
     p
 }
 
-/// The first CPU this process may run on (Linux's `Cpus_allowed_list`: "0-1", "2,5", ...).
-fn first_allowed_cpu() -> String {
+/// The CPUs this process may run on (Linux's `Cpus_allowed_list`: "0-1", "2,5-7", ...).
+fn allowed_cpus() -> Vec<u32> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let list = status
         .lines()
         .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
         .expect("Cpus_allowed_list in /proc/self/status");
-    list.trim()
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .to_string()
+    let mut cpus = Vec::new();
+    for range in list.trim().split(',') {
+        let (a, b) = range.split_once('-').unwrap_or((range, range));
+        cpus.extend(a.parse::<u32>().unwrap()..=b.parse::<u32>().unwrap());
+    }
+    cpus
 }
 
 #[test]
@@ -91,32 +92,57 @@ fn c_api_tests_pass_and_are_clean_under_valgrind() {
     }
     // Valgrind runs one thread at a time, and ggml's threads wait for each other by spinning: on
     // one CPU the library makes one thread per session (`n_threads` defaults to the CPUs this
-    // process may use), a third less time.
-    let out = Command::new("taskset")
-        .args(["--cpu-list", &first_allowed_cpu(), "valgrind"])
-        .args([
-            "--error-exitcode=99",
-            "--leak-check=full",
-            "--errors-for-leak-kinds=definite",
-            "--show-leak-kinds=definite",
-        ])
-        .arg(&exe)
-        .arg(&demo)
-        .arg(&bad)
-        .arg(&quantized)
-        // Valgrind runs the threads one at a time: shorter replies where threads compare them.
-        .arg("--short")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "valgrind: {}",
-        &err[err.len().saturating_sub(4000)..]
-    );
-    assert!(err.contains("ERROR SUMMARY: 0 errors"), "{err}");
-    assert!(
-        err.contains("definitely lost: 0 bytes") || err.contains("no leaks are possible"),
-        "{err}"
-    );
+    // process may use), a third less time. The tests run in two parts, each in its own valgrind
+    // on its own CPU (both on one when there is one).
+    let cpus = allowed_cpus();
+    let parts = ["1/2", "2/2"];
+    let runs: Vec<_> = parts
+        .iter()
+        .enumerate()
+        .map(|(i, part)| {
+            Command::new("taskset")
+                .args(["--cpu-list", &cpus[i % cpus.len()].to_string(), "valgrind"])
+                .args([
+                    "--error-exitcode=99",
+                    "--leak-check=full",
+                    "--errors-for-leak-kinds=definite",
+                    "--show-leak-kinds=definite",
+                ])
+                .arg(&exe)
+                .arg(&demo)
+                .arg(&bad)
+                .arg(&quantized)
+                // Valgrind runs the threads one at a time: shorter replies where threads compare
+                // them.
+                .args(["--short", "--part", part])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (run, part) in runs.into_iter().zip(parts) {
+        let out = run.wait_with_output().unwrap();
+        let (stdout, err) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        let tail = &err[err.len().saturating_sub(4000)..];
+        assert!(
+            out.status.success(),
+            "valgrind, part {part}: {stdout}{tail}"
+        );
+        assert!(
+            stdout.trim_end().ends_with(" passed, 0 failed"),
+            "part {part}: {stdout}"
+        );
+        assert!(
+            err.contains("ERROR SUMMARY: 0 errors"),
+            "part {part}: {err}"
+        );
+        assert!(
+            err.contains("definitely lost: 0 bytes") || err.contains("no leaks are possible"),
+            "part {part}: {err}"
+        );
+    }
 }

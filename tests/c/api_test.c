@@ -1,7 +1,9 @@
 /* C tests of the phi4 ABI: load errors, streaming, structured output, saved state, cancellation, busy sessions, many sessions
  * on many threads, what the library reports about the kernels it uses.
- * Usage: api_test DEMO_MODEL MALFORMED_FILE QUANTIZED_MODEL. Prints "cpu features: ...",
- * "repacked: ..." and finally "N passed, M failed". */
+ * Usage: api_test DEMO_MODEL MALFORMED_FILE QUANTIZED_MODEL [--short [--part K/N]]: `--short` makes
+ * shorter replies (for valgrind), `--part K/N` runs the Kth of N parts of the tests (the first part
+ * has the tests that load models of their own). Prints "cpu features: ...", "repacked: ..." and
+ * finally "N passed, M failed". */
 #include "phi4.h"
 #include "check.h"
 
@@ -820,37 +822,39 @@ static void test_what_runs(const char *quantized) {
     CHECK(phi4_model_repacked(NULL, NULL, 0, &len) == PHI4_ERR_NULL, "NULL model");
 }
 
+/* The tests that share one loaded model, in an order that `--part K/N` (every Nth from the Kth)
+ * splits into parts of about the same time under valgrind. */
+static void (*const model_tests[])(phi4_model *) = {
+    test_tools, test_scheduler, test_streaming, test_enums_and_seeds, test_many_sessions_many_threads,
+    test_state, test_embed, test_draft, test_older_struct_sizes, test_structured_output,
+    test_cancel_by_callback, test_kv_type, test_contract, test_cancel_from_another_thread_and_busy,
+    test_tokenize,
+};
+
 int main(int argc, char **argv) {
-    if (argc == 5 && strcmp(argv[4], "--short") == 0) {
-        chat_tokens = 8;
-    } else if (argc != 4) {
-        fprintf(stderr, "usage: %s DEMO_MODEL MALFORMED_FILE QUANTIZED_MODEL [--short]\n", argv[0]);
+    unsigned part = 1, parts = 1;
+    bool usage = argc < 4 || argc == 6 || argc > 7;
+    if (argc >= 5) usage |= strcmp(argv[4], "--short") != 0;
+    if (argc == 7)
+        usage |= strcmp(argv[5], "--part") != 0 || sscanf(argv[6], "%u/%u", &part, &parts) != 2 || part < 1 ||
+                 part > parts;
+    if (usage) {
+        fprintf(stderr, "usage: %s DEMO_MODEL MALFORMED_FILE QUANTIZED_MODEL [--short [--part K/N]]\n", argv[0]);
         return 2;
     }
+    if (argc >= 5) chat_tokens = 8;
     demo = argv[1];
-    CHECK(strlen(phi4_version()) > 0, "version");
-    test_load_errors(argv[2]);
-    test_load_cancel();
-    test_log_per_model();
-    test_what_runs(argv[3]);
+    if (part == 1) {
+        CHECK(strlen(phi4_version()) > 0, "version");
+        test_load_errors(argv[2]);
+        test_load_cancel();
+        test_log_per_model();
+        test_what_runs(argv[3]);
+    }
     phi4_model *m = NULL;
     CHECK(phi4_model_load(demo, NULL, &m) == PHI4_OK, "load: %s", phi4_last_load_error());
     if (!m) return 1;
-    test_streaming(m);
-    test_older_struct_sizes(m);
-    test_enums_and_seeds(m);
-    test_structured_output(m);
-    test_state(m);
-    test_cancel_by_callback(m);
-    test_cancel_from_another_thread_and_busy(m);
-    test_many_sessions_many_threads(m);
-    test_scheduler(m);
-    test_tokenize(m);
-    test_embed(m);
-    test_tools(m);
-    test_draft(m);
-    test_kv_type(m);
-    test_contract(m);
+    for (size_t i = part - 1; i < sizeof model_tests / sizeof model_tests[0]; i += parts) model_tests[i](m);
     phi4_model_free(m);
     printf("%d passed, %d failed\n", passed, failed);
     return failed != 0;
