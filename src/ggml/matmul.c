@@ -584,14 +584,19 @@ static int packed_weight(int type, const uint8_t *p, int r, int w) {
     }
     if (is_iq2(type)) {
         const int o = w / 8, i = w % 8;
-        const mm_iq2 *b = (const mm_iq2 *)p;
-        const mm_iq2xxs *x = (const mm_iq2xxs *)p;
-        const unsigned hi = (b->hi[o] >> (2 * r)) & 3;
-        const uint64_t g = type == GGML_TYPE_IQ2_XXS ? iq2xxs_grid[x->lo[o][r]]
-                           : type == GGML_TYPE_IQ2_XS ? iq2xs_grid[b->lo[o][r] | hi << 8]
-                                                      : iq2s_grid[b->lo[o][r] | hi << 8];
+        uint64_t g;
+        uint8_t sign;
+        if (type == GGML_TYPE_IQ2_XXS) {
+            const mm_iq2xxs *b = (const mm_iq2xxs *)p;
+            g = iq2xxs_grid[b->lo[o][r]], sign = b->sg[o][r];
+        } else {
+            const mm_iq2 *b = (const mm_iq2 *)p;
+            const unsigned index = b->lo[o][r] | ((b->hi[o] >> (2 * r)) & 3) << 8;
+            g = type == GGML_TYPE_IQ2_XS ? iq2xs_grid[index] : iq2s_grid[index];
+            sign = b->sg[o][r];
+        }
         const int v = (int)(g >> (8 * i)) & 0xFF;
-        return ((type == GGML_TYPE_IQ2_XXS ? x->sg[o][r] : b->sg[o][r]) >> i) & 1 ? -v : v;
+        return (sign >> i) & 1 ? -v : v;
     }
     if (type == GGML_TYPE_Q4_0) {
         const int blk = w / 32, i = w % 32;
@@ -1278,37 +1283,39 @@ static const block_fn UNPACKED16_FNS[TOKENS] = FNS(unpacked16);
 // A grid-coded superblock unpacked as its kernels unpack it; the kernels that read it
 // (UNPACKED16_FNS for a scale per 16, else UNPACKED_FNS).
 static void unpack_grid(int type, const void *pb, mm_grid_unpacked *u) {
-    const mm_iq3s *s3 = (const mm_iq3s *)pb;
-    const mm_iq3xxs *x3 = (const mm_iq3xxs *)pb;
-    const mm_iq2 *s2 = (const mm_iq2 *)pb;
-    const mm_iq2xxs *x2 = (const mm_iq2xxs *)pb;
-    for (int o = 0; o < 32; o++) {
-        switch (type) {
-        case GGML_TYPE_IQ3_S: vg_store(u->v[o], vg_grid(iq3s_grid, s3->lo[o], s3->hi[o], s3->sg[o])); break;
-        case GGML_TYPE_IQ3_XXS: vg_store(u->v[o], vg_grid(iq3xxs_grid, x3->lo[o], 0, x3->sg[o])); break;
-        case GGML_TYPE_IQ2_S: vg_store(u->v[o], vg_grid8(iq2s_grid, s2->lo[o], s2->hi[o], s2->sg[o])); break;
-        case GGML_TYPE_IQ2_XS: vg_store(u->v[o], vg_grid8(iq2xs_grid, s2->lo[o], s2->hi[o], s2->sg[o])); break;
-        default: vg_store(u->v[o], vg_grid8(iq2xxs_grid, x2->lo[o], 0, x2->sg[o]));
-        }
+    const uint16_t *d;
+    const int8_t(*sc)[8] = NULL; // a scale per 32 as 1 + 2s (else one per 16, set below)
+    switch (type) {
+    case GGML_TYPE_IQ3_S: {
+        const mm_iq3s *b = (const mm_iq3s *)pb;
+        for (int o = 0; o < 32; o++) vg_store(u->v[o], vg_grid(iq3s_grid, b->lo[o], b->hi[o], b->sg[o]));
+        d = b->d, sc = b->sc, u->dmul = 1.0f;
+        break;
     }
-    const uint16_t *d = type == GGML_TYPE_IQ3_S     ? s3->d
-                        : type == GGML_TYPE_IQ3_XXS ? x3->d
-                        : type == GGML_TYPE_IQ2_XXS ? x2->d
-                                                    : s2->d;
-    memcpy(u->d, d, sizeof u->d);
-    u->dmul = type == GGML_TYPE_IQ3_S ? 1.0f : type == GGML_TYPE_IQ3_XXS ? IQ3XXS_DMUL : IQ2_DMUL;
-    if (type == GGML_TYPE_IQ2_S || type == GGML_TYPE_IQ2_XS) { // a scale per 16, as 1 + 2s
+    case GGML_TYPE_IQ3_XXS: {
+        const mm_iq3xxs *b = (const mm_iq3xxs *)pb;
+        for (int o = 0; o < 32; o++) vg_store(u->v[o], vg_grid(iq3xxs_grid, b->lo[o], 0, b->sg[o]));
+        d = b->d, sc = b->sc, u->dmul = IQ3XXS_DMUL;
+        break;
+    }
+    case GGML_TYPE_IQ2_XXS: {
+        const mm_iq2xxs *b = (const mm_iq2xxs *)pb;
+        for (int o = 0; o < 32; o++) vg_store(u->v[o], vg_grid8(iq2xxs_grid, b->lo[o], 0, b->sg[o]));
+        d = b->d, sc = b->sc, u->dmul = IQ2_DMUL;
+        break;
+    }
+    default: { // IQ2_S, IQ2_XS
+        const mm_iq2 *b = (const mm_iq2 *)pb;
+        const uint64_t *grid = type == GGML_TYPE_IQ2_S ? iq2s_grid : iq2xs_grid;
+        for (int o = 0; o < 32; o++) vg_store(u->v[o], vg_grid8(grid, b->lo[o], b->hi[o], b->sg[o]));
         for (int sb = 0; sb < 16; sb++) {
-            for (int r = 0; r < ROWS; r++) {
-                u->sc[sb][r] = (int8_t)iq2_scale(s2, sb, r);
-            }
+            for (int r = 0; r < ROWS; r++) u->sc[sb][r] = (int8_t)iq2_scale(b, sb, r);
         }
-    } else {
-        memcpy(u->sc, type == GGML_TYPE_IQ3_S     ? s3->sc
-                      : type == GGML_TYPE_IQ3_XXS ? x3->sc
-                                                  : x2->sc,
-               sizeof s3->sc);
+        d = b->d, u->dmul = IQ2_DMUL;
     }
+    }
+    memcpy(u->d, d, sizeof u->d);
+    if (sc) memcpy(u->sc, sc, 8 * sizeof *sc);
 }
 static const block_fn Q2K_FNS[TOKENS] = FNS(q2k);
 static const block_fn Q3K_FNS[TOKENS] = FNS(q3k);
