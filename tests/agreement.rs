@@ -51,16 +51,6 @@ fn other_cli() -> Command {
     c
 }
 
-fn run(mut c: Command, what: &str) -> String {
-    let out = c.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// The other build's greedy continuation of `prompt`, and whether it ended with an
 /// end-of-generation token (which is not printed) rather than after `n` tokens.
 fn other_greedy(model: &Path, prompt: &[u32], n: usize) -> (Vec<u32>, bool) {
@@ -127,29 +117,14 @@ fn agree(name: &str, model: &Path, prompt: impl FnOnce(&Model) -> Vec<u32>, n: u
     eprintln!("{name}: {same}/{n} same greedy token, {ties} near ties (widest {worst:.4}, tolerance {tol}); cpu: {}", phi4::cpu_features().join(" "));
 }
 
-/// The synthetic model both builds read: written by whichever runs natively (the other build
-/// under ports/qemu-test, this process otherwise).
+/// The synthetic model both builds read (under ports/qemu-test written by the other build).
 fn synth(dir: &Path, ftype: &str, seed: u64) -> std::path::PathBuf {
-    let p = dir.join(format!("{ftype}.gguf"));
     let spec = phi4_synth::Spec {
-        n_layer: 3,
         n_head: 8,
         n_head_kv: 2,
         ..phi4_synth::Spec::small(3, common::ftype(ftype), seed)
     };
-    if std::env::var_os("PHI4_OTHER_CLI").is_none() {
-        phi4_synth::write(&spec, &p).unwrap();
-        return p;
-    }
-    let mut c = other_cli();
-    c.arg("synth");
-    c.args(["--layers", &spec.n_layer.to_string()]);
-    c.args(["--heads", &spec.n_head.to_string()]);
-    c.args(["--kv-heads", &spec.n_head_kv.to_string()]);
-    c.args(["--ftype", ftype, "--seed", &seed.to_string(), "-o"]);
-    c.arg(&p);
-    run(c, "other build's phi4 synth");
-    p
+    common::synth_model(dir, &format!("{ftype}.gguf"), &spec)
 }
 
 /// A synthetic model written by the other build, and a fixed prompt of 24 ids.
@@ -194,6 +169,31 @@ fn q3_k() {
 #[test]
 fn iq4_xs() {
     synthetic("iq4_xs", 27, 7)
+}
+
+#[test]
+fn iq3_s() {
+    synthetic("iq3_s", 28, 8)
+}
+
+#[test]
+fn iq3_xxs() {
+    synthetic("iq3_xxs", 29, 9)
+}
+
+#[test]
+fn iq2_s() {
+    synthetic("iq2_s", 30, 10)
+}
+
+#[test]
+fn iq2_xs() {
+    synthetic("iq2_xs", 31, 11)
+}
+
+#[test]
+fn iq2_xxs() {
+    synthetic("iq2_xxs", 32, 12)
 }
 
 /// The demo model: trained weights, so a peaked distribution instead of random logits.

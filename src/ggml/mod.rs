@@ -40,5 +40,5 @@ pub use matmul::{
     KERNEL_TYPES,
 };
 pub use mmap::{drop_pages, map_path, prefault};
-pub use quantize::quantize;
+pub use quantize::{dequantize, quantize};
 pub use types::{f32_to_f16, Type};

@@ -18,9 +18,8 @@ use crate::hash::Map;
 pub use read::parse;
 pub use write::Writer;
 
-/// Encode rows of f32 values as a tensor type (F32, F16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K), as a GGUF
-/// file stores them.
-pub use crate::ggml::quantize;
+/// Encode rows of f32 values as a tensor type, as a GGUF file stores them, and decode them.
+pub use crate::ggml::{dequantize, quantize};
 
 /// Parse the header of the GGUF file at `path`. The file is mapped, not read: only the pages of
 /// the header are touched, however large the file.

@@ -48,6 +48,16 @@ impl std::str::FromStr for Ftype {
     }
 }
 
+/// The name `from_str` reads (`phi4 synth --ftype`).
+impl std::fmt::Display for Ftype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ftype::Uniform(t) => f.write_str(&t.name().to_ascii_lowercase()),
+            Ftype::Q4KM => f.write_str("q4_k_m"),
+        }
+    }
+}
+
 /// Where the vocabulary comes from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Vocab {

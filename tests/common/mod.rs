@@ -5,7 +5,7 @@ pub mod server;
 
 use std::path::{Path, PathBuf};
 
-use phi4_synth::{Ftype, Spec};
+use phi4_synth::{Ftype, Spec, Vocab};
 
 /// The demo model (tests/fixtures/phi4-tiny-docs.gguf), loaded.
 pub fn demo() -> std::sync::Arc<phi4::Model> {
@@ -21,10 +21,44 @@ pub fn tmpdir() -> tempfile::TempDir {
         .unwrap()
 }
 
-/// Write a synthetic model and return its path.
+/// Write a synthetic model and return its path. Under an emulator the native CLI writes it
+/// (`PHI4_OTHER_CLI`, set by ports/qemu-test): ggml's quantizers run tens of times slower
+/// emulated, the grid types' set-up above all (IQ2_S's takes 6 s natively).
 pub fn synth_model(dir: &Path, name: &str, spec: &Spec) -> PathBuf {
     let p = dir.join(name);
-    phi4_synth::write(spec, &p).unwrap();
+    let native = std::env::var_os("PHI4_OTHER_CLI").filter(|_| runner().is_some());
+    // The CLI writes every field of a Spec but the RoPE base, which it takes from Spec::small.
+    match native {
+        Some(cli) if spec.rope_theta == Spec::small(1, spec.ftype, 0).rope_theta => {
+            let mut c = std::process::Command::new(cli);
+            c.arg("synth").arg("-o").arg(&p);
+            for (flag, v) in [
+                ("--ftype", spec.ftype.to_string()),
+                ("--layers", spec.n_layer.to_string()),
+                ("--embd", spec.n_embd.to_string()),
+                ("--ff", spec.n_ff.to_string()),
+                ("--heads", spec.n_head.to_string()),
+                ("--kv-heads", spec.n_head_kv.to_string()),
+                ("--ctx", spec.n_ctx.to_string()),
+                ("--seed", spec.seed.to_string()),
+            ] {
+                c.args([flag, &v]);
+            }
+            match &spec.vocab {
+                Vocab::Tiny(n) => c.args(["--vocab", &n.to_string()]),
+                Vocab::From(f) => c.arg("--vocab-from").arg(f),
+            };
+            let out = c.output().unwrap();
+            assert!(
+                out.status.success(),
+                "phi4 synth: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        _ => {
+            phi4_synth::write(spec, &p).unwrap();
+        }
+    }
     p
 }
 

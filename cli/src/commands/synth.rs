@@ -58,10 +58,8 @@ pub fn synth(a: SynthArgs) -> Res {
             n_head: a.heads,
             n_head_kv: a.kv_heads,
             n_ctx: a.ctx,
-            rope_theta: 250000.0,
-            ftype: a.ftype,
             vocab,
-            seed: a.seed,
+            ..synth::Spec::small(a.layers, a.ftype, a.seed)
         }
     };
     let t = Instant::now();
