@@ -48,7 +48,7 @@ pub fn synth_model(dir: &Path, name: &str, spec: &Spec) -> PathBuf {
                 Vocab::Tiny(n) => c.args(["--vocab", &n.to_string()]),
                 Vocab::From(f) => c.arg("--vocab-from").arg(f),
             };
-            let out = c.output().unwrap();
+            let out = output(&mut c);
             assert!(
                 out.status.success(),
                 "phi4 synth: {}",
@@ -86,6 +86,42 @@ pub fn ftype(s: &str) -> Ftype {
 pub fn runner() -> Option<Vec<String>> {
     let r = std::env::var("PHI4_TEST_RUNNER").ok()?;
     Some(r.split_whitespace().map(String::from).collect())
+}
+
+/// `c.output()`. Under an emulator the test process is an emulated one with many threads, and
+/// qemu-user (7.2) can leave the child of its fork hung before it reaches exec: a child that has
+/// not ended within `SPAWN_WAIT` is stopped and started again (twice at most). For the short
+/// native programs the tests start from there (the x86_64 CLI writing a model or decoding a
+/// few tokens: seconds).
+pub fn output(c: &mut std::process::Command) -> std::process::Output {
+    const SPAWN_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+    if runner().is_none() {
+        return c.output().unwrap();
+    }
+    let dir = tmpdir();
+    let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    for _ in 0..3 {
+        let mut child = c
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        while start.elapsed() < SPAWN_WAIT {
+            if let Some(status) = child.try_wait().unwrap() {
+                return std::process::Output {
+                    status,
+                    stdout: std::fs::read(&out).unwrap(),
+                    stderr: std::fs::read(&err).unwrap(),
+                };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        eprintln!("{c:?}: no end after {SPAWN_WAIT:?}: started again");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("{c:?}: hung three times");
 }
 
 /// A command that starts a program built for the target (under the emulator when there is one).
@@ -211,7 +247,7 @@ pub fn cli_greedy(
         "--model",
     ])
     .arg(model);
-    let out = c.output().expect("phi4 run");
+    let out = output(&mut c);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
