@@ -747,16 +747,6 @@ static inline vg vg_shr_and(vg v, int s, uint8_t m) {
 static inline vg vg_shl(vg v, int s) { return _mm512_slli_epi16(v, (unsigned)s); }
 static inline vg vg_or(vg a, vg b) { return _mm512_or_si512(a, b); }
 static inline vg vg_add(vg a, vg b) { return _mm512_add_epi32(a, b); }
-static inline vg vg_mul(vg a, vg b) { return _mm512_mullo_epi32(a, b); }
-// 8 per-row values → 16 lanes, each row's in its two.
-static inline vg vg_u8(const uint8_t *p) {
-    const __m128i b = _mm_loadl_epi64((const __m128i *)p);
-    return _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));
-}
-static inline vg vg_i8(const int8_t *p) {
-    const __m128i b = _mm_loadl_epi64((const __m128i *)p);
-    return _mm512_cvtepi8_epi32(_mm_unpacklo_epi8(b, b));
-}
 // acc += per lane: 4 unsigned bytes of w × 4 signed bytes (p[0..4] in even lanes, p[4..8] in odd).
 static inline vg vg_dot8(vg acc, vg w, const void *p) {
     int64_t x;
@@ -819,6 +809,15 @@ static inline vgf vgf_add(vgf a, vgf b) { return _mm512_add_ps(a, b); }
 static inline vgf vgf_splat(float x) { return _mm512_set1_ps(x); }
 static inline vgf vgf_load(const float *p) { return _mm512_loadu_ps(p); }
 static inline void vgf_store(float *p, vgf v) { _mm512_storeu_ps(p, v); }
+// 8 per-row values → 16 lanes, each row's in its two.
+static inline vgf vgf_u8(const uint8_t *p) {
+    const __m128i b = _mm_loadl_epi64((const __m128i *)p);
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b)));
+}
+static inline vgf vgf_i8(const int8_t *p) {
+    const __m128i b = _mm_loadl_epi64((const __m128i *)p);
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_unpacklo_epi8(b, b)));
+}
 static inline vgf vgf_h8(const uint16_t *p) {
     const __m128i h = _mm_loadu_si128((const __m128i *)p);
     return _mm512_cvtph_ps(_mm256_set_m128i(_mm_unpackhi_epi16(h, h), _mm_unpacklo_epi16(h, h)));
@@ -849,15 +848,6 @@ static inline vg vg_shr_and(vg v, int s, uint8_t m)
 static inline vg vg_shl(vg v, int s) VG2(_mm256_slli_epi16(v.a, s), _mm256_slli_epi16(v.b, s))
 static inline vg vg_or(vg x, vg y) VG2(_mm256_or_si256(x.a, y.a), _mm256_or_si256(x.b, y.b))
 static inline vg vg_add(vg x, vg y) VG2(_mm256_add_epi32(x.a, y.a), _mm256_add_epi32(x.b, y.b))
-static inline vg vg_mul(vg x, vg y) VG2(_mm256_mullo_epi32(x.a, y.a), _mm256_mullo_epi32(x.b, y.b))
-static inline vg vg_u8(const uint8_t *p) {
-    const __m128i b = _mm_loadl_epi64((const __m128i *)p), d = _mm_unpacklo_epi8(b, b);
-    VG2(_mm256_cvtepu8_epi32(d), _mm256_cvtepu8_epi32(_mm_srli_si128(d, 8)))
-}
-static inline vg vg_i8(const int8_t *p) {
-    const __m128i b = _mm_loadl_epi64((const __m128i *)p), d = _mm_unpacklo_epi8(b, b);
-    VG2(_mm256_cvtepi8_epi32(d), _mm256_cvtepi8_epi32(_mm_srli_si128(d, 8)))
-}
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define DPBUSD(acc, w, x) _mm256_dpbusd_epi32((acc), (w), (x))
 #elif defined(__AVXVNNI__)
@@ -928,6 +918,14 @@ static inline vgf vgf_add(vgf x, vgf y) VGF2(_mm256_add_ps(x.a, y.a), _mm256_add
 static inline vgf vgf_splat(float x) VGF2(_mm256_set1_ps(x), _mm256_set1_ps(x))
 static inline vgf vgf_load(const float *p) VGF2(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8))
 static inline void vgf_store(float *p, vgf v) { _mm256_storeu_ps(p, v.a); _mm256_storeu_ps(p + 8, v.b); }
+static inline vgf vgf_u8(const uint8_t *p) {
+    const __m128i b = _mm_loadl_epi64((const __m128i *)p), d = _mm_unpacklo_epi8(b, b);
+    VGF2(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(d)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(d, 8))))
+}
+static inline vgf vgf_i8(const int8_t *p) {
+    const __m128i b = _mm_loadl_epi64((const __m128i *)p), d = _mm_unpacklo_epi8(b, b);
+    VGF2(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(d)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(d, 8))))
+}
 static inline vgf vgf_h8(const uint16_t *p) {
     const __m128i h = _mm_loadu_si128((const __m128i *)p);
     VGF2(_mm256_cvtph_ps(_mm_unpacklo_epi16(h, h)), _mm256_cvtph_ps(_mm_unpackhi_epi16(h, h)))
@@ -955,18 +953,6 @@ static inline vg vg_shr_and(vg x, int s, uint8_t m)
 static inline vg vg_shl(vg x, int s) EACH(vg, S32(vshlq_u8(U8(x.v[i]), vdupq_n_s8((int8_t)s))))
 static inline vg vg_or(vg x, vg y) EACH(vg, vorrq_s32(x.v[i], y.v[i]))
 static inline vg vg_add(vg x, vg y) EACH(vg, vaddq_s32(x.v[i], y.v[i]))
-static inline vg vg_mul(vg x, vg y) EACH(vg, vmulq_s32(x.v[i], y.v[i]))
-// 8 per-row values → lanes 4i..4i+3 of rows 2i, 2i, 2i+1, 2i+1.
-static inline vg vg_u8(const uint8_t *p) {
-    const uint8x8_t b = vld1_u8(p);
-    const uint16x8_t w[2] = {vmovl_u8(vzip1_u8(b, b)), vmovl_u8(vzip2_u8(b, b))};
-    EACH(vg, vreinterpretq_s32_u32(vmovl_u16(i % 2 ? vget_high_u16(w[i / 2]) : vget_low_u16(w[i / 2]))))
-}
-static inline vg vg_i8(const int8_t *p) {
-    const int8x8_t b = vld1_s8(p);
-    const int16x8_t w[2] = {vmovl_s8(vzip1_s8(b, b)), vmovl_s8(vzip2_s8(b, b))};
-    EACH(vg, vmovl_s16(i % 2 ? vget_high_s16(w[i / 2]) : vget_low_s16(w[i / 2])))
-}
 // The weights are below 64: as signed bytes they are the same values (sdot).
 static inline vg vg_dot8(vg acc, vg w, const void *p) {
     const int8x16_t x = vreinterpretq_s8_s64(vld1q_dup_s64((const int64_t *)p));
@@ -1013,6 +999,17 @@ static inline void vgf_store(float *p, vgf x) {
 }
 // Four floats of rows 2i, 2i, 2i+1, 2i+1 from 8 per-row floats.
 static inline vgf vgf_dup(const float *f) EACH(vgf, vcombine_f32(vdup_n_f32(f[2 * i]), vdup_n_f32(f[2 * i + 1])))
+// 8 per-row values → lanes 4i..4i+3 of rows 2i, 2i, 2i+1, 2i+1, widened in registers.
+static inline vgf vgf_u8(const uint8_t *p) {
+    const uint8x8_t b = vld1_u8(p);
+    const uint16x8_t w[2] = {vmovl_u8(vzip1_u8(b, b)), vmovl_u8(vzip2_u8(b, b))};
+    EACH(vgf, vcvtq_f32_u32(vmovl_u16(i % 2 ? vget_high_u16(w[i / 2]) : vget_low_u16(w[i / 2]))))
+}
+static inline vgf vgf_i8(const int8_t *p) {
+    const int8x8_t b = vld1_s8(p);
+    const int16x8_t w[2] = {vmovl_s8(vzip1_s8(b, b)), vmovl_s8(vzip2_s8(b, b))};
+    EACH(vgf, vcvtq_f32_s32(vmovl_s16(i % 2 ? vget_high_s16(w[i / 2]) : vget_low_s16(w[i / 2]))))
+}
 static inline vgf vgf_h8(const uint16_t *p) {
     float f[8];
     vst1q_f32(f, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))));
@@ -1024,31 +1021,17 @@ static inline vgf vgf_h8(const uint16_t *p) {
 
 #if defined(MM_VECTOR)
 
-static inline vgf vgf_u8(const uint8_t *p) { return vgf_cvt(vg_u8(p)); }
-// Q2_K's scales (low nibbles) or mins (high) of 8 rows, and IQ2_XS's and IQ2_S's scales.
-static inline vg vg_nib(const uint8_t *p, int hi) {
-    uint64_t v;
-    memcpy(&v, p, 8);
-    v = (hi ? v >> 4 : v) & 0x0F0F0F0F0F0F0F0FULL;
-    return vg_u8((const uint8_t *)&v);
-}
-// The odd factor 1 + 2s of scales s.
-static inline vg vg_odd(vg s) { return vg_add(vg_add(s, s), vg_splat32(1)); }
-
 // One superblock of 8 rows × N tokens, added to y[t][0..16] (row r in lanes 2r, 2r+1).
 // Sub-blocks go in pairs that share their bytes (`PAIR(p, k8, lo, hi)` makes both pairs'
 // values once), each dotted with every token; with few tokens each token's sums are split over
-// KS chains, so that enough dot products are in flight to hide their latency. The sub-blocks'
-// integer scales (`SCALE`, int32 lanes) apply to their integer sums: the superblock's sum stays
-// an integer (below 2^31 for every type: at most 256 weights × 255 × 128 × a scale of 128), turned
-// to float once.
+// KS chains, so that enough dot products are in flight to hide their latency.
 #define KS (N == 1 ? 2 : 1)
 #define KQUANT_BLOCK(NAME, T, NPAIR, LEN, LO, HI, PAIR, SCALE, SHARED, DOT, OFF, MINS, MIN, D, DMIN, BS) \
     static inline void NAME(const void *pb, const mm_act *const *a, float (*y)[2 * ROWS]) {      \
         const T *b = (const T *)pb;                                                                \
-        vg is[N];                                                                                  \
+        vgf fs[N], fs1[N]; /* the pairs' low and high sub-blocks: two chains */                   \
         for (int t = 0; t < N; t++) {                                                              \
-            is[t] = vg_zero();                                                                     \
+            fs[t] = fs1[t] = vgf_zero();                                                           \
         }                                                                                          \
         _Pragma("GCC unroll 8") for (int p = 0; p < NPAIR; p++) {                                  \
             vg s0[N][KS], s1[N][KS];                                                               \
@@ -1067,15 +1050,18 @@ static inline vg vg_odd(vg s) { return vg_add(vg_add(s, s), vg_splat32(1)); }
                 }                                                                                  \
             }                                                                                      \
             /* SHARED: both sub-blocks of a pair have one scale (IQ4_XS's 32 as two 16s). */      \
-            const vg sc0 = SCALE(LO(p)), sc1 = SHARED ? sc0 : SCALE(HI(p));                        \
+            const vgf sc0 = SCALE(LO(p)), sc1 = SHARED ? sc0 : SCALE(HI(p));                       \
             for (int t = 0; t < N; t++) {                                                          \
                 for (int c = 1; c < KS; c++) {                                                     \
                     s0[t][0] = vg_add(s0[t][0], s0[t][c]);                                         \
                     s1[t][0] = vg_add(s1[t][0], s1[t][c]);                                         \
                 }                                                                                  \
-                const vg p_ = SHARED ? vg_mul(vg_add(s0[t][0], s1[t][0]), sc0)                     \
-                                     : vg_add(vg_mul(s0[t][0], sc0), vg_mul(s1[t][0], sc1));       \
-                is[t] = vg_add(is[t], p_);                                                         \
+                if (SHARED) {                                                                      \
+                    fs[t] = vgf_fma(vgf_cvt(vg_add(s0[t][0], s1[t][0])), sc0, fs[t]);              \
+                } else {                                                                           \
+                    fs[t] = vgf_fma(vgf_cvt(s0[t][0]), sc0, fs[t]);                                \
+                    fs1[t] = vgf_fma(vgf_cvt(s1[t][0]), sc1, fs1[t]);                              \
+                }                                                                                  \
             }                                                                                      \
         }                                                                                          \
         /* The mins (MINS): Σ over sub-blocks of min × the token's sum there (no weight        \
@@ -1095,7 +1081,7 @@ static inline vg vg_odd(vg s) { return vg_add(vg_add(s, s), vg_splat32(1)); }
             /* Both lanes of a row hold its whole min term: half in each (exact). */               \
             const vgf da = vgf_splat(a[t]->d), da_half = vgf_splat(0.5f * a[t]->d);                \
             vgf acc = vgf_load(y[t]);                                                              \
-            acc = vgf_fma(vgf_cvt(is[t]), vgf_mul(d, da), acc);                                   \
+            acc = vgf_fma(vgf_add(fs[t], fs1[t]), vgf_mul(d, da), acc);                            \
             if (MINS) {                                                                            \
                 acc = vgf_fnma(fm[0], vgf_mul(dmin, da_half), acc);                                \
             }                                                                                      \
@@ -1125,9 +1111,9 @@ static inline vg vg_odd(vg s) { return vg_add(vg_add(s, s), vg_splat32(1)); }
 #define KHI(p) (2 * (p) + 1)
 #define Q6LO(p) (8 * ((p) / 4) + (p) % 4)
 #define Q6HI(p) (8 * ((p) / 4) + (p) % 4 + 4)
-#define KSC(sb) vg_u8(b->sc[sb])
+#define KSC(sb) vgf_u8(b->sc[sb])
 #define KMIN(sb) vgf_u8(b->m[sb])
-#define Q6SC(sb) vg_i8(b->sc[sb])
+#define Q6SC(sb) vgf_i8(b->sc[sb])
 #define NO_MIN(sb) vgf_zero() // no mins (MINS = 0)
 
 #define Q2LO(p) (8 * ((p) / 4) + 4 * ((p) / 2 % 2) + (p) % 2)
@@ -1145,8 +1131,15 @@ static inline vg vg_odd(vg s) { return vg_add(vg_add(s, s), vg_splat32(1)); }
         lo = vg_or(vg_shr_and(v_, s_, 3), vg_shl(vg_shr_and(h_, hb_, 1), 2));                      \
         hi = vg_or(vg_shr_and(v_, s_ + 2, 3), vg_shl(vg_shr_and(h_, hb_ + 1, 1), 2));              \
     } while (0)
-#define Q2SC(sb) vg_nib(b->scm[sb], 0)
-#define Q2MIN(sb) vgf_cvt(vg_nib(b->scm[sb], 1))
+// Q2_K's scale (low nibble) or min (high) of 8 rows.
+static inline vgf vgf_nib(const uint8_t *p, int hi) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    v = (hi ? v >> 4 : v) & 0x0F0F0F0F0F0F0F0FULL;
+    return vgf_u8((const uint8_t *)&v);
+}
+#define Q2SC(sb) vgf_nib(b->scm[sb], 0)
+#define Q2MIN(sb) vgf_nib(b->scm[sb], 1)
 
 // One superblock (eight blocks of 32) of Q4_0 or Q8_0, 8 rows × N tokens: each block's four
 // vectors dotted with every token, starting from the token's share of the weights' offset,
@@ -1199,7 +1192,7 @@ static inline vg vg_odd(vg s) { return vg_add(vg_add(s, s), vg_splat32(1)); }
         lo = vg_lookup16(IQ4NL, vg_and(v_, 0x0F));                                                 \
         hi = vg_lookup16(IQ4NL, vg_shr_and(v_, 4, 0x0F));                                          \
     } while (0)
-#define IQ4SC(sb) vg_i8(b->sc[(sb) / 2])
+#define IQ4SC(sb) vgf_i8(b->sc[(sb) / 2])
 // IQ3_S and IQ3_XXS: as IQ4_XS, the octets' grid entries gathered.
 #define IQ3S_PAIR(p, k8, lo, hi)                                                                   \
     do {                                                                                           \
@@ -1227,8 +1220,8 @@ static inline vg vg_odd(vg s) { return vg_add(vg_add(s, s), vg_splat32(1)); }
 #define IQ2XXS_PAIR(p, k8, lo, hi) IQ2_PAIR(p, k8, lo, hi, iq2xxs_grid, IQ2_NO_HI)
 #define IQ2XS_PAIR(p, k8, lo, hi) IQ2_PAIR(p, k8, lo, hi, iq2xs_grid, IQ2_HI)
 #define IQ2S_PAIR(p, k8, lo, hi) IQ2_PAIR(p, k8, lo, hi, iq2s_grid, IQ2_HI)
-// IQ2_XS's and IQ2_S's scale of sub-block sb (of 16) for 8 rows (iq2_scale's).
-#define IQ2SC(sb) vg_odd(vg_nib(b->sc[(sb) / 2], (sb) % 2))
+// IQ2_XS's and IQ2_S's scale of sub-block sb (of 16) for 8 rows (iq2_scale's, in float).
+#define IQ2SC(sb) vgf_fma(vgf_nib(b->sc[(sb) / 2], (sb) % 2), vgf_splat(2.0f), vgf_splat(1.0f))
 #define IQ2_D vgf_mul(vgf_h8(b->d), vgf_splat(IQ2_DMUL))
 #define Q80_W(blk, w)                                                                              \
     do {                                                                                           \
